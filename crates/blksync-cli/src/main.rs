@@ -1,0 +1,53 @@
+//! The `blksync` binary: parse arguments, run one library operation, map the result to an exit
+//! code. Everything else lives in the `blksync` library crate.
+
+mod args;
+mod commands;
+mod render;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+use crate::commands::Outcome;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cancel = Arc::new(AtomicBool::new(false));
+    if let Err(e) = install_signal_handlers(&cancel) {
+        eprintln!("blksync: error: cannot install signal handlers: {e}");
+        return ExitCode::from(2);
+    }
+    let is_compare = matches!(cli.command, Command::Compare(_));
+    let result = match &cli.command {
+        Command::Sync(args) => commands::sync(args, &cancel),
+        Command::Compare(args) => commands::compare(args, &cancel),
+    };
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Different) => ExitCode::from(1),
+        Err(e) => {
+            // The whole chain on one line: "reading /dev/sdb at byte offset 4096: Input/output error".
+            eprintln!("blksync: error: {e:#}");
+            let code = e
+                .downcast_ref::<blksync::Error>()
+                .map_or(2, |e| e.kind().exit_code());
+            // compare follows cmp: 2 for any error.
+            ExitCode::from(if is_compare { 2 } else { code })
+        }
+    }
+}
+
+/// The first SIGINT/SIGTERM asks the engine to stop at the next chunk and flush; a second one
+/// exits at once (the destination then holds whatever reached it, which is still correct data).
+fn install_signal_handlers(cancel: &Arc<AtomicBool>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(cancel))?;
+        signal_hook::flag::register(signal, Arc::clone(cancel))?;
+    }
+    Ok(())
+}

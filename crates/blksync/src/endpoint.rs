@@ -1,0 +1,132 @@
+//! Endpoints: where bytes live.
+//!
+//! The engine never touches a file descriptor. It asks a [`Source`] for its size, its allocation
+//! map and its bytes, and tells a [`Target`] to write, zero, resize and flush. Local files and
+//! block devices implement both ([`local::Local`]); a remote agent, NBD or iSCSI export plugs in
+//! the same way. A source has no write methods at all: "the source is never written" holds by
+//! construction.
+
+pub mod local;
+
+use std::path::Path;
+
+use crate::error::Result;
+
+/// What an endpoint is, which decides how sizes and zeros are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file: can be resized and can hold holes.
+    File,
+    /// A block device: fixed size, zeroed by the device, never truncated.
+    BlockDevice,
+    /// A destination that does not exist yet (seen only in a dry run): reads as empty.
+    Absent,
+}
+
+/// A stretch of an endpoint that is either allocated (may hold data) or a hole (reads as zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// False for a hole, which reads as zeros without touching the disk.
+    pub allocated: bool,
+}
+
+/// Identifies the object behind an endpoint, to refuse syncing something onto itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// A file: device and inode numbers.
+    File {
+        /// `st_dev`.
+        dev: u64,
+        /// `st_ino`.
+        ino: u64,
+    },
+    /// A block device: its device number.
+    Device {
+        /// `st_rdev`.
+        rdev: u64,
+    },
+    /// Nothing there yet.
+    None,
+}
+
+/// A readable endpoint.
+pub trait Source: Send + Sync {
+    /// The path or address, for messages.
+    fn name(&self) -> &Path;
+    /// What it is.
+    fn kind(&self) -> Kind;
+    /// Its current size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` with the bytes at `offset`. Reading past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// The segment that contains `offset` (`offset < size`). Endpoints that cannot tell holes
+    /// from data report everything as allocated.
+    fn segment_at(&self, offset: u64) -> Result<Segment>;
+    /// Hints that `[offset, offset + len)` will not be read again soon, so its cached pages can
+    /// go. Failures are ignored: this is advice.
+    fn drop_cache(&self, offset: u64, len: u64);
+    /// What object this is.
+    fn identity(&self) -> Identity;
+}
+
+/// A writable endpoint.
+pub trait Target: Source {
+    /// Writes `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes `[offset, offset + len)` read as zeros, as cheaply as the endpoint allows: a hole in
+    /// a file, a discard or write-zeroes on a device, written zeros as a last resort.
+    fn zero(&self, offset: u64, len: u64) -> Result<()>;
+    /// Truncates or extends a file to `size`; extension leaves a hole.
+    fn set_size(&self, size: u64) -> Result<()>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()>;
+}
+
+/// Walks an endpoint's allocation map forwards, asking the endpoint once per segment rather than
+/// once per chunk (SEEK_HOLE can cost a walk over the extent tree).
+pub(crate) struct SegmentCursor<'a> {
+    source: &'a dyn Source,
+    current: Option<Segment>,
+}
+
+impl<'a> SegmentCursor<'a> {
+    pub(crate) fn new(source: &'a dyn Source) -> Self {
+        SegmentCursor {
+            source,
+            current: None,
+        }
+    }
+
+    /// The allocated parts of `[start, end)`, ascending. Anything at or beyond the endpoint's
+    /// size counts as a hole. Calls must ask for ascending, non-overlapping ranges.
+    pub(crate) fn allocated_in(
+        &mut self,
+        start: u64,
+        end: u64,
+        out: &mut Vec<crate::extent::Extent>,
+    ) -> Result<()> {
+        out.clear();
+        let end = end.min(self.source.size());
+        let mut pos = start;
+        while pos < end {
+            let seg = match self.current {
+                Some(s) if s.start <= pos && pos < s.end => s,
+                _ => {
+                    let s = self.source.segment_at(pos)?;
+                    self.current = Some(s);
+                    s
+                }
+            };
+            let stop = seg.end.min(end);
+            if seg.allocated {
+                out.push(crate::extent::Extent::between(pos, stop));
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+}

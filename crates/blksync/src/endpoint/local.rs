@@ -1,0 +1,387 @@
+//! Local regular files and block devices.
+//!
+//! Regular files: holes are found with `SEEK_DATA`/`SEEK_HOLE` and made with
+//! `fallocate(PUNCH_HOLE)`; where the filesystem cannot punch (some NFS, FUSE, older tmpfs),
+//! zeros are written instead, detected once and remembered.
+//!
+//! Block devices: the size comes from `lseek(SEEK_END)` (`metadata().len()` is 0 for a device).
+//! Zeroing uses `fallocate` on the device, which the kernel turns into `blkdev_issue_zeroout`:
+//! `ZERO_RANGE` writes zeros or uses the device's write-zeroes offload, never leaving stale data;
+//! `PUNCH_HOLE|KEEP_SIZE` (with `--discard`) unmaps *only* where the device guarantees that
+//! unmapped blocks read back as zeros, and fails otherwise. That is the guarantee `BLKDISCARD`
+//! lacks, so we never issue a plain discard. A destination device is opened with `O_EXCL`, which
+//! the kernel refuses while the device is mounted or claimed (by LVM, md, swap, another
+//! `O_EXCL` opener).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::num::NonZeroU64;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rustix::fs::{Advice, FallocateFlags, SeekFrom};
+
+use crate::endpoint::{Identity, Kind, Segment, Source, Target};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+
+/// How a destination is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenTarget {
+    /// Open read-only and accept a missing path (dry runs and `compare`).
+    pub read_only: bool,
+    /// Create a missing regular file (sparse, empty).
+    pub create: bool,
+    /// Open block devices without `O_EXCL`, even when mounted or in use.
+    pub force: bool,
+    /// On block devices, zero by unmapping where the device guarantees zeros afterwards.
+    pub discard: bool,
+    /// Permission bits for a created file.
+    pub mode: Option<u32>,
+}
+
+/// A local regular file or block device.
+#[derive(Debug)]
+pub struct Local {
+    path: PathBuf,
+    file: Option<File>,
+    kind: Kind,
+    size: AtomicU64,
+    identity: Identity,
+    writable: bool,
+    discard: bool,
+    /// Cleared the first time the filesystem refuses to punch a hole.
+    can_punch: AtomicBool,
+    /// Set when this run created the file.
+    created: bool,
+}
+
+impl Local {
+    /// Opens `path` for reading only. It must be a regular file or a block device.
+    pub fn open_source(path: &Path) -> Result<Local> {
+        let file = File::open(path).on("opening source", path)?;
+        let local = Local::from_file(path, file, false, false, false)?;
+        local.advise_sequential();
+        Ok(local)
+    }
+
+    /// Opens `path` as a destination.
+    pub fn open_target(path: &Path, how: OpenTarget) -> Result<Local> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(!how.read_only);
+        let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        if is_device && !how.read_only && !how.force {
+            options.custom_flags(libc::O_EXCL);
+        }
+        match options.open(path) {
+            Ok(file) => {
+                let local = Local::from_file(path, file, !how.read_only, how.discard, false)?;
+                local.advise_sequential();
+                Ok(local)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && is_device => Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{} is mounted or in use by another program; refusing to write to it \
+                     (--force overrides)",
+                    path.display()
+                ),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && how.read_only => {
+                Ok(Local::absent(path))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && how.create => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(how.mode.unwrap_or(0o600))
+                    .open(path)
+                    .on("creating destination", path)?;
+                Local::from_file(path, file, true, false, true)
+            }
+            Err(e) => Err(Error::io("opening destination", path, None, e)),
+        }
+    }
+
+    /// A destination that does not exist (dry run): size 0, all holes.
+    fn absent(path: &Path) -> Local {
+        Local {
+            path: path.to_path_buf(),
+            file: None,
+            kind: Kind::Absent,
+            size: AtomicU64::new(0),
+            identity: Identity::None,
+            writable: false,
+            discard: false,
+            can_punch: AtomicBool::new(false),
+            created: false,
+        }
+    }
+
+    fn from_file(
+        path: &Path,
+        file: File,
+        writable: bool,
+        discard: bool,
+        created: bool,
+    ) -> Result<Local> {
+        let meta = file.metadata().on("inspecting", path)?;
+        let ft = meta.file_type();
+        let (kind, size, identity) = if ft.is_file() {
+            (
+                Kind::File,
+                meta.len(),
+                Identity::File {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                },
+            )
+        } else if ft.is_block_device() {
+            let size = rustix::fs::seek(&file, SeekFrom::End(0)).on("finding the size of", path)?;
+            (
+                Kind::BlockDevice,
+                size,
+                Identity::Device { rdev: meta.rdev() },
+            )
+        } else {
+            let what = if ft.is_dir() {
+                "a directory"
+            } else {
+                "neither a regular file nor a block device"
+            };
+            return Err(Error::usage(format!("{} is {what}", path.display())));
+        };
+        Ok(Local {
+            path: path.to_path_buf(),
+            file: Some(file),
+            kind,
+            size: AtomicU64::new(size),
+            identity,
+            writable,
+            discard,
+            can_punch: AtomicBool::new(true),
+            created,
+        })
+    }
+
+    /// True when this run created the file.
+    #[must_use]
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Unix permission bits of a regular file (to give a created copy the same).
+    #[must_use]
+    pub fn mode(&self) -> Option<u32> {
+        let meta = self.file.as_ref()?.metadata().ok()?;
+        meta.file_type()
+            .is_file()
+            .then(|| meta.permissions().mode() & 0o7777)
+    }
+
+    fn file(&self) -> Result<&File> {
+        self.file.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("{} does not exist", self.path.display()),
+            )
+        })
+    }
+
+    fn writable_file(&self) -> Result<&File> {
+        if !self.writable {
+            return Err(Error::usage(format!(
+                "{} is open read-only",
+                self.path.display()
+            )));
+        }
+        self.file()
+    }
+
+    /// Doubles the kernel's read-ahead window: we read front to back.
+    fn advise_sequential(&self) {
+        if let Some(f) = &self.file {
+            let _ = rustix::fs::fadvise(f, 0, None, Advice::Sequential);
+        }
+    }
+
+    fn write_zeros(&self, file: &File, offset: u64, len: u64) -> Result<()> {
+        const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(ZEROS.len() as u64) as usize;
+            file.write_all_at(&ZEROS[..n], pos)
+                .at("writing zeros to", &self.path, pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Errors that mean "this filesystem or device cannot do that fallocate mode", as opposed to a
+/// real failure.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENOTTY)
+    )
+}
+
+impl Source for Local {
+    fn name(&self) -> &Path {
+        &self.path
+    }
+
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let file = self.file()?;
+        file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                // The file shrank under us (another writer); say so rather than "failed to fill
+                // whole buffer".
+                Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "reading {} at byte offset {offset}: unexpected end of file (was it truncated while we ran?)",
+                        self.path.display()
+                    ),
+                )
+            } else {
+                Error::io("reading", &self.path, Some(offset), e)
+            }
+        })
+    }
+
+    fn segment_at(&self, offset: u64) -> Result<Segment> {
+        let size = self.size();
+        let all = Segment {
+            start: offset,
+            end: size,
+            allocated: true,
+        };
+        if self.kind != Kind::File {
+            return Ok(Segment {
+                allocated: self.kind != Kind::Absent,
+                ..all
+            });
+        }
+        let file = self.file()?;
+        let data = match rustix::fs::seek(file, SeekFrom::Data(offset)) {
+            Ok(d) => d.min(size),
+            // ENXIO: no data at or after offset.
+            Err(rustix::io::Errno::NXIO) => size,
+            // Filesystems without SEEK_DATA: treat everything as data.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(all),
+            Err(e) => return Err(e).at("looking for data in", &self.path, offset),
+        };
+        if data > offset {
+            return Ok(Segment {
+                start: offset,
+                end: data,
+                allocated: false,
+            });
+        }
+        let hole = match rustix::fs::seek(file, SeekFrom::Hole(offset)) {
+            Ok(h) => h.min(size),
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => return Err(e).at("looking for holes in", &self.path, offset),
+        };
+        Ok(Segment {
+            start: offset,
+            end: hole.max(offset + 1).min(size),
+            allocated: true,
+        })
+    }
+
+    fn drop_cache(&self, offset: u64, len: u64) {
+        if let (Some(file), Some(len)) = (&self.file, NonZeroU64::new(len)) {
+            let _ = rustix::fs::fadvise(file, offset, Some(len), Advice::DontNeed);
+        }
+    }
+
+    fn identity(&self) -> Identity {
+        self.identity
+    }
+}
+
+impl Target for Local {
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable_file()?
+            .write_all_at(buf, offset)
+            .at("writing", &self.path, offset)
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        let file = self.writable_file()?;
+        if len == 0 {
+            return Ok(());
+        }
+        match self.kind {
+            Kind::File => {
+                if self.can_punch.load(Ordering::Relaxed) {
+                    let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                    match rustix::fs::fallocate(file, mode, offset, len) {
+                        Ok(()) => return Ok(()),
+                        Err(e) if unsupported(&e.into()) => {
+                            self.can_punch.store(false, Ordering::Relaxed)
+                        }
+                        Err(e) => return Err(e).at("punching a hole in", &self.path, offset),
+                    }
+                }
+                self.write_zeros(file, offset, len)
+            }
+            Kind::BlockDevice => {
+                if self.discard && self.can_punch.load(Ordering::Relaxed) {
+                    let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                    match rustix::fs::fallocate(file, mode, offset, len) {
+                        Ok(()) => return Ok(()),
+                        Err(e) if unsupported(&e.into()) => {
+                            self.can_punch.store(false, Ordering::Relaxed)
+                        }
+                        Err(e) => return Err(e).at("discarding", &self.path, offset),
+                    }
+                }
+                let mode = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+                match rustix::fs::fallocate(file, mode, offset, len) {
+                    Ok(()) => Ok(()),
+                    Err(e) if unsupported(&e.into()) => self.write_zeros(file, offset, len),
+                    Err(e) => Err(e).at("zeroing", &self.path, offset),
+                }
+            }
+            Kind::Absent => Err(Error::usage(format!(
+                "{} does not exist",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn set_size(&self, size: u64) -> Result<()> {
+        if self.kind != Kind::File {
+            return Err(Error::usage(format!(
+                "{} cannot be resized",
+                self.path.display()
+            )));
+        }
+        self.writable_file()?
+            .set_len(size)
+            .on("resizing", &self.path)?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.file()?.sync_all().on("flushing", &self.path)
+    }
+}

@@ -1,0 +1,345 @@
+//! The local engine: compare two endpoints chunk by chunk and, when syncing, write what differs.
+//!
+//! ```text
+//!  dispatcher ──(chunk + allocation maps)──▶ worker 1 ─┐  read source chunk, read destination
+//!   (walks both allocation maps,            worker 2 ─┤  chunk, compare block by block,
+//!    skips chunks that are holes on          …        │  write/punch coalesced runs
+//!    both sides without reading)                      ▼
+//!                                             collector (in order: done prefix, differing ranges)
+//! ```
+//!
+//! Chunks are large (2 MiB) so every read is one big request; the comparison granularity (the
+//! block size, 4 KiB by default) only decides how finely differences are found. Both sides are
+//! local, so blocks are compared with `memcmp`, not hashed. A chunk that is a hole on the
+//! destination is never read there: its blocks are checked against zero instead. Workers share
+//! no buffers; memory is `threads × 2 × CHUNK`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::bounded;
+
+use crate::endpoint::{SegmentCursor, Source, Target};
+use crate::error::{Error, Result};
+use crate::extent::{Extent, Runs};
+use crate::progress::{Control, Counters};
+use crate::zero::is_zero;
+
+/// Bytes per unit of work: one read per side, at most one write per run.
+pub(crate) const CHUNK: usize = 2 << 20;
+
+/// What to do with differences.
+#[derive(Clone, Copy)]
+pub(crate) enum Action<'a> {
+    /// Only find them.
+    Compare,
+    /// Write them to this target.
+    Apply(&'a dyn Target),
+}
+
+/// One comparison of `source` against `dest` over `[0, scan_len)`.
+pub(crate) struct Scan<'a> {
+    pub source: &'a dyn Source,
+    /// Bytes of the source that take part; beyond this the source counts as zeros.
+    pub source_len: u64,
+    pub dest: &'a dyn Source,
+    pub scan_len: u64,
+    pub block_size: usize,
+    pub threads: usize,
+    pub keep_cache: bool,
+    pub action: Action<'a>,
+    /// How many differing ranges to remember (all are counted).
+    pub keep_ranges: usize,
+}
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    /// The first differing ranges, ascending and merged.
+    pub ranges: Vec<Extent>,
+    /// How many merged differing ranges there are in all.
+    pub range_count: u64,
+    /// `[0, done)` was fully processed (compared and, when applying, written).
+    pub done: u64,
+    /// The scan stopped early because it was cancelled.
+    pub cancelled: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fix {
+    Data,
+    Zero,
+}
+
+struct Work {
+    offset: u64,
+    len: usize,
+    source_data: Vec<Extent>,
+    dest_data: Vec<Extent>,
+}
+
+/// Orders completed chunks to track the done prefix and merge differing ranges across chunk
+/// borders.
+struct Collector {
+    next: u64,
+    pending: BTreeMap<u64, (u64, Vec<Extent>)>,
+    open: Option<Extent>,
+    found: Found,
+    keep: usize,
+}
+
+impl Collector {
+    fn complete(&mut self, offset: u64, len: u64, diffs: Vec<Extent>) {
+        self.pending.insert(offset, (len, diffs));
+        while let Some((len, diffs)) = self.pending.remove(&self.next) {
+            for d in diffs {
+                match &mut self.open {
+                    Some(open) if open.end() == d.offset => open.len += d.len,
+                    open => {
+                        if let Some(prev) = open.replace(d) {
+                            self.close(prev);
+                        }
+                    }
+                }
+            }
+            self.next += len;
+        }
+    }
+
+    fn close(&mut self, range: Extent) {
+        self.found.range_count += 1;
+        if self.found.ranges.len() < self.keep {
+            self.found.ranges.push(range);
+        }
+    }
+
+    fn finish(mut self) -> Found {
+        if let Some(open) = self.open.take() {
+            self.close(open);
+        }
+        self.found.done = self.next;
+        self.found
+    }
+}
+
+impl Scan<'_> {
+    /// Runs the scan on `threads` workers. Returns the first error any worker hit; on
+    /// cancellation returns normally with `cancelled` set.
+    pub(crate) fn run(&self, counters: &Counters, control: Control<'_>) -> Result<Found> {
+        assert!(self.block_size.is_power_of_two() && self.block_size <= CHUNK);
+        let collector = Mutex::new(Collector {
+            next: 0,
+            pending: BTreeMap::new(),
+            open: None,
+            found: Found::default(),
+            keep: self.keep_ranges,
+        });
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let stop = AtomicBool::new(false);
+        let threads = self.threads.max(1);
+        let (tx, rx) = bounded::<Work>(threads * 2);
+
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let rx = rx.clone();
+                let (collector, failure, stop) = (&collector, &failure, &stop);
+                scope.spawn(move || {
+                    let mut bufs = Buffers::new();
+                    for work in rx {
+                        if stop.load(Ordering::Relaxed) || control.cancelled() {
+                            break;
+                        }
+                        match self.process(&work, &mut bufs, counters) {
+                            Ok(diffs) => {
+                                collector
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .complete(work.offset, work.len as u64, diffs);
+                                control.observer.progress(&counters.snapshot());
+                            }
+                            Err(e) => {
+                                failure
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .get_or_insert(e);
+                                stop.store(true, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+            drop(rx);
+            if let Err(e) = self.dispatch(&tx, &collector, counters, control, &stop) {
+                failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert(e);
+                stop.store(true, Ordering::Relaxed);
+            }
+            drop(tx);
+        });
+
+        if let Some(e) = failure
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            return Err(e);
+        }
+        let mut found = collector
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .finish();
+        found.cancelled = found.done < self.scan_len && control.cancelled();
+        Ok(found)
+    }
+
+    /// Walks the allocation maps of both sides and hands out chunks; chunks that are holes on
+    /// both sides are done on the spot.
+    fn dispatch(
+        &self,
+        tx: &crossbeam_channel::Sender<Work>,
+        collector: &Mutex<Collector>,
+        counters: &Counters,
+        control: Control<'_>,
+        stop: &AtomicBool,
+    ) -> Result<()> {
+        let mut source_map = SegmentCursor::new(self.source);
+        let mut dest_map = SegmentCursor::new(self.dest);
+        let mut offset = 0u64;
+        while offset < self.scan_len {
+            if stop.load(Ordering::Relaxed) || control.cancelled() {
+                break;
+            }
+            let len = (self.scan_len - offset).min(CHUNK as u64) as usize;
+            let end = offset + len as u64;
+            let mut source_data = Vec::new();
+            source_map.allocated_in(offset, end.min(self.source_len), &mut source_data)?;
+            let mut dest_data = Vec::new();
+            dest_map.allocated_in(offset, end, &mut dest_data)?;
+            if source_data.is_empty() && dest_data.is_empty() {
+                // Zeros on both sides: nothing to read, nothing to do.
+                counters.add_scanned(len as u64);
+                collector
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .complete(offset, len as u64, Vec::new());
+                control.observer.progress(&counters.snapshot());
+            } else if tx
+                .send(Work {
+                    offset,
+                    len,
+                    source_data,
+                    dest_data,
+                })
+                .is_err()
+            {
+                // Every worker stopped (an error or a cancel); they say why.
+                break;
+            }
+            offset = end;
+        }
+        Ok(())
+    }
+
+    /// Compares one chunk and applies the differences. Returns the differing ranges.
+    fn process(&self, work: &Work, bufs: &mut Buffers, counters: &Counters) -> Result<Vec<Extent>> {
+        let len = work.len;
+        let src = &mut bufs.source[..len];
+        let read = fill(self.source, src, work.offset, &work.source_data)?;
+        counters.add_read_source(read);
+        let dest_is_zero = work.dest_data.is_empty();
+        let dst = &mut bufs.dest[..len];
+        if !dest_is_zero {
+            let read = fill(self.dest, dst, work.offset, &work.dest_data)?;
+            counters.add_read_destination(read);
+        }
+
+        let runs = &mut bufs.runs;
+        runs.clear();
+        let mut start = 0;
+        while start < len {
+            let end = (start + self.block_size).min(len);
+            let s = &src[start..end];
+            let fix = if dest_is_zero {
+                (!is_zero(s)).then_some(Fix::Data)
+            } else if s == &dst[start..end] {
+                None
+            } else if is_zero(s) {
+                Some(Fix::Zero)
+            } else {
+                Some(Fix::Data)
+            };
+            if let Some(fix) = fix {
+                runs.push(fix, start as u64, (end - start) as u64);
+            }
+            start = end;
+        }
+
+        let mut diffs = Vec::with_capacity(runs.len());
+        for &(fix, run) in runs.iter() {
+            let at = work.offset + run.offset;
+            counters.add_differing(run.len);
+            if let Action::Apply(target) = self.action {
+                match fix {
+                    Fix::Data => {
+                        let range = run.offset as usize..run.end() as usize;
+                        target.write_at(&src[range], at)?;
+                        counters.add_written(run.len);
+                    }
+                    Fix::Zero => {
+                        target.zero(at, run.len)?;
+                        counters.add_zeroed(run.len);
+                    }
+                }
+            }
+            match diffs.last_mut() {
+                Some(last) if Extent::end(last) == at => last.len += run.len,
+                _ => diffs.push(Extent {
+                    offset: at,
+                    len: run.len,
+                }),
+            }
+        }
+        counters.add_scanned(len as u64);
+        if !self.keep_cache {
+            self.source.drop_cache(work.offset, len as u64);
+            self.dest.drop_cache(work.offset, len as u64);
+        }
+        Ok(diffs)
+    }
+}
+
+struct Buffers {
+    source: Vec<u8>,
+    dest: Vec<u8>,
+    runs: Runs<Fix>,
+}
+
+impl Buffers {
+    fn new() -> Buffers {
+        Buffers {
+            source: vec![0; CHUNK],
+            dest: vec![0; CHUNK],
+            runs: Runs::new(),
+        }
+    }
+}
+
+/// Reads the allocated parts of `[offset, offset + buf.len())` into `buf` and zeroes the rest.
+/// Everything from the first allocated byte to the last is read in one request (holes in between
+/// read as zeros), so a fragmented map does not turn into many small reads. Returns the bytes
+/// read.
+fn fill(from: &dyn Source, buf: &mut [u8], offset: u64, data: &[Extent]) -> Result<u64> {
+    let (Some(first), Some(last)) = (data.first(), data.last()) else {
+        buf.fill(0);
+        return Ok(0);
+    };
+    let a = (first.offset - offset) as usize;
+    let b = (last.end() - offset) as usize;
+    buf[..a].fill(0);
+    buf[b..].fill(0);
+    from.read_at(&mut buf[a..b], first.offset)?;
+    Ok((b - a) as u64)
+}

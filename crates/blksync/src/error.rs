@@ -1,0 +1,202 @@
+//! Errors of the library.
+//!
+//! Every error says *where*: which path (or endpoint), which operation and, for I/O, which byte
+//! offset. Each error has an [`ErrorKind`], and each kind has one documented process exit code
+//! ([`ErrorKind::exit_code`]), so that a front end, or a remote agent sending `(kind, message)`
+//! over the wire, reports the same failure the same way.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, coarsely: the part of an error that scripts may branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request itself is invalid (bad option value, impossible combination).
+    Usage,
+    /// A path does not exist.
+    NotFound,
+    /// The operating system denied access.
+    PermissionDenied,
+    /// Reading or writing failed.
+    Io,
+    /// The destination filesystem or device ran out of space.
+    NoSpace,
+    /// The sizes of source and destination do not allow the requested sync.
+    SizeMismatch,
+    /// The destination is mounted or held open exclusively by someone else.
+    InUse,
+    /// After syncing, the destination does not read back equal to the source.
+    VerifyFailed,
+    /// The run was stopped by a signal before it finished.
+    Interrupted,
+}
+
+impl ErrorKind {
+    /// The process exit code for this kind of failure (see README, "Exit codes").
+    ///
+    /// 0 and 1 are success and "differences found" (`compare`), never errors.
+    #[must_use]
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Usage => 2,
+            ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::Io => 3,
+            ErrorKind::NoSpace => 4,
+            ErrorKind::SizeMismatch => 5,
+            ErrorKind::InUse => 6,
+            ErrorKind::VerifyFailed => 7,
+            ErrorKind::Interrupted => 130,
+        }
+    }
+
+    /// Classifies an operating-system error.
+    #[must_use]
+    pub fn of_io(err: &io::Error) -> ErrorKind {
+        match err.kind() {
+            io::ErrorKind::NotFound => ErrorKind::NotFound,
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                ErrorKind::PermissionDenied
+            }
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorKind::NoSpace,
+            io::ErrorKind::ResourceBusy => ErrorKind::InUse,
+            io::ErrorKind::Interrupted => ErrorKind::Interrupted,
+            _ => ErrorKind::Io,
+        }
+    }
+}
+
+/// An error of this crate: a kind, a human description of where and what, and the cause.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<io::Error>,
+}
+
+impl Error {
+    /// An error with no underlying OS error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An invalid request.
+    pub fn usage(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Usage, message)
+    }
+
+    /// An I/O failure of `op` ("reading", "punching a hole in", ...) on `path`, at `offset` when
+    /// it is known.
+    pub fn io(op: &str, path: &Path, offset: Option<u64>, source: io::Error) -> Error {
+        let message = match offset {
+            Some(offset) => format!("{op} {} at byte offset {offset}", path.display()),
+            None => format!("{op} {}", path.display()),
+        };
+        Error {
+            kind: ErrorKind::of_io(&source),
+            message,
+            source: Some(source),
+        }
+    }
+
+    /// The kind of failure, which decides the exit code.
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The description without the OS error.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The underlying OS error, when there is one.
+    #[must_use]
+    pub fn os_error(&self) -> Option<&io::Error> {
+        self.source.as_ref()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(source) = &self.source {
+            // Strip Rust's " (os error N)" suffix: users know strerror texts, not numbers.
+            let text = source.to_string();
+            let text = text.split(" (os error").next().unwrap_or(&text);
+            write!(f, ": {text}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The OS error is already part of Display; returning it here would make anyhow print it
+        // twice.
+        None
+    }
+}
+
+/// Adds path and offset context to `io::Result`s.
+pub(crate) trait IoContext<T> {
+    fn at(self, op: &str, path: &Path, offset: u64) -> Result<T>;
+    fn on(self, op: &str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, op: &str, path: &Path, offset: u64) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, Some(offset), e))
+    }
+    fn on(self, op: &str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, None, e))
+    }
+}
+
+impl<T> IoContext<T> for rustix::io::Result<T> {
+    fn at(self, op: &str, path: &Path, offset: u64) -> Result<T> {
+        self.map_err(io::Error::from).at(op, path, offset)
+    }
+    fn on(self, op: &str, path: &Path) -> Result<T> {
+        self.map_err(io::Error::from).on(op, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_error_names_path_offset_and_cause() {
+        let e = Error::io(
+            "reading",
+            Path::new("/dev/sdz"),
+            Some(4096),
+            io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert_eq!(
+            e.to_string(),
+            "reading /dev/sdz at byte offset 4096: Input/output error"
+        );
+        assert_eq!(e.kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn disk_full_maps_to_its_own_exit_code() {
+        let e = Error::io(
+            "writing",
+            Path::new("x"),
+            None,
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert_eq!(e.kind(), ErrorKind::NoSpace);
+        assert_eq!(e.kind().exit_code(), 4);
+    }
+}

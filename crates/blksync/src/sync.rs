@@ -1,0 +1,307 @@
+//! `sync`: make a destination identical to a source.
+//!
+//! The order of operations is what makes a sync safe:
+//! 1. open the source read-only and the destination (exclusively, for a device);
+//! 2. decide sizes ([`crate::sizing`]) and refuse impossible ones *before* writing anything;
+//! 3. resize a destination file; scan and write what differs ([`crate::engine`]);
+//! 4. fsync the destination, even when interrupted or failing, so that what was written is on
+//!    disk and correct; only then report;
+//! 5. with `--verify`, drop the destination's cached pages and compare both ends again.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::endpoint::local::{Local, OpenTarget};
+use crate::endpoint::{Identity, Source, Target};
+use crate::engine::{Action, Scan};
+use crate::error::{Error, ErrorKind, Result};
+use crate::extent::Extent;
+use crate::progress::{Control, Counters, Phase, Snapshot};
+use crate::sizing::{self, SizePolicy};
+
+/// Options of a sync, validated by the front end.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Comparison granularity: a power of two from 512 B to 1 MiB.
+    pub block_size: usize,
+    /// Report what would change; open the destination read-only and write nothing.
+    pub dry_run: bool,
+    /// Re-read both ends after syncing and fail if they differ.
+    pub verify: bool,
+    /// Leave what was read in the page cache.
+    pub keep_cache: bool,
+    /// What to do when sizes differ.
+    pub size_policy: SizePolicy,
+    /// On a larger destination device, zero everything past the source's end.
+    pub zero_tail: bool,
+    /// Write to a mounted or in-use block device.
+    pub force: bool,
+    /// On block devices, zero by unmapping where the device guarantees zeros.
+    pub discard: bool,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            block_size: 4096,
+            dry_run: false,
+            verify: false,
+            keep_cache: false,
+            size_policy: SizePolicy::Resize,
+            zero_tail: false,
+            force: false,
+            discard: false,
+            threads: default_threads(),
+        }
+    }
+}
+
+/// Worker threads by default: every core, at least two (one can wait on I/O while the other
+/// compares), at most eight (memory is 4 MiB a worker).
+#[must_use]
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .clamp(2, 8)
+}
+
+/// Checks a block size: a power of two from 512 B to 1 MiB.
+pub fn check_block_size(block_size: u64) -> Result<usize> {
+    if !(512..=1 << 20).contains(&block_size) || !block_size.is_power_of_two() {
+        return Err(Error::usage(format!(
+            "block size {block_size} is not a power of two between 512 and 1048576 bytes"
+        )));
+    }
+    Ok(block_size as usize)
+}
+
+/// The outcome of a sync, for humans and for `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The source, as given.
+    pub source: String,
+    /// The destination actually written (after directory resolution).
+    pub destination: String,
+    /// Nothing was written.
+    pub dry_run: bool,
+    /// Comparison granularity.
+    pub block_size: usize,
+    /// Counters at the end.
+    #[serde(flatten)]
+    pub counters: Snapshot,
+    /// Number of separate differing ranges.
+    pub ranges_differing: u64,
+    /// Destination size before the sync.
+    pub destination_size_before: u64,
+    /// Destination size after the sync.
+    pub destination_size_after: u64,
+    /// Both ends were re-read and found equal.
+    pub verified: bool,
+    /// Non-fatal notes (size differences).
+    pub warnings: Vec<String>,
+}
+
+/// The destination path: `dest` itself, or `dest/<source file name>` when `dest` is a directory
+/// or ends in `/`, as with `cp` and `rsync`.
+pub fn resolve_destination(source: &Path, dest: &Path) -> Result<PathBuf> {
+    let trailing_slash = dest.as_os_str().as_encoded_bytes().ends_with(b"/");
+    if trailing_slash || dest.is_dir() {
+        let name = source.file_name().ok_or_else(|| {
+            Error::usage(format!(
+                "{} has no file name to use inside directory {}",
+                source.display(),
+                dest.display()
+            ))
+        })?;
+        if trailing_slash && !dest.is_dir() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("directory {} does not exist", dest.display()),
+            ));
+        }
+        return Ok(dest.join(name));
+    }
+    Ok(dest.to_path_buf())
+}
+
+/// Syncs local `source` onto local `dest` (a path, a directory or a block device).
+pub fn sync_paths(
+    source: &Path,
+    dest: &Path,
+    options: &SyncOptions,
+    control: Control<'_>,
+) -> Result<Summary> {
+    let src = Local::open_source(source)?;
+    let dest = resolve_destination(source, dest)?;
+    let dst = Local::open_target(
+        &dest,
+        OpenTarget {
+            read_only: options.dry_run,
+            create: !options.dry_run,
+            force: options.force,
+            discard: options.discard,
+            mode: src.mode(),
+        },
+    )?;
+    let fresh = dst.created();
+    let result = sync(&src, &dst, fresh, options, control);
+    if fresh
+        && result
+            .as_ref()
+            .is_err_and(|e| e.kind() != ErrorKind::Interrupted)
+    {
+        // A file we created and could not fill is worse than no file: a later run or a user
+        // might take it for a copy. Interrupted copies stay (a rerun resumes them cheaply).
+        let _ = std::fs::remove_file(&dest);
+    }
+    result
+}
+
+/// Syncs `src` onto `dst`. `fresh` says the destination was just created (empty).
+pub fn sync(
+    src: &dyn Source,
+    dst: &dyn Target,
+    fresh: bool,
+    options: &SyncOptions,
+    control: Control<'_>,
+) -> Result<Summary> {
+    if src.identity() != Identity::None && src.identity() == dst.identity() {
+        return Err(Error::usage(format!(
+            "{} and {} are the same file or device",
+            src.name().display(),
+            dst.name().display()
+        )));
+    }
+    let before = dst.size();
+    let sizing = sizing::resolve(
+        src.size(),
+        dst.kind(),
+        before,
+        fresh,
+        options.size_policy,
+        options.zero_tail,
+    )?;
+    let mut warnings = Vec::new();
+    if let Some(w) = &sizing.warning {
+        control.observer.warn(w);
+        warnings.push(w.clone());
+    }
+    if let (Some(size), false) = (sizing.resize_to, options.dry_run) {
+        dst.set_size(size)?;
+    }
+
+    let counters = Counters::new();
+    counters.set_total(sizing.scan_len);
+    control.observer.phase(
+        if options.dry_run {
+            Phase::Compare
+        } else {
+            Phase::Sync
+        },
+        sizing.scan_len,
+    );
+    let scan = Scan {
+        source: src,
+        source_len: sizing.source_len,
+        dest: dst,
+        scan_len: sizing.scan_len,
+        block_size: options.block_size,
+        threads: options.threads,
+        keep_cache: options.keep_cache,
+        action: if options.dry_run {
+            Action::Compare
+        } else {
+            Action::Apply(dst)
+        },
+        keep_ranges: 0,
+    };
+    let scanned = scan.run(&counters, control);
+    // Whatever happened, make what was written durable before saying anything about it.
+    let flushed = if options.dry_run { Ok(()) } else { dst.flush() };
+    let found = scanned?;
+    flushed?;
+    if !options.keep_cache {
+        dst.drop_cache(0, sizing.scan_len);
+    }
+    if found.cancelled {
+        return Err(Error::new(
+            ErrorKind::Interrupted,
+            format!(
+                "interrupted: sync of {} is incomplete; the first {} bytes are in sync and flushed to disk, run it again to finish",
+                dst.name().display(),
+                found.done
+            ),
+        ));
+    }
+
+    let mut summary = Summary {
+        source: src.name().display().to_string(),
+        destination: dst.name().display().to_string(),
+        dry_run: options.dry_run,
+        block_size: options.block_size,
+        counters: counters.snapshot(),
+        ranges_differing: found.range_count,
+        destination_size_before: before,
+        destination_size_after: if options.dry_run {
+            sizing.resize_to.unwrap_or(before)
+        } else {
+            dst.size()
+        },
+        verified: false,
+        warnings,
+    };
+    if options.verify && !options.dry_run {
+        verify(src, dst, &sizing, options, control)?;
+        summary.verified = true;
+    }
+    Ok(summary)
+}
+
+fn verify(
+    src: &dyn Source,
+    dst: &dyn Target,
+    sizing: &sizing::Sizing,
+    options: &SyncOptions,
+    control: Control<'_>,
+) -> Result<()> {
+    // The destination's written pages are clean after the flush; dropping them makes the
+    // comparison read what is on the medium, not what we left in memory.
+    dst.drop_cache(0, sizing.scan_len);
+    let counters = Counters::new();
+    counters.set_total(sizing.scan_len);
+    control.observer.phase(Phase::Verify, sizing.scan_len);
+    let found = Scan {
+        source: src,
+        source_len: sizing.source_len,
+        dest: dst,
+        scan_len: sizing.scan_len,
+        block_size: options.block_size,
+        threads: options.threads,
+        keep_cache: options.keep_cache,
+        action: Action::Compare,
+        keep_ranges: 1,
+    }
+    .run(&counters, control)?;
+    if found.cancelled {
+        return Err(Error::new(
+            ErrorKind::Interrupted,
+            "interrupted during verification; the sync itself completed",
+        ));
+    }
+    if let Some(Extent { offset, .. }) = found.ranges.first() {
+        let differing = counters.snapshot().bytes_differing;
+        return Err(Error::new(
+            ErrorKind::VerifyFailed,
+            format!(
+                "verification failed: {} differs from {} in {differing} bytes ({} ranges), the first at byte offset {offset}",
+                dst.name().display(),
+                src.name().display(),
+                found.range_count
+            ),
+        ));
+    }
+    Ok(())
+}
