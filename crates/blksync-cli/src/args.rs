@@ -63,6 +63,10 @@ pub struct CommonArgs {
     /// Worker threads (default: number of cores, 2 to 8).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
+    /// Read the source at most RATE bytes per second (suffixes allowed: 50M), to spare a
+    /// production disk.
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub bwlimit: Option<u64>,
     /// Print no progress, warnings or summary on stderr (errors still appear).
     #[arg(short, long)]
     pub quiet: bool,

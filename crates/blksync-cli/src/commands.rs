@@ -47,6 +47,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         force: args.force,
         discard: args.discard,
         threads: threads(&args.common),
+        bwlimit: args.common.bwlimit.filter(|&r| r > 0),
     };
     let render = Render::new(args.common.progress, args.common.quiet);
     let result = sync_paths(

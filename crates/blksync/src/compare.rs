@@ -95,6 +95,7 @@ pub fn compare(
         keep_cache: options.keep_cache,
         action: Action::Compare,
         keep_ranges: options.max_ranges,
+        throttle: None,
     }
     .run(&counters, control)?;
     if found.cancelled {

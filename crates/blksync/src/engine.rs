@@ -24,6 +24,7 @@ use crate::endpoint::{SegmentCursor, Source, Target};
 use crate::error::{Error, Result};
 use crate::extent::{Extent, Runs};
 use crate::progress::{Control, Counters};
+use crate::throttle::Throttle;
 use crate::zero::is_zero;
 
 /// Bytes per unit of work: one read per side, at most one write per run.
@@ -51,6 +52,8 @@ pub(crate) struct Scan<'a> {
     pub action: Action<'a>,
     /// How many differing ranges to remember (all are counted).
     pub keep_ranges: usize,
+    /// Limits the rate of source reads.
+    pub throttle: Option<&'a Throttle>,
 }
 
 /// What a scan found.
@@ -149,6 +152,13 @@ impl Scan<'_> {
                     for work in rx {
                         if stop.load(Ordering::Relaxed) || control.cancelled() {
                             break;
+                        }
+                        if let Some(throttle) = self.throttle {
+                            let bytes = work.source_data.iter().map(|e| e.len).sum();
+                            throttle.take(bytes, control.cancel);
+                            if control.cancelled() {
+                                break;
+                            }
                         }
                         match self.process(&work, &mut bufs, counters) {
                             Ok(diffs) => {

@@ -31,6 +31,7 @@ pub mod progress;
 pub mod size;
 pub mod sizing;
 pub mod sync;
+pub mod throttle;
 pub mod zero;
 
 pub use error::{Error, ErrorKind, Result};

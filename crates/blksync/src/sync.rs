@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
 use crate::progress::{Control, Counters, Phase, Snapshot};
 use crate::sizing::{self, SizePolicy};
+use crate::throttle::Throttle;
 
 /// Options of a sync, validated by the front end.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct SyncOptions {
     pub discard: bool,
     /// Worker threads.
     pub threads: usize,
+    /// Read the source at most this many bytes per second.
+    pub bwlimit: Option<u64>,
 }
 
 impl Default for SyncOptions {
@@ -55,6 +58,7 @@ impl Default for SyncOptions {
             force: false,
             discard: false,
             threads: default_threads(),
+            bwlimit: None,
         }
     }
 }
@@ -193,6 +197,7 @@ pub fn sync(
         dst.set_size(size)?;
     }
 
+    let throttle = options.bwlimit.map(Throttle::new);
     let counters = Counters::new();
     counters.set_total(sizing.scan_len);
     control.observer.phase(
@@ -217,6 +222,7 @@ pub fn sync(
             Action::Apply(dst)
         },
         keep_ranges: 0,
+        throttle: throttle.as_ref(),
     };
     let scanned = scan.run(&counters, control);
     // Whatever happened, make what was written durable before saying anything about it.
@@ -283,6 +289,7 @@ fn verify(
         keep_cache: options.keep_cache,
         action: Action::Compare,
         keep_ranges: 1,
+        throttle: None,
     }
     .run(&counters, control)?;
     if found.cancelled {

@@ -1,0 +1,226 @@
+//! Helpers for the integration tests: run the real binary on real files, loop devices and
+//! mounts in a temporary directory.
+
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A `blksync` command.
+pub fn blksync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_blksync"));
+    cmd.env_remove("RUST_BACKTRACE");
+    cmd
+}
+
+/// Runs `blksync ARGS...` and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    blksync().args(args).output().expect("running blksync")
+}
+
+/// Exit code, stdout and stderr of an output, for assertions.
+pub trait OutputExt {
+    fn code(&self) -> i32;
+    fn stdout_text(&self) -> String;
+    fn stderr_text(&self) -> String;
+    fn json(&self) -> serde_json::Value;
+}
+
+impl OutputExt for Output {
+    fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+    fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.stdout_text(),
+                self.stderr_text()
+            )
+        })
+    }
+}
+
+/// Asserts success and returns the output.
+#[track_caller]
+pub fn ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert_eq!(
+        out.code(),
+        0,
+        "blksync {args:?} failed:\n{}",
+        out.stderr_text()
+    );
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), incompressible enough for tests.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `data` to a new file.
+pub fn write_file(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap();
+}
+
+/// Overwrites `data` at `offset` in an existing file.
+pub fn patch(path: &Path, offset: u64, data: &[u8]) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+/// Bytes allocated on disk for a file.
+pub fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Reads a whole file or device.
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Asserts two files or devices hold the same bytes, naming the first difference.
+#[track_caller]
+pub fn assert_same(a: &Path, b: &Path) {
+    let (x, y) = (read(a), read(b));
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{} and {} differ first at byte {i}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// True when we can use loop devices and mounts (root, /dev/loop-control, losetup).
+pub fn can_use_loop_devices() -> bool {
+    let root = rustix_is_root();
+    let ok = root
+        && Path::new("/dev/loop-control").exists()
+        && Command::new("losetup")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipping: this test needs root, /dev/loop-control and losetup");
+    }
+    ok
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A loop device over a backing file, detached on drop.
+pub struct Loop {
+    pub dev: PathBuf,
+}
+
+impl Loop {
+    /// Attaches `backing` to a free loop device.
+    pub fn attach(backing: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop {
+            dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        self.dev.to_str().unwrap()
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// A mounted filesystem, unmounted on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    /// Runs `mount ARGS... DIR`.
+    pub fn new(dir: &Path, args: &[&str]) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount").args(args).arg(dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "mount {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// Makes an ext4 filesystem on `target` quietly.
+pub fn mkfs_ext4(target: &Path) {
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(target)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A file of `size` bytes holding `data` at each `(offset, data)`, holes elsewhere.
+pub fn sparse_file(path: &Path, size: u64, pieces: &[(u64, &[u8])]) {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (offset, data) in pieces {
+        f.write_all_at(data, *offset).unwrap();
+    }
+}
+
+/// A path inside `dir` as a `&str` argument.
+pub fn arg(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_string()
+}
