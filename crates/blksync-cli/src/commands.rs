@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Result;
 use blksync::compare::{CompareOptions, compare_paths};
 use blksync::progress::Control;
-use blksync::size::format_size;
+use blksync::size::{format_rate, format_size};
 use blksync::sizing::SizePolicy;
 use blksync::sync::{SyncOptions, check_block_size, default_threads, sync_paths};
 
@@ -62,18 +62,13 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let summary = result?;
     let c = &summary.counters;
-    let rate = if c.seconds > 0.0 {
-        c.bytes_scanned as f64 / c.seconds
-    } else {
-        0.0
-    };
     let verb = if summary.dry_run {
         "would write"
     } else {
         "wrote"
     };
     render.line(&format!(
-        "blksync: {} -> {}: scanned {}, {} differing in {} ranges; {verb} {} and zeroed {} in {:.2}s ({}/s){}",
+        "blksync: {} -> {}: scanned {}, {} differing in {} ranges; {verb} {} and zeroed {} in {:.2}s ({}){}",
         summary.source,
         summary.destination,
         format_size(c.bytes_scanned),
@@ -82,7 +77,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(c.bytes_written),
         format_size(c.bytes_zeroed),
         c.seconds,
-        format_size(rate as u64),
+        format_rate(c.bytes_scanned, c.seconds),
         if summary.verified { ", verified" } else { "" },
     ));
     if args.common.json {

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use blksync::progress::{Observer, Phase, Snapshot};
-use blksync::size::format_size;
+use blksync::size::{format_rate, format_size};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::args::ProgressMode;
@@ -152,14 +152,14 @@ impl Observer for Render {
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(
                     err,
-                    "blksync: {} {} / {} ({pct:.1}%), differing {}, written {}, zeroed {}, {}/s, ETA {eta}",
+                    "blksync: {} {} / {} ({pct:.1}%), differing {}, written {}, zeroed {}, {}, ETA {eta}",
                     phase_name(state.phase),
                     format_size(s.bytes_scanned),
                     format_size(state.total),
                     format_size(s.bytes_differing),
                     format_size(s.bytes_written),
                     format_size(s.bytes_zeroed),
-                    format_size(rate as u64),
+                    format_rate(s.bytes_scanned, elapsed),
                 );
             }
             _ => {}

@@ -87,7 +87,7 @@ pub trait Target: Source {
 }
 
 /// Walks an endpoint's allocation map forwards, asking the endpoint once per segment rather than
-/// once per chunk (SEEK_HOLE can cost a walk over the extent tree).
+/// once per chunk (`SEEK_HOLE` can cost a walk over the extent tree).
 pub(crate) struct SegmentCursor<'a> {
     source: &'a dyn Source,
     current: Option<Segment>,

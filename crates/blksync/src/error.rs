@@ -93,6 +93,7 @@ impl Error {
 
     /// An I/O failure of `op` ("reading", "punching a hole in", ...) on `path`, at `offset` when
     /// it is known.
+    #[must_use]
     pub fn io(op: &str, path: &Path, offset: Option<u64>, source: io::Error) -> Error {
         let message = match offset {
             Some(offset) => format!("{op} {} at byte offset {offset}", path.display()),

@@ -93,6 +93,18 @@ pub fn format_size(bytes: u64) -> String {
     format!("{value:.1} {}", units[unit])
 }
 
+/// Formats `bytes` moved in `seconds` as a rate: `1.2 GiB/s`.
+#[must_use]
+pub fn format_rate(bytes: u64, seconds: f64) -> String {
+    if seconds <= 0.0 {
+        return "- B/s".to_string();
+    }
+    // Saturating float-to-int conversion; rates are never negative.
+    #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+    let per_second = (bytes as f64 / seconds) as u64;
+    format!("{}/s", format_size(per_second))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -207,7 +207,7 @@ impl Local {
     }
 
     fn write_zeros(&self, file: &File, offset: u64, len: u64) -> Result<()> {
-        const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -332,7 +332,7 @@ impl Target for Local {
                     match rustix::fs::fallocate(file, mode, offset, len) {
                         Ok(()) => return Ok(()),
                         Err(e) if unsupported(&e.into()) => {
-                            self.can_punch.store(false, Ordering::Relaxed)
+                            self.can_punch.store(false, Ordering::Relaxed);
                         }
                         Err(e) => return Err(e).at("punching a hole in", &self.path, offset),
                     }
@@ -345,7 +345,7 @@ impl Target for Local {
                     match rustix::fs::fallocate(file, mode, offset, len) {
                         Ok(()) => return Ok(()),
                         Err(e) if unsupported(&e.into()) => {
-                            self.can_punch.store(false, Ordering::Relaxed)
+                            self.can_punch.store(false, Ordering::Relaxed);
                         }
                         Err(e) => return Err(e).at("discarding", &self.path, offset),
                     }
