@@ -89,7 +89,11 @@ fn fresh_copy_of_a_sparse_source_stays_sparse() {
     sparse_file(
         src.as_ref(),
         256 << 20,
-        &[(0, &chunk), (100 << 20, &chunk), (200 << 20, &vec![0u8; 65536])],
+        &[
+            (0, &chunk),
+            (100 << 20, &chunk),
+            (200 << 20, &vec![0u8; 65536]),
+        ],
     );
     let j = sync_json(&[&src, &dst]);
     assert_same(src.as_ref(), dst.as_ref());
