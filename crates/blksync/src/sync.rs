@@ -3,7 +3,7 @@
 //! The order of operations is what makes a sync safe:
 //! 1. open the source read-only and the destination (exclusively, for a device);
 //! 2. decide sizes ([`crate::sizing`]) and refuse impossible ones *before* writing anything;
-//! 3. resize a destination file; scan and write what differs ([`crate::engine`]);
+//! 3. resize a destination file; scan and write what differs (the engine);
 //! 4. fsync the destination, even when interrupted or failing, so that what was written is on
 //!    disk and correct; only then report;
 //! 5. with `--verify`, drop the destination's cached pages and compare both ends again.
