@@ -33,6 +33,11 @@ pub enum ErrorKind {
     VerifyFailed,
     /// The run was stopped by a signal before it finished.
     Interrupted,
+    /// The other host could not be reached, the agent could not start, or the connection
+    /// broke.
+    Connection,
+    /// The other side sent something that breaks the protocol.
+    Protocol,
 }
 
 impl ErrorKind {
@@ -49,7 +54,26 @@ impl ErrorKind {
             ErrorKind::InUse => 6,
             ErrorKind::VerifyFailed => 7,
             ErrorKind::Interrupted => 130,
+            ErrorKind::Connection | ErrorKind::Protocol => 8,
         }
+    }
+
+    /// The kind's number on the wire (docs/PROTOCOL.md, `Error.kind`).
+    #[must_use]
+    pub fn to_wire(self) -> u8 {
+        WIRE_KINDS
+            .iter()
+            .position(|k| *k == self)
+            .map_or(3, |i| i as u8)
+    }
+
+    /// The kind for a number from the wire; unknown numbers are I/O errors.
+    #[must_use]
+    pub fn from_wire(n: u8) -> ErrorKind {
+        WIRE_KINDS
+            .get(usize::from(n))
+            .copied()
+            .unwrap_or(ErrorKind::Io)
     }
 
     /// Classifies an operating-system error.
@@ -67,6 +91,21 @@ impl ErrorKind {
         }
     }
 }
+
+/// Wire numbering of kinds; the order is part of the protocol.
+const WIRE_KINDS: [ErrorKind; 11] = [
+    ErrorKind::Usage,
+    ErrorKind::NotFound,
+    ErrorKind::PermissionDenied,
+    ErrorKind::Io,
+    ErrorKind::NoSpace,
+    ErrorKind::SizeMismatch,
+    ErrorKind::InUse,
+    ErrorKind::VerifyFailed,
+    ErrorKind::Interrupted,
+    ErrorKind::Protocol,
+    ErrorKind::Connection,
+];
 
 /// An error of this crate: a kind, a human description of where and what, and the cause.
 #[derive(Debug)]
@@ -104,6 +143,18 @@ impl Error {
             message,
             source: Some(source),
         }
+    }
+
+    /// A protocol violation by the other side.
+    pub fn protocol(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Protocol, message)
+    }
+
+    /// The same error with `prefix: ` in front of its message (a host name, say).
+    #[must_use]
+    pub fn context(mut self, prefix: &str) -> Error {
+        self.message = format!("{prefix}: {}", self.message);
+        self
     }
 
     /// The kind of failure, which decides the exit code.

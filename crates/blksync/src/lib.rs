@@ -28,6 +28,7 @@ mod engine;
 pub mod error;
 pub mod extent;
 pub mod progress;
+pub mod protocol;
 pub mod size;
 pub mod sizing;
 pub mod sync;

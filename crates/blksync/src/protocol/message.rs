@@ -1,0 +1,751 @@
+//! Typed messages (docs/PROTOCOL.md, "Messages") and their encoding.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::protocol::MAX_DATA;
+use crate::protocol::frame::{Decoder, Encoder};
+
+/// A 16-byte truncated keyed BLAKE3 hash.
+pub type Hash = [u8; 16];
+
+/// Role of an opened endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Read only, never written.
+    Source,
+    /// Written.
+    Target,
+}
+
+/// `Open` flag bits.
+pub mod open_flags {
+    /// Create a missing file.
+    pub const CREATE: u32 = 1;
+    /// Open read-only; a missing path is reported as absent.
+    pub const READ_ONLY: u32 = 2;
+    /// No `O_EXCL` on block devices.
+    pub const FORCE: u32 = 4;
+    /// Zero devices by discarding where that guarantees zeros.
+    pub const DISCARD: u32 = 8;
+    /// Keep read pages in the page cache.
+    pub const KEEP_CACHE: u32 = 16;
+    /// Every defined bit.
+    pub const ALL: u32 = 31;
+}
+
+/// `Data` codecs.
+pub mod codec {
+    /// Payload is the bytes themselves.
+    pub const RAW: u8 = 0;
+    /// Payload is one zstd frame.
+    pub const ZSTD: u8 = 1;
+}
+
+/// Bulk data: `raw_len` bytes at `offset`, encoded with `codec`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Where the bytes go.
+    pub offset: u64,
+    /// [`codec`] value.
+    pub codec: u8,
+    /// Length once decoded.
+    pub raw_len: u32,
+    /// Encoded bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Every message of the protocol, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)] // Fields are specified in docs/PROTOCOL.md, table "Messages".
+pub enum Msg {
+    // client -> peer
+    Hello {
+        version: u32,
+        features: u64,
+        want_exe_hash: bool,
+    },
+    Open {
+        role: Role,
+        flags: u32,
+        mode: u32,
+        path: Vec<u8>,
+    },
+    SetSize {
+        size: u64,
+    },
+    Scan {
+        key: [u8; 32],
+        block: u32,
+        end: u64,
+        data_len: u64,
+        threads: u16,
+    },
+    Ack {
+        chunks: u64,
+    },
+    Groups {
+        chunk: u64,
+    },
+    Leaves {
+        chunk: u64,
+        group: u32,
+    },
+    Read {
+        offset: u64,
+        len: u32,
+        compress: i32,
+    },
+    Write(Chunk),
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Flush,
+    Copy {
+        end: u64,
+        data_len: u64,
+        compress: i32,
+        threads: u16,
+    },
+    Bye,
+    // peer -> client
+    HelloReply {
+        version: u32,
+        features: u64,
+        tool_version: Vec<u8>,
+        boot_id: Vec<u8>,
+        exe_hash: Vec<u8>,
+    },
+    Opened {
+        kind: u8,
+        size: u64,
+        identity_tag: u8,
+        id_a: u64,
+        id_b: u64,
+        created: bool,
+    },
+    Summary {
+        chunk: u64,
+        zero: bool,
+        hash: Hash,
+    },
+    ScanDone {
+        chunks: u64,
+    },
+    GroupHashes {
+        chunk: u64,
+        zero: Vec<u8>,
+        hashes: Vec<u8>,
+    },
+    LeafHashes {
+        chunk: u64,
+        group: u32,
+        zero: Vec<u8>,
+        hashes: Vec<u8>,
+    },
+    Data(Chunk),
+    Zeros {
+        offset: u64,
+        len: u64,
+    },
+    ReadDone {
+        offset: u64,
+        len: u64,
+    },
+    Done,
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+mod tag {
+    pub const HELLO: u8 = 0x01;
+    pub const OPEN: u8 = 0x02;
+    pub const SET_SIZE: u8 = 0x03;
+    pub const SCAN: u8 = 0x04;
+    pub const ACK: u8 = 0x05;
+    pub const GROUPS: u8 = 0x06;
+    pub const LEAVES: u8 = 0x07;
+    pub const READ: u8 = 0x08;
+    pub const WRITE: u8 = 0x09;
+    pub const ZERO: u8 = 0x0A;
+    pub const FLUSH: u8 = 0x0B;
+    pub const COPY: u8 = 0x0C;
+    pub const BYE: u8 = 0x0D;
+    pub const HELLO_REPLY: u8 = 0x81;
+    pub const OPENED: u8 = 0x82;
+    pub const SUMMARY: u8 = 0x83;
+    pub const SCAN_DONE: u8 = 0x84;
+    pub const GROUP_HASHES: u8 = 0x85;
+    pub const LEAF_HASHES: u8 = 0x86;
+    pub const DATA: u8 = 0x87;
+    pub const ZEROS: u8 = 0x88;
+    pub const READ_DONE: u8 = 0x89;
+    pub const DONE: u8 = 0x8A;
+    pub const ERROR: u8 = 0x8F;
+}
+
+fn chunk(kind: u8, c: &Chunk) -> Vec<u8> {
+    let mut e = Encoder::new(kind, c.payload.len() + 17);
+    e.u64(c.offset).u8(c.codec).u32(c.raw_len).bytes(&c.payload);
+    e.finish()
+}
+
+fn decode_chunk(d: &mut Decoder<'_>) -> Result<Chunk> {
+    let offset = d.u64()?;
+    let codec = d.u8()?;
+    let raw_len = d.u32()?;
+    let payload = d.bytes()?.to_vec();
+    if codec > codec::ZSTD {
+        return Err(Error::protocol(format!("unknown data codec {codec}")));
+    }
+    if raw_len as usize > MAX_DATA || (codec == codec::RAW && payload.len() != raw_len as usize) {
+        return Err(Error::protocol(format!(
+            "bad data frame: {} payload bytes for {raw_len} raw bytes",
+            payload.len()
+        )));
+    }
+    Ok(Chunk {
+        offset,
+        codec,
+        raw_len,
+        payload,
+    })
+}
+
+impl Msg {
+    /// The message as a complete frame.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        use tag::{
+            ACK, BYE, COPY, DATA, DONE, ERROR, FLUSH, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY,
+            LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY,
+            WRITE, ZERO, ZEROS,
+        };
+        let e = |kind| Encoder::new(kind, 64);
+        match self {
+            Msg::Hello {
+                version,
+                features,
+                want_exe_hash,
+            } => {
+                let mut x = e(HELLO);
+                x.u32(*version).u64(*features).u8(u8::from(*want_exe_hash));
+                x.finish()
+            }
+            Msg::Open {
+                role,
+                flags,
+                mode,
+                path,
+            } => {
+                let mut x = e(OPEN);
+                x.u8(u8::from(*role == Role::Target))
+                    .u32(*flags)
+                    .u32(*mode)
+                    .bytes(path);
+                x.finish()
+            }
+            Msg::SetSize { size } => {
+                let mut x = e(SET_SIZE);
+                x.u64(*size);
+                x.finish()
+            }
+            Msg::Scan {
+                key,
+                block,
+                end,
+                data_len,
+                threads,
+            } => {
+                let mut x = e(SCAN);
+                x.raw(key)
+                    .u32(*block)
+                    .u64(*end)
+                    .u64(*data_len)
+                    .u16(*threads);
+                x.finish()
+            }
+            Msg::Ack { chunks } => {
+                let mut x = e(ACK);
+                x.u64(*chunks);
+                x.finish()
+            }
+            Msg::Groups { chunk } => {
+                let mut x = e(GROUPS);
+                x.u64(*chunk);
+                x.finish()
+            }
+            Msg::Leaves { chunk, group } => {
+                let mut x = e(LEAVES);
+                x.u64(*chunk).u32(*group);
+                x.finish()
+            }
+            Msg::Read {
+                offset,
+                len,
+                compress,
+            } => {
+                let mut x = e(READ);
+                x.u64(*offset).u32(*len).i32(*compress);
+                x.finish()
+            }
+            Msg::Write(c) => chunk(WRITE, c),
+            Msg::Zero { offset, len } => {
+                let mut x = e(ZERO);
+                x.u64(*offset).u64(*len);
+                x.finish()
+            }
+            Msg::Flush => e(FLUSH).finish(),
+            Msg::Copy {
+                end,
+                data_len,
+                compress,
+                threads,
+            } => {
+                let mut x = e(COPY);
+                x.u64(*end).u64(*data_len).i32(*compress).u16(*threads);
+                x.finish()
+            }
+            Msg::Bye => e(BYE).finish(),
+            Msg::HelloReply {
+                version,
+                features,
+                tool_version,
+                boot_id,
+                exe_hash,
+            } => {
+                let mut x = e(HELLO_REPLY);
+                x.u32(*version)
+                    .u64(*features)
+                    .bytes(tool_version)
+                    .bytes(boot_id)
+                    .bytes(exe_hash);
+                x.finish()
+            }
+            Msg::Opened {
+                kind,
+                size,
+                identity_tag,
+                id_a,
+                id_b,
+                created,
+            } => {
+                let mut x = e(OPENED);
+                x.u8(*kind)
+                    .u64(*size)
+                    .u8(*identity_tag)
+                    .u64(*id_a)
+                    .u64(*id_b)
+                    .u8(u8::from(*created));
+                x.finish()
+            }
+            Msg::Summary { chunk, zero, hash } => {
+                let mut x = e(SUMMARY);
+                x.u64(*chunk).u8(u8::from(*zero)).raw(hash);
+                x.finish()
+            }
+            Msg::ScanDone { chunks } => {
+                let mut x = e(SCAN_DONE);
+                x.u64(*chunks);
+                x.finish()
+            }
+            Msg::GroupHashes {
+                chunk,
+                zero,
+                hashes,
+            } => {
+                let mut x = Encoder::new(GROUP_HASHES, hashes.len() + zero.len() + 16);
+                x.u64(*chunk).bytes(zero).bytes(hashes);
+                x.finish()
+            }
+            Msg::LeafHashes {
+                chunk,
+                group,
+                zero,
+                hashes,
+            } => {
+                let mut x = Encoder::new(LEAF_HASHES, hashes.len() + zero.len() + 20);
+                x.u64(*chunk).u32(*group).bytes(zero).bytes(hashes);
+                x.finish()
+            }
+            Msg::Data(c) => chunk(DATA, c),
+            Msg::Zeros { offset, len } => {
+                let mut x = e(ZEROS);
+                x.u64(*offset).u64(*len);
+                x.finish()
+            }
+            Msg::ReadDone { offset, len } => {
+                let mut x = e(READ_DONE);
+                x.u64(*offset).u64(*len);
+                x.finish()
+            }
+            Msg::Done => e(DONE).finish(),
+            Msg::Error { kind, message } => {
+                let mut x = e(ERROR);
+                x.u8(kind.to_wire()).bytes(message.as_bytes());
+                x.finish()
+            }
+        }
+    }
+
+    /// Decodes a frame of type `kind` with `payload`.
+    pub fn decode(kind: u8, payload: &[u8]) -> Result<Msg> {
+        let name = name_of(kind)
+            .ok_or_else(|| Error::protocol(format!("unknown message type 0x{kind:02x}")))?;
+        let mut d = Decoder::new(payload, name);
+        let msg = match kind {
+            tag::HELLO => Msg::Hello {
+                version: d.u32()?,
+                features: d.u64()?,
+                want_exe_hash: flag(d.u8()?)?,
+            },
+            tag::OPEN => {
+                let role = match d.u8()? {
+                    0 => Role::Source,
+                    1 => Role::Target,
+                    r => return Err(Error::protocol(format!("unknown role {r}"))),
+                };
+                let flags = d.u32()?;
+                if flags & !open_flags::ALL != 0 {
+                    return Err(Error::protocol(format!("unknown open flags 0x{flags:x}")));
+                }
+                Msg::Open {
+                    role,
+                    flags,
+                    mode: d.u32()?,
+                    path: d.bytes()?.to_vec(),
+                }
+            }
+            tag::SET_SIZE => Msg::SetSize { size: d.u64()? },
+            tag::SCAN => Msg::Scan {
+                key: d.fixed()?,
+                block: d.u32()?,
+                end: d.u64()?,
+                data_len: d.u64()?,
+                threads: d.u16()?,
+            },
+            tag::ACK => Msg::Ack { chunks: d.u64()? },
+            tag::GROUPS => Msg::Groups { chunk: d.u64()? },
+            tag::LEAVES => Msg::Leaves {
+                chunk: d.u64()?,
+                group: d.u32()?,
+            },
+            tag::READ => Msg::Read {
+                offset: d.u64()?,
+                len: d.u32()?,
+                compress: d.i32()?,
+            },
+            tag::WRITE => Msg::Write(decode_chunk(&mut d)?),
+            tag::ZERO => Msg::Zero {
+                offset: d.u64()?,
+                len: d.u64()?,
+            },
+            tag::FLUSH => Msg::Flush,
+            tag::COPY => Msg::Copy {
+                end: d.u64()?,
+                data_len: d.u64()?,
+                compress: d.i32()?,
+                threads: d.u16()?,
+            },
+            tag::BYE => Msg::Bye,
+            tag::HELLO_REPLY => Msg::HelloReply {
+                version: d.u32()?,
+                features: d.u64()?,
+                tool_version: d.bytes()?.to_vec(),
+                boot_id: d.bytes()?.to_vec(),
+                exe_hash: d.bytes()?.to_vec(),
+            },
+            tag::OPENED => Msg::Opened {
+                kind: d.u8()?,
+                size: d.u64()?,
+                identity_tag: d.u8()?,
+                id_a: d.u64()?,
+                id_b: d.u64()?,
+                created: flag(d.u8()?)?,
+            },
+            tag::SUMMARY => Msg::Summary {
+                chunk: d.u64()?,
+                zero: flag(d.u8()?)?,
+                hash: d.fixed()?,
+            },
+            tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()? },
+            tag::GROUP_HASHES => {
+                let chunk = d.u64()?;
+                let (zero, hashes) = hash_list(&mut d)?;
+                Msg::GroupHashes {
+                    chunk,
+                    zero,
+                    hashes,
+                }
+            }
+            tag::LEAF_HASHES => {
+                let chunk = d.u64()?;
+                let group = d.u32()?;
+                let (zero, hashes) = hash_list(&mut d)?;
+                Msg::LeafHashes {
+                    chunk,
+                    group,
+                    zero,
+                    hashes,
+                }
+            }
+            tag::DATA => Msg::Data(decode_chunk(&mut d)?),
+            tag::ZEROS => Msg::Zeros {
+                offset: d.u64()?,
+                len: d.u64()?,
+            },
+            tag::READ_DONE => Msg::ReadDone {
+                offset: d.u64()?,
+                len: d.u64()?,
+            },
+            tag::DONE => Msg::Done,
+            tag::ERROR => Msg::Error {
+                kind: ErrorKind::from_wire(d.u8()?),
+                message: String::from_utf8_lossy(d.bytes()?).into_owned(),
+            },
+            _ => unreachable!("name_of knows every tag"),
+        };
+        d.end()?;
+        Ok(msg)
+    }
+}
+
+fn flag(v: u8) -> Result<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Error::protocol(format!("boolean field holds {v}"))),
+    }
+}
+
+/// A zero-flag list and the matching hashes: one flag byte per 16-byte hash.
+fn hash_list(d: &mut Decoder<'_>) -> Result<(Vec<u8>, Vec<u8>)> {
+    let zero = d.bytes()?.to_vec();
+    let hashes = d.bytes()?.to_vec();
+    if hashes.len() != zero.len() * 16 || zero.iter().any(|&z| z > 1) {
+        return Err(Error::protocol("hash list and zero flags do not match"));
+    }
+    Ok((zero, hashes))
+}
+
+fn name_of(kind: u8) -> Option<&'static str> {
+    Some(match kind {
+        tag::HELLO => "Hello",
+        tag::OPEN => "Open",
+        tag::SET_SIZE => "SetSize",
+        tag::SCAN => "Scan",
+        tag::ACK => "Ack",
+        tag::GROUPS => "Groups",
+        tag::LEAVES => "Leaves",
+        tag::READ => "Read",
+        tag::WRITE => "Write",
+        tag::ZERO => "Zero",
+        tag::FLUSH => "Flush",
+        tag::COPY => "Copy",
+        tag::BYE => "Bye",
+        tag::HELLO_REPLY => "Hello reply",
+        tag::OPENED => "Opened",
+        tag::SUMMARY => "Summary",
+        tag::SCAN_DONE => "ScanDone",
+        tag::GROUP_HASHES => "Groups reply",
+        tag::LEAF_HASHES => "Leaves reply",
+        tag::DATA => "Data",
+        tag::ZEROS => "Zeros",
+        tag::READ_DONE => "ReadDone",
+        tag::DONE => "Done",
+        tag::ERROR => "Error",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::read_frame;
+    use proptest::prelude::*;
+
+    fn any_chunk() -> impl Strategy<Value = Chunk> {
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
+            |(offset, payload)| Chunk {
+                offset,
+                codec: codec::RAW,
+                raw_len: payload.len() as u32,
+                payload,
+            },
+        )
+    }
+
+    fn any_kind() -> impl Strategy<Value = ErrorKind> {
+        (0u8..11).prop_map(ErrorKind::from_wire)
+    }
+
+    fn hashes() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        proptest::collection::vec((0u8..2, any::<[u8; 16]>()), 0..20).prop_map(|v| {
+            (
+                v.iter().map(|x| x.0).collect(),
+                v.iter().flat_map(|x| x.1).collect(),
+            )
+        })
+    }
+
+    fn any_msg() -> impl Strategy<Value = Msg> {
+        let b = || proptest::collection::vec(any::<u8>(), 0..64);
+        prop_oneof![
+            (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+                |(version, features, want_exe_hash)| Msg::Hello {
+                    version,
+                    features,
+                    want_exe_hash
+                }
+            ),
+            (any::<bool>(), 0u32..32, any::<u32>(), b()).prop_map(|(t, flags, mode, path)| {
+                Msg::Open {
+                    role: if t { Role::Target } else { Role::Source },
+                    flags,
+                    mode,
+                    path,
+                }
+            }),
+            any::<u64>().prop_map(|size| Msg::SetSize { size }),
+            (
+                any::<[u8; 32]>(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u16>()
+            )
+                .prop_map(|(key, block, end, data_len, threads)| Msg::Scan {
+                    key,
+                    block,
+                    end,
+                    data_len,
+                    threads
+                }),
+            any::<u64>().prop_map(|chunks| Msg::Ack { chunks }),
+            any::<u64>().prop_map(|chunk| Msg::Groups { chunk }),
+            (any::<u64>(), any::<u32>()).prop_map(|(chunk, group)| Msg::Leaves { chunk, group }),
+            (any::<u64>(), any::<u32>(), any::<i32>()).prop_map(|(offset, len, compress)| {
+                Msg::Read {
+                    offset,
+                    len,
+                    compress,
+                }
+            }),
+            any_chunk().prop_map(Msg::Write),
+            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zero { offset, len }),
+            Just(Msg::Flush),
+            (any::<u64>(), any::<u64>(), any::<i32>(), any::<u16>()).prop_map(
+                |(end, data_len, compress, threads)| Msg::Copy {
+                    end,
+                    data_len,
+                    compress,
+                    threads
+                }
+            ),
+            Just(Msg::Bye),
+            (any::<u32>(), any::<u64>(), b(), b(), b()).prop_map(
+                |(version, features, tool_version, boot_id, exe_hash)| {
+                    Msg::HelloReply {
+                        version,
+                        features,
+                        tool_version,
+                        boot_id,
+                        exe_hash,
+                    }
+                }
+            ),
+            (
+                any::<u8>(),
+                any::<u64>(),
+                any::<u8>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>()
+            )
+                .prop_map(|(kind, size, identity_tag, id_a, id_b, created)| {
+                    Msg::Opened {
+                        kind,
+                        size,
+                        identity_tag,
+                        id_a,
+                        id_b,
+                        created,
+                    }
+                }),
+            (any::<u64>(), any::<bool>(), any::<[u8; 16]>())
+                .prop_map(|(chunk, zero, hash)| Msg::Summary { chunk, zero, hash }),
+            any::<u64>().prop_map(|chunks| Msg::ScanDone { chunks }),
+            (any::<u64>(), hashes()).prop_map(|(chunk, (zero, hashes))| Msg::GroupHashes {
+                chunk,
+                zero,
+                hashes
+            }),
+            (any::<u64>(), any::<u32>(), hashes()).prop_map(|(chunk, group, (zero, hashes))| {
+                Msg::LeafHashes {
+                    chunk,
+                    group,
+                    zero,
+                    hashes,
+                }
+            }),
+            any_chunk().prop_map(Msg::Data),
+            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zeros { offset, len }),
+            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::ReadDone { offset, len }),
+            Just(Msg::Done),
+            (any_kind(), ".{0,40}").prop_map(|(kind, message)| Msg::Error { kind, message }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips_through_a_frame(msg in any_msg()) {
+            let frame = msg.encode();
+            let mut buf = Vec::new();
+            let kind = read_frame(&mut &frame[..], &mut buf).unwrap().unwrap();
+            prop_assert_eq!(Msg::decode(kind, &buf[1..]).unwrap(), msg);
+        }
+
+        /// Random bytes never panic the decoder, and never make it allocate past the frame.
+        #[test]
+        fn random_input_is_an_error_not_a_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut buf = Vec::new();
+            let mut r = &data[..];
+            while let Ok(Some(kind)) = read_frame(&mut r, &mut buf) {
+                let _ = Msg::decode(kind, &buf[1..]);
+            }
+        }
+
+        #[test]
+        fn truncated_frames_are_errors(msg in any_msg(), cut in 0usize..1000) {
+            let frame = msg.encode();
+            let cut = cut % frame.len();
+            let mut buf = Vec::new();
+            match read_frame(&mut &frame[..cut], &mut buf) {
+                Ok(None) => prop_assert_eq!(cut, 0),
+                Ok(Some(_)) => prop_assert!(false, "a truncated frame was accepted"),
+                Err(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let frame = [0xFF, 0xFF, 0xFF, 0x7F, 1];
+        let err = read_frame(&mut &frame[..], &mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Protocol);
+    }
+
+    #[test]
+    fn trailing_bytes_and_unknown_types_are_refused() {
+        assert!(Msg::decode(tag::FLUSH, &[0]).is_err());
+        assert!(Msg::decode(0x7E, &[]).is_err());
+        assert!(
+            Msg::decode(
+                tag::OPEN,
+                &[0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0]
+            )
+            .is_err()
+        );
+    }
+}
