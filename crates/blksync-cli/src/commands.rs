@@ -50,23 +50,11 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
     };
     let render = Render::new(args.common.progress, args.common.quiet);
-    let result = sync_paths(
-        &args.source,
-        &args.dest,
-        &options,
-        Control {
-            observer: &render,
-            cancel,
-        },
-    );
+    let result = sync_paths(&args.source, &args.dest, &options, Control { observer: &render, cancel });
     render.finish();
     let summary = result?;
     let c = &summary.counters;
-    let verb = if summary.dry_run {
-        "would write"
-    } else {
-        "wrote"
-    };
+    let verb = if summary.dry_run { "would write" } else { "wrote" };
     render.line(&format!(
         "blksync: {} -> {}: scanned {}, {} differing in {} ranges; {verb} {} and zeroed {} in {:.2}s ({}){}",
         summary.source,
@@ -95,24 +83,13 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         max_ranges: args.max_ranges,
     };
     let render = Render::new(args.common.progress, args.common.quiet);
-    let result = compare_paths(
-        &args.source,
-        &args.dest,
-        &options,
-        Control {
-            observer: &render,
-            cancel,
-        },
-    );
+    let result = compare_paths(&args.source, &args.dest, &options, Control { observer: &render, cancel });
     render.finish();
     let cmp = result?;
     if args.common.json {
         print_json(&cmp)?;
     } else if cmp.identical {
-        println!(
-            "{} and {} are identical ({} bytes)",
-            cmp.source, cmp.destination, cmp.source_size
-        );
+        println!("{} and {} are identical ({} bytes)", cmp.source, cmp.destination, cmp.source_size);
     } else {
         println!(
             "{} and {} differ: {} bytes ({}) in {} ranges",
@@ -123,24 +100,14 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
             cmp.ranges_differing + u64::from(cmp.source_size != cmp.destination_size),
         );
         if cmp.source_size != cmp.destination_size {
-            println!(
-                "  sizes differ: {} bytes vs {} bytes",
-                cmp.source_size, cmp.destination_size
-            );
+            println!("  sizes differ: {} bytes vs {} bytes", cmp.source_size, cmp.destination_size);
         }
         for r in &cmp.ranges {
             println!("  bytes {}..{} ({})", r.offset, r.end(), format_size(r.len));
         }
         if cmp.ranges_differing > cmp.ranges.len() as u64 {
-            println!(
-                "  ... and {} more ranges",
-                cmp.ranges_differing - cmp.ranges.len() as u64
-            );
+            println!("  ... and {} more ranges", cmp.ranges_differing - cmp.ranges.len() as u64);
         }
     }
-    Ok(if cmp.identical {
-        Outcome::Success
-    } else {
-        Outcome::Different
-    })
+    Ok(if cmp.identical { Outcome::Success } else { Outcome::Different })
 }

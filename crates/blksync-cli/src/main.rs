@@ -32,9 +32,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // The whole chain on one line: "reading /dev/sdb at byte offset 4096: Input/output error".
             eprintln!("blksync: error: {e:#}");
-            let code = e
-                .downcast_ref::<blksync::Error>()
-                .map_or(2, |e| e.kind().exit_code());
+            let code = e.downcast_ref::<blksync::Error>().map_or(2, |e| e.kind().exit_code());
             // compare follows cmp: 2 for any error.
             ExitCode::from(if is_compare { 2 } else { code })
         }

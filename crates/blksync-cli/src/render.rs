@@ -56,12 +56,7 @@ impl Render {
             mode,
             quiet,
             bar,
-            state: Mutex::new(State {
-                phase: Phase::Sync,
-                total: 0,
-                last: now,
-                phase_started: now,
-            }),
+            state: Mutex::new(State { phase: Phase::Sync, total: 0, last: now, phase_started: now }),
         }
     }
 
@@ -94,10 +89,7 @@ fn phase_name(phase: Phase) -> &'static str {
 
 impl Observer for Render {
     fn phase(&self, phase: Phase, total: u64) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.phase = phase;
         state.total = total;
         state.phase_started = Instant::now();
@@ -110,10 +102,7 @@ impl Observer for Render {
 
     fn progress(&self, s: &Snapshot) {
         let now = Instant::now();
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match self.mode {
             ProgressMode::Bar => {
                 if let Some(bar) = &self.bar {
@@ -131,24 +120,13 @@ impl Observer for Render {
             ProgressMode::Plain if now.duration_since(state.last) >= PLAIN_EVERY => {
                 state.last = now;
                 let elapsed = now.duration_since(state.phase_started).as_secs_f64();
-                let rate = if elapsed > 0.0 {
-                    s.bytes_scanned as f64 / elapsed
-                } else {
-                    0.0
-                };
+                let rate = if elapsed > 0.0 { s.bytes_scanned as f64 / elapsed } else { 0.0 };
                 let eta = if rate > 0.0 {
-                    format!(
-                        "{:.0}s",
-                        state.total.saturating_sub(s.bytes_scanned) as f64 / rate
-                    )
+                    format!("{:.0}s", state.total.saturating_sub(s.bytes_scanned) as f64 / rate)
                 } else {
                     "?".into()
                 };
-                let pct = if state.total > 0 {
-                    100.0 * s.bytes_scanned as f64 / state.total as f64
-                } else {
-                    100.0
-                };
+                let pct = if state.total > 0 { 100.0 * s.bytes_scanned as f64 / state.total as f64 } else { 100.0 };
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(
                     err,

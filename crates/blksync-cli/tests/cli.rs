@@ -14,10 +14,7 @@ use tempfile::TempDir;
 const MIB: usize = 1 << 20;
 
 fn tmp() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("blksync-test")
-        .tempdir()
-        .unwrap()
+    tempfile::Builder::new().prefix("blksync-test").tempdir().unwrap()
 }
 
 fn sync_json(args: &[&str]) -> serde_json::Value {
@@ -34,10 +31,7 @@ fn sync_copies_random_data_to_a_missing_destination() {
     let j = sync_json(&[&src, &dst]);
     assert_same(src.as_ref(), dst.as_ref());
     assert_eq!(j["bytes_written"], (5 * MIB + 123) as u64);
-    assert_eq!(
-        j["bytes_read_destination"], 0,
-        "a fresh destination is never read"
-    );
+    assert_eq!(j["bytes_read_destination"], 0, "a fresh destination is never read");
 }
 
 #[test]
@@ -74,10 +68,7 @@ fn sync_punches_holes_for_zero_blocks() {
     assert_same(src.as_ref(), dst.as_ref());
     assert_eq!(j["bytes_zeroed"], 2 * MIB as u64);
     assert_eq!(j["bytes_written"], 2 * MIB as u64);
-    assert!(
-        allocated(dst.as_ref()) <= 2 * MIB as u64 + 64 * 1024,
-        "zero blocks must become holes"
-    );
+    assert!(allocated(dst.as_ref()) <= 2 * MIB as u64 + 64 * 1024, "zero blocks must become holes");
 }
 
 #[test]
@@ -86,45 +77,19 @@ fn fresh_copy_of_a_sparse_source_stays_sparse() {
     let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
     let chunk = random_bytes(64 * 1024, 6);
     // 256 MiB, 1 MiB of data, and an allocated-but-zero block that must not become data.
-    sparse_file(
-        src.as_ref(),
-        256 << 20,
-        &[
-            (0, &chunk),
-            (100 << 20, &chunk),
-            (200 << 20, &vec![0u8; 65536]),
-        ],
-    );
+    sparse_file(src.as_ref(), 256 << 20, &[(0, &chunk), (100 << 20, &chunk), (200 << 20, &vec![0u8; 65536])]);
     let j = sync_json(&[&src, &dst]);
     assert_same(src.as_ref(), dst.as_ref());
     assert_eq!(j["bytes_written"], 2 * 65536);
     assert!(allocated(dst.as_ref()) <= allocated(src.as_ref()));
-    assert!(
-        j["bytes_read_source"].as_u64().unwrap() < 8 << 20,
-        "holes are skipped, not read: {j}"
-    );
+    assert!(j["bytes_read_source"].as_u64().unwrap() < 8 << 20, "holes are skipped, not read: {j}");
 }
 
 #[test]
 fn sync_handles_sizes_that_are_not_block_multiples() {
     let d = tmp();
-    for (i, size) in [
-        0usize,
-        1,
-        511,
-        4095,
-        4097,
-        MIB + 1,
-        2 * MIB - 1,
-        2 * MIB + 4096 + 3,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let (src, dst) = (
-            arg(d.path(), &format!("s{i}")),
-            arg(d.path(), &format!("d{i}")),
-        );
+    for (i, size) in [0usize, 1, 511, 4095, 4097, MIB + 1, 2 * MIB - 1, 2 * MIB + 4096 + 3].into_iter().enumerate() {
+        let (src, dst) = (arg(d.path(), &format!("s{i}")), arg(d.path(), &format!("d{i}")));
         write_file(src.as_ref(), &random_bytes(size, i as u64));
         ok(&["sync", "-q", &src, &dst]);
         assert_same(src.as_ref(), dst.as_ref());
@@ -162,11 +127,7 @@ fn no_resize_refuses_and_leaves_the_destination_alone() {
     write_file(dst.as_ref(), &before);
     let out = run(&["sync", "--no-resize", &src, &dst]);
     assert_eq!(out.code(), 5, "{}", out.stderr_text());
-    assert!(
-        out.stderr_text().contains("--no-resize"),
-        "{}",
-        out.stderr_text()
-    );
+    assert!(out.stderr_text().contains("--no-resize"), "{}", out.stderr_text());
     assert_eq!(read(dst.as_ref()), before);
 }
 
@@ -204,11 +165,7 @@ fn directory_destination_receives_the_source_file_name() {
     assert_same(src.as_ref(), &d.path().join("slash/disk.img"));
     let out = run(&["sync", &src, &format!("{}/", arg(d.path(), "missing"))]);
     assert_eq!(out.code(), 3);
-    assert!(
-        out.stderr_text().contains("does not exist"),
-        "{}",
-        out.stderr_text()
-    );
+    assert!(out.stderr_text().contains("does not exist"), "{}", out.stderr_text());
 }
 
 #[test]
@@ -225,10 +182,7 @@ fn dry_run_writes_nothing() {
     assert_eq!(j["destination_size_after"], 2 * MIB as u64);
     let missing = arg(d.path(), "missing");
     ok(&["sync", "-q", "--dry-run", &src, &missing]);
-    assert!(
-        !Path::new(&missing).exists(),
-        "dry run must not create the destination"
-    );
+    assert!(!Path::new(&missing).exists(), "dry run must not create the destination");
 }
 
 #[test]
@@ -244,10 +198,7 @@ fn compare_exit_codes_follow_cmp() {
     let out = run(&["compare", &a, &b]);
     assert_eq!(out.code(), 1);
     let text = out.stdout_text();
-    assert!(
-        text.contains("8192 bytes") && text.contains("bytes 4096..8192"),
-        "{text}"
-    );
+    assert!(text.contains("8192 bytes") && text.contains("bytes 4096..8192"), "{text}");
     let j = run(&["compare", "--json", &a, &b]).json();
     assert_eq!(j["identical"], false);
     assert_eq!(j["ranges"][1]["offset"], 2 * MIB as u64);
@@ -274,51 +225,19 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     let src = arg(d.path(), "src");
     write_file(src.as_ref(), b"hello");
     let cases: &[(&[&str], i32, &str)] = &[
-        (
-            &["sync", "/nonexistent/x", "y"],
-            3,
-            "opening source /nonexistent/x: No such file",
-        ),
+        (&["sync", "/nonexistent/x", "y"], 3, "opening source /nonexistent/x: No such file"),
         (&["sync", &src, &src], 2, "same file"),
-        (
-            &["sync", "--block-size", "3K", &src, "y"],
-            2,
-            "power of two",
-        ),
-        (
-            &["sync", "--block-size", "2M", &src, "y"],
-            2,
-            "power of two",
-        ),
-        (
-            &["sync", "--block-size", "lots", &src, "y"],
-            2,
-            "invalid size",
-        ),
-        (
-            &["sync", d.path().to_str().unwrap(), "y"],
-            2,
-            "is a directory",
-        ),
-        (
-            &["sync", "/dev/null", "y"],
-            2,
-            "neither a regular file nor a block device",
-        ),
-        (
-            &["sync", "--common-size", "--no-resize", &src, "y"],
-            2,
-            "cannot be used with",
-        ),
+        (&["sync", "--block-size", "3K", &src, "y"], 2, "power of two"),
+        (&["sync", "--block-size", "2M", &src, "y"], 2, "power of two"),
+        (&["sync", "--block-size", "lots", &src, "y"], 2, "invalid size"),
+        (&["sync", d.path().to_str().unwrap(), "y"], 2, "is a directory"),
+        (&["sync", "/dev/null", "y"], 2, "neither a regular file nor a block device"),
+        (&["sync", "--common-size", "--no-resize", &src, "y"], 2, "cannot be used with"),
     ];
     for (args, code, text) in cases {
         let out = run(args);
         assert_eq!(out.code(), *code, "{args:?}: {}", out.stderr_text());
-        assert!(
-            out.stderr_text().contains(text),
-            "{args:?}: {}",
-            out.stderr_text()
-        );
+        assert!(out.stderr_text().contains(text), "{args:?}: {}", out.stderr_text());
     }
 }
 
@@ -328,14 +247,7 @@ fn json_summary_has_the_documented_fields() {
     let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
     write_file(src.as_ref(), &random_bytes(10_000, 20));
     let j = sync_json(&[&src, &dst]);
-    for key in [
-        "bytes_total",
-        "bytes_scanned",
-        "bytes_differing",
-        "bytes_written",
-        "bytes_zeroed",
-        "seconds",
-    ] {
+    for key in ["bytes_total", "bytes_scanned", "bytes_differing", "bytes_written", "bytes_zeroed", "seconds"] {
         assert!(j.get(key).is_some(), "missing {key}: {j}");
     }
     assert_eq!(j["bytes_total"], 10_000);
@@ -357,39 +269,21 @@ fn sigint_stops_promptly_leaving_a_correct_prefix() {
     let started = std::time::Instant::now();
     rustix_kill(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?} to stop",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?} to stop", started.elapsed());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("incomplete"), "{err}");
-    let done: u64 = err
-        .split("the first ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let done: u64 = err.split("the first ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
     assert!(done > 0 && done < data.len() as u64, "{err}");
     let got = read(dst.as_ref());
-    assert_eq!(
-        &got[..done as usize],
-        &data[..done as usize],
-        "the synced prefix is correct"
-    );
+    assert_eq!(&got[..done as usize], &data[..done as usize], "the synced prefix is correct");
     // Running again finishes the job.
     ok(&["sync", "-q", &src, &dst]);
     assert_same(src.as_ref(), dst.as_ref());
 }
 
 fn rustix_kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success());
 }
 
@@ -407,14 +301,8 @@ fn disk_full_on_the_destination_is_a_clear_error() {
     let out = run(&["sync", &src, &dst]);
     assert_eq!(out.code(), 4, "{}", out.stderr_text());
     let err = out.stderr_text();
-    assert!(
-        err.contains("No space left on device") && err.contains("at byte offset"),
-        "{err}"
-    );
-    assert!(
-        !Path::new(&dst).exists(),
-        "a destination we created and could not fill is removed"
-    );
+    assert!(err.contains("No space left on device") && err.contains("at byte offset"), "{err}");
+    assert!(!Path::new(&dst).exists(), "a destination we created and could not fill is removed");
 }
 
 #[test]
@@ -436,10 +324,7 @@ fn block_device_destination_is_synced_with_zeros_written_only_where_needed() {
     assert_eq!(j["verified"], true);
     let j = sync_json(&[&src, lo.path()]);
     assert_eq!(j["bytes_written"], 0);
-    assert_eq!(
-        j["bytes_zeroed"], 0,
-        "zeros already on the device are not written again"
-    );
+    assert_eq!(j["bytes_zeroed"], 0, "zeros already on the device are not written again");
 }
 
 #[test]
@@ -458,11 +343,7 @@ fn discard_unmaps_zero_blocks_on_a_device() {
     let j = sync_json(&["--discard", &src, lo.path()]);
     assert_same(src.as_ref(), &lo.dev);
     assert_eq!(j["bytes_zeroed"], 6 * MIB as u64);
-    assert!(
-        allocated(&backing) <= 3 * MIB as u64,
-        "the loop's backing file was not thinned: {}",
-        allocated(&backing)
-    );
+    assert!(allocated(&backing) <= 3 * MIB as u64, "the loop's backing file was not thinned: {}", allocated(&backing));
 }
 
 #[test]
@@ -479,11 +360,7 @@ fn device_too_small_is_refused_before_anything_is_written() {
     let lo = Loop::attach(&backing);
     let out = run(&["sync", &src, lo.path()]);
     assert_eq!(out.code(), 5, "{}", out.stderr_text());
-    assert!(
-        out.stderr_text().contains("too small"),
-        "{}",
-        out.stderr_text()
-    );
+    assert!(out.stderr_text().contains("too small"), "{}", out.stderr_text());
     assert_eq!(read(&lo.dev), before);
     // --common-size syncs what fits.
     ok(&["sync", "-q", "--common-size", &src, lo.path()]);
@@ -504,11 +381,7 @@ fn larger_device_keeps_its_tail_unless_zero_tail() {
     write_file(&backing, &before);
     let lo = Loop::attach(&backing);
     let out = ok(&["sync", &src, lo.path()]);
-    assert!(
-        out.stderr_text().contains("--zero-tail"),
-        "{}",
-        out.stderr_text()
-    );
+    assert!(out.stderr_text().contains("--zero-tail"), "{}", out.stderr_text());
     let got = read(&lo.dev);
     assert_eq!(&got[..data.len()], &data[..]);
     assert_eq!(&got[data.len()..], &before[data.len()..]);
@@ -525,10 +398,7 @@ fn mounted_destination_device_is_refused() {
     }
     let d = tmp();
     let backing = d.path().join("backing");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(16 * MIB as u64)
-        .unwrap();
+    std::fs::File::create(&backing).unwrap().set_len(16 * MIB as u64).unwrap();
     let lo = Loop::attach(&backing);
     mkfs_ext4(&lo.dev);
     let _m = Mount::new(&d.path().join("mnt"), &[lo.path()]);
@@ -537,11 +407,7 @@ fn mounted_destination_device_is_refused() {
     let before = read(&lo.dev);
     let out = run(&["sync", &src, lo.path()]);
     assert_eq!(out.code(), 6, "{}", out.stderr_text());
-    assert!(
-        out.stderr_text().contains("mounted or in use"),
-        "{}",
-        out.stderr_text()
-    );
+    assert!(out.stderr_text().contains("mounted or in use"), "{}", out.stderr_text());
     assert!(read(&lo.dev) == before, "nothing written");
     // A dry run only reads, so it is allowed.
     ok(&["sync", "-q", "-n", &src, lo.path()]);
@@ -554,31 +420,16 @@ fn source_on_a_read_only_mount_works() {
     }
     let d = tmp();
     let backing = d.path().join("fs");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(32 * MIB as u64)
-        .unwrap();
+    std::fs::File::create(&backing).unwrap().set_len(32 * MIB as u64).unwrap();
     mkfs_ext4(&backing);
     let data = random_bytes(3 * MIB, 32);
     {
-        let _m = Mount::new(
-            &d.path().join("rw"),
-            &["-o", "loop", backing.to_str().unwrap()],
-        );
+        let _m = Mount::new(&d.path().join("rw"), &["-o", "loop", backing.to_str().unwrap()]);
         write_file(&d.path().join("rw/image"), &data);
     }
-    let _m = Mount::new(
-        &d.path().join("ro"),
-        &["-o", "loop,ro", backing.to_str().unwrap()],
-    );
+    let _m = Mount::new(&d.path().join("ro"), &["-o", "loop,ro", backing.to_str().unwrap()]);
     let dst = arg(d.path(), "copy");
-    ok(&[
-        "sync",
-        "-q",
-        "--verify",
-        &arg(&d.path().join("ro"), "image"),
-        &dst,
-    ]);
+    ok(&["sync", "-q", "--verify", &arg(&d.path().join("ro"), "image"), &dst]);
     assert_eq!(read(dst.as_ref()), data);
 }
 
@@ -597,8 +448,5 @@ fn block_device_source_to_file() {
     let j = sync_json(&[lo.path(), &dst]);
     assert_eq!(read(dst.as_ref()), data);
     assert_eq!(j["bytes_written"], 4 * MIB as u64);
-    assert!(
-        allocated(dst.as_ref()) <= 4 * MIB as u64 + 65536,
-        "zeros from a device become holes"
-    );
+    assert!(allocated(dst.as_ref()) <= 4 * MIB as u64 + 65536, "zeros from a device become holes");
 }

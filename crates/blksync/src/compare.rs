@@ -51,36 +51,17 @@ pub struct Comparison {
 }
 
 /// Compares two local images.
-pub fn compare_paths(
-    a: &Path,
-    b: &Path,
-    options: &CompareOptions,
-    control: Control<'_>,
-) -> Result<Comparison> {
+pub fn compare_paths(a: &Path, b: &Path, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
     let first = Local::open_source(a)?;
-    let second = Local::open_target(
-        b,
-        OpenTarget {
-            read_only: true,
-            ..OpenTarget::default()
-        },
-    )?;
+    let second = Local::open_target(b, OpenTarget { read_only: true, ..OpenTarget::default() })?;
     if second.kind() == crate::endpoint::Kind::Absent {
-        return Err(Error::new(
-            ErrorKind::NotFound,
-            format!("{} does not exist", b.display()),
-        ));
+        return Err(Error::new(ErrorKind::NotFound, format!("{} does not exist", b.display())));
     }
     compare(&first, &second, options, control)
 }
 
 /// Compares two endpoints.
-pub fn compare(
-    a: &dyn Source,
-    b: &dyn Source,
-    options: &CompareOptions,
-    control: Control<'_>,
-) -> Result<Comparison> {
+pub fn compare(a: &dyn Source, b: &dyn Source, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
     let common = a.size().min(b.size());
     let counters = Counters::new();
     counters.set_total(common);
@@ -99,10 +80,7 @@ pub fn compare(
     }
     .run(&counters, control)?;
     if found.cancelled {
-        return Err(Error::new(
-            ErrorKind::Interrupted,
-            "interrupted: comparison incomplete",
-        ));
+        return Err(Error::new(ErrorKind::Interrupted, "interrupted: comparison incomplete"));
     }
     let mut counters = counters.snapshot();
     let tail = a.size().abs_diff(b.size());

@@ -95,20 +95,12 @@ pub(crate) struct SegmentCursor<'a> {
 
 impl<'a> SegmentCursor<'a> {
     pub(crate) fn new(source: &'a dyn Source) -> Self {
-        SegmentCursor {
-            source,
-            current: None,
-        }
+        SegmentCursor { source, current: None }
     }
 
     /// The allocated parts of `[start, end)`, ascending. Anything at or beyond the endpoint's
     /// size counts as a hole. Calls must ask for ascending, non-overlapping ranges.
-    pub(crate) fn allocated_in(
-        &mut self,
-        start: u64,
-        end: u64,
-        out: &mut Vec<crate::extent::Extent>,
-    ) -> Result<()> {
+    pub(crate) fn allocated_in(&mut self, start: u64, end: u64, out: &mut Vec<crate::extent::Extent>) -> Result<()> {
         out.clear();
         let end = end.min(self.source.size());
         let mut pos = start;

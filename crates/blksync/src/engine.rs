@@ -162,17 +162,15 @@ impl Scan<'_> {
                         }
                         match self.process(&work, &mut bufs, counters) {
                             Ok(diffs) => {
-                                collector
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .complete(work.offset, work.len as u64, diffs);
+                                collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
+                                    work.offset,
+                                    work.len as u64,
+                                    diffs,
+                                );
                                 control.observer.progress(&counters.snapshot());
                             }
                             Err(e) => {
-                                failure
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .get_or_insert(e);
+                                failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
                                 stop.store(true, Ordering::Relaxed);
                                 break;
                             }
@@ -182,25 +180,16 @@ impl Scan<'_> {
             }
             drop(rx);
             if let Err(e) = self.dispatch(&tx, &collector, counters, control, &stop) {
-                failure
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get_or_insert(e);
+                failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
                 stop.store(true, Ordering::Relaxed);
             }
             drop(tx);
         });
 
-        if let Some(e) = failure
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-        {
+        if let Some(e) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
             return Err(e);
         }
-        let mut found = collector
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .finish();
+        let mut found = collector.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).finish();
         found.cancelled = found.done < self.scan_len && control.cancelled();
         Ok(found)
     }
@@ -231,20 +220,13 @@ impl Scan<'_> {
             if source_data.is_empty() && dest_data.is_empty() {
                 // Zeros on both sides: nothing to read, nothing to do.
                 counters.add_scanned(len as u64);
-                collector
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .complete(offset, len as u64, Vec::new());
-                control.observer.progress(&counters.snapshot());
-            } else if tx
-                .send(Work {
+                collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
                     offset,
-                    len,
-                    source_data,
-                    dest_data,
-                })
-                .is_err()
-            {
+                    len as u64,
+                    Vec::new(),
+                );
+                control.observer.progress(&counters.snapshot());
+            } else if tx.send(Work { offset, len, source_data, dest_data }).is_err() {
                 // Every worker stopped (an error or a cancel); they say why.
                 break;
             }
@@ -306,10 +288,7 @@ impl Scan<'_> {
             }
             match diffs.last_mut() {
                 Some(last) if Extent::end(last) == at => last.len += run.len,
-                _ => diffs.push(Extent {
-                    offset: at,
-                    len: run.len,
-                }),
+                _ => diffs.push(Extent { offset: at, len: run.len }),
             }
         }
         counters.add_scanned(len as u64);
@@ -329,11 +308,7 @@ struct Buffers {
 
 impl Buffers {
     fn new() -> Buffers {
-        Buffers {
-            source: vec![0; CHUNK],
-            dest: vec![0; CHUNK],
-            runs: Runs::new(),
-        }
+        Buffers { source: vec![0; CHUNK], dest: vec![0; CHUNK], runs: Runs::new() }
     }
 }
 
@@ -341,7 +316,7 @@ impl Buffers {
 /// Everything from the first allocated byte to the last is read in one request (holes in between
 /// read as zeros), so a fragmented map does not turn into many small reads. Returns the bytes
 /// read.
-fn fill(from: &dyn Source, buf: &mut [u8], offset: u64, data: &[Extent]) -> Result<u64> {
+pub(crate) fn fill(from: &dyn Source, buf: &mut [u8], offset: u64, data: &[Extent]) -> Result<u64> {
     let (Some(first), Some(last)) = (data.first(), data.last()) else {
         buf.fill(0);
         return Ok(0);

@@ -61,19 +61,13 @@ impl ErrorKind {
     /// The kind's number on the wire (docs/PROTOCOL.md, `Error.kind`).
     #[must_use]
     pub fn to_wire(self) -> u8 {
-        WIRE_KINDS
-            .iter()
-            .position(|k| *k == self)
-            .map_or(3, |i| i as u8)
+        WIRE_KINDS.iter().position(|k| *k == self).map_or(3, |i| i as u8)
     }
 
     /// The kind for a number from the wire; unknown numbers are I/O errors.
     #[must_use]
     pub fn from_wire(n: u8) -> ErrorKind {
-        WIRE_KINDS
-            .get(usize::from(n))
-            .copied()
-            .unwrap_or(ErrorKind::Io)
+        WIRE_KINDS.get(usize::from(n)).copied().unwrap_or(ErrorKind::Io)
     }
 
     /// Classifies an operating-system error.
@@ -81,9 +75,7 @@ impl ErrorKind {
     pub fn of_io(err: &io::Error) -> ErrorKind {
         match err.kind() {
             io::ErrorKind::NotFound => ErrorKind::NotFound,
-            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
-                ErrorKind::PermissionDenied
-            }
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => ErrorKind::PermissionDenied,
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorKind::NoSpace,
             io::ErrorKind::ResourceBusy => ErrorKind::InUse,
             io::ErrorKind::Interrupted => ErrorKind::Interrupted,
@@ -118,11 +110,7 @@ pub struct Error {
 impl Error {
     /// An error with no underlying OS error.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error {
-            kind,
-            message: message.into(),
-            source: None,
-        }
+        Error { kind, message: message.into(), source: None }
     }
 
     /// An invalid request.
@@ -138,11 +126,7 @@ impl Error {
             Some(offset) => format!("{op} {} at byte offset {offset}", path.display()),
             None => format!("{op} {}", path.display()),
         };
-        Error {
-            kind: ErrorKind::of_io(&source),
-            message,
-            source: Some(source),
-        }
+        Error { kind: ErrorKind::of_io(&source), message, source: Some(source) }
     }
 
     /// A protocol violation by the other side.
@@ -227,27 +211,14 @@ mod tests {
 
     #[test]
     fn io_error_names_path_offset_and_cause() {
-        let e = Error::io(
-            "reading",
-            Path::new("/dev/sdz"),
-            Some(4096),
-            io::Error::from_raw_os_error(libc::EIO),
-        );
-        assert_eq!(
-            e.to_string(),
-            "reading /dev/sdz at byte offset 4096: Input/output error"
-        );
+        let e = Error::io("reading", Path::new("/dev/sdz"), Some(4096), io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(e.to_string(), "reading /dev/sdz at byte offset 4096: Input/output error");
         assert_eq!(e.kind(), ErrorKind::Io);
     }
 
     #[test]
     fn disk_full_maps_to_its_own_exit_code() {
-        let e = Error::io(
-            "writing",
-            Path::new("x"),
-            None,
-            io::Error::from_raw_os_error(libc::ENOSPC),
-        );
+        let e = Error::io("writing", Path::new("x"), None, io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(e.kind(), ErrorKind::NoSpace);
         assert_eq!(e.kind().exit_code(), 4);
     }

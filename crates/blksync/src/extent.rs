@@ -20,10 +20,7 @@ impl Extent {
     #[must_use]
     pub fn between(start: u64, end: u64) -> Extent {
         debug_assert!(end >= start);
-        Extent {
-            offset: start,
-            len: end - start,
-        }
+        Extent { offset: start, len: end - start }
     }
 
     /// One past the last byte.
@@ -75,10 +72,7 @@ impl<T: Copy + PartialEq> Runs<T> {
             last.len += len;
             return;
         }
-        debug_assert!(
-            self.runs.last().is_none_or(|(_, l)| l.end() <= offset),
-            "pushed out of order"
-        );
+        debug_assert!(self.runs.last().is_none_or(|(_, l)| l.end() <= offset), "pushed out of order");
         self.runs.push((tag, Extent { offset, len }));
     }
 
@@ -141,41 +135,17 @@ mod tests {
         assert_eq!(
             v,
             vec![
-                (
-                    'd',
-                    Extent {
-                        offset: 0,
-                        len: 8192
-                    }
-                ),
-                (
-                    'z',
-                    Extent {
-                        offset: 8192,
-                        len: 4096
-                    }
-                ),
-                (
-                    'd',
-                    Extent {
-                        offset: 16384,
-                        len: 10
-                    }
-                ),
+                ('d', Extent { offset: 0, len: 8192 }),
+                ('z', Extent { offset: 8192, len: 4096 }),
+                ('d', Extent { offset: 16384, len: 10 }),
             ]
         );
     }
 
     #[test]
     fn intersection_of_disjoint_ranges_is_none() {
-        assert_eq!(
-            Extent::between(0, 10).intersect(&Extent::between(10, 20)),
-            None
-        );
-        assert_eq!(
-            Extent::between(0, 15).intersect(&Extent::between(10, 20)),
-            Some(Extent::between(10, 15))
-        );
+        assert_eq!(Extent::between(0, 10).intersect(&Extent::between(10, 20)), None);
+        assert_eq!(Extent::between(0, 15).intersect(&Extent::between(10, 20)), Some(Extent::between(10, 15)));
     }
 
     proptest! {

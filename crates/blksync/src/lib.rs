@@ -22,15 +22,22 @@
 //! # Ok::<(), blksync::Error>(())
 //! ```
 
+pub mod agent;
 pub mod compare;
+pub mod compress;
 pub mod endpoint;
 mod engine;
 pub mod error;
 pub mod extent;
+pub mod hash;
+pub mod link;
+pub mod location;
+pub mod peer;
 pub mod progress;
 pub mod protocol;
 pub mod size;
 pub mod sizing;
+pub mod ssh;
 pub mod sync;
 pub mod throttle;
 pub mod zero;

@@ -6,27 +6,14 @@
 
 use crate::error::{Error, Result};
 
-const UNITS: [(&str, u32); 7] = [
-    ("", 0),
-    ("K", 10),
-    ("M", 20),
-    ("G", 30),
-    ("T", 40),
-    ("P", 50),
-    ("E", 60),
-];
+const UNITS: [(&str, u32); 7] = [("", 0), ("K", 10), ("M", 20), ("G", 30), ("T", 40), ("P", 50), ("E", 60)];
 
 /// Parses a size such as `4096`, `4K`, `1M`, `1.5G`, `2TiB`, `512B`.
 pub fn parse_size(text: &str) -> Result<u64> {
-    let bad = || {
-        Error::usage(format!(
-            "invalid size {text:?}: expected a number with an optional K, M, G, T, P or E suffix"
-        ))
-    };
+    let bad =
+        || Error::usage(format!("invalid size {text:?}: expected a number with an optional K, M, G, T, P or E suffix"));
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (number, suffix) = t.split_at(split);
     if number.is_empty() {
         return Err(bad());
@@ -36,39 +23,25 @@ pub fn parse_size(text: &str) -> Result<u64> {
         .strip_suffix("IB")
         .or_else(|| suffix.strip_suffix('B').filter(|s| !s.is_empty()))
         .unwrap_or(if suffix == "B" { "" } else { &suffix });
-    let shift = UNITS
-        .iter()
-        .find(|(name, _)| *name == suffix)
-        .map(|(_, s)| *s)
-        .ok_or_else(bad)?;
+    let shift = UNITS.iter().find(|(name, _)| *name == suffix).map(|(_, s)| *s).ok_or_else(bad)?;
     let too_big = || Error::usage(format!("size {text:?} is too large"));
     if let Some((whole, frac)) = number.split_once('.') {
         if frac.contains('.') || (whole.is_empty() && frac.is_empty()) {
             return Err(bad());
         }
         // Exact decimal arithmetic: "1.5G" must be 1610612736, not a float rounding away from it.
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| too_big())?
-        };
+        let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| too_big())? };
         let digits = frac.len() as u32;
         if digits > 18 {
             return Err(bad());
         }
-        let frac_value: u128 = if frac.is_empty() {
-            0
-        } else {
-            frac.parse().map_err(|_| bad())?
-        };
+        let frac_value: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| bad())? };
         let scale = 10u128.pow(digits);
         let total = (whole.checked_mul(scale).ok_or_else(too_big)? + frac_value)
             .checked_mul(1u128 << shift)
             .ok_or_else(too_big)?;
         if total % scale != 0 {
-            return Err(Error::usage(format!(
-                "size {text:?} is not a whole number of bytes"
-            )));
+            return Err(Error::usage(format!("size {text:?} is not a whole number of bytes")));
         }
         u64::try_from(total / scale).map_err(|_| too_big())
     } else {
@@ -129,18 +102,7 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            "",
-            "K",
-            "-1",
-            "1X",
-            "1.2.3",
-            ".",
-            "16E",
-            "99999999999999999999",
-            "0.3B",
-            "1 K B",
-        ] {
+        for bad in ["", "K", "-1", "1X", "1.2.3", ".", "16E", "99999999999999999999", "0.3B", "1 K B"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -53,22 +53,12 @@ pub fn resolve(
     policy: SizePolicy,
     zero_tail: bool,
 ) -> Result<Sizing> {
-    let same = Sizing {
-        source_len: source_size,
-        scan_len: source_size,
-        resize_to: None,
-        warning: None,
-    };
+    let same = Sizing { source_len: source_size, scan_len: source_size, resize_to: None, warning: None };
     if zero_tail && policy == SizePolicy::Common {
-        return Err(Error::usage(
-            "--zero-tail and --common-size contradict each other",
-        ));
+        return Err(Error::usage("--zero-tail and --common-size contradict each other"));
     }
     if fresh || kind == Kind::Absent {
-        return Ok(Sizing {
-            resize_to: (dest_size != source_size).then_some(source_size),
-            ..same
-        });
+        return Ok(Sizing { resize_to: (dest_size != source_size).then_some(source_size), ..same });
     }
     if dest_size == source_size {
         return Ok(same);
@@ -97,10 +87,7 @@ pub fn resolve(
                     ),
                 ));
             }
-            Ok(Sizing {
-                resize_to: Some(source_size),
-                ..same
-            })
+            Ok(Sizing { resize_to: Some(source_size), ..same })
         }
         Kind::BlockDevice if dest_size < source_size => Err(Error::new(
             ErrorKind::SizeMismatch,
@@ -108,10 +95,7 @@ pub fn resolve(
                 "destination device is too small: {sizes}; nothing was written (--common-size syncs the first {dest_size} bytes)"
             ),
         )),
-        Kind::BlockDevice if zero_tail => Ok(Sizing {
-            scan_len: dest_size,
-            ..same
-        }),
+        Kind::BlockDevice if zero_tail => Ok(Sizing { scan_len: dest_size, ..same }),
         Kind::BlockDevice => Ok(Sizing {
             warning: Some(format!(
                 "{sizes}; the last {} bytes of the destination are left as they are (--zero-tail zeroes them)",
@@ -138,18 +122,8 @@ mod tests {
 
     #[test]
     fn file_of_other_size_is_resized_or_refused() {
-        assert_eq!(
-            resolve(100, File, 50, false, Resize, false)
-                .unwrap()
-                .resize_to,
-            Some(100)
-        );
-        assert_eq!(
-            resolve(100, File, 500, false, Resize, false)
-                .unwrap()
-                .resize_to,
-            Some(100)
-        );
+        assert_eq!(resolve(100, File, 50, false, Resize, false).unwrap().resize_to, Some(100));
+        assert_eq!(resolve(100, File, 500, false, Resize, false).unwrap().resize_to, Some(100));
         let e = resolve(100, File, 500, false, NoResize, false).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::SizeMismatch);
         assert!(resolve(100, File, 100, false, NoResize, false).is_ok());
@@ -169,12 +143,7 @@ mod tests {
 
     #[test]
     fn common_size_syncs_the_shorter_length_and_never_resizes() {
-        for (src, dst, kind) in [
-            (100, 50, BlockDevice),
-            (50, 100, BlockDevice),
-            (100, 50, File),
-            (50, 100, File),
-        ] {
+        for (src, dst, kind) in [(100, 50, BlockDevice), (50, 100, BlockDevice), (100, 50, File), (50, 100, File)] {
             let s = resolve(src, kind, dst, false, Common, false).unwrap();
             assert_eq!((s.source_len, s.scan_len, s.resize_to), (50, 50, None));
         }
@@ -183,17 +152,8 @@ mod tests {
 
     #[test]
     fn zero_and_one_byte_sizes_work() {
-        assert_eq!(
-            resolve(0, File, 0, true, Resize, false).unwrap().scan_len,
-            0
-        );
-        assert_eq!(
-            resolve(1, File, 0, false, Resize, false).unwrap().resize_to,
-            Some(1)
-        );
-        assert_eq!(
-            resolve(0, File, 1, false, Resize, false).unwrap().resize_to,
-            Some(0)
-        );
+        assert_eq!(resolve(0, File, 0, true, Resize, false).unwrap().scan_len, 0);
+        assert_eq!(resolve(1, File, 0, false, Resize, false).unwrap().resize_to, Some(1));
+        assert_eq!(resolve(0, File, 1, false, Resize, false).unwrap().resize_to, Some(0));
     }
 }

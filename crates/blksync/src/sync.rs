@@ -67,9 +67,7 @@ impl Default for SyncOptions {
 /// compares), at most eight (memory is 4 MiB a worker).
 #[must_use]
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(2, usize::from)
-        .clamp(2, 8)
+    std::thread::available_parallelism().map_or(2, usize::from).clamp(2, 8)
 }
 
 /// Checks a block size: a power of two from 512 B to 1 MiB.
@@ -114,17 +112,10 @@ pub fn resolve_destination(source: &Path, dest: &Path) -> Result<PathBuf> {
     let trailing_slash = dest.as_os_str().as_encoded_bytes().ends_with(b"/");
     if trailing_slash || dest.is_dir() {
         let name = source.file_name().ok_or_else(|| {
-            Error::usage(format!(
-                "{} has no file name to use inside directory {}",
-                source.display(),
-                dest.display()
-            ))
+            Error::usage(format!("{} has no file name to use inside directory {}", source.display(), dest.display()))
         })?;
         if trailing_slash && !dest.is_dir() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("directory {} does not exist", dest.display()),
-            ));
+            return Err(Error::new(ErrorKind::NotFound, format!("directory {} does not exist", dest.display())));
         }
         return Ok(dest.join(name));
     }
@@ -132,12 +123,7 @@ pub fn resolve_destination(source: &Path, dest: &Path) -> Result<PathBuf> {
 }
 
 /// Syncs local `source` onto local `dest` (a path, a directory or a block device).
-pub fn sync_paths(
-    source: &Path,
-    dest: &Path,
-    options: &SyncOptions,
-    control: Control<'_>,
-) -> Result<Summary> {
+pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Control<'_>) -> Result<Summary> {
     let src = Local::open_source(source)?;
     let dest = resolve_destination(source, dest)?;
     let dst = Local::open_target(
@@ -152,11 +138,7 @@ pub fn sync_paths(
     )?;
     let fresh = dst.created();
     let result = sync(&src, &dst, fresh, options, control);
-    if fresh
-        && result
-            .as_ref()
-            .is_err_and(|e| e.kind() != ErrorKind::Interrupted)
-    {
+    if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
         // A file we created and could not fill is worse than no file: a later run or a user
         // might take it for a copy. Interrupted copies stay (a rerun resumes them cheaply).
         let _ = std::fs::remove_file(&dest);
@@ -180,14 +162,7 @@ pub fn sync(
         )));
     }
     let before = dst.size();
-    let sizing = sizing::resolve(
-        src.size(),
-        dst.kind(),
-        before,
-        fresh,
-        options.size_policy,
-        options.zero_tail,
-    )?;
+    let sizing = sizing::resolve(src.size(), dst.kind(), before, fresh, options.size_policy, options.zero_tail)?;
     let mut warnings = Vec::new();
     if let Some(w) = &sizing.warning {
         control.observer.warn(w);
@@ -200,14 +175,7 @@ pub fn sync(
     let throttle = options.bwlimit.map(Throttle::new);
     let counters = Counters::new();
     counters.set_total(sizing.scan_len);
-    control.observer.phase(
-        if options.dry_run {
-            Phase::Compare
-        } else {
-            Phase::Sync
-        },
-        sizing.scan_len,
-    );
+    control.observer.phase(if options.dry_run { Phase::Compare } else { Phase::Sync }, sizing.scan_len);
     let scan = Scan {
         source: src,
         source_len: sizing.source_len,
@@ -216,11 +184,7 @@ pub fn sync(
         block_size: options.block_size,
         threads: options.threads,
         keep_cache: options.keep_cache,
-        action: if options.dry_run {
-            Action::Compare
-        } else {
-            Action::Apply(dst)
-        },
+        action: if options.dry_run { Action::Compare } else { Action::Apply(dst) },
         keep_ranges: 0,
         throttle: throttle.as_ref(),
     };
@@ -251,11 +215,7 @@ pub fn sync(
         counters: counters.snapshot(),
         ranges_differing: found.range_count,
         destination_size_before: before,
-        destination_size_after: if options.dry_run {
-            sizing.resize_to.unwrap_or(before)
-        } else {
-            dst.size()
-        },
+        destination_size_after: if options.dry_run { sizing.resize_to.unwrap_or(before) } else { dst.size() },
         verified: false,
         warnings,
     };
@@ -293,10 +253,7 @@ fn verify(
     }
     .run(&counters, control)?;
     if found.cancelled {
-        return Err(Error::new(
-            ErrorKind::Interrupted,
-            "interrupted during verification; the sync itself completed",
-        ));
+        return Err(Error::new(ErrorKind::Interrupted, "interrupted during verification; the sync itself completed"));
     }
     if let Some(Extent { offset, .. }) = found.ranges.first() {
         let differing = counters.snapshot().bytes_differing;

@@ -20,19 +20,13 @@ impl Throttle {
     /// A limit of `rate` bytes per second (must be positive).
     #[must_use]
     pub fn new(rate: u64) -> Throttle {
-        Throttle {
-            rate: rate.max(1),
-            state: Mutex::new((Instant::now(), 0)),
-        }
+        Throttle { rate: rate.max(1), state: Mutex::new((Instant::now(), 0)) }
     }
 
     /// Waits until `bytes` more may pass, or until `cancel` is set.
     pub fn take(&self, bytes: u64, cancel: &AtomicBool) {
         let due = {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             state.1 += bytes;
             state.0 + Duration::from_secs_f64(state.1 as f64 / self.rate as f64)
         };

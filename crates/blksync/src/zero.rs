@@ -12,9 +12,7 @@ pub fn is_zero(buf: &[u8]) -> bool {
     for group in &mut groups {
         let mut acc = 0u64;
         for word in group.chunks_exact(8) {
-            acc |= u64::from_ne_bytes([
-                word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
-            ]);
+            acc |= u64::from_ne_bytes([word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7]]);
         }
         if acc != 0 {
             return false;
@@ -42,10 +40,7 @@ mod tests {
                 assert!(is_zero(s));
                 for pos in 0..len {
                     backing[start + pos] = 0x80;
-                    assert!(
-                        !is_zero(&backing[start..start + len]),
-                        "start {start} len {len} pos {pos}"
-                    );
+                    assert!(!is_zero(&backing[start..start + len]), "start {start} len {len} pos {pos}");
                     backing[start + pos] = 0;
                 }
             }

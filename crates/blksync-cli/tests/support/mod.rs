@@ -40,11 +40,7 @@ impl OutputExt for Output {
     }
     fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "stdout is not JSON ({e}): {}\nstderr: {}",
-                self.stdout_text(),
-                self.stderr_text()
-            )
+            panic!("stdout is not JSON ({e}): {}\nstderr: {}", self.stdout_text(), self.stderr_text())
         })
     }
 }
@@ -53,12 +49,7 @@ impl OutputExt for Output {
 #[track_caller]
 pub fn ok(args: &[&str]) -> Output {
     let out = run(args);
-    assert_eq!(
-        out.code(),
-        0,
-        "blksync {args:?} failed:\n{}",
-        out.stderr_text()
-    );
+    assert_eq!(out.code(), 0, "blksync {args:?} failed:\n{}", out.stderr_text());
     out
 }
 
@@ -101,19 +92,9 @@ pub fn read(path: &Path) -> Vec<u8> {
 #[track_caller]
 pub fn assert_same(a: &Path, b: &Path) {
     let (x, y) = (read(a), read(b));
-    assert_eq!(
-        x.len(),
-        y.len(),
-        "{} and {} differ in size",
-        a.display(),
-        b.display()
-    );
+    assert_eq!(x.len(), y.len(), "{} and {} differ in size", a.display(), b.display());
     if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
-        panic!(
-            "{} and {} differ first at byte {i}",
-            a.display(),
-            b.display()
-        );
+        panic!("{} and {} differ first at byte {i}", a.display(), b.display());
     }
 }
 
@@ -122,10 +103,7 @@ pub fn can_use_loop_devices() -> bool {
     let root = rustix_is_root();
     let ok = root
         && Path::new("/dev/loop-control").exists()
-        && Command::new("losetup")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
+        && Command::new("losetup").arg("--version").output().is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("skipping: this test needs root, /dev/loop-control and losetup");
     }
@@ -144,19 +122,9 @@ pub struct Loop {
 impl Loop {
     /// Attaches `backing` to a free loop device.
     pub fn attach(backing: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop {
-            dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
-        }
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(backing).output().unwrap();
+        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        Loop { dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()) }
     }
 
     pub fn path(&self) -> &str {
@@ -180,14 +148,8 @@ impl Mount {
     pub fn new(dir: &Path, args: &[&str]) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount").args(args).arg(dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "mount {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Mount {
-            dir: dir.to_path_buf(),
-        }
+        assert!(out.status.success(), "mount {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Mount { dir: dir.to_path_buf() }
     }
 }
 
@@ -199,16 +161,8 @@ impl Drop for Mount {
 
 /// Makes an ext4 filesystem on `target` quietly.
 pub fn mkfs_ext4(target: &Path) {
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mkfs.ext4 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(target).output().unwrap();
+    assert!(out.status.success(), "mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A file of `size` bytes holding `data` at each `(offset, data)`, holes elsewhere.

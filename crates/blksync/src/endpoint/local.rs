@@ -87,9 +87,7 @@ impl Local {
                     path.display()
                 ),
             )),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && how.read_only => {
-                Ok(Local::absent(path))
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && how.read_only => Ok(Local::absent(path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound && how.create => {
                 let file = OpenOptions::new()
                     .read(true)
@@ -119,37 +117,16 @@ impl Local {
         }
     }
 
-    fn from_file(
-        path: &Path,
-        file: File,
-        writable: bool,
-        discard: bool,
-        created: bool,
-    ) -> Result<Local> {
+    fn from_file(path: &Path, file: File, writable: bool, discard: bool, created: bool) -> Result<Local> {
         let meta = file.metadata().on("inspecting", path)?;
         let ft = meta.file_type();
         let (kind, size, identity) = if ft.is_file() {
-            (
-                Kind::File,
-                meta.len(),
-                Identity::File {
-                    dev: meta.dev(),
-                    ino: meta.ino(),
-                },
-            )
+            (Kind::File, meta.len(), Identity::File { dev: meta.dev(), ino: meta.ino() })
         } else if ft.is_block_device() {
             let size = rustix::fs::seek(&file, SeekFrom::End(0)).on("finding the size of", path)?;
-            (
-                Kind::BlockDevice,
-                size,
-                Identity::Device { rdev: meta.rdev() },
-            )
+            (Kind::BlockDevice, size, Identity::Device { rdev: meta.rdev() })
         } else {
-            let what = if ft.is_dir() {
-                "a directory"
-            } else {
-                "neither a regular file nor a block device"
-            };
+            let what = if ft.is_dir() { "a directory" } else { "neither a regular file nor a block device" };
             return Err(Error::usage(format!("{} is {what}", path.display())));
         };
         Ok(Local {
@@ -175,26 +152,18 @@ impl Local {
     #[must_use]
     pub fn mode(&self) -> Option<u32> {
         let meta = self.file.as_ref()?.metadata().ok()?;
-        meta.file_type()
-            .is_file()
-            .then(|| meta.permissions().mode() & 0o7777)
+        meta.file_type().is_file().then(|| meta.permissions().mode() & 0o7777)
     }
 
     fn file(&self) -> Result<&File> {
-        self.file.as_ref().ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("{} does not exist", self.path.display()),
-            )
-        })
+        self.file
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{} does not exist", self.path.display())))
     }
 
     fn writable_file(&self) -> Result<&File> {
         if !self.writable {
-            return Err(Error::usage(format!(
-                "{} is open read-only",
-                self.path.display()
-            )));
+            return Err(Error::usage(format!("{} is open read-only", self.path.display())));
         }
         self.file()
     }
@@ -212,8 +181,7 @@ impl Local {
         let end = offset + len;
         while pos < end {
             let n = (end - pos).min(ZEROS.len() as u64) as usize;
-            file.write_all_at(&ZEROS[..n], pos)
-                .at("writing zeros to", &self.path, pos)?;
+            file.write_all_at(&ZEROS[..n], pos).at("writing zeros to", &self.path, pos)?;
             pos += n as u64;
         }
         Ok(())
@@ -223,10 +191,7 @@ impl Local {
 /// Errors that mean "this filesystem or device cannot do that fallocate mode", as opposed to a
 /// real failure.
 fn unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENOTTY)
-    )
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENOTTY))
 }
 
 impl Source for Local {
@@ -263,16 +228,9 @@ impl Source for Local {
 
     fn segment_at(&self, offset: u64) -> Result<Segment> {
         let size = self.size();
-        let all = Segment {
-            start: offset,
-            end: size,
-            allocated: true,
-        };
+        let all = Segment { start: offset, end: size, allocated: true };
         if self.kind != Kind::File {
-            return Ok(Segment {
-                allocated: self.kind != Kind::Absent,
-                ..all
-            });
+            return Ok(Segment { allocated: self.kind != Kind::Absent, ..all });
         }
         let file = self.file()?;
         let data = match rustix::fs::seek(file, SeekFrom::Data(offset)) {
@@ -284,22 +242,14 @@ impl Source for Local {
             Err(e) => return Err(e).at("looking for data in", &self.path, offset),
         };
         if data > offset {
-            return Ok(Segment {
-                start: offset,
-                end: data,
-                allocated: false,
-            });
+            return Ok(Segment { start: offset, end: data, allocated: false });
         }
         let hole = match rustix::fs::seek(file, SeekFrom::Hole(offset)) {
             Ok(h) => h.min(size),
             Err(rustix::io::Errno::NXIO) => size,
             Err(e) => return Err(e).at("looking for holes in", &self.path, offset),
         };
-        Ok(Segment {
-            start: offset,
-            end: hole.max(offset + 1).min(size),
-            allocated: true,
-        })
+        Ok(Segment { start: offset, end: hole.max(offset + 1).min(size), allocated: true })
     }
 
     fn drop_cache(&self, offset: u64, len: u64) {
@@ -315,9 +265,7 @@ impl Source for Local {
 
 impl Target for Local {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.writable_file()?
-            .write_all_at(buf, offset)
-            .at("writing", &self.path, offset)
+        self.writable_file()?.write_all_at(buf, offset).at("writing", &self.path, offset)
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
@@ -357,23 +305,15 @@ impl Target for Local {
                     Err(e) => Err(e).at("zeroing", &self.path, offset),
                 }
             }
-            Kind::Absent => Err(Error::usage(format!(
-                "{} does not exist",
-                self.path.display()
-            ))),
+            Kind::Absent => Err(Error::usage(format!("{} does not exist", self.path.display()))),
         }
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
         if self.kind != Kind::File {
-            return Err(Error::usage(format!(
-                "{} cannot be resized",
-                self.path.display()
-            )));
+            return Err(Error::usage(format!("{} cannot be resized", self.path.display())));
         }
-        self.writable_file()?
-            .set_len(size)
-            .on("resizing", &self.path)?;
+        self.writable_file()?.set_len(size).on("resizing", &self.path)?;
         self.size.store(size, Ordering::Relaxed);
         Ok(())
     }

@@ -129,11 +129,7 @@ impl<'a> Decoder<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(Error::protocol(format!(
-                "{} trailing bytes after a {} message",
-                self.buf.len(),
-                self.what
-            )))
+            Err(Error::protocol(format!("{} trailing bytes after a {} message", self.buf.len(), self.what)))
         }
     }
 }
@@ -147,23 +143,17 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<u8>> {
         0 => return Ok(None),
         4 => {}
         _ => {
-            return Err(Error::protocol(
-                "connection closed in the middle of a frame header",
-            ));
+            return Err(Error::protocol("connection closed in the middle of a frame header"));
         }
     }
     let len = u32::from_le_bytes(len) as usize;
     if len == 0 || len > MAX_FRAME {
-        return Err(Error::protocol(format!(
-            "frame length {len} is outside 1..={MAX_FRAME}"
-        )));
+        return Err(Error::protocol(format!("frame length {len} is outside 1..={MAX_FRAME}")));
     }
     buf.clear();
     buf.resize(len, 0);
     if read_full(r, buf)? != len {
-        return Err(Error::protocol(
-            "connection closed in the middle of a frame",
-        ));
+        return Err(Error::protocol("connection closed in the middle of a frame"));
     }
     Ok(Some(buf[0]))
 }
@@ -177,10 +167,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                return Err(Error::new(
-                    crate::ErrorKind::Connection,
-                    format!("reading from the connection: {e}"),
-                ));
+                return Err(Error::new(crate::ErrorKind::Connection, format!("reading from the connection: {e}")));
             }
         }
     }
@@ -189,10 +176,5 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
 
 /// Writes a finished frame.
 pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> Result<()> {
-    w.write_all(frame).map_err(|e| {
-        Error::new(
-            crate::ErrorKind::Connection,
-            format!("writing to the connection: {e}"),
-        )
-    })
+    w.write_all(frame).map_err(|e| Error::new(crate::ErrorKind::Connection, format!("writing to the connection: {e}")))
 }

@@ -58,104 +58,31 @@ pub struct Chunk {
 #[allow(missing_docs)] // Fields are specified in docs/PROTOCOL.md, table "Messages".
 pub enum Msg {
     // client -> peer
-    Hello {
-        version: u32,
-        features: u64,
-        want_exe_hash: bool,
-    },
-    Open {
-        role: Role,
-        flags: u32,
-        mode: u32,
-        path: Vec<u8>,
-    },
-    SetSize {
-        size: u64,
-    },
-    Scan {
-        key: [u8; 32],
-        block: u32,
-        end: u64,
-        data_len: u64,
-        threads: u16,
-    },
-    Ack {
-        chunks: u64,
-    },
-    Groups {
-        chunk: u64,
-    },
-    Leaves {
-        chunk: u64,
-        group: u32,
-    },
-    Read {
-        offset: u64,
-        len: u32,
-        compress: i32,
-    },
+    Hello { version: u32, features: u64, want_exe_hash: bool },
+    Open { role: Role, flags: u32, mode: u32, path: Vec<u8>, name: Vec<u8> },
+    SetSize { size: u64 },
+    Scan { key: [u8; 32], block: u32, end: u64, data_len: u64, threads: u16 },
+    Ack { chunks: u64 },
+    Groups { chunk: u64 },
+    Leaves { chunk: u64, group: u32 },
+    Read { offset: u64, len: u32, compress: i32 },
     Write(Chunk),
-    Zero {
-        offset: u64,
-        len: u64,
-    },
+    Zero { offset: u64, len: u64 },
     Flush,
-    Copy {
-        end: u64,
-        data_len: u64,
-        compress: i32,
-        threads: u16,
-    },
+    Copy { end: u64, data_len: u64, compress: i32, threads: u16 },
     Bye,
     // peer -> client
-    HelloReply {
-        version: u32,
-        features: u64,
-        tool_version: Vec<u8>,
-        boot_id: Vec<u8>,
-        exe_hash: Vec<u8>,
-    },
-    Opened {
-        kind: u8,
-        size: u64,
-        identity_tag: u8,
-        id_a: u64,
-        id_b: u64,
-        created: bool,
-    },
-    Summary {
-        chunk: u64,
-        zero: bool,
-        hash: Hash,
-    },
-    ScanDone {
-        chunks: u64,
-    },
-    GroupHashes {
-        chunk: u64,
-        zero: Vec<u8>,
-        hashes: Vec<u8>,
-    },
-    LeafHashes {
-        chunk: u64,
-        group: u32,
-        zero: Vec<u8>,
-        hashes: Vec<u8>,
-    },
+    HelloReply { version: u32, features: u64, tool_version: Vec<u8>, boot_id: Vec<u8>, exe_hash: Vec<u8> },
+    Opened { kind: u8, size: u64, identity_tag: u8, id_a: u64, id_b: u64, created: bool },
+    Summary { chunk: u64, zero: bool, hash: Hash },
+    ScanDone { chunks: u64 },
+    GroupHashes { chunk: u64, zero: Vec<u8>, hashes: Vec<u8> },
+    LeafHashes { chunk: u64, group: u32, zero: Vec<u8>, hashes: Vec<u8> },
     Data(Chunk),
-    Zeros {
-        offset: u64,
-        len: u64,
-    },
-    ReadDone {
-        offset: u64,
-        len: u64,
-    },
+    Zeros { offset: u64, len: u64 },
+    ReadDone { offset: u64, len: u64 },
     Done,
-    Error {
-        kind: ErrorKind,
-        message: String,
-    },
+    Error { kind: ErrorKind, message: String },
 }
 
 mod tag {
@@ -205,12 +132,7 @@ fn decode_chunk(d: &mut Decoder<'_>) -> Result<Chunk> {
             payload.len()
         )));
     }
-    Ok(Chunk {
-        offset,
-        codec,
-        raw_len,
-        payload,
-    })
+    Ok(Chunk { offset, codec, raw_len, payload })
 }
 
 impl Msg {
@@ -218,32 +140,19 @@ impl Msg {
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
-            ACK, BYE, COPY, DATA, DONE, ERROR, FLUSH, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY,
-            LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY,
-            WRITE, ZERO, ZEROS,
+            ACK, BYE, COPY, DATA, DONE, ERROR, FLUSH, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY, LEAF_HASHES, LEAVES,
+            OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
         };
         let e = |kind| Encoder::new(kind, 64);
         match self {
-            Msg::Hello {
-                version,
-                features,
-                want_exe_hash,
-            } => {
+            Msg::Hello { version, features, want_exe_hash } => {
                 let mut x = e(HELLO);
                 x.u32(*version).u64(*features).u8(u8::from(*want_exe_hash));
                 x.finish()
             }
-            Msg::Open {
-                role,
-                flags,
-                mode,
-                path,
-            } => {
+            Msg::Open { role, flags, mode, path, name } => {
                 let mut x = e(OPEN);
-                x.u8(u8::from(*role == Role::Target))
-                    .u32(*flags)
-                    .u32(*mode)
-                    .bytes(path);
+                x.u8(u8::from(*role == Role::Target)).u32(*flags).u32(*mode).bytes(path).bytes(name);
                 x.finish()
             }
             Msg::SetSize { size } => {
@@ -251,19 +160,9 @@ impl Msg {
                 x.u64(*size);
                 x.finish()
             }
-            Msg::Scan {
-                key,
-                block,
-                end,
-                data_len,
-                threads,
-            } => {
+            Msg::Scan { key, block, end, data_len, threads } => {
                 let mut x = e(SCAN);
-                x.raw(key)
-                    .u32(*block)
-                    .u64(*end)
-                    .u64(*data_len)
-                    .u16(*threads);
+                x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads);
                 x.finish()
             }
             Msg::Ack { chunks } => {
@@ -281,11 +180,7 @@ impl Msg {
                 x.u64(*chunk).u32(*group);
                 x.finish()
             }
-            Msg::Read {
-                offset,
-                len,
-                compress,
-            } => {
+            Msg::Read { offset, len, compress } => {
                 let mut x = e(READ);
                 x.u64(*offset).u32(*len).i32(*compress);
                 x.finish()
@@ -297,47 +192,20 @@ impl Msg {
                 x.finish()
             }
             Msg::Flush => e(FLUSH).finish(),
-            Msg::Copy {
-                end,
-                data_len,
-                compress,
-                threads,
-            } => {
+            Msg::Copy { end, data_len, compress, threads } => {
                 let mut x = e(COPY);
                 x.u64(*end).u64(*data_len).i32(*compress).u16(*threads);
                 x.finish()
             }
             Msg::Bye => e(BYE).finish(),
-            Msg::HelloReply {
-                version,
-                features,
-                tool_version,
-                boot_id,
-                exe_hash,
-            } => {
+            Msg::HelloReply { version, features, tool_version, boot_id, exe_hash } => {
                 let mut x = e(HELLO_REPLY);
-                x.u32(*version)
-                    .u64(*features)
-                    .bytes(tool_version)
-                    .bytes(boot_id)
-                    .bytes(exe_hash);
+                x.u32(*version).u64(*features).bytes(tool_version).bytes(boot_id).bytes(exe_hash);
                 x.finish()
             }
-            Msg::Opened {
-                kind,
-                size,
-                identity_tag,
-                id_a,
-                id_b,
-                created,
-            } => {
+            Msg::Opened { kind, size, identity_tag, id_a, id_b, created } => {
                 let mut x = e(OPENED);
-                x.u8(*kind)
-                    .u64(*size)
-                    .u8(*identity_tag)
-                    .u64(*id_a)
-                    .u64(*id_b)
-                    .u8(u8::from(*created));
+                x.u8(*kind).u64(*size).u8(*identity_tag).u64(*id_a).u64(*id_b).u8(u8::from(*created));
                 x.finish()
             }
             Msg::Summary { chunk, zero, hash } => {
@@ -350,21 +218,12 @@ impl Msg {
                 x.u64(*chunks);
                 x.finish()
             }
-            Msg::GroupHashes {
-                chunk,
-                zero,
-                hashes,
-            } => {
+            Msg::GroupHashes { chunk, zero, hashes } => {
                 let mut x = Encoder::new(GROUP_HASHES, hashes.len() + zero.len() + 16);
                 x.u64(*chunk).bytes(zero).bytes(hashes);
                 x.finish()
             }
-            Msg::LeafHashes {
-                chunk,
-                group,
-                zero,
-                hashes,
-            } => {
+            Msg::LeafHashes { chunk, group, zero, hashes } => {
                 let mut x = Encoder::new(LEAF_HASHES, hashes.len() + zero.len() + 20);
                 x.u64(*chunk).u32(*group).bytes(zero).bytes(hashes);
                 x.finish()
@@ -391,15 +250,10 @@ impl Msg {
 
     /// Decodes a frame of type `kind` with `payload`.
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Msg> {
-        let name = name_of(kind)
-            .ok_or_else(|| Error::protocol(format!("unknown message type 0x{kind:02x}")))?;
+        let name = name_of(kind).ok_or_else(|| Error::protocol(format!("unknown message type 0x{kind:02x}")))?;
         let mut d = Decoder::new(payload, name);
         let msg = match kind {
-            tag::HELLO => Msg::Hello {
-                version: d.u32()?,
-                features: d.u64()?,
-                want_exe_hash: flag(d.u8()?)?,
-            },
+            tag::HELLO => Msg::Hello { version: d.u32()?, features: d.u64()?, want_exe_hash: flag(d.u8()?)? },
             tag::OPEN => {
                 let role = match d.u8()? {
                     0 => Role::Source,
@@ -410,44 +264,20 @@ impl Msg {
                 if flags & !open_flags::ALL != 0 {
                     return Err(Error::protocol(format!("unknown open flags 0x{flags:x}")));
                 }
-                Msg::Open {
-                    role,
-                    flags,
-                    mode: d.u32()?,
-                    path: d.bytes()?.to_vec(),
-                }
+                Msg::Open { role, flags, mode: d.u32()?, path: d.bytes()?.to_vec(), name: d.bytes()?.to_vec() }
             }
             tag::SET_SIZE => Msg::SetSize { size: d.u64()? },
-            tag::SCAN => Msg::Scan {
-                key: d.fixed()?,
-                block: d.u32()?,
-                end: d.u64()?,
-                data_len: d.u64()?,
-                threads: d.u16()?,
-            },
+            tag::SCAN => {
+                Msg::Scan { key: d.fixed()?, block: d.u32()?, end: d.u64()?, data_len: d.u64()?, threads: d.u16()? }
+            }
             tag::ACK => Msg::Ack { chunks: d.u64()? },
             tag::GROUPS => Msg::Groups { chunk: d.u64()? },
-            tag::LEAVES => Msg::Leaves {
-                chunk: d.u64()?,
-                group: d.u32()?,
-            },
-            tag::READ => Msg::Read {
-                offset: d.u64()?,
-                len: d.u32()?,
-                compress: d.i32()?,
-            },
+            tag::LEAVES => Msg::Leaves { chunk: d.u64()?, group: d.u32()? },
+            tag::READ => Msg::Read { offset: d.u64()?, len: d.u32()?, compress: d.i32()? },
             tag::WRITE => Msg::Write(decode_chunk(&mut d)?),
-            tag::ZERO => Msg::Zero {
-                offset: d.u64()?,
-                len: d.u64()?,
-            },
+            tag::ZERO => Msg::Zero { offset: d.u64()?, len: d.u64()? },
             tag::FLUSH => Msg::Flush,
-            tag::COPY => Msg::Copy {
-                end: d.u64()?,
-                data_len: d.u64()?,
-                compress: d.i32()?,
-                threads: d.u16()?,
-            },
+            tag::COPY => Msg::Copy { end: d.u64()?, data_len: d.u64()?, compress: d.i32()?, threads: d.u16()? },
             tag::BYE => Msg::Bye,
             tag::HELLO_REPLY => Msg::HelloReply {
                 version: d.u32()?,
@@ -464,41 +294,22 @@ impl Msg {
                 id_b: d.u64()?,
                 created: flag(d.u8()?)?,
             },
-            tag::SUMMARY => Msg::Summary {
-                chunk: d.u64()?,
-                zero: flag(d.u8()?)?,
-                hash: d.fixed()?,
-            },
+            tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
             tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()? },
             tag::GROUP_HASHES => {
                 let chunk = d.u64()?;
                 let (zero, hashes) = hash_list(&mut d)?;
-                Msg::GroupHashes {
-                    chunk,
-                    zero,
-                    hashes,
-                }
+                Msg::GroupHashes { chunk, zero, hashes }
             }
             tag::LEAF_HASHES => {
                 let chunk = d.u64()?;
                 let group = d.u32()?;
                 let (zero, hashes) = hash_list(&mut d)?;
-                Msg::LeafHashes {
-                    chunk,
-                    group,
-                    zero,
-                    hashes,
-                }
+                Msg::LeafHashes { chunk, group, zero, hashes }
             }
             tag::DATA => Msg::Data(decode_chunk(&mut d)?),
-            tag::ZEROS => Msg::Zeros {
-                offset: d.u64()?,
-                len: d.u64()?,
-            },
-            tag::READ_DONE => Msg::ReadDone {
-                offset: d.u64()?,
-                len: d.u64()?,
-            },
+            tag::ZEROS => Msg::Zeros { offset: d.u64()?, len: d.u64()? },
+            tag::READ_DONE => Msg::ReadDone { offset: d.u64()?, len: d.u64()? },
             tag::DONE => Msg::Done,
             tag::ERROR => Msg::Error {
                 kind: ErrorKind::from_wire(d.u8()?),
@@ -566,14 +377,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn any_chunk() -> impl Strategy<Value = Chunk> {
-        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
-            |(offset, payload)| Chunk {
-                offset,
-                codec: codec::RAW,
-                raw_len: payload.len() as u32,
-                payload,
-            },
-        )
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(offset, payload)| Chunk {
+            offset,
+            codec: codec::RAW,
+            raw_len: payload.len() as u32,
+            payload,
+        })
     }
 
     fn any_kind() -> impl Strategy<Value = ErrorKind> {
@@ -581,114 +390,54 @@ mod tests {
     }
 
     fn hashes() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
-        proptest::collection::vec((0u8..2, any::<[u8; 16]>()), 0..20).prop_map(|v| {
-            (
-                v.iter().map(|x| x.0).collect(),
-                v.iter().flat_map(|x| x.1).collect(),
-            )
-        })
+        proptest::collection::vec((0u8..2, any::<[u8; 16]>()), 0..20)
+            .prop_map(|v| (v.iter().map(|x| x.0).collect(), v.iter().flat_map(|x| x.1).collect()))
     }
 
     fn any_msg() -> impl Strategy<Value = Msg> {
         let b = || proptest::collection::vec(any::<u8>(), 0..64);
         prop_oneof![
-            (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
-                |(version, features, want_exe_hash)| Msg::Hello {
-                    version,
-                    features,
-                    want_exe_hash
-                }
-            ),
-            (any::<bool>(), 0u32..32, any::<u32>(), b()).prop_map(|(t, flags, mode, path)| {
-                Msg::Open {
-                    role: if t { Role::Target } else { Role::Source },
-                    flags,
-                    mode,
-                    path,
-                }
+            (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(|(version, features, want_exe_hash)| Msg::Hello {
+                version,
+                features,
+                want_exe_hash
+            }),
+            (any::<bool>(), 0u32..32, any::<u32>(), b(), b()).prop_map(|(t, flags, mode, path, name)| {
+                Msg::Open { role: if t { Role::Target } else { Role::Source }, flags, mode, path, name }
             }),
             any::<u64>().prop_map(|size| Msg::SetSize { size }),
-            (
-                any::<[u8; 32]>(),
-                any::<u32>(),
-                any::<u64>(),
-                any::<u64>(),
-                any::<u16>()
-            )
-                .prop_map(|(key, block, end, data_len, threads)| Msg::Scan {
-                    key,
-                    block,
-                    end,
-                    data_len,
-                    threads
-                }),
+            (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u16>())
+                .prop_map(|(key, block, end, data_len, threads)| Msg::Scan { key, block, end, data_len, threads }),
             any::<u64>().prop_map(|chunks| Msg::Ack { chunks }),
             any::<u64>().prop_map(|chunk| Msg::Groups { chunk }),
             (any::<u64>(), any::<u32>()).prop_map(|(chunk, group)| Msg::Leaves { chunk, group }),
-            (any::<u64>(), any::<u32>(), any::<i32>()).prop_map(|(offset, len, compress)| {
-                Msg::Read {
-                    offset,
-                    len,
-                    compress,
-                }
-            }),
+            (any::<u64>(), any::<u32>(), any::<i32>())
+                .prop_map(|(offset, len, compress)| { Msg::Read { offset, len, compress } }),
             any_chunk().prop_map(Msg::Write),
             (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zero { offset, len }),
             Just(Msg::Flush),
-            (any::<u64>(), any::<u64>(), any::<i32>(), any::<u16>()).prop_map(
-                |(end, data_len, compress, threads)| Msg::Copy {
-                    end,
-                    data_len,
-                    compress,
-                    threads
-                }
-            ),
+            (any::<u64>(), any::<u64>(), any::<i32>(), any::<u16>())
+                .prop_map(|(end, data_len, compress, threads)| Msg::Copy { end, data_len, compress, threads }),
             Just(Msg::Bye),
             (any::<u32>(), any::<u64>(), b(), b(), b()).prop_map(
                 |(version, features, tool_version, boot_id, exe_hash)| {
-                    Msg::HelloReply {
-                        version,
-                        features,
-                        tool_version,
-                        boot_id,
-                        exe_hash,
-                    }
+                    Msg::HelloReply { version, features, tool_version, boot_id, exe_hash }
                 }
             ),
-            (
-                any::<u8>(),
-                any::<u64>(),
-                any::<u8>(),
-                any::<u64>(),
-                any::<u64>(),
-                any::<bool>()
-            )
-                .prop_map(|(kind, size, identity_tag, id_a, id_b, created)| {
-                    Msg::Opened {
-                        kind,
-                        size,
-                        identity_tag,
-                        id_a,
-                        id_b,
-                        created,
-                    }
-                }),
-            (any::<u64>(), any::<bool>(), any::<[u8; 16]>())
-                .prop_map(|(chunk, zero, hash)| Msg::Summary { chunk, zero, hash }),
-            any::<u64>().prop_map(|chunks| Msg::ScanDone { chunks }),
-            (any::<u64>(), hashes()).prop_map(|(chunk, (zero, hashes))| Msg::GroupHashes {
+            (any::<u8>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+                |(kind, size, identity_tag, id_a, id_b, created)| {
+                    Msg::Opened { kind, size, identity_tag, id_a, id_b, created }
+                }
+            ),
+            (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
                 chunk,
                 zero,
-                hashes
+                hash
             }),
-            (any::<u64>(), any::<u32>(), hashes()).prop_map(|(chunk, group, (zero, hashes))| {
-                Msg::LeafHashes {
-                    chunk,
-                    group,
-                    zero,
-                    hashes,
-                }
-            }),
+            any::<u64>().prop_map(|chunks| Msg::ScanDone { chunks }),
+            (any::<u64>(), hashes()).prop_map(|(chunk, (zero, hashes))| Msg::GroupHashes { chunk, zero, hashes }),
+            (any::<u64>(), any::<u32>(), hashes())
+                .prop_map(|(chunk, group, (zero, hashes))| { Msg::LeafHashes { chunk, group, zero, hashes } }),
             any_chunk().prop_map(Msg::Data),
             (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zeros { offset, len }),
             (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::ReadDone { offset, len }),
@@ -740,12 +489,6 @@ mod tests {
     fn trailing_bytes_and_unknown_types_are_refused() {
         assert!(Msg::decode(tag::FLUSH, &[0]).is_err());
         assert!(Msg::decode(0x7E, &[]).is_err());
-        assert!(
-            Msg::decode(
-                tag::OPEN,
-                &[0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0]
-            )
-            .is_err()
-        );
+        assert!(Msg::decode(tag::OPEN, &[0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }
 }

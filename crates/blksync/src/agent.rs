@@ -1,0 +1,67 @@
+//! `blksync agent`: the far end of a remote sync, speaking the protocol on stdin/stdout.
+//!
+//! Nothing but the banner and frames ever reaches stdout; diagnostics go to stderr, which ssh
+//! carries back to the client.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsFd;
+
+use crossbeam_channel::bounded;
+
+use crate::protocol::frame::{read_frame, write_frame};
+use crate::protocol::{BANNER, Msg};
+
+/// Runs the agent until the client says `Bye` or goes away. Returns the process exit code.
+#[must_use]
+pub fn run() -> u8 {
+    // Our own descriptors for fds 0 and 1: std's Stdout is line-buffered, which would split binary
+    // frames at every newline byte.
+    let (Ok(stdin), Ok(stdout)) = (std::io::stdin().as_fd().try_clone_to_owned(), std::io::stdout().as_fd().try_clone_to_owned())
+    else {
+        return 8;
+    };
+    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::from(stdout));
+    if out.write_all(BANNER).and_then(|()| out.flush()).is_err() {
+        return 8;
+    }
+    let (requests_tx, requests) = bounded::<Msg>(8);
+    let (replies, replies_rx) = bounded::<Msg>(8);
+    let protocol_errors = replies.clone();
+    std::thread::spawn(move || {
+        let mut input = BufReader::with_capacity(1 << 20, std::fs::File::from(stdin));
+        let mut buf = Vec::new();
+        loop {
+            match read_frame(&mut input, &mut buf).and_then(|k| k.map(|k| Msg::decode(k, &buf[1..])).transpose()) {
+                Ok(Some(msg)) => {
+                    if requests_tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                // The client went away: serving ends when this sender drops.
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = protocol_errors.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+                    return;
+                }
+            }
+        }
+    });
+    let writer = std::thread::spawn(move || {
+        while let Ok(msg) = replies_rx.recv() {
+            let mut next = Some(msg);
+            while let Some(msg) = next {
+                if write_frame(&mut out, &msg.encode()).is_err() {
+                    return;
+                }
+                next = replies_rx.try_recv().ok();
+            }
+            if out.flush().is_err() {
+                return;
+            }
+        }
+    });
+    crate::peer::serve(&requests, &replies);
+    drop(replies);
+    let _ = writer.join();
+    0
+}

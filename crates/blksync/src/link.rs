@@ -1,0 +1,261 @@
+//! A link to a peer: requests in, replies out, whether the peer is a thread of this process or
+//! an agent at the other end of ssh.
+//!
+//! Over ssh, a writer thread encodes requests onto the agent's stdin (flushing when the queue is
+//! empty, so small frames batch up) and a reader thread decodes replies from its stdout. When
+//! the connection dies the reader turns that into an `Error` reply naming the host and what ssh
+//! said, so nothing waits forever on a dead agent.
+
+use std::io::{BufWriter, Write};
+use std::process::Child;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::location::Remote;
+use crate::protocol::frame::{read_frame, write_frame};
+use crate::protocol::{FEATURES, Msg, VERSION};
+use crate::ssh::{self, SshOptions};
+
+/// Messages queued per direction. Data messages are up to 1 MiB, so this bounds the memory a
+/// link holds while still keeping the pipe full.
+const QUEUE: usize = 8;
+
+/// Bytes that crossed the wire.
+#[derive(Debug, Default)]
+pub struct Wire {
+    /// Bytes sent to the peer.
+    pub sent: AtomicU64,
+    /// Bytes received from the peer.
+    pub received: AtomicU64,
+}
+
+/// What the peer said about itself in the handshake.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The peer's blksync version.
+    pub tool_version: String,
+    /// Its host's boot id.
+    pub boot_id: Vec<u8>,
+}
+
+/// A connected peer.
+pub struct Link {
+    /// `host` for remote peers, `local` otherwise; prefixes error messages.
+    pub name: String,
+    /// Requests to the peer.
+    pub tx: Sender<Msg>,
+    /// Replies from the peer.
+    pub rx: Receiver<Msg>,
+    /// Wire counters (stay zero for a local peer).
+    pub wire: Arc<Wire>,
+    /// Handshake facts.
+    pub info: PeerInfo,
+    remote: bool,
+    child: Option<Child>,
+    stderr: Option<Arc<Mutex<Vec<String>>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Link {
+    /// A peer served by a thread of this process.
+    #[must_use]
+    pub fn local() -> Link {
+        let (tx, requests) = bounded(QUEUE);
+        let (replies, rx) = bounded(QUEUE);
+        let thread = std::thread::spawn(move || crate::peer::serve(&requests, &replies));
+        Link {
+            name: "local".into(),
+            tx,
+            rx,
+            wire: Arc::new(Wire::default()),
+            info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
+            remote: false,
+            child: None,
+            stderr: None,
+            threads: vec![thread],
+        }
+    }
+
+    /// Starts an agent on `remote` over ssh and shakes hands with it.
+    pub fn ssh(remote: &Remote, options: &SshOptions) -> Result<Link> {
+        let conn = ssh::connect(remote, options)?;
+        let name = remote.destination();
+        let wire = Arc::new(Wire::default());
+        let (tx, requests) = bounded::<Msg>(QUEUE);
+        let (replies, rx) = bounded::<Msg>(QUEUE);
+        let mut stdin = BufWriter::with_capacity(1 << 20, conn.stdin);
+        let mut stdout = conn.stdout;
+        let writer_wire = Arc::clone(&wire);
+        let writer = std::thread::spawn(move || {
+            while let Ok(msg) = requests.recv() {
+                let mut next = Some(msg);
+                while let Some(msg) = next {
+                    let frame = msg.encode();
+                    writer_wire.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    if write_frame(&mut stdin, &frame).is_err() {
+                        return;
+                    }
+                    next = requests.try_recv().ok();
+                }
+                if stdin.flush().is_err() {
+                    return;
+                }
+            }
+        });
+        let reader_wire = Arc::clone(&wire);
+        let stderr = Arc::clone(&conn.stderr);
+        let reader_name = name.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let failure = loop {
+                match read_frame(&mut stdout, &mut buf) {
+                    Ok(Some(kind)) => {
+                        reader_wire.received.fetch_add(buf.len() as u64 + 4, Ordering::Relaxed);
+                        match Msg::decode(kind, &buf[1..]) {
+                            Ok(msg) => {
+                                if replies.send(msg).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => break e.to_string(),
+                        }
+                    }
+                    Ok(None) => break "the connection closed (agent exited or was killed)".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            // Let ssh's last words reach the stderr collector before quoting them.
+            std::thread::sleep(Duration::from_millis(100));
+            let message = format!("{reader_name}: {failure}{}", ssh::stderr_tail(&stderr));
+            let _ = replies.send(Msg::Error { kind: ErrorKind::Connection, message });
+        });
+        let mut link = Link {
+            name,
+            tx,
+            rx,
+            wire,
+            info: PeerInfo::default(),
+            remote: true,
+            child: Some(conn.child),
+            stderr: Some(conn.stderr),
+            threads: vec![writer, reader],
+        };
+        link.handshake(conn.uploaded)?;
+        Ok(link)
+    }
+
+    fn handshake(&mut self, uploaded: bool) -> Result<()> {
+        match self.call(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: uploaded })? {
+            Msg::HelloReply { version, tool_version, boot_id, exe_hash, .. } => {
+                let tool_version = String::from_utf8_lossy(&tool_version).into_owned();
+                if version != VERSION {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!(
+                            "{}: the agent speaks protocol {version} (blksync {tool_version}), this blksync speaks protocol {VERSION} (blksync {})",
+                            self.name,
+                            env!("CARGO_PKG_VERSION")
+                        ),
+                    ));
+                }
+                if uploaded {
+                    let ours = std::env::current_exe()
+                        .and_then(std::fs::read)
+                        .map(|b| blake3::hash(&b).as_bytes().to_vec())
+                        .unwrap_or_default();
+                    if ours != exe_hash {
+                        return Err(Error::new(
+                            ErrorKind::Connection,
+                            format!(
+                                "{}: the uploaded agent does not match this binary (hash mismatch); the upload was corrupted",
+                                self.name
+                            ),
+                        ));
+                    }
+                }
+                self.info = PeerInfo { tool_version, boot_id };
+                Ok(())
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// True for an agent over ssh.
+    #[must_use]
+    pub fn is_remote(&self) -> bool {
+        self.remote
+    }
+
+    /// Sends a request.
+    pub fn send(&self, msg: Msg) -> Result<()> {
+        self.tx.send(msg).map_err(|_| self.lost())
+    }
+
+    /// Sends a request and waits for the next reply; peer errors become `Err`.
+    pub fn call(&self, msg: Msg) -> Result<Msg> {
+        self.send(msg)?;
+        self.recv()
+    }
+
+    /// The next reply; peer errors become `Err`.
+    pub fn recv(&self) -> Result<Msg> {
+        match self.rx.recv() {
+            Ok(Msg::Error { kind, message }) => Err(self.error(kind, message)),
+            Ok(msg) => Ok(msg),
+            Err(_) => Err(self.lost()),
+        }
+    }
+
+    /// A peer-reported error, prefixed with the host for remote peers.
+    #[must_use]
+    pub fn error(&self, kind: ErrorKind, message: String) -> Error {
+        if self.remote && !message.starts_with(&format!("{}:", self.name)) {
+            Error::new(kind, message).context(&self.name)
+        } else {
+            Error::new(kind, message)
+        }
+    }
+
+    /// A reply that makes no sense at this point.
+    #[must_use]
+    pub fn unexpected(&self, msg: &Msg) -> Error {
+        let mut text = format!("{msg:?}");
+        text.truncate(120);
+        Error::protocol(format!("{}: unexpected reply {text}", self.name))
+    }
+
+    fn lost(&self) -> Error {
+        let tail = self.stderr.as_ref().map(|s| ssh::stderr_tail(s)).unwrap_or_default();
+        Error::new(ErrorKind::Connection, format!("{}: the connection was lost{tail}", self.name))
+    }
+
+    /// Says goodbye and waits for the peer to finish. For ssh, waits a little for the agent to
+    /// exit, then kills ssh.
+    pub fn close(mut self) {
+        let _ = self.tx.send(Msg::Bye);
+        let (tx, _) = bounded(0);
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(mut child) = self.child.take() {
+            for _ in 0..50 {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Drain so a reader blocked on a full queue can finish.
+        while self.rx.try_recv().is_ok() {}
+        let (_, rx) = bounded(0);
+        drop(std::mem::replace(&mut self.rx, rx));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! A peer: serves one endpoint to the client (docs/PROTOCOL.md, "Roles").
+//!
+//! [`serve`] answers requests from a channel and sends replies to another. The remote agent runs
+//! it between stdin and stdout; a local endpoint of a remote sync runs the very same code in a
+//! thread, so both sides of a transfer behave identically.
+//!
+//! Scans and copies run in background threads (reading and hashing on every core) while the
+//! request loop keeps answering refinements, reads and writes. A scan never runs more than
+//! [`WINDOW`] chunks ahead of the client's last `Ack`, which bounds the memory held for leaf
+//! hashes and guarantees refinements are answered from memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::compress::{self, Compressor};
+use crate::endpoint::local::{Local, OpenTarget};
+use crate::endpoint::{Identity, Kind, SegmentCursor, Source, Target};
+use crate::engine::fill;
+use crate::error::{Error, ErrorKind, Result};
+use crate::extent::Runs;
+use crate::hash::{Hasher, Tree, chunk_size};
+use crate::protocol::message::{Role, open_flags};
+use crate::protocol::{FEATURES, Msg, VERSION};
+use crate::zero::is_zero;
+
+/// How many chunks a scan may run ahead of the last `Ack`.
+pub const WINDOW: u64 = 512;
+/// Zero-detection granularity of `Copy`.
+const COPY_BLOCK: usize = 4096;
+
+/// Serves requests until `Bye` or until the request channel closes.
+pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
+    let mut peer = Peer {
+        replies: replies.clone(),
+        endpoint: None,
+        role: Role::Source,
+        keep_cache: false,
+        scan: None,
+        jobs: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
+        compressors: HashMap::new(),
+    };
+    for msg in requests {
+        if msg == Msg::Bye {
+            break;
+        }
+        if let Err(e) = peer.handle(msg) {
+            let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+        }
+    }
+    peer.stop.store(true, Ordering::Relaxed);
+    if let Some(scan) = &peer.scan {
+        scan.cond.notify_all();
+    }
+    for job in peer.jobs.drain(..) {
+        let _ = job.join();
+    }
+}
+
+struct Peer {
+    replies: Sender<Msg>,
+    endpoint: Option<Arc<Local>>,
+    role: Role,
+    keep_cache: bool,
+    scan: Option<Arc<ScanState>>,
+    jobs: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    compressors: HashMap<i32, Compressor>,
+}
+
+struct ScanState {
+    hasher: Hasher,
+    chunk: usize,
+    end: u64,
+    data_len: u64,
+    trees: Mutex<HashMap<u64, Arc<Tree>>>,
+    acked: Mutex<u64>,
+    cond: Condvar,
+}
+
+impl ScanState {
+    fn chunks(&self) -> u64 {
+        self.end.div_ceil(self.chunk as u64)
+    }
+
+    fn range(&self, chunk: u64) -> (u64, usize) {
+        let start = chunk * self.chunk as u64;
+        (start, (self.end - start).min(self.chunk as u64) as usize)
+    }
+
+    /// Reads and hashes one chunk.
+    fn tree(&self, endpoint: &Local, chunk: u64, buf: &mut Vec<u8>, map: &mut SegmentCursor<'_>) -> Result<Tree> {
+        let (start, len) = self.range(chunk);
+        buf.resize(len, 0);
+        let mut data = Vec::new();
+        map.allocated_in(start, (start + len as u64).min(self.data_len), &mut data)?;
+        fill(endpoint, &mut buf[..len], start, &data)?;
+        Ok(self.hasher.tree(&buf[..len], data.is_empty()))
+    }
+}
+
+impl Peer {
+    fn endpoint(&self) -> Result<&Arc<Local>> {
+        self.endpoint.as_ref().ok_or_else(|| Error::protocol("request before Open"))
+    }
+
+    fn target(&self) -> Result<&Arc<Local>> {
+        if self.role != Role::Target {
+            return Err(Error::protocol("write request to a source (the source is never written)"));
+        }
+        self.endpoint()
+    }
+
+    fn reply(&self, msg: Msg) {
+        let _ = self.replies.send(msg);
+    }
+
+    fn handle(&mut self, msg: Msg) -> Result<()> {
+        match msg {
+            Msg::Hello { want_exe_hash, .. } => {
+                let exe_hash = if want_exe_hash { exe_hash() } else { Vec::new() };
+                self.reply(Msg::HelloReply {
+                    version: VERSION,
+                    features: FEATURES,
+                    tool_version: env!("CARGO_PKG_VERSION").as_bytes().to_vec(),
+                    boot_id: boot_id(),
+                    exe_hash,
+                });
+            }
+            Msg::Open { role, flags, mode, path, name } => self.open(role, flags, mode, &path, &name)?,
+            Msg::SetSize { size } => {
+                self.target()?.set_size(size)?;
+                self.reply(Msg::Done);
+            }
+            Msg::Scan { key, block, end, data_len, threads } => self.start_scan(key, block, end, data_len, threads)?,
+            Msg::Ack { chunks } => self.ack(chunks),
+            Msg::Groups { chunk } => {
+                let tree = self.tree_of(chunk)?;
+                let (zero, hashes) = tree.group_list();
+                self.reply(Msg::GroupHashes { chunk, zero, hashes });
+            }
+            Msg::Leaves { chunk, group } => {
+                let tree = self.tree_of(chunk)?;
+                let (zero, hashes) = tree.leaf_list(group as usize);
+                self.reply(Msg::LeafHashes { chunk, group, zero, hashes });
+            }
+            Msg::Read { offset, len, compress } => self.read(offset, len, compress)?,
+            Msg::Write(chunk) => {
+                let data = compress::decode(&chunk)?;
+                self.target()?.write_at(&data, chunk.offset)?;
+            }
+            Msg::Zero { offset, len } => self.target()?.zero(offset, len)?,
+            Msg::Flush => {
+                let target = self.target()?;
+                target.flush()?;
+                if !self.keep_cache {
+                    target.drop_cache(0, target.size());
+                }
+                self.reply(Msg::Done);
+            }
+            Msg::Copy { end, data_len, compress, threads } => self.start_copy(end, data_len, compress, threads)?,
+            other => return Err(Error::protocol(format!("unexpected message from the client: {other:?}"))),
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, role: Role, flags: u32, mode: u32, path: &[u8], name: &[u8]) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.endpoint.is_some() {
+            return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
+        }
+        let mut path = std::path::Path::new(std::ffi::OsStr::from_bytes(path)).to_path_buf();
+        if role == Role::Target && !name.is_empty() {
+            // A directory destination receives the source's file name, as with cp and rsync.
+            path = crate::sync::resolve_destination(std::path::Path::new(std::ffi::OsStr::from_bytes(name)), &path)?;
+        }
+        let path = path.as_path();
+        let local = match role {
+            Role::Source => Local::open_source(path)?,
+            Role::Target => Local::open_target(
+                path,
+                OpenTarget {
+                    read_only: flags & open_flags::READ_ONLY != 0,
+                    create: flags & open_flags::CREATE != 0,
+                    force: flags & open_flags::FORCE != 0,
+                    discard: flags & open_flags::DISCARD != 0,
+                    mode: (mode != 0).then_some(mode),
+                },
+            )?,
+        };
+        let (identity_tag, id_a, id_b) = match local.identity() {
+            Identity::None => (0, 0, 0),
+            Identity::File { dev, ino } => (1, dev, ino),
+            Identity::Device { rdev } => (2, rdev, 0),
+        };
+        let kind = match local.kind() {
+            Kind::File => 0,
+            Kind::BlockDevice => 1,
+            Kind::Absent => 2,
+        };
+        self.reply(Msg::Opened { kind, size: local.size(), identity_tag, id_a, id_b, created: local.created() });
+        self.role = role;
+        self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
+        self.endpoint = Some(Arc::new(local));
+        Ok(())
+    }
+
+    fn start_scan(&mut self, key: [u8; 32], block: u32, end: u64, data_len: u64, threads: u16) -> Result<()> {
+        let block = crate::sync::check_block_size(u64::from(block))?;
+        let endpoint = Arc::clone(self.endpoint()?);
+        let state = Arc::new(ScanState {
+            hasher: Hasher::new(key, block),
+            chunk: chunk_size(block),
+            end,
+            data_len: data_len.min(endpoint.size()),
+            trees: Mutex::new(HashMap::new()),
+            acked: Mutex::new(0),
+            cond: Condvar::new(),
+        });
+        self.scan = Some(Arc::clone(&state));
+        let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
+        let threads = worker_count(threads);
+        self.jobs.push(std::thread::spawn(move || {
+            if let Err(e) = scan(&endpoint, &state, &replies, &stop, threads) {
+                stop.store(true, Ordering::Relaxed);
+                let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+            }
+        }));
+        Ok(())
+    }
+
+    fn ack(&mut self, chunks: u64) {
+        let Some(scan) = &self.scan else { return };
+        let previous = {
+            let mut acked = scan.acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let previous = *acked;
+            *acked = (*acked).max(chunks);
+            previous
+        };
+        scan.cond.notify_all();
+        scan.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|&c, _| c >= chunks);
+        if !self.keep_cache
+            && chunks > previous
+            && let Some(endpoint) = &self.endpoint
+        {
+            let from = previous * scan.chunk as u64;
+            endpoint.drop_cache(from, (chunks * scan.chunk as u64).min(scan.end).saturating_sub(from));
+        }
+    }
+
+    /// The tree of a chunk: from memory, or read and hashed again when it was forgotten.
+    fn tree_of(&self, chunk: u64) -> Result<Arc<Tree>> {
+        let scan = self.scan.as_ref().ok_or_else(|| Error::protocol("hash request before Scan"))?;
+        if chunk >= scan.chunks() {
+            return Err(Error::protocol(format!("hash request for chunk {chunk} of {}", scan.chunks())));
+        }
+        if let Some(tree) = scan.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&chunk) {
+            return Ok(Arc::clone(tree));
+        }
+        let endpoint = self.endpoint()?;
+        let mut map = SegmentCursor::new(endpoint.as_ref());
+        Ok(Arc::new(scan.tree(endpoint, chunk, &mut Vec::new(), &mut map)?))
+    }
+
+    fn read(&mut self, offset: u64, len: u32, compress: i32) -> Result<()> {
+        let endpoint = Arc::clone(self.endpoint()?);
+        let mut buf = vec![0u8; len as usize];
+        let size = endpoint.size();
+        if offset < size {
+            let n = (size - offset).min(u64::from(len)) as usize;
+            endpoint.read_at(&mut buf[..n], offset)?;
+        }
+        let compressor = self.compressors.entry(compress).or_insert_with(|| Compressor::new(compress));
+        let chunk = compressor.encode(offset, &buf);
+        self.reply(Msg::Data(chunk));
+        self.reply(Msg::ReadDone { offset, len: u64::from(len) });
+        Ok(())
+    }
+
+    fn start_copy(&mut self, end: u64, data_len: u64, compress: i32, threads: u16) -> Result<()> {
+        let endpoint = Arc::clone(self.endpoint()?);
+        let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
+        let keep_cache = self.keep_cache;
+        let threads = worker_count(threads);
+        self.jobs.push(std::thread::spawn(move || {
+            let job =
+                CopyJob { endpoint: &endpoint, end, data_len: data_len.min(endpoint.size()), compress, keep_cache };
+            if let Err(e) = job.run(&replies, &stop, threads) {
+                stop.store(true, Ordering::Relaxed);
+                let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+            }
+        }));
+        Ok(())
+    }
+}
+
+fn worker_count(requested: u16) -> usize {
+    if requested == 0 { crate::sync::default_threads() } else { usize::from(requested).min(64) }
+}
+
+/// The scan job: hashes every chunk on `threads` workers, streaming summaries.
+fn scan(endpoint: &Local, state: &ScanState, replies: &Sender<Msg>, stop: &AtomicBool, threads: usize) -> Result<()> {
+    let (tx, rx) = bounded::<(u64, Vec<crate::extent::Extent>)>(threads * 2);
+    let failure = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let rx = rx.clone();
+            let failure = &failure;
+            s.spawn(move || {
+                let mut buf = vec![0u8; state.chunk];
+                for (chunk, data) in rx {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (start, len) = state.range(chunk);
+                    let tree = match fill(endpoint, &mut buf[..len], start, &data) {
+                        Ok(_) => state.hasher.tree(&buf[..len], data.is_empty()),
+                        Err(e) => {
+                            failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+                            stop.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    };
+                    let summary = Msg::Summary { chunk, zero: tree.is_zero(), hash: tree.top };
+                    state.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(chunk, Arc::new(tree));
+                    if replies.send(summary).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(rx);
+        let mut map = SegmentCursor::new(endpoint);
+        for chunk in 0..state.chunks() {
+            // Stay within WINDOW chunks of the client's acknowledgements.
+            let mut acked = state.acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            while chunk >= *acked + WINDOW && !stop.load(Ordering::Relaxed) {
+                acked = state
+                    .cond
+                    .wait_timeout(acked, Duration::from_millis(100))
+                    .map_or_else(|e| e.into_inner().0, |r| r.0);
+            }
+            drop(acked);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let (start, len) = state.range(chunk);
+            let mut data = Vec::new();
+            if let Err(e) = map.allocated_in(start, (start + len as u64).min(state.data_len), &mut data) {
+                failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+                stop.store(true, Ordering::Relaxed);
+                break;
+            }
+            if tx.send((chunk, data)).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        return Err(e);
+    }
+    if !stop.load(Ordering::Relaxed) {
+        let _ = replies.send(Msg::ScanDone { chunks: state.chunks() });
+    }
+    Ok(())
+}
+
+/// The copy job for an empty target: every non-zero run of the source, no hashing.
+struct CopyJob<'a> {
+    endpoint: &'a Local,
+    end: u64,
+    data_len: u64,
+    compress: i32,
+    keep_cache: bool,
+}
+
+impl CopyJob<'_> {
+    const CHUNK: usize = 1 << 20;
+
+    fn run(&self, replies: &Sender<Msg>, stop: &AtomicBool, threads: usize) -> Result<()> {
+        let (tx, rx) = bounded::<(u64, usize, Vec<crate::extent::Extent>)>(threads * 2);
+        let failure = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let rx = rx.clone();
+                let failure = &failure;
+                s.spawn(move || {
+                    let mut buf = vec![0u8; Self::CHUNK];
+                    let mut compressor = Compressor::new(self.compress);
+                    let mut runs = Runs::new();
+                    for (start, len, data) in rx {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(e) = fill(self.endpoint, &mut buf[..len], start, &data) {
+                            failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+                            stop.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        runs.clear();
+                        if !data.is_empty() {
+                            for (i, block) in buf[..len].chunks(COPY_BLOCK).enumerate() {
+                                if !is_zero(block) {
+                                    runs.push((), (i * COPY_BLOCK) as u64, block.len() as u64);
+                                }
+                            }
+                        }
+                        for &((), run) in runs.iter() {
+                            let bytes = &buf[run.offset as usize..run.end() as usize];
+                            if replies.send(Msg::Data(compressor.encode(start + run.offset, bytes))).is_err() {
+                                return;
+                            }
+                        }
+                        if !self.keep_cache {
+                            self.endpoint.drop_cache(start, len as u64);
+                        }
+                        if replies.send(Msg::ReadDone { offset: start, len: len as u64 }).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(rx);
+            let mut map = SegmentCursor::new(self.endpoint);
+            let mut start = 0u64;
+            while start < self.end && !stop.load(Ordering::Relaxed) {
+                let len = (self.end - start).min(Self::CHUNK as u64) as usize;
+                let mut data = Vec::new();
+                if let Err(e) = map.allocated_in(start, (start + len as u64).min(self.data_len), &mut data) {
+                    failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+                    break;
+                }
+                if tx.send((start, len, data)).is_err() {
+                    break;
+                }
+                start += len as u64;
+            }
+            drop(tx);
+        });
+        match failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// BLAKE3 of this process's executable, to check an uploaded agent.
+fn exe_hash() -> Vec<u8> {
+    std::fs::read("/proc/self/exe").map(|b| blake3::hash(&b).as_bytes().to_vec()).unwrap_or_default()
+}
+
+/// This boot of this machine, to recognise that two endpoints are on the same host.
+#[must_use]
+pub fn boot_id() -> Vec<u8> {
+    std::fs::read("/proc/sys/kernel/random/boot_id").map(|b| b.trim_ascii().to_vec()).unwrap_or_default()
+}
+
+/// Maps an `Opened` reply back to endpoint facts.
+#[must_use]
+pub fn opened_kind(kind: u8) -> Kind {
+    match kind {
+        0 => Kind::File,
+        1 => Kind::BlockDevice,
+        _ => Kind::Absent,
+    }
+}
+
+/// Maps an `Opened` identity back.
+#[must_use]
+pub fn opened_identity(tag: u8, a: u64, b: u64) -> Identity {
+    match tag {
+        1 => Identity::File { dev: a, ino: b },
+        2 => Identity::Device { rdev: a },
+        _ => Identity::None,
+    }
+}
+
+/// A peer's error as a library error.
+#[must_use]
+pub fn remote_error(kind: ErrorKind, message: String) -> Error {
+    Error::new(kind, message)
+}
