@@ -1,6 +1,9 @@
 //! Command-line definitions. clap types stay in this crate; commands convert them into the
 //! library's option structs.
 
+use std::ffi::OsString;
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// The exit-code table, shown by `--help` and kept in sync with README.md.
@@ -14,6 +17,7 @@ Exit codes:
   5    sizes do not allow the sync (device too small, --no-resize)
   6    destination is mounted or in use (--force overrides)
   7    --verify found a difference after syncing
+  8    remote failure: ssh or the agent could not start, the connection broke, protocol error
   130  interrupted (Ctrl-C, SIGTERM); the destination is flushed and its synced part is correct";
 
 /// rsync for block devices and disk images: make a destination identical to a source, moving
@@ -41,6 +45,58 @@ pub enum Command {
     /// Prints the differing byte count and the first differing ranges (block granularity).
     #[command(after_help = EXIT_CODES)]
     Compare(CompareArgs),
+    /// The far end of a remote sync, speaking the protocol on stdin/stdout (started over ssh).
+    #[command(hide = true)]
+    Agent(AgentArgs),
+}
+
+/// `blksync agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Print the protocol version and exit (the bootstrap script uses it).
+    #[arg(long)]
+    pub protocol: bool,
+}
+
+/// How to reach remote endpoints (`[user@]host:path`, `ssh://[user@]host[:port]/path`).
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// The whole ssh command, like rsync's -e (default: ssh).
+    #[arg(short = 'e', long, value_name = "CMD")]
+    pub rsh: Option<String>,
+    /// An extra ssh argument for both sides (repeatable), e.g. --ssh-opt='-o Compression=no'.
+    #[arg(long, value_name = "OPT", allow_hyphen_values = true)]
+    pub ssh_opt: Vec<String>,
+    /// An extra ssh argument for the source side only (repeatable).
+    #[arg(long, value_name = "OPT", allow_hyphen_values = true)]
+    pub source_ssh_opt: Vec<String>,
+    /// An extra ssh argument for the destination side only (repeatable).
+    #[arg(long, value_name = "OPT", allow_hyphen_values = true)]
+    pub dest_ssh_opt: Vec<String>,
+    /// ssh identity file for both sides.
+    #[arg(short = 'i', long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// ssh identity file for the source side.
+    #[arg(long, value_name = "FILE")]
+    pub source_identity: Option<PathBuf>,
+    /// ssh identity file for the destination side.
+    #[arg(long, value_name = "FILE")]
+    pub dest_identity: Option<PathBuf>,
+    /// Run the remote agents under `sudo -n` (both sides).
+    #[arg(long)]
+    pub sudo: bool,
+    /// Run the source's remote agent under `sudo -n`.
+    #[arg(long)]
+    pub source_sudo: bool,
+    /// Run the destination's remote agent under `sudo -n`.
+    #[arg(long)]
+    pub dest_sudo: bool,
+    /// The blksync binary on the remote host (default: blksync on PATH, then the upload cache).
+    #[arg(long, value_name = "PATH")]
+    pub remote_path: Option<String>,
+    /// Never upload this binary to a host that lacks a matching blksync.
+    #[arg(long)]
+    pub no_upload: bool,
 }
 
 /// Options every long-running command takes.
@@ -75,12 +131,13 @@ pub struct CommonArgs {
 /// `blksync sync`.
 #[derive(Debug, Args)]
 pub struct SyncArgs {
-    /// Source file or block device (never written).
+    /// Source file or block device (never written): a local path, [USER@]HOST:PATH or
+    /// ssh://[USER@]HOST[:PORT]/PATH.
     #[arg(value_name = "SRC")]
-    pub source: std::path::PathBuf,
-    /// Destination file, block device or directory.
+    pub source: OsString,
+    /// Destination file, block device or directory, local or remote as SRC.
     #[arg(value_name = "DST")]
-    pub dest: std::path::PathBuf,
+    pub dest: OsString,
     /// Report what would change; open the destination read-only and write nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
@@ -103,24 +160,35 @@ pub struct SyncArgs {
     /// back as zeros (thin volumes stay thin); otherwise write zeros.
     #[arg(long)]
     pub discard: bool,
+    /// Compress data sent over ssh: auto (zstd level 1 when it pays, never slowing a fast
+    /// link), off, or a zstd level (1-19).
+    #[arg(long, value_name = "auto|off|LEVEL", default_value = "auto", value_parser = parse_compress)]
+    pub compress: i32,
+    /// Sleep this many milliseconds after each data block sent (to spare a busy host or link).
+    #[arg(long, value_name = "MS")]
+    pub pause: Option<u64>,
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync compare`.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// First image.
+    /// First image (local or remote, as for sync).
     #[arg(value_name = "SRC")]
-    pub source: std::path::PathBuf,
+    pub source: OsString,
     /// Second image.
     #[arg(value_name = "DST")]
-    pub dest: std::path::PathBuf,
+    pub dest: OsString,
     /// How many differing ranges to list.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub max_ranges: usize,
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `--progress` values.
@@ -134,6 +202,17 @@ pub enum ProgressMode {
     Plain,
     /// Nothing.
     None,
+}
+
+fn parse_compress(text: &str) -> Result<i32, String> {
+    match text {
+        "auto" => Ok(blksync::compress::AUTO),
+        "off" | "none" | "no" => Ok(blksync::compress::OFF),
+        level => match level.parse::<i32>() {
+            Ok(l) if (1..=19).contains(&l) => Ok(l),
+            _ => Err(format!("{text:?} is not auto, off or a zstd level from 1 to 19")),
+        },
+    }
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {

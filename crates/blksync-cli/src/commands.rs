@@ -9,7 +9,11 @@ use blksync::size::{format_rate, format_size};
 use blksync::sizing::SizePolicy;
 use blksync::sync::{SyncOptions, check_block_size, default_threads, sync_paths};
 
-use crate::args::{CommonArgs, CompareArgs, SyncArgs};
+use blksync::location::Location;
+use blksync::relay::{RemoteOptions, Side, compare_locations, sync_locations};
+use blksync::ssh::SshOptions;
+
+use crate::args::{AgentArgs, CommonArgs, CompareArgs, RemoteArgs, SyncArgs};
 use crate::render::Render;
 
 /// What a command reports to `main`, which turns it into the exit code.
@@ -27,6 +31,21 @@ fn threads(common: &CommonArgs) -> usize {
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
+}
+
+/// ssh options for the source (`source`) or destination side.
+fn ssh_options(r: &RemoteArgs, source: bool) -> SshOptions {
+    let mut extra = r.ssh_opt.clone();
+    extra.extend(if source { r.source_ssh_opt.iter() } else { r.dest_ssh_opt.iter() }.cloned());
+    SshOptions {
+        rsh: r.rsh.clone(),
+        extra,
+        identity: if source { r.source_identity.clone() } else { r.dest_identity.clone() }
+            .or_else(|| r.identity.clone()),
+        sudo: r.sudo || if source { r.source_sudo } else { r.dest_sudo },
+        remote_path: r.remote_path.clone(),
+        no_upload: r.no_upload,
+    }
 }
 
 /// `blksync sync`.
@@ -50,7 +69,24 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
     };
     let render = Render::new(args.common.progress, args.common.quiet);
-    let result = sync_paths(&args.source, &args.dest, &options, Control { observer: &render, cancel });
+    let control = Control { observer: &render, cancel };
+    let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
+        (Location::Local(src), Location::Local(dst)) => sync_paths(&src, &dst, &options, control),
+        (src, dst) => {
+            let remote = RemoteOptions {
+                sync: options,
+                compress: args.compress,
+                pause: args.pause.map(std::time::Duration::from_millis),
+            };
+            let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+            sync_locations(
+                &Side { location: &src, ssh: &s_ssh },
+                &Side { location: &dst, ssh: &d_ssh },
+                &remote,
+                control,
+            )
+        }
+    };
     render.finish();
     let summary = result?;
     let c = &summary.counters;
@@ -68,6 +104,13 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_rate(c.bytes_scanned, c.seconds),
         if summary.verified { ", verified" } else { "" },
     ));
+    if summary.bytes_sent + summary.bytes_received > 0 {
+        render.line(&format!(
+            "blksync: over ssh: sent {}, received {}",
+            format_size(summary.bytes_sent),
+            format_size(summary.bytes_received)
+        ));
+    }
     if args.common.json {
         print_json(&summary)?;
     }
@@ -83,7 +126,20 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         max_ranges: args.max_ranges,
     };
     let render = Render::new(args.common.progress, args.common.quiet);
-    let result = compare_paths(&args.source, &args.dest, &options, Control { observer: &render, cancel });
+    let control = Control { observer: &render, cancel };
+    let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
+        (Location::Local(a), Location::Local(b)) => compare_paths(&a, &b, &options, control),
+        (a, b) => {
+            let (a_ssh, b_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+            compare_locations(
+                &Side { location: &a, ssh: &a_ssh },
+                &Side { location: &b, ssh: &b_ssh },
+                options.block_size,
+                options.max_ranges,
+                control,
+            )
+        }
+    };
     render.finish();
     let cmp = result?;
     if args.common.json {
@@ -110,4 +166,13 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         }
     }
     Ok(if cmp.identical { Outcome::Success } else { Outcome::Different })
+}
+
+/// `blksync agent`: never prints anything on stdout but the protocol.
+pub fn agent(args: &AgentArgs) -> u8 {
+    if args.protocol {
+        println!("{}", blksync::protocol::VERSION);
+        return 0;
+    }
+    blksync::agent::run()
 }

@@ -16,6 +16,10 @@ use crate::commands::Outcome;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Agent(args) = &cli.command {
+        // The agent is stopped by its client closing the connection, not by signals.
+        return ExitCode::from(commands::agent(args));
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     if let Err(e) = install_signal_handlers(&cancel) {
         eprintln!("blksync: error: cannot install signal handlers: {e}");
@@ -25,6 +29,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Sync(args) => commands::sync(args, &cancel),
         Command::Compare(args) => commands::compare(args, &cancel),
+        Command::Agent(_) => unreachable!("handled above"),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -16,7 +16,8 @@ use crate::protocol::{BANNER, Msg};
 pub fn run() -> u8 {
     // Our own descriptors for fds 0 and 1: std's Stdout is line-buffered, which would split binary
     // frames at every newline byte.
-    let (Ok(stdin), Ok(stdout)) = (std::io::stdin().as_fd().try_clone_to_owned(), std::io::stdout().as_fd().try_clone_to_owned())
+    let (Ok(stdin), Ok(stdout)) =
+        (std::io::stdin().as_fd().try_clone_to_owned(), std::io::stdout().as_fd().try_clone_to_owned())
     else {
         return 8;
     };

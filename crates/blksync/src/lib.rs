@@ -35,6 +35,7 @@ pub mod location;
 pub mod peer;
 pub mod progress;
 pub mod protocol;
+pub mod relay;
 pub mod size;
 pub mod sizing;
 pub mod ssh;

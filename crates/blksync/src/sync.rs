@@ -104,6 +104,10 @@ pub struct Summary {
     pub verified: bool,
     /// Non-fatal notes (size differences).
     pub warnings: Vec<String>,
+    /// Bytes sent over ssh (0 when both sides are local).
+    pub bytes_sent: u64,
+    /// Bytes received over ssh.
+    pub bytes_received: u64,
 }
 
 /// The destination path: `dest` itself, or `dest/<source file name>` when `dest` is a directory
@@ -218,6 +222,8 @@ pub fn sync(
         destination_size_after: if options.dry_run { sizing.resize_to.unwrap_or(before) } else { dst.size() },
         verified: false,
         warnings,
+        bytes_sent: 0,
+        bytes_received: 0,
     };
     if options.verify && !options.dry_run {
         verify(src, dst, &sizing, options, control)?;
