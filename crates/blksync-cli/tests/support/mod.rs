@@ -178,3 +178,38 @@ pub fn sparse_file(path: &Path, size: u64, pieces: &[(u64, &[u8])]) {
 pub fn arg(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_string()
 }
+
+/// ssh options for the test sshd, started once per test binary by tests/lab/sshd (and stopped
+/// by its watchdog when the test process exits). `None` (with a message) where it cannot run.
+pub fn sshd_options() -> Option<String> {
+    static SSHD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SSHD.get_or_init(|| {
+        if !rustix_is_root() || !Path::new("/usr/sbin/sshd").exists() {
+            eprintln!("skipping: remote tests need root and openssh-server");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/lab/sshd");
+        let dir = std::env::temp_dir().join(format!("blksync-test-sshd-{}", std::process::id()));
+        let out = Command::new(script)
+            .args([
+                "start",
+                "--dir",
+                dir.to_str()?,
+                "--port",
+                &port.to_string(),
+                "--owner",
+                &std::process::id().to_string(),
+            ])
+            .output()
+            .ok()?;
+        assert!(out.status.success(), "tests/lab/sshd failed: {}", String::from_utf8_lossy(&out.stderr));
+        Some(String::from_utf8(out.stdout).ok()?.trim().to_string())
+    })
+    .clone()
+}
+
+/// `-e "ssh ... -o SetEnv=XDG_CACHE_HOME=cache"`: each test gets its own remote upload cache.
+pub fn rsh(cache: &Path) -> Option<String> {
+    Some(format!("ssh {} -o SetEnv=XDG_CACHE_HOME={}", sshd_options()?, cache.display()))
+}

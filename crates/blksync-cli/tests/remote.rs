@@ -1,0 +1,241 @@
+//! Remote sync over a real sshd on 127.0.0.1, started by tests/lab/sshd. Each test gives the
+//! remote agent its own upload cache, so the first connection of every test exercises the
+//! upload of the binary.
+
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tempfile::TempDir;
+
+const MIB: usize = 1 << 20;
+
+struct Env {
+    dir: TempDir,
+    rsh: String,
+}
+
+impl Env {
+    fn new() -> Option<Env> {
+        let dir = tempfile::Builder::new().prefix("blksync-remote").tempdir().unwrap();
+        let rsh = rsh(&dir.path().join("cache"))?;
+        Some(Env { dir, rsh })
+    }
+    fn path(&self, name: &str) -> String {
+        arg(self.dir.path(), name)
+    }
+    fn remote(&self, name: &str) -> String {
+        format!("root@127.0.0.1:{}", self.path(name))
+    }
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec![args[0], "-e", &self.rsh, "--progress", "none"];
+        all.extend_from_slice(&args[1..]);
+        run(&all)
+    }
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec![args[0], "--json"];
+        all.extend_from_slice(&args[1..]);
+        let out = self.run(&all);
+        assert_eq!(out.code(), 0, "blksync {args:?} failed:\n{}", out.stderr_text());
+        out.json()
+    }
+}
+
+#[test]
+fn push_pull_and_remote_to_remote_make_identical_copies() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    let mut data = random_bytes(6 * MIB + 1000, 1);
+    data[2 * MIB..3 * MIB].fill(0);
+    write_file(src.as_ref(), &data);
+    // Push to a missing destination, then a small change.
+    let j = env.ok(&["sync", &src, &env.remote("pushed")]);
+    assert_same(src.as_ref(), env.path("pushed").as_ref());
+    assert!(j["bytes_sent"].as_u64().unwrap() > 5 * MIB as u64);
+    patch(src.as_ref(), 4 * MIB as u64 + 5, b"changed");
+    let j = env.ok(&["sync", &src, &env.remote("pushed")]);
+    assert_same(src.as_ref(), env.path("pushed").as_ref());
+    assert_eq!(j["bytes_written"], 4096);
+    assert!(j["bytes_sent"].as_u64().unwrap() < 64 * 1024, "a 4 KiB change must not cost much: {j}");
+    // Pull, then pull a change made on the remote side.
+    env.ok(&["sync", &env.remote("src"), &env.path("pulled")]);
+    assert_same(src.as_ref(), env.path("pulled").as_ref());
+    patch(src.as_ref(), 10, &random_bytes(9000, 2));
+    let j = env.ok(&["sync", "--verify", &env.remote("src"), &env.path("pulled")]);
+    assert_same(src.as_ref(), env.path("pulled").as_ref());
+    assert_eq!(j["verified"], true);
+    assert_eq!(j["bytes_written"], 3 * 4096);
+    // Remote to remote, ssh:// form, then with a zero range to punch.
+    let url = format!("ssh://root@127.0.0.1{}", env.path("r2r"));
+    env.ok(&["sync", &env.remote("src"), &url]);
+    assert_same(src.as_ref(), env.path("r2r").as_ref());
+    patch(src.as_ref(), 0, &vec![0u8; MIB]);
+    let j = env.ok(&["sync", &env.remote("src"), &url]);
+    assert_same(src.as_ref(), env.path("r2r").as_ref());
+    assert_eq!(j["bytes_zeroed"], MIB as u64);
+    assert!(allocated(env.path("r2r").as_ref()) < (data.len() - MIB) as u64, "zeros became holes remotely");
+}
+
+#[test]
+fn unchanged_image_costs_almost_nothing_on_the_wire() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(64 * MIB, 3));
+    std::fs::copy(&src, env.path("dst")).unwrap();
+    let j = env.ok(&["sync", &src, &env.remote("dst")]);
+    assert_eq!(j["bytes_written"], 0);
+    let wire = j["bytes_sent"].as_u64().unwrap() + j["bytes_received"].as_u64().unwrap();
+    assert!(wire < 8 * 1024, "64 chunks of metadata should be a few KiB, was {wire}");
+}
+
+#[test]
+fn odd_paths_work_on_both_sides() {
+    let Some(env) = Env::new() else { return };
+    let name = "it's a \"ünï cödé\" $HOME `x` file.img";
+    let src = env.path(name);
+    write_file(src.as_ref(), &random_bytes(MIB + 3, 4));
+    let dst = env.path("dest dir/with 'quote'");
+    std::fs::create_dir_all(&dst).unwrap();
+    // A remote directory destination receives the source's name.
+    env.ok(&["sync", &src, &format!("root@127.0.0.1:{dst}/")]);
+    assert_same(src.as_ref(), &Path::new(&dst).join(name));
+    env.ok(&["sync", &env.remote(name), &env.path("back home.img")]);
+    assert_same(src.as_ref(), env.path("back home.img").as_ref());
+}
+
+#[test]
+fn dry_run_and_compare_work_remotely() {
+    let Some(env) = Env::new() else { return };
+    let (a, b) = (env.path("a"), env.path("b"));
+    let data = random_bytes(3 * MIB, 5);
+    write_file(a.as_ref(), &data);
+    write_file(b.as_ref(), &data);
+    assert_eq!(env.run(&["compare", &env.remote("a"), &b]).code(), 0);
+    patch(b.as_ref(), MIB as u64, b"x");
+    let out = env.run(&["compare", &a, &env.remote("b")]);
+    assert_eq!(out.code(), 1);
+    assert!(out.stdout_text().contains(&format!("bytes {}..{}", MIB, MIB + 4096)), "{}", out.stdout_text());
+    let j = env.ok(&["sync", "-n", &a, &env.remote("b")]);
+    assert_eq!(j["bytes_differing"], 4096);
+    assert_eq!(read(b.as_ref())[MIB], b'x', "dry run wrote nothing");
+    assert_eq!(env.run(&["compare", &a, &env.remote("missing")]).code(), 2);
+}
+
+#[test]
+fn sudo_runs_the_agent_under_sudo() {
+    let Some(env) = Env::new() else { return };
+    if !Path::new("/usr/bin/sudo").exists() {
+        eprintln!("skipping: sudo is not installed");
+        return;
+    }
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(MIB, 6));
+    env.ok(&["sync", "--dest-sudo", &src, &env.remote("dst")]);
+    assert_same(src.as_ref(), env.path("dst").as_ref());
+}
+
+#[test]
+fn upload_happens_once_and_no_upload_refuses() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(MIB, 7));
+    let out = env.run(&["sync", "--no-upload", &src, &env.remote("dst")]);
+    assert_eq!(out.code(), 8, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("no blksync speaking protocol 1"), "{}", out.stderr_text());
+    env.ok(&["sync", &src, &env.remote("dst")]);
+    let cached = env.dir.path().join(format!("cache/blksync/blksync-{}", env!("CARGO_PKG_VERSION")));
+    let mtime = std::fs::metadata(&cached).expect("uploaded agent is cached").modified().unwrap();
+    env.ok(&["sync", "--no-upload", &src, &env.remote("dst")]);
+    assert_eq!(std::fs::metadata(&cached).unwrap().modified().unwrap(), mtime, "second run reuses the cache");
+}
+
+#[test]
+fn an_agent_of_another_protocol_version_is_replaced_or_named() {
+    let Some(env) = Env::new() else { return };
+    let fake = env.path("old-blksync");
+    std::fs::write(&fake, "#!/bin/sh\n[ \"$1 $2\" = \"agent --protocol\" ] && echo 0\n").unwrap();
+    std::process::Command::new("chmod").args(["755", &fake]).status().unwrap();
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(MIB, 8));
+    let out = env.run(&["sync", "--remote-path", &fake, "--no-upload", &src, &env.remote("dst")]);
+    assert_eq!(out.code(), 8);
+    let err = out.stderr_text();
+    assert!(err.contains("found: protocol 0") && err.contains("speaking protocol 1"), "{err}");
+    env.ok(&["sync", "--remote-path", &fake, &src, &env.remote("dst")]);
+    assert_same(src.as_ref(), env.path("dst").as_ref());
+}
+
+#[test]
+fn login_script_junk_is_quoted_in_a_clear_error() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    write_file(src.as_ref(), b"x");
+    let noisy = format!("sh -c 'echo Welcome to the machine; exec {} \"$@\"' sh", env.rsh.replace('\'', ""));
+    let out = run(&["sync", "-e", &noisy, &src, &env.remote("dst")]);
+    assert_eq!(out.code(), 8, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("\"Welcome to the machine\""), "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("login script"), "{}", out.stderr_text());
+}
+
+#[test]
+fn remote_failures_keep_their_kind_and_name_the_host() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(4 * MIB, 9));
+    let out = env.run(&["sync", &env.remote("nope"), &env.path("x")]);
+    assert_eq!(out.code(), 3, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("root@127.0.0.1: opening source"), "{}", out.stderr_text());
+    let out = env.run(&["sync", &src, "root@127.0.0.1:/nonexistent-dir/x"]);
+    assert_eq!(out.code(), 3, "{}", out.stderr_text());
+    let out = run(&["sync", "-e", "ssh -p 1 -o BatchMode=yes -o ConnectTimeout=2", &src, "root@127.0.0.1:/tmp/x"]);
+    assert_eq!(out.code(), 8, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("Connection refused"), "{}", out.stderr_text());
+    if can_use_loop_devices() {
+        let small = env.dir.path().join("small");
+        let _m = Mount::new(&small, &["-t", "tmpfs", "-o", "size=1M", "tmpfs"]);
+        let out = env.run(&["sync", &src, &format!("root@127.0.0.1:{}/dst", small.display())]);
+        assert_eq!(out.code(), 4, "{}", out.stderr_text());
+        assert!(out.stderr_text().contains("No space left on device"), "{}", out.stderr_text());
+        let backing = env.dir.path().join("backing");
+        write_file(&backing, &random_bytes(MIB, 10));
+        let lo = Loop::attach(&backing);
+        let out = env.run(&["sync", &src, &format!("root@127.0.0.1:{}", lo.path())]);
+        assert_eq!(out.code(), 5, "{}", out.stderr_text());
+        assert!(out.stderr_text().contains("too small"), "{}", out.stderr_text());
+    }
+}
+
+#[test]
+fn killed_agent_gives_a_clean_error_and_a_consistent_destination() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    let data = random_bytes(32 * MIB, 11);
+    write_file(src.as_ref(), &data);
+    // Install the agent in this test's cache first, so the one we kill is easy to find.
+    env.ok(&["sync", &src, &env.remote("warmup")]);
+    let dst = env.path("dst");
+    let started = Instant::now();
+    let child = support::blksync()
+        .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "8M", &env.remote("src"), &dst])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pattern = format!("{}/cache/blksync/blksync-.* agent", env.dir.path().display());
+    let killed = std::process::Command::new("pkill").args(["-KILL", "-f", &pattern]).status().unwrap();
+    assert!(killed.success(), "no agent found to kill");
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20), "the client hung after the agent died");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{err}");
+    assert!(err.contains("root@127.0.0.1") && err.contains("connection"), "{err}");
+    // Whatever reached the destination is correct data; a rerun completes it.
+    let got = read(dst.as_ref());
+    assert!(got.iter().zip(&data).all(|(a, b)| *a == 0 || a == b), "destination holds only source data or holes");
+    env.ok(&["sync", &env.remote("src"), &dst]);
+    assert_same(src.as_ref(), dst.as_ref());
+}
