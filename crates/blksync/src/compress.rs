@@ -100,7 +100,7 @@ mod tests {
         let mut x = 1u64;
         let data: Vec<u8> = (0..65536)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                 (x >> 56) as u8
             })
             .collect();

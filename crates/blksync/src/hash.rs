@@ -72,7 +72,9 @@ impl Hasher {
         let mut concat = Vec::with_capacity(FANOUT * 16);
         for (hashes, zeros) in leaves.chunks(FANOUT).zip(leaf_zero.chunks(FANOUT)) {
             concat.clear();
-            hashes.iter().for_each(|h| concat.extend_from_slice(h));
+            for h in hashes {
+                concat.extend_from_slice(h);
+            }
             groups.push(keyed(&self.key, &concat));
             group_zero.push(zeros.iter().all(|&z| z));
         }

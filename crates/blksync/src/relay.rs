@@ -180,33 +180,36 @@ pub fn sync(
         bytes_received: 0,
     };
     if o.verify && !o.dry_run {
-        let counters = Counters::new();
-        counters.set_total(sizing.scan_len);
-        control.observer.phase(Phase::Verify, sizing.scan_len);
-        let check = Pass { mode: Mode::Compare, throttle: None, pause: None, ..pass };
-        let found = check.run(&counters, control)?;
-        if found.cancelled {
-            return Err(Error::new(
-                ErrorKind::Interrupted,
-                "interrupted during verification; the sync itself completed",
-            ));
-        }
-        if let Some(first) = found.ranges.first() {
-            return Err(Error::new(
-                ErrorKind::VerifyFailed,
-                format!(
-                    "verification failed: {} differs from {} in {} bytes ({} ranges), the first at byte offset {}",
-                    summary.destination,
-                    summary.source,
-                    counters.snapshot().bytes_differing,
-                    found.range_count,
-                    first.offset
-                ),
-            ));
-        }
+        verify(&pass, &summary, control)?;
         summary.verified = true;
     }
     Ok(summary)
+}
+
+/// Compares both ends again after a sync; any difference is an error.
+fn verify(pass: &Pass<'_>, summary: &Summary, control: Control<'_>) -> Result<()> {
+    let counters = Counters::new();
+    counters.set_total(pass.scan_len);
+    control.observer.phase(Phase::Verify, pass.scan_len);
+    let check = Pass { mode: Mode::Compare, throttle: None, pause: None, ..*pass };
+    let found = check.run(&counters, control)?;
+    if found.cancelled {
+        return Err(Error::new(ErrorKind::Interrupted, "interrupted during verification; the sync itself completed"));
+    }
+    if let Some(first) = found.ranges.first() {
+        return Err(Error::new(
+            ErrorKind::VerifyFailed,
+            format!(
+                "verification failed: {} differs from {} in {} bytes ({} ranges), the first at byte offset {}",
+                summary.destination,
+                summary.source,
+                counters.snapshot().bytes_differing,
+                found.range_count,
+                first.offset
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// An endpoint location with the ssh options for reaching it.
@@ -368,13 +371,23 @@ impl Nodes {
     }
 
     /// Node `i` is the same on both sides.
-    fn same(a: &Nodes, b: &Nodes, i: usize) -> bool {
-        match (a.zero.get(i), b.zero.get(i)) {
+    fn same(ours: &Nodes, theirs: &Nodes, index: usize) -> bool {
+        let hash = |nodes: &Nodes| nodes.hashes.get(index * 16..index * 16 + 16).map(<[u8]>::to_vec);
+        match (ours.zero.get(index), theirs.zero.get(index)) {
             (Some(1), Some(1)) => true,
-            (Some(x), Some(y)) if x == y => a.hashes.get(i * 16..i * 16 + 16) == b.hashes.get(i * 16..i * 16 + 16),
+            (Some(zero), Some(other)) if zero == other => hash(ours) == hash(theirs),
             _ => false,
         }
     }
+}
+
+/// What a differing leaf needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fix {
+    /// Source data: read it and write it.
+    Read,
+    /// Source zeros: zero the target.
+    Zero,
 }
 
 #[derive(Default)]
@@ -715,11 +728,6 @@ impl Brain<'_> {
         let n = leaves.saturating_sub(first).min(FANOUT);
         if s.zero.len() != n || t.zero.len() != n {
             return Err(Error::protocol(format!("wrong number of leaf hashes for chunk {chunk} group {group}")));
-        }
-        #[derive(Clone, Copy, PartialEq, Eq)]
-        enum Fix {
-            Read,
-            Zero,
         }
         let mut runs = Runs::new();
         for i in 0..n {

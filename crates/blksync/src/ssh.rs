@@ -163,7 +163,7 @@ pub fn command(remote: &Remote, options: &SshOptions, binary_size: u64) -> Resul
 pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
     let exe =
         std::env::current_exe().map_err(|e| Error::new(ErrorKind::Io, format!("finding our own executable: {e}")))?;
-    let binary_size = std::fs::metadata(&exe).map(|m| m.len()).unwrap_or(0);
+    let binary_size = std::fs::metadata(&exe).map_or(0, |m| m.len());
     let mut cmd = command(remote, options, binary_size)?;
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let program: OsString = cmd.get_program().to_owned();
