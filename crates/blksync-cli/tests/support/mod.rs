@@ -161,7 +161,12 @@ impl Drop for Mount {
 
 /// Makes an ext4 filesystem on `target` quietly.
 pub fn mkfs_ext4(target: &Path) {
-    let out = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(target).output().unwrap();
+    // No lazy init: a background thread would otherwise write to the device after mount.
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(target)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
