@@ -147,10 +147,15 @@ fn upload_happens_once_and_no_upload_refuses() {
     assert_eq!(out.code(), 8, "{}", out.stderr_text());
     assert!(out.stderr_text().contains("no blksync speaking protocol 1"), "{}", out.stderr_text());
     env.ok(&["sync", &src, &env.remote("dst")]);
-    let cached = env.dir.path().join(format!("cache/blksync/blksync-{}", env!("CARGO_PKG_VERSION")));
-    let mtime = std::fs::metadata(&cached).expect("uploaded agent is cached").modified().unwrap();
+    let cache = env.dir.path().join("cache/blksync");
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "one cached agent: {entries:?}");
+    let cached = &entries[0];
+    let name = cached.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with(&format!("blksync-{}-", env!("CARGO_PKG_VERSION"))), "{name}");
+    let mtime = std::fs::metadata(cached).unwrap().modified().unwrap();
     env.ok(&["sync", "--no-upload", &src, &env.remote("dst")]);
-    assert_eq!(std::fs::metadata(&cached).unwrap().modified().unwrap(), mtime, "second run reuses the cache");
+    assert_eq!(std::fs::metadata(cached).unwrap().modified().unwrap(), mtime, "second run reuses the cache");
 }
 
 #[test]

@@ -1,16 +1,20 @@
 //! The per-chunk hash tree used to compare endpoints that are not on the same host
 //! (docs/PROTOCOL.md, "Hash tree").
 //!
-//! A chunk's leaves are its blocks; 16 leaves make a group; the chunk hash covers the group
-//! hashes. Each level is keyed BLAKE3 truncated to 16 bytes, with a random key per session so
-//! data crafted without the key cannot collide. Zero leaves are detected (and holes are zero
-//! without being read) so zeros can travel as ranges, not bytes.
+//! A chunk (1 MiB) is cut into groups of 16 leaves (leaf = block, 4 KiB by default, so a group
+//! is 64 KiB). A scan hashes each group's bytes and then the list of group hashes; leaf hashes
+//! are computed only for groups that differ, on request. Hashing 64 KiB at a time runs BLAKE3 at
+//! full SIMD width (4.3 GB/s a core here, against 2.3 GB/s in 4 KiB pieces), and most groups of a
+//! sync never need their leaves. Every hash is keyed BLAKE3 truncated to 16 bytes, with a random
+//! key per session so data crafted without the key cannot collide. Zero leaves are flagged during
+//! the scan (holes are zero without being read), so zeros travel as ranges, not bytes.
 
 use crate::protocol::message::Hash;
 use crate::zero::is_zero;
 
 /// Leaves per group.
 pub const FANOUT: usize = 16;
+
 /// Bytes per chunk for a block size.
 #[must_use]
 pub fn chunk_size(block: usize) -> usize {
@@ -24,11 +28,9 @@ fn keyed(key: &[u8; 32], data: &[u8]) -> Hash {
     out
 }
 
-/// Leaf and group hashes of one chunk, with zero flags.
+/// What a scan keeps of one chunk: group hashes and zero flags.
 #[derive(Debug, Clone)]
 pub struct Tree {
-    /// Leaf hashes.
-    pub leaves: Vec<Hash>,
     /// Leaf is all zeros.
     pub leaf_zero: Vec<bool>,
     /// Group hashes.
@@ -39,48 +41,63 @@ pub struct Tree {
     pub top: Hash,
 }
 
-/// Precomputed hash of an all-zero leaf of full length.
+/// Hashes chunks, groups and leaves for one session key and block size.
 #[derive(Debug, Clone)]
 pub struct Hasher {
     key: [u8; 32],
     block: usize,
-    zero_leaf: Hash,
+    /// Hash of an all-zero group of full length, so holes and zero runs are not hashed.
+    zero_group: Hash,
 }
 
 impl Hasher {
     /// A hasher for `block`-byte leaves with `key`.
     #[must_use]
     pub fn new(key: [u8; 32], block: usize) -> Hasher {
-        let zero_leaf = keyed(&key, &vec![0u8; block]);
-        Hasher { key, block, zero_leaf }
+        let zero_group = keyed(&key, &vec![0u8; block * FANOUT]);
+        Hasher { key, block, zero_group }
+    }
+
+    /// Bytes per group.
+    #[must_use]
+    pub fn group_size(&self) -> usize {
+        self.block * FANOUT
     }
 
     /// The tree of `data` (one chunk; the last may be short). `known_zero` skips the zero check
     /// and the hashing of a chunk known to be a hole.
     #[must_use]
     pub fn tree(&self, data: &[u8], known_zero: bool) -> Tree {
-        let n = data.len().div_ceil(self.block);
-        let mut leaves = Vec::with_capacity(n);
-        let mut leaf_zero = Vec::with_capacity(n);
-        for leaf in data.chunks(self.block) {
-            let zero = known_zero || is_zero(leaf);
-            leaves.push(if zero && leaf.len() == self.block { self.zero_leaf } else { keyed(&self.key, leaf) });
-            leaf_zero.push(zero);
-        }
-        let mut groups = Vec::with_capacity(n.div_ceil(FANOUT));
-        let mut group_zero = Vec::with_capacity(n.div_ceil(FANOUT));
-        let mut concat = Vec::with_capacity(FANOUT * 16);
-        for (hashes, zeros) in leaves.chunks(FANOUT).zip(leaf_zero.chunks(FANOUT)) {
-            concat.clear();
-            for h in hashes {
-                concat.extend_from_slice(h);
-            }
-            groups.push(keyed(&self.key, &concat));
-            group_zero.push(zeros.iter().all(|&z| z));
+        let leaves = data.len().div_ceil(self.block);
+        let mut leaf_zero = Vec::with_capacity(leaves);
+        let mut groups = Vec::with_capacity(leaves.div_ceil(FANOUT));
+        let mut group_zero = Vec::with_capacity(leaves.div_ceil(FANOUT));
+        for group in data.chunks(self.group_size()) {
+            let first = leaf_zero.len();
+            leaf_zero.extend(group.chunks(self.block).map(|leaf| known_zero || is_zero(leaf)));
+            let zero = leaf_zero[first..].iter().all(|&z| z);
+            groups.push(if zero && group.len() == self.group_size() {
+                self.zero_group
+            } else {
+                keyed(&self.key, group)
+            });
+            group_zero.push(zero);
         }
         let concat: Vec<u8> = groups.iter().flatten().copied().collect();
         let top = keyed(&self.key, &concat);
-        Tree { leaves, leaf_zero, groups, group_zero, top }
+        Tree { leaf_zero, groups, group_zero, top }
+    }
+
+    /// Zero flags and hashes of the leaves of one group's bytes, as sent in a `Leaves` reply.
+    #[must_use]
+    pub fn leaves(&self, group: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut zero = Vec::with_capacity(FANOUT);
+        let mut hashes = Vec::with_capacity(FANOUT * 16);
+        for leaf in group.chunks(self.block) {
+            zero.push(u8::from(is_zero(leaf)));
+            hashes.extend_from_slice(&keyed(&self.key, leaf));
+        }
+        (zero, hashes)
     }
 }
 
@@ -96,18 +113,6 @@ impl Tree {
     pub fn group_list(&self) -> (Vec<u8>, Vec<u8>) {
         (self.group_zero.iter().map(|&z| u8::from(z)).collect(), self.groups.iter().flatten().copied().collect())
     }
-
-    /// Leaf zero flags and hashes of group `g` as sent in a `Leaves` reply; empty when `g` is
-    /// out of range.
-    #[must_use]
-    pub fn leaf_list(&self, g: usize) -> (Vec<u8>, Vec<u8>) {
-        let start = (g * FANOUT).min(self.leaves.len());
-        let end = (start + FANOUT).min(self.leaves.len());
-        (
-            self.leaf_zero[start..end].iter().map(|&z| u8::from(z)).collect(),
-            self.leaves[start..end].iter().flatten().copied().collect(),
-        )
-    }
 }
 
 #[cfg(test)]
@@ -115,27 +120,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_changed_byte_changes_one_leaf_one_group_and_the_top() {
+    fn one_changed_byte_changes_one_group_one_leaf_and_the_top() {
         let h = Hasher::new([7; 32], 4096);
         let mut data = vec![1u8; 1 << 20];
         let a = h.tree(&data, false);
+        let group = 70_000 / h.group_size();
+        let range = group * h.group_size()..(group + 1) * h.group_size();
+        let leaves_a = h.leaves(&data[range.clone()]);
         data[70_000] ^= 1;
         let b = h.tree(&data, false);
-        let diff_leaves: Vec<_> = (0..a.leaves.len()).filter(|&i| a.leaves[i] != b.leaves[i]).collect();
-        assert_eq!(diff_leaves, vec![70_000 / 4096]);
         let diff_groups: Vec<_> = (0..a.groups.len()).filter(|&i| a.groups[i] != b.groups[i]).collect();
-        assert_eq!(diff_groups, vec![70_000 / 4096 / 16]);
+        assert_eq!(diff_groups, vec![group]);
         assert_ne!(a.top, b.top);
+        let leaves_b = h.leaves(&data[range]);
+        let diff_leaves: Vec<_> =
+            (0..FANOUT).filter(|&i| leaves_a.1[i * 16..i * 16 + 16] != leaves_b.1[i * 16..i * 16 + 16]).collect();
+        assert_eq!(diff_leaves, vec![(70_000 % h.group_size()) / 4096]);
     }
 
     #[test]
     fn holes_hash_like_read_zeros_and_the_key_matters() {
         let h = Hasher::new([1; 32], 4096);
-        let zeros = vec![0u8; (1 << 20) - 100];
-        let read = h.tree(&zeros, false);
-        let hole = h.tree(&zeros, true);
-        assert_eq!(read.top, hole.top);
-        assert!(read.is_zero());
-        assert_ne!(Hasher::new([2; 32], 4096).tree(&zeros, true).top, hole.top);
+        for len in [1 << 20, (1 << 20) - 100, 5000] {
+            let zeros = vec![0u8; len];
+            let read = h.tree(&zeros, false);
+            let hole = h.tree(&zeros, true);
+            assert_eq!(read.top, hole.top);
+            assert!(read.is_zero());
+            assert_ne!(Hasher::new([2; 32], 4096).tree(&zeros, true).top, hole.top);
+        }
+    }
+
+    #[test]
+    fn zero_flags_mark_exactly_the_zero_leaves() {
+        let h = Hasher::new([0; 32], 4096);
+        let mut data = vec![0u8; 100_000];
+        data[5000] = 1;
+        let t = h.tree(&data, false);
+        assert_eq!(t.leaf_zero.iter().filter(|z| !**z).count(), 1);
+        assert!(!t.leaf_zero[1]);
+        let (zero, _) = h.leaves(&data[..h.group_size()]);
+        assert_eq!(zero.iter().filter(|&&z| z == 0).count(), 1);
     }
 }

@@ -56,6 +56,8 @@ pub struct Link {
     /// Handshake facts.
     pub info: PeerInfo,
     remote: bool,
+    /// Set by `close`: the end of the connection is expected, not an error.
+    closing: Arc<std::sync::atomic::AtomicBool>,
     child: Option<Child>,
     stderr: Option<Arc<Mutex<Vec<String>>>>,
     threads: Vec<JoinHandle<()>>,
@@ -75,6 +77,7 @@ impl Link {
             wire: Arc::new(Wire::default()),
             info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
             remote: false,
+            closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             child: None,
             stderr: None,
             threads: vec![thread],
@@ -110,6 +113,8 @@ impl Link {
         let reader_wire = Arc::clone(&wire);
         let stderr = Arc::clone(&conn.stderr);
         let reader_name = name.clone();
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader_closing = Arc::clone(&closing);
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
             let failure = loop {
@@ -129,6 +134,9 @@ impl Link {
                     Err(e) => break e.to_string(),
                 }
             };
+            if reader_closing.load(Ordering::Relaxed) {
+                return;
+            }
             // Let ssh's last words reach the stderr collector before quoting them.
             std::thread::sleep(Duration::from_millis(100));
             let message = format!("{reader_name}: {failure}{}", ssh::stderr_tail(&stderr));
@@ -141,16 +149,19 @@ impl Link {
             wire,
             info: PeerInfo::default(),
             remote: true,
+            closing,
             child: Some(conn.child),
             stderr: Some(conn.stderr),
             threads: vec![writer, reader],
         };
-        link.handshake(conn.uploaded)?;
+        link.handshake(conn.uploaded.then_some(&conn.exe_hash[..]))?;
         Ok(link)
     }
 
-    fn handshake(&mut self, uploaded: bool) -> Result<()> {
-        match self.call(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: uploaded })? {
+    /// Exchanges versions; `uploaded` is the hash the agent's executable must have when we just
+    /// uploaded it.
+    fn handshake(&mut self, uploaded: Option<&[u8]>) -> Result<()> {
+        match self.call(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: uploaded.is_some() })? {
             Msg::HelloReply { version, tool_version, boot_id, exe_hash, .. } => {
                 let tool_version = String::from_utf8_lossy(&tool_version).into_owned();
                 if version != VERSION {
@@ -163,11 +174,7 @@ impl Link {
                         ),
                     ));
                 }
-                if uploaded {
-                    let ours = std::env::current_exe()
-                        .and_then(std::fs::read)
-                        .map(|b| blake3::hash(&b).as_bytes().to_vec())
-                        .unwrap_or_default();
+                if let Some(ours) = uploaded {
                     if ours != exe_hash {
                         return Err(Error::new(
                             ErrorKind::Connection,
@@ -237,6 +244,7 @@ impl Link {
     /// Says goodbye and waits for the peer to finish. For ssh, waits a little for the agent to
     /// exit, then kills ssh.
     pub fn close(mut self) {
+        self.closing.store(true, Ordering::Relaxed);
         let _ = self.tx.send(Msg::Bye);
         let (tx, _) = bounded(0);
         drop(std::mem::replace(&mut self.tx, tx));

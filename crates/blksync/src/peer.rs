@@ -145,8 +145,7 @@ impl Peer {
                 self.reply(Msg::GroupHashes { chunk, zero, hashes });
             }
             Msg::Leaves { chunk, group } => {
-                let tree = self.tree_of(chunk)?;
-                let (zero, hashes) = tree.leaf_list(group as usize);
+                let (zero, hashes) = self.leaves_of(chunk, group)?;
                 self.reply(Msg::LeafHashes { chunk, group, zero, hashes });
             }
             Msg::Read { offset, len, compress } => self.read(offset, len, compress)?,
@@ -265,6 +264,25 @@ impl Peer {
         let endpoint = self.endpoint()?;
         let mut map = SegmentCursor::new(endpoint.as_ref());
         Ok(Arc::new(scan.tree(endpoint, chunk, &mut Vec::new(), &mut map)?))
+    }
+
+    /// Leaf hashes of one group, from a fresh read of its bytes (still in the page cache: pages
+    /// are dropped only once the client acknowledges the chunk).
+    fn leaves_of(&self, chunk: u64, group: u32) -> Result<(Vec<u8>, Vec<u8>)> {
+        let scan = self.scan.as_ref().ok_or_else(|| Error::protocol("hash request before Scan"))?;
+        let (start, len) = if chunk < scan.chunks() { scan.range(chunk) } else { (0, 0) };
+        let group_size = scan.hasher.group_size();
+        let offset = group as usize * group_size;
+        if offset >= len {
+            return Err(Error::protocol(format!("leaf request for chunk {chunk} group {group}, which does not exist")));
+        }
+        let mut buf = vec![0u8; (len - offset).min(group_size)];
+        let at = start + offset as u64;
+        if at < scan.data_len {
+            let n = (scan.data_len - at).min(buf.len() as u64) as usize;
+            self.endpoint()?.read_at(&mut buf[..n], at)?;
+        }
+        Ok(scan.hasher.leaves(&buf))
     }
 
     fn read(&mut self, offset: u64, len: u32, compress: i32) -> Result<()> {

@@ -45,6 +45,8 @@ pub struct Connection {
     pub stderr: Arc<Mutex<Vec<String>>>,
     /// The binary was uploaded during this start.
     pub uploaded: bool,
+    /// BLAKE3 of our executable, which the uploaded agent must match.
+    pub exe_hash: Vec<u8>,
 }
 
 /// Splits a command line like a POSIX shell would (quotes and backslashes; no expansions).
@@ -114,11 +116,14 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// The bootstrap, one line with no `!` so that csh-family login shells pass it to `sh` intact.
-/// Arguments: protocol, version, remote path, upload allowed, sudo, arch, binary size.
+/// Arguments: protocol, build (version and binary hash), remote path, upload allowed, sudo,
+/// arch, binary size.
 const BOOTSTRAP: &str = r#"P=$1; V=$2; R=$3; U=$4; A=$6; N=$7; if [ "$5" = 1 ]; then X="sudo -n"; else X=; fi; C="${XDG_CACHE_HOME:-$HOME/.cache}/blksync"; ok() { command -v "$1" >/dev/null 2>&1 && [ "$("$1" agent --protocol 2>/dev/null)" = "$P" ]; }; try() { if ok "$1"; then exec $X "$1" agent; fi; }; if [ -n "$R" ]; then try "$R"; F=$("$R" agent --protocol 2>/dev/null); else try blksync; try "$C/blksync-$V"; F=$(blksync agent --protocol 2>/dev/null); fi; [ -n "$F" ] || F=none; [ "$U" = 1 ] || { echo "BLKSYNC-NO-AGENT $F"; exit 0; }; [ "$(uname -m)" = "$A" ] || { echo "BLKSYNC-ARCH $(uname -m)"; exit 0; }; T="$C/.blksync-$V.$$"; mkdir -p "$C" && echo "BLKSYNC-UPLOAD $A" && head -c "$N" > "$T" && [ "$(wc -c < "$T")" -eq "$N" ] && chmod 755 "$T" && mv -f "$T" "$C/blksync-$V" && exec $X "$C/blksync-$V" agent; rm -f "$T"; echo "BLKSYNC-ERROR could not store the uploaded agent in $C""#;
 
-/// The ssh command for `remote`, with the bootstrap as the remote command.
-pub fn command(remote: &Remote, options: &SshOptions, binary_size: u64) -> Result<Command> {
+/// The ssh command for `remote`, with the bootstrap as the remote command. `build` names this
+/// exact binary in the remote cache (version and hash), so two builds of one version never
+/// share a cache entry.
+pub fn command(remote: &Remote, options: &SshOptions, build: &str, binary_size: u64) -> Result<Command> {
     let mut words = match &options.rsh {
         Some(rsh) => split_words(rsh)?,
         None => vec!["ssh".to_string()],
@@ -140,7 +145,7 @@ pub fn command(remote: &Remote, options: &SshOptions, binary_size: u64) -> Resul
     words.push(remote.destination());
     let args = [
         VERSION.to_string(),
-        env!("CARGO_PKG_VERSION").to_string(),
+        build.to_string(),
         options.remote_path.clone().unwrap_or_default(),
         if options.no_upload { "0" } else { "1" }.to_string(),
         if options.sudo { "1" } else { "0" }.to_string(),
@@ -163,8 +168,10 @@ pub fn command(remote: &Remote, options: &SshOptions, binary_size: u64) -> Resul
 pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
     let exe =
         std::env::current_exe().map_err(|e| Error::new(ErrorKind::Io, format!("finding our own executable: {e}")))?;
-    let binary_size = std::fs::metadata(&exe).map_or(0, |m| m.len());
-    let mut cmd = command(remote, options, binary_size)?;
+    let binary = std::fs::read(&exe).map_err(|e| Error::io("reading", &exe, None, e))?;
+    let exe_hash = blake3::hash(&binary).as_bytes().to_vec();
+    let build = format!("{}-{}", env!("CARGO_PKG_VERSION"), &blake3::hash(&binary).to_hex()[..12]);
+    let mut cmd = command(remote, options, &build, binary.len() as u64)?;
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let program: OsString = cmd.get_program().to_owned();
     let mut child = cmd
@@ -202,8 +209,7 @@ pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         if let Some(arch) = text.strip_prefix("BLKSYNC-UPLOAD ") {
             let _ = arch;
-            let mut binary = std::fs::File::open(&exe).map_err(|e| Error::io("reading", &exe, None, e))?;
-            if let Err(e) = std::io::copy(&mut binary, &mut stdin).and_then(|_| stdin.flush()) {
+            if let Err(e) = stdin.write_all(&binary).and_then(|()| stdin.flush()) {
                 return Err(fail(&mut child, &stderr, format!("uploading blksync failed: {e}")));
             }
             uploaded = true;
@@ -240,7 +246,7 @@ pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
             ));
         }
     }
-    Ok(Connection { child, stdin, stdout, stderr, uploaded })
+    Ok(Connection { child, stdin, stdout, stderr, uploaded, exe_hash })
 }
 
 fn collect_stderr(err: impl Read, lines: &Mutex<Vec<String>>) {
