@@ -41,7 +41,7 @@ def sh(cmd, **kw):
 
 def timed(cmd):
     t = time.perf_counter()
-    sh(cmd, stdout=subprocess.DEVNULL)
+    sh(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
 
 
@@ -161,7 +161,10 @@ def main():
 
     b3_t, _ = median(b3, args.runs)
     un_t, (_, j_un, rss_un) = median(unchanged, args.runs)
+    ssh_t, _ = median(lambda: timed(f"{ssh} {host} true"), args.runs)
     rows.append(("unchanged", un_t, "b3sum SRC DST", b3_t, un_t / b3_t, "<= 1.5 (time)"))
+    rows.append(("unchanged - ssh true", un_t - ssh_t, "b3sum SRC DST", b3_t, (un_t - ssh_t) / b3_t,
+                 f"(ssh start-up alone: {ssh_t:.3f}s)"))
 
     # C. 1 % scattered 4 KiB changes: bytes on the wire.
     def changed_run():

@@ -56,6 +56,9 @@ pub struct Link {
     /// Handshake facts.
     pub info: PeerInfo,
     remote: bool,
+    /// The Hello was sent but its reply not read yet; holds the expected executable hash after
+    /// an upload.
+    hello_pending: Option<Option<Vec<u8>>>,
     /// Set by `close`: the end of the connection is expected, not an error.
     closing: Arc<std::sync::atomic::AtomicBool>,
     child: Option<Child>,
@@ -77,6 +80,7 @@ impl Link {
             wire: Arc::new(Wire::default()),
             info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
             remote: false,
+            hello_pending: None,
             closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             child: None,
             stderr: None,
@@ -149,19 +153,23 @@ impl Link {
             wire,
             info: PeerInfo::default(),
             remote: true,
+            hello_pending: None,
             closing,
             child: Some(conn.child),
             stderr: Some(conn.stderr),
             threads: vec![writer, reader],
         };
-        link.handshake(conn.uploaded.then_some(&conn.exe_hash[..]))?;
+        // The Hello goes out now; its reply is read with the first call's, saving a round trip
+        // (the bootstrap already checked the protocol version, so a mismatch here is rare).
+        link.send(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: conn.uploaded })?;
+        link.hello_pending = Some(conn.uploaded.then(|| conn.exe_hash.clone()));
         Ok(link)
     }
 
-    /// Exchanges versions; `uploaded` is the hash the agent's executable must have when we just
-    /// uploaded it.
-    fn handshake(&mut self, uploaded: Option<&[u8]>) -> Result<()> {
-        match self.call(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: uploaded.is_some() })? {
+    /// Reads and checks the Hello reply; `uploaded` is the hash the agent's executable must have
+    /// when we just uploaded it.
+    fn finish_handshake(&mut self, uploaded: Option<&[u8]>) -> Result<()> {
+        match self.recv()? {
             Msg::HelloReply { version, tool_version, boot_id, exe_hash, .. } => {
                 let tool_version = String::from_utf8_lossy(&tool_version).into_owned();
                 if version != VERSION {
@@ -203,9 +211,13 @@ impl Link {
         self.tx.send(msg).map_err(|_| self.lost())
     }
 
-    /// Sends a request and waits for the next reply; peer errors become `Err`.
-    pub fn call(&self, msg: Msg) -> Result<Msg> {
+    /// Sends a request and waits for its reply (completing the handshake first if its reply is
+    /// still outstanding); peer errors become `Err`.
+    pub fn call(&mut self, msg: Msg) -> Result<Msg> {
         self.send(msg)?;
+        if let Some(uploaded) = self.hello_pending.take() {
+            self.finish_handshake(uploaded.as_deref())?;
+        }
         self.recv()
     }
 

@@ -66,7 +66,7 @@ struct Opened {
     created: bool,
 }
 
-fn open(link: &Link, role: Role, flags: u32, path: &OsStr, name: &[u8]) -> Result<Opened> {
+fn open(link: &mut Link, role: Role, flags: u32, path: &OsStr, name: &[u8]) -> Result<Opened> {
     let msg = Msg::Open { role, flags, mode: 0, path: path.as_bytes().to_vec(), name: name.to_vec() };
     match link.call(msg)? {
         Msg::Opened { kind, size, identity_tag, id_a, id_b, created } => {
@@ -95,9 +95,9 @@ fn random_key() -> Result<[u8; 32]> {
 
 /// Syncs `source_path` at `source` onto `target_path` at `target`.
 pub fn sync(
-    source: &Link,
+    source: &mut Link,
     source_path: &OsStr,
-    target: &Link,
+    target: &mut Link,
     target_path: &OsStr,
     options: &RemoteOptions,
     control: Control<'_>,
@@ -154,6 +154,7 @@ pub fn sync(
         compress: options.compress,
         throttle: throttle.as_ref(),
         pause: options.pause,
+        resized: sizing.resize_to.is_some() && !o.dry_run,
     };
     let found = pass.run(&counters, control)?;
     if found.cancelled {
@@ -241,9 +242,9 @@ pub fn sync_locations(
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    let (s, s_path) = connect(source)?;
-    let (t, t_path) = connect(target)?;
-    let result = sync(&s, &s_path, &t, &t_path, options, control).map(|mut summary| {
+    let (mut s, s_path) = connect(source)?;
+    let (mut t, t_path) = connect(target)?;
+    let result = sync(&mut s, &s_path, &mut t, &t_path, options, control).map(|mut summary| {
         add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &t]);
         summary
     });
@@ -260,9 +261,9 @@ pub fn compare_locations(
     max_ranges: usize,
     control: Control<'_>,
 ) -> Result<Comparison> {
-    let (x, x_path) = connect(a)?;
-    let (y, y_path) = connect(b)?;
-    let result = compare(&x, &x_path, &y, &y_path, block_size, max_ranges, control);
+    let (mut x, x_path) = connect(a)?;
+    let (mut y, y_path) = connect(b)?;
+    let result = compare(&mut x, &x_path, &mut y, &y_path, block_size, max_ranges, control);
     x.close();
     y.close();
     result
@@ -270,9 +271,9 @@ pub fn compare_locations(
 
 /// Compares `a_path` at `a` with `b_path` at `b`.
 pub fn compare(
-    a: &Link,
+    a: &mut Link,
     a_path: &OsStr,
-    b: &Link,
+    b: &mut Link,
     b_path: &OsStr,
     block_size: usize,
     max_ranges: usize,
@@ -296,6 +297,7 @@ pub fn compare(
         compress: crate::compress::OFF,
         throttle: None,
         pause: None,
+        resized: false,
     };
     let mut found = pass.run(&counters, control)?;
     if found.cancelled {
@@ -342,6 +344,8 @@ struct Pass<'a> {
     compress: i32,
     throttle: Option<&'a Throttle>,
     pause: Option<Duration>,
+    /// The target was resized before the pass, so it needs a flush even if no data changes.
+    resized: bool,
 }
 
 #[derive(Debug, Default)]
@@ -567,7 +571,10 @@ impl Brain<'_> {
             self.handle(side, msg)?;
             control.observer.progress(&self.counters.snapshot());
         }
-        if p.mode != Mode::Compare {
+        let s = self.counters.snapshot();
+        // Nothing written and nothing resized: there is nothing to make durable, and skipping the
+        // flush saves a round trip on slow links.
+        if p.mode != Mode::Compare && (p.resized || s.bytes_written + s.bytes_zeroed > 0 || p.mode == Mode::Copy) {
             self.flush(events, Duration::from_secs(24 * 3600))?;
         }
         Ok(())
