@@ -43,6 +43,15 @@ pub struct PeerInfo {
     pub boot_id: Vec<u8>,
 }
 
+/// State of the handshake with a remote peer.
+enum Hello {
+    /// Nothing outstanding.
+    Done,
+    /// The Hello was sent and its reply not read yet; `uploaded` is the hash the agent's
+    /// executable must have when we just uploaded it.
+    Pending { uploaded: Option<Vec<u8>> },
+}
+
 /// A connected peer.
 pub struct Link {
     /// `host` for remote peers, `local` otherwise; prefixes error messages.
@@ -56,9 +65,8 @@ pub struct Link {
     /// Handshake facts.
     pub info: PeerInfo,
     remote: bool,
-    /// The Hello was sent but its reply not read yet; holds the expected executable hash after
-    /// an upload.
-    hello_pending: Option<Option<Vec<u8>>>,
+    /// Whether the Hello reply is still to be read.
+    hello: Hello,
     /// Set by `close`: the end of the connection is expected, not an error.
     closing: Arc<std::sync::atomic::AtomicBool>,
     child: Option<Child>,
@@ -80,7 +88,7 @@ impl Link {
             wire: Arc::new(Wire::default()),
             info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
             remote: false,
-            hello_pending: None,
+            hello: Hello::Done,
             closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             child: None,
             stderr: None,
@@ -153,7 +161,7 @@ impl Link {
             wire,
             info: PeerInfo::default(),
             remote: true,
-            hello_pending: None,
+            hello: Hello::Done,
             closing,
             child: Some(conn.child),
             stderr: Some(conn.stderr),
@@ -162,7 +170,7 @@ impl Link {
         // The Hello goes out now; its reply is read with the first call's, saving a round trip
         // (the bootstrap already checked the protocol version, so a mismatch here is rare).
         link.send(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: conn.uploaded })?;
-        link.hello_pending = Some(conn.uploaded.then(|| conn.exe_hash.clone()));
+        link.hello = Hello::Pending { uploaded: conn.uploaded.then(|| conn.exe_hash.clone()) };
         Ok(link)
     }
 
@@ -215,7 +223,7 @@ impl Link {
     /// still outstanding); peer errors become `Err`.
     pub fn call(&mut self, msg: Msg) -> Result<Msg> {
         self.send(msg)?;
-        if let Some(uploaded) = self.hello_pending.take() {
+        if let Hello::Pending { uploaded } = std::mem::replace(&mut self.hello, Hello::Done) {
             self.finish_handshake(uploaded.as_deref())?;
         }
         self.recv()
