@@ -69,15 +69,35 @@ fn push_pull_and_remote_to_remote_make_identical_copies() {
     assert_same(src.as_ref(), env.path("pulled").as_ref());
     assert_eq!(j["verified"], true);
     assert_eq!(j["bytes_written"], 3 * 4096);
-    // Remote to remote, ssh:// form, then with a zero range to punch.
+    // Remote to remote through this host (different ssh options make them two "hosts"), ssh://
+    // form, then with a zero range to punch.
     let url = format!("ssh://root@127.0.0.1{}", env.path("r2r"));
-    env.ok(&["sync", &env.remote("src"), &url]);
+    let two_hosts = ["--source-ssh-opt", "-oConnectTimeout=30"];
+    let j = env.ok(&["sync", two_hosts[0], two_hosts[1], &env.remote("src"), &url]);
     assert_same(src.as_ref(), env.path("r2r").as_ref());
+    assert!(j["bytes_received"].as_u64().unwrap() > 5 * MIB as u64, "data was relayed: {j}");
     patch(src.as_ref(), 0, &vec![0u8; MIB]);
-    let j = env.ok(&["sync", &env.remote("src"), &url]);
+    let j = env.ok(&["sync", two_hosts[0], two_hosts[1], &env.remote("src"), &url]);
     assert_same(src.as_ref(), env.path("r2r").as_ref());
     assert_eq!(j["bytes_zeroed"], MIB as u64);
     assert!(allocated(env.path("r2r").as_ref()) < (data.len() - MIB) as u64, "zeros became holes remotely");
+}
+
+#[test]
+fn two_paths_on_one_host_sync_there_over_one_connection() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(8 * MIB, 12));
+    let j = env.ok(&["sync", "--verify", &env.remote("src"), &env.remote("copy")]);
+    assert_same(src.as_ref(), env.path("copy").as_ref());
+    assert_eq!(j["verified"], true);
+    assert_eq!(j["bytes_written"], 8 * MIB as u64);
+    let wire = j["bytes_sent"].as_u64().unwrap() + j["bytes_received"].as_u64().unwrap();
+    assert!(wire < 16 * 1024, "no data crosses the network: {wire} bytes");
+    assert_eq!(j["destination"], env.remote("copy"));
+    // Errors there come back typed.
+    let out = env.run(&["sync", "--no-resize", &env.remote("src"), &env.remote("nope/x")]);
+    assert_eq!(out.code(), 3, "{}", out.stderr_text());
 }
 
 #[test]

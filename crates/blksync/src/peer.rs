@@ -43,6 +43,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         scan: None,
         jobs: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
+        cancel: Arc::new(AtomicBool::new(false)),
         compressors: HashMap::new(),
     };
     for msg in requests {
@@ -70,6 +71,8 @@ struct Peer {
     scan: Option<Arc<ScanState>>,
     jobs: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// Cancels a `LocalSync` job.
+    cancel: Arc<AtomicBool>,
     compressors: HashMap<i32, Compressor>,
 }
 
@@ -163,6 +166,10 @@ impl Peer {
                 self.reply(Msg::Done);
             }
             Msg::Copy { end, data_len, compress, threads } => self.start_copy(end, data_len, compress, threads)?,
+            Msg::LocalSync { source, target, block, flags, threads, bwlimit } => {
+                self.start_local_sync(&source, &target, block, flags, threads, bwlimit)?;
+            }
+            Msg::Cancel => self.cancel.store(true, Ordering::Relaxed),
             other => return Err(Error::protocol(format!("unexpected message from the client: {other:?}"))),
         }
         Ok(())
@@ -314,6 +321,121 @@ impl Peer {
             }
         }));
         Ok(())
+    }
+}
+
+impl Peer {
+    /// Both endpoints are on this host: run the local engine here and report over the wire, so
+    /// no data crosses the network at all.
+    fn start_local_sync(
+        &mut self,
+        source: &[u8],
+        target: &[u8],
+        block: u32,
+        flags: u32,
+        threads: u16,
+        bwlimit: u64,
+    ) -> Result<()> {
+        use crate::protocol::message::sync_flags as f;
+        use std::os::unix::ffi::OsStrExt;
+        let options = crate::sync::SyncOptions {
+            block_size: crate::sync::check_block_size(u64::from(block))?,
+            dry_run: flags & f::DRY_RUN != 0,
+            verify: flags & f::VERIFY != 0,
+            keep_cache: flags & f::KEEP_CACHE != 0,
+            size_policy: if flags & f::COMMON_SIZE != 0 {
+                crate::sizing::SizePolicy::Common
+            } else if flags & f::NO_RESIZE != 0 {
+                crate::sizing::SizePolicy::NoResize
+            } else {
+                crate::sizing::SizePolicy::Resize
+            },
+            zero_tail: flags & f::ZERO_TAIL != 0,
+            force: flags & f::FORCE != 0,
+            discard: flags & f::DISCARD != 0,
+            threads: worker_count(threads),
+            bwlimit: (bwlimit > 0).then_some(bwlimit),
+        };
+        let source = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(source));
+        let target = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(target));
+        let (replies, cancel) = (self.replies.clone(), Arc::clone(&self.cancel));
+        self.jobs.push(std::thread::spawn(move || {
+            let observer = WireObserver { replies: replies.clone(), state: Mutex::new((0, std::time::Instant::now())) };
+            let control = crate::progress::Control { observer: &observer, cancel: &cancel };
+            let reply = match crate::sync::sync_paths(&source, &target, &options, control) {
+                Ok(s) => Msg::Synced {
+                    counters: counters_of(&s.counters),
+                    seconds: s.counters.seconds.to_bits(),
+                    ranges: s.ranges_differing,
+                    size_before: s.destination_size_before,
+                    size_after: s.destination_size_after,
+                    verified: s.verified,
+                    destination: s.destination.into_bytes(),
+                },
+                Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+            };
+            let _ = replies.send(reply);
+        }));
+        Ok(())
+    }
+}
+
+/// Counters in wire order (docs/PROTOCOL.md, `Progress`).
+#[must_use]
+pub fn counters_of(s: &crate::progress::Snapshot) -> [u64; 7] {
+    [
+        s.bytes_total,
+        s.bytes_scanned,
+        s.bytes_read_source,
+        s.bytes_read_destination,
+        s.bytes_differing,
+        s.bytes_written,
+        s.bytes_zeroed,
+    ]
+}
+
+/// Counters back from wire order.
+#[must_use]
+pub fn snapshot_of(c: [u64; 7], seconds: f64) -> crate::progress::Snapshot {
+    crate::progress::Snapshot {
+        bytes_total: c[0],
+        bytes_scanned: c[1],
+        bytes_read_source: c[2],
+        bytes_read_destination: c[3],
+        bytes_differing: c[4],
+        bytes_written: c[5],
+        bytes_zeroed: c[6],
+        seconds,
+    }
+}
+
+/// Sends a local job's progress to the client, at most five times a second.
+struct WireObserver {
+    replies: Sender<Msg>,
+    state: Mutex<(u8, std::time::Instant)>,
+}
+
+impl crate::progress::Observer for WireObserver {
+    fn phase(&self, phase: crate::progress::Phase, total: u64) {
+        let code = match phase {
+            crate::progress::Phase::Sync => 0,
+            crate::progress::Phase::Compare => 1,
+            crate::progress::Phase::Verify => 2,
+        };
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0 = code;
+        let _ = self.replies.send(Msg::Progress { phase: code, counters: [total, 0, 0, 0, 0, 0, 0] });
+    }
+
+    fn progress(&self, snapshot: &crate::progress::Snapshot) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.1.elapsed() >= Duration::from_millis(200) {
+            state.1 = std::time::Instant::now();
+            let _ = self.replies.send(Msg::Progress { phase: state.0, counters: counters_of(snapshot) });
+        }
+    }
+
+    fn warn(&self, message: &str) {
+        let _ = self.replies.send(Msg::Warning { text: message.to_string() });
     }
 }
 

@@ -236,12 +236,19 @@ fn add_wire(summary_sent: &mut u64, summary_received: &mut u64, links: &[&Link])
 }
 
 /// Syncs between two locations, at least one of them remote: connects, syncs, says goodbye.
+/// Two paths on one remote host use one connection, and the sync runs there.
 pub fn sync_locations(
     source: &Side<'_>,
     target: &Side<'_>,
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
+    if let (Location::Remote(a), Location::Remote(b)) = (source.location, target.location)
+        && (&a.user, &a.host, a.port) == (&b.user, &b.host, b.port)
+        && source.ssh == target.ssh
+    {
+        return sync_on_host(a, &b.path, source.ssh, &options.sync, control);
+    }
     let (mut s, s_path) = connect(source)?;
     let (mut t, t_path) = connect(target)?;
     let result = sync(&mut s, &s_path, &mut t, &t_path, options, control).map(|mut summary| {
@@ -251,6 +258,101 @@ pub fn sync_locations(
     s.close();
     t.close();
     result
+}
+
+/// Runs a sync between two paths of one remote host on that host (`LocalSync`).
+fn sync_on_host(
+    remote: &crate::location::Remote,
+    target_path: &Path,
+    ssh: &SshOptions,
+    o: &SyncOptions,
+    control: Control<'_>,
+) -> Result<Summary> {
+    use crate::protocol::message::sync_flags as f;
+    let mut link = Link::ssh(remote, ssh)?;
+    let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+    let flags = flag(o.dry_run, f::DRY_RUN)
+        | flag(o.verify, f::VERIFY)
+        | flag(o.keep_cache, f::KEEP_CACHE)
+        | flag(o.zero_tail, f::ZERO_TAIL)
+        | flag(o.force, f::FORCE)
+        | flag(o.discard, f::DISCARD)
+        | flag(o.size_policy == sizing::SizePolicy::NoResize, f::NO_RESIZE)
+        | flag(o.size_policy == sizing::SizePolicy::Common, f::COMMON_SIZE);
+    let request = Msg::LocalSync {
+        source: remote.path.as_os_str().as_bytes().to_vec(),
+        target: target_path.as_os_str().as_bytes().to_vec(),
+        block: o.block_size as u32,
+        flags,
+        threads: 0,
+        bwlimit: o.bwlimit.unwrap_or(0),
+    };
+    let result = follow_local_sync(&mut link, request, o, control).map(|mut summary| {
+        summary.source = format!("{}:{}", link.name, remote.path.display());
+        summary.destination = format!("{}:{}", link.name, summary.destination);
+        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&link]);
+        summary
+    });
+    link.close();
+    result
+}
+
+/// Relays a remote `LocalSync`'s progress to the observer until it ends.
+fn follow_local_sync(link: &mut Link, request: Msg, o: &SyncOptions, control: Control<'_>) -> Result<Summary> {
+    let mut warnings = Vec::new();
+    let mut cancel_sent = false;
+    let mut next = Some(link.call(request)?);
+    loop {
+        let msg = match next.take() {
+            Some(msg) => msg,
+            None => match link.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Msg::Error { kind, message }) => return Err(link.error(kind, message)),
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => {
+                    if control.cancelled() && !cancel_sent {
+                        link.send(Msg::Cancel)?;
+                        cancel_sent = true;
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::new(ErrorKind::Connection, format!("{}: the connection was lost", link.name)));
+                }
+            },
+        };
+        match msg {
+            Msg::Progress { phase, counters } if counters[1..].iter().all(|&c| c == 0) => {
+                let phase = match phase {
+                    0 => Phase::Sync,
+                    1 => Phase::Compare,
+                    _ => Phase::Verify,
+                };
+                control.observer.phase(phase, counters[0]);
+            }
+            Msg::Progress { counters, .. } => control.observer.progress(&crate::peer::snapshot_of(counters, 0.0)),
+            Msg::Warning { text } => {
+                control.observer.warn(&text);
+                warnings.push(text);
+            }
+            Msg::Synced { counters, seconds, ranges, size_before, size_after, verified, destination } => {
+                return Ok(Summary {
+                    source: String::new(),
+                    destination: String::from_utf8_lossy(&destination).into_owned(),
+                    dry_run: o.dry_run,
+                    block_size: o.block_size,
+                    counters: crate::peer::snapshot_of(counters, f64::from_bits(seconds)),
+                    ranges_differing: ranges,
+                    destination_size_before: size_before,
+                    destination_size_after: size_after,
+                    verified,
+                    warnings,
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                });
+            }
+            other => return Err(link.unexpected(&other)),
+        }
+    }
 }
 
 /// Compares two locations, at least one of them remote.

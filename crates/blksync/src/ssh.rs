@@ -17,7 +17,7 @@ use crate::location::Remote;
 use crate::protocol::{BANNER, VERSION};
 
 /// How to run ssh for one side.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SshOptions {
     /// The whole ssh command (`-e/--rsh`), split like a shell would; default `ssh`.
     pub rsh: Option<String>,

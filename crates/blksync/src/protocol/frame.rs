@@ -45,6 +45,13 @@ impl Encoder {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// Appends each value as a u64 LE.
+    pub fn u64s(&mut self, values: &[u64]) -> &mut Self {
+        for v in values {
+            self.u64(*v);
+        }
+        self
+    }
     /// Appends raw bytes of a fixed, known size.
     pub fn raw(&mut self, v: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(v);

@@ -58,31 +58,152 @@ pub struct Chunk {
 #[allow(missing_docs)] // Fields are specified in docs/PROTOCOL.md, table "Messages".
 pub enum Msg {
     // client -> peer
-    Hello { version: u32, features: u64, want_exe_hash: bool },
-    Open { role: Role, flags: u32, mode: u32, path: Vec<u8>, name: Vec<u8> },
-    SetSize { size: u64 },
-    Scan { key: [u8; 32], block: u32, end: u64, data_len: u64, threads: u16 },
-    Ack { chunks: u64 },
-    Groups { chunk: u64 },
-    Leaves { chunk: u64, group: u32 },
-    Read { offset: u64, len: u32, compress: i32 },
+    Hello {
+        version: u32,
+        features: u64,
+        want_exe_hash: bool,
+    },
+    Open {
+        role: Role,
+        flags: u32,
+        mode: u32,
+        path: Vec<u8>,
+        name: Vec<u8>,
+    },
+    SetSize {
+        size: u64,
+    },
+    Scan {
+        key: [u8; 32],
+        block: u32,
+        end: u64,
+        data_len: u64,
+        threads: u16,
+    },
+    Ack {
+        chunks: u64,
+    },
+    Groups {
+        chunk: u64,
+    },
+    Leaves {
+        chunk: u64,
+        group: u32,
+    },
+    Read {
+        offset: u64,
+        len: u32,
+        compress: i32,
+    },
     Write(Chunk),
-    Zero { offset: u64, len: u64 },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     Flush,
-    Copy { end: u64, data_len: u64, compress: i32, threads: u16 },
+    Copy {
+        end: u64,
+        data_len: u64,
+        compress: i32,
+        threads: u16,
+    },
     Bye,
+    LocalSync {
+        source: Vec<u8>,
+        target: Vec<u8>,
+        block: u32,
+        flags: u32,
+        threads: u16,
+        bwlimit: u64,
+    },
+    Cancel,
     // peer -> client
-    HelloReply { version: u32, features: u64, tool_version: Vec<u8>, boot_id: Vec<u8>, exe_hash: Vec<u8> },
-    Opened { kind: u8, size: u64, identity_tag: u8, id_a: u64, id_b: u64, created: bool },
-    Summary { chunk: u64, zero: bool, hash: Hash },
-    ScanDone { chunks: u64 },
-    GroupHashes { chunk: u64, zero: Vec<u8>, hashes: Vec<u8> },
-    LeafHashes { chunk: u64, group: u32, zero: Vec<u8>, hashes: Vec<u8> },
+    HelloReply {
+        version: u32,
+        features: u64,
+        tool_version: Vec<u8>,
+        boot_id: Vec<u8>,
+        exe_hash: Vec<u8>,
+    },
+    Opened {
+        kind: u8,
+        size: u64,
+        identity_tag: u8,
+        id_a: u64,
+        id_b: u64,
+        created: bool,
+    },
+    Summary {
+        chunk: u64,
+        zero: bool,
+        hash: Hash,
+    },
+    ScanDone {
+        chunks: u64,
+    },
+    GroupHashes {
+        chunk: u64,
+        zero: Vec<u8>,
+        hashes: Vec<u8>,
+    },
+    LeafHashes {
+        chunk: u64,
+        group: u32,
+        zero: Vec<u8>,
+        hashes: Vec<u8>,
+    },
     Data(Chunk),
-    Zeros { offset: u64, len: u64 },
-    ReadDone { offset: u64, len: u64 },
+    Zeros {
+        offset: u64,
+        len: u64,
+    },
+    ReadDone {
+        offset: u64,
+        len: u64,
+    },
     Done,
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+    Progress {
+        phase: u8,
+        counters: [u64; 7],
+    },
+    Warning {
+        text: String,
+    },
+    Synced {
+        counters: [u64; 7],
+        seconds: u64,
+        ranges: u64,
+        size_before: u64,
+        size_after: u64,
+        verified: bool,
+        destination: Vec<u8>,
+    },
+}
+
+/// `LocalSync` flag bits.
+pub mod sync_flags {
+    /// `--dry-run`.
+    pub const DRY_RUN: u32 = 1;
+    /// `--verify`.
+    pub const VERIFY: u32 = 2;
+    /// `--keep-cache`.
+    pub const KEEP_CACHE: u32 = 4;
+    /// `--zero-tail`.
+    pub const ZERO_TAIL: u32 = 8;
+    /// `--force`.
+    pub const FORCE: u32 = 16;
+    /// `--discard`.
+    pub const DISCARD: u32 = 32;
+    /// `--no-resize`.
+    pub const NO_RESIZE: u32 = 64;
+    /// `--common-size`.
+    pub const COMMON_SIZE: u32 = 128;
+    /// Every defined bit.
+    pub const ALL: u32 = 255;
 }
 
 mod tag {
@@ -99,6 +220,8 @@ mod tag {
     pub const FLUSH: u8 = 0x0B;
     pub const COPY: u8 = 0x0C;
     pub const BYE: u8 = 0x0D;
+    pub const LOCAL_SYNC: u8 = 0x0E;
+    pub const CANCEL: u8 = 0x0F;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -109,6 +232,9 @@ mod tag {
     pub const ZEROS: u8 = 0x88;
     pub const READ_DONE: u8 = 0x89;
     pub const DONE: u8 = 0x8A;
+    pub const PROGRESS: u8 = 0x8B;
+    pub const WARNING: u8 = 0x8C;
+    pub const SYNCED: u8 = 0x8D;
     pub const ERROR: u8 = 0x8F;
 }
 
@@ -246,6 +372,34 @@ impl Msg {
                 x.u8(kind.to_wire()).bytes(message.as_bytes());
                 x.finish()
             }
+            Msg::LocalSync { source, target, block, flags, threads, bwlimit } => {
+                let mut x = e(tag::LOCAL_SYNC);
+                x.bytes(source).bytes(target).u32(*block).u32(*flags).u16(*threads).u64(*bwlimit);
+                x.finish()
+            }
+            Msg::Cancel => e(tag::CANCEL).finish(),
+            Msg::Progress { phase, counters } => {
+                let mut x = e(tag::PROGRESS);
+                x.u8(*phase);
+                x.u64s(counters);
+                x.finish()
+            }
+            Msg::Warning { text } => {
+                let mut x = e(tag::WARNING);
+                x.bytes(text.as_bytes());
+                x.finish()
+            }
+            Msg::Synced { counters, seconds, ranges, size_before, size_after, verified, destination } => {
+                let mut x = e(tag::SYNCED);
+                x.u64s(counters);
+                x.u64(*seconds)
+                    .u64(*ranges)
+                    .u64(*size_before)
+                    .u64(*size_after)
+                    .u8(u8::from(*verified))
+                    .bytes(destination);
+                x.finish()
+            }
         }
     }
 
@@ -317,11 +471,47 @@ impl Msg {
                 kind: ErrorKind::from_wire(d.u8()?),
                 message: String::from_utf8_lossy(d.bytes()?).into_owned(),
             },
+            tag::LOCAL_SYNC => {
+                let msg = Msg::LocalSync {
+                    source: d.bytes()?.to_vec(),
+                    target: d.bytes()?.to_vec(),
+                    block: d.u32()?,
+                    flags: d.u32()?,
+                    threads: d.u16()?,
+                    bwlimit: d.u64()?,
+                };
+                if let Msg::LocalSync { flags, .. } = msg
+                    && flags & !sync_flags::ALL != 0
+                {
+                    return Err(Error::protocol(format!("unknown sync flags 0x{flags:x}")));
+                }
+                msg
+            }
+            tag::CANCEL => Msg::Cancel,
+            tag::PROGRESS => Msg::Progress { phase: d.u8()?, counters: counters(&mut d)? },
+            tag::WARNING => Msg::Warning { text: String::from_utf8_lossy(d.bytes()?).into_owned() },
+            tag::SYNCED => Msg::Synced {
+                counters: counters(&mut d)?,
+                seconds: d.u64()?,
+                ranges: d.u64()?,
+                size_before: d.u64()?,
+                size_after: d.u64()?,
+                verified: flag(d.u8()?)?,
+                destination: d.bytes()?.to_vec(),
+            },
             _ => unreachable!("name_of knows every tag"),
         };
         d.end()?;
         Ok(msg)
     }
+}
+
+fn counters(d: &mut Decoder<'_>) -> Result<[u64; 7]> {
+    let mut out = [0u64; 7];
+    for c in &mut out {
+        *c = d.u64()?;
+    }
+    Ok(out)
 }
 
 fn flag(v: u8) -> Result<bool> {
@@ -368,6 +558,11 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::READ_DONE => "ReadDone",
         tag::DONE => "Done",
         tag::ERROR => "Error",
+        tag::LOCAL_SYNC => "LocalSync",
+        tag::CANCEL => "Cancel",
+        tag::PROGRESS => "Progress",
+        tag::WARNING => "Warning",
+        tag::SYNCED => "Synced",
         _ => return None,
     })
 }
@@ -445,6 +640,30 @@ mod tests {
             (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::ReadDone { offset, len }),
             Just(Msg::Done),
             (any_kind(), ".{0,40}").prop_map(|(kind, message)| Msg::Error { kind, message }),
+            (b(), b(), any::<u32>(), 0u32..256, any::<u16>(), any::<u64>()).prop_map(
+                |(source, target, block, flags, threads, bwlimit)| Msg::LocalSync {
+                    source,
+                    target,
+                    block,
+                    flags,
+                    threads,
+                    bwlimit
+                }
+            ),
+            Just(Msg::Cancel),
+            (any::<u8>(), any::<[u64; 7]>()).prop_map(|(phase, counters)| Msg::Progress { phase, counters }),
+            ".{0,40}".prop_map(|text| Msg::Warning { text }),
+            (any::<[u64; 7]>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), b()).prop_map(
+                |(counters, seconds, ranges, size_before, size_after, verified, destination)| Msg::Synced {
+                    counters,
+                    seconds,
+                    ranges,
+                    size_before,
+                    size_after,
+                    verified,
+                    destination
+                }
+            ),
         ]
     }
 
