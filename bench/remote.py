@@ -46,6 +46,9 @@ def timed(cmd):
 
 
 def median(fn, runs):
+    # One untimed warm-up: on this VM the first run touching fresh memory or page cache can be
+    # several times slower than the next ones (see BENCHMARKS.md).
+    fn()
     values = [fn() for _ in range(runs)]
     return statistics.median(v[0] if isinstance(v, tuple) else v for v in values), values[-1]
 

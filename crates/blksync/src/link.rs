@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::location::Remote;
-use crate::protocol::frame::{read_frame, write_frame};
+use crate::protocol::frame::read_frame;
 use crate::protocol::{FEATURES, Msg, VERSION};
 use crate::ssh::{self, SshOptions};
 
@@ -110,11 +110,10 @@ impl Link {
             while let Ok(msg) = requests.recv() {
                 let mut next = Some(msg);
                 while let Some(msg) = next {
-                    let frame = msg.encode();
-                    writer_wire.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                    if write_frame(&mut stdin, &frame).is_err() {
-                        return;
-                    }
+                    match msg.write_to(&mut stdin) {
+                        Ok(n) => writer_wire.sent.fetch_add(n, Ordering::Relaxed),
+                        Err(_) => return,
+                    };
                     next = requests.try_recv().ok();
                 }
                 if stdin.flush().is_err() {

@@ -154,7 +154,13 @@ impl Peer {
             Msg::Read { offset, len, compress } => self.read(offset, len, compress)?,
             Msg::Write(chunk) => {
                 let data = compress::decode(&chunk)?;
-                self.target()?.write_at(&data, chunk.offset)?;
+                let target = self.target()?;
+                target.write_at(&data, chunk.offset)?;
+                if !self.keep_cache {
+                    // As in the local engine: dropping the range starts its writeback now, so
+                    // the final flush does not have to write everything at once.
+                    target.drop_cache(chunk.offset, data.len() as u64);
+                }
             }
             Msg::Zero { offset, len } => self.target()?.zero(offset, len)?,
             Msg::Flush => {

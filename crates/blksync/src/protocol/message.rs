@@ -262,6 +262,28 @@ fn decode_chunk(d: &mut Decoder<'_>) -> Result<Chunk> {
 }
 
 impl Msg {
+    /// Writes the message as one frame and returns its size. Data frames are written as header
+    /// and payload, without first copying the payload into a frame buffer.
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> Result<u64> {
+        let (kind, c) = match self {
+            Msg::Data(c) => (tag::DATA, c),
+            Msg::Write(c) => (tag::WRITE, c),
+            other => {
+                let frame = other.encode();
+                crate::protocol::frame::write_frame(w, &frame)?;
+                return Ok(frame.len() as u64);
+            }
+        };
+        let mut head = Encoder::new(kind, 17);
+        head.u64(c.offset).u8(c.codec).u32(c.raw_len).u32(c.payload.len() as u32);
+        let mut head = head.finish();
+        let body = (head.len() - 4 + c.payload.len()) as u32;
+        head[..4].copy_from_slice(&body.to_le_bytes());
+        crate::protocol::frame::write_frame(w, &head)?;
+        crate::protocol::frame::write_frame(w, &c.payload)?;
+        Ok((head.len() + c.payload.len()) as u64)
+    }
+
     /// The message as a complete frame.
     #[must_use]
     #[allow(clippy::too_many_lines)] // One arm per message, mirroring the spec's table.
@@ -668,6 +690,14 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn written_frames_equal_encoded_frames(msg in any_msg()) {
+            let mut out = Vec::new();
+            let n = msg.write_to(&mut out).unwrap();
+            prop_assert_eq!(n as usize, out.len());
+            prop_assert_eq!(out, msg.encode());
+        }
+
         #[test]
         fn every_message_round_trips_through_a_frame(msg in any_msg()) {
             let frame = msg.encode();
