@@ -264,3 +264,42 @@ fn killed_agent_gives_a_clean_error_and_a_consistent_destination() {
     env.ok(&["sync", &env.remote("src"), &dst]);
     assert_same(src.as_ref(), dst.as_ref());
 }
+
+#[test]
+fn sigint_during_a_remote_sync_flushes_and_exits_130() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    let data = random_bytes(32 * MIB, 13);
+    write_file(src.as_ref(), &data);
+    let child = support::blksync()
+        .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "8M", &src, &env.remote("dst")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let stopped = Instant::now();
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?} to stop", stopped.elapsed());
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("incomplete"), "{err}");
+    let done: usize = err.split("the first ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    assert_eq!(&read(env.path("dst").as_ref())[..done], &data[..done], "the synced prefix is correct");
+    env.ok(&["sync", &src, &env.remote("dst")]);
+    assert_same(src.as_ref(), env.path("dst").as_ref());
+}
+
+#[test]
+fn pause_and_a_compression_level_still_give_an_identical_copy() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    // Compressible: text-like data.
+    let data: Vec<u8> = b"blksync keeps copies of disks. ".iter().copied().cycle().take(3 * MIB).collect();
+    write_file(src.as_ref(), &data);
+    let j = env.ok(&["sync", "--pause", "1", "--compress", "3", &src, &env.remote("dst")]);
+    assert_same(src.as_ref(), env.path("dst").as_ref());
+    assert!(j["bytes_sent"].as_u64().unwrap() < MIB as u64 / 4, "compressible data is compressed: {j}");
+    let out = env.run(&["sync", "--compress", "99", &src, &env.remote("dst")]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+}
