@@ -93,6 +93,34 @@ def make_random(path, size, seed):
             left -= n
 
 
+def changed_pair(base, changed, mirror, size):
+    """Writes `changed` (base with 1 % of 4 KiB blocks replaced at random) and `mirror` (a copy
+    of base); returns a function that puts the mirror back after a sync changed it."""
+    blocks = size // BLOCK
+    rnd = random.Random(2)
+    picks = sorted(rnd.sample(range(blocks), max(1, blocks // 100)))
+    shutil.copyfile(base, changed)
+    with open(changed, "r+b") as f:
+        for b in picks:
+            f.seek(b * BLOCK)
+            f.write(rnd.randbytes(BLOCK))
+    shutil.copyfile(base, mirror)
+    originals = []
+    with open(base, "rb") as f:
+        for b in picks:
+            f.seek(b * BLOCK)
+            originals.append((b * BLOCK, f.read(BLOCK)))
+
+    def restore_mirror():
+        with open(mirror, "r+b") as f:
+            for off, data in originals:
+                f.seek(off)
+                f.write(data)
+        os.fsync(os.open(mirror, os.O_RDONLY))
+
+    return restore_mirror
+
+
 def median_time(fn, runs):
     times = []
     result = None
@@ -128,27 +156,7 @@ def main():
     if not os.path.exists(base) or os.path.getsize(base) != size:
         print("# generating images ...", file=sys.stderr)
         make_random(base, size, 1)
-    blocks = size // BLOCK
-    rnd = random.Random(2)
-    picks = sorted(rnd.sample(range(blocks), max(1, blocks // 100)))
-    shutil.copyfile(base, changed)
-    with open(changed, "r+b") as f:
-        for b in picks:
-            f.seek(b * BLOCK)
-            f.write(rnd.randbytes(BLOCK))
-    shutil.copyfile(base, mirror)
-    originals = []
-    with open(base, "rb") as f:
-        for b in picks:
-            f.seek(b * BLOCK)
-            originals.append((b * BLOCK, f.read(BLOCK)))
-
-    def restore_mirror():
-        with open(mirror, "r+b") as f:
-            for off, data in originals:
-                f.seek(off)
-                f.write(data)
-        os.fsync(os.open(mirror, os.O_RDONLY))
+    restore_mirror = changed_pair(base, changed, mirror, size)
 
     # 90 % zero sparse source: 10 % of 1 MiB slots hold random data, the rest are holes.
     drop_file(sparse)

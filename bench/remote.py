@@ -22,7 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import BLOCK, make_random, parse_size, run_rss, warm  # noqa: E402
+from bench import changed_pair, make_random, parse_size, run_rss, warm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -78,27 +78,7 @@ def main():
     base, changed, mirror = d("base.img"), d("r-changed.img"), d("r-mirror.img")
     if not os.path.exists(base) or os.path.getsize(base) != size:
         make_random(base, size, 1)
-    import random
-    rnd = random.Random(2)
-    blocks = size // BLOCK
-    picks = sorted(rnd.sample(range(blocks), max(1, blocks // 100)))
-    shutil.copyfile(base, changed)
-    with open(changed, "r+b") as f:
-        for b in picks:
-            f.seek(b * BLOCK)
-            f.write(rnd.randbytes(BLOCK))
-    shutil.copyfile(base, mirror)
-    originals = []
-    with open(base, "rb") as f:
-        for b in picks:
-            f.seek(b * BLOCK)
-            originals.append((b * BLOCK, f.read(BLOCK)))
-
-    def restore_mirror():
-        with open(mirror, "r+b") as f:
-            for off, data in originals:
-                f.seek(off)
-                f.write(data)
+    restore_mirror = changed_pair(base, changed, mirror, size)
 
     sshdir = tempfile.mkdtemp(prefix="blksync-bench-sshd-")
     port = free_port()

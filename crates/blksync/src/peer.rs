@@ -449,6 +449,12 @@ fn worker_count(requested: u16) -> usize {
     if requested == 0 { crate::sync::default_threads() } else { usize::from(requested).min(64) }
 }
 
+/// Records the first failure of a job's threads and tells the others to stop.
+fn fail(failure: &Mutex<Option<Error>>, stop: &AtomicBool, e: Error) {
+    failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+    stop.store(true, Ordering::Relaxed);
+}
+
 /// The scan job: hashes every chunk on `threads` workers, streaming summaries.
 fn scan(endpoint: &Local, state: &ScanState, replies: &Sender<Msg>, stop: &AtomicBool, threads: usize) -> Result<()> {
     let (tx, rx) = bounded::<(u64, Vec<crate::extent::Extent>)>(threads * 2);
@@ -467,8 +473,7 @@ fn scan(endpoint: &Local, state: &ScanState, replies: &Sender<Msg>, stop: &Atomi
                     let tree = match fill(endpoint, &mut buf[..len], start, &data) {
                         Ok(_) => state.hasher.tree(&buf[..len], data.is_empty()),
                         Err(e) => {
-                            failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
-                            stop.store(true, Ordering::Relaxed);
+                            fail(failure, stop, e);
                             break;
                         }
                     };
@@ -498,8 +503,7 @@ fn scan(endpoint: &Local, state: &ScanState, replies: &Sender<Msg>, stop: &Atomi
             let (start, len) = state.range(chunk);
             let mut data = Vec::new();
             if let Err(e) = map.allocated_in(start, (start + len as u64).min(state.data_len), &mut data) {
-                failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
-                stop.store(true, Ordering::Relaxed);
+                fail(&failure, stop, e);
                 break;
             }
             if tx.send((chunk, data)).is_err() {
@@ -545,8 +549,7 @@ impl CopyJob<'_> {
                             break;
                         }
                         if let Err(e) = fill(self.endpoint, &mut buf[..len], start, &data) {
-                            failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
-                            stop.store(true, Ordering::Relaxed);
+                            fail(failure, stop, e);
                             break;
                         }
                         runs.clear();
@@ -579,7 +582,7 @@ impl CopyJob<'_> {
                 let len = (self.end - start).min(Self::CHUNK as u64) as usize;
                 let mut data = Vec::new();
                 if let Err(e) = map.allocated_in(start, (start + len as u64).min(self.data_len), &mut data) {
-                    failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+                    fail(&failure, stop, e);
                     break;
                 }
                 if tx.send((start, len, data)).is_err() {
