@@ -1,6 +1,9 @@
 //! Command-line definitions. clap types stay in this crate; commands convert them into the
 //! library's option structs.
 
+// Doc comments here are `--help` text, where `[USER@]HOST:PATH` is usage notation, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 
