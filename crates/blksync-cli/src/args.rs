@@ -21,6 +21,8 @@ Exit codes:
   6    destination is mounted or in use (--force overrides)
   7    --verify found a difference after syncing
   8    remote failure: ssh or the agent could not start, the connection broke, protocol error
+  9    a delta file is corrupt, truncated or not a delta
+  10   a delta does not fit the target (other size or content); nothing of it was written
   130  interrupted (Ctrl-C, SIGTERM); the destination is flushed and its synced part is correct";
 
 /// rsync for block devices and disk images: make a destination identical to a source, moving
@@ -48,9 +50,69 @@ pub enum Command {
     /// Prints the differing byte count and the first differing ranges (block granularity).
     #[command(after_help = EXIT_CODES)]
     Compare(CompareArgs),
+    /// Write a delta (patch) file that turns BASE into SRC.
+    #[command(after_help = EXIT_CODES)]
+    Diff(DiffArgs),
+    /// Apply one delta, or a chain in order, to TARGET. Every delta is validated, and the
+    /// target's content checked against it, before anything is written.
+    #[command(after_help = EXIT_CODES)]
+    Apply(ApplyArgs),
+    /// Validate a delta file and print its header and statistics.
+    #[command(after_help = EXIT_CODES)]
+    Info(InfoArgs),
     /// The far end of a remote sync, speaking the protocol on stdin/stdout (started over ssh).
     #[command(hide = true)]
     Agent(AgentArgs),
+}
+
+/// `blksync diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The new image.
+    #[arg(value_name = "SRC")]
+    pub source: PathBuf,
+    /// The old image the delta will apply to.
+    #[arg(value_name = "BASE")]
+    pub base: PathBuf,
+    /// The delta file to write.
+    #[arg(short, long, value_name = "PATCH")]
+    pub output: PathBuf,
+    /// Free text stored in the delta's header.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub comment: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `blksync apply`.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Delta files, in the order to apply them, then the target.
+    #[arg(value_name = "PATCH... TARGET", num_args = 2.., required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Write to a block device even when it is mounted or in use.
+    #[arg(long)]
+    pub force: bool,
+    /// How to show progress on stderr.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "MODE")]
+    pub progress: ProgressMode,
+    /// Print one JSON summary on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `blksync info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The delta file.
+    #[arg(value_name = "FILE")]
+    pub path: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blksync agent`.

@@ -13,7 +13,7 @@ use blksync::location::Location;
 use blksync::relay::{RemoteOptions, Side, compare_locations, sync_locations};
 use blksync::ssh::SshOptions;
 
-use crate::args::{AgentArgs, CommonArgs, CompareArgs, RemoteArgs, SyncArgs};
+use crate::args::{AgentArgs, ApplyArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, RemoteArgs, SyncArgs};
 use crate::render::Render;
 
 /// What a command reports to `main`, which turns it into the exit code.
@@ -175,4 +175,122 @@ pub fn agent(args: &AgentArgs) -> u8 {
         return 0;
     }
     blksync::agent::run()
+}
+
+/// `blksync diff`.
+pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let options = blksync::patch::DiffOptions {
+        block_size: check_block_size(args.common.block_size)?,
+        threads: threads(&args.common),
+        keep_cache: args.common.keep_cache,
+        comment: args.comment.clone(),
+    };
+    let render = Render::new(args.common.progress, args.common.quiet);
+    let result =
+        blksync::patch::diff(&args.source, &args.base, &args.output, &options, Control { observer: &render, cancel });
+    render.finish();
+    let summary = result?;
+    let c = &summary.counters;
+    render.line(&format!(
+        "blksync: {} against {}: {} of data and {} of zeros recorded in {} ({}) in {:.2}s",
+        args.source.display(),
+        args.base.display(),
+        format_size(c.bytes_written),
+        format_size(c.bytes_zeroed),
+        summary.delta,
+        format_size(summary.file_size),
+        c.seconds
+    ));
+    if args.common.json {
+        print_json(&summary)?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `blksync apply`.
+pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let (target, deltas) = args.paths.split_last().ok_or_else(|| anyhow::anyhow!("apply needs PATCH... TARGET"))?;
+    let deltas: Vec<&std::path::Path> = deltas.iter().map(std::path::PathBuf::as_path).collect();
+    let render = Render::new(args.progress, args.quiet);
+    let result = blksync::patch::apply(&deltas, target, args.force, Control { observer: &render, cancel });
+    render.finish();
+    let summary = result?;
+    render.line(&format!(
+        "blksync: applied {} delta(s) to {}: wrote {}, zeroed {}",
+        summary.deltas.len(),
+        summary.target,
+        format_size(summary.counters.bytes_written),
+        format_size(summary.counters.bytes_zeroed)
+    ));
+    if args.json {
+        print_json(&summary)?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `blksync info`.
+pub fn info(args: &InfoArgs) -> Result<Outcome> {
+    let info = blksync::patch::info(&args.path)?;
+    if args.json {
+        print_json(&info)?;
+        return Ok(Outcome::Success);
+    }
+    let h = &info.header;
+    let hex = blksync::delta::to_hex;
+    println!("delta        {} ({}, valid)", info.path, format_size(info.file_size));
+    println!("id           {}", hex(&h.id));
+    if h.parent != [0; 16] {
+        println!("parent       {}", hex(&h.parent));
+    }
+    println!("created      {}", format_time(h.created, h.utc_offset));
+    println!("sizes        {} -> {} bytes", h.size_before, h.size_after);
+    println!("block size   {}", h.block_size);
+    println!("source       {}", h.source);
+    if !h.comment.is_empty() {
+        println!("comment      {}", h.comment);
+    }
+    println!(
+        "records      {} ({} of data, {} of zeros)",
+        info.records,
+        format_size(info.data_bytes),
+        format_size(info.zero_bytes)
+    );
+    println!("written by   blksync {}", h.tool_version);
+    Ok(Outcome::Success)
+}
+
+/// `2026-11-22 05:59:09 +01:00`: the creator's local time, from epoch seconds and its offset.
+fn format_time(epoch: i64, utc_offset: i32) -> String {
+    let local = epoch + i64::from(utc_offset);
+    let (days, secs) = (local.div_euclid(86_400), local.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let sign = if utc_offset < 0 { '-' } else { '+' };
+    let off = utc_offset.unsigned_abs();
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} {sign}{:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+        off / 3600,
+        off % 3600 / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_format_as_calendar_dates() {
+        assert_eq!(super::format_time(0, 0), "1970-01-01 00:00:00 +00:00");
+        assert_eq!(super::format_time(951_782_400, 3600), "2000-02-29 01:00:00 +01:00");
+        assert_eq!(super::format_time(1_795_324_749, -16_200), "2026-11-22 00:49:09 -04:30");
+    }
 }

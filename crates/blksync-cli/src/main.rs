@@ -29,6 +29,9 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Sync(args) => commands::sync(args, &cancel),
         Command::Compare(args) => commands::compare(args, &cancel),
+        Command::Diff(args) => commands::diff(args, &cancel),
+        Command::Apply(args) => commands::apply(args, &cancel),
+        Command::Info(args) => commands::info(args),
         Command::Agent(_) => unreachable!("handled above"),
     };
     match result {

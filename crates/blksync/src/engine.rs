@@ -37,6 +37,9 @@ pub(crate) enum Action<'a> {
     Compare,
     /// Write them to this target.
     Apply(&'a dyn Target),
+    /// Record them in a delta file: the source's bytes as the new content, the destination's as
+    /// the old.
+    Record(&'a crate::delta::Writer),
 }
 
 /// One comparison of `source` against `dest` over `[0, scan_len)`.
@@ -273,6 +276,17 @@ impl Scan<'_> {
         for &(fix, run) in runs.iter() {
             let at = work.offset + run.offset;
             counters.add_differing(run.len);
+            if let Action::Record(writer) = self.action {
+                let range = run.offset as usize..run.end() as usize;
+                let before = (!dest_is_zero).then(|| &dst[range.clone()]);
+                let kind = if fix == Fix::Zero { crate::delta::Kind::Zeros } else { crate::delta::Kind::Data };
+                writer.record(kind, at, run.len as u32, &src[range], before)?;
+                if fix == Fix::Zero {
+                    counters.add_zeroed(run.len);
+                } else {
+                    counters.add_written(run.len);
+                }
+            }
             if let Action::Apply(target) = self.action {
                 match fix {
                     Fix::Data => {

@@ -38,6 +38,10 @@ pub enum ErrorKind {
     Connection,
     /// The other side sent something that breaks the protocol.
     Protocol,
+    /// A delta file is damaged, truncated or not a delta at all.
+    Corrupt,
+    /// A delta was made for other content than the target holds.
+    WrongTarget,
 }
 
 impl ErrorKind {
@@ -55,6 +59,8 @@ impl ErrorKind {
             ErrorKind::VerifyFailed => 7,
             ErrorKind::Interrupted => 130,
             ErrorKind::Connection | ErrorKind::Protocol => 8,
+            ErrorKind::Corrupt => 9,
+            ErrorKind::WrongTarget => 10,
         }
     }
 
@@ -85,7 +91,7 @@ impl ErrorKind {
 }
 
 /// Wire numbering of kinds; the order is part of the protocol.
-const WIRE_KINDS: [ErrorKind; 11] = [
+const WIRE_KINDS: [ErrorKind; 13] = [
     ErrorKind::Usage,
     ErrorKind::NotFound,
     ErrorKind::PermissionDenied,
@@ -97,6 +103,8 @@ const WIRE_KINDS: [ErrorKind; 11] = [
     ErrorKind::Interrupted,
     ErrorKind::Protocol,
     ErrorKind::Connection,
+    ErrorKind::Corrupt,
+    ErrorKind::WrongTarget,
 ];
 
 /// An error of this crate: a kind, a human description of where and what, and the cause.

@@ -25,6 +25,7 @@
 pub mod agent;
 pub mod compare;
 pub mod compress;
+pub mod delta;
 pub mod endpoint;
 mod engine;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod extent;
 pub mod hash;
 pub mod link;
 pub mod location;
+pub mod patch;
 pub mod peer;
 pub mod progress;
 pub mod protocol;

@@ -40,6 +40,11 @@ impl Encoder {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// Appends an i64 LE.
+    pub fn i64(&mut self, v: i64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
     /// Appends a u64 LE.
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.buf.extend_from_slice(&v.to_le_bytes());
@@ -116,6 +121,10 @@ impl<'a> Decoder<'a> {
     /// Reads an i32 LE.
     pub fn i32(&mut self) -> Result<i32> {
         Ok(i32::from_le_bytes(self.array()?))
+    }
+    /// Reads an i64 LE.
+    pub fn i64(&mut self) -> Result<i64> {
+        Ok(i64::from_le_bytes(self.array()?))
     }
     /// Reads a u64 LE.
     pub fn u64(&mut self) -> Result<u64> {

@@ -605,7 +605,7 @@ mod tests {
     }
 
     fn any_kind() -> impl Strategy<Value = ErrorKind> {
-        (0u8..11).prop_map(ErrorKind::from_wire)
+        (0u8..13).prop_map(ErrorKind::from_wire)
     }
 
     fn hashes() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {

@@ -1,0 +1,545 @@
+//! Delta files (docs/DELTA-FORMAT.md): a header, checksummed records of data or zeros, an index
+//! and a footer with a whole-file hash and a commit marker.
+//!
+//! [`Writer`] appends records from many threads and commits atomically (temporary name, fsync,
+//! rename, directory fsync). [`Delta::open`] validates everything — header, footer, whole-file
+//! hash, index, every record — before any caller sees a byte, with every length checked against
+//! the file's size and fixed limits first, so a corrupt, truncated or hostile file is an error,
+//! never a panic or a huge allocation.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::protocol::frame::{Decoder, Encoder};
+
+const MAGIC: &[u8; 16] = b"BLKSYNC-DELTA\0\0\0";
+const COMMIT: &[u8; 24] = b"BLKSYNC-DELTA-COMMITTED\0";
+const VERSION: u32 = 1;
+const FOOTER: u64 = 8 + 8 + 32 + 24;
+const MAX_HEADER: u32 = 64 << 10;
+const MAX_FIELD: usize = 4 << 10;
+/// Largest record, decoded.
+pub const MAX_RECORD: u32 = 16 << 20;
+const MAX_STORED: u32 = MAX_RECORD + (64 << 10);
+/// Fixed part of a record before its payload: kind, offset, len, before hash, codec, stored.
+const RECORD_HEAD: usize = 1 + 8 + 4 + 16 + 1 + 4;
+const INDEX_ENTRY: u64 = 1 + 8 + 4 + 8;
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Kind {
+    /// Bytes.
+    Data,
+    /// Zeros.
+    Zeros,
+}
+
+/// The header of a delta.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Header {
+    /// Unique id.
+    #[serde(serialize_with = "hex")]
+    pub id: [u8; 16],
+    /// Id of the previous delta in a chain, zeros for none.
+    #[serde(serialize_with = "hex")]
+    pub parent: [u8; 16],
+    /// Comparison granularity used to make it.
+    pub block_size: u32,
+    /// Size of the image it applies to.
+    pub size_before: u64,
+    /// Size of the image it produces.
+    pub size_after: u64,
+    /// Creation time, seconds since the epoch.
+    pub created: i64,
+    /// Creator's time zone, seconds east of UTC.
+    pub utc_offset: i32,
+    /// Where the new content came from.
+    pub source: String,
+    /// Filesystem UUID or label of the source, when known.
+    pub source_identity: String,
+    /// Free text.
+    pub comment: String,
+    /// blksync version that wrote it.
+    pub tool_version: String,
+}
+
+fn hex<S: serde::Serializer>(v: &[u8; 16], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&to_hex(v))
+}
+
+/// Lower-case hex of an id.
+#[must_use]
+pub fn to_hex(v: &[u8; 16]) -> String {
+    use std::fmt::Write as _;
+    v.iter().fold(String::with_capacity(32), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// One index entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Data or zeros.
+    pub kind: Kind,
+    /// Image offset.
+    pub offset: u64,
+    /// Bytes covered.
+    pub len: u32,
+    /// File position of the record.
+    pub position: u64,
+}
+
+/// A decoded record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The index entry.
+    pub entry: Entry,
+    /// BLAKE3 of the bytes the image held there before.
+    pub before_hash: [u8; 16],
+    /// The bytes (data records only).
+    pub data: Vec<u8>,
+}
+
+/// BLAKE3 truncated to 16 bytes.
+#[must_use]
+pub fn hash16(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+/// Hash of `len` zero bytes, without allocating `len` bytes at once.
+#[must_use]
+pub fn zero_hash(len: u64) -> [u8; 16] {
+    static ZEROS: [u8; 65536] = [0; 65536];
+    let mut h = blake3::Hasher::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+fn record_hash(kind: Kind, offset: u64, len: u32, before: &[u8; 16], data: &[u8]) -> [u8; 16] {
+    let kind = [kind_byte(kind)];
+    hash16(&[&kind, &offset.to_le_bytes(), &len.to_le_bytes(), before, data])
+}
+
+fn kind_byte(kind: Kind) -> u8 {
+    match kind {
+        Kind::Data => 1,
+        Kind::Zeros => 2,
+    }
+}
+
+fn encode_header(h: &Header) -> Vec<u8> {
+    let mut fields = Encoder::new(0, 256);
+    fields
+        .raw(&h.id)
+        .raw(&h.parent)
+        .u32(h.block_size)
+        .u64(h.size_before)
+        .u64(h.size_after)
+        .i64(h.created)
+        .i32(h.utc_offset);
+    for text in [&h.source, &h.source_identity, &h.comment, &h.tool_version] {
+        let mut t = text.as_bytes();
+        t = &t[..t.len().min(MAX_FIELD)];
+        fields.bytes(t);
+    }
+    let fields = fields.finish();
+    // Encoder::finish puts a length and a type byte in front; keep only the fields.
+    let fields = &fields[5..];
+    let mut out = Vec::with_capacity(fields.len() + 56);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(fields.len() as u32).to_le_bytes());
+    out.extend_from_slice(fields);
+    let hash = blake3::hash(&out);
+    out.extend_from_slice(hash.as_bytes());
+    out
+}
+
+/// Writes a delta file.
+pub struct Writer {
+    path: PathBuf,
+    tmp: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    file: BufWriter<File>,
+    position: u64,
+    hasher: blake3::Hasher,
+    index: Vec<Entry>,
+}
+
+impl Inner {
+    fn write(&mut self, bytes: &[u8], path: &Path) -> Result<()> {
+        self.file.write_all(bytes).at("writing", path, self.position)?;
+        self.hasher.update(bytes);
+        self.position += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl Writer {
+    /// Starts a delta at `path` (written under a temporary name until [`Writer::commit`]).
+    pub fn create(path: &Path, header: &Header) -> Result<Writer> {
+        let name = path.file_name().ok_or_else(|| Error::usage(format!("{} is not a file name", path.display())))?;
+        let mut tmp_name = name.to_os_string();
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).on("creating", &tmp)?;
+        let mut inner = Inner {
+            file: BufWriter::with_capacity(1 << 20, file),
+            position: 0,
+            hasher: blake3::Hasher::new(),
+            index: Vec::new(),
+        };
+        inner.write(&encode_header(header), &tmp)?;
+        Ok(Writer { path: path.to_path_buf(), tmp, inner: Mutex::new(inner) })
+    }
+
+    /// Appends a record. `data` is the new content (ignored for zeros); `before` the old content
+    /// (`None` when it was zeros). Safe to call from many threads.
+    pub fn record(&self, kind: Kind, offset: u64, len: u32, data: &[u8], before: Option<&[u8]>) -> Result<()> {
+        let before_hash = match before {
+            Some(b) => hash16(&[b]),
+            None => zero_hash(u64::from(len)),
+        };
+        let data = if kind == Kind::Data { data } else { &[] };
+        let hash = record_hash(kind, offset, len, &before_hash, data);
+        // Compress outside the lock so workers compress in parallel.
+        let (codec, payload) = match zstd::bulk::compress(data, 3) {
+            Ok(packed) if kind == Kind::Data && packed.len() < data.len() - data.len() / 16 => (1u8, packed),
+            _ => (0u8, data.to_vec()),
+        };
+        let mut head = Vec::with_capacity(RECORD_HEAD);
+        head.push(kind_byte(kind));
+        head.extend_from_slice(&offset.to_le_bytes());
+        head.extend_from_slice(&len.to_le_bytes());
+        head.extend_from_slice(&before_hash);
+        head.push(codec);
+        head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let position = inner.position;
+        inner.write(&head, &self.tmp)?;
+        inner.write(&payload, &self.tmp)?;
+        inner.write(&hash, &self.tmp)?;
+        inner.index.push(Entry { kind, offset, len, position });
+        Ok(())
+    }
+
+    /// Writes index and footer, makes the file durable and gives it its name.
+    pub fn commit(self) -> Result<u64> {
+        let mut inner = self.inner.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.index.sort_by_key(|e| e.offset);
+        let index_position = inner.position;
+        let mut index = Vec::with_capacity(8 + inner.index.len() * INDEX_ENTRY as usize);
+        index.extend_from_slice(&(inner.index.len() as u64).to_le_bytes());
+        for e in &inner.index {
+            index.push(kind_byte(e.kind));
+            index.extend_from_slice(&e.offset.to_le_bytes());
+            index.extend_from_slice(&e.len.to_le_bytes());
+            index.extend_from_slice(&e.position.to_le_bytes());
+        }
+        inner.write(&index, &self.tmp)?;
+        let mut footer = Vec::with_capacity(FOOTER as usize);
+        footer.extend_from_slice(&index_position.to_le_bytes());
+        footer.extend_from_slice(&(inner.index.len() as u64).to_le_bytes());
+        footer.extend_from_slice(inner.hasher.finalize().as_bytes());
+        footer.extend_from_slice(COMMIT);
+        inner.file.write_all(&footer).on("writing", &self.tmp)?;
+        let size = inner.position + FOOTER;
+        let file = inner.file.into_inner().map_err(|e| Error::io("writing", &self.tmp, None, e.into_error()))?;
+        file.sync_all().on("flushing", &self.tmp)?;
+        std::fs::rename(&self.tmp, &self.path).on("renaming into place", &self.path)?;
+        if let Some(dir) = self.path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) {
+            File::open(dir).and_then(|d| d.sync_all()).on("flushing directory", dir)?;
+        }
+        Ok(size)
+    }
+
+    /// Removes the temporary file of a delta that will not be committed.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// A validated delta file.
+#[derive(Debug)]
+pub struct Delta {
+    path: PathBuf,
+    file: File,
+    /// Its header.
+    pub header: Header,
+    /// Its records, by offset.
+    pub index: Vec<Entry>,
+    /// File size.
+    pub file_size: u64,
+}
+
+impl Delta {
+    fn corrupt(&self, what: impl std::fmt::Display) -> Error {
+        corrupt(&self.path, what)
+    }
+
+    /// Opens and fully validates a delta (docs/DELTA-FORMAT.md, "Validation").
+    pub fn open(path: &Path) -> Result<Delta> {
+        let file = File::open(path).on("opening delta", path)?;
+        let file_size = file.metadata().on("inspecting", path)?.len();
+        let read = |buf: &mut [u8], at: u64| -> Result<()> {
+            file.read_exact_at(buf, at).map_err(|_| corrupt(path, format!("truncated at byte offset {at}")))
+        };
+        if file_size < 24 + FOOTER {
+            return Err(corrupt(path, format!("{file_size} bytes is too short for a delta")));
+        }
+        let mut head = [0u8; 24];
+        read(&mut head, 0)?;
+        if &head[..16] != MAGIC {
+            return Err(corrupt(path, "not a blksync delta (bad magic)"));
+        }
+        let version = u32::from_le_bytes([head[16], head[17], head[18], head[19]]);
+        if version != VERSION {
+            return Err(corrupt(path, format!("delta format version {version}; this blksync reads version {VERSION}")));
+        }
+        let header_len = u32::from_le_bytes([head[20], head[21], head[22], head[23]]);
+        if header_len > MAX_HEADER || u64::from(header_len) + 24 + 32 + FOOTER > file_size {
+            return Err(corrupt(path, format!("header length {header_len} is impossible")));
+        }
+        let mut header_bytes = vec![0u8; 24 + header_len as usize + 32];
+        read(&mut header_bytes, 0)?;
+        let (covered, stored_hash) = header_bytes.split_at(24 + header_len as usize);
+        if blake3::hash(covered).as_bytes() != stored_hash {
+            return Err(corrupt(path, "header checksum mismatch"));
+        }
+        let header = decode_header(&covered[24..]).map_err(|e| corrupt(path, e.message()))?;
+
+        let mut footer = [0u8; FOOTER as usize];
+        read(&mut footer, file_size - FOOTER)?;
+        if &footer[48..] != COMMIT {
+            return Err(corrupt(path, "no commit marker: the file is truncated or was never completed"));
+        }
+        let index_position = u64::from_le_bytes(footer[..8].try_into().unwrap_or_default());
+        let count = u64::from_le_bytes(footer[8..16].try_into().unwrap_or_default());
+        let records_start = header_bytes.len() as u64;
+        let index_end = file_size - FOOTER;
+        if index_position < records_start
+            || index_position > index_end
+            || count.checked_mul(INDEX_ENTRY).and_then(|n| n.checked_add(8)) != Some(index_end - index_position)
+        {
+            return Err(corrupt(path, "index position or size is inconsistent with the file size"));
+        }
+        // Whole-file hash, read in bounded pieces.
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < index_end {
+            let n = (index_end - pos).min(buf.len() as u64) as usize;
+            read(&mut buf[..n], pos)?;
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        if hasher.finalize().as_bytes() != &footer[16..48] {
+            return Err(corrupt(path, "file checksum mismatch: the delta is damaged"));
+        }
+        let mut raw = vec![0u8; (index_end - index_position) as usize];
+        read(&mut raw, index_position)?;
+        let mut index = Vec::with_capacity(count as usize);
+        let mut end_of_previous = 0u64;
+        for e in raw[8..].chunks_exact(INDEX_ENTRY as usize) {
+            let kind = match e[0] {
+                1 => Kind::Data,
+                2 => Kind::Zeros,
+                k => return Err(corrupt(path, format!("unknown record kind {k} in the index"))),
+            };
+            let offset = u64::from_le_bytes(e[1..9].try_into().unwrap_or_default());
+            let len = u32::from_le_bytes(e[9..13].try_into().unwrap_or_default());
+            let position = u64::from_le_bytes(e[13..21].try_into().unwrap_or_default());
+            let end = offset.checked_add(u64::from(len));
+            if len == 0
+                || len > MAX_RECORD
+                || offset < end_of_previous
+                || end.is_none_or(|end| end > header.size_after)
+                || position < records_start
+                || position + RECORD_HEAD as u64 + 16 > index_position
+            {
+                return Err(corrupt(path, format!("index entry for byte offset {offset} is invalid")));
+            }
+            end_of_previous = offset + u64::from(len);
+            index.push(Entry { kind, offset, len, position });
+        }
+        let delta = Delta { path: path.to_path_buf(), file, header, index, file_size };
+        for entry in &delta.index {
+            delta.read(entry)?;
+        }
+        Ok(delta)
+    }
+
+    /// Reads and checks one record.
+    pub fn read(&self, entry: &Entry) -> Result<Record> {
+        let mut head = [0u8; RECORD_HEAD];
+        self.file
+            .read_exact_at(&mut head, entry.position)
+            .map_err(|_| self.corrupt(format!("record at byte offset {} is truncated", entry.position)))?;
+        let mut d = Decoder::new(&head, "record");
+        let kind = d.u8()?;
+        let offset = d.u64()?;
+        let len = d.u32()?;
+        let before_hash: [u8; 16] = d.fixed()?;
+        let codec = d.u8()?;
+        let stored = d.u32()?;
+        if kind != kind_byte(entry.kind) || offset != entry.offset || len != entry.len {
+            return Err(self.corrupt(format!("record at byte offset {} does not match the index", entry.position)));
+        }
+        let payload_at = entry.position + RECORD_HEAD as u64;
+        if stored > MAX_STORED || payload_at + u64::from(stored) + 16 > self.file_size - FOOTER {
+            return Err(self.corrupt(format!("record at byte offset {} has an impossible size", entry.position)));
+        }
+        let mut payload = vec![0u8; stored as usize + 16];
+        self.file
+            .read_exact_at(&mut payload, payload_at)
+            .map_err(|_| self.corrupt(format!("record at byte offset {} is truncated", entry.position)))?;
+        let hash = payload.split_off(stored as usize);
+        let data = match (entry.kind, codec) {
+            (Kind::Zeros, 0) if stored == 0 => Vec::new(),
+            (Kind::Data, 0) if stored == len => payload,
+            (Kind::Data, 1) => zstd::bulk::decompress(&payload, len as usize)
+                .ok()
+                .filter(|d| d.len() == len as usize)
+                .ok_or_else(|| self.corrupt(format!("record at byte offset {} does not decompress", entry.position)))?,
+            _ => return Err(self.corrupt(format!("record at byte offset {} has a bad encoding", entry.position))),
+        };
+        if record_hash(entry.kind, offset, len, &before_hash, &data)[..] != hash[..] {
+            return Err(self.corrupt(format!("record at byte offset {} fails its checksum", entry.position)));
+        }
+        Ok(Record { entry: *entry, before_hash, data })
+    }
+
+    /// The delta's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Corrupt, format!("{}: {what}", path.display()))
+}
+
+fn decode_header(fields: &[u8]) -> Result<Header> {
+    let mut d = Decoder::new(fields, "delta header");
+    let text = |d: &mut Decoder<'_>| -> Result<String> {
+        let b = d.bytes()?;
+        if b.len() > MAX_FIELD {
+            return Err(Error::protocol("header field too long"));
+        }
+        Ok(String::from_utf8_lossy(b).into_owned())
+    };
+    let header = Header {
+        id: d.fixed()?,
+        parent: d.fixed()?,
+        block_size: d.u32()?,
+        size_before: d.u64()?,
+        size_after: d.u64()?,
+        created: d.i64()?,
+        utc_offset: d.i32()?,
+        source: text(&mut d)?,
+        source_identity: text(&mut d)?,
+        comment: text(&mut d)?,
+        tool_version: text(&mut d)?,
+    };
+    d.end()?;
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header() -> Header {
+        Header {
+            id: [1; 16],
+            parent: [0; 16],
+            block_size: 4096,
+            size_before: 1 << 20,
+            size_after: 1 << 20,
+            created: 1_700_000_000,
+            utc_offset: 3600,
+            source: "/dev/vg/lv".into(),
+            source_identity: String::new(),
+            comment: "nightly".into(),
+            tool_version: "0.1.0".into(),
+        }
+    }
+
+    fn write(dir: &Path, records: &[(Kind, u64, Vec<u8>)]) -> PathBuf {
+        let path = dir.join("d.delta");
+        let w = Writer::create(&path, &header()).unwrap();
+        for (kind, offset, data) in records {
+            w.record(*kind, *offset, data.len() as u32, data, None).unwrap();
+        }
+        w.commit().unwrap();
+        path
+    }
+
+    #[test]
+    fn records_round_trip_and_the_header_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = b"compressible ".repeat(1000);
+        let path = write(dir.path(), &[(Kind::Data, 8192, text.clone()), (Kind::Zeros, 0, vec![0; 4096])]);
+        let d = Delta::open(&path).unwrap();
+        assert_eq!(d.header, header());
+        assert_eq!(d.index.len(), 2);
+        assert_eq!(d.index[0].offset, 0, "index is sorted");
+        assert_eq!(d.read(&d.index[1]).unwrap().data, text);
+        assert!(d.file_size < 2000, "compressible data is compressed: {}", d.file_size);
+        assert!(!dir.path().join(format!("d.delta.tmp-{}", std::process::id())).exists());
+    }
+
+    #[test]
+    fn any_flipped_bit_or_truncation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &[(Kind::Data, 4096, vec![7; 5000])]);
+        let good = std::fs::read(&path).unwrap();
+        for i in (0..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            std::fs::write(&path, &bad).unwrap();
+            let e = Delta::open(&path).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "flip at {i}: {e}");
+        }
+        for cut in [0, 10, good.len() / 2, good.len() - 1] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            assert_eq!(Delta::open(&path).unwrap_err().kind(), ErrorKind::Corrupt);
+        }
+    }
+
+    proptest! {
+        /// Random bytes, with or without a valid magic in front, are an error, not a panic.
+        #[test]
+        fn random_files_are_refused(data in proptest::collection::vec(any::<u8>(), 0..400), magic in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x");
+            let mut bytes = if magic { MAGIC.to_vec() } else { Vec::new() };
+            bytes.extend_from_slice(&data);
+            std::fs::write(&path, &bytes).unwrap();
+            prop_assert!(Delta::open(&path).is_err());
+        }
+    }
+}

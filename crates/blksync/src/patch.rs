@@ -1,0 +1,282 @@
+//! Patch files: `diff` writes a delta that turns one image into another, `apply` replays one
+//! delta or a chain onto a target, `info` describes a delta.
+//!
+//! `apply` validates before it writes: every delta's integrity first (docs/DELTA-FORMAT.md,
+//! "Validation"), then, just before applying each one, the target's size and the content under
+//! every record (`before_hash`). A corrupt, truncated or foreign delta leaves the target
+//! untouched; in a chain, a later delta that does not fit leaves the target as the earlier ones
+//! made it, and says so.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::delta::{self, Delta, Header, Kind, Writer};
+use crate::endpoint::local::{Local, OpenTarget};
+use crate::endpoint::{Source, Target};
+use crate::engine::{Action, Scan};
+use crate::error::{Error, ErrorKind, Result};
+use crate::progress::{Control, Counters, Phase, Snapshot};
+
+/// Options of `diff`.
+#[derive(Debug, Clone)]
+pub struct DiffOptions {
+    /// Comparison granularity.
+    pub block_size: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Leave what was read in the page cache.
+    pub keep_cache: bool,
+    /// Stored in the header.
+    pub comment: String,
+}
+
+/// What `diff` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiffSummary {
+    /// The delta file.
+    pub delta: String,
+    /// Its header.
+    pub header: Header,
+    /// Counters (`bytes_written`: data recorded, `bytes_zeroed`: zero ranges recorded).
+    #[serde(flatten)]
+    pub counters: Snapshot,
+    /// Size of the delta file.
+    pub file_size: u64,
+}
+
+fn random_id() -> Result<[u8; 16]> {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(|e| Error::new(ErrorKind::Io, format!("reading /dev/urandom: {e}")))?;
+    Ok(id)
+}
+
+/// Seconds since the epoch and the local UTC offset, from `date` semantics without a time-zone
+/// database: the offset is what `localtime_r` says, via the `TZ`-aware `date +%z`.
+fn now() -> (i64, i32) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let offset = std::process::Command::new("date")
+        .arg("+%z")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|z| {
+            let z = z.trim();
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            let digits = z.trim_start_matches(['+', '-']);
+            let hours: i32 = digits.get(..2)?.parse().ok()?;
+            let minutes: i32 = digits.get(2..4)?.parse().ok()?;
+            Some(sign * (hours * 3600 + minutes * 60))
+        })
+        .unwrap_or(0);
+    (secs, offset)
+}
+
+/// Writes to `out` a delta that turns `base` into `source`.
+pub fn diff(
+    source: &Path,
+    base: &Path,
+    out: &Path,
+    options: &DiffOptions,
+    control: Control<'_>,
+) -> Result<DiffSummary> {
+    let src = Local::open_source(source)?;
+    let old = Local::open_source(base)?;
+    let (created, utc_offset) = now();
+    let header = Header {
+        id: random_id()?,
+        parent: [0; 16],
+        block_size: options.block_size as u32,
+        size_before: old.size(),
+        size_after: src.size(),
+        created,
+        utc_offset,
+        source: source.display().to_string(),
+        source_identity: String::new(),
+        comment: options.comment.clone(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let writer = Writer::create(out, &header)?;
+    let counters = Counters::new();
+    counters.set_total(src.size());
+    control.observer.phase(Phase::Compare, src.size());
+    let scan = Scan {
+        source: &src,
+        source_len: src.size(),
+        dest: &old,
+        scan_len: src.size(),
+        block_size: options.block_size,
+        threads: options.threads,
+        keep_cache: options.keep_cache,
+        action: Action::Record(&writer),
+        keep_ranges: 0,
+        throttle: None,
+    };
+    let found = match scan.run(&counters, control) {
+        Ok(found) if !found.cancelled => found,
+        Ok(_) => {
+            writer.abandon();
+            return Err(Error::new(ErrorKind::Interrupted, "interrupted: no delta was written"));
+        }
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
+    let _ = found;
+    let file_size = writer.commit()?;
+    Ok(DiffSummary { delta: out.display().to_string(), header, counters: counters.snapshot(), file_size })
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplySummary {
+    /// The target.
+    pub target: String,
+    /// Deltas applied, in order.
+    pub deltas: Vec<String>,
+    /// Counters (`bytes_written`, `bytes_zeroed`).
+    #[serde(flatten)]
+    pub counters: Snapshot,
+    /// Target size at the end.
+    pub size_after: u64,
+}
+
+/// Applies `deltas` in order to `target`.
+pub fn apply(deltas: &[&Path], target: &Path, force: bool, control: Control<'_>) -> Result<ApplySummary> {
+    // Integrity of every delta before anything else.
+    let opened: Vec<Delta> = deltas.iter().map(|p| Delta::open(p)).collect::<Result<_>>()?;
+    for pair in opened.windows(2) {
+        if pair[1].header.size_before != pair[0].header.size_after {
+            return Err(Error::new(
+                ErrorKind::WrongTarget,
+                format!(
+                    "{} produces {} bytes but {} applies to {} bytes: not consecutive deltas",
+                    pair[0].path().display(),
+                    pair[0].header.size_after,
+                    pair[1].path().display(),
+                    pair[1].header.size_before
+                ),
+            ));
+        }
+    }
+    let create = opened.first().is_some_and(|d| d.header.size_before == 0);
+    let dst = Local::open_target(target, OpenTarget { create, force, ..OpenTarget::default() })?;
+    let counters = Counters::new();
+    counters.set_total(opened.iter().map(|d| d.index.iter().map(|e| u64::from(e.len)).sum::<u64>()).sum());
+    control.observer.phase(Phase::Sync, counters.snapshot().bytes_total);
+    for d in &opened {
+        if control.cancelled() {
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                format!("interrupted before applying {}", d.path().display()),
+            ));
+        }
+        check_target(d, &dst)?;
+        if dst.size() != d.header.size_after {
+            dst.set_size(d.header.size_after)?;
+        }
+        for entry in &d.index {
+            let record = d.read(entry)?;
+            match entry.kind {
+                Kind::Data => {
+                    dst.write_at(&record.data, entry.offset)?;
+                    counters.add_written(u64::from(entry.len));
+                }
+                Kind::Zeros => {
+                    dst.zero(entry.offset, u64::from(entry.len))?;
+                    counters.add_zeroed(u64::from(entry.len));
+                }
+            }
+            counters.add_scanned(u64::from(entry.len));
+            control.observer.progress(&counters.snapshot());
+        }
+        dst.flush()?;
+    }
+    Ok(ApplySummary {
+        target: target.display().to_string(),
+        deltas: deltas.iter().map(|p| p.display().to_string()).collect(),
+        counters: counters.snapshot(),
+        size_after: dst.size(),
+    })
+}
+
+/// Checks that `target` holds what `delta` was made against: its size, and the content under
+/// every record.
+fn check_target(delta: &Delta, target: &Local) -> Result<()> {
+    let wrong = |what: String| {
+        Error::new(
+            ErrorKind::WrongTarget,
+            format!(
+                "{} does not fit {}: {what}; nothing of it was written",
+                delta.path().display(),
+                target.name().display()
+            ),
+        )
+    };
+    let size = target.size();
+    let fits = match target.kind() {
+        crate::endpoint::Kind::BlockDevice => size == delta.header.size_before && size == delta.header.size_after,
+        _ => size == delta.header.size_before,
+    };
+    if !fits {
+        return Err(wrong(format!("the target is {size} bytes, the delta expects {}", delta.header.size_before)));
+    }
+    let mut buf = Vec::new();
+    for entry in &delta.index {
+        let record = delta.read(entry)?;
+        let len = u64::from(entry.len);
+        let expected = if entry.offset >= size {
+            delta::zero_hash(len)
+        } else {
+            buf.clear();
+            buf.resize(len as usize, 0);
+            let n = (size - entry.offset).min(len) as usize;
+            target.read_at(&mut buf[..n], entry.offset)?;
+            delta::hash16(&[&buf])
+        };
+        if expected != record.before_hash {
+            return Err(wrong(format!(
+                "the content at byte offset {} is not what the delta was made against",
+                entry.offset
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A delta's description for `info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Info {
+    /// The file.
+    pub path: String,
+    /// Its size.
+    pub file_size: u64,
+    /// Its header.
+    pub header: Header,
+    /// Number of records.
+    pub records: u64,
+    /// Bytes of data it carries (decoded).
+    pub data_bytes: u64,
+    /// Bytes it zeroes.
+    pub zero_bytes: u64,
+}
+
+/// Validates a delta and describes it.
+pub fn info(path: &Path) -> Result<Info> {
+    let d = Delta::open(path)?;
+    let sum = |k: Kind| d.index.iter().filter(|e| e.kind == k).map(|e| u64::from(e.len)).sum();
+    Ok(Info {
+        path: path.display().to_string(),
+        file_size: d.file_size,
+        records: d.index.len() as u64,
+        data_bytes: sum(Kind::Data),
+        zero_bytes: sum(Kind::Zeros),
+        header: d.header,
+    })
+}
