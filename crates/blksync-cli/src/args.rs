@@ -60,6 +60,20 @@ pub enum Command {
     /// Validate a delta file and print its header and statistics.
     #[command(after_help = EXIT_CODES)]
     Info(InfoArgs),
+    /// Back SRC up into the chain in DEST: a full sparse copy the first time, then an increment
+    /// holding only what changed since the newest point.
+    #[command(after_help = EXIT_CODES)]
+    Backup(BackupArgs),
+    /// List the points of the backup chain in DEST.
+    #[command(after_help = EXIT_CODES)]
+    List(ListArgs),
+    /// Restore a point of the backup chain in DEST onto TARGET (a file, a device, or - for
+    /// stdout). Only what differs from TARGET is written.
+    #[command(after_help = EXIT_CODES)]
+    Restore(RestoreArgs),
+    /// Fold the oldest increments of the chain in DEST into its base, keeping N increments.
+    #[command(after_help = EXIT_CODES)]
+    Prune(PruneArgs),
     /// The far end of a remote sync, speaking the protocol on stdin/stdout (started over ssh).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -102,6 +116,74 @@ pub struct ApplyArgs {
     /// Print nothing on stderr but errors.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// `blksync backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The image to back up.
+    #[arg(value_name = "SRC")]
+    pub source: PathBuf,
+    /// The chain's directory (created if missing).
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+    /// Free text stored with this point.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub comment: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `blksync list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The chain's directory.
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blksync restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The chain's directory.
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+    /// Where to restore: a file, a block device, or - for standard output.
+    #[arg(value_name = "TARGET")]
+    pub target: PathBuf,
+    /// Which point: a number from `list`, or a time (anything `date -d` understands, e.g.
+    /// "2026-11-20 03:00" or "yesterday 18:00"): the newest point at or before it. Default: the
+    /// newest point.
+    #[arg(long, value_name = "N|TIME")]
+    pub at: Option<String>,
+    /// Write to a block device even when it is mounted or in use.
+    #[arg(long)]
+    pub force: bool,
+    /// How to show progress on stderr.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "MODE")]
+    pub progress: ProgressMode,
+    /// Print one JSON summary on stdout at the end (not with TARGET -).
+    #[arg(long)]
+    pub json: bool,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `blksync prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The chain's directory.
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+    /// How many increments to keep.
+    #[arg(long, value_name = "N")]
+    pub keep: u64,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// `blksync info`.

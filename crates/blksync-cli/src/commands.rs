@@ -13,7 +13,10 @@ use blksync::location::Location;
 use blksync::relay::{RemoteOptions, Side, compare_locations, sync_locations};
 use blksync::ssh::SshOptions;
 
-use crate::args::{AgentArgs, ApplyArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, RemoteArgs, SyncArgs};
+use crate::args::{
+    AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, ListArgs, PruneArgs, RemoteArgs,
+    RestoreArgs, SyncArgs,
+};
 use crate::render::Render;
 
 /// What a command reports to `main`, which turns it into the exit code.
@@ -177,14 +180,19 @@ pub fn agent(args: &AgentArgs) -> u8 {
     blksync::agent::run()
 }
 
+fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::DiffOptions> {
+    Ok(blksync::patch::DiffOptions {
+        block_size: check_block_size(common.block_size)?,
+        threads: threads(common),
+        keep_cache: common.keep_cache,
+        comment: comment.to_string(),
+        bwlimit: common.bwlimit.filter(|&r| r > 0),
+    })
+}
+
 /// `blksync diff`.
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let options = blksync::patch::DiffOptions {
-        block_size: check_block_size(args.common.block_size)?,
-        threads: threads(&args.common),
-        keep_cache: args.common.keep_cache,
-        comment: args.comment.clone(),
-    };
+    let options = diff_options(&args.common, &args.comment)?;
     let render = Render::new(args.common.progress, args.common.quiet);
     let result =
         blksync::patch::diff(&args.source, &args.base, &args.output, &options, Control { observer: &render, cancel });
@@ -256,6 +264,110 @@ pub fn info(args: &InfoArgs) -> Result<Outcome> {
         format_size(info.zero_bytes)
     );
     println!("written by   blksync {}", h.tool_version);
+    Ok(Outcome::Success)
+}
+
+/// `blksync backup`.
+pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let options = diff_options(&args.common, &args.comment)?;
+    let render = Render::new(args.common.progress, args.common.quiet);
+    let result = blksync::backup::backup(&args.source, &args.dest, &options, Control { observer: &render, cancel });
+    render.finish();
+    let s = result?;
+    render.line(&format!(
+        "blksync: {} -> point {} ({}): {} changed in {:.2}s",
+        args.source.display(),
+        s.number,
+        s.file,
+        format_size(s.counters.bytes_written + s.counters.bytes_zeroed),
+        s.counters.seconds
+    ));
+    if args.common.json {
+        print_json(&s)?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `blksync list`.
+pub fn list(args: &ListArgs) -> Result<Outcome> {
+    let points = blksync::backup::list(&args.dest)?;
+    if args.json {
+        print_json(&points)?;
+        return Ok(Outcome::Success);
+    }
+    println!("{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  comment", "point", "created", "changed", "size", "stored");
+    for (i, p) in points.iter().enumerate() {
+        // The first point is the base (point 0, or a later one after pruning).
+        let label = if i == 0 { format!("{} base", p.number) } else { p.number.to_string() };
+        println!(
+            "{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  {}",
+            label,
+            format_time(p.created, p.utc_offset),
+            format_size(p.bytes_changed),
+            format_size(p.size),
+            format_size(p.file_size),
+            p.comment
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+fn parse_at(text: Option<&str>) -> Result<blksync::backup::At> {
+    use blksync::backup::At;
+    let Some(text) = text else { return Ok(At::Latest) };
+    if let Ok(n) = text.parse::<u64>() {
+        return Ok(At::Number(n));
+    }
+    // GNU date knows local time zones and many forms ("2026-11-20 03:00", "yesterday 18:00").
+    let out = std::process::Command::new("date").args(["-d", text, "+%s"]).output()?;
+    let secs = String::from_utf8_lossy(&out.stdout).trim().parse::<i64>().ok().filter(|_| out.status.success());
+    secs.map(At::Time).ok_or_else(|| {
+        blksync::Error::usage(format!("--at {text:?} is neither a point number nor a time that date -d understands"))
+            .into()
+    })
+}
+
+/// `blksync restore`.
+pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let at = parse_at(args.at.as_deref())?;
+    if args.target.as_os_str() == "-" {
+        let mut out = std::io::stdout().lock();
+        blksync::backup::restore_to(&args.dest, &mut out, at)?;
+        return Ok(Outcome::Success);
+    }
+    let render = Render::new(args.progress, args.quiet);
+    let result =
+        blksync::backup::restore(&args.dest, &args.target, at, args.force, Control { observer: &render, cancel });
+    render.finish();
+    let s = result?;
+    render.line(&format!(
+        "blksync: restored {} to {}: wrote {}, zeroed {} in {:.2}s",
+        args.dest.display(),
+        args.target.display(),
+        format_size(s.counters.bytes_written),
+        format_size(s.counters.bytes_zeroed),
+        s.counters.seconds
+    ));
+    if args.json {
+        print_json(&s)?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `blksync prune`.
+pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let options = diff_options(&args.common, "")?;
+    let render = Render::new(args.common.progress, args.common.quiet);
+    let result = blksync::backup::prune(&args.dest, args.keep, &options, Control { observer: &render, cancel });
+    render.finish();
+    let s = result?;
+    render.line(&format!(
+        "blksync: folded {} increment(s) into the base (now point {}); {} kept",
+        s.folded, s.base_number, s.kept
+    ));
+    if args.common.json {
+        print_json(&s)?;
+    }
     Ok(Outcome::Success)
 }
 

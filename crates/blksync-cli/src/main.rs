@@ -32,6 +32,10 @@ fn main() -> ExitCode {
         Command::Diff(args) => commands::diff(args, &cancel),
         Command::Apply(args) => commands::apply(args, &cancel),
         Command::Info(args) => commands::info(args),
+        Command::Backup(args) => commands::backup(args, &cancel),
+        Command::List(args) => commands::list(args),
+        Command::Restore(args) => commands::restore(args, &cancel),
+        Command::Prune(args) => commands::prune(args, &cancel),
         Command::Agent(_) => unreachable!("handled above"),
     };
     match result {

@@ -143,3 +143,149 @@ fn info_describes_a_delta() {
     }
     assert_eq!(j["data_bytes"], MIB as u64);
 }
+
+/// Applies a random change to `data`: overwrite, zero, or (sometimes) resize.
+fn mutate(data: &mut Vec<u8>, seed: u64) {
+    let r = random_bytes(32, seed);
+    let pick = |i: usize| u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().unwrap());
+    let len = data.len().max(1);
+    match pick(0) % 6 {
+        0 => {
+            let size = (pick(1) % (4 * MIB as u64)) as usize + 1;
+            data.resize(size, 0);
+            let at = size - 1;
+            data[at] = 0x5A; // a changed partial last block
+        }
+        1 => {
+            let at = (pick(1) as usize) % len;
+            let n = ((pick(2) as usize) % (300 * 1024)).min(data.len() - at);
+            data[at..at + n].fill(0);
+        }
+        _ => {
+            for k in 0..4 {
+                let at = (pick(1).rotate_left(k * 16) as usize) % len;
+                let n = (((pick(2) >> (k * 8)) as usize) % 20_000 + 1).min(data.len() - at);
+                data[at..at + n].copy_from_slice(&random_bytes(n, seed * 10 + u64::from(k)));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_chain_of_32_increments_restores_every_point_and_survives_pruning() {
+    let d = tmp();
+    let (src, dest) = (arg(d.path(), "src"), arg(d.path(), "backups"));
+    let mut data = random_bytes(3 * MIB + 333, 100);
+    let mut history = Vec::new();
+    for i in 0..33u64 {
+        if i > 0 {
+            mutate(&mut data, 100 + i);
+        }
+        write_file(src.as_ref(), &data);
+        ok(&["backup", "-q", "--comment", &format!("point {i}"), &src, &dest]);
+        history.push(data.clone());
+    }
+    let points = ok(&["list", "--json", &dest]).json();
+    assert_eq!(points.as_array().unwrap().len(), 33);
+    assert_eq!(points[7]["comment"], "point 7");
+    let out = arg(d.path(), "restored");
+    for (i, expected) in history.iter().enumerate() {
+        ok(&["restore", "-q", "--at", &i.to_string(), &dest, &out]);
+        assert!(read(out.as_ref()) == *expected, "point {i} restored wrong");
+    }
+    ok(&["prune", "-q", "--keep", "10", &dest]);
+    let points = ok(&["list", "--json", &dest]).json();
+    assert_eq!(points.as_array().unwrap().len(), 11, "the base and 10 increments");
+    assert_eq!(points[0]["number"], 22);
+    for (i, expected) in history.iter().enumerate().skip(22) {
+        ok(&["restore", "-q", "--at", &i.to_string(), &dest, &out]);
+        assert!(read(out.as_ref()) == *expected, "point {i} restored wrong after pruning");
+    }
+    assert_eq!(run(&["restore", "--at", "5", &dest, &out]).code(), 3);
+    // Backups go on after a prune, and the newest restores to stdout too.
+    mutate(&mut data, 999);
+    write_file(src.as_ref(), &data);
+    ok(&["backup", "-q", &src, &dest]);
+    let streamed = support::blksync().args(["restore", &dest, "-"]).output().unwrap();
+    assert!(streamed.stdout == data);
+}
+
+#[test]
+fn an_unchanged_backup_is_a_tiny_harmless_increment() {
+    let d = tmp();
+    let (src, dest) = (arg(d.path(), "src"), arg(d.path(), "b"));
+    write_file(src.as_ref(), &random_bytes(4 * MIB, 7));
+    ok(&["backup", "-q", &src, &dest]);
+    let j = ok(&["backup", "-q", "--json", &src, &dest]).json();
+    assert_eq!(j["number"], 1);
+    assert_eq!(j["bytes_written"], 0);
+    let points = ok(&["list", "--json", &dest]).json();
+    assert!(points[1]["file_size"].as_u64().unwrap() < 400);
+    assert_eq!(points[1]["bytes_changed"], 0);
+}
+
+#[test]
+fn a_backup_killed_mid_run_leaves_a_chain_that_backs_up_and_restores() {
+    let d = tmp();
+    let (src, dest, out) = (arg(d.path(), "src"), arg(d.path(), "b"), arg(d.path(), "r"));
+    let mut data = random_bytes(8 * MIB, 8);
+    write_file(src.as_ref(), &data);
+    ok(&["backup", "-q", &src, &dest]);
+    data[MIB..5 * MIB].copy_from_slice(&random_bytes(4 * MIB, 9));
+    write_file(src.as_ref(), &data);
+    // Killed while writing an increment, then while writing the very first base elsewhere.
+    for target in [dest.clone(), arg(d.path(), "fresh")] {
+        let mut child = support::blksync().args(["backup", "-q", "--bwlimit", "2M", &src, &target]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(ok(&["list", "--json", &dest]).json().as_array().unwrap().len(), 1, "no half increment in the chain");
+    ok(&["backup", "-q", &src, &dest]);
+    ok(&["restore", "-q", &dest, &out]);
+    assert!(read(out.as_ref()) == data);
+    assert!(
+        std::fs::read_dir(&dest).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")),
+        "leftovers are cleaned up"
+    );
+    assert_eq!(run(&["list", &arg(d.path(), "fresh")]).code(), 3, "a killed first backup is no backup");
+    ok(&["backup", "-q", &src, &arg(d.path(), "fresh")]);
+}
+
+#[test]
+fn a_truncated_increment_is_a_clear_error() {
+    let d = tmp();
+    let (src, dest, out) = (arg(d.path(), "src"), arg(d.path(), "b"), arg(d.path(), "r"));
+    let mut data = random_bytes(2 * MIB, 10);
+    write_file(src.as_ref(), &data);
+    ok(&["backup", "-q", &src, &dest]);
+    data[..100_000].copy_from_slice(&random_bytes(100_000, 11));
+    write_file(src.as_ref(), &data);
+    ok(&["backup", "-q", &src, &dest]);
+    let inc = d.path().join("b/inc-000001.delta");
+    let bytes = read(&inc);
+    write_file(&inc, &bytes[..bytes.len() / 2]);
+    for args in [vec!["restore", "-q", &dest, &out], vec!["list", &dest], vec!["backup", "-q", &src, &dest]] {
+        let out = run(&args);
+        assert_eq!(out.code(), 9, "{args:?}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("inc-000001.delta"), "{}", out.stderr_text());
+    }
+    assert!(!std::path::Path::new(&out).exists(), "nothing restored from a damaged chain");
+}
+
+#[test]
+fn restore_at_a_time_picks_the_newest_point_before_it() {
+    let d = tmp();
+    let (src, dest, out) = (arg(d.path(), "src"), arg(d.path(), "b"), arg(d.path(), "r"));
+    let first = random_bytes(MIB, 12);
+    write_file(src.as_ref(), &first);
+    ok(&["backup", "-q", &src, &dest]);
+    write_file(src.as_ref(), &random_bytes(MIB, 13));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    ok(&["backup", "-q", &src, &dest]);
+    let created = ok(&["list", "--json", &dest]).json()[0]["created"].as_i64().unwrap();
+    ok(&["restore", "-q", "--at", &format!("@{created}"), &dest, &out]);
+    assert!(read(out.as_ref()) == first);
+    assert_eq!(run(&["restore", "--at", "1999-01-01", &dest, &out]).code(), 3);
+    assert_eq!(run(&["restore", "--at", "not a time", &dest, &out]).code(), 2);
+}

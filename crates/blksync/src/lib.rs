@@ -23,6 +23,8 @@
 //! ```
 
 pub mod agent;
+pub mod backup;
+pub mod chain;
 pub mod compare;
 pub mod compress;
 pub mod delta;

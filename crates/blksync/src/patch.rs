@@ -29,6 +29,8 @@ pub struct DiffOptions {
     pub keep_cache: bool,
     /// Stored in the header.
     pub comment: String,
+    /// Read the source at most this many bytes per second.
+    pub bwlimit: Option<u64>,
 }
 
 /// What `diff` wrote.
@@ -45,7 +47,8 @@ pub struct DiffSummary {
     pub file_size: u64,
 }
 
-fn random_id() -> Result<[u8; 16]> {
+/// A random 16-byte id.
+pub fn random_id() -> Result<[u8; 16]> {
     use std::io::Read;
     let mut id = [0u8; 16];
     std::fs::File::open("/dev/urandom")
@@ -56,7 +59,7 @@ fn random_id() -> Result<[u8; 16]> {
 
 /// Seconds since the epoch and the local UTC offset, from `date` semantics without a time-zone
 /// database: the offset is what `localtime_r` says, via the `TZ`-aware `date +%z`.
-fn now() -> (i64, i32) {
+pub(crate) fn now() -> (i64, i32) {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -87,35 +90,48 @@ pub fn diff(
 ) -> Result<DiffSummary> {
     let src = Local::open_source(source)?;
     let old = Local::open_source(base)?;
+    write_delta(&src, &old, out, [0; 16], options, control)
+}
+
+/// Writes to `out` a delta that turns `old` into `src`, linked to `parent`.
+pub fn write_delta(
+    src: &dyn Source,
+    old: &dyn Source,
+    out: &Path,
+    parent: [u8; 16],
+    options: &DiffOptions,
+    control: Control<'_>,
+) -> Result<DiffSummary> {
     let (created, utc_offset) = now();
     let header = Header {
         id: random_id()?,
-        parent: [0; 16],
+        parent,
         block_size: options.block_size as u32,
         size_before: old.size(),
         size_after: src.size(),
         created,
         utc_offset,
-        source: source.display().to_string(),
+        source: src.name().display().to_string(),
         source_identity: String::new(),
         comment: options.comment.clone(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
     };
     let writer = Writer::create(out, &header)?;
+    let throttle = options.bwlimit.map(crate::throttle::Throttle::new);
     let counters = Counters::new();
     counters.set_total(src.size());
     control.observer.phase(Phase::Compare, src.size());
     let scan = Scan {
-        source: &src,
+        source: src,
         source_len: src.size(),
-        dest: &old,
+        dest: old,
         scan_len: src.size(),
         block_size: options.block_size,
         threads: options.threads,
         keep_cache: options.keep_cache,
         action: Action::Record(&writer),
         keep_ranges: 0,
-        throttle: None,
+        throttle: throttle.as_ref(),
     };
     let found = match scan.run(&counters, control) {
         Ok(found) if !found.cancelled => found,
