@@ -307,6 +307,10 @@ pub struct SyncArgs {
     /// back as zeros (thin volumes stay thin); otherwise write zeros.
     #[arg(long)]
     pub discard: bool,
+    /// Save the old content of every block this sync overwrites into FILE, a delta that
+    /// `blksync apply FILE DST` uses to roll DST back (local destinations).
+    #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
+    pub undo: Option<PathBuf>,
     /// Compress data sent over ssh: auto (zstd level 1 when it pays, never slowing a fast
     /// link), off, or a zstd level (1-19).
     #[arg(long, value_name = "auto|off|LEVEL", default_value = "auto", value_parser = parse_compress)]

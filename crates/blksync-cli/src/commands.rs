@@ -70,11 +70,15 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         discard: args.discard,
         threads: threads(&args.common),
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
+        undo: args.undo.clone(),
     };
     let render = Render::new(args.common.progress, args.common.quiet);
     let control = Control { observer: &render, cancel };
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
         (Location::Local(src), Location::Local(dst)) => sync_paths(&src, &dst, &options, control),
+        (_, _) if args.undo.is_some() => {
+            return Err(blksync::Error::usage("--undo works when both endpoints are local (for now)").into());
+        }
         (src, dst) => {
             let remote = RemoteOptions {
                 sync: options,

@@ -57,6 +57,8 @@ pub(crate) struct Scan<'a> {
     pub keep_ranges: usize,
     /// Limits the rate of source reads.
     pub throttle: Option<&'a Throttle>,
+    /// When applying, first save the old content of every run into this undo log.
+    pub undo: Option<&'a crate::delta::Writer>,
 }
 
 /// What a scan found.
@@ -286,6 +288,19 @@ impl Scan<'_> {
                 } else {
                     counters.add_written(run.len);
                 }
+            }
+            if let (Action::Apply(_), Some(undo)) = (self.action, self.undo) {
+                // The undo log turns the new content back into the old: the old bytes are the
+                // record, the new ones its "before".
+                let range = run.offset as usize..run.end() as usize;
+                let old = &dst[range.clone()];
+                let (kind, old) = if dest_is_zero || is_zero(old) {
+                    (crate::delta::Kind::Zeros, &[][..])
+                } else {
+                    (crate::delta::Kind::Data, old)
+                };
+                let new = (fix == Fix::Data).then(|| &src[range]);
+                undo.record(kind, at, run.len as u32, old, new)?;
             }
             if let Action::Apply(target) = self.action {
                 match fix {

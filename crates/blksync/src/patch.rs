@@ -132,6 +132,7 @@ pub fn write_delta(
         action: Action::Record(&writer),
         keep_ranges: 0,
         throttle: throttle.as_ref(),
+        undo: None,
     };
     let found = match scan.run(&counters, control) {
         Ok(found) if !found.cancelled => found,

@@ -361,6 +361,7 @@ impl Peer {
             discard: flags & f::DISCARD != 0,
             threads: worker_count(threads),
             bwlimit: (bwlimit > 0).then_some(bwlimit),
+            undo: None,
         };
         let source = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(source));
         let target = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(target));

@@ -179,6 +179,7 @@ pub fn sync(
         warnings,
         bytes_sent: 0,
         bytes_received: 0,
+        undo_log: None,
     };
     if o.verify && !o.dry_run {
         verify(&pass, &summary, control)?;
@@ -348,6 +349,7 @@ fn follow_local_sync(link: &mut Link, request: Msg, o: &SyncOptions, control: Co
                     warnings,
                     bytes_sent: 0,
                     bytes_received: 0,
+                    undo_log: None,
                 });
             }
             other => return Err(link.unexpected(&other)),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::delta;
 use crate::endpoint::local::{Local, OpenTarget};
 use crate::endpoint::{Identity, Source, Target};
 use crate::engine::{Action, Scan};
@@ -44,6 +45,8 @@ pub struct SyncOptions {
     pub threads: usize,
     /// Read the source at most this many bytes per second.
     pub bwlimit: Option<u64>,
+    /// Save the old content of every block overwritten into this delta file (`--undo`).
+    pub undo: Option<std::path::PathBuf>,
 }
 
 impl Default for SyncOptions {
@@ -59,6 +62,7 @@ impl Default for SyncOptions {
             discard: false,
             threads: default_threads(),
             bwlimit: None,
+            undo: None,
         }
     }
 }
@@ -108,6 +112,9 @@ pub struct Summary {
     pub bytes_sent: u64,
     /// Bytes received over ssh.
     pub bytes_received: u64,
+    /// The undo log written, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undo_log: Option<String>,
 }
 
 /// The destination path: `dest` itself, or `dest/<source file name>` when `dest` is a directory
@@ -172,6 +179,13 @@ pub fn sync(
         control.observer.warn(w);
         warnings.push(w.clone());
     }
+    if options.undo.is_some() && options.dry_run {
+        return Err(Error::usage("--undo and --dry-run contradict each other"));
+    }
+    let undo = match &options.undo {
+        Some(path) => Some(start_undo(path, src, dst, sizing.resize_to.unwrap_or(before), before)?),
+        None => None,
+    };
     if let (Some(size), false) = (sizing.resize_to, options.dry_run) {
         dst.set_size(size)?;
     }
@@ -191,10 +205,20 @@ pub fn sync(
         action: if options.dry_run { Action::Compare } else { Action::Apply(dst) },
         keep_ranges: 0,
         throttle: throttle.as_ref(),
+        undo: undo.as_ref(),
     };
     let scanned = scan.run(&counters, control);
     // Whatever happened, make what was written durable before saying anything about it.
     let flushed = if options.dry_run { Ok(()) } else { dst.flush() };
+    // The undo log holds the old content of every block written so far (each was recorded
+    // before it was overwritten), so it is valid even after a failure or an interruption.
+    let undo_log = match (undo, &options.undo) {
+        (Some(writer), Some(path)) => {
+            writer.commit()?;
+            Some(path.display().to_string())
+        }
+        _ => None,
+    };
     let found = scanned?;
     flushed?;
     if !options.keep_cache {
@@ -224,12 +248,47 @@ pub fn sync(
         warnings,
         bytes_sent: 0,
         bytes_received: 0,
+        undo_log,
     };
     if options.verify && !options.dry_run {
         verify(src, dst, &sizing, options, control)?;
         summary.verified = true;
     }
     Ok(summary)
+}
+
+/// Starts an undo log that turns the destination, `new_size` bytes after the sync, back into
+/// its `old_size` bytes now. A tail that the sync will truncate is saved first.
+fn start_undo(path: &Path, src: &dyn Source, dst: &dyn Target, new_size: u64, old_size: u64) -> Result<delta::Writer> {
+    let (created, utc_offset) = crate::patch::now();
+    let header = delta::Header {
+        id: crate::patch::random_id()?,
+        parent: [0; 16],
+        block_size: 4096,
+        size_before: new_size,
+        size_after: old_size,
+        created,
+        utc_offset,
+        source: dst.name().display().to_string(),
+        source_identity: String::new(),
+        comment: format!("undo log of a sync from {}", src.name().display()),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let writer = delta::Writer::create(path, &header)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = new_size;
+    while pos < old_size {
+        let n = (old_size - pos).min(buf.len() as u64) as usize;
+        dst.read_at(&mut buf[..n], pos)?;
+        let (kind, data) = if crate::zero::is_zero(&buf[..n]) {
+            (delta::Kind::Zeros, &[][..])
+        } else {
+            (delta::Kind::Data, &buf[..n])
+        };
+        writer.record(kind, pos, n as u32, data, None)?;
+        pos += n as u64;
+    }
+    Ok(writer)
 }
 
 fn verify(
@@ -256,6 +315,7 @@ fn verify(
         action: Action::Compare,
         keep_ranges: 1,
         throttle: None,
+        undo: None,
     }
     .run(&counters, control)?;
     if found.cancelled {
