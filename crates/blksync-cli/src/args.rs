@@ -57,6 +57,9 @@ pub enum Command {
     /// target's content checked against it, before anything is written.
     #[command(after_help = EXIT_CODES)]
     Apply(ApplyArgs),
+    /// Merge consecutive deltas into one with the same effect as applying them in order.
+    #[command(after_help = EXIT_CODES)]
+    Merge(MergeArgs),
     /// Validate a delta file and print its header and statistics.
     #[command(after_help = EXIT_CODES)]
     Info(InfoArgs),
@@ -184,6 +187,20 @@ pub struct PruneArgs {
     pub keep: u64,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// `blksync merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The deltas, oldest first.
+    #[arg(value_name = "DELTA", required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
+    /// The merged delta to write.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Print one JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blksync info`.

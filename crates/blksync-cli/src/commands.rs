@@ -14,8 +14,8 @@ use blksync::relay::{RemoteOptions, Side, compare_locations, sync_locations};
 use blksync::ssh::SshOptions;
 
 use crate::args::{
-    AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, ListArgs, PruneArgs, RemoteArgs,
-    RestoreArgs, SyncArgs,
+    AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, ListArgs, MergeArgs, PruneArgs,
+    RemoteArgs, RestoreArgs, SyncArgs,
 };
 use crate::render::Render;
 
@@ -236,6 +236,24 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
     ));
     if args.json {
         print_json(&summary)?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `blksync merge`.
+pub fn merge(args: &MergeArgs) -> Result<Outcome> {
+    let inputs: Vec<&std::path::Path> = args.inputs.iter().map(std::path::PathBuf::as_path).collect();
+    let info = blksync::patch::merge(&inputs, &args.output)?;
+    if args.json {
+        print_json(&info)?;
+    } else {
+        eprintln!(
+            "blksync: merged {} deltas into {} ({}, {} records)",
+            inputs.len(),
+            info.path,
+            format_size(info.file_size),
+            info.records
+        );
     }
     Ok(Outcome::Success)
 }

@@ -157,14 +157,14 @@ impl Chain {
 
 /// What covers `[start, end)` in an image: a record of a delta, or zeros.
 #[derive(Debug, Clone, Copy)]
-struct Piece {
-    end: u64,
+pub(crate) struct Piece {
+    pub(crate) end: u64,
     /// `None` for zeros.
-    source: Option<(usize, Entry)>,
+    pub(crate) source: Option<(usize, Entry)>,
 }
 
 /// Removes `[start, end)` from the pieces, trimming those that overlap it.
-fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
+pub(crate) fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
     if start >= end {
         return;
     }

@@ -105,6 +105,10 @@ pub struct Record {
     pub data: Vec<u8>,
 }
 
+/// The `before_hash` of a record whose old content is not known (parts of merged deltas);
+/// `apply` does not check the target under such a record.
+pub const UNRECORDED: [u8; 16] = [0; 16];
+
 /// BLAKE3 truncated to 16 bytes.
 #[must_use]
 pub fn hash16(parts: &[&[u8]]) -> [u8; 16] {
@@ -221,6 +225,12 @@ impl Writer {
             Some(b) => hash16(&[b]),
             None => zero_hash(u64::from(len)),
         };
+        self.record_hashed(kind, offset, len, data, before_hash)
+    }
+
+    /// Appends a record whose old content is known only by its hash ([`UNRECORDED`] when not
+    /// at all).
+    pub fn record_hashed(&self, kind: Kind, offset: u64, len: u32, data: &[u8], before_hash: [u8; 16]) -> Result<()> {
         let data = if kind == Kind::Data { data } else { &[] };
         let hash = record_hash(kind, offset, len, &before_hash, data);
         // Compress outside the lock so workers compress in parallel.

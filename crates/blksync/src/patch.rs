@@ -257,7 +257,7 @@ fn check_target(delta: &Delta, target: &Local) -> Result<()> {
             target.read_at(&mut buf[..n], entry.offset)?;
             delta::hash16(&[&buf])
         };
-        if expected != record.before_hash {
+        if record.before_hash != delta::UNRECORDED && expected != record.before_hash {
             return Err(wrong(format!(
                 "the content at byte offset {} is not what the delta was made against",
                 entry.offset
@@ -296,4 +296,118 @@ pub fn info(path: &Path) -> Result<Info> {
         zero_bytes: sum(Kind::Zeros),
         header: d.header,
     })
+}
+
+/// Merges consecutive deltas into one that has the same effect as applying them in order.
+///
+/// Each record of the result covers the range where some delta first touched the image, so it
+/// keeps that record's `before_hash` and `apply` still checks the target; parts that a later
+/// delta touched beyond what earlier ones did are marked [`delta::UNRECORDED`].
+pub fn merge(inputs: &[&Path], out: &Path) -> Result<Info> {
+    use crate::chain::{Piece, cut};
+    use std::collections::BTreeMap;
+    let deltas: Vec<Delta> = inputs.iter().map(|p| Delta::open(p)).collect::<Result<_>>()?;
+    let (Some(first), Some(last)) = (deltas.first(), deltas.last()) else {
+        return Err(Error::usage("merge needs at least one delta"));
+    };
+    for pair in deltas.windows(2) {
+        let (a, b) = (&pair[0].header, &pair[1].header);
+        let linked = b.parent == a.id || b.parent == [0; 16];
+        if b.size_before != a.size_after || !linked {
+            return Err(Error::new(
+                ErrorKind::WrongTarget,
+                format!(
+                    "{} does not follow {}: not consecutive deltas",
+                    pair[1].path().display(),
+                    pair[0].path().display()
+                ),
+            ));
+        }
+    }
+    // Final content: newest record wins; a shrink makes what lay beyond read as zeros.
+    let mut pieces: BTreeMap<u64, Piece> = BTreeMap::new();
+    // Where each region was first touched, with the old content's hash when exactly known.
+    let mut touched: BTreeMap<u64, (u64, [u8; 16])> = BTreeMap::new();
+    let mut size = first.header.size_before;
+    for (d, delta) in deltas.iter().enumerate() {
+        if delta.header.size_after < size {
+            cut(&mut pieces, delta.header.size_after, size);
+            pieces.insert(delta.header.size_after, Piece { end: size, source: None });
+            mark(&mut touched, delta.header.size_after, size, None);
+        }
+        size = delta.header.size_after;
+        for entry in &delta.index {
+            let end = entry.offset + u64::from(entry.len);
+            let record = delta.read(entry)?;
+            mark(&mut touched, entry.offset, end, Some(record.before_hash));
+            cut(&mut pieces, entry.offset, end);
+            pieces.insert(entry.offset, Piece { end, source: (entry.kind == Kind::Data).then_some((d, *entry)) });
+        }
+    }
+    let header = Header {
+        parent: first.header.parent,
+        size_before: first.header.size_before,
+        comment: format!("merge of {} deltas", deltas.len()),
+        ..last.header.clone()
+    };
+    let writer = Writer::create(out, &header)?;
+    let result = (|| {
+        for (&start, &(touched_end, before)) in &touched {
+            let end = touched_end.min(size);
+            let mut pos = start;
+            // Output records of at most 1 MiB.
+            while pos < end {
+                let stop = (pos + (1 << 20)).min(end);
+                let mut buf = vec![0u8; (stop - pos) as usize];
+                for (&s, piece) in pieces.range(..stop).rev().take_while(|(_, p)| p.end > pos) {
+                    let (a, b) = (s.max(pos), piece.end.min(stop));
+                    if let (Some((d, entry)), true) = (piece.source, a < b) {
+                        let record = deltas[d].read(&entry)?;
+                        let from = (a - entry.offset) as usize;
+                        buf[(a - pos) as usize..(b - pos) as usize]
+                            .copy_from_slice(&record.data[from..from + (b - a) as usize]);
+                    }
+                }
+                // The old hash covers the whole first-touch range: exact only when it is
+                // written as one record.
+                let exact = if pos == start && stop == touched_end { before } else { delta::UNRECORDED };
+                let kind = if crate::zero::is_zero(&buf) { Kind::Zeros } else { Kind::Data };
+                writer.record_hashed(kind, pos, buf.len() as u32, &buf, exact)?;
+                pos = stop;
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            writer.commit()?;
+            info(out)
+        }
+        Err(e) => {
+            writer.abandon();
+            Err(e)
+        }
+    }
+}
+
+/// Records `[start, end)` as touched where it was not yet; `before` is kept only for a range
+/// touched for the first time as a whole.
+fn mark(
+    touched: &mut std::collections::BTreeMap<u64, (u64, [u8; 16])>,
+    start: u64,
+    end: u64,
+    before: Option<[u8; 16]>,
+) {
+    let covered: Vec<crate::extent::Extent> = touched
+        .range(..end)
+        .filter(|(_, (e, _))| *e > start)
+        .map(|(&s, &(e, _))| crate::extent::Extent::between(s, e))
+        .collect();
+    let range = crate::extent::Extent::between(start, end);
+    let gaps = crate::extent::gaps(range, &covered);
+    let whole = gaps.len() == 1 && gaps[0] == range;
+    for gap in gaps {
+        let hash = if whole { before.unwrap_or(delta::UNRECORDED) } else { delta::UNRECORDED };
+        touched.insert(gap.offset, (gap.end(), hash));
+    }
 }
