@@ -356,3 +356,19 @@ fn applying_a_merge_equals_applying_its_parts() {
     assert_eq!(out.code(), 10, "{}", out.stderr_text());
     ok(&["merge", "-o", &merged, &i1, &i2]);
 }
+
+#[test]
+fn a_delta_names_the_filesystem_it_came_from() {
+    let d = tmp();
+    let (img, old, patch) = (arg(d.path(), "fs.img"), arg(d.path(), "old"), arg(d.path(), "p"));
+    std::fs::File::create(&img).unwrap().set_len(16 * MIB as u64).unwrap();
+    let made = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-L", "vmdisk", &img]).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: mkfs.ext4 is not available");
+        return;
+    }
+    write_file(old.as_ref(), &vec![0u8; 16 * MIB]);
+    ok(&["diff", "-q", &img, &old, "-o", &patch]);
+    let identity = ok(&["info", "--json", &patch]).json()["header"]["source_identity"].as_str().unwrap().to_string();
+    assert!(identity.contains("LABEL=vmdisk") && identity.contains("TYPE=ext4"), "{identity}");
+}

@@ -96,7 +96,7 @@ pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control
             created,
             utc_offset,
             source: source.display().to_string(),
-            source_identity: String::new(),
+            source_identity: crate::patch::source_identity(source),
             comment: options.comment.clone(),
             tool_version: env!("CARGO_PKG_VERSION").into(),
         };

@@ -47,6 +47,20 @@ pub struct DiffSummary {
     pub file_size: u64,
 }
 
+/// `UUID=… LABEL=… TYPE=…` of the filesystem on `path`, as `blkid` reports it; empty when there
+/// is none or blkid is missing. Informational: it tells which volume a delta came from.
+#[must_use]
+pub fn source_identity(path: &Path) -> String {
+    let Ok(out) = std::process::Command::new("blkid").args(["-o", "export"]).arg(path).output() else {
+        return String::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| ["UUID=", "LABEL=", "TYPE="].iter().any(|k| l.starts_with(k)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A random 16-byte id.
 pub fn random_id() -> Result<[u8; 16]> {
     use std::io::Read;
@@ -112,7 +126,7 @@ pub fn write_delta(
         created,
         utc_offset,
         source: src.name().display().to_string(),
-        source_identity: String::new(),
+        source_identity: source_identity(src.name()),
         comment: options.comment.clone(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
     };
