@@ -55,7 +55,7 @@ pub enum Command {
     Diff(DiffArgs),
     /// Apply one delta, or a chain in order, to TARGET. Every delta is validated, and the
     /// target's content checked against it, before anything is written.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, override_usage = "blksync apply [OPTIONS] PATCH... TARGET")]
     Apply(ApplyArgs),
     /// Merge consecutive deltas into one with the same effect as applying them in order.
     #[command(after_help = EXIT_CODES)]
@@ -105,20 +105,13 @@ pub struct DiffArgs {
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     /// Delta files, in the order to apply them, then the target.
-    #[arg(value_name = "PATCH... TARGET", num_args = 2.., required = true)]
+    #[arg(value_name = "PATH", num_args = 2.., required = true)]
     pub paths: Vec<PathBuf>,
     /// Write to a block device even when it is mounted or in use.
     #[arg(long)]
     pub force: bool,
-    /// How to show progress on stderr.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "MODE")]
-    pub progress: ProgressMode,
-    /// Print one JSON summary on stdout at the end.
-    #[arg(long)]
-    pub json: bool,
-    /// Print nothing on stderr but errors.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `blksync backup`.
@@ -165,15 +158,8 @@ pub struct RestoreArgs {
     /// Write to a block device even when it is mounted or in use.
     #[arg(long)]
     pub force: bool,
-    /// How to show progress on stderr.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "MODE")]
-    pub progress: ProgressMode,
-    /// Print one JSON summary on stdout at the end (not with TARGET -).
-    #[arg(long)]
-    pub json: bool,
-    /// Print nothing on stderr but errors.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `blksync prune`.
@@ -269,13 +255,8 @@ pub struct CommonArgs {
     /// Comparison granularity: a power of two from 512 to 1M.
     #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_size)]
     pub block_size: u64,
-    /// How to show progress on stderr: a bar (on a terminal), a line every few seconds (for cron
-    /// and logs), or nothing. auto picks bar on a terminal and plain otherwise.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "MODE")]
-    pub progress: ProgressMode,
-    /// Print one JSON summary on stdout at the end.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Keep what was read in the page cache (by default it is dropped, so a large sync does not
     /// evict everyone else's cache).
     #[arg(long)]
@@ -287,6 +268,18 @@ pub struct CommonArgs {
     /// production disk.
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     pub bwlimit: Option<u64>,
+}
+
+/// How results and progress are shown.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// How to show progress on stderr: a bar (on a terminal), a line every few seconds (for cron
+    /// and logs), or nothing. auto picks bar on a terminal and plain otherwise.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "MODE")]
+    pub progress: ProgressMode,
+    /// Print one JSON summary on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
     /// Print no progress, warnings or summary on stderr (errors still appear).
     #[arg(short, long)]
     pub quiet: bool,

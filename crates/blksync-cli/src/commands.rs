@@ -72,7 +72,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
         undo: args.undo.clone(),
     };
-    let render = Render::new(args.common.progress, args.common.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet);
     let control = Control { observer: &render, cancel };
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
         (Location::Local(src), Location::Local(dst)) => sync_paths(&src, &dst, &options, control),
@@ -118,7 +118,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
             format_size(summary.bytes_received)
         ));
     }
-    if args.common.json {
+    if args.common.output.json {
         print_json(&summary)?;
     }
     Ok(Outcome::Success)
@@ -132,7 +132,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         threads: threads(&args.common),
         max_ranges: args.max_ranges,
     };
-    let render = Render::new(args.common.progress, args.common.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet);
     let control = Control { observer: &render, cancel };
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
         (Location::Local(a), Location::Local(b)) => compare_paths(&a, &b, &options, control),
@@ -149,7 +149,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     };
     render.finish();
     let cmp = result?;
-    if args.common.json {
+    if args.common.output.json {
         print_json(&cmp)?;
     } else if cmp.identical {
         println!("{} and {} are identical ({} bytes)", cmp.source, cmp.destination, cmp.source_size);
@@ -197,7 +197,7 @@ fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::Di
 /// `blksync diff`.
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
-    let render = Render::new(args.common.progress, args.common.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet);
     let result =
         blksync::patch::diff(&args.source, &args.base, &args.output, &options, Control { observer: &render, cancel });
     render.finish();
@@ -213,7 +213,7 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(summary.file_size),
         c.seconds
     ));
-    if args.common.json {
+    if args.common.output.json {
         print_json(&summary)?;
     }
     Ok(Outcome::Success)
@@ -223,7 +223,7 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
 pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let (target, deltas) = args.paths.split_last().ok_or_else(|| anyhow::anyhow!("apply needs PATCH... TARGET"))?;
     let deltas: Vec<&std::path::Path> = deltas.iter().map(std::path::PathBuf::as_path).collect();
-    let render = Render::new(args.progress, args.quiet);
+    let render = Render::new(args.output.progress, args.output.quiet);
     let result = blksync::patch::apply(&deltas, target, args.force, Control { observer: &render, cancel });
     render.finish();
     let summary = result?;
@@ -234,7 +234,7 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(summary.counters.bytes_written),
         format_size(summary.counters.bytes_zeroed)
     ));
-    if args.json {
+    if args.output.json {
         print_json(&summary)?;
     }
     Ok(Outcome::Success)
@@ -292,7 +292,7 @@ pub fn info(args: &InfoArgs) -> Result<Outcome> {
 /// `blksync backup`.
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
-    let render = Render::new(args.common.progress, args.common.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet);
     let result = blksync::backup::backup(&args.source, &args.dest, &options, Control { observer: &render, cancel });
     render.finish();
     let s = result?;
@@ -304,7 +304,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(s.counters.bytes_written + s.counters.bytes_zeroed),
         s.counters.seconds
     ));
-    if args.common.json {
+    if args.common.output.json {
         print_json(&s)?;
     }
     Ok(Outcome::Success)
@@ -357,7 +357,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
         blksync::backup::restore_to(&args.dest, &mut out, at)?;
         return Ok(Outcome::Success);
     }
-    let render = Render::new(args.progress, args.quiet);
+    let render = Render::new(args.output.progress, args.output.quiet);
     let result =
         blksync::backup::restore(&args.dest, &args.target, at, args.force, Control { observer: &render, cancel });
     render.finish();
@@ -370,7 +370,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(s.counters.bytes_zeroed),
         s.counters.seconds
     ));
-    if args.json {
+    if args.output.json {
         print_json(&s)?;
     }
     Ok(Outcome::Success)
@@ -379,7 +379,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
 /// `blksync prune`.
 pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, "")?;
-    let render = Render::new(args.common.progress, args.common.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet);
     let result = blksync::backup::prune(&args.dest, args.keep, &options, Control { observer: &render, cancel });
     render.finish();
     let s = result?;
@@ -387,7 +387,7 @@ pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
         "blksync: folded {} increment(s) into the base (now point {}); {} kept",
         s.folded, s.base_number, s.kept
     ));
-    if args.common.json {
+    if args.common.output.json {
         print_json(&s)?;
     }
     Ok(Outcome::Success)
