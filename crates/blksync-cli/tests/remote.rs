@@ -98,6 +98,15 @@ fn two_paths_on_one_host_sync_there_over_one_connection() {
     // Errors there come back typed.
     let out = env.run(&["sync", "--no-resize", &env.remote("src"), &env.remote("nope/x")]);
     assert_eq!(out.code(), 3, "{}", out.stderr_text());
+    // compare runs there too.
+    assert_eq!(env.run(&["compare", &env.remote("src"), &env.remote("copy")]).code(), 0);
+    patch(env.path("copy").as_ref(), 3 * MIB as u64, b"!");
+    let out = env.run(&["compare", &env.remote("src"), &env.remote("copy")]);
+    assert_eq!(out.code(), 1);
+    assert!(out.stdout_text().contains(&format!("bytes {}..{}", 3 * MIB, 3 * MIB + 4096)), "{}", out.stdout_text());
+    let j = env.run(&["compare", "--json", &env.remote("src"), &env.remote("copy")]).json();
+    assert_eq!(j["destination"], env.remote("copy"));
+    assert_eq!(env.run(&["compare", &env.remote("src"), &env.remote("nope")]).code(), 2);
 }
 
 #[test]

@@ -176,6 +176,9 @@ impl Peer {
                 self.start_local_sync(&source, &target, block, flags, threads, bwlimit)?;
             }
             Msg::Cancel => self.cancel.store(true, Ordering::Relaxed),
+            Msg::LocalCompare { first, second, block, max_ranges } => {
+                self.start_local_compare(&first, &second, block, max_ranges)?;
+            }
             other => return Err(Error::protocol(format!("unexpected message from the client: {other:?}"))),
         }
         Ok(())
@@ -378,6 +381,43 @@ impl Peer {
                     size_after: s.destination_size_after,
                     verified: s.verified,
                     destination: s.destination.into_bytes(),
+                },
+                Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+            };
+            let _ = replies.send(reply);
+        }));
+        Ok(())
+    }
+}
+
+impl Peer {
+    /// Both images are on this host: compare them here (bytes, not hashes) and report.
+    fn start_local_compare(&mut self, first: &[u8], second: &[u8], block: u32, max_ranges: u32) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let options = crate::compare::CompareOptions {
+            block_size: crate::sync::check_block_size(u64::from(block))?,
+            keep_cache: false,
+            threads: worker_count(0),
+            max_ranges: max_ranges as usize,
+        };
+        let first = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(first));
+        let second = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(second));
+        let (replies, cancel) = (self.replies.clone(), Arc::clone(&self.cancel));
+        self.jobs.push(std::thread::spawn(move || {
+            let observer = WireObserver { replies: replies.clone(), state: Mutex::new((0, std::time::Instant::now())) };
+            let control = crate::progress::Control { observer: &observer, cancel: &cancel };
+            let reply = match crate::compare::compare_paths(&first, &second, &options, control) {
+                Ok(c) => Msg::Compared {
+                    counters: counters_of(&c.counters),
+                    seconds: c.counters.seconds.to_bits(),
+                    first_size: c.source_size,
+                    second_size: c.destination_size,
+                    range_count: c.ranges_differing,
+                    ranges: c
+                        .ranges
+                        .iter()
+                        .flat_map(|r| [r.offset.to_le_bytes(), r.len.to_le_bytes()].concat())
+                        .collect(),
                 },
                 Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
             };

@@ -298,8 +298,9 @@ fn sync_on_host(
     result
 }
 
-/// Relays a remote `LocalSync`'s progress to the observer until it ends.
-fn follow_local_sync(link: &mut Link, request: Msg, o: &SyncOptions, control: Control<'_>) -> Result<Summary> {
+/// Relays a remote job's progress and warnings to the observer until it ends; returns its final
+/// reply and the warnings.
+fn follow_job(link: &mut Link, request: Msg, control: Control<'_>) -> Result<(Msg, Vec<String>)> {
     let mut warnings = Vec::new();
     let mut cancel_sent = false;
     let mut next = Some(link.call(request)?);
@@ -335,26 +336,76 @@ fn follow_local_sync(link: &mut Link, request: Msg, o: &SyncOptions, control: Co
                 control.observer.warn(&text);
                 warnings.push(text);
             }
-            Msg::Synced { counters, seconds, ranges, size_before, size_after, verified, destination } => {
-                return Ok(Summary {
-                    source: String::new(),
-                    destination: String::from_utf8_lossy(&destination).into_owned(),
-                    dry_run: o.dry_run,
-                    block_size: o.block_size,
-                    counters: crate::peer::snapshot_of(counters, f64::from_bits(seconds)),
-                    ranges_differing: ranges,
-                    destination_size_before: size_before,
-                    destination_size_after: size_after,
-                    verified,
-                    warnings,
-                    bytes_sent: 0,
-                    bytes_received: 0,
-                    undo_log: None,
-                });
-            }
-            other => return Err(link.unexpected(&other)),
+            last => return Ok((last, warnings)),
         }
     }
+}
+
+/// Relays a remote `LocalSync` until it ends.
+fn follow_local_sync(link: &mut Link, request: Msg, o: &SyncOptions, control: Control<'_>) -> Result<Summary> {
+    match follow_job(link, request, control)? {
+        (Msg::Synced { counters, seconds, ranges, size_before, size_after, verified, destination }, warnings) => {
+            Ok(Summary {
+                source: String::new(),
+                destination: String::from_utf8_lossy(&destination).into_owned(),
+                dry_run: o.dry_run,
+                block_size: o.block_size,
+                counters: crate::peer::snapshot_of(counters, f64::from_bits(seconds)),
+                ranges_differing: ranges,
+                destination_size_before: size_before,
+                destination_size_after: size_after,
+                verified,
+                warnings,
+                bytes_sent: 0,
+                bytes_received: 0,
+                undo_log: None,
+            })
+        }
+        (other, _) => Err(link.unexpected(&other)),
+    }
+}
+
+/// Compares two paths of one remote host on that host (`LocalCompare`), over one connection.
+fn compare_on_host(
+    remote: &crate::location::Remote,
+    second: &Path,
+    ssh: &SshOptions,
+    block_size: usize,
+    max_ranges: usize,
+    control: Control<'_>,
+) -> Result<Comparison> {
+    let mut link = Link::ssh(remote, ssh)?;
+    let request = Msg::LocalCompare {
+        first: remote.path.as_os_str().as_bytes().to_vec(),
+        second: second.as_os_str().as_bytes().to_vec(),
+        block: block_size as u32,
+        max_ranges: u32::try_from(max_ranges).unwrap_or(u32::MAX),
+    };
+    let result = match follow_job(&mut link, request, control) {
+        Ok((Msg::Compared { counters, seconds, first_size, second_size, range_count, ranges }, _)) => {
+            let counters = crate::peer::snapshot_of(counters, f64::from_bits(seconds));
+            Ok(Comparison {
+                source: format!("{}:{}", link.name, remote.path.display()),
+                destination: format!("{}:{}", link.name, second.display()),
+                source_size: first_size,
+                destination_size: second_size,
+                identical: counters.bytes_differing == 0,
+                counters,
+                ranges_differing: range_count,
+                ranges: ranges
+                    .chunks_exact(16)
+                    .map(|r| Extent {
+                        offset: u64::from_le_bytes(r[..8].try_into().unwrap_or_default()),
+                        len: u64::from_le_bytes(r[8..].try_into().unwrap_or_default()),
+                    })
+                    .collect(),
+            })
+        }
+        Ok((other, _)) => Err(link.unexpected(&other)),
+        Err(e) => Err(e),
+    };
+    link.close();
+    result
 }
 
 /// Compares two locations, at least one of them remote.
@@ -365,6 +416,12 @@ pub fn compare_locations(
     max_ranges: usize,
     control: Control<'_>,
 ) -> Result<Comparison> {
+    if let (Location::Remote(first), Location::Remote(second)) = (a.location, b.location)
+        && (&first.user, &first.host, first.port) == (&second.user, &second.host, second.port)
+        && a.ssh == b.ssh
+    {
+        return compare_on_host(first, &second.path, a.ssh, block_size, max_ranges, control);
+    }
     let (mut x, x_path) = connect(a)?;
     let (mut y, y_path) = connect(b)?;
     let result = compare(&mut x, &x_path, &mut y, &y_path, block_size, max_ranges, control);

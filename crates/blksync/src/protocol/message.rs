@@ -117,6 +117,12 @@ pub enum Msg {
         bwlimit: u64,
     },
     Cancel,
+    LocalCompare {
+        first: Vec<u8>,
+        second: Vec<u8>,
+        block: u32,
+        max_ranges: u32,
+    },
     // peer -> client
     HelloReply {
         version: u32,
@@ -182,6 +188,14 @@ pub enum Msg {
         verified: bool,
         destination: Vec<u8>,
     },
+    Compared {
+        counters: [u64; 7],
+        seconds: u64,
+        first_size: u64,
+        second_size: u64,
+        range_count: u64,
+        ranges: Vec<u8>,
+    },
 }
 
 /// `LocalSync` flag bits.
@@ -222,6 +236,7 @@ mod tag {
     pub const BYE: u8 = 0x0D;
     pub const LOCAL_SYNC: u8 = 0x0E;
     pub const CANCEL: u8 = 0x0F;
+    pub const LOCAL_COMPARE: u8 = 0x10;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -235,6 +250,7 @@ mod tag {
     pub const PROGRESS: u8 = 0x8B;
     pub const WARNING: u8 = 0x8C;
     pub const SYNCED: u8 = 0x8D;
+    pub const COMPARED: u8 = 0x8E;
     pub const ERROR: u8 = 0x8F;
 }
 
@@ -400,6 +416,16 @@ impl Msg {
                 x.finish()
             }
             Msg::Cancel => e(tag::CANCEL).finish(),
+            Msg::LocalCompare { first, second, block, max_ranges } => {
+                let mut x = e(tag::LOCAL_COMPARE);
+                x.bytes(first).bytes(second).u32(*block).u32(*max_ranges);
+                x.finish()
+            }
+            Msg::Compared { counters, seconds, first_size, second_size, range_count, ranges } => {
+                let mut x = e(tag::COMPARED);
+                x.u64s(counters).u64(*seconds).u64(*first_size).u64(*second_size).u64(*range_count).bytes(ranges);
+                x.finish()
+            }
             Msg::Progress { phase, counters } => {
                 let mut x = e(tag::PROGRESS);
                 x.u8(*phase);
@@ -510,6 +536,28 @@ impl Msg {
                 msg
             }
             tag::CANCEL => Msg::Cancel,
+            tag::LOCAL_COMPARE => Msg::LocalCompare {
+                first: d.bytes()?.to_vec(),
+                second: d.bytes()?.to_vec(),
+                block: d.u32()?,
+                max_ranges: d.u32()?,
+            },
+            tag::COMPARED => {
+                let msg = Msg::Compared {
+                    counters: counters(&mut d)?,
+                    seconds: d.u64()?,
+                    first_size: d.u64()?,
+                    second_size: d.u64()?,
+                    range_count: d.u64()?,
+                    ranges: d.bytes()?.to_vec(),
+                };
+                if let Msg::Compared { ranges, .. } = &msg
+                    && ranges.len() % 16 != 0
+                {
+                    return Err(Error::protocol("compared ranges are not 16-byte pairs"));
+                }
+                msg
+            }
             tag::PROGRESS => Msg::Progress { phase: d.u8()?, counters: counters(&mut d)? },
             tag::WARNING => Msg::Warning { text: String::from_utf8_lossy(d.bytes()?).into_owned() },
             tag::SYNCED => Msg::Synced {
@@ -585,6 +633,8 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::PROGRESS => "Progress",
         tag::WARNING => "Warning",
         tag::SYNCED => "Synced",
+        tag::LOCAL_COMPARE => "LocalCompare",
+        tag::COMPARED => "Compared",
         _ => return None,
     })
 }
@@ -673,6 +723,28 @@ mod tests {
                 }
             ),
             Just(Msg::Cancel),
+            (b(), b(), any::<u32>(), any::<u32>()).prop_map(|(first, second, block, max_ranges)| Msg::LocalCompare {
+                first,
+                second,
+                block,
+                max_ranges
+            }),
+            (
+                any::<[u64; 7]>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<[u8; 16]>(), 0..4)
+            )
+                .prop_map(|(counters, seconds, first_size, second_size, range_count, r)| Msg::Compared {
+                    counters,
+                    seconds,
+                    first_size,
+                    second_size,
+                    range_count,
+                    ranges: r.concat()
+                }),
             (any::<u8>(), any::<[u64; 7]>()).prop_map(|(phase, counters)| Msg::Progress { phase, counters }),
             ".{0,40}".prop_map(|text| Msg::Warning { text }),
             (any::<[u64; 7]>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), b()).prop_map(
