@@ -241,6 +241,14 @@ fn a_backup_killed_mid_run_leaves_a_chain_that_backs_up_and_restores() {
         child.wait().unwrap();
     }
     assert_eq!(ok(&["list", "--json", &dest]).json().as_array().unwrap().len(), 1, "no half increment in the chain");
+    // Two runs at once: the second is refused while the first holds the chain.
+    let mut first = support::blksync().args(["backup", "-q", "--bwlimit", "2M", &src, &dest]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let second = run(&["backup", "-q", &src, &dest]);
+    assert_eq!(second.code(), 6, "{}", second.stderr_text());
+    assert!(second.stderr_text().contains("in use by another blksync"), "{}", second.stderr_text());
+    first.kill().unwrap();
+    first.wait().unwrap();
     ok(&["backup", "-q", &src, &dest]);
     ok(&["restore", "-q", &dest, &out]);
     assert!(read(out.as_ref()) == data);

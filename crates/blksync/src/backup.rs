@@ -41,6 +41,20 @@ fn sync_options(options: &DiffOptions) -> SyncOptions {
     }
 }
 
+/// Takes the chain's lock for a run that changes it (backup, prune): two at once would remove
+/// each other's temporary files. The lock goes away with the process, even if it is killed.
+fn lock(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).on("opening", &path)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            Err(Error::new(ErrorKind::InUse, format!("{} is in use by another blksync backup or prune", dir.display())))
+        }
+        Err(e) => Err(Error::io("locking", &path, None, e.into())),
+    }
+}
+
 /// Removes leftovers of interrupted runs.
 fn clean(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -83,6 +97,7 @@ fn write_base(
 /// Backs `source` up into the chain in `dir` (created if missing).
 pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control<'_>) -> Result<BackupSummary> {
     std::fs::create_dir_all(dir).on("creating backup directory", dir)?;
+    let _lock = lock(dir)?;
     clean(dir);
     let src = Local::open_source(source)?;
     let Some(chain) = Chain::load(dir)? else {
@@ -245,6 +260,7 @@ pub struct PruneSummary {
 
 /// Folds the oldest increments of the chain in `dir` into its base, keeping `keep` increments.
 pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>) -> Result<PruneSummary> {
+    let _lock = lock(dir)?;
     clean(dir);
     let chain = load(dir)?;
     let total = chain.increments.len() as u64;

@@ -165,6 +165,9 @@ pub fn sync(
     options: &SyncOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
+    if options.undo.is_some() && options.dry_run {
+        return Err(Error::usage("--undo and --dry-run contradict each other"));
+    }
     if src.identity() != Identity::None && src.identity() == dst.identity() {
         return Err(Error::usage(format!(
             "{} and {} are the same file or device",
@@ -179,15 +182,17 @@ pub fn sync(
         control.observer.warn(w);
         warnings.push(w.clone());
     }
-    if options.undo.is_some() && options.dry_run {
-        return Err(Error::usage("--undo and --dry-run contradict each other"));
-    }
     let undo = match &options.undo {
         Some(path) => Some(start_undo(path, src, dst, sizing.resize_to.unwrap_or(before), before)?),
         None => None,
     };
-    if let (Some(size), false) = (sizing.resize_to, options.dry_run) {
-        dst.set_size(size)?;
+    if let (Some(size), false) = (sizing.resize_to, options.dry_run)
+        && let Err(e) = dst.set_size(size)
+    {
+        if let Some(writer) = undo {
+            writer.abandon();
+        }
+        return Err(e);
     }
 
     let throttle = options.bwlimit.map(Throttle::new);
