@@ -100,7 +100,7 @@ pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control
     let _lock = lock(dir)?;
     clean(dir);
     let src = Local::open_source(source)?;
-    let Some(chain) = Chain::load(dir)? else {
+    let Some(chain) = Chain::load(dir)?.map(std::sync::Arc::new) else {
         let (created, utc_offset) = crate::patch::now();
         let header = Header {
             id: random_id()?,
@@ -180,8 +180,10 @@ pub fn list(dir: &Path) -> Result<Vec<Point>> {
     Ok(points)
 }
 
-fn load(dir: &Path) -> Result<Chain> {
-    Chain::load(dir)?.ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{} holds no backup", dir.display())))
+fn load(dir: &Path) -> Result<std::sync::Arc<Chain>> {
+    Chain::load(dir)?
+        .map(std::sync::Arc::new)
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{} holds no backup", dir.display())))
 }
 
 /// Which point to restore.

@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::delta::{Delta, Entry, Kind, to_hex};
 use crate::endpoint::local::Local;
@@ -129,12 +130,12 @@ impl Chain {
     }
 
     /// The image at point `n`: the base plus every increment numbered up to `n`.
-    pub fn image(&self, n: u64) -> Result<Image<'_>> {
+    pub fn image(self: &Arc<Self>, n: u64) -> Result<Image> {
         let base = Local::open_source(&self.base_image)?;
-        let deltas: Vec<&Delta> = self.increments.iter().filter(|i| i.seq <= n).map(|i| &i.delta).collect();
+        let deltas: Vec<usize> = (0..self.increments.len()).filter(|&i| self.increments[i].seq <= n).collect();
         let mut size = self.base.header.size_after;
         let mut pieces: BTreeMap<u64, Piece> = BTreeMap::new();
-        for (d, delta) in deltas.iter().enumerate() {
+        for (d, delta) in deltas.iter().map(|&i| &self.increments[i].delta).enumerate() {
             let after = delta.header.size_after;
             if after < size {
                 // Shrunk: what lay beyond reads as zeros if the image grows again later.
@@ -151,7 +152,7 @@ impl Chain {
         }
         cut(&mut pieces, size, u64::MAX);
         let name = self.dir.join(format!("@{n}"));
-        Ok(Image { name, base, size, pieces, deltas })
+        Ok(Image { name, base, size, pieces, deltas, chain: Arc::clone(self) })
     }
 }
 
@@ -187,15 +188,17 @@ pub(crate) fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
 }
 
 /// A chain's image at one point, readable as a [`Source`].
-pub struct Image<'a> {
+pub struct Image {
     name: PathBuf,
     base: Local,
     size: u64,
     pieces: BTreeMap<u64, Piece>,
-    deltas: Vec<&'a Delta>,
+    /// Indices of the increments applied, into `chain.increments`.
+    deltas: Vec<usize>,
+    chain: Arc<Chain>,
 }
 
-impl Source for Image<'_> {
+impl Source for Image {
     fn name(&self) -> &Path {
         &self.name
     }
@@ -228,7 +231,7 @@ impl Source for Image<'_> {
             match piece.source {
                 None => out.fill(0),
                 Some((d, entry)) => {
-                    let record = self.deltas[d].read(&entry)?;
+                    let record = self.chain.increments[self.deltas[d]].delta.read(&entry)?;
                     let from = (a - entry.offset) as usize;
                     out.copy_from_slice(&record.data[from..from + out.len()]);
                 }
