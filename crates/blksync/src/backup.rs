@@ -43,7 +43,7 @@ fn sync_options(options: &DiffOptions) -> SyncOptions {
 
 /// Takes the chain's lock for a run that changes it (backup, prune): two at once would remove
 /// each other's temporary files. The lock goes away with the process, even if it is killed.
-fn lock(dir: &Path) -> Result<std::fs::File> {
+pub(crate) fn lock(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join(".lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).on("opening", &path)?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -56,7 +56,7 @@ fn lock(dir: &Path) -> Result<std::fs::File> {
 }
 
 /// Removes leftovers of interrupted runs.
-fn clean(dir: &Path) {
+pub(crate) fn clean(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().contains(".tmp-") {
@@ -180,7 +180,7 @@ pub fn list(dir: &Path) -> Result<Vec<Point>> {
     Ok(points)
 }
 
-fn load(dir: &Path) -> Result<std::sync::Arc<Chain>> {
+pub(crate) fn load(dir: &Path) -> Result<std::sync::Arc<Chain>> {
     Chain::load(dir)?
         .map(std::sync::Arc::new)
         .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{} holds no backup", dir.display())))
@@ -228,7 +228,7 @@ pub fn restore_to(dir: &Path, out: &mut dyn std::io::Write, at: At) -> Result<u6
     Ok(pos)
 }
 
-fn pick(chain: &Chain, at: At) -> Result<u64> {
+pub(crate) fn pick(chain: &Chain, at: At) -> Result<u64> {
     let points: Vec<(u64, i64)> = std::iter::once((chain.base_number, chain.base.header.created))
         .chain(chain.increments.iter().map(|i| (i.seq, i.delta.header.created)))
         .collect();

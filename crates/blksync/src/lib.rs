@@ -40,6 +40,7 @@ pub mod peer;
 pub mod progress;
 pub mod protocol;
 pub mod relay;
+pub mod sink;
 pub mod size;
 pub mod sizing;
 pub mod ssh;

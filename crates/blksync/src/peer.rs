@@ -26,6 +26,7 @@ use crate::extent::Runs;
 use crate::hash::{Hasher, Tree, chunk_size};
 use crate::protocol::message::{Role, open_flags};
 use crate::protocol::{FEATURES, Msg, VERSION};
+use crate::sink::{ChainSink, Sink};
 use crate::zero::is_zero;
 
 /// How many chunks a scan may run ahead of the last `Ack`.
@@ -38,6 +39,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
     let mut peer = Peer {
         replies: replies.clone(),
         endpoint: None,
+        sink: None,
         role: Role::Source,
         keep_cache: false,
         scan: None,
@@ -65,7 +67,8 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
 
 struct Peer {
     replies: Sender<Msg>,
-    endpoint: Option<Arc<Local>>,
+    endpoint: Option<Arc<dyn Source>>,
+    sink: Option<Sink>,
     role: Role,
     keep_cache: bool,
     scan: Option<Arc<ScanState>>,
@@ -97,7 +100,7 @@ impl ScanState {
     }
 
     /// Reads and hashes one chunk.
-    fn tree(&self, endpoint: &Local, chunk: u64, buf: &mut Vec<u8>, map: &mut SegmentCursor<'_>) -> Result<Tree> {
+    fn tree(&self, endpoint: &dyn Source, chunk: u64, buf: &mut Vec<u8>, map: &mut SegmentCursor<'_>) -> Result<Tree> {
         let (start, len) = self.range(chunk);
         buf.resize(len, 0);
         let mut data = Vec::new();
@@ -108,15 +111,15 @@ impl ScanState {
 }
 
 impl Peer {
-    fn endpoint(&self) -> Result<&Arc<Local>> {
+    fn endpoint(&self) -> Result<&Arc<dyn Source>> {
         self.endpoint.as_ref().ok_or_else(|| Error::protocol("request before Open"))
     }
 
-    fn target(&self) -> Result<&Arc<Local>> {
+    fn sink(&mut self) -> Result<&mut Sink> {
         if self.role != Role::Target {
             return Err(Error::protocol("write request to a source (the source is never written)"));
         }
-        self.endpoint()
+        self.sink.as_mut().ok_or_else(|| Error::protocol("write request before Open"))
     }
 
     fn reply(&self, msg: Msg) {
@@ -137,7 +140,7 @@ impl Peer {
             }
             Msg::Open { role, flags, mode, path, name } => self.open(role, flags, mode, &path, &name)?,
             Msg::SetSize { size } => {
-                self.target()?.set_size(size)?;
+                self.sink()?.set_size(size)?;
                 self.reply(Msg::Done);
             }
             Msg::Scan { key, block, end, data_len, threads } => self.start_scan(key, block, end, data_len, threads)?,
@@ -154,22 +157,28 @@ impl Peer {
             Msg::Read { offset, len, compress } => self.read(offset, len, compress)?,
             Msg::Write(chunk) => {
                 let data = compress::decode(&chunk)?;
-                let target = self.target()?;
-                target.write_at(&data, chunk.offset)?;
-                if !self.keep_cache {
+                let keep_cache = self.keep_cache;
+                let sink = self.sink()?;
+                sink.write(&data, chunk.offset)?;
+                if !keep_cache {
                     // As in the local engine: dropping the range starts its writeback now, so
                     // the final flush does not have to write everything at once.
-                    target.drop_cache(chunk.offset, data.len() as u64);
+                    sink.drop_cache(chunk.offset, data.len() as u64);
                 }
             }
-            Msg::Zero { offset, len } => self.target()?.zero(offset, len)?,
+            Msg::Zero { offset, len } => self.sink()?.zero(offset, len)?,
             Msg::Flush => {
-                let target = self.target()?;
-                target.flush()?;
-                if !self.keep_cache {
-                    target.drop_cache(0, target.size());
+                let keep_cache = self.keep_cache;
+                let size = self.endpoint()?.size();
+                let sink = self.sink()?;
+                sink.flush()?;
+                if !keep_cache {
+                    sink.drop_cache(0, size);
                 }
                 self.reply(Msg::Done);
+            }
+            Msg::OpenChain { dir, role, at_kind, at, comment, source, block } => {
+                self.open_chain(&dir, role, at_kind, at, &comment, &source, block)?;
             }
             Msg::Copy { end, data_len, compress, threads } => self.start_copy(end, data_len, compress, threads)?,
             Msg::LocalSync { source, target, block, flags, threads, bwlimit } => {
@@ -221,7 +230,58 @@ impl Peer {
         self.reply(Msg::Opened { kind, size: local.size(), identity_tag, id_a, id_b, created: local.created() });
         self.role = role;
         self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
-        self.endpoint = Some(Arc::new(local));
+        let local = Arc::new(local);
+        if role == Role::Target {
+            self.sink = Some(Sink::Plain(Arc::clone(&local)));
+        }
+        self.endpoint = Some(local);
+        Ok(())
+    }
+
+    /// Opens a backup chain: as a source, its image at a point (restore); as a target, a sink
+    /// that writes the next point (backup).
+    #[allow(clippy::too_many_arguments)] // The fields of one message.
+    fn open_chain(
+        &mut self,
+        dir: &[u8],
+        role: Role,
+        at_kind: u8,
+        at: i64,
+        comment: &[u8],
+        source: &[u8],
+        block: u32,
+    ) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.endpoint.is_some() {
+            return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
+        }
+        let dir = std::path::Path::new(std::ffi::OsStr::from_bytes(dir));
+        let (endpoint, created): (Arc<dyn Source>, bool) = match role {
+            Role::Source => {
+                let chain = crate::backup::load(dir)?;
+                let at = match at_kind {
+                    0 => crate::backup::At::Latest,
+                    1 => crate::backup::At::Number(at.unsigned_abs()),
+                    _ => crate::backup::At::Time(at),
+                };
+                let n = crate::backup::pick(&chain, at)?;
+                (Arc::new(chain.image(n)?), false)
+            }
+            Role::Target => {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                let (sink, image) = ChainSink::open(dir, &text(comment), &text(source), block)?;
+                let endpoint: Arc<dyn Source> = match (image, sink.first_file()) {
+                    (Some(image), _) => image,
+                    (None, Some(file)) => file,
+                    (None, None) => return Err(Error::protocol("chain sink without an endpoint")),
+                };
+                self.sink = Some(Sink::Chain(Box::new(sink)));
+                (endpoint, self.sink.as_ref().is_some_and(|s| matches!(s, Sink::Chain(c) if c.first_file().is_some())))
+            }
+        };
+        self.reply(Msg::Opened { kind: 0, size: endpoint.size(), identity_tag: 0, id_a: 0, id_b: 0, created });
+        self.role = role;
+        self.endpoint = Some(endpoint);
         Ok(())
     }
 
@@ -241,7 +301,7 @@ impl Peer {
         let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
         let threads = worker_count(threads);
         self.jobs.push(std::thread::spawn(move || {
-            if let Err(e) = scan(&endpoint, &state, &replies, &stop, threads) {
+            if let Err(e) = scan(endpoint.as_ref(), &state, &replies, &stop, threads) {
                 stop.store(true, Ordering::Relaxed);
                 let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
             }
@@ -279,7 +339,7 @@ impl Peer {
         }
         let endpoint = self.endpoint()?;
         let mut map = SegmentCursor::new(endpoint.as_ref());
-        Ok(Arc::new(scan.tree(endpoint, chunk, &mut Vec::new(), &mut map)?))
+        Ok(Arc::new(scan.tree(endpoint.as_ref(), chunk, &mut Vec::new(), &mut map)?))
     }
 
     /// Leaf hashes of one group, from a fresh read of its bytes (still in the page cache: pages
@@ -322,8 +382,13 @@ impl Peer {
         let keep_cache = self.keep_cache;
         let threads = worker_count(threads);
         self.jobs.push(std::thread::spawn(move || {
-            let job =
-                CopyJob { endpoint: &endpoint, end, data_len: data_len.min(endpoint.size()), compress, keep_cache };
+            let job = CopyJob {
+                endpoint: endpoint.as_ref(),
+                end,
+                data_len: data_len.min(endpoint.size()),
+                compress,
+                keep_cache,
+            };
             if let Err(e) = job.run(&replies, &stop, threads) {
                 stop.store(true, Ordering::Relaxed);
                 let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
@@ -497,7 +562,13 @@ fn fail(failure: &Mutex<Option<Error>>, stop: &AtomicBool, e: Error) {
 }
 
 /// The scan job: hashes every chunk on `threads` workers, streaming summaries.
-fn scan(endpoint: &Local, state: &ScanState, replies: &Sender<Msg>, stop: &AtomicBool, threads: usize) -> Result<()> {
+fn scan(
+    endpoint: &dyn Source,
+    state: &ScanState,
+    replies: &Sender<Msg>,
+    stop: &AtomicBool,
+    threads: usize,
+) -> Result<()> {
     let (tx, rx) = bounded::<(u64, Vec<crate::extent::Extent>)>(threads * 2);
     let failure = Mutex::new(None);
     std::thread::scope(|s| {
@@ -564,7 +635,7 @@ fn scan(endpoint: &Local, state: &ScanState, replies: &Sender<Msg>, stop: &Atomi
 
 /// The copy job for an empty target: every non-zero run of the source, no hashing.
 struct CopyJob<'a> {
-    endpoint: &'a Local,
+    endpoint: &'a dyn Source,
     end: u64,
     data_len: u64,
     compress: i32,

@@ -123,6 +123,15 @@ pub enum Msg {
         block: u32,
         max_ranges: u32,
     },
+    OpenChain {
+        dir: Vec<u8>,
+        role: Role,
+        at_kind: u8,
+        at: i64,
+        comment: Vec<u8>,
+        source: Vec<u8>,
+        block: u32,
+    },
     // peer -> client
     HelloReply {
         version: u32,
@@ -237,6 +246,7 @@ mod tag {
     pub const LOCAL_SYNC: u8 = 0x0E;
     pub const CANCEL: u8 = 0x0F;
     pub const LOCAL_COMPARE: u8 = 0x10;
+    pub const OPEN_CHAIN: u8 = 0x11;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -416,6 +426,17 @@ impl Msg {
                 x.finish()
             }
             Msg::Cancel => e(tag::CANCEL).finish(),
+            Msg::OpenChain { dir, role, at_kind, at, comment, source, block } => {
+                let mut x = e(tag::OPEN_CHAIN);
+                x.bytes(dir)
+                    .u8(u8::from(*role == Role::Target))
+                    .u8(*at_kind)
+                    .i64(*at)
+                    .bytes(comment)
+                    .bytes(source)
+                    .u32(*block);
+                x.finish()
+            }
             Msg::LocalCompare { first, second, block, max_ranges } => {
                 let mut x = e(tag::LOCAL_COMPARE);
                 x.bytes(first).bytes(second).u32(*block).u32(*max_ranges);
@@ -536,6 +557,27 @@ impl Msg {
                 msg
             }
             tag::CANCEL => Msg::Cancel,
+            tag::OPEN_CHAIN => {
+                let dir = d.bytes()?.to_vec();
+                let role = match d.u8()? {
+                    0 => Role::Source,
+                    1 => Role::Target,
+                    r => return Err(Error::protocol(format!("unknown role {r}"))),
+                };
+                let at_kind = d.u8()?;
+                if at_kind > 2 {
+                    return Err(Error::protocol(format!("unknown point kind {at_kind}")));
+                }
+                Msg::OpenChain {
+                    dir,
+                    role,
+                    at_kind,
+                    at: d.i64()?,
+                    comment: d.bytes()?.to_vec(),
+                    source: d.bytes()?.to_vec(),
+                    block: d.u32()?,
+                }
+            }
             tag::LOCAL_COMPARE => Msg::LocalCompare {
                 first: d.bytes()?.to_vec(),
                 second: d.bytes()?.to_vec(),
@@ -634,6 +676,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::WARNING => "Warning",
         tag::SYNCED => "Synced",
         tag::LOCAL_COMPARE => "LocalCompare",
+        tag::OPEN_CHAIN => "OpenChain",
         tag::COMPARED => "Compared",
         _ => return None,
     })
@@ -723,6 +766,17 @@ mod tests {
                 }
             ),
             Just(Msg::Cancel),
+            (b(), any::<bool>(), 0u8..3, any::<i64>(), b(), b(), any::<u32>()).prop_map(
+                |(dir, t, at_kind, at, comment, source, block)| Msg::OpenChain {
+                    dir,
+                    role: if t { Role::Target } else { Role::Source },
+                    at_kind,
+                    at,
+                    comment,
+                    source,
+                    block
+                }
+            ),
             (b(), b(), any::<u32>(), any::<u32>()).prop_map(|(first, second, block, max_ranges)| Msg::LocalCompare {
                 first,
                 second,
