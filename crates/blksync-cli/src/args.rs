@@ -117,17 +117,19 @@ pub struct ApplyArgs {
 /// `blksync backup`.
 #[derive(Debug, Args)]
 pub struct BackupArgs {
-    /// The image to back up.
+    /// The image to back up (local or [USER@]HOST:PATH).
     #[arg(value_name = "SRC")]
-    pub source: PathBuf,
-    /// The chain's directory (created if missing).
+    pub source: OsString,
+    /// The chain's directory, created if missing (local or remote).
     #[arg(value_name = "DEST")]
-    pub dest: PathBuf,
+    pub dest: OsString,
     /// Free text stored with this point.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub comment: String,
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync list`.
@@ -144,12 +146,12 @@ pub struct ListArgs {
 /// `blksync restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The chain's directory.
+    /// The chain's directory (local or remote).
     #[arg(value_name = "DEST")]
-    pub dest: PathBuf,
-    /// Where to restore: a file, a block device, or - for standard output.
+    pub dest: OsString,
+    /// Where to restore: a file, a block device (local or remote), or - for standard output.
     #[arg(value_name = "TARGET")]
-    pub target: PathBuf,
+    pub target: OsString,
     /// Which point: a number from `list`, or a time (anything `date -d` understands, e.g.
     /// "2026-11-20 03:00" or "yesterday 18:00"): the newest point at or before it. Default: the
     /// newest point.
@@ -160,6 +162,8 @@ pub struct RestoreArgs {
     pub force: bool,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync prune`.

@@ -10,7 +10,7 @@ use blksync::sizing::SizePolicy;
 use blksync::sync::{SyncOptions, check_block_size, default_threads, sync_paths};
 
 use blksync::location::Location;
-use blksync::relay::{RemoteOptions, Side, compare_locations, sync_locations};
+use blksync::relay::{RemoteOptions, Side, backup_locations, compare_locations, restore_locations, sync_locations};
 use blksync::ssh::SshOptions;
 
 use crate::args::{
@@ -289,16 +289,61 @@ pub fn info(args: &InfoArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// Options for a transfer through the protocol, from the common arguments.
+fn remote_options(common: &CommonArgs, force: bool) -> Result<RemoteOptions> {
+    Ok(RemoteOptions {
+        sync: SyncOptions {
+            block_size: check_block_size(common.block_size)?,
+            keep_cache: common.keep_cache,
+            threads: threads(common),
+            bwlimit: common.bwlimit.filter(|&r| r > 0),
+            force,
+            ..SyncOptions::default()
+        },
+        compress: blksync::compress::AUTO,
+        pause: None,
+    })
+}
+
 /// `blksync backup`.
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let options = diff_options(&args.common, &args.comment)?;
     let render = Render::new(args.common.output.progress, args.common.output.quiet);
-    let result = blksync::backup::backup(&args.source, &args.dest, &options, Control { observer: &render, cancel });
+    let control = Control { observer: &render, cancel };
+    let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
+    if let (Location::Local(_), Location::Local(_)) = (&source, &dest) {
+    } else {
+        let options = remote_options(&args.common, false)?;
+        let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+        let result = backup_locations(
+            &Side { location: &source, ssh: &s_ssh },
+            &Side { location: &dest, ssh: &d_ssh },
+            &args.comment,
+            &options,
+            control,
+        );
+        render.finish();
+        let s = result?;
+        render.line(&format!(
+            "blksync: {} -> {}: {} changed in {:.2}s; over ssh: sent {}, received {}",
+            s.source,
+            s.destination,
+            format_size(s.counters.bytes_written + s.counters.bytes_zeroed),
+            s.counters.seconds,
+            format_size(s.bytes_sent),
+            format_size(s.bytes_received)
+        ));
+        if args.common.output.json {
+            print_json(&s)?;
+        }
+        return Ok(Outcome::Success);
+    }
+    let options = diff_options(&args.common, &args.comment)?;
+    let result = blksync::backup::backup(args.source.as_ref(), args.dest.as_ref(), &options, control);
     render.finish();
     let s = result?;
     render.line(&format!(
         "blksync: {} -> point {} ({}): {} changed in {:.2}s",
-        args.source.display(),
+        std::path::Path::new(&args.source).display(),
         s.number,
         s.file,
         format_size(s.counters.bytes_written + s.counters.bytes_zeroed),
@@ -352,20 +397,38 @@ fn parse_at(text: Option<&str>) -> Result<blksync::backup::At> {
 /// `blksync restore`.
 pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let at = parse_at(args.at.as_deref())?;
-    if args.target.as_os_str() == "-" {
-        let mut out = std::io::stdout().lock();
-        blksync::backup::restore_to(&args.dest, &mut out, at)?;
-        return Ok(Outcome::Success);
-    }
+    let (dest, target) = (Location::parse(&args.dest)?, Location::parse(&args.target)?);
     let render = Render::new(args.output.progress, args.output.quiet);
-    let result =
-        blksync::backup::restore(&args.dest, &args.target, at, args.force, Control { observer: &render, cancel });
+    let control = Control { observer: &render, cancel };
+    let result = match (&dest, &target) {
+        (Location::Local(dir), Location::Local(path)) if path.as_os_str() == "-" => {
+            let mut out = std::io::stdout().lock();
+            blksync::backup::restore_to(dir, &mut out, at)?;
+            return Ok(Outcome::Success);
+        }
+        (Location::Local(dir), Location::Local(path)) => blksync::backup::restore(dir, path, at, args.force, control),
+        _ => {
+            let options = RemoteOptions {
+                sync: SyncOptions { force: args.force, ..SyncOptions::default() },
+                compress: blksync::compress::AUTO,
+                pause: None,
+            };
+            let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+            restore_locations(
+                &Side { location: &dest, ssh: &s_ssh },
+                at,
+                &Side { location: &target, ssh: &d_ssh },
+                &options,
+                control,
+            )
+        }
+    };
     render.finish();
     let s = result?;
     render.line(&format!(
         "blksync: restored {} to {}: wrote {}, zeroed {} in {:.2}s",
-        args.dest.display(),
-        args.target.display(),
+        s.source,
+        s.destination,
         format_size(s.counters.bytes_written),
         format_size(s.counters.bytes_zeroed),
         s.counters.seconds

@@ -312,3 +312,67 @@ fn pause_and_a_compression_level_still_give_an_identical_copy() {
     let out = env.run(&["sync", "--compress", "99", &src, &env.remote("dst")]);
     assert_eq!(out.code(), 2, "{}", out.stderr_text());
 }
+
+#[test]
+fn backups_and_restores_work_across_ssh_in_both_directions() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    let mut data = random_bytes(6 * MIB, 20);
+    let mut points = Vec::new();
+    // Push: a local image into a chain on the remote host.
+    for i in 0..4u8 {
+        if i > 0 {
+            data[usize::from(i) * 100_000..usize::from(i) * 100_000 + 5000].fill(i);
+        }
+        if i == 3 {
+            data.truncate(5 * MIB + 11);
+        }
+        write_file(src.as_ref(), &data);
+        let j = env.ok(&["backup", "--comment", &format!("p{i}"), &src, &env.remote("chain")]);
+        if i == 1 {
+            assert!(j["bytes_sent"].as_u64().unwrap() < 64 * 1024, "an increment sends only the change: {j}");
+        }
+        points.push(data.clone());
+    }
+    let list = ok(&["list", "--json", &env.path("chain")]).json();
+    assert_eq!(list.as_array().unwrap().len(), 4);
+    assert_eq!(list[2]["comment"], "p2");
+    // Restore from the remote chain, at every point, onto a local file.
+    let out = env.path("out");
+    for (i, expected) in points.iter().enumerate() {
+        env.ok(&["restore", "--at", &i.to_string(), &env.remote("chain"), &out]);
+        assert!(read(out.as_ref()) == *expected, "point {i}");
+    }
+    // Pull: a remote image into a local chain, restored locally.
+    let local_chain = env.path("local-chain");
+    env.ok(&["backup", &env.remote("src"), &local_chain]);
+    ok(&["restore", "-q", &local_chain, &out]);
+    assert!(read(out.as_ref()) == data);
+    // A missing point is the same error as locally.
+    assert_eq!(env.run(&["restore", "--at", "9", &env.remote("chain"), &out]).code(), 3);
+}
+
+#[test]
+fn a_remote_backup_killed_mid_run_leaves_the_chain_whole() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    let mut data = random_bytes(8 * MIB, 21);
+    write_file(src.as_ref(), &data);
+    env.ok(&["backup", &src, &env.remote("chain")]);
+    data[..4 * MIB].copy_from_slice(&random_bytes(4 * MIB, 22));
+    write_file(src.as_ref(), &data);
+    let child = support::blksync()
+        .args(["backup", "-e", &env.rsh, "--progress", "none", "--bwlimit", "2M", &src, &env.remote("chain")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let pattern = format!("{}/cache/blksync/blksync-.* agent", env.dir.path().display());
+    std::process::Command::new("pkill").args(["-KILL", "-f", &pattern]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(8), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ok(&["list", "--json", &env.path("chain")]).json().as_array().unwrap().len(), 1);
+    env.ok(&["backup", &src, &env.remote("chain")]);
+    ok(&["restore", "-q", &env.path("chain"), &env.path("out")]);
+    assert!(read(env.path("out").as_ref()) == data);
+}

@@ -260,11 +260,23 @@ impl Link {
         Error::new(ErrorKind::Connection, format!("{}: the connection was lost{tail}", self.name))
     }
 
-    /// Says goodbye and waits for the peer to finish. For ssh, waits a little for the agent to
-    /// exit, then kills ssh.
+    /// Says goodbye and waits, a few seconds at most, for the peer to finish. A peer may be
+    /// blocked on a full reply queue (the run ended while it was still answering), so replies
+    /// are drained all along; for ssh, the agent is given a moment to exit, then ssh is killed.
     pub fn close(mut self) {
+        use crossbeam_channel::TrySendError;
         self.closing.store(true, Ordering::Relaxed);
-        let _ = self.tx.send(Msg::Bye);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.tx.try_send(Msg::Bye) {
+                Err(TrySendError::Full(_)) if std::time::Instant::now() < deadline => {
+                    while self.rx.try_recv().is_ok() {}
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Sent, the peer is gone, or it is stuck past the deadline.
+                _ => break,
+            }
+        }
         let (tx, _) = bounded(0);
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(mut child) = self.child.take() {
@@ -272,17 +284,26 @@ impl Link {
                 if matches!(child.try_wait(), Ok(Some(_))) {
                     break;
                 }
+                while self.rx.try_recv().is_ok() {}
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Drain so a reader blocked on a full queue can finish.
-        while self.rx.try_recv().is_ok() {}
+        // Drain until the peer's end of the reply queue closes, so its threads can finish.
+        while std::time::Instant::now() < deadline {
+            match self.rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
         let (_, rx) = bounded(0);
         drop(std::mem::replace(&mut self.rx, rx));
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            // A thread still stuck after the deadline is left to end with the process.
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }

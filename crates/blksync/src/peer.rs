@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::compress::{self, Compressor};
 use crate::endpoint::local::{Local, OpenTarget};
-use crate::endpoint::{Identity, Kind, SegmentCursor, Source, Target};
+use crate::endpoint::{Identity, Kind, SegmentCursor, Source};
 use crate::engine::fill;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Runs;

@@ -114,7 +114,25 @@ pub fn sync(
         flags |= open_flags::DISCARD;
     }
     let t = open(target, Role::Target, flags, target_path, name)?;
-    let (source_name, target_name) = (display(source, source_path), display(target, target_path));
+    let names = (display(source, source_path), display(target, target_path));
+    transfer(source, s, target, t, names, false, options, control)
+}
+
+/// Everything after both ends are open: sizes, the pass, the flush, verification.
+/// `chain_target` makes the flush unconditional: it commits a backup point even when nothing
+/// changed.
+#[allow(clippy::too_many_arguments)] // Both ends, as opened, and how to run.
+fn transfer(
+    source: &mut Link,
+    s: Opened,
+    target: &mut Link,
+    t: Opened,
+    (source_name, target_name): (String, String),
+    chain_target: bool,
+    options: &RemoteOptions,
+    control: Control<'_>,
+) -> Result<Summary> {
+    let o = &options.sync;
     if s.identity != Identity::None && s.identity == t.identity && source.info.boot_id == target.info.boot_id {
         return Err(Error::usage(format!("{source_name} and {target_name} are the same file or device")));
     }
@@ -154,7 +172,7 @@ pub fn sync(
         compress: options.compress,
         throttle: throttle.as_ref(),
         pause: options.pause,
-        resized: sizing.resize_to.is_some() && !o.dry_run,
+        must_flush: chain_target || (sizing.resize_to.is_some() && !o.dry_run),
     };
     let found = pass.run(&counters, control)?;
     if found.cancelled {
@@ -408,6 +426,107 @@ fn compare_on_host(
     result
 }
 
+fn open_chain(
+    link: &mut Link,
+    dir: &OsStr,
+    role: Role,
+    at: crate::backup::At,
+    comment: &str,
+    source: &str,
+    block: usize,
+) -> Result<Opened> {
+    let (at_kind, at) = match at {
+        crate::backup::At::Latest => (0, 0),
+        crate::backup::At::Number(n) => (1, i64::try_from(n).unwrap_or(i64::MAX)),
+        crate::backup::At::Time(t) => (2, t),
+    };
+    let msg = Msg::OpenChain {
+        dir: dir.as_bytes().to_vec(),
+        role,
+        at_kind,
+        at,
+        comment: comment.as_bytes().to_vec(),
+        source: source.as_bytes().to_vec(),
+        block: block as u32,
+    };
+    match link.call(msg)? {
+        Msg::Opened { kind, size, identity_tag, id_a, id_b, created } => {
+            Ok(Opened { kind: opened_kind(kind), size, identity: opened_identity(identity_tag, id_a, id_b), created })
+        }
+        other => Err(link.unexpected(&other)),
+    }
+}
+
+/// Backs `source` up into the chain at `dest`, either or both remote: the chain's side scans its
+/// newest point and writes the new one (an increment, or the base of a new chain).
+pub fn backup_locations(
+    source: &Side<'_>,
+    dest: &Side<'_>,
+    comment: &str,
+    options: &RemoteOptions,
+    control: Control<'_>,
+) -> Result<Summary> {
+    let (mut s, s_path) = connect(source)?;
+    let (mut t, t_path) = connect(dest)?;
+    let options = RemoteOptions {
+        sync: SyncOptions { verify: false, dry_run: false, ..options.sync.clone() },
+        ..options.clone()
+    };
+    let result = (|| {
+        let cache = if options.sync.keep_cache { open_flags::KEEP_CACHE } else { 0 };
+        let so = open(&mut s, Role::Source, cache, &s_path, b"")?;
+        let source_name = display(&s, &s_path);
+        let to = open_chain(
+            &mut t,
+            &t_path,
+            Role::Target,
+            crate::backup::At::Latest,
+            comment,
+            &source_name,
+            options.sync.block_size,
+        )?;
+        let names = (source_name, display(&t, &t_path));
+        transfer(&mut s, so, &mut t, to, names, true, &options, control)
+    })()
+    .map(|mut summary| {
+        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &t]);
+        summary
+    });
+    s.close();
+    t.close();
+    result
+}
+
+/// Restores point `at` of the chain at `chain` onto `target`, either or both remote.
+pub fn restore_locations(
+    chain: &Side<'_>,
+    at: crate::backup::At,
+    target: &Side<'_>,
+    options: &RemoteOptions,
+    control: Control<'_>,
+) -> Result<Summary> {
+    let (mut s, s_path) = connect(chain)?;
+    let (mut t, t_path) = connect(target)?;
+    let result = (|| {
+        let so = open_chain(&mut s, &s_path, Role::Source, at, "", "", options.sync.block_size)?;
+        let o = &options.sync;
+        let mut flags = open_flags::CREATE | if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
+        if o.force {
+            flags |= open_flags::FORCE;
+        }
+        let to = open(&mut t, Role::Target, flags, &t_path, b"")?;
+        let names = (display(&s, &s_path), display(&t, &t_path));
+        transfer(&mut s, so, &mut t, to, names, false, options, control)
+    })()
+    .map(|mut summary| {
+        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &t]);
+        summary
+    });
+    s.close();
+    t.close();
+    result
+}
+
 /// Compares two locations, at least one of them remote.
 pub fn compare_locations(
     a: &Side<'_>,
@@ -458,7 +577,7 @@ pub fn compare(
         compress: crate::compress::OFF,
         throttle: None,
         pause: None,
-        resized: false,
+        must_flush: false,
     };
     let mut found = pass.run(&counters, control)?;
     if found.cancelled {
@@ -505,8 +624,9 @@ struct Pass<'a> {
     compress: i32,
     throttle: Option<&'a Throttle>,
     pause: Option<Duration>,
-    /// The target was resized before the pass, so it needs a flush even if no data changes.
-    resized: bool,
+    /// Flush even if no data changes: the target was resized, or it is a backup point that the
+    /// flush commits.
+    must_flush: bool,
 }
 
 #[derive(Debug, Default)]
@@ -658,11 +778,12 @@ impl Pass<'_> {
                         counters.add_differing(u64::from(chunk.raw_len));
                     }
                     if self.target.send(Msg::Write(chunk)).is_err() {
-                        let _ = events.send((
-                            End::Target,
-                            Msg::Error { kind: ErrorKind::Connection, message: "the connection was lost".into() },
-                        ));
-                        return;
+                        // Say so once, then keep draining the source: if this thread stopped,
+                        // the source would block on its replies and the brain on its requests,
+                        // and nobody would read the error.
+                        let message = format!("{}: the connection was lost", self.target.name);
+                        let _ = events.send((End::Target, Msg::Error { kind: ErrorKind::Connection, message }));
+                        forwarding.store(false, Ordering::Relaxed);
                     }
                     if let Some(pause) = self.pause {
                         std::thread::sleep(pause);
@@ -735,7 +856,7 @@ impl Brain<'_> {
         let s = self.counters.snapshot();
         // Nothing written and nothing resized: there is nothing to make durable, and skipping the
         // flush saves a round trip on slow links.
-        if p.mode != Mode::Compare && (p.resized || s.bytes_written + s.bytes_zeroed > 0 || p.mode == Mode::Copy) {
+        if p.mode != Mode::Compare && (p.must_flush || s.bytes_written + s.bytes_zeroed > 0 || p.mode == Mode::Copy) {
             self.flush(events, Duration::from_secs(24 * 3600))?;
         }
         Ok(())

@@ -37,7 +37,7 @@ enum State {
     /// No chain yet: writing the base image under a temporary name.
     First { tmp: PathBuf, file: Arc<Local> },
     /// Recording the next increment against the newest image.
-    Next { image: Arc<Image>, path: PathBuf, writer: Option<Writer> },
+    Next { image: Arc<Image>, path: PathBuf, writer: Option<Box<Writer>> },
     /// Committed.
     Done,
 }
@@ -104,9 +104,9 @@ impl ChainSink {
         match &mut self.state {
             State::Next { path, writer, .. } => {
                 if writer.is_none() {
-                    *writer = Some(Writer::create(path, header)?);
+                    *writer = Some(Box::new(Writer::create(path, header)?));
                 }
-                writer.as_ref().ok_or_else(|| Error::protocol("no increment writer"))
+                writer.as_deref().ok_or_else(|| Error::protocol("no increment writer"))
             }
             _ => Err(Error::protocol("not recording an increment")),
         }
@@ -174,7 +174,7 @@ impl ChainSink {
             }
             State::Next { path, writer, .. } => {
                 let writer = match writer {
-                    Some(w) => w,
+                    Some(w) => *w,
                     None => Writer::create(&path, &self.header)?,
                 };
                 writer.commit()?;
@@ -192,7 +192,7 @@ impl Drop for ChainSink {
             State::First { tmp, .. } => {
                 let _ = std::fs::remove_file(tmp);
             }
-            State::Next { writer: Some(w), .. } => w.abandon(),
+            State::Next { writer: Some(w), .. } => (*w).abandon(),
             _ => {}
         }
     }

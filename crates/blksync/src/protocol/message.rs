@@ -706,6 +706,7 @@ mod tests {
             .prop_map(|v| (v.iter().map(|x| x.0).collect(), v.iter().flat_map(|x| x.1).collect()))
     }
 
+    #[allow(clippy::too_many_lines)] // One strategy per message, mirroring the spec's table.
     fn any_msg() -> impl Strategy<Value = Msg> {
         let b = || proptest::collection::vec(any::<u8>(), 0..64);
         prop_oneof![
