@@ -310,8 +310,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let render = Render::new(args.common.output.progress, args.common.output.quiet);
     let control = Control { observer: &render, cancel };
     let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
-    if let (Location::Local(_), Location::Local(_)) = (&source, &dest) {
-    } else {
+    if matches!((&source, &dest), (Location::Remote(_), _) | (_, Location::Remote(_))) {
         let options = remote_options(&args.common, false)?;
         let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
         let result = backup_locations(
