@@ -1,0 +1,515 @@
+//! One pass of the remote algorithm (docs/PROTOCOL.md, "The sync algorithm"): the brain's
+//! per-chunk state machine and the router threads that relay the peers' replies.
+//!
+//! The brain keeps a small state machine per chunk: both summaries → (if they differ) group
+//! hashes of each non-zero side → leaf hashes of each differing group → `Read`s of differing
+//! non-zero source leaves and `Zero`s for source-zero leaves. Every request is sent as soon as
+//! its answer is known to be needed, so many chunks are in flight and the round-trip time does
+//! not limit throughput. Data never passes through the brain: the source router hands each
+//! `Data` to the target as a `Write`, untouched (still compressed), and keeps draining the
+//! source even when the target is gone, so that no thread can wait on another forever.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{RecvTimeoutError, Sender, unbounded};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::extent::{Extent, Runs};
+use crate::hash::FANOUT;
+use crate::link::Link;
+use crate::progress::{Control, Counters};
+use crate::protocol::Msg;
+use crate::throttle::Throttle;
+
+/// How many differing ranges are remembered for reports.
+const RANGE_CAP: usize = 100_000;
+/// Send an `Ack` after this many chunks finish.
+const ACK_EVERY: u64 = 16;
+
+fn random_key() -> Result<[u8; 32]> {
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| Error::new(ErrorKind::Io, format!("reading /dev/urandom for the session key: {e}")))?;
+    Ok(key)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Target is empty: stream every non-zero source byte, no hashing.
+    Copy,
+    /// Find differences and write them.
+    Apply,
+    /// Find differences only.
+    Compare,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct Pass<'a> {
+    pub(super) source: &'a Link,
+    pub(super) target: &'a Link,
+    pub(super) block: usize,
+    pub(super) chunk: usize,
+    pub(super) scan_len: u64,
+    pub(super) source_len: u64,
+    pub(super) target_len: u64,
+    pub(super) mode: Mode,
+    pub(super) compress: i32,
+    pub(super) throttle: Option<&'a Throttle>,
+    pub(super) pause: Option<Duration>,
+    /// Flush even if no data changes: the target was resized, or it is a backup point that the
+    /// flush commits.
+    pub(super) must_flush: bool,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Found {
+    pub(super) done: u64,
+    pub(super) cancelled: bool,
+    pub(super) ranges: Vec<Extent>,
+    pub(super) range_count: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source = 0,
+    Target = 1,
+}
+
+/// Zero flags and hashes of a list of nodes (groups or leaves).
+#[derive(Debug, Clone)]
+struct Nodes {
+    zero: Vec<u8>,
+    hashes: Vec<u8>,
+}
+
+impl Nodes {
+    fn zeros(n: usize) -> Nodes {
+        Nodes { zero: vec![1; n], hashes: vec![0; n * 16] }
+    }
+
+    /// Node `i` is the same on both sides.
+    fn same(ours: &Nodes, theirs: &Nodes, index: usize) -> bool {
+        let hash = |nodes: &Nodes| nodes.hashes.get(index * 16..index * 16 + 16).map(<[u8]>::to_vec);
+        match (ours.zero.get(index), theirs.zero.get(index)) {
+            (Some(1), Some(1)) => true,
+            (Some(zero), Some(other)) if zero == other => hash(ours) == hash(theirs),
+            _ => false,
+        }
+    }
+}
+
+/// What a differing leaf needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fix {
+    /// Source data: read it and write it.
+    Read,
+    /// Source zeros: zero the target.
+    Zero,
+}
+
+#[derive(Default)]
+struct ChunkState {
+    summary: [Option<(bool, [u8; 16])>; 2],
+    groups: [Option<Nodes>; 2],
+    leaves: HashMap<u32, [Option<Nodes>; 2]>,
+    /// Requests sent for this chunk and not yet answered.
+    pending: u32,
+}
+
+/// The brain's state during one pass.
+struct Brain<'a> {
+    pass: &'a Pass<'a>,
+    counters: &'a Counters,
+    chunks: HashMap<u64, ChunkState>,
+    finished: BTreeSet<u64>,
+    prefix: u64,
+    acked: u64,
+    total: u64,
+    ranges: BTreeMap<u64, u64>,
+    flushed: bool,
+}
+
+impl Pass<'_> {
+    fn chunk_range(&self, chunk: u64) -> (u64, u64) {
+        let start = chunk * self.chunk as u64;
+        (start, (self.scan_len - start).min(self.chunk as u64))
+    }
+
+    pub(super) fn run(&self, counters: &Counters, control: Control<'_>) -> Result<Found> {
+        let (events_tx, events) = unbounded::<(End, Msg)>();
+        let routing = AtomicBool::new(true);
+        let forwarding = AtomicBool::new(true);
+        let mut brain = Brain {
+            pass: self,
+            counters,
+            chunks: HashMap::new(),
+            finished: BTreeSet::new(),
+            prefix: 0,
+            acked: 0,
+            total: self.scan_len.div_ceil(self.chunk as u64),
+            ranges: BTreeMap::new(),
+            flushed: false,
+        };
+        std::thread::scope(|scope| {
+            let (routing, forwarding) = (&routing, &forwarding);
+            let tx = events_tx.clone();
+            scope.spawn(move || self.route_source(&tx, counters, control, routing, forwarding));
+            let tx = events_tx.clone();
+            scope.spawn(move || route(self.target, End::Target, &tx, routing));
+            drop(events_tx);
+            let result = brain.drive(&events, control);
+            if result.is_err() || control.cancelled() {
+                // Stop relaying data, then make what reached the target durable.
+                forwarding.store(false, Ordering::Relaxed);
+                if self.mode != Mode::Compare && !brain.flushed {
+                    let _ = brain.flush(&events, Duration::from_secs(60));
+                }
+            }
+            routing.store(false, Ordering::Relaxed);
+            result
+        })?;
+        let mut found = Found { done: brain.prefix.min(brain.total) * self.chunk as u64, ..Found::default() };
+        found.done = found.done.min(self.scan_len);
+        found.cancelled = control.cancelled() && brain.prefix < brain.total;
+        for (&offset, &len) in &brain.ranges {
+            match found.ranges.last_mut() {
+                Some(last) if last.end() == offset => last.len += len,
+                _ => found.ranges.push(Extent { offset, len }),
+            }
+        }
+        found.range_count = found.ranges.len() as u64;
+        Ok(found)
+    }
+
+    /// Relays the source's replies: data straight to the target, the rest to the brain.
+    fn route_source(
+        &self,
+        events: &Sender<(End, Msg)>,
+        counters: &Counters,
+        control: Control<'_>,
+        routing: &AtomicBool,
+        forwarding: &AtomicBool,
+    ) {
+        while routing.load(Ordering::Relaxed) {
+            let msg = match self.source.rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            match msg {
+                Msg::Data(chunk) => {
+                    if !forwarding.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Some(t) = self.throttle {
+                        t.take(chunk.payload.len() as u64, control.cancel);
+                    }
+                    counters.add_written(u64::from(chunk.raw_len));
+                    if self.mode == Mode::Copy {
+                        // The target was empty: everything non-zero differs.
+                        counters.add_differing(u64::from(chunk.raw_len));
+                    }
+                    if self.target.send(Msg::Write(chunk)).is_err() {
+                        // Say so once, then keep draining the source: if this thread stopped,
+                        // the source would block on its replies and the brain on its requests,
+                        // and nobody would read the error.
+                        let message = format!("{}: the connection was lost", self.target.name);
+                        let _ = events.send((End::Target, Msg::Error { kind: ErrorKind::Connection, message }));
+                        forwarding.store(false, Ordering::Relaxed);
+                    }
+                    if let Some(pause) = self.pause {
+                        std::thread::sleep(pause);
+                    }
+                }
+                other => {
+                    if events.send((End::Source, other)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn route(link: &Link, side: End, events: &Sender<(End, Msg)>, routing: &AtomicBool) {
+    while routing.load(Ordering::Relaxed) {
+        match link.rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(msg) => {
+                if events.send((side, msg)).is_err() {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+impl Brain<'_> {
+    fn link(&self, side: End) -> &Link {
+        match side {
+            End::Source => self.pass.source,
+            End::Target => self.pass.target,
+        }
+    }
+
+    fn send(&self, side: End, msg: Msg) -> Result<()> {
+        self.link(side).send(msg)
+    }
+
+    fn drive(&mut self, events: &crossbeam_channel::Receiver<(End, Msg)>, control: Control<'_>) -> Result<()> {
+        let p = self.pass;
+        match p.mode {
+            Mode::Copy => self.send(
+                End::Source,
+                Msg::Copy { end: p.scan_len, data_len: p.source_len, compress: p.compress, threads: 0 },
+            )?,
+            Mode::Apply | Mode::Compare => {
+                let key = random_key()?;
+                let block = p.block as u32;
+                self.send(End::Source, Msg::Scan { key, block, end: p.scan_len, data_len: p.source_len, threads: 0 })?;
+                self.send(End::Target, Msg::Scan { key, block, end: p.scan_len, data_len: p.target_len, threads: 0 })?;
+            }
+        }
+        while self.prefix < self.total {
+            if control.cancelled() {
+                return Ok(());
+            }
+            let (side, msg) = match events.recv_timeout(Duration::from_millis(100)) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::new(ErrorKind::Connection, "both peers went away"));
+                }
+            };
+            self.handle(side, msg)?;
+            control.observer.progress(&self.counters.snapshot());
+        }
+        let s = self.counters.snapshot();
+        // Nothing written and nothing resized: there is nothing to make durable, and skipping the
+        // flush saves a round trip on slow links.
+        if p.mode != Mode::Compare && (p.must_flush || s.bytes_written + s.bytes_zeroed > 0 || p.mode == Mode::Copy) {
+            self.flush(events, Duration::from_secs(24 * 3600))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the target and waits for its `Done`.
+    fn flush(&mut self, events: &crossbeam_channel::Receiver<(End, Msg)>, limit: Duration) -> Result<()> {
+        self.send(End::Target, Msg::Flush)?;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            match events.recv_timeout(wait.min(Duration::from_millis(500))) {
+                Ok((End::Target, Msg::Done)) => {
+                    self.flushed = true;
+                    return Ok(());
+                }
+                Ok((side, Msg::Error { kind, message })) => return Err(self.link(side).error(kind, message)),
+                Ok(_) | Err(RecvTimeoutError::Timeout) if !wait.is_zero() => {}
+                _ => return Err(Error::new(ErrorKind::Connection, "the target did not confirm the flush")),
+            }
+        }
+    }
+
+    fn handle(&mut self, side: End, msg: Msg) -> Result<()> {
+        match msg {
+            Msg::Summary { chunk, zero, hash } => {
+                self.check_chunk(side, chunk)?;
+                let state = self.chunks.entry(chunk).or_default();
+                state.summary[side as usize] = Some((zero, hash));
+                if let [Some(s), Some(t)] = state.summary {
+                    if s == t || (s.0 && t.0) {
+                        self.finish(chunk)?;
+                    } else {
+                        self.refine_groups(chunk, s.0, t.0)?;
+                    }
+                }
+            }
+            Msg::GroupHashes { chunk, zero, hashes } => {
+                self.check_chunk(side, chunk)?;
+                let state = self.state(side, chunk)?;
+                state.groups[side as usize] = Some(Nodes { zero, hashes });
+                state.pending -= 1;
+                if state.groups.iter().all(Option::is_some) {
+                    self.compare_groups(chunk)?;
+                }
+            }
+            Msg::LeafHashes { chunk, group, zero, hashes } => {
+                self.check_chunk(side, chunk)?;
+                let state = self.state(side, chunk)?;
+                let pair = state.leaves.entry(group).or_default();
+                pair[side as usize] = Some(Nodes { zero, hashes });
+                state.pending -= 1;
+                if pair.iter().all(Option::is_some) {
+                    self.compare_leaves(chunk, group)?;
+                }
+                self.finish_if_done(chunk)?;
+            }
+            Msg::ReadDone { offset, len } => {
+                let chunk = offset / self.pass.chunk as u64;
+                self.check_chunk(side, chunk)?;
+                if self.pass.mode == Mode::Copy {
+                    self.finish(chunk)?;
+                } else {
+                    let state = self.state(side, chunk)?;
+                    state.pending -= 1;
+                    let _ = len;
+                    self.finish_if_done(chunk)?;
+                }
+            }
+            Msg::ScanDone { .. } | Msg::Done => {}
+            Msg::Error { kind, message } => return Err(self.link(side).error(kind, message)),
+            other => return Err(self.link(side).unexpected(&other)),
+        }
+        Ok(())
+    }
+
+    fn check_chunk(&self, side: End, chunk: u64) -> Result<()> {
+        if chunk >= self.total {
+            return Err(Error::protocol(format!(
+                "{}: reply for chunk {chunk} of {}",
+                self.link(side).name,
+                self.total
+            )));
+        }
+        Ok(())
+    }
+
+    fn state(&mut self, side: End, chunk: u64) -> Result<&mut ChunkState> {
+        let name = self.link(side).name.clone();
+        match self.chunks.get_mut(&chunk) {
+            Some(s) if s.pending > 0 => Ok(s),
+            _ => Err(Error::protocol(format!("{name}: unrequested reply for chunk {chunk}"))),
+        }
+    }
+
+    fn counts(&self, chunk: u64) -> (usize, usize) {
+        let (_, len) = self.pass.chunk_range(chunk);
+        let leaves = (len as usize).div_ceil(self.pass.block);
+        (leaves, leaves.div_ceil(FANOUT))
+    }
+
+    fn refine_groups(&mut self, chunk: u64, source_zero: bool, target_zero: bool) -> Result<()> {
+        let (_, groups) = self.counts(chunk);
+        for (side, zero) in [(End::Source, source_zero), (End::Target, target_zero)] {
+            if zero {
+                self.chunks.entry(chunk).or_default().groups[side as usize] = Some(Nodes::zeros(groups));
+            } else {
+                self.send(side, Msg::Groups { chunk })?;
+                self.chunks.entry(chunk).or_default().pending += 1;
+            }
+        }
+        if self.chunks.get(&chunk).is_some_and(|s| s.groups.iter().all(Option::is_some)) {
+            self.compare_groups(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn compare_groups(&mut self, chunk: u64) -> Result<()> {
+        let (leaves, groups) = self.counts(chunk);
+        let Some(state) = self.chunks.get(&chunk) else { return Ok(()) };
+        let [Some(s), Some(t)] = &state.groups else { return Ok(()) };
+        if s.zero.len() != groups || t.zero.len() != groups {
+            return Err(Error::protocol(format!("wrong number of group hashes for chunk {chunk}")));
+        }
+        let differing: Vec<(usize, bool, bool)> =
+            (0..groups).filter(|&g| !Nodes::same(s, t, g)).map(|g| (g, s.zero[g] == 1, t.zero[g] == 1)).collect();
+        for (g, source_zero, target_zero) in differing {
+            let n = (leaves - g * FANOUT).min(FANOUT);
+            for (side, zero) in [(End::Source, source_zero), (End::Target, target_zero)] {
+                let state = self.chunks.entry(chunk).or_default();
+                if zero {
+                    state.leaves.entry(g as u32).or_default()[side as usize] = Some(Nodes::zeros(n));
+                } else {
+                    state.pending += 1;
+                    self.send(side, Msg::Leaves { chunk, group: g as u32 })?;
+                }
+            }
+            if self
+                .chunks
+                .get(&chunk)
+                .and_then(|s| s.leaves.get(&(g as u32)))
+                .is_some_and(|p| p.iter().all(Option::is_some))
+            {
+                self.compare_leaves(chunk, g as u32)?;
+            }
+        }
+        self.finish_if_done(chunk)
+    }
+
+    fn compare_leaves(&mut self, chunk: u64, group: u32) -> Result<()> {
+        let p = self.pass;
+        let (start, len) = p.chunk_range(chunk);
+        let (leaves, _) = self.counts(chunk);
+        let Some([Some(s), Some(t)]) = self.chunks.get_mut(&chunk).and_then(|st| st.leaves.remove(&group)) else {
+            return Ok(());
+        };
+        let first = group as usize * FANOUT;
+        let n = leaves.saturating_sub(first).min(FANOUT);
+        if s.zero.len() != n || t.zero.len() != n {
+            return Err(Error::protocol(format!("wrong number of leaf hashes for chunk {chunk} group {group}")));
+        }
+        let mut runs = Runs::new();
+        for i in 0..n {
+            if Nodes::same(&s, &t, i) {
+                continue;
+            }
+            let offset = start + ((first + i) * p.block) as u64;
+            let leaf_len = (start + len - offset).min(p.block as u64);
+            runs.push(if s.zero[i] == 1 { Fix::Zero } else { Fix::Read }, offset, leaf_len);
+        }
+        for &(fix, run) in runs.iter() {
+            self.counters.add_differing(run.len);
+            if self.ranges.len() < RANGE_CAP {
+                self.ranges.insert(run.offset, run.len);
+            }
+            match (fix, p.mode) {
+                (Fix::Zero, Mode::Compare) => self.counters.add_zeroed(run.len),
+                (Fix::Read, Mode::Compare) => self.counters.add_written(run.len),
+                (Fix::Zero, _) => {
+                    self.send(End::Target, Msg::Zero { offset: run.offset, len: run.len })?;
+                    self.counters.add_zeroed(run.len);
+                }
+                (Fix::Read, _) => {
+                    self.chunks.entry(chunk).or_default().pending += 1;
+                    self.send(
+                        End::Source,
+                        Msg::Read { offset: run.offset, len: run.len as u32, compress: p.compress },
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_if_done(&mut self, chunk: u64) -> Result<()> {
+        let done = self
+            .chunks
+            .get(&chunk)
+            .is_some_and(|s| s.pending == 0 && s.summary.iter().all(Option::is_some) && s.leaves.is_empty());
+        if done { self.finish(chunk) } else { Ok(()) }
+    }
+
+    fn finish(&mut self, chunk: u64) -> Result<()> {
+        self.chunks.remove(&chunk);
+        if chunk < self.prefix || !self.finished.insert(chunk) {
+            return Ok(());
+        }
+        let (_, len) = self.pass.chunk_range(chunk);
+        self.counters.add_scanned(len);
+        while self.finished.remove(&self.prefix) {
+            self.prefix += 1;
+        }
+        if self.pass.mode != Mode::Copy && (self.prefix >= self.acked + ACK_EVERY || self.prefix == self.total) {
+            self.acked = self.prefix;
+            self.send(End::Source, Msg::Ack { chunks: self.prefix })?;
+            self.send(End::Target, Msg::Ack { chunks: self.prefix })?;
+        }
+        Ok(())
+    }
+}
