@@ -188,9 +188,8 @@ pub struct MergeArgs {
     /// The merged delta to write.
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
-    /// Print one JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 /// `blksync info`.

@@ -241,19 +241,22 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
 }
 
 /// `blksync merge`.
-pub fn merge(args: &MergeArgs) -> Result<Outcome> {
+pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let inputs: Vec<&std::path::Path> = args.inputs.iter().map(std::path::PathBuf::as_path).collect();
-    let info = blksync::patch::merge(&inputs, &args.output)?;
-    if args.json {
+    let render = Render::new(args.out.progress, args.out.quiet);
+    let result = blksync::patch::merge(&inputs, &args.output, Control { observer: &render, cancel });
+    render.finish();
+    let info = result?;
+    if args.out.json {
         print_json(&info)?;
     } else {
-        eprintln!(
+        render.line(&format!(
             "blksync: merged {} deltas into {} ({}, {} records)",
             inputs.len(),
             info.path,
             format_size(info.file_size),
             info.records
-        );
+        ));
     }
     Ok(Outcome::Success)
 }

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         Command::Diff(args) => commands::diff(args, &cancel),
         Command::Apply(args) => commands::apply(args, &cancel),
         Command::Info(args) => commands::info(args),
-        Command::Merge(args) => commands::merge(args),
+        Command::Merge(args) => commands::merge(args, &cancel),
         Command::Backup(args) => commands::backup(args, &cancel),
         Command::List(args) => commands::list(args),
         Command::Restore(args) => commands::restore(args, &cancel),

@@ -317,7 +317,7 @@ pub fn info(path: &Path) -> Result<Info> {
 /// Each record of the result covers the range where some delta first touched the image, so it
 /// keeps that record's `before_hash` and `apply` still checks the target; parts that a later
 /// delta touched beyond what earlier ones did are marked [`delta::UNRECORDED`].
-pub fn merge(inputs: &[&Path], out: &Path) -> Result<Info> {
+pub fn merge(inputs: &[&Path], out: &Path, control: Control<'_>) -> Result<Info> {
     use crate::chain::{Piece, cut};
     use std::collections::BTreeMap;
     let deltas: Vec<Delta> = inputs.iter().map(|p| Delta::open(p)).collect::<Result<_>>()?;
@@ -365,8 +365,14 @@ pub fn merge(inputs: &[&Path], out: &Path) -> Result<Info> {
         ..last.header.clone()
     };
     let writer = Writer::create(out, &header)?;
+    let counters = Counters::new();
+    counters.set_total(touched.iter().map(|(&start, &(end, _))| end.min(size).saturating_sub(start)).sum());
+    control.observer.phase(Phase::Sync, counters.snapshot().bytes_total);
     let result = (|| {
         for (&start, &(touched_end, before)) in &touched {
+            if control.cancelled() {
+                return Err(Error::new(ErrorKind::Interrupted, "interrupted: no merged delta was written"));
+            }
             let end = touched_end.min(size);
             let mut pos = start;
             // Output records of at most 1 MiB.
@@ -387,6 +393,8 @@ pub fn merge(inputs: &[&Path], out: &Path) -> Result<Info> {
                 let exact = if pos == start && stop == touched_end { before } else { delta::UNRECORDED };
                 let kind = if crate::zero::is_zero(&buf) { Kind::Zeros } else { Kind::Data };
                 writer.record_hashed(kind, pos, buf.len() as u32, &buf, exact)?;
+                counters.add_scanned(stop - pos);
+                control.observer.progress(&counters.snapshot());
                 pos = stop;
             }
         }
