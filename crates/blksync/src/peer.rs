@@ -433,25 +433,30 @@ impl Peer {
         };
         let source = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(source));
         let target = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(target));
+        self.spawn_job(move |control| match crate::sync::sync_paths(&source, &target, &options, control) {
+            Ok(s) => Msg::Synced {
+                counters: counters_of(&s.counters),
+                seconds: s.counters.seconds.to_bits(),
+                ranges: s.ranges_differing,
+                size_before: s.destination_size_before,
+                size_after: s.destination_size_after,
+                verified: s.verified,
+                destination: s.destination.into_bytes(),
+            },
+            Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+        });
+        Ok(())
+    }
+
+    /// Runs a local job in a thread: its progress goes to the client as `Progress`/`Warning`,
+    /// its result (or error) as the final reply. `Cancel` stops it.
+    fn spawn_job(&mut self, job: impl FnOnce(crate::progress::Control<'_>) -> Msg + Send + 'static) {
         let (replies, cancel) = (self.replies.clone(), Arc::clone(&self.cancel));
         self.jobs.push(std::thread::spawn(move || {
             let observer = WireObserver { replies: replies.clone(), state: Mutex::new((0, std::time::Instant::now())) };
-            let control = crate::progress::Control { observer: &observer, cancel: &cancel };
-            let reply = match crate::sync::sync_paths(&source, &target, &options, control) {
-                Ok(s) => Msg::Synced {
-                    counters: counters_of(&s.counters),
-                    seconds: s.counters.seconds.to_bits(),
-                    ranges: s.ranges_differing,
-                    size_before: s.destination_size_before,
-                    size_after: s.destination_size_after,
-                    verified: s.verified,
-                    destination: s.destination.into_bytes(),
-                },
-                Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
-            };
+            let reply = job(crate::progress::Control { observer: &observer, cancel: &cancel });
             let _ = replies.send(reply);
         }));
-        Ok(())
     }
 }
 
@@ -467,27 +472,17 @@ impl Peer {
         };
         let first = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(first));
         let second = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(second));
-        let (replies, cancel) = (self.replies.clone(), Arc::clone(&self.cancel));
-        self.jobs.push(std::thread::spawn(move || {
-            let observer = WireObserver { replies: replies.clone(), state: Mutex::new((0, std::time::Instant::now())) };
-            let control = crate::progress::Control { observer: &observer, cancel: &cancel };
-            let reply = match crate::compare::compare_paths(&first, &second, &options, control) {
-                Ok(c) => Msg::Compared {
-                    counters: counters_of(&c.counters),
-                    seconds: c.counters.seconds.to_bits(),
-                    first_size: c.source_size,
-                    second_size: c.destination_size,
-                    range_count: c.ranges_differing,
-                    ranges: c
-                        .ranges
-                        .iter()
-                        .flat_map(|r| [r.offset.to_le_bytes(), r.len.to_le_bytes()].concat())
-                        .collect(),
-                },
-                Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
-            };
-            let _ = replies.send(reply);
-        }));
+        self.spawn_job(move |control| match crate::compare::compare_paths(&first, &second, &options, control) {
+            Ok(c) => Msg::Compared {
+                counters: counters_of(&c.counters),
+                seconds: c.counters.seconds.to_bits(),
+                first_size: c.source_size,
+                second_size: c.destination_size,
+                range_count: c.ranges_differing,
+                ranges: c.ranges.iter().flat_map(|r| [r.offset.to_le_bytes(), r.len.to_le_bytes()].concat()).collect(),
+            },
+            Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+        });
         Ok(())
     }
 }

@@ -238,6 +238,30 @@ fn add_wire(summary_sent: &mut u64, summary_received: &mut u64, links: &[&Link])
     }
 }
 
+/// Connects both sides, runs `run` on the two links and their paths, adds the bytes that crossed
+/// the wire to its summary, and closes both links whatever happened.
+fn with_links(
+    a: &Side<'_>,
+    b: &Side<'_>,
+    run: impl FnOnce(&mut Link, &OsStr, &mut Link, &OsStr) -> Result<Summary>,
+) -> Result<Summary> {
+    let (mut x, x_path) = connect(a)?;
+    let (mut y, y_path) = match connect(b) {
+        Ok(link) => link,
+        Err(e) => {
+            x.close();
+            return Err(e);
+        }
+    };
+    let result = run(&mut x, &x_path, &mut y, &y_path).map(|mut summary| {
+        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&x, &y]);
+        summary
+    });
+    x.close();
+    y.close();
+    result
+}
+
 /// Syncs between two locations, at least one of them remote: connects, syncs, says goodbye.
 /// Two paths on one remote host use one connection, and the sync runs there.
 pub fn sync_locations(
@@ -252,15 +276,7 @@ pub fn sync_locations(
     {
         return sync_on_host(a, &b.path, source.ssh, &options.sync, control);
     }
-    let (mut s, s_path) = connect(source)?;
-    let (mut t, t_path) = connect(target)?;
-    let result = sync(&mut s, &s_path, &mut t, &t_path, options, control).map(|mut summary| {
-        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &t]);
-        summary
-    });
-    s.close();
-    t.close();
-    result
+    with_links(source, target, |s, s_path, t, t_path| sync(s, s_path, t, t_path, options, control))
 }
 
 /// Runs a sync between two paths of one remote host on that host (`LocalSync`).
@@ -450,35 +466,26 @@ pub fn backup_locations(
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    let (mut s, s_path) = connect(source)?;
-    let (mut t, t_path) = connect(dest)?;
     let options = RemoteOptions {
         sync: SyncOptions { verify: false, dry_run: false, ..options.sync.clone() },
         ..options.clone()
     };
-    let result = (|| {
+    with_links(source, dest, |s, s_path, t, t_path| {
         let cache = if options.sync.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-        let so = open(&mut s, Role::Source, cache, &s_path, b"")?;
-        let source_name = display(&s, &s_path);
+        let so = open(s, Role::Source, cache, s_path, b"")?;
+        let source_name = display(s, s_path);
         let to = open_chain(
-            &mut t,
-            &t_path,
+            t,
+            t_path,
             Role::Target,
             crate::backup::At::Latest,
             comment,
             &source_name,
             options.sync.block_size,
         )?;
-        let names = (source_name, display(&t, &t_path));
-        transfer(&mut s, so, &mut t, to, names, true, &options, control)
-    })()
-    .map(|mut summary| {
-        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &t]);
-        summary
-    });
-    s.close();
-    t.close();
-    result
+        let names = (source_name, display(t, t_path));
+        transfer(s, so, t, to, names, true, &options, control)
+    })
 }
 
 /// Restores point `at` of the chain at `chain` onto `target`, either or both remote.
@@ -489,26 +496,17 @@ pub fn restore_locations(
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    let (mut s, s_path) = connect(chain)?;
-    let (mut t, t_path) = connect(target)?;
-    let result = (|| {
-        let so = open_chain(&mut s, &s_path, Role::Source, at, "", "", options.sync.block_size)?;
+    with_links(chain, target, |s, s_path, t, t_path| {
+        let so = open_chain(s, s_path, Role::Source, at, "", "", options.sync.block_size)?;
         let o = &options.sync;
         let mut flags = open_flags::CREATE | if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
         if o.force {
             flags |= open_flags::FORCE;
         }
-        let to = open(&mut t, Role::Target, flags, &t_path, b"")?;
-        let names = (display(&s, &s_path), display(&t, &t_path));
-        transfer(&mut s, so, &mut t, to, names, false, options, control)
-    })()
-    .map(|mut summary| {
-        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &t]);
-        summary
-    });
-    s.close();
-    t.close();
-    result
+        let to = open(t, Role::Target, flags, t_path, b"")?;
+        let names = (display(s, s_path), display(t, t_path));
+        transfer(s, so, t, to, names, false, options, control)
+    })
 }
 
 /// Compares two locations, at least one of them remote.
