@@ -194,14 +194,13 @@ impl Peer {
     }
 
     fn open(&mut self, role: Role, flags: u32, mode: u32, path: &[u8], name: &[u8]) -> Result<()> {
-        use std::os::unix::ffi::OsStrExt;
         if self.endpoint.is_some() {
             return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
         }
-        let mut path = std::path::Path::new(std::ffi::OsStr::from_bytes(path)).to_path_buf();
+        let mut path = path_of(path);
         if role == Role::Target && !name.is_empty() {
             // A directory destination receives the source's file name, as with cp and rsync.
-            path = crate::sync::resolve_destination(std::path::Path::new(std::ffi::OsStr::from_bytes(name)), &path)?;
+            path = crate::sync::resolve_destination(&path_of(name), &path)?;
         }
         let path = path.as_path();
         let local = match role {
@@ -251,11 +250,11 @@ impl Peer {
         source: &[u8],
         block: u32,
     ) -> Result<()> {
-        use std::os::unix::ffi::OsStrExt;
         if self.endpoint.is_some() {
             return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
         }
-        let dir = std::path::Path::new(std::ffi::OsStr::from_bytes(dir));
+        let dir = path_of(dir);
+        let dir = dir.as_path();
         let (endpoint, created): (Arc<dyn Source>, bool) = match role {
             Role::Source => {
                 let chain = crate::backup::load(dir)?;
@@ -411,7 +410,6 @@ impl Peer {
         bwlimit: u64,
     ) -> Result<()> {
         use crate::protocol::message::sync_flags as f;
-        use std::os::unix::ffi::OsStrExt;
         let options = crate::sync::SyncOptions {
             block_size: crate::sync::check_block_size(u64::from(block))?,
             dry_run: flags & f::DRY_RUN != 0,
@@ -431,8 +429,8 @@ impl Peer {
             bwlimit: (bwlimit > 0).then_some(bwlimit),
             undo: None,
         };
-        let source = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(source));
-        let target = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(target));
+        let source = path_of(source);
+        let target = path_of(target);
         self.spawn_job(move |control| match crate::sync::sync_paths(&source, &target, &options, control) {
             Ok(s) => Msg::Synced {
                 counters: counters_of(&s.counters),
@@ -463,15 +461,14 @@ impl Peer {
 impl Peer {
     /// Both images are on this host: compare them here (bytes, not hashes) and report.
     fn start_local_compare(&mut self, first: &[u8], second: &[u8], block: u32, max_ranges: u32) -> Result<()> {
-        use std::os::unix::ffi::OsStrExt;
         let options = crate::compare::CompareOptions {
             block_size: crate::sync::check_block_size(u64::from(block))?,
             keep_cache: false,
             threads: worker_count(0),
             max_ranges: max_ranges as usize,
         };
-        let first = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(first));
-        let second = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(second));
+        let first = path_of(first);
+        let second = path_of(second);
         self.spawn_job(move |control| match crate::compare::compare_paths(&first, &second, &options, control) {
             Ok(c) => Msg::Compared {
                 counters: counters_of(&c.counters),
@@ -485,6 +482,12 @@ impl Peer {
         });
         Ok(())
     }
+}
+
+/// A path received on the wire (any bytes: Unix paths need not be UTF-8).
+fn path_of(bytes: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
 }
 
 /// Counters in wire order (docs/PROTOCOL.md, `Progress`).
