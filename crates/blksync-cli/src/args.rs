@@ -85,33 +85,38 @@ pub enum Command {
 /// `blksync diff`.
 #[derive(Debug, Args)]
 pub struct DiffArgs {
-    /// The new image.
+    /// The new image (local or [USER@]HOST:PATH).
     #[arg(value_name = "SRC")]
-    pub source: PathBuf,
-    /// The old image the delta will apply to.
+    pub source: OsString,
+    /// The old image the delta will apply to (local or remote).
     #[arg(value_name = "BASE")]
-    pub base: PathBuf,
-    /// The delta file to write.
+    pub base: OsString,
+    /// The delta file to write (local or remote; written on BASE's host, then copied if elsewhere).
     #[arg(short, long, value_name = "PATCH")]
-    pub output: PathBuf,
+    pub output: OsString,
     /// Free text stored in the delta's header.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub comment: String,
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync apply`.
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// Delta files, in the order to apply them, then the target.
+    /// Delta files, in the order to apply them, then the target (each local or
+    /// [USER@]HOST:PATH; the deltas are applied on the target's host).
     #[arg(value_name = "PATH", num_args = 2.., required = true)]
-    pub paths: Vec<PathBuf>,
+    pub paths: Vec<OsString>,
     /// Write to a block device even when it is mounted or in use.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync backup`.
@@ -135,12 +140,14 @@ pub struct BackupArgs {
 /// `blksync list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// The chain's directory.
+    /// The chain's directory (local or [USER@]HOST:PATH).
     #[arg(value_name = "DEST")]
-    pub dest: PathBuf,
+    pub dest: OsString,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync restore`.
@@ -169,38 +176,44 @@ pub struct RestoreArgs {
 /// `blksync prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// The chain's directory.
+    /// The chain's directory (local or [USER@]HOST:PATH; a remote chain is pruned there).
     #[arg(value_name = "DEST")]
-    pub dest: PathBuf,
+    pub dest: OsString,
     /// How many increments to keep.
     #[arg(long, value_name = "N")]
     pub keep: u64,
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync merge`.
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// The deltas, oldest first.
+    /// The deltas, oldest first (each local or [USER@]HOST:PATH).
     #[arg(value_name = "DELTA", required = true, num_args = 1..)]
-    pub inputs: Vec<PathBuf>,
-    /// The merged delta to write.
+    pub inputs: Vec<OsString>,
+    /// The merged delta to write (local or remote).
     #[arg(short, long, value_name = "FILE")]
-    pub output: PathBuf,
+    pub output: OsString,
     #[command(flatten)]
     pub out: OutputArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// The delta file.
+    /// The delta file (local or [USER@]HOST:PATH).
     #[arg(value_name = "FILE")]
-    pub path: PathBuf,
+    pub path: OsString,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync agent`.
@@ -321,9 +334,10 @@ pub struct SyncArgs {
     #[arg(long)]
     pub discard: bool,
     /// Save the old content of every block this sync overwrites into FILE, a delta that
-    /// `blksync apply FILE DST` uses to roll DST back (local destinations).
+    /// `blksync apply FILE DST` uses to roll DST back. FILE is local or on DST's host
+    /// (HOST:PATH); it is always written where DST is, which holds the old bytes.
     #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
-    pub undo: Option<PathBuf>,
+    pub undo: Option<OsString>,
     /// Compress data sent over ssh: auto (zstd level 1 when it pays, never slowing a fast
     /// link), off, or a zstd level (1-19).
     #[arg(long, value_name = "auto|off|LEVEL", default_value = "auto", value_parser = parse_compress)]

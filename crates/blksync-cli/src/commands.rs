@@ -70,20 +70,33 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         discard: args.discard,
         threads: threads(&args.common),
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
-        undo: args.undo.clone(),
+        undo: None,
     };
     let render = Render::new(args.common.output.progress, args.common.output.quiet);
     let control = Control { observer: &render, cancel };
+    let undo = args.undo.as_ref().map(Location::parse).transpose()?;
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
-        (Location::Local(src), Location::Local(dst)) => sync_paths(&src, &dst, &options, control),
-        (_, _) if args.undo.is_some() => {
-            return Err(blksync::Error::usage("--undo works when both endpoints are local (for now)").into());
+        (Location::Local(src), Location::Local(dst)) => {
+            let undo = match undo {
+                None => None,
+                Some(Location::Local(path)) => Some(path),
+                Some(Location::Remote(r)) => {
+                    return Err(blksync::Error::usage(format!(
+                        "--undo {}: the undo log is written on the destination's host, and {} is local",
+                        r.display(),
+                        dst.display()
+                    ))
+                    .into());
+                }
+            };
+            sync_paths(&src, &dst, &SyncOptions { undo, ..options }, control)
         }
         (src, dst) => {
             let remote = RemoteOptions {
                 sync: options,
                 compress: args.compress,
                 pause: args.pause.map(std::time::Duration::from_millis),
+                undo,
             };
             let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
             sync_locations(
@@ -194,19 +207,33 @@ fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::Di
     })
 }
 
+/// Parses location arguments, each with the ssh options of its side.
+fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
+    Ok(args.iter().map(Location::parse).collect::<blksync::Result<_>>()?)
+}
+
 /// `blksync diff`.
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
     let render = Render::new(args.common.output.progress, args.common.output.quiet);
-    let result =
-        blksync::patch::diff(&args.source, &args.base, &args.output, &options, Control { observer: &render, cancel });
+    let [source, base, output] =
+        <[Location; 3]>::try_from(locations(&[args.source.clone(), args.base.clone(), args.output.clone()])?)
+            .map_err(|_| anyhow::anyhow!("three locations"))?;
+    let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let result = blksync::relay::diff_locations(
+        &Side { location: &source, ssh: &s_ssh },
+        &Side { location: &base, ssh: &d_ssh },
+        &Side { location: &output, ssh: &d_ssh },
+        &options,
+        Control { observer: &render, cancel },
+    );
     render.finish();
     let summary = result?;
     let c = &summary.counters;
     render.line(&format!(
         "blksync: {} against {}: {} of data and {} of zeros recorded in {} ({}) in {:.2}s",
-        args.source.display(),
-        args.base.display(),
+        args.source.to_string_lossy(),
+        args.base.to_string_lossy(),
         format_size(c.bytes_written),
         format_size(c.bytes_zeroed),
         summary.delta,
@@ -221,10 +248,17 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
 
 /// `blksync apply`.
 pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let (target, deltas) = args.paths.split_last().ok_or_else(|| anyhow::anyhow!("apply needs PATCH... TARGET"))?;
-    let deltas: Vec<&std::path::Path> = deltas.iter().map(std::path::PathBuf::as_path).collect();
+    let all = locations(&args.paths)?;
+    let (target, deltas) = all.split_last().ok_or_else(|| anyhow::anyhow!("apply needs PATCH... TARGET"))?;
+    let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let deltas: Vec<Side<'_>> = deltas.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
     let render = Render::new(args.output.progress, args.output.quiet);
-    let result = blksync::patch::apply(&deltas, target, args.force, Control { observer: &render, cancel });
+    let result = blksync::relay::apply_locations(
+        &deltas,
+        &Side { location: target, ssh: &d_ssh },
+        args.force,
+        Control { observer: &render, cancel },
+    );
     render.finish();
     let summary = result?;
     render.line(&format!(
@@ -242,9 +276,16 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
 
 /// `blksync merge`.
 pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let inputs: Vec<&std::path::Path> = args.inputs.iter().map(std::path::PathBuf::as_path).collect();
+    let inputs = locations(&args.inputs)?;
+    let output = Location::parse(&args.output)?;
+    let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let sides: Vec<Side<'_>> = inputs.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
     let render = Render::new(args.out.progress, args.out.quiet);
-    let result = blksync::patch::merge(&inputs, &args.output, Control { observer: &render, cancel });
+    let result = blksync::relay::merge_locations(
+        &sides,
+        &Side { location: &output, ssh: &d_ssh },
+        Control { observer: &render, cancel },
+    );
     render.finish();
     let info = result?;
     if args.out.json {
@@ -262,8 +303,11 @@ pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
 }
 
 /// `blksync info`.
-pub fn info(args: &InfoArgs) -> Result<Outcome> {
-    let info = blksync::patch::info(&args.path)?;
+pub fn info(args: &InfoArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let location = Location::parse(&args.path)?;
+    let ssh = ssh_options(&args.remote, true);
+    let control = Control { observer: &blksync::progress::Silent, cancel };
+    let info = blksync::relay::info_location(&Side { location: &location, ssh: &ssh }, control)?;
     if args.json {
         print_json(&info)?;
         return Ok(Outcome::Success);
@@ -305,6 +349,7 @@ fn remote_options(common: &CommonArgs, force: bool) -> Result<RemoteOptions> {
         },
         compress: blksync::compress::AUTO,
         pause: None,
+        undo: None,
     })
 }
 
@@ -358,8 +403,11 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
 }
 
 /// `blksync list`.
-pub fn list(args: &ListArgs) -> Result<Outcome> {
-    let points = blksync::backup::list(&args.dest)?;
+pub fn list(args: &ListArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let location = Location::parse(&args.dest)?;
+    let ssh = ssh_options(&args.remote, false);
+    let control = Control { observer: &blksync::progress::Silent, cancel };
+    let points = blksync::relay::list_location(&Side { location: &location, ssh: &ssh }, control)?;
     if args.json {
         print_json(&points)?;
         return Ok(Outcome::Success);
@@ -414,6 +462,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
                 sync: SyncOptions { force: args.force, ..SyncOptions::default() },
                 compress: blksync::compress::AUTO,
                 pause: None,
+                undo: None,
             };
             let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
             restore_locations(
@@ -445,7 +494,14 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
 pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, "")?;
     let render = Render::new(args.common.output.progress, args.common.output.quiet);
-    let result = blksync::backup::prune(&args.dest, args.keep, &options, Control { observer: &render, cancel });
+    let location = Location::parse(&args.dest)?;
+    let ssh = ssh_options(&args.remote, false);
+    let result = blksync::relay::prune_location(
+        &Side { location: &location, ssh: &ssh },
+        args.keep,
+        &options,
+        Control { observer: &render, cancel },
+    );
     render.finish();
     let s = result?;
     render.line(&format!(

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chain::{Chain, base_paths, increment_path};
 use crate::delta::{Header, Writer};
@@ -20,7 +20,7 @@ use crate::progress::{Control, Snapshot};
 use crate::sync::{SyncOptions, sync};
 
 /// What `backup` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupSummary {
     /// The file written (base image or increment).
     pub file: String,
@@ -126,7 +126,7 @@ pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control
 }
 
 /// One point of a chain, for `list`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     /// Its number (0 = base).
     pub number: u64,
@@ -187,7 +187,7 @@ pub(crate) fn load(dir: &Path) -> Result<std::sync::Arc<Chain>> {
 }
 
 /// Which point to restore.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum At {
     /// The newest.
     Latest,
@@ -250,7 +250,7 @@ fn describe(points: &[(u64, i64)]) -> String {
 }
 
 /// What `prune` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PruneSummary {
     /// Increments folded into the new base.
     pub folded: u64,

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::endpoint::Source;
 use crate::endpoint::local::{Local, OpenTarget};
@@ -29,7 +29,7 @@ pub struct CompareOptions {
 }
 
 /// The result of a comparison.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     /// First image.
     pub source: String,

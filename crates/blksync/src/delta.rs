@@ -39,13 +39,13 @@ pub enum Kind {
 }
 
 /// The header of a delta.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Header {
     /// Unique id.
-    #[serde(serialize_with = "hex")]
+    #[serde(serialize_with = "hex", deserialize_with = "unhex")]
     pub id: [u8; 16],
     /// Id of the previous delta in a chain, zeros for none.
-    #[serde(serialize_with = "hex")]
+    #[serde(serialize_with = "hex", deserialize_with = "unhex")]
     pub parent: [u8; 16],
     /// Comparison granularity used to make it.
     pub block_size: u32,
@@ -69,6 +69,18 @@ pub struct Header {
 
 fn hex<S: serde::Serializer>(v: &[u8; 16], s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&to_hex(v))
+}
+
+fn unhex<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<[u8; 16], D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    let mut out = [0u8; 16];
+    if text.len() != 32 || !text.is_ascii() {
+        return Err(serde::de::Error::custom(format!("{text:?} is not a 32-digit hex id")));
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(serde::de::Error::custom)?;
+    }
+    Ok(out)
 }
 
 /// Lower-case hex of an id.

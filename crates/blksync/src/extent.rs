@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 /// A half-open byte range `[offset, offset + len)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Extent {
     /// First byte.
     pub offset: u64,

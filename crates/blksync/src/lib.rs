@@ -33,6 +33,7 @@ mod engine;
 pub mod error;
 pub mod extent;
 pub mod hash;
+pub mod job;
 pub mod link;
 pub mod location;
 pub mod patch;

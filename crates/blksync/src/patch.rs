@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::delta::{self, Delta, Header, Kind, Writer};
 use crate::endpoint::local::{Local, OpenTarget};
@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::progress::{Control, Counters, Phase, Snapshot};
 
 /// Options of `diff`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiffOptions {
     /// Comparison granularity.
     pub block_size: usize,
@@ -34,7 +34,7 @@ pub struct DiffOptions {
 }
 
 /// What `diff` wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiffSummary {
     /// The delta file.
     pub delta: String,
@@ -165,7 +165,7 @@ pub fn write_delta(
 }
 
 /// What `apply` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApplySummary {
     /// The target.
     pub target: String,
@@ -282,7 +282,7 @@ fn check_target(delta: &Delta, target: &Local) -> Result<()> {
 }
 
 /// A delta's description for `info`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Info {
     /// The file.
     pub path: String,

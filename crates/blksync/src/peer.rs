@@ -10,6 +10,7 @@
 //! hashes and guarantees refinements are answered from memory.
 
 use std::collections::HashMap;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -26,7 +27,9 @@ use crate::extent::Runs;
 use crate::hash::{Hasher, Tree, chunk_size};
 use crate::protocol::message::{Role, open_flags};
 use crate::protocol::{FEATURES, Msg, VERSION};
-use crate::sink::{ChainSink, Sink};
+use crate::sink::{ChainSink, RecordSink, Sink, UndoSink};
+
+mod files;
 use crate::zero::is_zero;
 
 /// How many chunks a scan may run ahead of the last `Ack`.
@@ -47,6 +50,8 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         stop: Arc::new(AtomicBool::new(false)),
         cancel: Arc::new(AtomicBool::new(false)),
         compressors: HashMap::new(),
+        upload: None,
+        spool: files::Spool::default(),
     };
     for msg in requests {
         if msg == Msg::Bye {
@@ -77,6 +82,10 @@ struct Peer {
     /// Cancels a `LocalSync` job.
     cancel: Arc<AtomicBool>,
     compressors: HashMap<i32, Compressor>,
+    /// The file a `Put` is writing.
+    upload: Option<files::Upload>,
+    /// Files this session spooled; removed when it ends.
+    spool: files::Spool,
 }
 
 struct ScanState {
@@ -155,6 +164,14 @@ impl Peer {
                 self.reply(Msg::LeafHashes { chunk, group, zero, hashes });
             }
             Msg::Read { offset, len, compress } => self.read(offset, len, compress)?,
+            Msg::Write(chunk) if self.upload.is_some() => {
+                let data = compress::decode(&chunk)?;
+                self.upload.as_ref().map_or(Ok(()), |u| u.write(&data, chunk.offset))?;
+            }
+            Msg::Flush if self.upload.is_some() => {
+                self.upload.take().map_or(Ok(()), files::Upload::commit)?;
+                self.reply(Msg::Done);
+            }
             Msg::Write(chunk) => {
                 let data = compress::decode(&chunk)?;
                 let keep_cache = self.keep_cache;
@@ -181,8 +198,35 @@ impl Peer {
                 self.open_chain(&dir, role, at_kind, at, &comment, &source, block)?;
             }
             Msg::Copy { end, data_len, compress, threads } => self.start_copy(end, data_len, compress, threads)?,
-            Msg::LocalSync { source, target, block, flags, threads, bwlimit } => {
-                self.start_local_sync(&source, &target, block, flags, threads, bwlimit)?;
+            Msg::LocalSync { source, target, block, flags, threads, bwlimit, undo } => {
+                self.start_local_sync(&source, &target, block, flags, threads, bwlimit, &undo)?;
+            }
+            Msg::Job { request } => {
+                let job = crate::job::Job::decode(&request)?;
+                self.spawn_job(move |control| match job.run(control) {
+                    Ok(result) => Msg::JobDone { result },
+                    Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+                });
+            }
+            Msg::Put { path, mode } => self.put(&path, mode)?,
+            Msg::Get { path, compress } => {
+                let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
+                let path = path_of(&path);
+                self.jobs.push(std::thread::spawn(move || {
+                    if let Err(e) = files::send(&path, compress, &replies, &stop) {
+                        let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+                    }
+                }));
+            }
+            Msg::Record { path, comment, source, block } => self.record(&path, &comment, &source, block)?,
+            Msg::Undo { path, comment } => {
+                let path = self.output_path(&path)?;
+                let Some(Sink::Plain(local)) = self.sink.take() else {
+                    return Err(Error::protocol("Undo needs a freshly opened target"));
+                };
+                let text = String::from_utf8_lossy(&comment).into_owned();
+                self.sink = Some(Sink::Undo(Box::new(UndoSink::new(local, path.clone(), text))));
+                self.reply(Msg::Path { path: path.into_os_string().into_vec() });
             }
             Msg::Cancel => self.cancel.store(true, Ordering::Relaxed),
             Msg::LocalCompare { first, second, block, max_ranges } => {
@@ -281,6 +325,42 @@ impl Peer {
         self.reply(Msg::Opened { kind: 0, size: endpoint.size(), identity_tag: 0, id_a: 0, id_b: 0, created });
         self.role = role;
         self.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    /// A path for a file this session writes: the given one, or a new spool file when empty.
+    fn output_path(&mut self, path: &[u8]) -> Result<std::path::PathBuf> {
+        if path.is_empty() { self.spool.path() } else { Ok(path_of(path)) }
+    }
+
+    /// Starts an upload (`Put`): the following `Write`s go to it, `Flush` commits it.
+    fn put(&mut self, path: &[u8], mode: u32) -> Result<()> {
+        if self.upload.is_some() || self.sink.is_some() {
+            return Err(Error::protocol("Put while another file is being written"));
+        }
+        let spooled = path.is_empty();
+        let path = self.output_path(path)?;
+        let upload = files::Upload::start(path, mode, spooled)?;
+        self.reply(Msg::Path { path: upload.path().as_os_str().as_bytes().to_vec() });
+        self.upload = Some(upload);
+        Ok(())
+    }
+
+    /// Makes the opened target the base of a delta (`Record`): writes become records of a delta
+    /// at `path` (or in the spool), and the base itself is never written.
+    fn record(&mut self, path: &[u8], comment: &[u8], source: &[u8], block: u32) -> Result<()> {
+        let path = self.output_path(path)?;
+        let Some(Sink::Plain(local)) = self.sink.take() else {
+            return Err(Error::protocol("Record needs a freshly opened target"));
+        };
+        if local.kind() == Kind::Absent {
+            return Err(Error::new(ErrorKind::NotFound, format!("{}: no such file or device", local.name().display())));
+        }
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let header = crate::sink::new_header([0; 16], block, &text(source), &text(comment))?;
+        let base: Arc<dyn Source> = local;
+        self.sink = Some(Sink::Record(Box::new(RecordSink::new(base, path.clone(), header))));
+        self.reply(Msg::Path { path: path.into_os_string().into_vec() });
         Ok(())
     }
 
@@ -400,6 +480,7 @@ impl Peer {
 impl Peer {
     /// Both endpoints are on this host: run the local engine here and report over the wire, so
     /// no data crosses the network at all.
+    #[allow(clippy::too_many_arguments)] // The fields of one message.
     fn start_local_sync(
         &mut self,
         source: &[u8],
@@ -408,6 +489,7 @@ impl Peer {
         flags: u32,
         threads: u16,
         bwlimit: u64,
+        undo: &[u8],
     ) -> Result<()> {
         use crate::protocol::message::sync_flags as f;
         let options = crate::sync::SyncOptions {
@@ -427,7 +509,7 @@ impl Peer {
             discard: flags & f::DISCARD != 0,
             threads: worker_count(threads),
             bwlimit: (bwlimit > 0).then_some(bwlimit),
-            undo: None,
+            undo: (!undo.is_empty()).then(|| path_of(undo)),
         };
         let source = path_of(source);
         let target = path_of(target);

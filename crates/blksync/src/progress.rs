@@ -63,7 +63,7 @@ pub struct Counters {
 }
 
 /// A consistent-enough copy of [`Counters`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Snapshot {
     /// Bytes the job covers.
     pub bytes_total: u64,

@@ -35,8 +35,10 @@ use crate::ssh::SshOptions;
 use crate::sync::{Summary, SyncOptions};
 use crate::throttle::Throttle;
 
+mod history;
 mod pass;
 
+pub use history::{apply_locations, diff_locations, info_location, list_location, merge_locations, prune_location};
 use pass::{Mode, Pass};
 
 /// Options of a sync that involves a remote peer.
@@ -48,6 +50,19 @@ pub struct RemoteOptions {
     pub compress: i32,
     /// Sleep this long after relaying each data frame (`--pause`).
     pub pause: Option<Duration>,
+    /// `--undo`: where the undo log goes (`sync.undo` is for local syncs). It is written at the
+    /// destination's end, which holds the old bytes; a local path receives it from there.
+    pub undo: Option<Location>,
+}
+
+/// Where the undo log is written, as seen from the destination's peer.
+#[derive(Clone, Copy)]
+enum UndoAt<'a> {
+    None,
+    /// At this path on the destination's host.
+    There(&'a Path),
+    /// In the destination's spool, then fetched to this local path.
+    Fetch(&'a Path),
 }
 
 /// What `Open` told us.
@@ -78,12 +93,13 @@ fn display(link: &Link, path: &OsStr) -> String {
 }
 
 /// Syncs `source_path` at `source` onto `target_path` at `target`.
-pub fn sync(
+fn sync(
     source: &mut Link,
     source_path: &OsStr,
     target: &mut Link,
     target_path: &OsStr,
     options: &RemoteOptions,
+    undo: UndoAt<'_>,
     control: Control<'_>,
 ) -> Result<Summary> {
     let o = &options.sync;
@@ -99,7 +115,28 @@ pub fn sync(
     }
     let t = open(target, Role::Target, flags, target_path, name)?;
     let names = (display(source, source_path), display(target, target_path));
-    transfer(source, s, target, t, names, false, options, control)
+    let log = match undo {
+        UndoAt::None => None,
+        UndoAt::There(path) | UndoAt::Fetch(path) => {
+            let there = if let UndoAt::There(_) = undo { path.as_os_str().as_bytes().to_vec() } else { Vec::new() };
+            let comment = format!("undo log of a sync from {}", names.0);
+            match target.call(Msg::Undo { path: there, comment: comment.into_bytes() })? {
+                Msg::Path { path } => Some(std::path::PathBuf::from(OsStr::from_bytes(&path))),
+                other => return Err(target.unexpected(&other)),
+            }
+        }
+    };
+    // With an undo log the flush is unconditional: it commits the log, even an empty one.
+    let mut summary = transfer(source, s, target, t, names, log.is_some(), options, control)?;
+    if let (Some(written), UndoAt::Fetch(local)) = (&log, undo) {
+        history::fetch(target, written, local)?;
+    }
+    summary.undo_log = match undo {
+        UndoAt::None => None,
+        UndoAt::There(path) => Some(display(target, path.as_os_str())),
+        UndoAt::Fetch(path) => Some(path.display().to_string()),
+    };
+    Ok(summary)
 }
 
 /// Everything after both ends are open: sizes, the pass, the flush, verification.
@@ -270,13 +307,33 @@ pub fn sync_locations(
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    if let (Location::Remote(a), Location::Remote(b)) = (source.location, target.location)
-        && (&a.user, &a.host, a.port) == (&b.user, &b.host, b.port)
-        && source.ssh == target.ssh
-    {
-        return sync_on_host(a, &b.path, source.ssh, &options.sync, control);
+    if options.sync.dry_run && options.undo.is_some() {
+        return Err(Error::usage("--undo and --dry-run contradict each other"));
     }
-    with_links(source, target, |s, s_path, t, t_path| sync(s, s_path, t, t_path, options, control))
+    let undo_side = options.undo.as_ref().map(|location| Side { location, ssh: target.ssh });
+    let undo = match (&undo_side, target.location) {
+        (None, _) => UndoAt::None,
+        (Some(u), _) if history::same_host(u, target) => UndoAt::There(history::path_of(u)),
+        (Some(Side { location: Location::Local(path), .. }), Location::Remote(_)) => UndoAt::Fetch(path),
+        (Some(u), _) => {
+            return Err(Error::usage(format!(
+                "--undo {}: the undo log is written on the destination's host or here, not on a third host",
+                history::shown(u, history::path_of(u))
+            )));
+        }
+    };
+    if let (Location::Remote(a), Location::Remote(b)) = (source.location, target.location)
+        && history::same_host(source, target)
+        && !matches!(undo, UndoAt::Fetch(_))
+    {
+        let mut o = options.sync.clone();
+        o.undo = match undo {
+            UndoAt::There(path) => Some(path.to_path_buf()),
+            _ => None,
+        };
+        return sync_on_host(a, &b.path, source.ssh, &o, control);
+    }
+    with_links(source, target, |s, s_path, t, t_path| sync(s, s_path, t, t_path, options, undo, control))
 }
 
 /// Runs a sync between two paths of one remote host on that host (`LocalSync`).
@@ -305,10 +362,12 @@ fn sync_on_host(
         flags,
         threads: 0,
         bwlimit: o.bwlimit.unwrap_or(0),
+        undo: o.undo.as_ref().map(|p| p.as_os_str().as_bytes().to_vec()).unwrap_or_default(),
     };
     let result = follow_local_sync(&mut link, request, o, control).map(|mut summary| {
         summary.source = format!("{}:{}", link.name, remote.path.display());
         summary.destination = format!("{}:{}", link.name, summary.destination);
+        summary.undo_log = o.undo.as_ref().map(|u| format!("{}:{}", link.name, u.display()));
         add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&link]);
         summary
     });
@@ -468,6 +527,7 @@ pub fn backup_locations(
 ) -> Result<Summary> {
     let options = RemoteOptions {
         sync: SyncOptions { verify: false, dry_run: false, ..options.sync.clone() },
+        undo: None,
         ..options.clone()
     };
     with_links(source, dest, |s, s_path, t, t_path| {

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::delta;
 use crate::endpoint::local::{Local, OpenTarget};
@@ -85,7 +85,7 @@ pub fn check_block_size(block_size: u64) -> Result<usize> {
 }
 
 /// The outcome of a sync, for humans and for `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     /// The source, as given.
     pub source: String,
@@ -183,7 +183,10 @@ pub fn sync(
         warnings.push(w.clone());
     }
     let undo = match &options.undo {
-        Some(path) => Some(start_undo(path, src, dst, sizing.resize_to.unwrap_or(before), before)?),
+        Some(path) => {
+            let comment = format!("undo log of a sync from {}", src.name().display());
+            Some(start_undo(path, &comment, dst, sizing.resize_to.unwrap_or(before), before)?)
+        }
         None => None,
     };
     if let (Some(size), false) = (sizing.resize_to, options.dry_run)
@@ -264,7 +267,13 @@ pub fn sync(
 
 /// Starts an undo log that turns the destination, `new_size` bytes after the sync, back into
 /// its `old_size` bytes now. A tail that the sync will truncate is saved first.
-fn start_undo(path: &Path, src: &dyn Source, dst: &dyn Target, new_size: u64, old_size: u64) -> Result<delta::Writer> {
+pub(crate) fn start_undo(
+    path: &Path,
+    comment: &str,
+    dst: &dyn Target,
+    new_size: u64,
+    old_size: u64,
+) -> Result<delta::Writer> {
     let (created, utc_offset) = crate::patch::now();
     let header = delta::Header {
         id: crate::patch::random_id()?,
@@ -276,7 +285,7 @@ fn start_undo(path: &Path, src: &dyn Source, dst: &dyn Target, new_size: u64, ol
         utc_offset,
         source: dst.name().display().to_string(),
         source_identity: String::new(),
-        comment: format!("undo log of a sync from {}", src.name().display()),
+        comment: comment.to_string(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
     };
     let writer = delta::Writer::create(path, &header)?;

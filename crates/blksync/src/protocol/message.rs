@@ -115,6 +115,7 @@ pub enum Msg {
         flags: u32,
         threads: u16,
         bwlimit: u64,
+        undo: Vec<u8>,
     },
     Cancel,
     LocalCompare {
@@ -131,6 +132,27 @@ pub enum Msg {
         comment: Vec<u8>,
         source: Vec<u8>,
         block: u32,
+    },
+    Job {
+        request: Vec<u8>,
+    },
+    Put {
+        path: Vec<u8>,
+        mode: u32,
+    },
+    Get {
+        path: Vec<u8>,
+        compress: i32,
+    },
+    Record {
+        path: Vec<u8>,
+        comment: Vec<u8>,
+        source: Vec<u8>,
+        block: u32,
+    },
+    Undo {
+        path: Vec<u8>,
+        comment: Vec<u8>,
     },
     // peer -> client
     HelloReply {
@@ -205,6 +227,12 @@ pub enum Msg {
         range_count: u64,
         ranges: Vec<u8>,
     },
+    JobDone {
+        result: Vec<u8>,
+    },
+    Path {
+        path: Vec<u8>,
+    },
 }
 
 /// `LocalSync` flag bits.
@@ -247,6 +275,11 @@ mod tag {
     pub const CANCEL: u8 = 0x0F;
     pub const LOCAL_COMPARE: u8 = 0x10;
     pub const OPEN_CHAIN: u8 = 0x11;
+    pub const JOB: u8 = 0x12;
+    pub const PUT: u8 = 0x13;
+    pub const GET: u8 = 0x14;
+    pub const RECORD: u8 = 0x15;
+    pub const UNDO: u8 = 0x16;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -262,6 +295,8 @@ mod tag {
     pub const SYNCED: u8 = 0x8D;
     pub const COMPARED: u8 = 0x8E;
     pub const ERROR: u8 = 0x8F;
+    pub const JOB_DONE: u8 = 0x90;
+    pub const PATH: u8 = 0x91;
 }
 
 fn chunk(kind: u8, c: &Chunk) -> Vec<u8> {
@@ -420,9 +455,44 @@ impl Msg {
                 x.u8(kind.to_wire()).bytes(message.as_bytes());
                 x.finish()
             }
-            Msg::LocalSync { source, target, block, flags, threads, bwlimit } => {
+            Msg::LocalSync { source, target, block, flags, threads, bwlimit, undo } => {
                 let mut x = e(tag::LOCAL_SYNC);
-                x.bytes(source).bytes(target).u32(*block).u32(*flags).u16(*threads).u64(*bwlimit);
+                x.bytes(source).bytes(target).u32(*block).u32(*flags).u16(*threads).u64(*bwlimit).bytes(undo);
+                x.finish()
+            }
+            Msg::Job { request } => {
+                let mut x = Encoder::new(tag::JOB, request.len() + 4);
+                x.bytes(request);
+                x.finish()
+            }
+            Msg::Put { path, mode } => {
+                let mut x = e(tag::PUT);
+                x.bytes(path).u32(*mode);
+                x.finish()
+            }
+            Msg::Get { path, compress } => {
+                let mut x = e(tag::GET);
+                x.bytes(path).i32(*compress);
+                x.finish()
+            }
+            Msg::Record { path, comment, source, block } => {
+                let mut x = e(tag::RECORD);
+                x.bytes(path).bytes(comment).bytes(source).u32(*block);
+                x.finish()
+            }
+            Msg::Undo { path, comment } => {
+                let mut x = e(tag::UNDO);
+                x.bytes(path).bytes(comment);
+                x.finish()
+            }
+            Msg::JobDone { result } => {
+                let mut x = Encoder::new(tag::JOB_DONE, result.len() + 4);
+                x.bytes(result);
+                x.finish()
+            }
+            Msg::Path { path } => {
+                let mut x = e(tag::PATH);
+                x.bytes(path);
                 x.finish()
             }
             Msg::Cancel => e(tag::CANCEL).finish(),
@@ -548,6 +618,7 @@ impl Msg {
                     flags: d.u32()?,
                     threads: d.u16()?,
                     bwlimit: d.u64()?,
+                    undo: d.bytes()?.to_vec(),
                 };
                 if let Msg::LocalSync { flags, .. } = msg
                     && flags & !sync_flags::ALL != 0
@@ -611,6 +682,18 @@ impl Msg {
                 verified: flag(d.u8()?)?,
                 destination: d.bytes()?.to_vec(),
             },
+            tag::JOB => Msg::Job { request: d.bytes()?.to_vec() },
+            tag::PUT => Msg::Put { path: d.bytes()?.to_vec(), mode: d.u32()? },
+            tag::GET => Msg::Get { path: d.bytes()?.to_vec(), compress: d.i32()? },
+            tag::RECORD => Msg::Record {
+                path: d.bytes()?.to_vec(),
+                comment: d.bytes()?.to_vec(),
+                source: d.bytes()?.to_vec(),
+                block: d.u32()?,
+            },
+            tag::UNDO => Msg::Undo { path: d.bytes()?.to_vec(), comment: d.bytes()?.to_vec() },
+            tag::JOB_DONE => Msg::JobDone { result: d.bytes()?.to_vec() },
+            tag::PATH => Msg::Path { path: d.bytes()?.to_vec() },
             _ => unreachable!("name_of knows every tag"),
         };
         d.end()?;
@@ -678,195 +761,16 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::LOCAL_COMPARE => "LocalCompare",
         tag::OPEN_CHAIN => "OpenChain",
         tag::COMPARED => "Compared",
+        tag::JOB => "Job",
+        tag::PUT => "Put",
+        tag::GET => "Get",
+        tag::RECORD => "Record",
+        tag::UNDO => "Undo",
+        tag::JOB_DONE => "JobDone",
+        tag::PATH => "Path",
         _ => return None,
     })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::frame::read_frame;
-    use proptest::prelude::*;
-
-    fn any_chunk() -> impl Strategy<Value = Chunk> {
-        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(offset, payload)| Chunk {
-            offset,
-            codec: codec::RAW,
-            raw_len: payload.len() as u32,
-            payload,
-        })
-    }
-
-    fn any_kind() -> impl Strategy<Value = ErrorKind> {
-        (0u8..13).prop_map(ErrorKind::from_wire)
-    }
-
-    fn hashes() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
-        proptest::collection::vec((0u8..2, any::<[u8; 16]>()), 0..20)
-            .prop_map(|v| (v.iter().map(|x| x.0).collect(), v.iter().flat_map(|x| x.1).collect()))
-    }
-
-    #[allow(clippy::too_many_lines)] // One strategy per message, mirroring the spec's table.
-    fn any_msg() -> impl Strategy<Value = Msg> {
-        let b = || proptest::collection::vec(any::<u8>(), 0..64);
-        prop_oneof![
-            (any::<u32>(), any::<u64>(), any::<bool>()).prop_map(|(version, features, want_exe_hash)| Msg::Hello {
-                version,
-                features,
-                want_exe_hash
-            }),
-            (any::<bool>(), 0u32..32, any::<u32>(), b(), b()).prop_map(|(t, flags, mode, path, name)| {
-                Msg::Open { role: if t { Role::Target } else { Role::Source }, flags, mode, path, name }
-            }),
-            any::<u64>().prop_map(|size| Msg::SetSize { size }),
-            (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u16>())
-                .prop_map(|(key, block, end, data_len, threads)| Msg::Scan { key, block, end, data_len, threads }),
-            any::<u64>().prop_map(|chunks| Msg::Ack { chunks }),
-            any::<u64>().prop_map(|chunk| Msg::Groups { chunk }),
-            (any::<u64>(), any::<u32>()).prop_map(|(chunk, group)| Msg::Leaves { chunk, group }),
-            (any::<u64>(), any::<u32>(), any::<i32>())
-                .prop_map(|(offset, len, compress)| { Msg::Read { offset, len, compress } }),
-            any_chunk().prop_map(Msg::Write),
-            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zero { offset, len }),
-            Just(Msg::Flush),
-            (any::<u64>(), any::<u64>(), any::<i32>(), any::<u16>())
-                .prop_map(|(end, data_len, compress, threads)| Msg::Copy { end, data_len, compress, threads }),
-            Just(Msg::Bye),
-            (any::<u32>(), any::<u64>(), b(), b(), b()).prop_map(
-                |(version, features, tool_version, boot_id, exe_hash)| {
-                    Msg::HelloReply { version, features, tool_version, boot_id, exe_hash }
-                }
-            ),
-            (any::<u8>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
-                |(kind, size, identity_tag, id_a, id_b, created)| {
-                    Msg::Opened { kind, size, identity_tag, id_a, id_b, created }
-                }
-            ),
-            (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
-                chunk,
-                zero,
-                hash
-            }),
-            any::<u64>().prop_map(|chunks| Msg::ScanDone { chunks }),
-            (any::<u64>(), hashes()).prop_map(|(chunk, (zero, hashes))| Msg::GroupHashes { chunk, zero, hashes }),
-            (any::<u64>(), any::<u32>(), hashes())
-                .prop_map(|(chunk, group, (zero, hashes))| { Msg::LeafHashes { chunk, group, zero, hashes } }),
-            any_chunk().prop_map(Msg::Data),
-            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zeros { offset, len }),
-            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::ReadDone { offset, len }),
-            Just(Msg::Done),
-            (any_kind(), ".{0,40}").prop_map(|(kind, message)| Msg::Error { kind, message }),
-            (b(), b(), any::<u32>(), 0u32..256, any::<u16>(), any::<u64>()).prop_map(
-                |(source, target, block, flags, threads, bwlimit)| Msg::LocalSync {
-                    source,
-                    target,
-                    block,
-                    flags,
-                    threads,
-                    bwlimit
-                }
-            ),
-            Just(Msg::Cancel),
-            (b(), any::<bool>(), 0u8..3, any::<i64>(), b(), b(), any::<u32>()).prop_map(
-                |(dir, t, at_kind, at, comment, source, block)| Msg::OpenChain {
-                    dir,
-                    role: if t { Role::Target } else { Role::Source },
-                    at_kind,
-                    at,
-                    comment,
-                    source,
-                    block
-                }
-            ),
-            (b(), b(), any::<u32>(), any::<u32>()).prop_map(|(first, second, block, max_ranges)| Msg::LocalCompare {
-                first,
-                second,
-                block,
-                max_ranges
-            }),
-            (
-                any::<[u64; 7]>(),
-                any::<u64>(),
-                any::<u64>(),
-                any::<u64>(),
-                any::<u64>(),
-                proptest::collection::vec(any::<[u8; 16]>(), 0..4)
-            )
-                .prop_map(|(counters, seconds, first_size, second_size, range_count, r)| Msg::Compared {
-                    counters,
-                    seconds,
-                    first_size,
-                    second_size,
-                    range_count,
-                    ranges: r.concat()
-                }),
-            (any::<u8>(), any::<[u64; 7]>()).prop_map(|(phase, counters)| Msg::Progress { phase, counters }),
-            ".{0,40}".prop_map(|text| Msg::Warning { text }),
-            (any::<[u64; 7]>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), b()).prop_map(
-                |(counters, seconds, ranges, size_before, size_after, verified, destination)| Msg::Synced {
-                    counters,
-                    seconds,
-                    ranges,
-                    size_before,
-                    size_after,
-                    verified,
-                    destination
-                }
-            ),
-        ]
-    }
-
-    proptest! {
-        #[test]
-        fn written_frames_equal_encoded_frames(msg in any_msg()) {
-            let mut out = Vec::new();
-            let n = msg.write_to(&mut out).unwrap();
-            prop_assert_eq!(n as usize, out.len());
-            prop_assert_eq!(out, msg.encode());
-        }
-
-        #[test]
-        fn every_message_round_trips_through_a_frame(msg in any_msg()) {
-            let frame = msg.encode();
-            let mut buf = Vec::new();
-            let kind = read_frame(&mut &frame[..], &mut buf).unwrap().unwrap();
-            prop_assert_eq!(Msg::decode(kind, &buf[1..]).unwrap(), msg);
-        }
-
-        /// Random bytes never panic the decoder, and never make it allocate past the frame.
-        #[test]
-        fn random_input_is_an_error_not_a_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut buf = Vec::new();
-            let mut r = &data[..];
-            while let Ok(Some(kind)) = read_frame(&mut r, &mut buf) {
-                let _ = Msg::decode(kind, &buf[1..]);
-            }
-        }
-
-        #[test]
-        fn truncated_frames_are_errors(msg in any_msg(), cut in 0usize..1000) {
-            let frame = msg.encode();
-            let cut = cut % frame.len();
-            let mut buf = Vec::new();
-            match read_frame(&mut &frame[..cut], &mut buf) {
-                Ok(None) => prop_assert_eq!(cut, 0),
-                Ok(Some(_)) => prop_assert!(false, "a truncated frame was accepted"),
-                Err(_) => {}
-            }
-        }
-    }
-
-    #[test]
-    fn oversized_length_is_refused_before_allocating() {
-        let frame = [0xFF, 0xFF, 0xFF, 0x7F, 1];
-        let err = read_frame(&mut &frame[..], &mut Vec::new()).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Protocol);
-    }
-
-    #[test]
-    fn trailing_bytes_and_unknown_types_are_refused() {
-        assert!(Msg::decode(tag::FLUSH, &[0]).is_err());
-        assert!(Msg::decode(0x7E, &[]).is_err());
-        assert!(Msg::decode(tag::OPEN, &[0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
-    }
-}
+mod tests;

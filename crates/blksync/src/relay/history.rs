@@ -1,0 +1,406 @@
+//! History commands with remote files: `diff`, `apply`, `merge`, `info`, `list`, `prune`.
+//!
+//! The rule is to move as little as possible. When every file of a command is on one remote
+//! host, that host runs the command (a `Job`) and only progress crosses the network. Otherwise:
+//!
+//! - `diff` runs the ordinary remote scan between SRC and BASE; BASE's peer turns the writes
+//!   into the records of the delta (`Record`), so only the changed blocks travel, once. The
+//!   delta is written on BASE's host and then moved if OUT is elsewhere.
+//! - `apply` runs on TARGET's host: deltas from elsewhere are first copied into that session's
+//!   spool (`Put`), which the host removes when the session ends.
+//! - `merge` fetches remote inputs (`Get`) into temporary files here, merges here, and uploads
+//!   the result atomically (`Put`) when OUT is remote.
+//!
+//! Deltas are compressed already, so files cross the network as they are stored.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use super::{Side, connect, follow_job, open, transfer};
+use crate::backup::{Point, PruneSummary};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::job::{Job, WirePath};
+use crate::link::Link;
+use crate::location::Location;
+use crate::patch::{ApplySummary, DiffOptions, DiffSummary, Info};
+use crate::progress::Control;
+use crate::protocol::Msg;
+use crate::protocol::message::{Role, open_flags};
+
+/// Bytes per `Write` of an upload.
+const PIECE: usize = 1 << 20;
+
+/// Whether two sides are on the same host, reached the same way.
+pub(crate) fn same_host(a: &Side<'_>, b: &Side<'_>) -> bool {
+    match (a.location, b.location) {
+        (Location::Local(_), Location::Local(_)) => true,
+        (Location::Remote(x), Location::Remote(y)) => {
+            (&x.user, &x.host, x.port) == (&y.user, &y.host, y.port) && a.ssh == b.ssh
+        }
+        _ => false,
+    }
+}
+
+pub(crate) fn path_of<'a>(side: &Side<'a>) -> &'a Path {
+    match side.location {
+        Location::Local(p) => p,
+        Location::Remote(r) => &r.path,
+    }
+}
+
+/// `host:path` for a remote side, the path for a local one.
+pub(crate) fn shown(side: &Side<'_>, path: &Path) -> String {
+    match side.location {
+        Location::Local(_) => path.display().to_string(),
+        Location::Remote(r) => format!("{}:{}", r.destination(), path.display()),
+    }
+}
+
+/// Runs `job` on the link's host, relaying its progress; returns its result document.
+fn run_job<T: DeserializeOwned>(link: &mut Link, job: &Job, control: Control<'_>) -> Result<T> {
+    match follow_job(link, Msg::Job { request: job.encode() }, control)? {
+        (Msg::JobDone { result }, _) => crate::job::result(&result),
+        (other, _) => Err(link.unexpected(&other)),
+    }
+}
+
+/// Connects to `side`'s host, runs `job` there, and closes.
+fn job_at<T: DeserializeOwned>(side: &Side<'_>, job: &Job, control: Control<'_>) -> Result<T> {
+    let (mut link, _) = connect(side)?;
+    let result = run_job(&mut link, job, control);
+    link.close();
+    result
+}
+
+/// A temporary file of this process, removed when dropped.
+struct Temp(PathBuf);
+
+impl Temp {
+    fn new(what: &str) -> Temp {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        Temp(std::env::temp_dir().join(format!("blksync-{}-{n}.{what}", std::process::id())))
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Downloads `remote` from the link's host into `local`: written under a temporary name,
+/// flushed, then renamed, so `local` is never a partial file.
+pub(crate) fn fetch(link: &mut Link, remote: &Path, local: &Path) -> Result<()> {
+    let mut tmp = local.as_os_str().to_os_string();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let result = fetch_into(link, remote, &tmp).and_then(|()| {
+        std::fs::rename(&tmp, local).on("renaming into place", local)?;
+        let dir = local.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).on("flushing directory", dir)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn fetch_into(link: &mut Link, remote: &Path, local: &Path) -> Result<()> {
+    let request = Msg::Get { path: remote.as_os_str().as_bytes().to_vec(), compress: crate::compress::OFF };
+    let size = match link.call(request)? {
+        Msg::Opened { size, .. } => size,
+        other => return Err(link.unexpected(&other)),
+    };
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(local).on("creating", local)?;
+    let mut got = 0;
+    loop {
+        match link.recv()? {
+            Msg::Data(chunk) => {
+                let data = crate::compress::decode(&chunk)?;
+                file.write_all_at(&data, chunk.offset)
+                    .map_err(|e| Error::io("writing", local, Some(chunk.offset), e))?;
+                got += data.len() as u64;
+            }
+            Msg::Done if got == size => break,
+            other => return Err(link.unexpected(&other)),
+        }
+    }
+    file.sync_all().on("flushing", local)
+}
+
+/// Uploads the local file `local` to `remote` on the link's host (`None`: into the session's
+/// spool); returns where it went. The file appears there only once complete.
+fn put(link: &mut Link, local: &Path, remote: Option<&Path>) -> Result<PathBuf> {
+    let file = File::open(local).on("opening", local)?;
+    let size = file.metadata().on("reading the size of", local)?.len();
+    let request = Msg::Put { path: remote.map(|p| p.as_os_str().as_bytes().to_vec()).unwrap_or_default(), mode: 0o644 };
+    let path = match link.call(request)? {
+        Msg::Path { path } => PathBuf::from(OsStr::from_bytes(&path)),
+        other => return Err(link.unexpected(&other)),
+    };
+    let mut buf = vec![0u8; PIECE];
+    let mut offset = 0;
+    while offset < size {
+        let n = (size - offset).min(PIECE as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset).map_err(|e| Error::io("reading", local, Some(offset), e))?;
+        let chunk = crate::protocol::message::Chunk {
+            offset,
+            codec: crate::protocol::message::codec::RAW,
+            raw_len: n as u32,
+            payload: buf[..n].to_vec(),
+        };
+        link.send(Msg::Write(chunk))?;
+        offset += n as u64;
+    }
+    match link.call(Msg::Flush)? {
+        Msg::Done => Ok(path),
+        other => Err(link.unexpected(&other)),
+    }
+}
+
+/// A local copy of a delta at `side`: the file itself when local, else a temporary download.
+fn local_copy(side: &Side<'_>, temps: &mut Vec<Temp>) -> Result<PathBuf> {
+    match side.location {
+        Location::Local(p) => Ok(p.clone()),
+        Location::Remote(r) => {
+            let temp = Temp::new("delta");
+            let (mut link, _) = connect(side)?;
+            let result = fetch(&mut link, &r.path, &temp.0);
+            link.close();
+            result?;
+            let path = temp.0.clone();
+            temps.push(temp);
+            Ok(path)
+        }
+    }
+}
+
+/// `blksync info` of a delta anywhere.
+pub fn info_location(side: &Side<'_>, control: Control<'_>) -> Result<Info> {
+    match side.location {
+        Location::Local(p) => crate::patch::info(p),
+        Location::Remote(r) => {
+            let mut info: Info = job_at(side, &Job::Info { path: WirePath::new(&r.path) }, control)?;
+            info.path = shown(side, &r.path);
+            Ok(info)
+        }
+    }
+}
+
+/// `blksync list` of a backup chain anywhere.
+pub fn list_location(side: &Side<'_>, control: Control<'_>) -> Result<Vec<Point>> {
+    match side.location {
+        Location::Local(p) => crate::backup::list(p),
+        Location::Remote(r) => {
+            let mut points: Vec<Point> = job_at(side, &Job::List { dir: WirePath::new(&r.path) }, control)?;
+            for p in &mut points {
+                p.file = shown(side, Path::new(&p.file));
+            }
+            Ok(points)
+        }
+    }
+}
+
+/// `blksync prune` of a backup chain anywhere: it runs where the chain is.
+pub fn prune_location(side: &Side<'_>, keep: u64, options: &DiffOptions, control: Control<'_>) -> Result<PruneSummary> {
+    match side.location {
+        Location::Local(p) => crate::backup::prune(p, keep, options, control),
+        Location::Remote(r) => {
+            let job = Job::Prune { dir: WirePath::new(&r.path), keep, options: options.clone() };
+            job_at(side, &job, control)
+        }
+    }
+}
+
+/// `blksync merge` of deltas anywhere into `output` anywhere.
+pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<'_>) -> Result<Info> {
+    if inputs.iter().all(|i| same_host(i, output)) {
+        let paths: Vec<&Path> = inputs.iter().map(|i| path_of(i)).collect();
+        return match output.location {
+            Location::Local(out) => crate::patch::merge(&paths, out, control),
+            Location::Remote(r) => {
+                let job = Job::Merge {
+                    inputs: paths.iter().map(|p| WirePath::new(p)).collect(),
+                    output: WirePath::new(&r.path),
+                };
+                let mut info: Info = job_at(output, &job, control)?;
+                info.path = shown(output, &r.path);
+                Ok(info)
+            }
+        };
+    }
+    let mut temps = Vec::new();
+    let local: Vec<PathBuf> = inputs.iter().map(|i| local_copy(i, &mut temps)).collect::<Result<_>>()?;
+    let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
+    match output.location {
+        Location::Local(out) => crate::patch::merge(&local, out, control),
+        Location::Remote(r) => {
+            let temp = Temp::new("delta");
+            let mut info = crate::patch::merge(&local, &temp.0, control)?;
+            let (mut link, _) = connect(output)?;
+            let result = put(&mut link, &temp.0, Some(&r.path));
+            link.close();
+            result?;
+            info.path = shown(output, &r.path);
+            Ok(info)
+        }
+    }
+}
+
+/// `blksync apply` of deltas anywhere onto `target` anywhere; it runs on the target's host.
+pub fn apply_locations(
+    deltas: &[Side<'_>],
+    target: &Side<'_>,
+    force: bool,
+    control: Control<'_>,
+) -> Result<ApplySummary> {
+    let mut temps = Vec::new();
+    let Location::Remote(r) = target.location else {
+        let local: Vec<PathBuf> = deltas.iter().map(|d| local_copy(d, &mut temps)).collect::<Result<_>>()?;
+        let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
+        let mut summary = crate::patch::apply(&local, path_of(target), force, control)?;
+        summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
+        return Ok(summary);
+    };
+    let (mut link, _) = connect(target)?;
+    let result = (|| {
+        let mut there = Vec::new();
+        for d in deltas {
+            if same_host(d, target) {
+                there.push(WirePath::new(path_of(d)));
+            } else {
+                let local = local_copy(d, &mut temps)?;
+                there.push(WirePath(put(&mut link, &local, None)?));
+            }
+        }
+        let job = Job::Apply { deltas: there, target: WirePath::new(&r.path), force };
+        let mut summary: ApplySummary = run_job(&mut link, &job, control)?;
+        summary.target = shown(target, &r.path);
+        summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
+        Ok(summary)
+    })();
+    link.close();
+    result
+}
+
+/// `blksync diff SRC BASE -o OUT` with any of them remote.
+pub fn diff_locations(
+    source: &Side<'_>,
+    base: &Side<'_>,
+    output: &Side<'_>,
+    options: &DiffOptions,
+    control: Control<'_>,
+) -> Result<DiffSummary> {
+    if same_host(source, base) && same_host(base, output) {
+        return match output.location {
+            Location::Local(out) => crate::patch::diff(path_of(source), path_of(base), out, options, control),
+            Location::Remote(r) => {
+                let job = Job::Diff {
+                    source: WirePath::new(path_of(source)),
+                    base: WirePath::new(path_of(base)),
+                    output: WirePath::new(&r.path),
+                    options: options.clone(),
+                };
+                let mut summary: DiffSummary = job_at(output, &job, control)?;
+                summary.delta = shown(output, &r.path);
+                Ok(summary)
+            }
+        };
+    }
+    let (mut s, s_path) = connect(source)?;
+    let (mut b, b_path) = match connect(base) {
+        Ok(link) => link,
+        Err(e) => {
+            s.close();
+            return Err(e);
+        }
+    };
+    let result = diff_over(&mut s, &s_path, source, &mut b, &b_path, base, output, options, control);
+    s.close();
+    b.close();
+    result
+}
+
+/// The remote scan of a diff, the delta written at BASE's end, then moved to OUT.
+#[allow(clippy::too_many_arguments)] // Three sides and how to run.
+fn diff_over(
+    s: &mut Link,
+    s_path: &OsStr,
+    source: &Side<'_>,
+    b: &mut Link,
+    b_path: &OsStr,
+    base: &Side<'_>,
+    output: &Side<'_>,
+    options: &DiffOptions,
+    control: Control<'_>,
+) -> Result<DiffSummary> {
+    let cache = if options.keep_cache { open_flags::KEEP_CACHE } else { 0 };
+    let so = open(s, Role::Source, cache, s_path, b"")?;
+    let mut bo = open(b, Role::Target, cache | open_flags::READ_ONLY, b_path, b"")?;
+    if bo.kind == crate::endpoint::Kind::Absent {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{}: no such file or device", shown(base, Path::new(b_path))),
+        ));
+    }
+    // A delta records any size change, whatever BASE is.
+    bo.kind = crate::endpoint::Kind::File;
+    let here = same_host(base, output).then(|| path_of(output));
+    let source_name = shown(source, Path::new(s_path));
+    let request = Msg::Record {
+        path: here.map(|p| p.as_os_str().as_bytes().to_vec()).unwrap_or_default(),
+        comment: options.comment.as_bytes().to_vec(),
+        source: source_name.as_bytes().to_vec(),
+        block: options.block_size as u32,
+    };
+    let written = match b.call(request)? {
+        Msg::Path { path } => PathBuf::from(OsStr::from_bytes(&path)),
+        other => return Err(b.unexpected(&other)),
+    };
+    let remote = super::RemoteOptions {
+        sync: crate::sync::SyncOptions {
+            block_size: options.block_size,
+            threads: options.threads,
+            keep_cache: options.keep_cache,
+            bwlimit: options.bwlimit,
+            ..crate::sync::SyncOptions::default()
+        },
+        compress: crate::compress::AUTO,
+        pause: None,
+        undo: None,
+    };
+    let names = (source_name, shown(base, Path::new(b_path)));
+    let summary = transfer(s, so, b, bo, names, true, &remote, control)?;
+    let info: Info = run_job(b, &Job::Info { path: WirePath::new(&written) }, control)?;
+    if here.is_none() {
+        move_out(b, &written, output)?;
+    }
+    Ok(DiffSummary {
+        delta: shown(output, path_of(output)),
+        header: info.header,
+        counters: summary.counters,
+        file_size: info.file_size,
+    })
+}
+
+/// Moves the file `from` on the link's host (a spool file) to `to`, on another host.
+fn move_out(link: &mut Link, from: &Path, to: &Side<'_>) -> Result<()> {
+    match to.location {
+        Location::Local(path) => fetch(link, from, path),
+        Location::Remote(r) => {
+            let temp = Temp::new("delta");
+            fetch_into(link, from, &temp.0)?;
+            let (mut out, _) = connect(to)?;
+            let result = put(&mut out, &temp.0, Some(&r.path));
+            out.close();
+            result.map(|_| ())
+        }
+    }
+}
