@@ -31,7 +31,10 @@ impl Env {
         format!("root@127.0.0.1:{}", self.path(name))
     }
     fn run(&self, args: &[&str]) -> std::process::Output {
-        let mut all = vec![args[0], "-e", &self.rsh, "--progress", "none"];
+        let mut all = vec![args[0], "-e", &self.rsh];
+        if !["info", "list"].contains(&args[0]) {
+            all.extend(["--progress", "none"]);
+        }
         all.extend_from_slice(&args[1..]);
         run(&all)
     }
@@ -375,4 +378,157 @@ fn a_remote_backup_killed_mid_run_leaves_the_chain_whole() {
     env.ok(&["backup", &src, &env.remote("chain")]);
     ok(&["restore", "-q", &env.path("chain"), &env.path("out")]);
     assert!(read(env.path("out").as_ref()) == data);
+}
+
+/// The files of a history command on any mix of hosts: the result is what the local command
+/// gives, and files cross the network only when they must.
+#[test]
+fn history_commands_take_remote_paths_anywhere() {
+    let Some(env) = Env::new() else { return };
+    let (base, src) = (env.path("base.img"), env.path("src.img"));
+    let old = random_bytes(8 * MIB, 20);
+    write_file(base.as_ref(), &old);
+    write_file(src.as_ref(), &old);
+    patch(src.as_ref(), 123_456, &random_bytes(10_000, 21));
+    patch(src.as_ref(), 5 * MIB as u64, &vec![0u8; MIB]);
+    // diff: pulled (SRC remote), pushed (BASE and PATCH remote), BASE remote with a local PATCH,
+    // everything remote. Each records the same change.
+    let cases = [
+        (env.remote("src.img"), base.clone(), env.path("pull.delta")),
+        (src.clone(), env.remote("base.img"), env.remote("push.delta")),
+        (src.clone(), env.remote("base.img"), env.path("fetched.delta")),
+        (env.remote("src.img"), env.remote("base.img"), env.remote("there.delta")),
+    ];
+    for (s, b, o) in &cases {
+        let j = env.ok(&["diff", s, b, "-o", o]);
+        assert_eq!(j["bytes_written"], 3 * 4096, "{s} {b} {o}: {j}");
+        assert_eq!(j["bytes_zeroed"], MIB as u64);
+        assert_eq!(&j["delta"], o);
+        let info = env.ok(&["info", o]);
+        assert_eq!(info["header"]["size_after"], 8 * MIB as u64);
+        assert_eq!(info["header"]["id"], j["header"]["id"]);
+    }
+    // apply: a local delta onto a remote target, remote onto local, remote onto remote.
+    for (i, (delta, target)) in [
+        (env.path("pull.delta"), env.remote("t0.img")),
+        (env.remote("push.delta"), env.path("t1.img")),
+        (env.remote("there.delta"), env.remote("t2.img")),
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::copy(&base, env.path(&format!("t{i}.img"))).unwrap();
+        let j = env.ok(&["apply", delta, target]);
+        assert_eq!(&j["target"], target);
+        assert_same(src.as_ref(), env.path(&format!("t{i}.img")).as_ref());
+    }
+    // Applying again is refused before any write, and the error names the delta as given.
+    let out = env.run(&["apply", &env.path("pull.delta"), &env.remote("t0.img")]);
+    assert_eq!(out.code(), 10, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("pull.delta"), "{}", out.stderr_text());
+    let spool = env.dir.path().join("cache/blksync/spool");
+    assert_eq!(std::fs::read_dir(&spool).map_or(0, Iterator::count), 0, "the session's spool is cleaned");
+    // merge: remote and local inputs into a remote output; all remote.
+    let newer = env.path("newer.img");
+    write_file(newer.as_ref(), &random_bytes(8 * MIB, 22));
+    ok(&["diff", "--progress", "none", &newer, &src, "-o", &env.path("second.delta")]);
+    env.ok(&["merge", &env.remote("push.delta"), &env.path("second.delta"), "-o", &env.remote("m1.delta")]);
+    env.ok(&["merge", &env.remote("push.delta"), &env.remote("second.delta"), "-o", &env.remote("m2.delta")]);
+    for m in ["m1.delta", "m2.delta"] {
+        std::fs::copy(&base, env.path("t.img")).unwrap();
+        env.ok(&["apply", &env.remote(m), &env.path("t.img")]);
+        assert_same(newer.as_ref(), env.path("t.img").as_ref());
+    }
+}
+
+#[test]
+fn remote_chains_are_listed_and_pruned_where_they_are() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src.img");
+    let mut states = Vec::new();
+    write_file(src.as_ref(), &random_bytes(4 * MIB, 30));
+    for i in 0..5u64 {
+        patch(src.as_ref(), i * 300_000, &random_bytes(5000, 31 + i));
+        env.ok(&["backup", "--comment", &format!("run {i}"), &src, &env.remote("chain")]);
+        states.push(read(src.as_ref()));
+    }
+    let points = env.ok(&["list", &env.remote("chain")]);
+    assert_eq!(points.as_array().unwrap().len(), 5);
+    assert_eq!(points[3]["comment"], "run 3");
+    assert!(points[0]["file"].as_str().unwrap().starts_with("root@127.0.0.1:"), "{points}");
+    let out = env.run(&["list", &env.remote("chain")]);
+    assert!(out.stdout_text().contains("run 4"), "{}", out.stdout_text());
+    let j = env.ok(&["prune", "--keep", "2", &env.remote("chain")]);
+    assert_eq!(j["folded"], 2);
+    assert_eq!(env.ok(&["list", &env.remote("chain")]).as_array().unwrap().len(), 3);
+    for n in 2..5 {
+        env.ok(&["restore", "--at", &n.to_string(), &env.remote("chain"), &env.path("r.img")]);
+        assert_eq!(read(env.path("r.img").as_ref()), states[n], "point {n}");
+    }
+    // Errors come back typed and name the host.
+    let out = env.run(&["list", &env.remote("nothing")]);
+    assert_eq!(out.code(), 3, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("127.0.0.1"), "{}", out.stderr_text());
+    assert_eq!(env.run(&["prune", "--keep", "1", &env.remote("nothing")]).code(), 3);
+}
+
+#[test]
+fn undo_logs_of_remote_syncs_roll_the_mirror_back() {
+    let Some(env) = Env::new() else { return };
+    let (src, mirror) = (env.path("src.img"), env.path("mirror.img"));
+    let old = random_bytes(6 * MIB, 40);
+    write_file(mirror.as_ref(), &old);
+    let mut new = old.clone();
+    new[MIB..MIB + 20_000].copy_from_slice(&random_bytes(20_000, 41));
+    new.truncate(5 * MIB + 7);
+    write_file(src.as_ref(), &new);
+    // The log on the mirror's host, pushed and from the same host; then a local log of a
+    // remote mirror, fetched from there.
+    for (from, undo) in [
+        (src.clone(), env.remote("u1.delta")),
+        (env.remote("src.img"), env.remote("u2.delta")),
+        (src.clone(), env.path("u3.delta")),
+    ] {
+        write_file(mirror.as_ref(), &old);
+        let j = env.ok(&["sync", &from, &env.remote("mirror.img"), "--undo", &undo]);
+        assert_eq!(&j["undo_log"], &undo);
+        assert_same(src.as_ref(), mirror.as_ref());
+        env.ok(&["apply", &undo, &env.remote("mirror.img")]);
+        assert_eq!(read(mirror.as_ref()), old, "rolled back with {undo}");
+    }
+    // A log that cannot be written where the old bytes are is refused before anything happens.
+    let out = env.run(&["sync", &src, &mirror, "--undo", &env.remote("u4.delta")]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+    assert_eq!(read(mirror.as_ref()), old);
+}
+
+#[test]
+fn corrupt_or_missing_remote_deltas_are_refused_and_touch_nothing() {
+    let Some(env) = Env::new() else { return };
+    let (a, b) = (env.path("a.img"), env.path("b.img"));
+    write_file(a.as_ref(), &random_bytes(2 * MIB, 50));
+    write_file(b.as_ref(), &random_bytes(2 * MIB, 51));
+    env.ok(&["diff", &env.remote("b.img"), &a, "-o", &env.path("d.delta")]);
+    let bytes = read(env.path("d.delta").as_ref());
+    let mut bad = bytes.clone();
+    bad[bytes.len() / 2] ^= 1;
+    write_file(env.path("bad.delta").as_ref(), &bad);
+    write_file(env.path("short.delta").as_ref(), &bytes[..bytes.len() - 100]);
+    for delta in [env.path("bad.delta"), env.remote("bad.delta"), env.remote("short.delta")] {
+        for target in [env.remote("a.img"), a.clone()] {
+            let out = env.run(&["apply", &delta, &target]);
+            assert_eq!(out.code(), 9, "{delta} onto {target}: {}", out.stderr_text());
+            assert_eq!(read(a.as_ref()), random_bytes(2 * MIB, 50), "{delta} onto {target}");
+        }
+    }
+    assert_eq!(env.run(&["info", &env.remote("bad.delta")]).code(), 9);
+    assert_eq!(env.run(&["apply", &env.remote("missing.delta"), &a]).code(), 3);
+    assert_eq!(env.run(&["diff", &a, &env.remote("missing.img"), "-o", &env.path("x.delta")]).code(), 3);
+    assert!(!Path::new(&env.path("x.delta")).exists());
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

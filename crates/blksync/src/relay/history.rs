@@ -272,16 +272,23 @@ pub fn apply_locations(
     let (mut link, _) = connect(target)?;
     let result = (|| {
         let mut there = Vec::new();
+        let mut spooled = Vec::new();
         for d in deltas {
             if same_host(d, target) {
                 there.push(WirePath::new(path_of(d)));
             } else {
                 let local = local_copy(d, &mut temps)?;
-                there.push(WirePath(put(&mut link, &local, None)?));
+                let path = put(&mut link, &local, None)?;
+                spooled.push((path.display().to_string(), shown(d, path_of(d))));
+                there.push(WirePath(path));
             }
         }
         let job = Job::Apply { deltas: there, target: WirePath::new(&r.path), force };
-        let mut summary: ApplySummary = run_job(&mut link, &job, control)?;
+        let mut summary: ApplySummary = run_job(&mut link, &job, control).map_err(|e| {
+            // Name the user's file, not its copy in the spool.
+            let text = spooled.iter().fold(e.to_string(), |t, (copy, name)| t.replace(copy, name));
+            Error::new(e.kind(), text)
+        })?;
         summary.target = shown(target, &r.path);
         summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
         Ok(summary)
