@@ -353,6 +353,15 @@ fn backups_and_restores_work_across_ssh_in_both_directions() {
     assert!(read(out.as_ref()) == data);
     // A missing point is the same error as locally.
     assert_eq!(env.run(&["restore", "--at", "9", &env.remote("chain"), &out]).code(), 3);
+    // Image and chain on one remote host: both run there, and no image data crosses the network.
+    let j = env.ok(&["backup", &env.remote("src"), &env.remote("chain")]);
+    let wire = j["bytes_sent"].as_u64().unwrap() + j["bytes_received"].as_u64().unwrap();
+    assert!(wire < 16 * 1024, "{j}");
+    assert!(j["destination"].as_str().unwrap().contains("inc-"), "{j}");
+    let j = env.ok(&["restore", "--at", "1", &env.remote("chain"), &env.remote("there.img")]);
+    let wire = j["bytes_sent"].as_u64().unwrap() + j["bytes_received"].as_u64().unwrap();
+    assert!(wire < 16 * 1024, "{j}");
+    assert!(read(env.path("there.img").as_ref()) == points[1]);
 }
 
 #[test]

@@ -24,6 +24,7 @@ use crate::endpoint::{Identity, Kind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
 use crate::hash::chunk_size;
+use crate::job::{Job, WirePath};
 use crate::link::Link;
 use crate::location::Location;
 use crate::peer::{opened_identity, opened_kind};
@@ -525,6 +526,36 @@ pub fn backup_locations(
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
+    if let (Location::Remote(src), Location::Remote(dir)) = (source.location, dest.location)
+        && history::same_host(source, dest)
+    {
+        // Both on one host: the backup runs there, and no image data crosses the network.
+        let o = &options.sync;
+        let options = crate::patch::DiffOptions {
+            block_size: o.block_size,
+            threads: o.threads,
+            keep_cache: o.keep_cache,
+            comment: comment.to_string(),
+            bwlimit: o.bwlimit,
+        };
+        let job = Job::Backup { source: WirePath::new(&src.path), dir: WirePath::new(&dir.path), options };
+        let (b, wire): (crate::backup::BackupSummary, _) = history::job_counted(dest, &job, control)?;
+        return Ok(Summary {
+            source: src.display(),
+            destination: history::shown(dest, Path::new(&b.file)),
+            dry_run: false,
+            block_size: o.block_size,
+            counters: b.counters,
+            ranges_differing: 0,
+            destination_size_before: 0,
+            destination_size_after: b.counters.bytes_total,
+            verified: false,
+            warnings: Vec::new(),
+            bytes_sent: wire.0,
+            bytes_received: wire.1,
+            undo_log: None,
+        });
+    }
     let options = RemoteOptions {
         sync: SyncOptions { verify: false, dry_run: false, ..options.sync.clone() },
         undo: None,
@@ -556,6 +587,22 @@ pub fn restore_locations(
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
+    if let (Location::Remote(dir), Location::Remote(path)) = (chain.location, target.location)
+        && history::same_host(chain, target)
+    {
+        // Both on one host: the restore runs there.
+        let job = Job::Restore {
+            dir: WirePath::new(&dir.path),
+            target: WirePath::new(&path.path),
+            at,
+            force: options.sync.force,
+        };
+        let (mut summary, wire): (Summary, _) = history::job_counted(target, &job, control)?;
+        summary.source = dir.display();
+        summary.destination = path.display();
+        (summary.bytes_sent, summary.bytes_received) = wire;
+        return Ok(summary);
+    }
     with_links(chain, target, |s, s_path, t, t_path| {
         let so = open_chain(s, s_path, Role::Source, at, "", "", options.sync.block_size)?;
         let o = &options.sync;

@@ -71,10 +71,21 @@ fn run_job<T: DeserializeOwned>(link: &mut Link, job: &Job, control: Control<'_>
 
 /// Connects to `side`'s host, runs `job` there, and closes.
 fn job_at<T: DeserializeOwned>(side: &Side<'_>, job: &Job, control: Control<'_>) -> Result<T> {
+    job_counted(side, job, control).map(|(result, _)| result)
+}
+
+/// [`job_at`], also returning the bytes sent and received.
+pub(crate) fn job_counted<T: DeserializeOwned>(
+    side: &Side<'_>,
+    job: &Job,
+    control: Control<'_>,
+) -> Result<(T, (u64, u64))> {
     let (mut link, _) = connect(side)?;
     let result = run_job(&mut link, job, control);
+    let (mut sent, mut received) = (0, 0);
+    super::add_wire(&mut sent, &mut received, &[&link]);
     link.close();
-    result
+    result.map(|r| (r, (sent, received)))
 }
 
 /// A temporary file of this process, removed when dropped.
