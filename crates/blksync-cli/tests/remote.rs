@@ -177,7 +177,8 @@ fn upload_happens_once_and_no_upload_refuses() {
     write_file(src.as_ref(), &random_bytes(MIB, 7));
     let out = env.run(&["sync", "--no-upload", &src, &env.remote("dst")]);
     assert_eq!(out.code(), 8, "{}", out.stderr_text());
-    assert!(out.stderr_text().contains("no blksync speaking protocol 1"), "{}", out.stderr_text());
+    let expected = format!("no blksync speaking protocol {}", blksync::protocol::VERSION);
+    assert!(out.stderr_text().contains(&expected), "{}", out.stderr_text());
     env.ok(&["sync", &src, &env.remote("dst")]);
     let cache = env.dir.path().join("cache/blksync");
     let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
@@ -201,7 +202,8 @@ fn an_agent_of_another_protocol_version_is_replaced_or_named() {
     let out = env.run(&["sync", "--remote-path", &fake, "--no-upload", &src, &env.remote("dst")]);
     assert_eq!(out.code(), 8);
     let err = out.stderr_text();
-    assert!(err.contains("found: protocol 0") && err.contains("speaking protocol 1"), "{err}");
+    let expected = format!("speaking protocol {}", blksync::protocol::VERSION);
+    assert!(err.contains("found: protocol 0") && err.contains(&expected), "{err}");
     env.ok(&["sync", "--remote-path", &fake, &src, &env.remote("dst")]);
     assert_same(src.as_ref(), env.path("dst").as_ref());
 }
@@ -407,6 +409,7 @@ fn history_commands_take_remote_paths_anywhere() {
         (src.clone(), env.remote("base.img"), env.remote("push.delta")),
         (src.clone(), env.remote("base.img"), env.path("fetched.delta")),
         (env.remote("src.img"), env.remote("base.img"), env.remote("there.delta")),
+        (env.remote("src.img"), env.remote("base.img"), env.path("moved.delta")),
     ];
     for (s, b, o) in &cases {
         let j = env.ok(&["diff", s, b, "-o", o]);
@@ -443,7 +446,8 @@ fn history_commands_take_remote_paths_anywhere() {
     ok(&["diff", "--progress", "none", &newer, &src, "-o", &env.path("second.delta")]);
     env.ok(&["merge", &env.remote("push.delta"), &env.path("second.delta"), "-o", &env.remote("m1.delta")]);
     env.ok(&["merge", &env.remote("push.delta"), &env.remote("second.delta"), "-o", &env.remote("m2.delta")]);
-    for m in ["m1.delta", "m2.delta"] {
+    env.ok(&["merge", &env.remote("push.delta"), &env.remote("second.delta"), "-o", &env.path("m3.delta")]);
+    for m in ["m1.delta", "m2.delta", "m3.delta"] {
         std::fs::copy(&base, env.path("t.img")).unwrap();
         env.ok(&["apply", &env.remote(m), &env.path("t.img")]);
         assert_same(newer.as_ref(), env.path("t.img").as_ref());

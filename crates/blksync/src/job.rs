@@ -71,6 +71,16 @@ impl Job {
         serde_json::from_slice(bytes).map_err(|e| Error::protocol(format!("bad job request: {e}")))
     }
 
+    /// Gives an output path left empty (the client will fetch the file) a path from `spool`.
+    pub fn spool_output(&mut self, spool: impl FnOnce() -> Result<PathBuf>) -> Result<()> {
+        if let Job::Diff { output, .. } | Job::Merge { output, .. } = self
+            && output.0.as_os_str().is_empty()
+        {
+            output.0 = spool()?;
+        }
+        Ok(())
+    }
+
     /// Runs the job here and returns its result document.
     pub fn run(self, control: Control<'_>) -> Result<Vec<u8>> {
         let paths = |v: Vec<WirePath>| v.into_iter().map(|p| p.0).collect::<Vec<_>>();

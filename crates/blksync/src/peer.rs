@@ -202,7 +202,8 @@ impl Peer {
                 self.start_local_sync(&source, &target, block, flags, threads, bwlimit, &undo)?;
             }
             Msg::Job { request } => {
-                let job = crate::job::Job::decode(&request)?;
+                let mut job = crate::job::Job::decode(&request)?;
+                job.spool_output(|| self.spool.path())?;
                 self.spawn_job(move |control| match job.run(control) {
                     Ok(result) => Msg::JobDone { result },
                     Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },

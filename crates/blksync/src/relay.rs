@@ -130,7 +130,7 @@ fn sync(
     // With an undo log the flush is unconditional: it commits the log, even an empty one.
     let mut summary = transfer(source, s, target, t, names, log.is_some(), options, control)?;
     if let (Some(written), UndoAt::Fetch(local)) = (&log, undo) {
-        history::fetch(target, written, local)?;
+        history::fetch(target, written, local, control)?;
     }
     summary.undo_log = match undo {
         UndoAt::None => None,

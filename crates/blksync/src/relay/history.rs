@@ -28,7 +28,7 @@ use crate::job::{Job, WirePath};
 use crate::link::Link;
 use crate::location::Location;
 use crate::patch::{ApplySummary, DiffOptions, DiffSummary, Info};
-use crate::progress::Control;
+use crate::progress::{Control, Counters, Phase};
 use crate::protocol::Msg;
 use crate::protocol::message::{Role, open_flags};
 
@@ -88,6 +88,36 @@ pub(crate) fn job_counted<T: DeserializeOwned>(
     result.map(|r| (r, (sent, received)))
 }
 
+/// Progress and Ctrl-C for copying a whole file.
+struct Copying<'a> {
+    control: Control<'a>,
+    counters: Counters,
+    what: &'a Path,
+}
+
+impl<'a> Copying<'a> {
+    fn start(control: Control<'a>, size: u64, what: &'a Path) -> Copying<'a> {
+        let counters = Counters::new();
+        counters.set_total(size);
+        control.observer.phase(Phase::Sync, size);
+        Copying { control, counters, what }
+    }
+
+    /// `n` more bytes copied; an error once the user asked to stop.
+    fn step(&self, n: u64) -> Result<()> {
+        self.counters.add_scanned(n);
+        self.counters.add_written(n);
+        self.control.observer.progress(&self.counters.snapshot());
+        if self.control.cancelled() {
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                format!("interrupted while copying {}; nothing was written", self.what.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A temporary file of this process, removed when dropped.
 struct Temp(PathBuf);
 
@@ -108,11 +138,11 @@ impl Drop for Temp {
 
 /// Downloads `remote` from the link's host into `local`: written under a temporary name,
 /// flushed, then renamed, so `local` is never a partial file.
-pub(crate) fn fetch(link: &mut Link, remote: &Path, local: &Path) -> Result<()> {
+pub(crate) fn fetch(link: &mut Link, remote: &Path, local: &Path, control: Control<'_>) -> Result<()> {
     let mut tmp = local.as_os_str().to_os_string();
     tmp.push(format!(".tmp-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let result = fetch_into(link, remote, &tmp).and_then(|()| {
+    let result = fetch_into(link, remote, &tmp, control).and_then(|()| {
         std::fs::rename(&tmp, local).on("renaming into place", local)?;
         let dir = local.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         File::open(dir).and_then(|d| d.sync_all()).on("flushing directory", dir)
@@ -123,13 +153,14 @@ pub(crate) fn fetch(link: &mut Link, remote: &Path, local: &Path) -> Result<()> 
     result
 }
 
-fn fetch_into(link: &mut Link, remote: &Path, local: &Path) -> Result<()> {
+fn fetch_into(link: &mut Link, remote: &Path, local: &Path, control: Control<'_>) -> Result<()> {
     let request = Msg::Get { path: remote.as_os_str().as_bytes().to_vec(), compress: crate::compress::OFF };
     let size = match link.call(request)? {
         Msg::Opened { size, .. } => size,
         other => return Err(link.unexpected(&other)),
     };
     let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(local).on("creating", local)?;
+    let progress = Copying::start(control, size, remote);
     let mut got = 0;
     loop {
         match link.recv()? {
@@ -138,6 +169,7 @@ fn fetch_into(link: &mut Link, remote: &Path, local: &Path) -> Result<()> {
                 file.write_all_at(&data, chunk.offset)
                     .map_err(|e| Error::io("writing", local, Some(chunk.offset), e))?;
                 got += data.len() as u64;
+                progress.step(data.len() as u64)?;
             }
             Msg::Done if got == size => break,
             other => return Err(link.unexpected(&other)),
@@ -148,7 +180,7 @@ fn fetch_into(link: &mut Link, remote: &Path, local: &Path) -> Result<()> {
 
 /// Uploads the local file `local` to `remote` on the link's host (`None`: into the session's
 /// spool); returns where it went. The file appears there only once complete.
-fn put(link: &mut Link, local: &Path, remote: Option<&Path>) -> Result<PathBuf> {
+fn put(link: &mut Link, local: &Path, remote: Option<&Path>, control: Control<'_>) -> Result<PathBuf> {
     let file = File::open(local).on("opening", local)?;
     let size = file.metadata().on("reading the size of", local)?.len();
     let request = Msg::Put { path: remote.map(|p| p.as_os_str().as_bytes().to_vec()).unwrap_or_default(), mode: 0o644 };
@@ -156,11 +188,13 @@ fn put(link: &mut Link, local: &Path, remote: Option<&Path>) -> Result<PathBuf> 
         Msg::Path { path } => PathBuf::from(OsStr::from_bytes(&path)),
         other => return Err(link.unexpected(&other)),
     };
+    let progress = Copying::start(control, size, local);
     let mut buf = vec![0u8; PIECE];
     let mut offset = 0;
     while offset < size {
         let n = (size - offset).min(PIECE as u64) as usize;
         file.read_exact_at(&mut buf[..n], offset).map_err(|e| Error::io("reading", local, Some(offset), e))?;
+        progress.step(n as u64)?;
         let chunk = crate::protocol::message::Chunk {
             offset,
             codec: crate::protocol::message::codec::RAW,
@@ -177,13 +211,13 @@ fn put(link: &mut Link, local: &Path, remote: Option<&Path>) -> Result<PathBuf> 
 }
 
 /// A local copy of a delta at `side`: the file itself when local, else a temporary download.
-fn local_copy(side: &Side<'_>, temps: &mut Vec<Temp>) -> Result<PathBuf> {
+fn local_copy(side: &Side<'_>, temps: &mut Vec<Temp>, control: Control<'_>) -> Result<PathBuf> {
     match side.location {
         Location::Local(p) => Ok(p.clone()),
         Location::Remote(r) => {
             let temp = Temp::new("delta");
             let (mut link, _) = connect(side)?;
-            let result = fetch(&mut link, &r.path, &temp.0);
+            let result = fetch(&mut link, &r.path, &temp.0, control);
             link.close();
             result?;
             let path = temp.0.clone();
@@ -247,8 +281,19 @@ pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<
             }
         };
     }
+    if let Some(first) = inputs.first()
+        && matches!(first.location, Location::Remote(_))
+        && inputs.iter().all(|i| same_host(i, first))
+    {
+        // All inputs on one host: merge there into its spool, then copy the result out.
+        let job = Job::Merge {
+            inputs: inputs.iter().map(|i| WirePath::new(path_of(i))).collect(),
+            output: WirePath(PathBuf::new()),
+        };
+        return job_then_move(first, &job, output, control, |i: &mut Info| &mut i.path);
+    }
     let mut temps = Vec::new();
-    let local: Vec<PathBuf> = inputs.iter().map(|i| local_copy(i, &mut temps)).collect::<Result<_>>()?;
+    let local: Vec<PathBuf> = inputs.iter().map(|i| local_copy(i, &mut temps, control)).collect::<Result<_>>()?;
     let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
     match output.location {
         Location::Local(out) => crate::patch::merge(&local, out, control),
@@ -256,7 +301,7 @@ pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<
             let temp = Temp::new("delta");
             let mut info = crate::patch::merge(&local, &temp.0, control)?;
             let (mut link, _) = connect(output)?;
-            let result = put(&mut link, &temp.0, Some(&r.path));
+            let result = put(&mut link, &temp.0, Some(&r.path), control);
             link.close();
             result?;
             info.path = shown(output, &r.path);
@@ -274,7 +319,7 @@ pub fn apply_locations(
 ) -> Result<ApplySummary> {
     let mut temps = Vec::new();
     let Location::Remote(r) = target.location else {
-        let local: Vec<PathBuf> = deltas.iter().map(|d| local_copy(d, &mut temps)).collect::<Result<_>>()?;
+        let local: Vec<PathBuf> = deltas.iter().map(|d| local_copy(d, &mut temps, control)).collect::<Result<_>>()?;
         let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
         let mut summary = crate::patch::apply(&local, path_of(target), force, control)?;
         summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
@@ -288,8 +333,8 @@ pub fn apply_locations(
             if same_host(d, target) {
                 there.push(WirePath::new(path_of(d)));
             } else {
-                let local = local_copy(d, &mut temps)?;
-                let path = put(&mut link, &local, None)?;
+                let local = local_copy(d, &mut temps, control)?;
+                let path = put(&mut link, &local, None, control)?;
                 spooled.push((path.display().to_string(), shown(d, path_of(d))));
                 there.push(WirePath(path));
             }
@@ -331,6 +376,16 @@ pub fn diff_locations(
                 Ok(summary)
             }
         };
+    }
+    if same_host(source, base) && matches!(base.location, Location::Remote(_)) {
+        // SRC and BASE on one host: diff there into its spool, then copy the delta out.
+        let job = Job::Diff {
+            source: WirePath::new(path_of(source)),
+            base: WirePath::new(path_of(base)),
+            output: WirePath(PathBuf::new()),
+            options: options.clone(),
+        };
+        return job_then_move(base, &job, output, control, |d: &mut DiffSummary| &mut d.delta);
     }
     let (mut s, s_path) = connect(source)?;
     let (mut b, b_path) = match connect(base) {
@@ -398,7 +453,7 @@ fn diff_over(
     let summary = transfer(s, so, b, bo, names, true, &remote, control)?;
     let info: Info = run_job(b, &Job::Info { path: WirePath::new(&written) }, control)?;
     if here.is_none() {
-        move_out(b, &written, output)?;
+        move_out(b, &written, output, control)?;
     }
     Ok(DiffSummary {
         delta: shown(output, path_of(output)),
@@ -408,15 +463,35 @@ fn diff_over(
     })
 }
 
+/// Runs `job` at `side`, which writes a file into its spool and names it in the result (the
+/// field that `file` picks), then moves that file to `output`.
+fn job_then_move<T: DeserializeOwned>(
+    side: &Side<'_>,
+    job: &Job,
+    output: &Side<'_>,
+    control: Control<'_>,
+    file: impl Fn(&mut T) -> &mut String,
+) -> Result<T> {
+    let (mut link, _) = connect(side)?;
+    let result = run_job::<T>(&mut link, job, control).and_then(|mut result| {
+        let spooled = PathBuf::from(std::mem::take(file(&mut result)));
+        move_out(&mut link, &spooled, output, control)?;
+        *file(&mut result) = shown(output, path_of(output));
+        Ok(result)
+    });
+    link.close();
+    result
+}
+
 /// Moves the file `from` on the link's host (a spool file) to `to`, on another host.
-fn move_out(link: &mut Link, from: &Path, to: &Side<'_>) -> Result<()> {
+fn move_out(link: &mut Link, from: &Path, to: &Side<'_>, control: Control<'_>) -> Result<()> {
     match to.location {
-        Location::Local(path) => fetch(link, from, path),
+        Location::Local(path) => fetch(link, from, path, control),
         Location::Remote(r) => {
             let temp = Temp::new("delta");
-            fetch_into(link, from, &temp.0)?;
+            fetch_into(link, from, &temp.0, control)?;
             let (mut out, _) = connect(to)?;
-            let result = put(&mut out, &temp.0, Some(&r.path));
+            let result = put(&mut out, &temp.0, Some(&r.path), control);
             out.close();
             result.map(|_| ())
         }
