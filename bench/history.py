@@ -7,8 +7,11 @@ in the same session.
 2. restore of base + 20 increments vs `cp --sparse=always` of the image.
 3. compressible data (an ext4 image with files, changed by appending to them): increment size
    vs changed bytes. Needs root (loop mount).
+4. with --remote: history commands across loopback ssh (own sshd, tests/lab/sshd) next to the same
+   command run locally: a pulled diff (SRC remote) and its bytes on the wire against the changed
+   bytes; apply of that delta onto a remote mirror; list and prune of a remote chain.
 
-Usage: bench/history.py [--size 1G] [--runs 3] [--bin target/release/blksync]
+Usage: bench/history.py [--size 1G] [--runs 3] [--bin target/release/blksync] [--remote]
 """
 
 import argparse
@@ -39,6 +42,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=os.path.join(HERE, "work"))
     ap.add_argument("--bin", default=os.path.join(HERE, "..", "target", "release", "blksync"))
+    ap.add_argument("--remote", action="store_true", help="also run history commands over ssh")
+    ap.add_argument("--only-remote", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = parse_size(args.size)
     bs = os.path.abspath(args.bin)
@@ -49,6 +54,8 @@ def main():
         make_random(base, size, 1)
     restore_mirror = changed_pair(base, changed, mirror, size)
     print(f"# blksync history benchmark: {size >> 20} MiB images, median of {args.runs}")
+    if args.only_remote:
+        return remote(args, bs, base, changed, mirror, restore_mirror, d)
 
     # 1. Increment for 1 % scattered changes, vs a plain sync of the same change.
     def plain_sync():
@@ -158,6 +165,95 @@ def main():
         os.unlink(p)
     shutil.rmtree(chain2, ignore_errors=True)
     shutil.rmtree(chain, ignore_errors=True)
+    if args.remote:
+        remote(args, bs, base, changed, mirror, restore_mirror, d)
+
+
+def remote(args, bs, base, changed, mirror, restore_mirror, d):
+    """4. History commands across loopback ssh, each next to the same command run locally."""
+    from remote import CIPHER, free_port, start_sshd  # noqa: E402
+
+    sshdir = tempfile.mkdtemp(prefix="blksync-bench-sshd-")
+    opts = start_sshd(sshdir, free_port())
+    cache = tempfile.mkdtemp(prefix="blksync-bench-cache-")
+    rsh = f"ssh {opts} {CIPHER} -o SetEnv=XDG_CACHE_HOME={cache}"
+    host = "root@127.0.0.1"
+    ssh = lambda *a: [bs, a[0], "-e", rsh, *a[1:]]
+    subprocess.run(ssh("list", f"{host}:/nonexistent"), capture_output=True)  # uploads the agent
+    restore_mirror()
+    delta, remote_delta = d("h-pull.delta"), d("h-local.delta")
+
+    def local_diff():
+        warm(changed, mirror)
+        return timed([bs, "diff", "-q", "--json", changed, mirror, "-o", remote_delta])
+
+    def pulled_diff():
+        warm(changed, mirror)
+        return timed(ssh("diff", "-q", "--json", f"{host}:{changed}", mirror, "-o", delta))
+
+    def pulled_sync():
+        restore_mirror()
+        warm(changed, mirror)
+        return timed(ssh("sync", "-q", f"{host}:{changed}", mirror))
+
+    ssh_t, _ = median_time(lambda: timed(rsh.split() + [host, "true"]), args.runs)
+    print(f"ssh start-up alone (ssh host true): {ssh_t:.3f}s")
+    ld_t, _ = median_time(local_diff, args.runs)
+    pd_t, out = median_time(pulled_diff, args.runs)
+    ps_t, _ = median_time(pulled_sync, args.runs)
+    restore_mirror()
+    j = json.loads(out)
+    changed_bytes = j["bytes_written"] + j["bytes_zeroed"]
+    wire = j["bytes_sent"] + j["bytes_received"]
+    print(f"remote diff (SRC over ssh): {pd_t:.3f}s vs a remote sync of the same change {ps_t:.3f}s "
+          f"-> {pd_t / ps_t:.2f} (local diff {ld_t:.3f}s); "
+          f"wire {wire} B for {changed_bytes} B changed -> {wire / changed_bytes:.3f} x")
+
+    def local_apply():
+        restore_mirror()
+        warm(delta, mirror)
+        return timed([bs, "apply", "-q", delta, mirror])
+
+    def pushed_apply():
+        restore_mirror()
+        warm(delta, mirror)
+        return timed(ssh("apply", "-q", delta, f"{host}:{mirror}"))
+
+    la_t, _ = median_time(local_apply, args.runs)
+    pa_t, _ = median_time(pushed_apply, args.runs)
+    ok = subprocess.run(["cmp", changed, mirror]).returncode == 0
+    print(f"remote apply (delta pushed to the target's host): {pa_t:.3f}s vs local apply {la_t:.3f}s "
+          f"+ ssh start-up {ssh_t:.3f}s -> {pa_t / (la_t + ssh_t):.2f}; mirror {'identical' if ok else 'DIFFERS'}")
+
+    chain = d("h-rchain")
+    shutil.rmtree(chain, ignore_errors=True)
+    work = d("h-rwork.img")
+    shutil.copyfile(base, work)
+    rnd = random.Random(9)
+    size = os.path.getsize(base)
+    for _ in range(6):
+        with open(work, "r+b") as f:
+            for b in rnd.sample(range(size // BLOCK), max(1, size // BLOCK // 100)):
+                f.seek(b * BLOCK)
+                f.write(rnd.randbytes(BLOCK))
+        subprocess.run([bs, "backup", "-q", work, chain], check=True)
+    l_t, _ = timed([bs, "list", chain])
+    r_t, _ = timed(ssh("list", f"{host}:{chain}"))
+    print(f"remote list of a 6-point chain: {r_t:.3f}s vs local {l_t:.3f}s + ssh start-up {ssh_t:.3f}s "
+          f"-> {r_t / (l_t + ssh_t):.2f}")
+    twin = chain + "-local"
+    shutil.rmtree(twin, ignore_errors=True)
+    shutil.copytree(chain, twin)
+    subprocess.run(["sync"], check=True)
+    lp_t, _ = timed([bs, "prune", "-q", "--keep", "2", twin])
+    p_t, _ = timed(ssh("prune", "-q", "--keep", "2", f"{host}:{chain}"))
+    print(f"remote prune folding 3 increments: {p_t:.3f}s vs local {lp_t:.3f}s + ssh start-up {ssh_t:.3f}s "
+          f"-> {p_t / (lp_t + ssh_t):.2f} (it runs on the chain's host)")
+    shutil.rmtree(chain, ignore_errors=True)
+    shutil.rmtree(twin, ignore_errors=True)
+    for p in (work, delta, remote_delta):
+        if os.path.exists(p):
+            os.unlink(p)
 
 
 if __name__ == "__main__":

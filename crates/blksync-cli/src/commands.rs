@@ -240,6 +240,13 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(summary.file_size),
         c.seconds
     ));
+    if summary.bytes_sent + summary.bytes_received > 0 {
+        render.line(&format!(
+            "blksync: over ssh: sent {}, received {}",
+            format_size(summary.bytes_sent),
+            format_size(summary.bytes_received)
+        ));
+    }
     if args.common.output.json {
         print_json(&summary)?;
     }

@@ -45,6 +45,12 @@ pub struct DiffSummary {
     pub counters: Snapshot,
     /// Size of the delta file.
     pub file_size: u64,
+    /// Bytes sent over ssh by a scan between hosts (0 when SRC and BASE are on one host).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Bytes received over ssh.
+    #[serde(default)]
+    pub bytes_received: u64,
 }
 
 /// `UUID=… LABEL=… TYPE=…` of the filesystem on `path`, as `blkid` reports it; empty when there
@@ -161,7 +167,14 @@ pub fn write_delta(
     };
     let _ = found;
     let file_size = writer.commit()?;
-    Ok(DiffSummary { delta: out.display().to_string(), header, counters: counters.snapshot(), file_size })
+    Ok(DiffSummary {
+        delta: out.display().to_string(),
+        header,
+        counters: counters.snapshot(),
+        file_size,
+        bytes_sent: 0,
+        bytes_received: 0,
+    })
 }
 
 /// What `apply` did.

@@ -395,7 +395,11 @@ pub fn diff_locations(
             return Err(e);
         }
     };
-    let result = diff_over(&mut s, &s_path, source, &mut b, &b_path, base, output, options, control);
+    let result =
+        diff_over(&mut s, &s_path, source, &mut b, &b_path, base, output, options, control).map(|mut summary| {
+            super::add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &b]);
+            summary
+        });
     s.close();
     b.close();
     result
@@ -460,6 +464,8 @@ fn diff_over(
         header: info.header,
         counters: summary.counters,
         file_size: info.file_size,
+        bytes_sent: 0,
+        bytes_received: 0,
     })
 }
 
