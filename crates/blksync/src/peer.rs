@@ -28,9 +28,9 @@ use crate::hash::{Hasher, Tree, chunk_size};
 use crate::protocol::message::{Role, open_flags};
 use crate::protocol::{FEATURES, Msg, VERSION};
 use crate::sink::{ChainSink, RecordSink, Sink, UndoSink};
+use crate::zero::is_zero;
 
 mod files;
-use crate::zero::is_zero;
 
 /// How many chunks a scan may run ahead of the last `Ack`.
 pub const WINDOW: u64 = 512;
@@ -220,15 +220,7 @@ impl Peer {
                 }));
             }
             Msg::Record { path, comment, source, block } => self.record(&path, &comment, &source, block)?,
-            Msg::Undo { path, comment } => {
-                let path = self.output_path(&path)?;
-                let Some(Sink::Plain(local)) = self.sink.take() else {
-                    return Err(Error::protocol("Undo needs a freshly opened target"));
-                };
-                let text = String::from_utf8_lossy(&comment).into_owned();
-                self.sink = Some(Sink::Undo(Box::new(UndoSink::new(local, path.clone(), text))));
-                self.reply(Msg::Path { path: path.into_os_string().into_vec() });
-            }
+            Msg::Undo { path, comment } => self.undo(&path, &comment)?,
             Msg::Cancel => self.cancel.store(true, Ordering::Relaxed),
             Msg::LocalCompare { first, second, block, max_ranges } => {
                 self.start_local_compare(&first, &second, block, max_ranges)?;
@@ -361,6 +353,19 @@ impl Peer {
         let header = crate::sink::new_header([0; 16], block, &text(source), &text(comment))?;
         let base: Arc<dyn Source> = local;
         self.sink = Some(Sink::Record(Box::new(RecordSink::new(base, path.clone(), header))));
+        self.reply(Msg::Path { path: path.into_os_string().into_vec() });
+        Ok(())
+    }
+
+    /// Makes the opened target save what it overwrites into an undo log at `path` (or in the
+    /// spool) first (`Undo`).
+    fn undo(&mut self, path: &[u8], comment: &[u8]) -> Result<()> {
+        let path = self.output_path(path)?;
+        let Some(Sink::Plain(local)) = self.sink.take() else {
+            return Err(Error::protocol("Undo needs a freshly opened target"));
+        };
+        let text = String::from_utf8_lossy(comment).into_owned();
+        self.sink = Some(Sink::Undo(Box::new(UndoSink::new(local, path.clone(), text))));
         self.reply(Msg::Path { path: path.into_os_string().into_vec() });
         Ok(())
     }

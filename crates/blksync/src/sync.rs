@@ -274,20 +274,9 @@ pub(crate) fn start_undo(
     new_size: u64,
     old_size: u64,
 ) -> Result<delta::Writer> {
-    let (created, utc_offset) = crate::patch::now();
-    let header = delta::Header {
-        id: crate::patch::random_id()?,
-        parent: [0; 16],
-        block_size: 4096,
-        size_before: new_size,
-        size_after: old_size,
-        created,
-        utc_offset,
-        source: dst.name().display().to_string(),
-        source_identity: String::new(),
-        comment: comment.to_string(),
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let mut header = crate::sink::new_header([0; 16], 4096, &dst.name().display().to_string(), comment)?;
+    header.size_before = new_size;
+    header.size_after = old_size;
     let writer = delta::Writer::create(path, &header)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = new_size;
