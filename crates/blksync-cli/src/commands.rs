@@ -463,6 +463,14 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
             blksync::backup::restore_to(dir, &mut out, at)?;
             return Ok(Outcome::Success);
         }
+        (Location::Remote(_), Location::Local(path)) if path.as_os_str() == "-" => {
+            let mut out = std::io::stdout().lock();
+            let ssh = ssh_options(&args.remote, true);
+            let result = blksync::relay::restore_stream(&Side { location: &dest, ssh: &ssh }, at, &mut out, control);
+            render.finish();
+            result?;
+            return Ok(Outcome::Success);
+        }
         (Location::Local(dir), Location::Local(path)) => blksync::backup::restore(dir, path, at, args.force, control),
         _ => {
             let options = RemoteOptions {

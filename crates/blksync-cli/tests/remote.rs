@@ -353,6 +353,11 @@ fn backups_and_restores_work_across_ssh_in_both_directions() {
     env.ok(&["backup", &env.remote("src"), &local_chain]);
     ok(&["restore", "-q", &local_chain, &out]);
     assert!(read(out.as_ref()) == data);
+    // To standard output, from the remote chain.
+    let streamed = env.run(&["restore", "--at", "2", &env.remote("chain"), "-"]);
+    assert_eq!(streamed.code(), 0, "{}", streamed.stderr_text());
+    assert!(streamed.stdout == points[2], "point 2 on stdout");
+    assert!(!Path::new("-").exists());
     // A missing point is the same error as locally.
     assert_eq!(env.run(&["restore", "--at", "9", &env.remote("chain"), &out]).code(), 3);
     // Image and chain on one remote host: both run there, and no image data crosses the network.

@@ -616,6 +616,60 @@ pub fn restore_locations(
     })
 }
 
+/// Writes point `at` of the remote chain at `chain` to `out` (`restore HOST:DIR -`), reading
+/// ahead a few requests so the link stays busy. Returns the bytes written.
+pub fn restore_stream(
+    chain: &Side<'_>,
+    at: crate::backup::At,
+    out: &mut dyn std::io::Write,
+    control: Control<'_>,
+) -> Result<u64> {
+    const PIECE: u64 = 4 << 20;
+    const AHEAD: u64 = 4;
+    let stdout = Path::new("standard output");
+    let (mut link, path) = connect(chain)?;
+    let result = (|| {
+        let size = open_chain(&mut link, &path, Role::Source, at, "", "", 4096)?.size;
+        let counters = Counters::new();
+        counters.set_total(size);
+        control.observer.phase(Phase::Sync, size);
+        let request = |link: &Link, offset: u64| {
+            let len = (size - offset).min(PIECE) as u32;
+            link.send(Msg::Read { offset, len, compress: crate::compress::AUTO })
+        };
+        let (mut asked, mut done) = (0, 0);
+        while asked < size && asked < AHEAD * PIECE {
+            request(&link, asked)?;
+            asked += (size - asked).min(PIECE);
+        }
+        while done < size {
+            if control.cancelled() {
+                return Err(Error::new(ErrorKind::Interrupted, format!("interrupted after {done} bytes")));
+            }
+            match link.recv()? {
+                Msg::Data(chunk) if chunk.offset == done => {
+                    let data = crate::compress::decode(&chunk)?;
+                    out.write_all(&data).map_err(|e| Error::io("writing", stdout, Some(done), e))?;
+                    done += data.len() as u64;
+                    counters.add_scanned(data.len() as u64);
+                    counters.add_written(data.len() as u64);
+                    control.observer.progress(&counters.snapshot());
+                }
+                Msg::ReadDone { .. } if asked < size => {
+                    request(&link, asked)?;
+                    asked += (size - asked).min(PIECE);
+                }
+                Msg::ReadDone { .. } => {}
+                other => return Err(link.unexpected(&other)),
+            }
+        }
+        out.flush().map_err(|e| Error::io("writing", stdout, None, e))?;
+        Ok(done)
+    })();
+    link.close();
+    result
+}
+
 /// Compares two locations, at least one of them remote.
 pub fn compare_locations(
     a: &Side<'_>,
