@@ -550,3 +550,43 @@ fn corrupt_or_missing_remote_deltas_are_refused_and_touch_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn sigint_during_a_remote_prune_cancels_it_there_and_keeps_every_point() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src.img");
+    let mut data = random_bytes(32 * MIB, 60);
+    let mut states = Vec::new();
+    for i in 0..3 {
+        data[i * MIB..i * MIB + 4096].fill(i as u8 + 1);
+        write_file(src.as_ref(), &data);
+        env.ok(&["backup", &src, &env.remote("chain")]);
+        states.push(data.clone());
+    }
+    // Throttled, the fold takes about 8 s on the chain's host; Ctrl-C after 2 s is relayed there.
+    let child = support::blksync()
+        .args(["prune", "-e", &env.rsh, "--progress", "none", "--bwlimit", "4M", "--keep", "0"])
+        .arg(env.remote("chain"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped = Instant::now();
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?} to stop", stopped.elapsed());
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let points = env.ok(&["list", &env.remote("chain")]);
+    assert_eq!(points.as_array().unwrap().len(), 3, "nothing was folded: {points}");
+    for (n, state) in states.iter().enumerate() {
+        env.ok(&["restore", "--at", &n.to_string(), &env.remote("chain"), &env.path("r.img")]);
+        assert!(&read(env.path("r.img").as_ref()) == state, "point {n}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(env.path("chain"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
