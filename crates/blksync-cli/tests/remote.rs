@@ -590,3 +590,35 @@ fn sigint_during_a_remote_prune_cancels_it_there_and_keeps_every_point() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn a_killed_client_stops_its_remote_job_and_frees_the_chain() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src.img");
+    write_file(src.as_ref(), &random_bytes(32 * MIB, 70));
+    env.ok(&["backup", &src, &env.remote("chain")]);
+    patch(src.as_ref(), 0, b"changed");
+    env.ok(&["backup", &src, &env.remote("chain")]);
+    let mut child = support::blksync()
+        .args(["prune", "-e", &env.rsh, "--progress", "none", "--bwlimit", "2M", "--keep", "0"])
+        .arg(env.remote("chain"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The prune would hold the chain's lock for 16 s more; without its client it stops at once.
+    let start = Instant::now();
+    loop {
+        let out = env.run(&["backup", &src, &env.remote("chain")]);
+        if out.code() == 0 {
+            break;
+        }
+        assert_eq!(out.code(), 6, "{}", out.stderr_text());
+        assert!(start.elapsed() < Duration::from_secs(8), "the remote prune ran on without its client");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    env.ok(&["restore", &env.remote("chain"), &env.path("r.img")]);
+    assert_same(src.as_ref(), env.path("r.img").as_ref());
+}

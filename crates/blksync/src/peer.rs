@@ -62,6 +62,9 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         }
     }
     peer.stop.store(true, Ordering::Relaxed);
+    // A job still running has lost its client (a dropped connection, a killed client): stop
+    // it at its next chunk, as Ctrl-C would, rather than run on unobserved and hold its locks.
+    peer.cancel.store(true, Ordering::Relaxed);
     if let Some(scan) = &peer.scan {
         scan.cond.notify_all();
     }
