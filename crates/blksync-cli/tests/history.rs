@@ -380,3 +380,33 @@ fn a_delta_names_the_filesystem_it_came_from() {
     let identity = ok(&["info", "--json", &patch]).json()["header"]["source_identity"].as_str().unwrap().to_string();
     assert!(identity.contains("LABEL=vmdisk") && identity.contains("TYPE=ext4"), "{identity}");
 }
+
+/// `diff new old -o old` used to replace the old image with the delta (the delta is renamed into
+/// place), and `-o /dev/sdX` would have replaced a device node with a file.
+#[test]
+fn an_output_that_would_destroy_an_input_or_a_device_is_refused() {
+    let d = tmp();
+    let (a, b) = (arg(d.path(), "a.img"), arg(d.path(), "b.img"));
+    write_file(a.as_ref(), &random_bytes(MIB, 80));
+    write_file(b.as_ref(), &random_bytes(MIB, 81));
+    let link = arg(d.path(), "link-to-b");
+    std::os::unix::fs::symlink(&b, &link).unwrap();
+    for out in [&a, &b, &link] {
+        let o = run(&["diff", "-q", &a, &b, "-o", out]);
+        assert_eq!(o.code(), 2, "-o {out}: {}", o.stderr_text());
+        assert!(o.stderr_text().contains("also an input"), "{}", o.stderr_text());
+    }
+    assert_eq!(read(a.as_ref()), random_bytes(MIB, 80));
+    assert_eq!(read(b.as_ref()), random_bytes(MIB, 81));
+    let o = run(&["diff", "-q", &a, &b, "-o", "/dev/null"]);
+    assert_eq!(o.code(), 2, "{}", o.stderr_text());
+    assert!(o.stderr_text().contains("not a regular file"), "{}", o.stderr_text());
+    ok(&["diff", "-q", &a, &b, "-o", &arg(d.path(), "p.delta")]);
+    assert_eq!(run(&["merge", "-q", &arg(d.path(), "p.delta"), "-o", "/dev/null"]).code(), 2);
+    // An undo log over the source or the destination of its own sync.
+    for undo in [&a, &b] {
+        let o = run(&["sync", "-q", &a, &b, "--undo", undo]);
+        assert_eq!(o.code(), 2, "--undo {undo}: {}", o.stderr_text());
+    }
+    assert_eq!(read(b.as_ref()), random_bytes(MIB, 81), "nothing was synced");
+}

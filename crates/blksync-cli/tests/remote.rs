@@ -543,6 +543,10 @@ fn corrupt_or_missing_remote_deltas_are_refused_and_touch_nothing() {
     assert_eq!(env.run(&["apply", &env.remote("missing.delta"), &a]).code(), 3);
     assert_eq!(env.run(&["diff", &a, &env.remote("missing.img"), "-o", &env.path("x.delta")]).code(), 3);
     assert!(!Path::new(&env.path("x.delta")).exists());
+    // An output over an input is refused on the far side too, before anything is written.
+    assert_eq!(env.run(&["diff", &b, &env.remote("a.img"), "-o", &env.remote("a.img")]).code(), 2);
+    assert_eq!(env.run(&["sync", &b, &env.remote("a.img"), "--undo", &env.remote("a.img")]).code(), 2);
+    assert_eq!(read(a.as_ref()), random_bytes(2 * MIB, 50));
     let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
         .unwrap()
         .flatten()

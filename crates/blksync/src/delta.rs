@@ -212,6 +212,28 @@ impl Inner {
     }
 }
 
+/// Refuses to write a new file at `out` (a delta, or an uploaded file) when that would destroy
+/// something: a device node or another non-regular file there (the file is renamed into place,
+/// which would replace the node), or a file that the same command reads (`inputs`), such as
+/// `diff SRC BASE -o BASE`.
+pub fn check_output(out: &Path, inputs: &[crate::endpoint::Identity]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(out) else { return Ok(()) };
+    if !meta.is_file() {
+        return Err(Error::usage(format!(
+            "{} exists and is not a regular file; the output is written as a new file and would replace it",
+            out.display()
+        )));
+    }
+    if inputs.contains(&crate::endpoint::Identity::File { dev: meta.dev(), ino: meta.ino() }) {
+        return Err(Error::usage(format!(
+            "{} is also an input of this command; writing the output there would destroy it",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Writer {
     /// Starts a delta at `path` (written under a temporary name until [`Writer::commit`]).
     pub fn create(path: &Path, header: &Header) -> Result<Writer> {

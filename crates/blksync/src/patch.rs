@@ -122,6 +122,7 @@ pub fn write_delta(
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<DiffSummary> {
+    delta::check_output(out, &[src.identity(), old.identity()])?;
     let (created, utc_offset) = now();
     let header = Header {
         id: random_id()?,
@@ -333,6 +334,7 @@ pub fn info(path: &Path) -> Result<Info> {
 pub fn merge(inputs: &[&Path], out: &Path, control: Control<'_>) -> Result<Info> {
     use crate::chain::{Piece, cut};
     use std::collections::BTreeMap;
+    delta::check_output(out, &[])?;
     let deltas: Vec<Delta> = inputs.iter().map(|p| Delta::open(p)).collect::<Result<_>>()?;
     let (Some(first), Some(last)) = (deltas.first(), deltas.last()) else {
         return Err(Error::usage("merge needs at least one delta"));

@@ -352,6 +352,7 @@ impl Peer {
         if local.kind() == Kind::Absent {
             return Err(Error::new(ErrorKind::NotFound, format!("{}: no such file or device", local.name().display())));
         }
+        crate::delta::check_output(&path, &[local.identity()])?;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let header = crate::sink::new_header([0; 16], block, &text(source), &text(comment))?;
         let base: Arc<dyn Source> = local;
@@ -367,6 +368,7 @@ impl Peer {
         let Some(Sink::Plain(local)) = self.sink.take() else {
             return Err(Error::protocol("Undo needs a freshly opened target"));
         };
+        crate::delta::check_output(&path, &[local.identity()])?;
         let text = String::from_utf8_lossy(comment).into_owned();
         self.sink = Some(Sink::Undo(Box::new(UndoSink::new(local, path.clone(), text))));
         self.reply(Msg::Path { path: path.into_os_string().into_vec() });

@@ -184,6 +184,7 @@ pub fn sync(
     }
     let undo = match &options.undo {
         Some(path) => {
+            delta::check_output(path, &[src.identity(), dst.identity()])?;
             let comment = format!("undo log of a sync from {}", src.name().display());
             Some(start_undo(path, &comment, dst, sizing.resize_to.unwrap_or(before), before)?)
         }

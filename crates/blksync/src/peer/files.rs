@@ -81,6 +81,7 @@ impl Upload {
         let tmp = if spooled {
             path.clone()
         } else {
+            crate::delta::check_output(&path, &[])?;
             let mut name = path
                 .file_name()
                 .ok_or_else(|| Error::usage(format!("{} is not a file name", path.display())))?
