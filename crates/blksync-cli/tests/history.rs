@@ -410,3 +410,34 @@ fn an_output_that_would_destroy_an_input_or_a_device_is_refused() {
     }
     assert_eq!(read(b.as_ref()), random_bytes(MIB, 81), "nothing was synced");
 }
+
+/// Restoring (or applying, or syncing) onto the chain's own base image wrote into it, and point
+/// 0 then silently restored the wrong bytes.
+#[test]
+fn the_files_of_a_chain_are_never_written_in_place() {
+    let d = tmp();
+    let (src, chain) = (arg(d.path(), "src.img"), arg(d.path(), "chain"));
+    let first = random_bytes(2 * MIB, 90);
+    write_file(src.as_ref(), &first);
+    ok(&["backup", "-q", &src, &chain]);
+    patch(src.as_ref(), 100, b"second");
+    ok(&["backup", "-q", &src, &chain]);
+    let files: Vec<String> = std::fs::read_dir(&chain)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().to_str().unwrap().to_string())
+        .filter(|p| p.ends_with(".img") || p.ends_with(".delta"))
+        .collect();
+    assert_eq!(files.len(), 3, "{files:?}");
+    for file in &files {
+        let o = run(&["restore", "-q", "--at", "1", &chain, file]);
+        assert_eq!(o.code(), 2, "restore onto {file}: {}", o.stderr_text());
+        assert!(o.stderr_text().contains("backup chain"), "{}", o.stderr_text());
+        assert_eq!(run(&["sync", "-q", &src, file]).code(), 2, "sync onto {file}");
+    }
+    let inc = files.iter().find(|f| f.contains("inc-")).unwrap();
+    let base = files.iter().find(|f| f.ends_with(".img")).unwrap();
+    assert_eq!(run(&["apply", "-q", inc, base]).code(), 2);
+    ok(&["restore", "-q", "--at", "0", &chain, &arg(d.path(), "r.img")]);
+    assert_eq!(read(arg(d.path(), "r.img").as_ref()), first);
+}

@@ -67,6 +67,15 @@ impl Local {
 
     /// Opens `path` as a destination.
     pub fn open_target(path: &Path, how: OpenTarget) -> Result<Local> {
+        if !how.read_only
+            && let Some(dir) = crate::chain::chain_of(path)
+        {
+            return Err(Error::usage(format!(
+                "{} is a file of the backup chain in {}, which is never modified; write to a copy elsewhere",
+                path.display(),
+                dir.display()
+            )));
+        }
         let mut options = OpenOptions::new();
         options.read(true).write(!how.read_only);
         let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
