@@ -65,9 +65,10 @@ pub fn chain_of(path: &Path) -> Option<PathBuf> {
     let path = std::fs::canonicalize(path).ok()?;
     let name = path.file_name()?.to_str()?;
     let numbered = |rest: &str| rest.len() > 6 && rest.as_bytes()[..6].iter().all(u8::is_ascii_digit);
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
     let named = match (name.strip_prefix("base-"), name.strip_prefix("inc-")) {
-        (Some(rest), _) => numbered(rest) && (name.ends_with(".img") || name.ends_with(".delta")),
-        (_, Some(rest)) => numbered(rest) && name.ends_with(".delta"),
+        (Some(rest), _) => numbered(rest) && (ext == "img" || ext == "delta"),
+        (_, Some(rest)) => numbered(rest) && ext == "delta",
         _ => false,
     };
     let dir = path.parent()?;
