@@ -425,8 +425,9 @@ fn the_files_of_a_chain_are_never_written_in_place() {
     let files: Vec<String> = std::fs::read_dir(&chain)
         .unwrap()
         .flatten()
-        .map(|e| e.path().to_str().unwrap().to_string())
-        .filter(|p| p.ends_with(".img") || p.ends_with(".delta"))
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "img" || e == "delta"))
+        .map(|p| p.to_str().unwrap().to_string())
         .collect();
     assert_eq!(files.len(), 3, "{files:?}");
     for file in &files {
