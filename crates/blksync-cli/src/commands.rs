@@ -455,6 +455,11 @@ fn parse_at(text: Option<&str>) -> Result<blksync::backup::At> {
 pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let at = parse_at(args.at.as_deref())?;
     let (dest, target) = (Location::parse(&args.dest)?, Location::parse(&args.target)?);
+    if args.target == "-" && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        return Err(
+            blksync::Error::usage("refusing to write a disk image to a terminal; redirect standard output").into()
+        );
+    }
     let render = Render::new(args.output.progress, args.output.quiet);
     let control = Control { observer: &render, cancel };
     let result = match (&dest, &target) {
