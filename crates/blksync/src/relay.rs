@@ -679,8 +679,7 @@ pub fn compare_locations(
     control: Control<'_>,
 ) -> Result<Comparison> {
     if let (Location::Remote(first), Location::Remote(second)) = (a.location, b.location)
-        && (&first.user, &first.host, first.port) == (&second.user, &second.host, second.port)
-        && a.ssh == b.ssh
+        && history::same_host(a, b)
     {
         return compare_on_host(first, &second.path, a.ssh, block_size, max_ranges, control);
     }

@@ -3,13 +3,15 @@
 //! The rule is to move as little as possible. When every file of a command is on one remote
 //! host, that host runs the command (a `Job`) and only progress crosses the network. Otherwise:
 //!
-//! - `diff` runs the ordinary remote scan between SRC and BASE; BASE's peer turns the writes
-//!   into the records of the delta (`Record`), so only the changed blocks travel, once. The
-//!   delta is written on BASE's host and then moved if OUT is elsewhere.
+//! - `diff`: SRC and BASE on one host run it there (into that session's spool when OUT is
+//!   elsewhere, then copied out). Otherwise it is the ordinary remote scan between SRC and BASE;
+//!   BASE's peer turns the writes into the records of the delta (`Record`), so only the changed
+//!   blocks travel, once. The delta is written on BASE's host and then moved if OUT is elsewhere.
 //! - `apply` runs on TARGET's host: deltas from elsewhere are first copied into that session's
 //!   spool (`Put`), which the host removes when the session ends.
-//! - `merge` fetches remote inputs (`Get`) into temporary files here, merges here, and uploads
-//!   the result atomically (`Put`) when OUT is remote.
+//! - `merge`: inputs all on one host merge there (and the result is copied out if needed);
+//!   otherwise remote inputs are fetched (`Get`) into temporary files here, merged here, and the
+//!   result uploaded atomically (`Put`) when OUT is remote.
 //!
 //! Deltas are compressed already, so files cross the network as they are stored.
 
@@ -46,6 +48,7 @@ pub(crate) fn same_host(a: &Side<'_>, b: &Side<'_>) -> bool {
     }
 }
 
+/// The path of a side, on its host.
 pub(crate) fn path_of<'a>(side: &Side<'a>) -> &'a Path {
     match side.location {
         Location::Local(p) => p,
