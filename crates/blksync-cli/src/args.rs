@@ -146,6 +146,10 @@ pub struct ListArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also check every file of the chain in full (whole-file hashes, every record), as a restore
+    /// does; a damaged file is an error (exit 9).
+    #[arg(long)]
+    pub verify: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }

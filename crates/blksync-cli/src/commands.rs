@@ -414,7 +414,7 @@ pub fn list(args: &ListArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let location = Location::parse(&args.dest)?;
     let ssh = ssh_options(&args.remote, false);
     let control = Control { observer: &blksync::progress::Silent, cancel };
-    let points = blksync::relay::list_location(&Side { location: &location, ssh: &ssh }, control)?;
+    let points = blksync::relay::list_location(&Side { location: &location, ssh: &ssh }, args.verify, control)?;
     if args.json {
         print_json(&points)?;
         return Ok(Outcome::Success);

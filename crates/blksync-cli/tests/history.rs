@@ -442,3 +442,37 @@ fn the_files_of_a_chain_are_never_written_in_place() {
     ok(&["restore", "-q", "--at", "0", &chain, &arg(d.path(), "r.img")]);
     assert_eq!(read(arg(d.path(), "r.img").as_ref()), first);
 }
+
+/// `list` reads headers and indexes only (a year of increments must not be read in full to be
+/// listed); a damaged record is still caught before a restore writes anything, and by
+/// `list --verify`.
+#[test]
+fn a_damaged_increment_is_listed_but_never_restored() {
+    let d = tmp();
+    let (src, chain) = (arg(d.path(), "src.img"), arg(d.path(), "chain"));
+    let mut states = Vec::new();
+    let mut data = random_bytes(2 * MIB, 100);
+    for i in 0..3u8 {
+        data[usize::from(i) * 300_000..usize::from(i) * 300_000 + 50_000].fill(i + 1);
+        data[MIB..MIB + 40_000].copy_from_slice(&random_bytes(40_000, 101 + u64::from(i)));
+        write_file(src.as_ref(), &data);
+        ok(&["backup", "-q", &src, &chain]);
+        states.push(data.clone());
+    }
+    let inc = std::path::Path::new(&chain).join("inc-000002.delta");
+    let mut bytes = read(&inc);
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    write_file(&inc, &bytes);
+    let listed = ok(&["list", "--json", &chain]).json();
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    let o = run(&["list", "--verify", &chain]);
+    assert_eq!(o.code(), 9, "{}", o.stderr_text());
+    assert!(o.stderr_text().contains("inc-000002.delta"), "{}", o.stderr_text());
+    let out = arg(d.path(), "out.img");
+    let o = run(&["restore", "-q", &chain, &out]);
+    assert_eq!(o.code(), 9, "{}", o.stderr_text());
+    assert!(!std::path::Path::new(&out).exists(), "nothing was written");
+    ok(&["restore", "-q", "--at", "1", &chain, &out]);
+    assert_eq!(read(out.as_ref()), states[1]);
+}

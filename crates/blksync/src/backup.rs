@@ -146,9 +146,13 @@ pub struct Point {
     pub file: String,
 }
 
-/// The points of the chain in `dir`, oldest first.
-pub fn list(dir: &Path) -> Result<Vec<Point>> {
+/// The points of the chain in `dir`, oldest first. Listing reads the headers and indexes only;
+/// `verify` also checks every file in full (whole-file hashes, every record), as a restore would.
+pub fn list(dir: &Path, verify: bool) -> Result<Vec<Point>> {
     let chain = load(dir)?;
+    if verify {
+        chain.verify(chain.newest().1)?;
+    }
     let base_file = std::fs::metadata(&chain.base_image).map_or(0, |m| {
         use std::os::unix::fs::MetadataExt;
         m.blocks() * 512
@@ -202,6 +206,7 @@ pub enum At {
 pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<'_>) -> Result<crate::sync::Summary> {
     let chain = load(dir)?;
     let n = pick(&chain, at)?;
+    chain.verify(n)?;
     let image = chain.image(n)?;
     let dst = Local::open_target(target, OpenTarget { create: true, force, ..OpenTarget::default() })?;
     let fresh = dst.created();
@@ -215,7 +220,9 @@ pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<
 /// Writes point `at` of the chain in `dir` to `out` as a stream (stdout), holes as zeros.
 pub fn restore_to(dir: &Path, out: &mut dyn std::io::Write, at: At) -> Result<u64> {
     let chain = load(dir)?;
-    let image = chain.image(pick(&chain, at)?)?;
+    let n = pick(&chain, at)?;
+    chain.verify(n)?;
+    let image = chain.image(n)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < image.size() {

@@ -99,7 +99,7 @@ impl Chain {
                 name.strip_prefix("base-").and_then(|n| n.strip_suffix(".delta")).and_then(|n| n.split_once('-'))
             {
                 let Ok(number) = number.parse::<u64>() else { continue };
-                let meta = Delta::open(&entry.path())?;
+                let meta = Delta::open_index(&entry.path())?;
                 if to_hex(&meta.header.id) != hex {
                     return Err(Error::new(
                         ErrorKind::Corrupt,
@@ -111,7 +111,7 @@ impl Chain {
                 }
             } else if let Some(seq) = name.strip_prefix("inc-").and_then(|n| n.strip_suffix(".delta")) {
                 let Ok(seq) = seq.parse::<u64>() else { continue };
-                let delta = Delta::open(&entry.path())?;
+                let delta = Delta::open_index(&entry.path())?;
                 increments.push(Increment { seq, delta });
             }
         }
@@ -151,6 +151,14 @@ impl Chain {
     #[must_use]
     pub fn newest(&self) -> ([u8; 16], u64) {
         self.increments.last().map_or((self.base.header.id, self.base_number), |i| (i.delta.header.id, i.seq))
+    }
+
+    /// Fully validates the files that make point `n` (base metadata and increments up to `n`):
+    /// whole-file hashes and every record. `load` checks only their structure, and records are
+    /// checked as they are read; this is for `restore`, which checks everything before it writes.
+    pub fn verify(&self, n: u64) -> Result<()> {
+        self.base.verify()?;
+        self.increments.iter().filter(|i| i.seq <= n).try_for_each(|i| i.delta.verify())
     }
 
     /// The image at point `n`: the base plus every increment numbered up to `n`.

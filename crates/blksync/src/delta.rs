@@ -5,7 +5,9 @@
 //! rename, directory fsync). [`Delta::open`] validates everything — header, footer, whole-file
 //! hash, index, every record — before any caller sees a byte, with every length checked against
 //! the file's size and fixed limits first, so a corrupt, truncated or hostile file is an error,
-//! never a panic or a huge allocation.
+//! never a panic or a huge allocation. [`Delta::open_index`] checks the structure only (header,
+//! footer, index) and leaves the records to be checked as they are read: a backup chain opens
+//! every increment on each run, and must not read all of them to list them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -335,6 +337,8 @@ pub struct Delta {
     pub index: Vec<Entry>,
     /// File size.
     pub file_size: u64,
+    /// The footer's whole-file hash.
+    file_hash: [u8; 32],
 }
 
 impl Delta {
@@ -344,6 +348,15 @@ impl Delta {
 
     /// Opens and fully validates a delta (docs/DELTA-FORMAT.md, "Validation").
     pub fn open(path: &Path) -> Result<Delta> {
+        let delta = Delta::open_index(path)?;
+        delta.verify()?;
+        Ok(delta)
+    }
+
+    /// Opens a delta and checks its structure: magic, version, the checksummed header, the footer
+    /// and its commit marker, the index. Records are checked when read; [`Delta::verify`] checks
+    /// the rest.
+    pub fn open_index(path: &Path) -> Result<Delta> {
         let file = File::open(path).on("opening delta", path)?;
         let file_size = file.metadata().on("inspecting", path)?.len();
         let read = |buf: &mut [u8], at: u64| -> Result<()> {
@@ -388,19 +401,6 @@ impl Delta {
         {
             return Err(corrupt(path, "index position or size is inconsistent with the file size"));
         }
-        // Whole-file hash, read in bounded pieces.
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0;
-        while pos < index_end {
-            let n = (index_end - pos).min(buf.len() as u64) as usize;
-            read(&mut buf[..n], pos)?;
-            hasher.update(&buf[..n]);
-            pos += n as u64;
-        }
-        if hasher.finalize().as_bytes() != &footer[16..48] {
-            return Err(corrupt(path, "file checksum mismatch: the delta is damaged"));
-        }
         let mut raw = vec![0u8; (index_end - index_position) as usize];
         read(&mut raw, index_position)?;
         let mut index = Vec::with_capacity(count as usize);
@@ -427,11 +427,31 @@ impl Delta {
             end_of_previous = offset + u64::from(len);
             index.push(Entry { kind, offset, len, position });
         }
-        let delta = Delta { path: path.to_path_buf(), file, header, index, file_size };
-        for entry in &delta.index {
-            delta.read(entry)?;
+        let file_hash = footer[16..48].try_into().unwrap_or_default();
+        Ok(Delta { path: path.to_path_buf(), file, header, index, file_size, file_hash })
+    }
+
+    /// Checks what [`Delta::open_index`] left: the whole-file hash, then every record.
+    pub fn verify(&self) -> Result<()> {
+        let end = self.file_size - FOOTER;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < end {
+            let n = (end - pos).min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(|_| self.corrupt(format!("truncated at byte offset {pos}")))?;
+            hasher.update(&buf[..n]);
+            pos += n as u64;
         }
-        Ok(delta)
+        if hasher.finalize().as_bytes() != &self.file_hash {
+            return Err(self.corrupt("file checksum mismatch: the delta is damaged"));
+        }
+        for entry in &self.index {
+            self.read(entry)?;
+        }
+        Ok(())
     }
 
     /// Reads and checks one record.

@@ -48,14 +48,45 @@ impl<'de> Deserialize<'de> for WirePath {
 #[serde(tag = "op", rename_all = "snake_case")]
 #[allow(missing_docs)] // The fields are the command's arguments.
 pub enum Job {
-    Diff { source: WirePath, base: WirePath, output: WirePath, options: DiffOptions },
-    Apply { deltas: Vec<WirePath>, target: WirePath, force: bool },
-    Merge { inputs: Vec<WirePath>, output: WirePath },
-    Info { path: WirePath },
-    List { dir: WirePath },
-    Prune { dir: WirePath, keep: u64, options: DiffOptions },
-    Backup { source: WirePath, dir: WirePath, options: DiffOptions },
-    Restore { dir: WirePath, target: WirePath, at: At, force: bool },
+    Diff {
+        source: WirePath,
+        base: WirePath,
+        output: WirePath,
+        options: DiffOptions,
+    },
+    Apply {
+        deltas: Vec<WirePath>,
+        target: WirePath,
+        force: bool,
+    },
+    Merge {
+        inputs: Vec<WirePath>,
+        output: WirePath,
+    },
+    Info {
+        path: WirePath,
+    },
+    List {
+        dir: WirePath,
+        #[serde(default)]
+        verify: bool,
+    },
+    Prune {
+        dir: WirePath,
+        keep: u64,
+        options: DiffOptions,
+    },
+    Backup {
+        source: WirePath,
+        dir: WirePath,
+        options: DiffOptions,
+    },
+    Restore {
+        dir: WirePath,
+        target: WirePath,
+        at: At,
+        force: bool,
+    },
 }
 
 impl Job {
@@ -99,7 +130,7 @@ impl Job {
                 json(&crate::patch::merge(&inputs, &output.0, control)?)
             }
             Job::Info { path } => json(&crate::patch::info(&path.0)?),
-            Job::List { dir } => json(&crate::backup::list(&dir.0)?),
+            Job::List { dir, verify } => json(&crate::backup::list(&dir.0, verify)?),
             Job::Prune { dir, keep, options } => json(&crate::backup::prune(&dir.0, keep, &options, control)?),
             Job::Backup { source, dir, options } => json(&crate::backup::backup(&source.0, &dir.0, &options, control)?),
             Job::Restore { dir, target, at, force } => {
@@ -135,7 +166,7 @@ mod tests {
             Job::Apply { deltas: vec![odd.clone(), odd.clone()], target: odd.clone(), force: true },
             Job::Merge { inputs: vec![odd.clone()], output: odd.clone() },
             Job::Info { path: odd.clone() },
-            Job::List { dir: odd.clone() },
+            Job::List { dir: odd.clone(), verify: true },
             Job::Prune { dir: odd.clone(), keep: 3, options: options() },
             Job::Backup { source: odd.clone(), dir: odd.clone(), options: options() },
             Job::Restore { dir: odd.clone(), target: odd, at: At::Time(-5), force: false },

@@ -243,11 +243,12 @@ pub fn info_location(side: &Side<'_>, control: Control<'_>) -> Result<Info> {
 }
 
 /// `blksync list` of a backup chain anywhere.
-pub fn list_location(side: &Side<'_>, control: Control<'_>) -> Result<Vec<Point>> {
+pub fn list_location(side: &Side<'_>, verify: bool, control: Control<'_>) -> Result<Vec<Point>> {
     match side.location {
-        Location::Local(p) => crate::backup::list(p),
+        Location::Local(p) => crate::backup::list(p, verify),
         Location::Remote(r) => {
-            let mut points: Vec<Point> = job_at(side, &Job::List { dir: WirePath::new(&r.path) }, control)?;
+            let job = Job::List { dir: WirePath::new(&r.path), verify };
+            let mut points: Vec<Point> = job_at(side, &job, control)?;
             for p in &mut points {
                 p.file = shown(side, Path::new(&p.file));
             }
