@@ -7,7 +7,7 @@ use blksync::compare::{CompareOptions, compare_paths};
 use blksync::progress::Control;
 use blksync::size::{format_rate, format_size};
 use blksync::sizing::SizePolicy;
-use blksync::sync::{SyncOptions, check_block_size, default_threads, sync_paths};
+use blksync::sync::{SyncOptions, check_block_size, sync_paths};
 
 use blksync::location::Location;
 use blksync::relay::{RemoteOptions, Side, backup_locations, compare_locations, restore_locations, sync_locations};
@@ -27,8 +27,9 @@ pub enum Outcome {
     Different,
 }
 
+/// `--threads`, or 0: the default of whichever host does the work (a remote one has its own).
 fn threads(common: &CommonArgs) -> usize {
-    common.threads.map_or_else(default_threads, usize::from)
+    common.threads.map_or(0, usize::from)
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {

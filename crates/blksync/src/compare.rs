@@ -22,7 +22,7 @@ pub struct CompareOptions {
     pub block_size: usize,
     /// Leave what was read in the page cache.
     pub keep_cache: bool,
-    /// Worker threads.
+    /// Worker threads; 0 for the default of the host that runs the work (one per core, 2 to 8).
     pub threads: usize,
     /// How many differing ranges to list.
     pub max_ranges: usize,

@@ -145,7 +145,7 @@ impl Scan<'_> {
         });
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let stop = AtomicBool::new(false);
-        let threads = self.threads.max(1);
+        let threads = if self.threads == 0 { crate::sync::default_threads() } else { self.threads };
         let (tx, rx) = bounded::<Work>(threads * 2);
 
         std::thread::scope(|scope| {

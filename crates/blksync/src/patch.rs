@@ -23,7 +23,7 @@ use crate::progress::{Control, Counters, Phase, Snapshot};
 pub struct DiffOptions {
     /// Comparison granularity.
     pub block_size: usize,
-    /// Worker threads.
+    /// Worker threads; 0 for the default of the host that runs the work (one per core, 2 to 8).
     pub threads: usize,
     /// Leave what was read in the page cache.
     pub keep_cache: bool,

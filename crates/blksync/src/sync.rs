@@ -41,7 +41,7 @@ pub struct SyncOptions {
     pub force: bool,
     /// On block devices, zero by unmapping where the device guarantees zeros.
     pub discard: bool,
-    /// Worker threads.
+    /// Worker threads; 0 for the default of the host that runs the work (one per core, 2 to 8).
     pub threads: usize,
     /// Read the source at most this many bytes per second.
     pub bwlimit: Option<u64>,

@@ -58,6 +58,8 @@ pub(super) struct Pass<'a> {
     pub(super) target_len: u64,
     pub(super) mode: Mode,
     pub(super) compress: i32,
+    /// Workers each peer reads and hashes with (0: its own default).
+    pub(super) threads: u16,
     pub(super) throttle: Option<&'a Throttle>,
     pub(super) pause: Option<Duration>,
     /// Flush even if no data changes: the target was resized, or it is a backup point that the
@@ -266,13 +268,14 @@ impl Brain<'_> {
         match p.mode {
             Mode::Copy => self.send(
                 End::Source,
-                Msg::Copy { end: p.scan_len, data_len: p.source_len, compress: p.compress, threads: 0 },
+                Msg::Copy { end: p.scan_len, data_len: p.source_len, compress: p.compress, threads: p.threads },
             )?,
             Mode::Apply | Mode::Compare => {
                 let key = random_key()?;
                 let block = p.block as u32;
-                self.send(End::Source, Msg::Scan { key, block, end: p.scan_len, data_len: p.source_len, threads: 0 })?;
-                self.send(End::Target, Msg::Scan { key, block, end: p.scan_len, data_len: p.target_len, threads: 0 })?;
+                let threads = p.threads;
+                self.send(End::Source, Msg::Scan { key, block, end: p.scan_len, data_len: p.source_len, threads })?;
+                self.send(End::Target, Msg::Scan { key, block, end: p.scan_len, data_len: p.target_len, threads })?;
             }
         }
         while self.prefix < self.total {
