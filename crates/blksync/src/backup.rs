@@ -151,7 +151,7 @@ pub struct Point {
 pub fn list(dir: &Path, verify: bool) -> Result<Vec<Point>> {
     let chain = load(dir)?;
     if verify {
-        chain.verify(chain.newest().1)?;
+        chain.verify(chain.newest().1, true)?;
     }
     let base_file = std::fs::metadata(&chain.base_image).map_or(0, |m| {
         use std::os::unix::fs::MetadataExt;
@@ -206,7 +206,7 @@ pub enum At {
 pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<'_>) -> Result<crate::sync::Summary> {
     let chain = load(dir)?;
     let n = pick(&chain, at)?;
-    chain.verify(n)?;
+    chain.verify(n, false)?;
     let image = chain.image(n)?;
     let dst = Local::open_target(target, OpenTarget { create: true, force, ..OpenTarget::default() })?;
     let fresh = dst.created();
@@ -221,7 +221,7 @@ pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<
 pub fn restore_to(dir: &Path, out: &mut dyn std::io::Write, at: At) -> Result<u64> {
     let chain = load(dir)?;
     let n = pick(&chain, at)?;
-    chain.verify(n)?;
+    chain.verify(n, false)?;
     let image = chain.image(n)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;

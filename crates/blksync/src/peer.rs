@@ -304,7 +304,7 @@ impl Peer {
                     _ => crate::backup::At::Time(at),
                 };
                 let n = crate::backup::pick(&chain, at)?;
-                chain.verify(n)?;
+                chain.verify(n, false)?;
                 (Arc::new(chain.image(n)?), false)
             }
             Role::Target => {
