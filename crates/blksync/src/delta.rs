@@ -420,7 +420,7 @@ impl Delta {
                 || offset < end_of_previous
                 || end.is_none_or(|end| end > header.size_after)
                 || position < records_start
-                || position + RECORD_HEAD as u64 + 16 > index_position
+                || position.checked_add(RECORD_HEAD as u64 + 16).is_none_or(|end| end > index_position)
             {
                 return Err(corrupt(path, format!("index entry for byte offset {offset} is invalid")));
             }
@@ -596,6 +596,38 @@ mod tests {
             std::fs::write(&path, &good[..cut]).unwrap();
             assert_eq!(Delta::open(&path).unwrap_err().kind(), ErrorKind::Corrupt);
         }
+    }
+
+    /// Opened by structure (no whole-file hash to stop at), damaged files are errors, not panics:
+    /// every byte flipped three ways, and an index entry pointing near the end of the address
+    /// space (found by the `delta_reader` fuzz target: the bounds check overflowed).
+    #[test]
+    fn structural_damage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &[(Kind::Data, 4096, vec![7; 3000]), (Kind::Zeros, 65536, Vec::new())]);
+        let good = std::fs::read(&path).unwrap();
+        let open_all = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            if let Ok(d) = Delta::open_index(&path) {
+                for e in &d.index {
+                    let _ = d.read(e);
+                }
+                let _ = d.verify();
+            }
+        };
+        for i in 0..good.len() {
+            for pattern in [0x01, 0x80, 0xFF] {
+                let mut bad = good.clone();
+                bad[i] ^= pattern;
+                open_all(&bad);
+            }
+        }
+        let footer = good.len() - FOOTER as usize;
+        let index = u64::from_le_bytes(good[footer..footer + 8].try_into().unwrap()) as usize;
+        let mut bad = good.clone();
+        bad[index + 8 + 13..index + 8 + 21].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+        std::fs::write(&path, &bad).unwrap();
+        assert_eq!(Delta::open_index(&path).unwrap_err().kind(), ErrorKind::Corrupt);
     }
 
     proptest! {
