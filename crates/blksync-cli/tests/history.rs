@@ -252,10 +252,7 @@ fn a_backup_killed_mid_run_leaves_a_chain_that_backs_up_and_restores() {
     ok(&["backup", "-q", &src, &dest]);
     ok(&["restore", "-q", &dest, &out]);
     assert!(read(out.as_ref()) == data);
-    assert!(
-        std::fs::read_dir(&dest).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")),
-        "leftovers are cleaned up"
-    );
+    assert!(temporary_files(dest.as_ref()).is_empty(), "leftovers are cleaned up");
     assert_eq!(run(&["list", &arg(d.path(), "fresh")]).code(), 3, "a killed first backup is no backup");
     ok(&["backup", "-q", &src, &arg(d.path(), "fresh")]);
 }

@@ -547,12 +547,7 @@ fn corrupt_or_missing_remote_deltas_are_refused_and_touch_nothing() {
     assert_eq!(env.run(&["diff", &b, &env.remote("a.img"), "-o", &env.remote("a.img")]).code(), 2);
     assert_eq!(env.run(&["sync", &b, &env.remote("a.img"), "--undo", &env.remote("a.img")]).code(), 2);
     assert_eq!(read(a.as_ref()), random_bytes(2 * MIB, 50));
-    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(temporary_files(env.dir.path()), Vec::<String>::new());
 }
 
 #[test]
@@ -587,12 +582,7 @@ fn sigint_during_a_remote_prune_cancels_it_there_and_keeps_every_point() {
         env.ok(&["restore", "--at", &n.to_string(), &env.remote("chain"), &env.path("r.img")]);
         assert!(&read(env.path("r.img").as_ref()) == state, "point {n}");
     }
-    let leftovers: Vec<_> = std::fs::read_dir(env.path("chain"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(temporary_files(env.path("chain").as_ref()), Vec::<String>::new());
 }
 
 #[test]

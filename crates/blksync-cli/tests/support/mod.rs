@@ -53,6 +53,16 @@ pub fn ok(args: &[&str]) -> Output {
     out
 }
 
+/// Names of the temporary files (`NAME.tmp-PID`) left in `dir`.
+pub fn temporary_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), incompressible enough for tests.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
