@@ -452,6 +452,11 @@ fn history_commands_take_remote_paths_anywhere() {
     env.ok(&["merge", &env.remote("push.delta"), &env.path("second.delta"), "-o", &env.remote("m1.delta")]);
     env.ok(&["merge", &env.remote("push.delta"), &env.remote("second.delta"), "-o", &env.remote("m2.delta")]);
     env.ok(&["merge", &env.remote("push.delta"), &env.remote("second.delta"), "-o", &env.path("m3.delta")]);
+    // A chain of remote deltas onto a local target (fetched over one connection).
+    std::fs::copy(&base, env.path("t.img")).unwrap();
+    let j = env.ok(&["apply", &env.remote("push.delta"), &env.remote("second.delta"), &env.path("t.img")]);
+    assert_eq!(j["deltas"][1], env.remote("second.delta"));
+    assert_same(newer.as_ref(), env.path("t.img").as_ref());
     for m in ["m1.delta", "m2.delta", "m3.delta"] {
         std::fs::copy(&base, env.path("t.img")).unwrap();
         env.ok(&["apply", &env.remote(m), &env.path("t.img")]);

@@ -213,21 +213,36 @@ fn put(link: &mut Link, local: &Path, remote: Option<&Path>, control: Control<'_
     }
 }
 
-/// A local copy of a delta at `side`: the file itself when local, else a temporary download.
-fn local_copy(side: &Side<'_>, temps: &mut Vec<Temp>, control: Control<'_>) -> Result<PathBuf> {
-    match side.location {
-        Location::Local(p) => Ok(p.clone()),
-        Location::Remote(r) => {
+/// Local copies of the deltas at `sides`, in order: the file itself when local, else a
+/// temporary download. Files on one host come over one connection.
+fn local_copies(sides: &[&Side<'_>], temps: &mut Vec<Temp>, control: Control<'_>) -> Result<Vec<PathBuf>> {
+    let mut links: Vec<(&Side<'_>, Link)> = Vec::new();
+    let mut copies = Vec::new();
+    let mut fetch_all = || -> Result<()> {
+        for &side in sides {
+            let Location::Remote(r) = side.location else {
+                copies.push(path_of(side).to_path_buf());
+                continue;
+            };
+            let link = match links.iter().position(|(s, _)| same_host(s, side)) {
+                Some(i) => &mut links[i].1,
+                None => {
+                    links.push((side, connect(side)?.0));
+                    &mut links.last_mut().ok_or_else(|| Error::protocol("no link"))?.1
+                }
+            };
             let temp = Temp::new("delta");
-            let (mut link, _) = connect(side)?;
-            let result = fetch(&mut link, &r.path, &temp.0, control);
-            link.close();
-            result?;
-            let path = temp.0.clone();
+            fetch(link, &r.path, &temp.0, control)?;
+            copies.push(temp.0.clone());
             temps.push(temp);
-            Ok(path)
         }
+        Ok(())
+    };
+    let result = fetch_all();
+    for (_, link) in links {
+        link.close();
     }
+    result.map(|()| copies)
 }
 
 /// `blksync info` of a delta anywhere.
@@ -297,7 +312,7 @@ pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<
         return job_then_move(first, &job, output, control, |i: &mut Info| &mut i.path);
     }
     let mut temps = Vec::new();
-    let local: Vec<PathBuf> = inputs.iter().map(|i| local_copy(i, &mut temps, control)).collect::<Result<_>>()?;
+    let local = local_copies(&inputs.iter().collect::<Vec<_>>(), &mut temps, control)?;
     let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
     match output.location {
         Location::Local(out) => crate::patch::merge(&local, out, control),
@@ -323,7 +338,7 @@ pub fn apply_locations(
 ) -> Result<ApplySummary> {
     let mut temps = Vec::new();
     let Location::Remote(r) = target.location else {
-        let local: Vec<PathBuf> = deltas.iter().map(|d| local_copy(d, &mut temps, control)).collect::<Result<_>>()?;
+        let local = local_copies(&deltas.iter().collect::<Vec<_>>(), &mut temps, control)?;
         let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
         let mut summary = crate::patch::apply(&local, path_of(target), force, control)?;
         summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
@@ -331,13 +346,15 @@ pub fn apply_locations(
     };
     let (mut link, _) = connect(target)?;
     let result = (|| {
+        let elsewhere: Vec<&Side<'_>> = deltas.iter().filter(|d| !same_host(d, target)).collect();
+        let mut copies = local_copies(&elsewhere, &mut temps, control)?.into_iter();
         let mut there = Vec::new();
         let mut spooled = Vec::new();
         for d in deltas {
             if same_host(d, target) {
                 there.push(WirePath::new(path_of(d)));
             } else {
-                let local = local_copy(d, &mut temps, control)?;
+                let local = copies.next().ok_or_else(|| Error::protocol("a delta copy is missing"))?;
                 let path = put(&mut link, &local, None, control)?;
                 spooled.push((path.display().to_string(), shown(d, path_of(d))));
                 there.push(WirePath(path));
