@@ -224,13 +224,13 @@ fn local_copies(sides: &[&Side<'_>], temps: &mut Vec<Temp>, control: Control<'_>
                 copies.push(path_of(side).to_path_buf());
                 continue;
             };
-            let link = match links.iter().position(|(s, _)| same_host(s, side)) {
-                Some(i) => &mut links[i].1,
-                None => {
-                    links.push((side, connect(side)?.0));
-                    &mut links.last_mut().ok_or_else(|| Error::protocol("no link"))?.1
-                }
+            let i = if let Some(i) = links.iter().position(|(s, _)| same_host(s, side)) {
+                i
+            } else {
+                links.push((side, connect(side)?.0));
+                links.len() - 1
             };
+            let link = &mut links[i].1;
             let temp = Temp::new("delta");
             fetch(link, &r.path, &temp.0, control)?;
             copies.push(temp.0.clone());
