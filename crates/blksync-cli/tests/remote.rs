@@ -621,3 +621,29 @@ fn a_killed_client_stops_its_remote_job_and_frees_the_chain() {
     env.ok(&["restore", &env.remote("chain"), &env.path("r.img")]);
     assert_same(src.as_ref(), env.path("r.img").as_ref());
 }
+
+#[test]
+fn an_interrupted_remote_sync_still_delivers_its_undo_log() {
+    let Some(env) = Env::new() else { return };
+    let (src, mirror) = (env.path("src.img"), env.path("mirror.img"));
+    let old = random_bytes(32 * MIB, 110);
+    write_file(src.as_ref(), &random_bytes(32 * MIB, 111));
+    // Fetched to a local file, and kept on the mirror's host.
+    for undo in [env.path("undo.delta"), env.remote("there.delta")] {
+        write_file(mirror.as_ref(), &old);
+        let child = support::blksync()
+            .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "8M", "--undo", &undo])
+            .args([&src, &env.remote("mirror.img")])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{err}");
+        assert_ne!(read(mirror.as_ref()), old, "part of the mirror was synced");
+        env.ok(&["apply", &undo, &env.remote("mirror.img")]);
+        assert!(read(mirror.as_ref()) == old, "rolled back byte for byte with {undo}");
+    }
+}

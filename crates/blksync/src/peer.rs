@@ -53,13 +53,20 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         upload: None,
         spool: files::Spool::default(),
     };
+    let mut goodbye = false;
     for msg in requests {
         if msg == Msg::Bye {
+            goodbye = true;
             break;
         }
         if let Err(e) = peer.handle(msg) {
             let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
         }
+    }
+    if !goodbye {
+        // The connection broke: an undo log or delta spooled for the client to fetch may be all
+        // that can roll a half-synced mirror back. Keep it; the spool drops it after a day.
+        peer.spool.keep();
     }
     peer.stop.store(true, Ordering::Relaxed);
     // A job still running has lost its client (a dropped connection, a killed client): stop

@@ -128,10 +128,37 @@ fn sync(
         }
     };
     // With an undo log the flush is unconditional: it commits the log, even an empty one.
-    let mut summary = transfer(source, s, target, t, names, log.is_some(), options, control)?;
+    let result = transfer(source, s, target, t, names, log.is_some(), options, control);
     if let (Some(written), UndoAt::Fetch(local)) = (&log, undo) {
-        history::fetch(target, written, local, control)?;
+        // A failed or interrupted transfer flushed what reached the target, which commits the
+        // log of all of it: fetch it all the same, so the mirror can be rolled back.
+        // Not even Ctrl-C stops this copy: after an interruption it is what makes it safe.
+        let uninterrupted = std::sync::atomic::AtomicBool::new(false);
+        let salvage = Control { observer: control.observer, cancel: &uninterrupted };
+        let fetched = history::fetch(target, written, local, salvage);
+        let at = || format!("{}:{}", target.name, written.display());
+        match (&result, fetched) {
+            (Ok(_), Err(e)) => {
+                return Err(Error::new(
+                    e.kind(),
+                    format!("the sync completed, but its undo log could not be fetched: {e}"),
+                ));
+            }
+            (Err(e), Ok(())) => {
+                let text = format!("{e}; the undo log of what was written is {}", local.display());
+                return Err(Error::new(e.kind(), text));
+            }
+            (Err(e), Err(lost)) => {
+                let text = format!(
+                    "{e}; the undo log of what was written could not be fetched ({lost}); if the connection broke, it stays on {} for a day",
+                    at()
+                );
+                return Err(Error::new(e.kind(), text));
+            }
+            (Ok(_), Ok(())) => {}
+        }
     }
+    let mut summary = result?;
     summary.undo_log = match undo {
         UndoAt::None => None,
         UndoAt::There(path) => Some(display(target, path.as_os_str())),

@@ -308,9 +308,12 @@ impl UndoSink {
         self.target.set_size(size)
     }
 
-    /// Flushes the destination, then commits the log.
+    /// Flushes the destination, then commits the log (once: a later flush only flushes).
     pub fn commit(&mut self) -> Result<()> {
         self.target.flush()?;
+        if self.committed {
+            return Ok(());
+        }
         let size = self.target.size();
         self.writer(size)?;
         self.committed = true;

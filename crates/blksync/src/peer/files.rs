@@ -1,6 +1,7 @@
 //! Whole files in and out of a peer: `Put` (an upload, atomic), `Get` (a download, streamed) and
 //! the session's spool, where a client leaves files that a job reads (a delta to apply here)
-//! or that a job writes for the client to fetch. Spooled files go away with the session.
+//! or that a job writes for the client to fetch. Spooled files go away with the session, unless
+//! the connection broke (then they stay for a day: one may be an undo log).
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
@@ -23,6 +24,7 @@ const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 #[derive(Default)]
 pub(crate) struct Spool {
     files: Vec<PathBuf>,
+    keep: bool,
 }
 
 impl Spool {
@@ -48,8 +50,18 @@ impl Spool {
     }
 }
 
+impl Spool {
+    /// Leaves the session's files in place (until they are stale) instead of removing them.
+    pub(crate) fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
 impl Drop for Spool {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         for f in &self.files {
             let _ = std::fs::remove_file(f);
         }
