@@ -142,6 +142,7 @@ impl Drop for Temp {
 /// Downloads `remote` from the link's host into `local`: written under a temporary name,
 /// flushed, then renamed, so `local` is never a partial file.
 pub(crate) fn fetch(link: &mut Link, remote: &Path, local: &Path, control: Control<'_>) -> Result<()> {
+    crate::delta::check_output(local, &[])?;
     let mut tmp = local.as_os_str().to_os_string();
     tmp.push(format!(".tmp-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
@@ -167,7 +168,7 @@ fn fetch_into(link: &mut Link, remote: &Path, local: &Path, control: Control<'_>
     let mut got = 0;
     loop {
         match link.recv()? {
-            Msg::Data(chunk) => {
+            Msg::Data(chunk) if chunk.offset == got => {
                 let data = crate::compress::decode(&chunk)?;
                 file.write_all_at(&data, chunk.offset)
                     .map_err(|e| Error::io("writing", local, Some(chunk.offset), e))?;
