@@ -208,7 +208,7 @@ fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::Di
     })
 }
 
-/// Parses location arguments, each with the ssh options of its side.
+/// Parses location arguments.
 fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
     Ok(args.iter().map(Location::parse).collect::<blksync::Result<_>>()?)
 }
@@ -217,9 +217,8 @@ fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
     let render = Render::new(args.common.output.progress, args.common.output.quiet);
-    let [source, base, output] =
-        <[Location; 3]>::try_from(locations(&[args.source.clone(), args.base.clone(), args.output.clone()])?)
-            .map_err(|_| anyhow::anyhow!("three locations"))?;
+    let (source, base, output) =
+        (Location::parse(&args.source)?, Location::parse(&args.base)?, Location::parse(&args.output)?);
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let result = blksync::relay::diff_locations(
         &Side { location: &source, ssh: &s_ssh },
