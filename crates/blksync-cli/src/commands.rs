@@ -32,6 +32,13 @@ fn threads(common: &CommonArgs) -> usize {
     common.threads.map_or(0, usize::from)
 }
 
+/// "over ssh: sent …, received …", when anything crossed the wire.
+fn wire_line(render: &Render, sent: u64, received: u64) {
+    if sent + received > 0 {
+        render.line(&format!("blksync: over ssh: sent {}, received {}", format_size(sent), format_size(received)));
+    }
+}
+
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
@@ -125,13 +132,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_rate(c.bytes_scanned, c.seconds),
         if summary.verified { ", verified" } else { "" },
     ));
-    if summary.bytes_sent + summary.bytes_received > 0 {
-        render.line(&format!(
-            "blksync: over ssh: sent {}, received {}",
-            format_size(summary.bytes_sent),
-            format_size(summary.bytes_received)
-        ));
-    }
+    wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
         print_json(&summary)?;
     }
@@ -240,13 +241,7 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(summary.file_size),
         c.seconds
     ));
-    if summary.bytes_sent + summary.bytes_received > 0 {
-        render.line(&format!(
-            "blksync: over ssh: sent {}, received {}",
-            format_size(summary.bytes_sent),
-            format_size(summary.bytes_received)
-        ));
-    }
+    wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
         print_json(&summary)?;
     }

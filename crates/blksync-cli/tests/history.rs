@@ -473,3 +473,25 @@ fn a_damaged_increment_is_listed_but_never_restored() {
     ok(&["restore", "-q", "--at", "1", &chain, &out]);
     assert_eq!(read(out.as_ref()), states[1]);
 }
+
+#[test]
+fn restore_to_standard_output_refuses_a_terminal() {
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipping: needs script(1) for a terminal");
+        return;
+    }
+    let d = tmp();
+    let (src, chain) = (arg(d.path(), "src.img"), arg(d.path(), "chain"));
+    write_file(src.as_ref(), &random_bytes(MIB, 120));
+    ok(&["backup", "-q", &src, &chain]);
+    let blksync = env!("CARGO_BIN_EXE_blksync");
+    // script(1) gives the command a terminal as standard output.
+    let out = std::process::Command::new("script")
+        .args(["-qec", &format!("{blksync} restore -q {chain} -"), "/dev/null"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("terminal"));
+    // Redirected, it streams the image.
+    assert_eq!(ok(&["restore", "-q", &chain, "-"]).stdout, read(src.as_ref()));
+}

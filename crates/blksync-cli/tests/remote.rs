@@ -30,13 +30,31 @@ impl Env {
     fn remote(&self, name: &str) -> String {
         format!("root@127.0.0.1:{}", self.path(name))
     }
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    /// `blksync COMMAND -e RSH [--progress none] ARGS...`.
+    fn command(&self, args: &[&str]) -> std::process::Command {
         let mut all = vec![args[0], "-e", &self.rsh];
         if !["info", "list"].contains(&args[0]) {
             all.extend(["--progress", "none"]);
         }
         all.extend_from_slice(&args[1..]);
-        run(&all)
+        let mut command = support::blksync();
+        command.args(all);
+        command
+    }
+    /// Runs a command, interrupts it (SIGINT) after two seconds, and checks that it stopped
+    /// within five more. Returns its output and standard error.
+    fn interrupted(&self, args: &[&str]) -> (std::process::Output, String) {
+        let child = self.command(args).stderr(Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let stopped = Instant::now();
+        std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?} to stop", stopped.elapsed());
+        (out, err)
+    }
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("running blksync")
     }
     #[track_caller]
     fn ok(&self, args: &[&str]) -> serde_json::Value {
@@ -285,17 +303,7 @@ fn sigint_during_a_remote_sync_flushes_and_exits_130() {
     let src = env.path("src");
     let data = random_bytes(32 * MIB, 13);
     write_file(src.as_ref(), &data);
-    let child = support::blksync()
-        .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "8M", &src, &env.remote("dst")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let stopped = Instant::now();
-    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?} to stop", stopped.elapsed());
+    let (out, err) = env.interrupted(&["sync", "--bwlimit", "8M", &src, &env.remote("dst")]);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("incomplete"), "{err}");
     let done: usize = err.split("the first ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
@@ -551,6 +559,9 @@ fn corrupt_or_missing_remote_deltas_are_refused_and_touch_nothing() {
     // An output over an input is refused on the far side too, before anything is written.
     assert_eq!(env.run(&["diff", &b, &env.remote("a.img"), "-o", &env.remote("a.img")]).code(), 2);
     assert_eq!(env.run(&["sync", &b, &env.remote("a.img"), "--undo", &env.remote("a.img")]).code(), 2);
+    // A device node is never replaced by an output, here or there.
+    assert_eq!(env.run(&["diff", &env.remote("b.img"), &env.remote("a.img"), "-o", "/dev/null"]).code(), 2);
+    assert_eq!(env.run(&["merge", &env.path("d.delta"), "-o", "root@127.0.0.1:/dev/null"]).code(), 2);
     assert_eq!(read(a.as_ref()), random_bytes(2 * MIB, 50));
     assert_eq!(temporary_files(env.dir.path()), Vec::<String>::new());
 }
@@ -568,18 +579,7 @@ fn sigint_during_a_remote_prune_cancels_it_there_and_keeps_every_point() {
         states.push(data.clone());
     }
     // Throttled, the fold takes about 8 s on the chain's host; Ctrl-C after 2 s is relayed there.
-    let child = support::blksync()
-        .args(["prune", "-e", &env.rsh, "--progress", "none", "--bwlimit", "4M", "--keep", "0"])
-        .arg(env.remote("chain"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let stopped = Instant::now();
-    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?} to stop", stopped.elapsed());
+    let (out, err) = env.interrupted(&["prune", "--bwlimit", "4M", "--keep", "0", &env.remote("chain")]);
     assert_eq!(out.status.code(), Some(130), "{err}");
     let points = env.ok(&["list", &env.remote("chain")]);
     assert_eq!(points.as_array().unwrap().len(), 3, "nothing was folded: {points}");
@@ -631,16 +631,8 @@ fn an_interrupted_remote_sync_still_delivers_its_undo_log() {
     // Fetched to a local file, and kept on the mirror's host.
     for undo in [env.path("undo.delta"), env.remote("there.delta")] {
         write_file(mirror.as_ref(), &old);
-        let child = support::blksync()
-            .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "8M", "--undo", &undo])
-            .args([&src, &env.remote("mirror.img")])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-        std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (out, err) =
+            env.interrupted(&["sync", "--bwlimit", "8M", "--undo", &undo, &src, &env.remote("mirror.img")]);
         assert_eq!(out.status.code(), Some(130), "{err}");
         assert_ne!(read(mirror.as_ref()), old, "part of the mirror was synced");
         env.ok(&["apply", &undo, &env.remote("mirror.img")]);

@@ -304,6 +304,33 @@ fn add_wire(summary_sent: &mut u64, summary_received: &mut u64, links: &[&Link])
     }
 }
 
+/// Bytes sent to and received from the peers of `links`.
+fn wire_of(links: &[&Link]) -> (u64, u64) {
+    let (mut sent, mut received) = (0, 0);
+    add_wire(&mut sent, &mut received, links);
+    (sent, received)
+}
+
+/// Connects to `side`, runs `run` on the link and the path there, and closes the link whatever
+/// happened. Also returns the bytes that crossed the wire.
+fn with_link<T>(side: &Side<'_>, run: impl FnOnce(&mut Link, &OsStr) -> Result<T>) -> Result<(T, (u64, u64))> {
+    let (mut link, path) = connect(side)?;
+    let result = run(&mut link, &path);
+    let wire = wire_of(&[&link]);
+    link.close();
+    result.map(|r| (r, wire))
+}
+
+/// [`with_link`] for two sides at once.
+fn with_two_links<T>(
+    a: &Side<'_>,
+    b: &Side<'_>,
+    run: impl FnOnce(&mut Link, &OsStr, &mut Link, &OsStr) -> Result<T>,
+) -> Result<(T, (u64, u64))> {
+    let ((result, y_wire), x_wire) = with_link(a, |x, x_path| with_link(b, |y, y_path| run(x, x_path, y, y_path)))?;
+    Ok((result, (x_wire.0 + y_wire.0, x_wire.1 + y_wire.1)))
+}
+
 /// Connects both sides, runs `run` on the two links and their paths, adds the bytes that crossed
 /// the wire to its summary, and closes both links whatever happened.
 fn with_links(
@@ -311,21 +338,11 @@ fn with_links(
     b: &Side<'_>,
     run: impl FnOnce(&mut Link, &OsStr, &mut Link, &OsStr) -> Result<Summary>,
 ) -> Result<Summary> {
-    let (mut x, x_path) = connect(a)?;
-    let (mut y, y_path) = match connect(b) {
-        Ok(link) => link,
-        Err(e) => {
-            x.close();
-            return Err(e);
-        }
-    };
-    let result = run(&mut x, &x_path, &mut y, &y_path).map(|mut summary| {
-        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&x, &y]);
+    with_two_links(a, b, run).map(|(mut summary, (sent, received))| {
+        summary.bytes_sent += sent;
+        summary.bytes_received += received;
         summary
-    });
-    x.close();
-    y.close();
-    result
+    })
 }
 
 /// Syncs between two locations, at least one of them remote: connects, syncs, says goodbye.
@@ -655,9 +672,8 @@ pub fn restore_stream(
     const PIECE: u64 = 4 << 20;
     const AHEAD: u64 = 4;
     let stdout = Path::new("standard output");
-    let (mut link, path) = connect(chain)?;
-    let result = (|| {
-        let size = open_chain(&mut link, &path, Role::Source, at, "", "", 4096)?.size;
+    with_link(chain, |link, path| {
+        let size = open_chain(link, path, Role::Source, at, "", "", 4096)?.size;
         let counters = Counters::new();
         counters.set_total(size);
         control.observer.phase(Phase::Sync, size);
@@ -667,7 +683,7 @@ pub fn restore_stream(
         };
         let (mut asked, mut done) = (0, 0);
         while asked < size && asked < AHEAD * PIECE {
-            request(&link, asked)?;
+            request(link, asked)?;
             asked += (size - asked).min(PIECE);
         }
         while done < size {
@@ -684,7 +700,7 @@ pub fn restore_stream(
                     control.observer.progress(&counters.snapshot());
                 }
                 Msg::ReadDone { .. } if asked < size => {
-                    request(&link, asked)?;
+                    request(link, asked)?;
                     asked += (size - asked).min(PIECE);
                 }
                 Msg::ReadDone { .. } => {}
@@ -693,9 +709,8 @@ pub fn restore_stream(
         }
         out.flush().map_err(|e| Error::io("writing", stdout, None, e))?;
         Ok(done)
-    })();
-    link.close();
-    result
+    })
+    .map(|(done, _)| done)
 }
 
 /// Compares two locations, at least one of them remote.
@@ -711,12 +726,8 @@ pub fn compare_locations(
     {
         return compare_on_host(first, &second.path, a.ssh, block_size, max_ranges, control);
     }
-    let (mut x, x_path) = connect(a)?;
-    let (mut y, y_path) = connect(b)?;
-    let result = compare(&mut x, &x_path, &mut y, &y_path, block_size, max_ranges, control);
-    x.close();
-    y.close();
-    result
+    with_two_links(a, b, |x, x_path, y, y_path| compare(x, x_path, y, y_path, block_size, max_ranges, control))
+        .map(|(comparison, _)| comparison)
 }
 
 /// Compares `a_path` at `a` with `b_path` at `b`.

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use super::{Side, connect, follow_job, open, transfer};
+use super::{Side, connect, follow_job, open, transfer, with_link, with_two_links};
 use crate::backup::{Point, PruneSummary};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::job::{Job, WirePath};
@@ -64,6 +64,15 @@ pub(crate) fn shown(side: &Side<'_>, path: &Path) -> String {
     }
 }
 
+/// Refuses a local output that must not be replaced before any remote work starts (a remote
+/// one is checked by its peer).
+fn check_local_output(output: &Side<'_>) -> Result<()> {
+    match output.location {
+        Location::Local(path) => crate::delta::check_output(path, &[]),
+        Location::Remote(_) => Ok(()),
+    }
+}
+
 /// Runs `job` on the link's host, relaying its progress; returns its result document.
 fn run_job<T: DeserializeOwned>(link: &mut Link, job: &Job, control: Control<'_>) -> Result<T> {
     match follow_job(link, Msg::Job { request: job.encode() }, control)? {
@@ -83,12 +92,7 @@ pub(crate) fn job_counted<T: DeserializeOwned>(
     job: &Job,
     control: Control<'_>,
 ) -> Result<(T, (u64, u64))> {
-    let (mut link, _) = connect(side)?;
-    let result = run_job(&mut link, job, control);
-    let (mut sent, mut received) = (0, 0);
-    super::add_wire(&mut sent, &mut received, &[&link]);
-    link.close();
-    result.map(|r| (r, (sent, received)))
+    with_link(side, |link, _| run_job(link, job, control))
 }
 
 /// Progress and Ctrl-C for copying a whole file.
@@ -286,6 +290,7 @@ pub fn prune_location(side: &Side<'_>, keep: u64, options: &DiffOptions, control
 
 /// `blksync merge` of deltas anywhere into `output` anywhere.
 pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<'_>) -> Result<Info> {
+    check_local_output(output)?;
     if inputs.iter().all(|i| same_host(i, output)) {
         let paths: Vec<&Path> = inputs.iter().map(|i| path_of(i)).collect();
         return match output.location {
@@ -320,10 +325,7 @@ pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<
         Location::Remote(r) => {
             let temp = Temp::new("delta");
             let mut info = crate::patch::merge(&local, &temp.0, control)?;
-            let (mut link, _) = connect(output)?;
-            let result = put(&mut link, &temp.0, Some(&r.path), control);
-            link.close();
-            result?;
+            with_link(output, |link, _| put(link, &temp.0, Some(&r.path), control))?;
             info.path = shown(output, &r.path);
             Ok(info)
         }
@@ -345,8 +347,7 @@ pub fn apply_locations(
         summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
         return Ok(summary);
     };
-    let (mut link, _) = connect(target)?;
-    let result = (|| {
+    with_link(target, |link, _| {
         let elsewhere: Vec<&Side<'_>> = deltas.iter().filter(|d| !same_host(d, target)).collect();
         let mut copies = local_copies(&elsewhere, &mut temps, control)?.into_iter();
         let mut there = Vec::new();
@@ -356,13 +357,13 @@ pub fn apply_locations(
                 there.push(WirePath::new(path_of(d)));
             } else {
                 let local = copies.next().ok_or_else(|| Error::protocol("a delta copy is missing"))?;
-                let path = put(&mut link, &local, None, control)?;
+                let path = put(link, &local, None, control)?;
                 spooled.push((path.display().to_string(), shown(d, path_of(d))));
                 there.push(WirePath(path));
             }
         }
         let job = Job::Apply { deltas: there, target: WirePath::new(&r.path), force };
-        let mut summary: ApplySummary = run_job(&mut link, &job, control).map_err(|e| {
+        let mut summary: ApplySummary = run_job(link, &job, control).map_err(|e| {
             // Name the user's file, not its copy in the spool.
             let text = spooled.iter().fold(e.to_string(), |t, (copy, name)| t.replace(copy, name));
             Error::new(e.kind(), text)
@@ -370,9 +371,8 @@ pub fn apply_locations(
         summary.target = shown(target, &r.path);
         summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
         Ok(summary)
-    })();
-    link.close();
-    result
+    })
+    .map(|(summary, _)| summary)
 }
 
 /// `blksync diff SRC BASE -o OUT` with any of them remote.
@@ -383,6 +383,7 @@ pub fn diff_locations(
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<DiffSummary> {
+    check_local_output(output)?;
     if same_host(source, base) && same_host(base, output) {
         return match output.location {
             Location::Local(out) => crate::patch::diff(path_of(source), path_of(base), out, options, control),
@@ -409,22 +410,13 @@ pub fn diff_locations(
         };
         return job_then_move(base, &job, output, control, |d: &mut DiffSummary| &mut d.delta);
     }
-    let (mut s, s_path) = connect(source)?;
-    let (mut b, b_path) = match connect(base) {
-        Ok(link) => link,
-        Err(e) => {
-            s.close();
-            return Err(e);
-        }
-    };
-    let result =
-        diff_over(&mut s, &s_path, source, &mut b, &b_path, base, output, options, control).map(|mut summary| {
-            super::add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&s, &b]);
-            summary
-        });
-    s.close();
-    b.close();
-    result
+    with_two_links(source, base, |s, s_path, b, b_path| {
+        diff_over(s, s_path, source, b, b_path, base, output, options, control)
+    })
+    .map(|(mut summary, (sent, received))| {
+        (summary.bytes_sent, summary.bytes_received) = (sent, received);
+        summary
+    })
 }
 
 /// The remote scan of a diff, the delta written at BASE's end, then moved to OUT.
@@ -500,15 +492,14 @@ fn job_then_move<T: DeserializeOwned>(
     control: Control<'_>,
     file: impl Fn(&mut T) -> &mut String,
 ) -> Result<T> {
-    let (mut link, _) = connect(side)?;
-    let result = run_job::<T>(&mut link, job, control).and_then(|mut result| {
+    with_link(side, |link, _| {
+        let mut result = run_job::<T>(link, job, control)?;
         let spooled = PathBuf::from(std::mem::take(file(&mut result)));
-        move_out(&mut link, &spooled, output, control)?;
+        move_out(link, &spooled, output, control)?;
         *file(&mut result) = shown(output, path_of(output));
         Ok(result)
-    });
-    link.close();
-    result
+    })
+    .map(|(result, _)| result)
 }
 
 /// Moves the file `from` on the link's host (a spool file) to `to`, on another host.
@@ -518,10 +509,7 @@ fn move_out(link: &mut Link, from: &Path, to: &Side<'_>, control: Control<'_>) -
         Location::Remote(r) => {
             let temp = Temp::new("delta");
             fetch_into(link, from, &temp.0, control)?;
-            let (mut out, _) = connect(to)?;
-            let result = put(&mut out, &temp.0, Some(&r.path), control);
-            out.close();
-            result.map(|_| ())
+            with_link(to, |out, _| put(out, &temp.0, Some(&r.path), control)).map(|_| ())
         }
     }
 }
