@@ -204,6 +204,14 @@ impl Peer {
                 }
                 self.reply(Msg::Done);
             }
+            Msg::FlushPartial => {
+                if let Some(upload) = self.upload.take() {
+                    drop(upload); // removes its temporary file
+                } else {
+                    self.sink()?.flush_partial()?;
+                }
+                self.reply(Msg::Done);
+            }
             Msg::OpenChain { dir, role, at_kind, at, comment, source, block } => {
                 self.open_chain(&dir, role, at_kind, at, &comment, &source, block)?;
             }

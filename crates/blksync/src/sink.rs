@@ -44,6 +44,8 @@ enum State {
     Next(RecordSink),
     /// Committed.
     Done,
+    /// Given up (the transfer ended early): nothing was or will be committed.
+    Abandoned,
 }
 
 /// The header of a delta written now, by this version.
@@ -148,9 +150,30 @@ impl ChainSink {
             }
             State::Next(mut record) => record.commit()?,
             State::Done => {}
+            State::Abandoned => {
+                self.state = State::Abandoned;
+                return Err(abandoned());
+            }
         }
         Ok(())
     }
+
+    /// Gives the new point up: a transfer that ended early must not leave a point that claims
+    /// content that never existed. What was started is removed.
+    pub fn abandon(&mut self) {
+        match std::mem::replace(&mut self.state, State::Abandoned) {
+            State::First { tmp, .. } => {
+                let _ = std::fs::remove_file(tmp);
+            }
+            State::Next(mut record) => record.abandon(),
+            State::Done => self.state = State::Done,
+            State::Abandoned => {}
+        }
+    }
+}
+
+fn abandoned() -> Error {
+    Error::protocol("commit after the transfer was abandoned")
 }
 
 impl Drop for ChainSink {
@@ -171,6 +194,7 @@ pub struct RecordSink {
     header: Header,
     writer: Option<Box<Writer>>,
     committed: bool,
+    abandoned: bool,
 }
 
 impl RecordSink {
@@ -179,7 +203,7 @@ impl RecordSink {
     pub fn new(base: Arc<dyn Source>, path: PathBuf, mut header: Header) -> RecordSink {
         header.size_before = base.size();
         header.size_after = base.size();
-        RecordSink { base, path, header, writer: None, committed: false }
+        RecordSink { base, path, header, writer: None, committed: false, abandoned: false }
     }
 
     /// Where the delta goes.
@@ -189,6 +213,9 @@ impl RecordSink {
     }
 
     fn writer(&mut self) -> Result<&Writer> {
+        if self.abandoned {
+            return Err(abandoned());
+        }
         if self.committed {
             return Err(Error::protocol("write after the delta was committed"));
         }
@@ -227,6 +254,12 @@ impl RecordSink {
 
     /// Writes the index and footer, and renames the delta into place.
     pub fn commit(&mut self) -> Result<()> {
+        if self.abandoned {
+            return Err(abandoned());
+        }
+        if self.committed {
+            return Ok(());
+        }
         let writer = match self.writer.take() {
             Some(w) => *w,
             None => Writer::create(&self.path, &self.header)?,
@@ -234,6 +267,16 @@ impl RecordSink {
         self.committed = true;
         writer.commit()?;
         Ok(())
+    }
+}
+
+impl RecordSink {
+    /// Gives the delta up: its temporary file is removed and nothing is committed.
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
+        if let Some(w) = self.writer.take() {
+            (*w).abandon();
+        }
     }
 }
 
@@ -386,6 +429,24 @@ impl Sink {
             Sink::Plain(local) => local.flush(),
             Sink::Chain(chain) => chain.commit(),
             Sink::Record(record) => record.commit(),
+            Sink::Undo(undo) => undo.commit(),
+        }
+    }
+
+    /// The transfer ended early: makes what was written durable, but commits nothing that
+    /// claims to be complete. A plain target is flushed and an undo log committed (it covers
+    /// what was overwritten); a backup point or a delta is abandoned.
+    pub fn flush_partial(&mut self) -> Result<()> {
+        match self {
+            Sink::Plain(local) => local.flush(),
+            Sink::Chain(chain) => {
+                chain.abandon();
+                Ok(())
+            }
+            Sink::Record(record) => {
+                record.abandon();
+                Ok(())
+            }
             Sink::Undo(undo) => undo.commit(),
         }
     }

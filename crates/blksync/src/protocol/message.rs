@@ -101,6 +101,10 @@ pub enum Msg {
         len: u64,
     },
     Flush,
+    /// The transfer ended early (an error or an interruption): make what was written durable,
+    /// but commit nothing that claims to be complete (a backup point or a delta is discarded;
+    /// an undo log, which covers what was written, is committed).
+    FlushPartial,
     Copy {
         end: u64,
         data_len: u64,
@@ -280,6 +284,7 @@ mod tag {
     pub const GET: u8 = 0x14;
     pub const RECORD: u8 = 0x15;
     pub const UNDO: u8 = 0x16;
+    pub const FLUSH_PARTIAL: u8 = 0x17;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -350,8 +355,8 @@ impl Msg {
     #[allow(clippy::too_many_lines)] // One arm per message, mirroring the spec's table.
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
-            ACK, BYE, COPY, DATA, DONE, ERROR, FLUSH, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY, LEAF_HASHES, LEAVES,
-            OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
+            ACK, BYE, COPY, DATA, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY,
+            LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
         };
         let e = |kind| Encoder::new(kind, 64);
         match self {
@@ -402,6 +407,7 @@ impl Msg {
                 x.finish()
             }
             Msg::Flush => e(FLUSH).finish(),
+            Msg::FlushPartial => e(FLUSH_PARTIAL).finish(),
             Msg::Copy { end, data_len, compress, threads } => {
                 let mut x = e(COPY);
                 x.u64(*end).u64(*data_len).i32(*compress).u16(*threads);
@@ -572,6 +578,7 @@ impl Msg {
             tag::WRITE => Msg::Write(decode_chunk(&mut d)?),
             tag::ZERO => Msg::Zero { offset: d.u64()?, len: d.u64()? },
             tag::FLUSH => Msg::Flush,
+            tag::FLUSH_PARTIAL => Msg::FlushPartial,
             tag::COPY => Msg::Copy { end: d.u64()?, data_len: d.u64()?, compress: d.i32()?, threads: d.u16()? },
             tag::BYE => Msg::Bye,
             tag::HELLO_REPLY => Msg::HelloReply {
@@ -740,6 +747,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::WRITE => "Write",
         tag::ZERO => "Zero",
         tag::FLUSH => "Flush",
+        tag::FLUSH_PARTIAL => "FlushPartial",
         tag::COPY => "Copy",
         tag::BYE => "Bye",
         tag::HELLO_REPLY => "Hello reply",

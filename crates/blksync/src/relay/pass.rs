@@ -165,10 +165,12 @@ impl Pass<'_> {
             drop(events_tx);
             let result = brain.drive(&events, control);
             if result.is_err() || control.cancelled() {
-                // Stop relaying data, then make what reached the target durable.
+                // Stop relaying data, then make what reached the target durable, without
+                // committing it as complete: for a backup point or a delta the flush is the
+                // commit, and a partial one would restore content that never existed.
                 forwarding.store(false, Ordering::Relaxed);
                 if self.mode != Mode::Compare && !brain.flushed {
-                    let _ = brain.flush(&events, Duration::from_secs(60));
+                    let _ = brain.flush(Msg::FlushPartial, &events, Duration::from_secs(60));
                 }
             }
             routing.store(false, Ordering::Relaxed);
@@ -296,14 +298,14 @@ impl Brain<'_> {
         // Nothing written and nothing resized: there is nothing to make durable, and skipping the
         // flush saves a round trip on slow links.
         if p.mode != Mode::Compare && (p.must_flush || s.bytes_written + s.bytes_zeroed > 0 || p.mode == Mode::Copy) {
-            self.flush(events, Duration::from_secs(24 * 3600))?;
+            self.flush(Msg::Flush, events, Duration::from_secs(24 * 3600))?;
         }
         Ok(())
     }
 
-    /// Flushes the target and waits for its `Done`.
-    fn flush(&mut self, events: &crossbeam_channel::Receiver<(End, Msg)>, limit: Duration) -> Result<()> {
-        self.send(End::Target, Msg::Flush)?;
+    /// Flushes the target (`Flush` or `FlushPartial`) and waits for its `Done`.
+    fn flush(&mut self, how: Msg, events: &crossbeam_channel::Receiver<(End, Msg)>, limit: Duration) -> Result<()> {
+        self.send(End::Target, how)?;
         let deadline = std::time::Instant::now() + limit;
         loop {
             let wait = deadline.saturating_duration_since(std::time::Instant::now());

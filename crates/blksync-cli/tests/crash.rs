@@ -1,0 +1,215 @@
+//! Crash tests: commands killed (or failing) at random moments must leave history that is
+//! either complete and correct or absent, never a point, delta or log that claims content that
+//! never existed. Each test runs 30 or more random kill points; the seed is printed so that a
+//! failure can be replayed (`BLKSYNC_CRASH_SEED`).
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+use tempfile::TempDir;
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+/// Kill points per test.
+const ROUNDS: usize = 30;
+
+/// A small xorshift generator, seeded from the clock or `BLKSYNC_CRASH_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn new(test: &str) -> Rng {
+        let seed = std::env::var("BLKSYNC_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        eprintln!("{test}: BLKSYNC_CRASH_SEED={seed}");
+        Rng(seed | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Overwrites a few random pieces of `data` with fresh bytes.
+    fn mutate(&mut self, data: &mut [u8]) {
+        for _ in 0..=self.below(8) {
+            let len = (1 + self.below(256)) as usize * KIB;
+            let at = self.below((data.len() - len) as u64) as usize;
+            let seed = self.next();
+            data[at..at + len].copy_from_slice(&random_bytes(len, seed));
+        }
+    }
+}
+
+struct Env {
+    dir: TempDir,
+    rsh: Option<String>,
+}
+
+impl Env {
+    fn local() -> Env {
+        Env { dir: tempfile::Builder::new().prefix("blksync-crash").tempdir().unwrap(), rsh: None }
+    }
+    fn remote() -> Option<Env> {
+        let mut env = Env::local();
+        env.rsh = Some(rsh(&env.dir.path().join("cache"))?);
+        Some(env)
+    }
+    fn path(&self, name: &str) -> String {
+        arg(self.dir.path(), name)
+    }
+    fn remote_path(&self, name: &str) -> String {
+        format!("root@127.0.0.1:{}", self.path(name))
+    }
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = support::blksync();
+        command.arg(args[0]);
+        if let Some(rsh) = &self.rsh {
+            command.args(["-e", rsh]);
+        }
+        if !["info", "list"].contains(&args[0]) {
+            command.args(["--progress", "none"]);
+        }
+        command.args(&args[1..]);
+        command
+    }
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> std::process::Output {
+        let out = self.command(args).output().unwrap();
+        assert_eq!(out.code(), 0, "blksync {args:?} failed:\n{}", out.stderr_text());
+        out
+    }
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+    /// Kills this test's remote agents (by their upload-cache path).
+    fn kill_agents(&self) {
+        let pattern = format!("{}/cache/blksync/blksync-.* agent", self.dir.path().display());
+        let _ = Command::new("pkill").args(["-KILL", "-f", &pattern]).status();
+    }
+    fn points(chain: &str) -> usize {
+        let out = support::run(&["list", "--json", chain]);
+        if out.code() != 0 && !Path::new(chain).exists() {
+            return 0;
+        }
+        assert_eq!(out.code(), 0, "list {chain}: {}", out.stderr_text());
+        out.json().as_array().unwrap().len()
+    }
+    /// Restores every point of a local chain and compares it with what the source held when that
+    /// point was made.
+    #[track_caller]
+    fn check_points(&self, chain: &str, expected: &[Vec<u8>]) {
+        assert_eq!(Env::points(chain), expected.len(), "points in {chain}");
+        let out = support::run(&["list", "--verify", chain]);
+        assert_eq!(out.code(), 0, "list --verify {chain}: {}", out.stderr_text());
+        let restored = self.path("restored");
+        for (i, data) in expected.iter().enumerate() {
+            let _ = std::fs::remove_file(&restored);
+            ok(&["restore", "-q", "--at", &i.to_string(), chain, &restored]);
+            assert!(read(restored.as_ref()) == *data, "point {i} of {chain} is not what the source held");
+        }
+    }
+}
+
+/// Waits a random moment (up to `max_ms`), kills, and waits for the command to end.
+fn kill_at_random(rng: &mut Rng, child: Child, max_ms: u64, kill: impl FnOnce(&Child)) -> std::process::Output {
+    std::thread::sleep(Duration::from_millis(rng.below(max_ms)));
+    kill(&child);
+    child.wait_with_output().unwrap()
+}
+
+/// Runs `ROUNDS` backups of a changing image, each killed at a random moment by `kill`, and
+/// checks that every point the chain holds restores to the source's content at that time.
+/// `bwlimit` slows the part of the run that is worth killing: a push reads the source here
+/// (throttled as it is read), a pull receives only changed data (throttled as it arrives).
+fn backups_killed_at_random(env: &Env, test: &str, (source, chain): (&str, &str), bwlimit: &str) {
+    let mut rng = Rng::new(test);
+    let src = env.path("src");
+    let mut data = random_bytes(4 * MIB, rng.next());
+    let mut expected = Vec::new();
+    let local_chain = env.path("chain");
+    for _ in 0..ROUNDS {
+        rng.mutate(&mut data);
+        write_file(src.as_ref(), &data);
+        let before = Env::points(&local_chain);
+        let child = env.spawn(&["backup", "--bwlimit", bwlimit, source, chain]);
+        let out = kill_at_random(&mut rng, child, 1200, |_| env.kill_agents());
+        let after = Env::points(&local_chain);
+        eprintln!("exit {}, points {before} -> {after}: {}", out.code(), out.stderr_text().trim());
+        if out.code() == 0 {
+            assert_eq!(after, before + 1, "a successful backup adds one point");
+        } else {
+            // Killed after its commit, the point is complete; before it, there is none.
+            assert!(after == before || after == before + 1, "{after} points after {before}");
+        }
+        if after > before {
+            expected.push(data.clone());
+        }
+        assert!(temporary_files(local_chain.as_ref()).is_empty() || out.code() != 0);
+    }
+    env.check_points(&local_chain, &expected);
+}
+
+#[test]
+fn remote_push_backups_killed_at_random_never_commit_a_partial_point() {
+    let Some(env) = Env::remote() else { return };
+    let (src, chain) = (env.path("src"), env.remote_path("chain"));
+    backups_killed_at_random(&env, "push", (&src, &chain), "2M");
+}
+
+#[test]
+fn remote_pull_backups_killed_at_random_never_commit_a_partial_point() {
+    let Some(env) = Env::remote() else { return };
+    let (src, chain) = (env.remote_path("src"), env.path("chain"));
+    backups_killed_at_random(&env, "pull", (&src, &chain), "2M");
+}
+
+/// A source that fails part way (here: it shrinks under a push backup and a remote diff) ends
+/// the command with an error and leaves no point and no delta.
+#[test]
+fn a_source_that_fails_mid_transfer_leaves_no_point_and_no_delta() {
+    let Some(env) = Env::remote() else { return };
+    let src = env.path("src");
+    let data = random_bytes(8 * MIB, 5);
+    write_file(src.as_ref(), &data);
+    let remote_chain = env.remote_path("chain");
+    env.ok(&["backup", &src, &remote_chain]);
+    write_file(env.path("base").as_ref(), &random_bytes(8 * MIB, 6));
+    let (remote_src, base, delta) = (env.remote_path("src"), env.path("base"), env.path("d"));
+    for (what, args) in [
+        ("push backup", vec!["backup", "--bwlimit", "2M", &src, &remote_chain]),
+        ("remote diff", vec!["diff", "--bwlimit", "2M", &remote_src, &base, "-o", &delta]),
+    ] {
+        write_file(src.as_ref(), &random_bytes(8 * MIB, 7));
+        let mut child = env.spawn(&args);
+        // Shrink the source once the command is writing its output (its temporary file exists).
+        wait_until(|| {
+            !temporary_files(env.dir.path()).is_empty()
+                || !temporary_files(env.path("chain").as_ref()).is_empty()
+                || child.try_wait().unwrap().is_some()
+        });
+        std::fs::OpenOptions::new().write(true).open(&src).unwrap().set_len(MIB as u64).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_ne!(out.code(), 0, "{what} of a shrinking source succeeded");
+        assert_eq!(Env::points(&env.path("chain")), 1, "{what} committed a point");
+        assert!(!Path::new(&env.path("d")).exists(), "{what} committed a delta");
+    }
+    env.check_points(&env.path("chain"), &[data]);
+}
+
+/// Polls `done` (an event we cannot wait on directly) every few milliseconds, for a minute at
+/// most.
+fn wait_until(mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
