@@ -17,6 +17,7 @@ use crate::endpoint::local::{Local, OpenTarget};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::patch::{DiffOptions, random_id, write_delta};
 use crate::progress::{Control, Snapshot};
+use crate::sums::Sums;
 use crate::sync::{SyncOptions, sync};
 
 /// What `backup` did.
@@ -75,28 +76,38 @@ fn write_base(
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<(PathBuf, Snapshot)> {
-    let (image, meta) = base_paths(dir, number, &header.id);
-    let mut tmp_name = image.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = image.with_file_name(tmp_name);
-    let target = Local::open_target(&tmp, OpenTarget { create: true, mode: Some(0o600), ..OpenTarget::default() })?;
-    let summary = match sync(source, &target, true, &sync_options(options), control) {
-        Ok(s) => s,
+    let (image, _) = base_paths(dir, number, &header.id);
+    let (file, tmp) = crate::temp::create(&image, 0o600)?;
+    drop(file);
+    let written = Local::open_target(&tmp, OpenTarget { create: true, ..OpenTarget::default() }).and_then(|target| {
+        let summary = sync(source, &target, true, &sync_options(options), control)?;
+        commit_base(dir, number, &target, &tmp, header)?;
+        Ok(summary)
+    });
+    match written {
+        Ok(summary) => Ok((image, summary.counters)),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+            Err(e)
         }
-    };
-    std::fs::rename(&tmp, &image).on("renaming into place", &image)?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).on("flushing directory", dir)?;
-    // The metadata makes the base part of the chain; it is written only now.
+    }
+}
+
+/// Makes the complete, flushed base image at `tmp` part of the chain in `dir`: its content hashes
+/// are written, then it gets its name, then its metadata, which is what makes it a base. A crash
+/// at any step leaves either no base or a whole one.
+pub(crate) fn commit_base(dir: &Path, number: u64, image: &dyn Source, tmp: &Path, header: &Header) -> Result<()> {
+    let (path, meta) = base_paths(dir, number, &header.id);
+    let sums = Sums::compute(image, header.id, crate::sync::default_threads())?;
+    sums.store(&crate::sums::path_for(&path))?;
+    crate::temp::commit(tmp, &path)?;
     Writer::create(&meta, header)?.commit()?;
-    Ok((image, summary.counters))
+    Ok(())
 }
 
 /// Backs `source` up into the chain in `dir` (created if missing).
 pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control<'_>) -> Result<BackupSummary> {
-    std::fs::create_dir_all(dir).on("creating backup directory", dir)?;
+    crate::chain::create_dir(dir)?;
     let _lock = lock(dir)?;
     clean(dir);
     let src = Local::open_source(source)?;
@@ -119,6 +130,7 @@ pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control
         return Ok(BackupSummary { file: image.display().to_string(), number: 0, counters });
     };
     let (parent, newest) = chain.newest();
+    chain.check_extendable()?;
     let image = chain.image(newest)?;
     let path = increment_path(dir, newest + 1);
     let summary = write_delta(&src, &image, &path, parent, options, control)?;
@@ -150,8 +162,10 @@ pub struct Point {
 /// `verify` also checks every file in full (whole-file hashes, every record), as a restore would.
 pub fn list(dir: &Path, verify: bool) -> Result<Vec<Point>> {
     let chain = load(dir)?;
+    chain.check_whole()?;
     if verify {
         chain.verify(chain.newest().1, true)?;
+        chain.verify_base()?;
     }
     let base_file = std::fs::metadata(&chain.base_image).map_or(0, |m| {
         use std::os::unix::fs::MetadataExt;
@@ -205,7 +219,7 @@ pub enum At {
 /// device), writing only what differs from what the target holds.
 pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<'_>) -> Result<crate::sync::Summary> {
     let chain = load(dir)?;
-    let n = pick(&chain, at)?;
+    let n = point(&chain, at)?;
     chain.verify(n, false)?;
     let image = chain.image(n)?;
     let dst = Local::open_target(target, OpenTarget { create: true, force, ..OpenTarget::default() })?;
@@ -220,7 +234,7 @@ pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<
 /// Writes point `at` of the chain in `dir` to `out` as a stream (stdout), holes as zeros.
 pub fn restore_to(dir: &Path, out: &mut dyn std::io::Write, at: At) -> Result<u64> {
     let chain = load(dir)?;
-    let n = pick(&chain, at)?;
+    let n = point(&chain, at)?;
     chain.verify(n, false)?;
     let image = chain.image(n)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -233,6 +247,22 @@ pub fn restore_to(dir: &Path, out: &mut dyn std::io::Write, at: At) -> Result<u6
     }
     out.flush().map_err(|e| Error::io("writing", Path::new("standard output"), None, e))?;
     Ok(pos)
+}
+
+/// The point `at` names, refusing a point at or after a break in the chain: "the newest" of a
+/// broken chain is lost, and restoring the last good point instead would be a silent lie.
+pub(crate) fn point(chain: &Chain, at: At) -> Result<u64> {
+    if let Some(b) = &chain.broken {
+        let lost = match at {
+            At::Latest => true,
+            At::Number(n) => n >= b.first_lost,
+            At::Time(_) => false,
+        };
+        if lost {
+            return Err(b.error(&chain.dir, chain.newest().1));
+        }
+    }
+    pick(chain, at)
 }
 
 pub(crate) fn pick(chain: &Chain, at: At) -> Result<u64> {
@@ -272,6 +302,7 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
     let _lock = lock(dir)?;
     clean(dir);
     let chain = load(dir)?;
+    chain.check_whole()?;
     let total = chain.increments.len() as u64;
     if total <= keep {
         return Ok(PruneSummary { folded: 0, base_number: 0, kept: total });

@@ -4,6 +4,7 @@
 //! ```text
 //! DEST/base-N-<id>.img     full sparse copy of point N (0 until a prune), never modified
 //! DEST/base-N-<id>.delta   its metadata: a delta with no records (id, time, size, comment)
+//! DEST/base-N-<id>.sums    its content hashes, one per MiB ([`crate::sums`])
 //! DEST/inc-000001.delta    increment 1, parent = the base's id
 //! DEST/inc-000002.delta    increment 2, parent = increment 1's id ...
 //! ```
@@ -15,7 +16,13 @@
 //! to the newest increment, and [`Chain::load`] picks the base with the longest one.
 //!
 //! [`Image`] presents "base + the first N increments" as a [`Source`]: newest record wins, each
-//! byte is read once, holes and zero records read as holes.
+//! byte is read once, holes and zero records read as holes, and every byte read from the base is
+//! checked against its content hashes.
+//!
+//! A chain can break: an increment deleted, damaged beyond its structure, or one from another
+//! chain dropped in. [`Chain::load`] then keeps the points before the break (they stay
+//! restorable) and records the break in [`Chain::broken`]: restoring a later point, or extending
+//! the chain with `backup`, is refused with the file to blame and how to recover.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +32,7 @@ use crate::delta::{Delta, Entry, Kind, to_hex};
 use crate::endpoint::local::Local;
 use crate::endpoint::{Identity, Segment, Source};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::sums::Sums;
 
 /// One increment of a chain.
 #[derive(Debug)]
@@ -48,6 +56,36 @@ pub struct Chain {
     pub base_number: u64,
     /// Increments, oldest first, each the parent of the next.
     pub increments: Vec<Increment>,
+    /// Why the increments after the last one above are unusable, if they are.
+    pub broken: Option<Break>,
+}
+
+/// Where and why a chain is broken.
+#[derive(Debug, Clone)]
+pub struct Break {
+    /// The first point that cannot be restored.
+    pub first_lost: u64,
+    /// What is wrong, naming the file.
+    pub reason: String,
+}
+
+impl Break {
+    /// The error for using a point at or after the break.
+    #[must_use]
+    pub fn error(&self, dir: &Path, last_good: u64) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "the backup chain in {} is broken: {}. Points 0 to {last_good} can still be restored; point {} and later cannot. \
+                 To continue backing up, move the increments from point {} on out of the directory (the next backup then follows point {last_good}), \
+                 or restore point {last_good} and start a new chain",
+                dir.display(),
+                self.reason,
+                self.first_lost,
+                self.first_lost,
+            ),
+        )
+    }
 }
 
 /// Paths of the image and metadata of a base holding point `number`.
@@ -81,6 +119,49 @@ pub fn chain_of(path: &Path) -> Option<PathBuf> {
     has_base.then(|| dir.to_path_buf())
 }
 
+/// Follows the increments from the base `base_id` (point `number`) in number order: each must be
+/// the next number and name the previous point as its parent. Returns the indices of those that
+/// do, and what is wrong with the first that does not.
+fn walk(
+    dir: &Path,
+    (number, base_id): (u64, [u8; 16]),
+    increments: &[Increment],
+    damaged: &BTreeMap<u64, String>,
+) -> (Vec<usize>, Option<Break>) {
+    let mut links = Vec::new();
+    let (mut id, mut seq) = (base_id, number);
+    let lost = |seq: u64| {
+        let reason =
+            damaged.get(&seq).cloned().unwrap_or_else(|| format!("{} is missing", increment_path(dir, seq).display()));
+        Some(Break { first_lost: seq, reason })
+    };
+    for (i, inc) in increments.iter().enumerate().filter(|(_, i)| i.seq > number) {
+        if inc.seq != seq + 1 {
+            return (links, lost(seq + 1));
+        }
+        if inc.delta.header.parent != id {
+            let reason = format!(
+                "{} does not follow point {seq} (it belongs to another chain, or point {seq} was replaced)",
+                inc.delta.path().display()
+            );
+            return (links, Some(Break { first_lost: inc.seq, reason }));
+        }
+        links.push(i);
+        (id, seq) = (inc.delta.header.id, inc.seq);
+    }
+    if damaged.range(seq + 1..).next().is_some() {
+        return (links, lost(seq + 1));
+    }
+    (links, None)
+}
+
+/// Creates a backup directory (and its parents), readable by its owner only: a chain holds
+/// whole disk images.
+pub fn create_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).on("creating backup directory", dir)
+}
+
 /// Path of increment `seq`.
 #[must_use]
 pub fn increment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -92,6 +173,7 @@ impl Chain {
     pub fn load(dir: &Path) -> Result<Option<Chain>> {
         let mut bases = Vec::new();
         let mut increments = Vec::new();
+        let mut damaged = BTreeMap::new();
         for entry in std::fs::read_dir(dir).on("reading backup directory", dir)? {
             let entry = entry.on("reading backup directory", dir)?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -111,40 +193,122 @@ impl Chain {
                 }
             } else if let Some(seq) = name.strip_prefix("inc-").and_then(|n| n.strip_suffix(".delta")) {
                 let Ok(seq) = seq.parse::<u64>() else { continue };
-                let delta = Delta::open_index(&entry.path())?;
-                increments.push(Increment { seq, delta });
+                match Delta::open_index(&entry.path()) {
+                    Ok(delta) => increments.push(Increment { seq, delta }),
+                    // Unreadable: a break at this point, not the end of the whole chain.
+                    Err(e) if e.kind() == ErrorKind::Corrupt => {
+                        damaged.insert(seq, e.to_string());
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         increments.sort_by_key(|i| i.seq);
-        // For each base, the increments that chain from it; keep the longest chain.
-        let mut best: Option<((u64, Delta), Vec<usize>)> = None;
-        for (number, base) in bases {
-            let mut links = Vec::new();
-            let mut id = base.header.id;
-            while let Some(i) = increments.iter().position(|inc| inc.delta.header.parent == id) {
-                links.push(i);
-                id = increments[i].delta.header.id;
-            }
-            if best.as_ref().is_none_or(|(_, l)| links.len() > l.len()) {
-                best = Some(((number, base), links));
+        // Two files with one id make the links ambiguous (a copied increment, or a crafted one
+        // that names itself as its parent): a corrupt chain, never a loop.
+        let mut ids = std::collections::HashSet::new();
+        for id in bases.iter().map(|(_, b)| b.header.id).chain(increments.iter().map(|i| i.delta.header.id)) {
+            if !ids.insert(id) {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("{}: two files of the backup chain have the id {}", dir.display(), to_hex(&id)),
+                ));
             }
         }
-        let Some(((base_number, base), links)) = best else { return Ok(None) };
-        let newest = increments.iter().map(|i| i.seq).max();
+        // The base with the longest unbroken chain. During a prune two bases exist: the old one
+        // is preferred while its increments are all there, and deleting the folded increments
+        // oldest first hands over to the new one.
+        let walks: Vec<(Vec<usize>, Option<Break>)> =
+            bases.iter().map(|(n, b)| walk(dir, (*n, b.header.id), &increments, &damaged)).collect();
+        let best = (0..bases.len()).max_by_key(|&i| (walks[i].0.len(), walks[i].1.is_none(), bases[i].0));
+        let Some(best) = best else {
+            if let Some(first) = increments.first() {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "{}: the chain's base image or its metadata is missing, but increments such as {} remain; nothing can be restored or added until the base is put back",
+                        dir.display(),
+                        first.delta.path().display()
+                    ),
+                ));
+            }
+            return Ok(None);
+        };
+        let (links, broken) = walks.into_iter().nth(best).unwrap_or_default();
+        let (base_number, base) = bases.swap_remove(best);
         let mut slots: Vec<Option<Increment>> = increments.into_iter().map(Some).collect();
         let chain: Vec<Increment> = links.iter().filter_map(|&i| slots[i].take()).collect();
-        if newest.is_some_and(|n| chain.last().is_none_or(|last| last.seq != n)) {
+        let (base_image, _) = base_paths(dir, base_number, &base.header.id);
+        Ok(Some(Chain { dir: dir.to_path_buf(), base, base_image, base_number, increments: chain, broken }))
+    }
+
+    /// Checks, before a backup adds a point, that every point is restorable: the chain is whole
+    /// and every file matches its whole-file hash. A nightly backup onto a damaged chain must
+    /// fail loudly, not stay green while nothing after the damage can be restored. Costs a read
+    /// of the increments (not of the base, which the backup reads and checks as it scans).
+    pub fn check_extendable(&self) -> Result<()> {
+        self.check_whole()?;
+        self.verify(self.newest().1, false)
+    }
+
+    /// Fails when the chain is broken (for commands that need all of it: `backup`, `prune`).
+    pub fn check_whole(&self) -> Result<()> {
+        match &self.broken {
+            Some(b) => Err(b.error(&self.dir, self.newest().1)),
+            None => Ok(()),
+        }
+    }
+
+    /// The content hashes of the base image (`None` for a base written before they existed).
+    pub fn sums(&self) -> Result<Option<Sums>> {
+        let path = crate::sums::path_for(&self.base_image);
+        if !path.exists() {
+            return Ok(None);
+        }
+        Sums::load(&path, self.base.header.id, self.base.header.size_after).map(Some)
+    }
+
+    /// Checks the whole base image against its content hashes (`list --verify`).
+    pub fn verify_base(&self) -> Result<()> {
+        let Some(sums) = self.sums()? else {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
-                    "{}: increment {} does not chain to the base through the increments before it; the chain is broken",
-                    dir.display(),
-                    newest.unwrap_or(0)
+                    "{} has no content hashes (it was written by an older blksync), so it cannot be verified",
+                    self.base_image.display()
+                ),
+            ));
+        };
+        let base = self.open_base()?;
+        let found = Sums::compute(&base, sums.id, crate::sync::default_threads())?;
+        if let Some(b) = (0..sums.blocks.len()).find(|&b| sums.blocks[b] != found.blocks[b]) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{}: the base image is damaged: the MiB at byte offset {} does not match its content hash",
+                    self.base_image.display(),
+                    b as u64 * crate::sums::BLOCK
                 ),
             ));
         }
-        let (base_image, _) = base_paths(dir, base_number, &base.header.id);
-        Ok(Some(Chain { dir: dir.to_path_buf(), base, base_image, base_number, increments: chain }))
+        Ok(())
+    }
+
+    /// Opens the base image, which must have the size its metadata records.
+    fn open_base(&self) -> Result<Local> {
+        let base = Local::open_source(&self.base_image)?;
+        if base.size() != self.base.header.size_after {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{}: the base image is damaged: it is {} bytes long where {} were written",
+                    self.base_image.display(),
+                    base.size(),
+                    self.base.header.size_after
+                ),
+            ));
+        }
+        Ok(base)
     }
 
     /// The id and number of the newest point (0 for the base alone).
@@ -178,7 +342,11 @@ impl Chain {
 
     /// The image at point `n`: the base plus every increment numbered up to `n`.
     pub fn image(self: &Arc<Self>, n: u64) -> Result<Image> {
-        let base = Local::open_source(&self.base_image)?;
+        if self.broken.is_some() && n > self.newest().1 {
+            return Err(self.check_whole().err().unwrap_or_else(|| Error::protocol("broken chain")));
+        }
+        let base = self.open_base()?;
+        let sums = self.sums()?;
         let deltas: Vec<usize> = (0..self.increments.len()).filter(|&i| self.increments[i].seq <= n).collect();
         let mut size = self.base.header.size_after;
         let mut pieces: BTreeMap<u64, Piece> = BTreeMap::new();
@@ -199,7 +367,7 @@ impl Chain {
         }
         cut(&mut pieces, size, u64::MAX);
         let name = self.dir.join(format!("@{n}"));
-        Ok(Image { name, base, size, pieces, deltas, chain: Arc::clone(self) })
+        Ok(Image { name, base, sums, size, pieces, deltas, chain: Arc::clone(self) })
     }
 }
 
@@ -238,6 +406,8 @@ pub(crate) fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
 pub struct Image {
     name: PathBuf,
     base: Local,
+    /// The base's content hashes, checked on every read of the base.
+    sums: Option<Sums>,
     size: u64,
     pieces: BTreeMap<u64, Piece>,
     /// Indices of the increments applied, into `chain.increments`.
@@ -266,7 +436,11 @@ impl Source for Image {
         let base_end = self.base.size().min(end);
         buf.fill(0);
         if offset < base_end {
-            self.base.read_at(&mut buf[..(base_end - offset) as usize], offset)?;
+            let part = &mut buf[..(base_end - offset) as usize];
+            match &self.sums {
+                Some(sums) => crate::sums::read_checked(sums, &self.chain.base_image, &self.base, part, offset)?,
+                None => self.base.read_at(part, offset)?,
+            }
         }
         let first = self.pieces.range(..=offset).next_back().map_or(offset, |(&s, _)| s);
         for (&start, piece) in self.pieces.range(first..end) {
@@ -299,7 +473,22 @@ impl Source for Image {
             return Ok(Segment { start: offset, end: next, allocated: false });
         }
         let base = self.base.segment_at(offset)?;
-        Ok(Segment { start: offset, end: base.end.min(next).max(offset + 1), allocated: base.allocated })
+        let end = base.end.min(next).max(offset + 1);
+        if let (false, Some(sums)) = (base.allocated, &self.sums) {
+            // A hole in the base must be zeros in its hashes too. A block that should hold data
+            // is reported as allocated, so that it is read, and its check names the damage.
+            let block = crate::sums::BLOCK;
+            let first_data = (offset / block..end.div_ceil(block))
+                .find(|&b| sums.blocks.get(b as usize).copied().flatten().is_some());
+            return Ok(match first_data {
+                Some(b) if b * block <= offset => {
+                    Segment { start: offset, end: ((b + 1) * block).min(end), allocated: true }
+                }
+                Some(b) => Segment { start: offset, end: b * block, allocated: false },
+                None => Segment { start: offset, end, allocated: false },
+            });
+        }
+        Ok(Segment { start: offset, end, allocated: base.allocated })
     }
 
     fn drop_cache(&self, offset: u64, len: u64) {

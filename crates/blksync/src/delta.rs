@@ -9,7 +9,7 @@
 //! footer, index) and leaves the records to be checked as they are read: a backup chain opens
 //! every increment on each run, and must not read all of them to list them.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -237,13 +237,15 @@ pub fn check_output(out: &Path, inputs: &[crate::endpoint::Identity]) -> Result<
 }
 
 impl Writer {
-    /// Starts a delta at `path` (written under a temporary name until [`Writer::commit`]).
+    /// Starts a delta at `path` (written under a temporary name until [`Writer::commit`]),
+    /// readable by its owner only: deltas hold exactly the changed blocks of an image.
     pub fn create(path: &Path, header: &Header) -> Result<Writer> {
-        let name = path.file_name().ok_or_else(|| Error::usage(format!("{} is not a file name", path.display())))?;
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).on("creating", &tmp)?;
+        Writer::create_with_mode(path, header, 0o600)
+    }
+
+    /// Starts a delta at `path` with permissions `mode`.
+    pub fn create_with_mode(path: &Path, header: &Header, mode: u32) -> Result<Writer> {
+        let (file, tmp) = crate::temp::create(path, mode)?;
         let mut inner = Inner {
             file: BufWriter::with_capacity(1 << 20, file),
             position: 0,
@@ -313,10 +315,7 @@ impl Writer {
         let size = inner.position + FOOTER;
         let file = inner.file.into_inner().map_err(|e| Error::io("writing", &self.tmp, None, e.into_error()))?;
         file.sync_all().on("flushing", &self.tmp)?;
-        std::fs::rename(&self.tmp, &self.path).on("renaming into place", &self.path)?;
-        if let Some(dir) = self.path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) {
-            File::open(dir).and_then(|d| d.sync_all()).on("flushing directory", dir)?;
-        }
+        crate::temp::commit(&self.tmp, &self.path)?;
         Ok(size)
     }
 
@@ -577,7 +576,8 @@ mod tests {
         assert_eq!(d.index[0].offset, 0, "index is sorted");
         assert_eq!(d.read(&d.index[1]).unwrap().data, text);
         assert!(d.file_size < 2000, "compressible data is compressed: {}", d.file_size);
-        assert!(!dir.path().join(format!("d.delta.tmp-{}", std::process::id())).exists());
+        let left = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name() != "d.delta").count();
+        assert_eq!(left, 0, "no temporary file is left");
     }
 
     #[test]

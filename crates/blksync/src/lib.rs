@@ -45,7 +45,9 @@ pub mod sink;
 pub mod size;
 pub mod sizing;
 pub mod ssh;
+pub mod sums;
 pub mod sync;
+pub mod temp;
 pub mod throttle;
 pub mod zero;
 

@@ -318,7 +318,7 @@ impl Peer {
                     1 => crate::backup::At::Number(at.unsigned_abs()),
                     _ => crate::backup::At::Time(at),
                 };
-                let n = crate::backup::pick(&chain, at)?;
+                let n = crate::backup::point(&chain, at)?;
                 chain.verify(n, false)?;
                 (Arc::new(chain.image(n)?), false)
             }

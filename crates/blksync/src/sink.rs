@@ -16,7 +16,7 @@ use crate::chain::{Chain, Image, base_paths, increment_path};
 use crate::delta::{Header, Kind, Writer};
 use crate::endpoint::local::{Local, OpenTarget};
 use crate::endpoint::{Source, Target};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// The write side of a peer.
 pub enum Sink {
@@ -70,21 +70,22 @@ impl ChainSink {
     /// Opens the chain in `dir` (created if missing) for a new point. Returns the sink and what
     /// the peer should read as the destination's current content (`None` for a new chain).
     pub fn open(dir: &Path, comment: &str, source: &str, block: u32) -> Result<(ChainSink, Option<Arc<Image>>)> {
-        std::fs::create_dir_all(dir).on("creating backup directory", dir)?;
+        crate::chain::create_dir(dir)?;
         let lock = crate::backup::lock(dir)?;
         crate::backup::clean(dir);
         let mut header = new_header([0; 16], block, source, comment)?;
         match Chain::load(dir)?.map(Arc::new) {
             None => {
                 let (image, _) = base_paths(dir, 0, &header.id);
-                let tmp = image.with_extension(format!("img.tmp-{}", std::process::id()));
-                let file =
-                    Local::open_target(&tmp, OpenTarget { create: true, mode: Some(0o600), ..OpenTarget::default() })?;
+                let (file, tmp) = crate::temp::create(&image, 0o600)?;
+                drop(file);
+                let file = Local::open_target(&tmp, OpenTarget { create: true, ..OpenTarget::default() })?;
                 let state = State::First { tmp, file: Arc::new(file), header };
                 Ok((ChainSink { dir: dir.to_path_buf(), state, _lock: lock }, None))
             }
             Some(chain) => {
                 let (parent, newest) = chain.newest();
+                chain.check_extendable()?;
                 let image = Arc::new(chain.image(newest)?);
                 header.parent = parent;
                 let record =
@@ -141,12 +142,14 @@ impl ChainSink {
     pub fn commit(&mut self) -> Result<()> {
         match std::mem::replace(&mut self.state, State::Done) {
             State::First { tmp, file, mut header } => {
-                file.flush()?;
-                header.size_after = file.size();
-                let (image, meta) = base_paths(&self.dir, 0, &header.id);
-                std::fs::rename(&tmp, &image).on("renaming into place", &image)?;
-                std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).on("flushing directory", &self.dir)?;
-                Writer::create(&meta, &header)?.commit()?;
+                let committed = file.flush().and_then(|()| {
+                    header.size_after = file.size();
+                    crate::backup::commit_base(&self.dir, 0, file.as_ref(), &tmp, &header)
+                });
+                if let Err(e) = committed {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
             }
             State::Next(mut record) => record.commit()?,
             State::Done => {}

@@ -125,15 +125,17 @@ impl<'a> Copying<'a> {
     }
 }
 
-/// A temporary file of this process, removed when dropped.
+/// A name for a temporary file of this process in `$TMPDIR`, removed when dropped. The name is
+/// random (others share `/tmp`); the file itself is made by a rename onto it, which replaces,
+/// and never follows, whatever was planted there.
 struct Temp(PathBuf);
 
 impl Temp {
-    fn new(what: &str) -> Temp {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        Temp(std::env::temp_dir().join(format!("blksync-{}-{n}.{what}", std::process::id())))
+    fn new(what: &str) -> Result<Temp> {
+        let mut random = [0u8; 8];
+        crate::temp::fill_random(&mut random)?;
+        let random = u64::from_le_bytes(random);
+        Ok(Temp(std::env::temp_dir().join(format!("blksync-{}-{random:016x}.{what}", std::process::id()))))
     }
 }
 
@@ -147,27 +149,20 @@ impl Drop for Temp {
 /// flushed, then renamed, so `local` is never a partial file.
 pub(crate) fn fetch(link: &mut Link, remote: &Path, local: &Path, control: Control<'_>) -> Result<()> {
     crate::delta::check_output(local, &[])?;
-    let mut tmp = local.as_os_str().to_os_string();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let result = fetch_into(link, remote, &tmp, control).and_then(|()| {
-        std::fs::rename(&tmp, local).on("renaming into place", local)?;
-        let dir = local.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).on("flushing directory", dir)
-    });
+    let (file, tmp) = crate::temp::create(local, 0o600)?;
+    let result = fetch_into(link, remote, &file, &tmp, control).and_then(|()| crate::temp::commit(&tmp, local));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
 }
 
-fn fetch_into(link: &mut Link, remote: &Path, local: &Path, control: Control<'_>) -> Result<()> {
+fn fetch_into(link: &mut Link, remote: &Path, file: &File, local: &Path, control: Control<'_>) -> Result<()> {
     let request = Msg::Get { path: remote.as_os_str().as_bytes().to_vec(), compress: crate::compress::OFF };
     let size = match link.call(request)? {
         Msg::Opened { size, .. } => size,
         other => return Err(link.unexpected(&other)),
     };
-    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(local).on("creating", local)?;
     let progress = Copying::start(control, size, remote);
     let mut got = 0;
     loop {
@@ -236,7 +231,7 @@ fn local_copies(sides: &[&Side<'_>], temps: &mut Vec<Temp>, control: Control<'_>
                 links.len() - 1
             };
             let link = &mut links[i].1;
-            let temp = Temp::new("delta");
+            let temp = Temp::new("delta")?;
             fetch(link, &r.path, &temp.0, control)?;
             copies.push(temp.0.clone());
             temps.push(temp);
@@ -323,7 +318,7 @@ pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<
     match output.location {
         Location::Local(out) => crate::patch::merge(&local, out, control),
         Location::Remote(r) => {
-            let temp = Temp::new("delta");
+            let temp = Temp::new("delta")?;
             let mut info = crate::patch::merge(&local, &temp.0, control)?;
             with_link(output, |link, _| put(link, &temp.0, Some(&r.path), control))?;
             info.path = shown(output, &r.path);
@@ -507,8 +502,8 @@ fn move_out(link: &mut Link, from: &Path, to: &Side<'_>, control: Control<'_>) -
     match to.location {
         Location::Local(path) => fetch(link, from, path, control),
         Location::Remote(r) => {
-            let temp = Temp::new("delta");
-            fetch_into(link, from, &temp.0, control)?;
+            let temp = Temp::new("delta")?;
+            fetch(link, from, &temp.0, control)?;
             with_link(to, |out, _| put(out, &temp.0, Some(&r.path), control)).map(|_| ())
         }
     }

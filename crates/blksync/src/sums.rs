@@ -1,0 +1,289 @@
+//! Content hashes of a chain's base image (docs/DELTA-FORMAT.md, "Base content hashes").
+//!
+//! Increments carry a checksum per record and a whole-file hash, but the base is a plain sparse
+//! image: a flipped byte or a truncation used to restore silently as wrong bytes or zeros, and
+//! `prune` folded the damage forward. A base therefore gets a `.sums` file beside it: one flag
+//! and one BLAKE3-128 per MiB of the image. Every read of the base through
+//! [`crate::chain::Image`] checks the blocks it reads, a hole in the base must be a block recorded
+//! as zeros, and `list --verify` checks them all.
+//!
+//! Cost: 17 bytes per MiB (17 MiB per TiB of image), one extra read of a new base to hash it
+//! (holes are not read), and hashing every base byte a restore, backup or prune reads (BLAKE3
+//! runs at several GB/s per core, faster than the disks it checks).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::endpoint::{SegmentCursor, Source};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+
+/// Bytes of image per hash.
+pub const BLOCK: u64 = 1 << 20;
+const MAGIC: &[u8; 16] = b"BLKSYNC-SUMS\0\0\0\0";
+const VERSION: u32 = 1;
+/// Fixed part before the entries: magic, version, block, size, id, count.
+const HEAD: usize = 16 + 4 + 4 + 8 + 16 + 8;
+const ENTRY: usize = 17;
+/// Largest image a sums file may describe (one entry per MiB): 1 EiB.
+const MAX_BLOCKS: u64 = 1 << 40;
+
+/// The content hashes of one base image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sums {
+    /// Id of the base they belong to.
+    pub id: [u8; 16],
+    /// Image size they describe.
+    pub size: u64,
+    /// One per block: `None` for all zeros, else the BLAKE3-128 of the block.
+    pub blocks: Vec<Option<[u8; 16]>>,
+}
+
+fn hash_block(data: &[u8]) -> Option<[u8; 16]> {
+    if crate::zero::is_zero(data) {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&blake3::hash(data).as_bytes()[..16]);
+    Some(out)
+}
+
+/// The path of the sums of the base whose image is `image` (`base-N-ID.img` → `base-N-ID.sums`).
+#[must_use]
+pub fn path_for(image: &Path) -> PathBuf {
+    image.with_extension("sums")
+}
+
+impl Sums {
+    /// Hashes `image` (as it is now) for the base `id`, reading only its allocated parts, on
+    /// `threads` workers.
+    pub fn compute(image: &dyn Source, id: [u8; 16], threads: usize) -> Result<Sums> {
+        let size = image.size();
+        let count = size.div_ceil(BLOCK);
+        let mut blocks = vec![None; count as usize];
+        // Allocation map first (cheap), then the allocated blocks hashed in parallel.
+        let mut cursor = SegmentCursor::new(image);
+        let mut wanted = Vec::new();
+        let mut extents = Vec::new();
+        for b in 0..count {
+            cursor.allocated_in(b * BLOCK, ((b + 1) * BLOCK).min(size), &mut extents)?;
+            if !extents.is_empty() {
+                wanted.push(b);
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results = std::sync::Mutex::new(Vec::with_capacity(wanted.len()));
+        std::thread::scope(|s| -> Result<()> {
+            let work = || -> Result<()> {
+                let mut buf = vec![0u8; BLOCK as usize];
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&b) = wanted.get(i) else { return Ok(()) };
+                    let len = (size - b * BLOCK).min(BLOCK) as usize;
+                    image.read_at(&mut buf[..len], b * BLOCK)?;
+                    let h = hash_block(&buf[..len]);
+                    results.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((b, h));
+                }
+            };
+            let workers: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(work)).collect();
+            for w in workers {
+                w.join().map_err(|_| Error::new(ErrorKind::Io, "a hashing thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        for (b, h) in results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            blocks[b as usize] = h;
+        }
+        Ok(Sums { id, size, blocks })
+    }
+
+    /// Recomputes the blocks of `image` that overlap `[start, end)` (after an in-place change).
+    pub fn update(&mut self, image: &dyn Source, start: u64, end: u64) -> Result<()> {
+        let mut buf = vec![0u8; BLOCK as usize];
+        let first = start / BLOCK;
+        let last = end.div_ceil(BLOCK).min(self.blocks.len() as u64);
+        for b in first..last {
+            let len = (self.size - b * BLOCK).min(BLOCK) as usize;
+            image.read_at(&mut buf[..len], b * BLOCK)?;
+            self.blocks[b as usize] = hash_block(&buf[..len]);
+        }
+        Ok(())
+    }
+
+    /// Resizes the description to `size` bytes (new blocks are zeros; the block that holds the
+    /// old end must be recomputed with [`Sums::update`]).
+    pub fn resize(&mut self, size: u64) {
+        self.size = size;
+        self.blocks.resize(size.div_ceil(BLOCK) as usize, None);
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEAD + self.blocks.len() * ENTRY + 32);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(&(self.blocks.len() as u64).to_le_bytes());
+        for b in &self.blocks {
+            match b {
+                None => out.extend_from_slice(&[0u8; ENTRY]),
+                Some(h) => {
+                    out.push(1);
+                    out.extend_from_slice(h);
+                }
+            }
+        }
+        let hash = blake3::hash(&out);
+        out.extend_from_slice(hash.as_bytes());
+        out
+    }
+
+    /// Decodes and validates a sums file's bytes.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Sums, String> {
+        if bytes.len() < HEAD + 32 {
+            return Err(format!("{} bytes is too short", bytes.len()));
+        }
+        if &bytes[..16] != MAGIC {
+            return Err("bad magic".into());
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+        if u32_at(16) != VERSION {
+            return Err(format!("version {}; this blksync reads version {VERSION}", u32_at(16)));
+        }
+        if u64::from(u32_at(20)) != BLOCK {
+            return Err(format!("block size {} is not {BLOCK}", u32_at(20)));
+        }
+        let size = u64_at(24);
+        let id: [u8; 16] = bytes[32..48].try_into().unwrap_or_default();
+        let count = u64_at(48);
+        if count != size.div_ceil(BLOCK) || count > MAX_BLOCKS {
+            return Err(format!("{count} hashes cannot describe {size} bytes"));
+        }
+        let body = HEAD + count as usize * ENTRY;
+        if bytes.len() != body + 32 {
+            return Err(format!("{} bytes where {} were expected", bytes.len(), body + 32));
+        }
+        if blake3::hash(&bytes[..body]).as_bytes() != &bytes[body..] {
+            return Err("checksum mismatch".into());
+        }
+        let mut blocks = Vec::with_capacity(count as usize);
+        for e in bytes[HEAD..body].chunks_exact(ENTRY) {
+            blocks.push(match e[0] {
+                0 if e[1..].iter().all(|&b| b == 0) => None,
+                1 => Some(e[1..].try_into().unwrap_or_default()),
+                f => return Err(format!("bad entry flag {f}")),
+            });
+        }
+        Ok(Sums { id, size, blocks })
+    }
+
+    /// Loads the sums at `path`, which must belong to base `id` of `size` bytes.
+    pub fn load(path: &Path, id: [u8; 16], size: u64) -> Result<Sums> {
+        let bytes = std::fs::read(path).on("reading", path)?;
+        let sums = Sums::decode(&bytes).map_err(|e| corrupt(path, e))?;
+        if sums.id != id || sums.size != size {
+            return Err(corrupt(path, "they belong to another base image"));
+        }
+        Ok(sums)
+    }
+
+    /// Writes the sums to `path` atomically (temporary file, fsync, rename, directory fsync).
+    pub fn store(&self, path: &Path) -> Result<()> {
+        let (mut file, tmp) = crate::temp::create(path, 0o600)?;
+        let written = file.write_all(&self.encode()).and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("writing", &tmp, None, e));
+        }
+        crate::temp::commit(&tmp, path)
+    }
+
+    /// Checks `data`, read from the base at `offset` (block-aligned; a whole block, or the last
+    /// one's remainder) against its hashes. `image` names the file in the error.
+    pub fn check(&self, image: &Path, offset: u64, data: &[u8]) -> Result<()> {
+        debug_assert_eq!(offset % BLOCK, 0);
+        for (i, piece) in data.chunks(BLOCK as usize).enumerate() {
+            let at = offset + i as u64 * BLOCK;
+            let expected = self.blocks.get((at / BLOCK) as usize).copied().flatten();
+            if hash_block(piece) != expected {
+                return Err(damaged(image, at));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Corrupt, format!("{}: the base's content hashes are unusable: {what}", path.display()))
+}
+
+fn damaged(image: &Path, offset: u64) -> Error {
+    Error::new(
+        ErrorKind::Corrupt,
+        format!(
+            "{}: the base image is damaged: the MiB at byte offset {offset} does not match its content hash",
+            image.display()
+        ),
+    )
+}
+
+/// Reads `[offset, offset + buf.len())` of `file` (the base image at `image`) into `buf`,
+/// checking every block it touches. Blocks partly outside the request are read whole into a
+/// scratch buffer, so each check sees the bytes its hash covers.
+pub fn read_checked(sums: &Sums, image: &Path, file: &dyn Source, buf: &mut [u8], offset: u64) -> Result<()> {
+    let end = offset + buf.len() as u64;
+    let first = offset - offset % BLOCK;
+    let last = end.div_ceil(BLOCK).saturating_mul(BLOCK).min(sums.size);
+    if first == offset && (last == end) {
+        file.read_at(buf, offset)?;
+        return sums.check(image, offset, buf);
+    }
+    let mut scratch = vec![0u8; (last - first) as usize];
+    file.read_at(&mut scratch, first)?;
+    sums.check(image, first, &scratch)?;
+    let from = (offset - first) as usize;
+    buf.copy_from_slice(&scratch[from..from + buf.len()]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(n: usize) -> Sums {
+        let blocks = (0..n).map(|i| (i % 3 != 0).then_some([i as u8; 16])).collect();
+        Sums { id: [7; 16], size: n as u64 * BLOCK - 5, blocks }
+    }
+
+    #[test]
+    fn sums_round_trip() {
+        for n in [1, 2, 17] {
+            let s = sample(n);
+            assert_eq!(Sums::decode(&s.encode()).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn damaged_sums_are_refused() {
+        let bytes = sample(4).encode();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(Sums::decode(&b).is_err(), "flip at {i} accepted");
+        }
+        assert!(Sums::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic_the_sums_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Sums::decode(&bytes);
+            let mut head = sample(2).encode();
+            head.truncate(HEAD);
+            head.extend_from_slice(&bytes);
+            let _ = Sums::decode(&head);
+        }
+    }
+}
