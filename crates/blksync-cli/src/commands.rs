@@ -1,11 +1,11 @@
 //! One function per subcommand: convert arguments, call the library, print results.
 
+use std::fmt::Write as _;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use blksync::compare::{CompareOptions, compare_paths};
 use blksync::progress::Control;
-use blksync::size::{format_rate, format_size};
 use blksync::sizing::SizePolicy;
 use blksync::sync::{SyncOptions, check_block_size, sync_paths};
 
@@ -17,6 +17,8 @@ use crate::args::{
     AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, ListArgs, MergeArgs, PruneArgs,
     RemoteArgs, RestoreArgs, SyncArgs,
 };
+use crate::console;
+use crate::human::{self, count, size as format_size};
 use crate::render::Render;
 
 /// What a command reports to `main`, which turns it into the exit code.
@@ -39,9 +41,11 @@ fn wire_line(render: &Render, sent: u64, received: u64) {
     }
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string(value)?);
-    Ok(())
+/// Prints the `--json` summary of `command`, which has completed: if stdout fails, the error
+/// says that only the summary was lost.
+fn print_json(command: &str, value: &impl serde::Serialize) -> Result<()> {
+    console::out(&serde_json::to_string(value)?)
+        .with_context(|| format!("{command} completed, but its JSON summary could not be printed"))
 }
 
 /// ssh options for the source (`source`) or destination side.
@@ -120,21 +124,21 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let c = &summary.counters;
     let verb = if summary.dry_run { "would write" } else { "wrote" };
     render.line(&format!(
-        "blksync: {} -> {}: scanned {}, {} differing in {} ranges; {verb} {} and zeroed {} in {:.2}s ({}){}",
+        "blksync: {} -> {}: scanned {}, {} differing in {}; {verb} {} and zeroed {} in {:.2}s ({}){}",
         summary.source,
         summary.destination,
         format_size(c.bytes_scanned),
         format_size(c.bytes_differing),
-        summary.ranges_differing,
+        count(summary.ranges_differing, "range", "ranges"),
         format_size(c.bytes_written),
         format_size(c.bytes_zeroed),
         c.seconds,
-        format_rate(c.bytes_scanned, c.seconds),
+        human::rate(c.bytes_scanned, c.seconds),
         if summary.verified { ", verified" } else { "" },
     ));
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
-        print_json(&summary)?;
+        print_json("the sync", &summary)?;
     }
     Ok(Outcome::Success)
 }
@@ -165,27 +169,42 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let cmp = result?;
     if args.common.output.json {
-        print_json(&cmp)?;
+        console::out(&serde_json::to_string(&cmp)?)?;
     } else if cmp.identical {
-        println!("{} and {} are identical ({} bytes)", cmp.source, cmp.destination, cmp.source_size);
-    } else {
-        println!(
-            "{} and {} differ: {} bytes ({}) in {} ranges",
+        console::out(&format!(
+            "{} and {} are identical ({})",
             cmp.source,
             cmp.destination,
-            cmp.counters.bytes_differing,
+            count(cmp.source_size, "byte", "bytes")
+        ))?;
+    } else {
+        let mut text = format!(
+            "{} and {} differ: {} ({}) in {}",
+            cmp.source,
+            cmp.destination,
+            count(cmp.counters.bytes_differing, "byte", "bytes"),
             format_size(cmp.counters.bytes_differing),
-            cmp.ranges_differing + u64::from(cmp.source_size != cmp.destination_size),
+            count(cmp.ranges_differing + u64::from(cmp.source_size != cmp.destination_size), "range", "ranges"),
         );
         if cmp.source_size != cmp.destination_size {
-            println!("  sizes differ: {} bytes vs {} bytes", cmp.source_size, cmp.destination_size);
+            write!(
+                text,
+                "\n  sizes differ: {} vs {}",
+                count(cmp.source_size, "byte", "bytes"),
+                count(cmp.destination_size, "byte", "bytes")
+            )?;
         }
         for r in &cmp.ranges {
-            println!("  bytes {}..{} ({})", r.offset, r.end(), format_size(r.len));
+            write!(text, "\n  bytes {}..{} ({})", r.offset, r.end(), format_size(r.len))?;
         }
         if cmp.ranges_differing > cmp.ranges.len() as u64 {
-            println!("  ... and {} more ranges", cmp.ranges_differing - cmp.ranges.len() as u64);
+            write!(
+                text,
+                "\n  ... and {} more",
+                count(cmp.ranges_differing - cmp.ranges.len() as u64, "range", "ranges")
+            )?;
         }
+        console::out(&text)?;
     }
     Ok(if cmp.identical { Outcome::Success } else { Outcome::Different })
 }
@@ -193,8 +212,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
 /// `blksync agent`: never prints anything on stdout but the protocol.
 pub fn agent(args: &AgentArgs) -> u8 {
     if args.protocol {
-        println!("{}", blksync::protocol::VERSION);
-        return 0;
+        return if console::out(&blksync::protocol::VERSION.to_string()).is_ok() { 0 } else { 3 };
     }
     blksync::agent::run()
 }
@@ -243,7 +261,7 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     ));
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
-        print_json(&summary)?;
+        print_json("the diff", &summary)?;
     }
     Ok(Outcome::Success)
 }
@@ -264,14 +282,14 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let summary = result?;
     render.line(&format!(
-        "blksync: applied {} delta(s) to {}: wrote {}, zeroed {}",
-        summary.deltas.len(),
+        "blksync: applied {} to {}: wrote {}, zeroed {}",
+        count(summary.deltas.len() as u64, "delta", "deltas"),
         summary.target,
         format_size(summary.counters.bytes_written),
         format_size(summary.counters.bytes_zeroed)
     ));
     if args.output.json {
-        print_json(&summary)?;
+        print_json("the apply", &summary)?;
     }
     Ok(Outcome::Success)
 }
@@ -291,14 +309,14 @@ pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let info = result?;
     if args.out.json {
-        print_json(&info)?;
+        print_json("the merge", &info)?;
     } else {
         render.line(&format!(
-            "blksync: merged {} deltas into {} ({}, {} records)",
-            inputs.len(),
+            "blksync: merged {} into {} ({}, {})",
+            count(inputs.len() as u64, "delta", "deltas"),
             info.path,
             format_size(info.file_size),
-            info.records
+            count(info.records, "record", "records")
         ));
     }
     Ok(Outcome::Success)
@@ -311,30 +329,33 @@ pub fn info(args: &InfoArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &blksync::progress::Silent, cancel };
     let info = blksync::relay::info_location(&Side { location: &location, ssh: &ssh }, control)?;
     if args.json {
-        print_json(&info)?;
+        console::out(&serde_json::to_string(&info)?)?;
         return Ok(Outcome::Success);
     }
     let h = &info.header;
     let hex = blksync::delta::to_hex;
-    println!("delta        {} ({}, valid)", info.path, format_size(info.file_size));
-    println!("id           {}", hex(&h.id));
+    let mut lines = vec![
+        format!("delta        {} ({}, valid)", info.path, format_size(info.file_size)),
+        format!("id           {}", hex(&h.id)),
+    ];
     if h.parent != [0; 16] {
-        println!("parent       {}", hex(&h.parent));
+        lines.push(format!("parent       {}", hex(&h.parent)));
     }
-    println!("created      {}", format_time(h.created, h.utc_offset));
-    println!("sizes        {} -> {} bytes", h.size_before, h.size_after);
-    println!("block size   {}", h.block_size);
-    println!("source       {}", h.source);
+    lines.push(format!("created      {}", format_time(h.created, h.utc_offset)));
+    lines.push(format!("sizes        {} -> {}", h.size_before, count(h.size_after, "byte", "bytes")));
+    lines.push(format!("block size   {}", h.block_size));
+    lines.push(format!("source       {}", h.source));
     if !h.comment.is_empty() {
-        println!("comment      {}", h.comment);
+        lines.push(format!("comment      {}", h.comment));
     }
-    println!(
+    lines.push(format!(
         "records      {} ({} of data, {} of zeros)",
         info.records,
         format_size(info.data_bytes),
         format_size(info.zero_bytes)
-    );
-    println!("written by   blksync {}", h.tool_version);
+    ));
+    lines.push(format!("written by   blksync {}", h.tool_version));
+    console::out(&lines.join("\n"))?;
     Ok(Outcome::Success)
 }
 
@@ -382,7 +403,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
             format_size(s.bytes_received)
         ));
         if args.common.output.json {
-            print_json(&s)?;
+            print_json("the backup", &s)?;
         }
         return Ok(Outcome::Success);
     }
@@ -399,7 +420,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
         s.counters.seconds
     ));
     if args.common.output.json {
-        print_json(&s)?;
+        print_json("the backup", &s)?;
     }
     Ok(Outcome::Success)
 }
@@ -411,23 +432,26 @@ pub fn list(args: &ListArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &blksync::progress::Silent, cancel };
     let points = blksync::relay::list_location(&Side { location: &location, ssh: &ssh }, args.verify, control)?;
     if args.json {
-        print_json(&points)?;
+        console::out(&serde_json::to_string(&points)?)?;
         return Ok(Outcome::Success);
     }
-    println!("{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  comment", "point", "created", "changed", "size", "stored");
+    let mut text =
+        format!("{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  comment", "point", "created", "changed", "size", "stored");
     for (i, p) in points.iter().enumerate() {
         // The first point is the base (point 0, or a later one after pruning).
         let label = if i == 0 { format!("{} base", p.number) } else { p.number.to_string() };
-        println!(
-            "{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  {}",
+        write!(
+            text,
+            "\n{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  {}",
             label,
             format_time(p.created, p.utc_offset),
             format_size(p.bytes_changed),
             format_size(p.size),
             format_size(p.file_size),
             p.comment
-        );
+        )?;
     }
+    console::out(&text)?;
     Ok(Outcome::Success)
 }
 
@@ -500,7 +524,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
         s.counters.seconds
     ));
     if args.output.json {
-        print_json(&s)?;
+        print_json("the restore", &s)?;
     }
     Ok(Outcome::Success)
 }
@@ -520,11 +544,13 @@ pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let s = result?;
     render.line(&format!(
-        "blksync: folded {} increment(s) into the base (now point {}); {} kept",
-        s.folded, s.base_number, s.kept
+        "blksync: folded {} into the base (now point {}); {} kept",
+        count(s.folded, "increment", "increments"),
+        s.base_number,
+        s.kept
     ));
     if args.common.output.json {
-        print_json(&s)?;
+        print_json("the prune", &s)?;
     }
     Ok(Outcome::Success)
 }

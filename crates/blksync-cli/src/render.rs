@@ -73,8 +73,8 @@ impl Render {
             return;
         }
         match &self.bar {
-            Some(bar) => bar.suspend(|| eprintln!("{text}")),
-            None => eprintln!("{text}"),
+            Some(bar) => bar.suspend(|| crate::console::err(text)),
+            None => crate::console::err(text),
         }
     }
 }

@@ -1,0 +1,151 @@
+//! What the binary prints, and what happens when it cannot print: failing output streams,
+//! `--at` errors, hints, and the format of progress lines. Every test runs the real binary on
+//! real files.
+
+mod support;
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use support::*;
+use tempfile::TempDir;
+
+/// Where a stream of the child goes.
+#[derive(Clone, Copy, Debug)]
+enum Sink {
+    /// `/dev/full`: every write fails with ENOSPC.
+    Full,
+    /// A pipe whose read end was closed before the child started: every write fails with EPIPE.
+    ClosedPipe,
+}
+
+impl Sink {
+    fn stdio(self) -> Stdio {
+        match self {
+            Sink::Full => Stdio::from(File::options().write(true).open("/dev/full").unwrap()),
+            Sink::ClosedPipe => {
+                // The write end of `true`'s stdin: once `true` has exited, nobody holds the read
+                // end (Rust opens pipes close-on-exec), so every write fails with EPIPE.
+                let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+                let writer = reader.stdin.take().unwrap();
+                reader.wait().unwrap();
+                Stdio::from(writer)
+            }
+        }
+    }
+}
+
+/// A directory with two images that differ, a backup chain of both and a delta between them.
+struct Fixture {
+    dir: TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = TempDir::new().unwrap();
+        let a = dir.path().join("a.img");
+        write_file(&a, &random_bytes(1 << 20, 1));
+        let mut b = random_bytes(1 << 20, 1);
+        b[70_000] ^= 1;
+        b[900_000] ^= 1;
+        write_file(&dir.path().join("b.img"), &b);
+        let f = Fixture { dir };
+        ok(&["backup", &f.path("a.img"), &f.path("bk"), "-q"]);
+        ok(&["backup", &f.path("b.img"), &f.path("bk"), "-q"]);
+        ok(&["diff", &f.path("b.img"), &f.path("a.img"), "-o", &f.path("d.delta"), "-q"]);
+        f
+    }
+
+    fn path(&self, name: &str) -> String {
+        arg(self.dir.path(), name)
+    }
+
+    /// The commands that print a result on stdout, each with its normal exit code.
+    fn printing_commands(&self) -> Vec<(Vec<String>, i32)> {
+        let s = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        vec![
+            (s(&["list", &self.path("bk")]), 0),
+            (s(&["list", &self.path("bk"), "--json"]), 0),
+            (s(&["info", &self.path("d.delta")]), 0),
+            (s(&["info", &self.path("d.delta"), "--json"]), 0),
+            (s(&["compare", &self.path("a.img"), &self.path("b.img")]), 1),
+            (s(&["compare", &self.path("a.img"), &self.path("a.img")]), 0),
+            (s(&["compare", &self.path("a.img"), &self.path("b.img"), "--json"]), 1),
+            (s(&["sync", &self.path("a.img"), &self.path("copy.img"), "--json"]), 0),
+        ]
+    }
+}
+
+fn run_with(args: &[String], stdout: Stdio, stderr: Stdio) -> Output {
+    blksync().args(args).stdin(Stdio::null()).stdout(stdout).stderr(stderr).output().unwrap()
+}
+
+#[track_caller]
+fn assert_no_panic(args: &[String], out: &Output) {
+    assert_ne!(out.code(), 101, "blksync {args:?} panicked:\n{}", out.stderr_text());
+    assert!(!out.stderr_text().contains("panicked"), "blksync {args:?}:\n{}", out.stderr_text());
+}
+
+#[test]
+fn stdout_closed_by_its_reader_exits_quietly_with_the_commands_code() {
+    let f = Fixture::new();
+    for (args, code) in f.printing_commands() {
+        let out = run_with(&args, Sink::ClosedPipe.stdio(), Stdio::piped());
+        assert_no_panic(&args, &out);
+        assert_eq!(out.code(), code, "blksync {args:?}:\n{}", out.stderr_text());
+        assert!(!out.stderr_text().contains("error"), "blksync {args:?}:\n{}", out.stderr_text());
+    }
+}
+
+#[test]
+fn stdout_on_a_full_disk_is_a_write_error_not_a_panic() {
+    let f = Fixture::new();
+    for (args, _) in f.printing_commands() {
+        let out = run_with(&args, Sink::Full.stdio(), Stdio::piped());
+        assert_no_panic(&args, &out);
+        // The result was the output and it is lost: exit 4 (no space), compare 2 (as cmp).
+        let expected = if args[0] == "compare" { 2 } else { 4 };
+        assert_eq!(out.code(), expected, "blksync {args:?}:\n{}", out.stderr_text());
+        let err = out.stderr_text();
+        assert!(err.contains("writing standard output: No space left on device"), "{args:?}: {err}");
+        if args[0] == "sync" {
+            assert!(err.contains("the sync completed, but its JSON summary could not be printed"), "{err}");
+        }
+    }
+    // The sync itself was done; only its summary was lost.
+    assert_same(Path::new(&f.path("a.img")), Path::new(&f.path("copy.img")));
+}
+
+#[test]
+fn stderr_failing_loses_only_the_display() {
+    let f = Fixture::new();
+    for sink in [Sink::Full, Sink::ClosedPipe] {
+        let mut commands = f.printing_commands();
+        commands.push((
+            ["sync", &f.path("b.img"), &f.path("copy2.img"), "--progress", "plain"].map(String::from).to_vec(),
+            0,
+        ));
+        commands.push((
+            ["sync", &f.path("a.img"), &f.path("copy2.img"), "--progress", "bar"].map(String::from).to_vec(),
+            0,
+        ));
+        for (args, code) in commands {
+            let out = run_with(&args, Stdio::piped(), sink.stdio());
+            assert_eq!(out.code(), code, "blksync {args:?} with stderr to {sink:?}");
+        }
+        // An error whose message cannot be shown still has its exit code.
+        let missing = ["info".to_string(), f.path("missing.delta")];
+        assert_eq!(run_with(&missing, Stdio::piped(), sink.stdio()).code(), 3, "{sink:?}");
+    }
+    assert_same(Path::new(&f.path("a.img")), Path::new(&f.path("copy2.img")));
+}
+
+#[test]
+fn help_to_a_full_disk_or_closed_pipe_does_not_panic() {
+    for sink in [Sink::Full, Sink::ClosedPipe] {
+        let args = ["--help".to_string()];
+        let out = run_with(&args, sink.stdio(), Stdio::piped());
+        assert_no_panic(&args, &out);
+    }
+}
