@@ -21,6 +21,8 @@ use crate::console;
 use crate::human::{self, count, size as format_size};
 use crate::render::Render;
 
+use blksync::backup::format_time;
+
 /// What a command reports to `main`, which turns it into the exit code.
 pub enum Outcome {
     /// Exit 0.
@@ -455,14 +457,22 @@ pub fn list(args: &ListArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// Reads `--at`: a point number, or a time that GNU `date -d` understands (it knows local time
+/// zones and many forms: "2026-11-20 03:00", "yesterday 18:00"). Anything else is a usage error.
 fn parse_at(text: Option<&str>) -> Result<blksync::backup::At> {
     use blksync::backup::At;
     let Some(text) = text else { return Ok(At::Latest) };
-    if let Ok(n) = text.parse::<u64>() {
+    // `date -d ""` is today's midnight: an empty --at is a mistake, not a time.
+    if text.trim().is_empty() {
+        return Err(blksync::Error::usage("--at is empty: give a point number (see `blksync list`) or a time").into());
+    }
+    if let Ok(n) = text.trim().parse::<u64>() {
         return Ok(At::Number(n));
     }
-    // GNU date knows local time zones and many forms ("2026-11-20 03:00", "yesterday 18:00").
-    let out = std::process::Command::new("date").args(["-d", text, "+%s"]).output()?;
+    let out = std::process::Command::new("date")
+        .args(["-d", text, "+%s"])
+        .output()
+        .map_err(|e| blksync::Error::usage(format!("--at {text:?}: cannot run date -d to read the time: {e}")))?;
     let secs = String::from_utf8_lossy(&out.stdout).trim().parse::<i64>().ok().filter(|_| out.status.success());
     secs.map(At::Time).ok_or_else(|| {
         blksync::Error::usage(format!("--at {text:?} is neither a point number nor a time that date -d understands"))
@@ -555,38 +565,12 @@ pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// `2026-11-22 05:59:09 +01:00`: the creator's local time, from epoch seconds and its offset.
-fn format_time(epoch: i64, utc_offset: i32) -> String {
-    let local = epoch + i64::from(utc_offset);
-    let (days, secs) = (local.div_euclid(86_400), local.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let sign = if utc_offset < 0 { '-' } else { '+' };
-    let off = utc_offset.unsigned_abs();
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} {sign}{:02}:{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-        off / 3600,
-        off % 3600 / 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn times_format_as_calendar_dates() {
-        assert_eq!(super::format_time(0, 0), "1970-01-01 00:00:00 +00:00");
-        assert_eq!(super::format_time(951_782_400, 3600), "2000-02-29 01:00:00 +01:00");
-        assert_eq!(super::format_time(1_795_324_749, -16_200), "2026-11-22 00:49:09 -04:30");
+        assert_eq!(blksync::backup::format_time(0, 0), "1970-01-01 00:00:00 +00:00");
+        assert_eq!(blksync::backup::format_time(951_782_400, 3600), "2000-02-29 01:00:00 +01:00");
+        assert_eq!(blksync::backup::format_time(1_795_324_749, -16_200), "2026-11-22 00:49:09 -04:30");
     }
 }

@@ -149,3 +149,39 @@ fn help_to_a_full_disk_or_closed_pipe_does_not_panic() {
         assert_no_panic(&args, &out);
     }
 }
+
+#[test]
+fn restore_at_empty_is_a_usage_error_not_midnight() {
+    let f = Fixture::new();
+    for at in ["", "  "] {
+        let out = run(&["restore", &f.path("bk"), &f.path("out.img"), "--at", at]);
+        assert_eq!(out.code(), 2, "--at {at:?}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("--at is empty"), "{}", out.stderr_text());
+        assert!(!Path::new(&f.path("out.img")).exists());
+    }
+}
+
+#[test]
+fn restore_at_a_missing_point_exits_2_with_the_time_and_the_points_there_are() {
+    let f = Fixture::new();
+    let out = run(&["restore", &f.path("bk"), &f.path("out.img"), "--at", "7"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+    let err = out.stderr_text();
+    assert!(err.contains("has no point 7; it has 2 points, 0 (20"), "{err}");
+    assert!(err.contains(") to 1 (20"), "{err}");
+    // A time before the first point: the message shows what the time was read as.
+    let out = run(&["restore", &f.path("bk"), &f.path("out.img"), "--at", "1999-01-01 12:00"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+    let err = out.stderr_text();
+    assert!(err.contains("has no point at or before 1999-01-01 12:00:00"), "{err}");
+    assert!(err.contains("it has 2 points, 0 (20"), "{err}");
+    // Neither a number nor a time.
+    let out = run(&["restore", &f.path("bk"), &f.path("out.img"), "--at", "not a time"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+    assert!(!Path::new(&f.path("out.img")).exists());
+    // A good one still works, by number and by time.
+    ok(&["restore", &f.path("bk"), &f.path("out.img"), "--at", "0", "-q"]);
+    assert_same(Path::new(&f.path("a.img")), Path::new(&f.path("out.img")));
+    ok(&["restore", &f.path("bk"), &f.path("out.img"), "--at", "tomorrow", "-q"]);
+    assert_same(Path::new(&f.path("b.img")), Path::new(&f.path("out.img")));
+}
