@@ -65,6 +65,18 @@ fn ssh_options(r: &RemoteArgs, source: bool) -> SshOptions {
     }
 }
 
+/// `sync`'s advice for the size messages of the library, which name no flags because `restore`
+/// reaches them too and has none of these.
+fn sync_hint(message: &str) -> Option<&'static str> {
+    if message.contains("destination device is too small") {
+        Some("--common-size syncs only the first min(SRC, DST) bytes")
+    } else if message.contains("of the destination are left as they are") {
+        Some("--zero-tail zeroes them")
+    } else {
+        None
+    }
+}
+
 /// `blksync sync`.
 pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = SyncOptions {
@@ -86,7 +98,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
         undo: None,
     };
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet).with_hint(sync_hint);
     let control = Control { observer: &render, cancel };
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
@@ -122,7 +134,12 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         }
     };
     render.finish();
-    let summary = result?;
+    let summary = result.map_err(|e| match sync_hint(e.message()) {
+        Some(hint) if e.kind() == blksync::ErrorKind::SizeMismatch => {
+            blksync::Error::new(e.kind(), format!("{} ({hint})", e.message()))
+        }
+        _ => e,
+    })?;
     let c = &summary.counters;
     let verb = if summary.dry_run { "would write" } else { "wrote" };
     render.line(&format!(

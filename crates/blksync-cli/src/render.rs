@@ -22,7 +22,12 @@ pub struct Render {
     quiet: bool,
     bar: Option<ProgressBar>,
     state: Mutex<State>,
+    hint: Hint,
 }
+
+/// Flag advice a command adds to a warning: the library's texts name no flags, because
+/// commands without them reach the same code.
+pub type Hint = fn(&str) -> Option<&'static str>;
 
 struct State {
     phase: Phase,
@@ -57,7 +62,13 @@ impl Render {
             quiet,
             bar,
             state: Mutex::new(State { phase: Phase::Sync, total: 0, last: now, phase_started: now }),
+            hint: |_| None,
         }
+    }
+
+    /// The same renderer, adding `hint`'s advice to warnings.
+    pub fn with_hint(self, hint: Hint) -> Render {
+        Render { hint, ..self }
     }
 
     /// Removes the bar before the final messages.
@@ -145,6 +156,9 @@ impl Observer for Render {
     }
 
     fn warn(&self, message: &str) {
-        self.line(&format!("blksync: warning: {message}"));
+        match (self.hint)(message) {
+            Some(hint) => self.line(&format!("blksync: warning: {message} ({hint})")),
+            None => self.line(&format!("blksync: warning: {message}")),
+        }
     }
 }

@@ -185,3 +185,51 @@ fn restore_at_a_missing_point_exits_2_with_the_time_and_the_points_there_are() {
     ok(&["restore", &f.path("bk"), &f.path("out.img"), "--at", "tomorrow", "-q"]);
     assert_same(Path::new(&f.path("b.img")), Path::new(&f.path("out.img")));
 }
+
+/// The long options `--help` of `command` lists.
+fn options_of(command: &str) -> Vec<String> {
+    let help = ok(&[command, "--help"]).stdout_text();
+    let mut options: Vec<String> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(str::to_string)
+        .collect();
+    options.sort();
+    options.dedup();
+    options
+}
+
+/// Asserts that every `--flag` named in `text` is an option of `command`.
+#[track_caller]
+fn assert_hints_are_options_of(command: &str, text: &str) {
+    let options = options_of(command);
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+        if word.starts_with("--") && word.len() > 2 {
+            assert!(options.iter().any(|o| o == word), "{command} has no {word}, but its message names it: {text}");
+        }
+    }
+}
+
+#[test]
+fn restore_onto_a_device_of_another_size_names_no_sync_only_flags() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    let f = Fixture::new();
+    for (size, code) in [(512 << 10, 5), (2 << 20, 0)] {
+        let backing = f.dir.path().join(format!("backing-{size}"));
+        write_file(&backing, &random_bytes(size, 5));
+        let lo = Loop::attach(&backing);
+        let out = run(&["restore", &f.path("bk"), lo.path()]);
+        assert_eq!(out.code(), code, "{}", out.stderr_text());
+        let err = out.stderr_text();
+        assert!(err.contains("too small") || err.contains("left as they are"), "{err}");
+        assert_hints_are_options_of("restore", &err);
+        // sync reaches the same messages and does have the flags: it still names them.
+        let out = run(&["sync", &f.path("b.img"), lo.path()]);
+        assert_eq!(out.code(), code, "{}", out.stderr_text());
+        let err = out.stderr_text();
+        assert!(err.contains("--common-size") || err.contains("--zero-tail"), "{err}");
+        assert_hints_are_options_of("sync", &err);
+    }
+}
