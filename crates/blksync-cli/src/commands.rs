@@ -98,7 +98,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
         undo: None,
     };
-    let render = Render::new(args.common.output.progress, args.common.output.quiet).with_hint(sync_hint);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "sync").with_hint(sync_hint);
     let control = Control { observer: &render, cancel };
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
@@ -170,7 +170,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         threads: threads(&args.common),
         max_ranges: args.max_ranges,
     };
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "compare");
     let control = Control { observer: &render, cancel };
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
         (Location::Local(a), Location::Local(b)) => compare_paths(&a, &b, &options, control),
@@ -254,7 +254,7 @@ fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
 /// `blksync diff`.
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "diff");
     let (source, base, output) =
         (Location::parse(&args.source)?, Location::parse(&args.base)?, Location::parse(&args.output)?);
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
@@ -291,7 +291,7 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let (target, deltas) = all.split_last().ok_or_else(|| anyhow::anyhow!("apply needs PATCH... TARGET"))?;
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let deltas: Vec<Side<'_>> = deltas.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
-    let render = Render::new(args.output.progress, args.output.quiet);
+    let render = Render::new(args.output.progress, args.output.quiet, "apply");
     let result = blksync::relay::apply_locations(
         &deltas,
         &Side { location: target, ssh: &d_ssh },
@@ -319,7 +319,7 @@ pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let output = Location::parse(&args.output)?;
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let sides: Vec<Side<'_>> = inputs.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
-    let render = Render::new(args.out.progress, args.out.quiet);
+    let render = Render::new(args.out.progress, args.out.quiet, "merge");
     let result = blksync::relay::merge_locations(
         &sides,
         &Side { location: &output, ssh: &d_ssh },
@@ -397,7 +397,7 @@ fn remote_options(common: &CommonArgs, force: bool) -> Result<RemoteOptions> {
 
 /// `blksync backup`.
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "backup");
     let control = Control { observer: &render, cancel };
     let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
     if matches!((&source, &dest), (Location::Remote(_), _) | (_, Location::Remote(_))) {
@@ -506,7 +506,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
             blksync::Error::usage("refusing to write a disk image to a terminal; redirect standard output").into()
         );
     }
-    let render = Render::new(args.output.progress, args.output.quiet);
+    let render = Render::new(args.output.progress, args.output.quiet, "restore");
     let control = Control { observer: &render, cancel };
     let result = match (&dest, &target) {
         (Location::Local(dir), Location::Local(path)) if path.as_os_str() == "-" => {
@@ -559,7 +559,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
 /// `blksync prune`.
 pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, "")?;
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "prune");
     let location = Location::parse(&args.dest)?;
     let ssh = ssh_options(&args.remote, false);
     let result = blksync::relay::prune_location(

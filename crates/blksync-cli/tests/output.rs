@@ -233,3 +233,103 @@ fn restore_onto_a_device_of_another_size_names_no_sync_only_flags() {
         assert_hints_are_options_of("sync", &err);
     }
 }
+
+/// Bytes a size as printed stands for (`512 B`, `4.0 KiB`), or `None` if it is not one.
+fn size_value(text: &str) -> Option<f64> {
+    let (number, unit) = text.split_once(' ')?;
+    let shift = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"].iter().position(|u| *u == unit)?;
+    let decimals = number.split_once('.').map_or(0, |(_, d)| d.len());
+    // One format everywhere: whole bytes, or one decimal in a binary unit.
+    if (shift == 0 && decimals != 0) || (shift > 0 && decimals != 1) {
+        return None;
+    }
+    Some(number.parse::<f64>().ok()? * 1024f64.powi(i32::try_from(shift).ok()?))
+}
+
+/// Checks one `--progress plain` line of `label` and returns (done, written) in bytes.
+#[track_caller]
+fn check_plain_line(line: &str, label: &str) -> (f64, f64) {
+    let rest = line.strip_prefix(&format!("blksync: {label} ")).unwrap_or_else(|| panic!("not {label}: {line:?}"));
+    let parts: Vec<&str> = rest.split(", ").collect();
+    assert_eq!(parts.len(), 6, "{line:?}");
+    let (done, rest) = parts[0].split_once(" / ").unwrap_or_else(|| panic!("{line:?}"));
+    let (total, percent) = rest.split_once(" (").unwrap_or_else(|| panic!("{line:?}"));
+    assert!(percent.ends_with("%)"), "{line:?}");
+    let value = |s: &str| size_value(s).unwrap_or_else(|| panic!("{s:?} is not a size in {line:?}"));
+    let (done, _) = (value(done), value(total));
+    let field = |i: usize, name: &str| {
+        let text = parts[i].strip_prefix(name).unwrap_or_else(|| panic!("no {name:?} in {line:?}"));
+        value(text)
+    };
+    field(1, "differing ");
+    let written = field(2, "written ");
+    field(3, "zeroed ");
+    value(parts[4].strip_suffix("/s").unwrap_or_else(|| panic!("no rate in {line:?}")));
+    // ETA as a clock (m:ss or h:mm:ss), not raw seconds.
+    let eta = parts[5].strip_prefix("ETA ").unwrap_or_else(|| panic!("no ETA in {line:?}"));
+    let fields: Vec<&str> = eta.split(':').collect();
+    assert!(
+        (2..=3).contains(&fields.len())
+            && fields.iter().all(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_digit()))
+            && fields[1..].iter().all(|f| f.len() == 2),
+        "ETA {eta:?} is not m:ss in {line:?}"
+    );
+    assert!(written <= done, "written is more than scanned: {line:?}");
+    (done, written)
+}
+
+/// Runs a command slowed down by --bwlimit past the first plain progress line (after 5 s) and
+/// returns its progress lines.
+fn plain_progress(args: &[&str]) -> (Vec<String>, String) {
+    let out = ok(args);
+    let err = out.stderr_text();
+    let lines = err.lines().filter(|l| l.contains(" ETA ")).map(str::to_string).collect::<Vec<_>>();
+    assert!(!lines.is_empty(), "no progress line: {err}");
+    (lines, err)
+}
+
+#[test]
+fn plain_progress_of_a_sync_has_one_size_format_and_a_clock_eta() {
+    let d = TempDir::new().unwrap();
+    write_file(&d.path().join("src"), &random_bytes(7 << 20, 40));
+    let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
+    let (lines, err) = plain_progress(&["sync", &src, &dst, "--progress", "plain", "--bwlimit", "1M"]);
+    for line in &lines {
+        check_plain_line(line, "sync");
+    }
+    // The summary: one range, singular.
+    assert!(err.contains("7.0 MiB differing in 1 range;"), "{err}");
+    assert_same(Path::new(&src), Path::new(&dst));
+}
+
+#[test]
+fn plain_progress_of_a_backup_is_labelled_backup_not_compare() {
+    let d = TempDir::new().unwrap();
+    let src = arg(d.path(), "src");
+    let bk = arg(d.path(), "bk");
+    write_file(src.as_ref(), &random_bytes(7 << 20, 41));
+    ok(&["backup", "-q", &src, &bk]);
+    patch(src.as_ref(), 5_000_000, b"changed");
+    let (lines, err) = plain_progress(&["backup", &src, &bk, "--progress", "plain", "--bwlimit", "1M"]);
+    for line in &lines {
+        check_plain_line(line, "backup");
+    }
+    assert!(!err.contains("compare"), "{err}");
+}
+
+#[test]
+fn counts_of_one_are_singular_in_summaries() {
+    let f = Fixture::new();
+    std::fs::copy(f.path("a.img"), f.path("t.img")).unwrap();
+    let out = ok(&["apply", &f.path("d.delta"), &f.path("t.img")]);
+    assert!(out.stderr_text().contains("applied 1 delta to"), "{}", out.stderr_text());
+    let out = ok(&["merge", &f.path("d.delta"), "-o", &f.path("m.delta")]);
+    assert!(out.stderr_text().contains("merged 1 delta into"), "{}", out.stderr_text());
+    let out = ok(&["prune", "--keep", "0", &f.path("bk")]);
+    assert!(out.stderr_text().contains("folded 1 increment into"), "{}", out.stderr_text());
+    let mut one = random_bytes(1 << 20, 1);
+    one[5] ^= 1;
+    write_file(&f.dir.path().join("one.img"), &one);
+    let out = run(&["compare", &f.path("a.img"), &f.path("one.img")]);
+    assert!(out.stdout_text().contains(" in 1 range\n"), "{}", out.stdout_text());
+}
