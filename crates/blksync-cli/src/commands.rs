@@ -1,11 +1,11 @@
 //! One function per subcommand: convert arguments, call the library, print results.
 
+use std::fmt::Write as _;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use blksync::compare::{CompareOptions, compare_paths};
 use blksync::progress::Control;
-use blksync::size::{format_rate, format_size};
 use blksync::sizing::SizePolicy;
 use blksync::sync::{SyncOptions, check_block_size, sync_paths};
 
@@ -17,7 +17,11 @@ use crate::args::{
     AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, ListArgs, MergeArgs, PruneArgs,
     RemoteArgs, RestoreArgs, SyncArgs,
 };
+use crate::console;
+use crate::human::{self, count, size as format_size};
 use crate::render::Render;
+
+use blksync::backup::format_time;
 
 /// What a command reports to `main`, which turns it into the exit code.
 pub enum Outcome {
@@ -39,9 +43,11 @@ fn wire_line(render: &Render, sent: u64, received: u64) {
     }
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string(value)?);
-    Ok(())
+/// Prints the `--json` summary of `command`, which has completed: if stdout fails, the error
+/// says that only the summary was lost.
+fn print_json(command: &str, value: &impl serde::Serialize) -> Result<()> {
+    console::out(&serde_json::to_string(value)?)
+        .with_context(|| format!("{command} completed, but its JSON summary could not be printed"))
 }
 
 /// ssh options for the source (`source`) or destination side.
@@ -56,6 +62,18 @@ fn ssh_options(r: &RemoteArgs, source: bool) -> SshOptions {
         sudo: r.sudo || if source { r.source_sudo } else { r.dest_sudo },
         remote_path: r.remote_path.clone(),
         no_upload: r.no_upload,
+    }
+}
+
+/// `sync`'s advice for the size messages of the library, which name no flags because `restore`
+/// reaches them too and has none of these.
+fn sync_hint(message: &str) -> Option<&'static str> {
+    if message.contains("destination device is too small") {
+        Some("--common-size syncs only the first min(SRC, DST) bytes")
+    } else if message.contains("of the destination are left as they are") {
+        Some("--zero-tail zeroes them")
+    } else {
+        None
     }
 }
 
@@ -80,7 +98,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
         undo: None,
     };
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "sync").with_hint(sync_hint);
     let control = Control { observer: &render, cancel };
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
@@ -116,25 +134,30 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         }
     };
     render.finish();
-    let summary = result?;
+    let summary = result.map_err(|e| match sync_hint(e.message()) {
+        Some(hint) if e.kind() == blksync::ErrorKind::SizeMismatch => {
+            blksync::Error::new(e.kind(), format!("{} ({hint})", e.message()))
+        }
+        _ => e,
+    })?;
     let c = &summary.counters;
     let verb = if summary.dry_run { "would write" } else { "wrote" };
     render.line(&format!(
-        "blksync: {} -> {}: scanned {}, {} differing in {} ranges; {verb} {} and zeroed {} in {:.2}s ({}){}",
+        "blksync: {} -> {}: scanned {}, {} differing in {}; {verb} {} and zeroed {} in {:.2}s ({}){}",
         summary.source,
         summary.destination,
         format_size(c.bytes_scanned),
         format_size(c.bytes_differing),
-        summary.ranges_differing,
+        count(summary.ranges_differing, "range", "ranges"),
         format_size(c.bytes_written),
         format_size(c.bytes_zeroed),
         c.seconds,
-        format_rate(c.bytes_scanned, c.seconds),
+        human::rate(c.bytes_scanned, c.seconds),
         if summary.verified { ", verified" } else { "" },
     ));
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
-        print_json(&summary)?;
+        print_json("the sync", &summary)?;
     }
     Ok(Outcome::Success)
 }
@@ -147,7 +170,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         threads: threads(&args.common),
         max_ranges: args.max_ranges,
     };
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "compare");
     let control = Control { observer: &render, cancel };
     let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
         (Location::Local(a), Location::Local(b)) => compare_paths(&a, &b, &options, control),
@@ -165,27 +188,42 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let cmp = result?;
     if args.common.output.json {
-        print_json(&cmp)?;
+        console::out(&serde_json::to_string(&cmp)?)?;
     } else if cmp.identical {
-        println!("{} and {} are identical ({} bytes)", cmp.source, cmp.destination, cmp.source_size);
-    } else {
-        println!(
-            "{} and {} differ: {} bytes ({}) in {} ranges",
+        console::out(&format!(
+            "{} and {} are identical ({})",
             cmp.source,
             cmp.destination,
-            cmp.counters.bytes_differing,
+            count(cmp.source_size, "byte", "bytes")
+        ))?;
+    } else {
+        let mut text = format!(
+            "{} and {} differ: {} ({}) in {}",
+            cmp.source,
+            cmp.destination,
+            count(cmp.counters.bytes_differing, "byte", "bytes"),
             format_size(cmp.counters.bytes_differing),
-            cmp.ranges_differing + u64::from(cmp.source_size != cmp.destination_size),
+            count(cmp.ranges_differing + u64::from(cmp.source_size != cmp.destination_size), "range", "ranges"),
         );
         if cmp.source_size != cmp.destination_size {
-            println!("  sizes differ: {} bytes vs {} bytes", cmp.source_size, cmp.destination_size);
+            write!(
+                text,
+                "\n  sizes differ: {} vs {}",
+                count(cmp.source_size, "byte", "bytes"),
+                count(cmp.destination_size, "byte", "bytes")
+            )?;
         }
         for r in &cmp.ranges {
-            println!("  bytes {}..{} ({})", r.offset, r.end(), format_size(r.len));
+            write!(text, "\n  bytes {}..{} ({})", r.offset, r.end(), format_size(r.len))?;
         }
         if cmp.ranges_differing > cmp.ranges.len() as u64 {
-            println!("  ... and {} more ranges", cmp.ranges_differing - cmp.ranges.len() as u64);
+            write!(
+                text,
+                "\n  ... and {} more",
+                count(cmp.ranges_differing - cmp.ranges.len() as u64, "range", "ranges")
+            )?;
         }
+        console::out(&text)?;
     }
     Ok(if cmp.identical { Outcome::Success } else { Outcome::Different })
 }
@@ -193,8 +231,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
 /// `blksync agent`: never prints anything on stdout but the protocol.
 pub fn agent(args: &AgentArgs) -> u8 {
     if args.protocol {
-        println!("{}", blksync::protocol::VERSION);
-        return 0;
+        return if console::out(&blksync::protocol::VERSION.to_string()).is_ok() { 0 } else { 3 };
     }
     blksync::agent::run()
 }
@@ -217,7 +254,7 @@ fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
 /// `blksync diff`.
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "diff");
     let (source, base, output) =
         (Location::parse(&args.source)?, Location::parse(&args.base)?, Location::parse(&args.output)?);
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
@@ -243,7 +280,7 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     ));
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
-        print_json(&summary)?;
+        print_json("the diff", &summary)?;
     }
     Ok(Outcome::Success)
 }
@@ -254,7 +291,7 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let (target, deltas) = all.split_last().ok_or_else(|| anyhow::anyhow!("apply needs PATCH... TARGET"))?;
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let deltas: Vec<Side<'_>> = deltas.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
-    let render = Render::new(args.output.progress, args.output.quiet);
+    let render = Render::new(args.output.progress, args.output.quiet, "apply");
     let result = blksync::relay::apply_locations(
         &deltas,
         &Side { location: target, ssh: &d_ssh },
@@ -264,14 +301,14 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let summary = result?;
     render.line(&format!(
-        "blksync: applied {} delta(s) to {}: wrote {}, zeroed {}",
-        summary.deltas.len(),
+        "blksync: applied {} to {}: wrote {}, zeroed {}",
+        count(summary.deltas.len() as u64, "delta", "deltas"),
         summary.target,
         format_size(summary.counters.bytes_written),
         format_size(summary.counters.bytes_zeroed)
     ));
     if args.output.json {
-        print_json(&summary)?;
+        print_json("the apply", &summary)?;
     }
     Ok(Outcome::Success)
 }
@@ -282,7 +319,7 @@ pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let output = Location::parse(&args.output)?;
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let sides: Vec<Side<'_>> = inputs.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
-    let render = Render::new(args.out.progress, args.out.quiet);
+    let render = Render::new(args.out.progress, args.out.quiet, "merge");
     let result = blksync::relay::merge_locations(
         &sides,
         &Side { location: &output, ssh: &d_ssh },
@@ -291,14 +328,14 @@ pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let info = result?;
     if args.out.json {
-        print_json(&info)?;
+        print_json("the merge", &info)?;
     } else {
         render.line(&format!(
-            "blksync: merged {} deltas into {} ({}, {} records)",
-            inputs.len(),
+            "blksync: merged {} into {} ({}, {})",
+            count(inputs.len() as u64, "delta", "deltas"),
             info.path,
             format_size(info.file_size),
-            info.records
+            count(info.records, "record", "records")
         ));
     }
     Ok(Outcome::Success)
@@ -311,30 +348,33 @@ pub fn info(args: &InfoArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &blksync::progress::Silent, cancel };
     let info = blksync::relay::info_location(&Side { location: &location, ssh: &ssh }, control)?;
     if args.json {
-        print_json(&info)?;
+        console::out(&serde_json::to_string(&info)?)?;
         return Ok(Outcome::Success);
     }
     let h = &info.header;
     let hex = blksync::delta::to_hex;
-    println!("delta        {} ({}, valid)", info.path, format_size(info.file_size));
-    println!("id           {}", hex(&h.id));
+    let mut lines = vec![
+        format!("delta        {} ({}, valid)", info.path, format_size(info.file_size)),
+        format!("id           {}", hex(&h.id)),
+    ];
     if h.parent != [0; 16] {
-        println!("parent       {}", hex(&h.parent));
+        lines.push(format!("parent       {}", hex(&h.parent)));
     }
-    println!("created      {}", format_time(h.created, h.utc_offset));
-    println!("sizes        {} -> {} bytes", h.size_before, h.size_after);
-    println!("block size   {}", h.block_size);
-    println!("source       {}", h.source);
+    lines.push(format!("created      {}", format_time(h.created, h.utc_offset)));
+    lines.push(format!("sizes        {} -> {}", h.size_before, count(h.size_after, "byte", "bytes")));
+    lines.push(format!("block size   {}", h.block_size));
+    lines.push(format!("source       {}", h.source));
     if !h.comment.is_empty() {
-        println!("comment      {}", h.comment);
+        lines.push(format!("comment      {}", h.comment));
     }
-    println!(
+    lines.push(format!(
         "records      {} ({} of data, {} of zeros)",
         info.records,
         format_size(info.data_bytes),
         format_size(info.zero_bytes)
-    );
-    println!("written by   blksync {}", h.tool_version);
+    ));
+    lines.push(format!("written by   blksync {}", h.tool_version));
+    console::out(&lines.join("\n"))?;
     Ok(Outcome::Success)
 }
 
@@ -357,7 +397,7 @@ fn remote_options(common: &CommonArgs, force: bool) -> Result<RemoteOptions> {
 
 /// `blksync backup`.
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "backup");
     let control = Control { observer: &render, cancel };
     let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
     if matches!((&source, &dest), (Location::Remote(_), _) | (_, Location::Remote(_))) {
@@ -382,7 +422,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
             format_size(s.bytes_received)
         ));
         if args.common.output.json {
-            print_json(&s)?;
+            print_json("the backup", &s)?;
         }
         return Ok(Outcome::Success);
     }
@@ -399,7 +439,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
         s.counters.seconds
     ));
     if args.common.output.json {
-        print_json(&s)?;
+        print_json("the backup", &s)?;
     }
     Ok(Outcome::Success)
 }
@@ -411,34 +451,45 @@ pub fn list(args: &ListArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &blksync::progress::Silent, cancel };
     let points = blksync::relay::list_location(&Side { location: &location, ssh: &ssh }, args.verify, control)?;
     if args.json {
-        print_json(&points)?;
+        console::out(&serde_json::to_string(&points)?)?;
         return Ok(Outcome::Success);
     }
-    println!("{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  comment", "point", "created", "changed", "size", "stored");
+    let mut text =
+        format!("{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  comment", "point", "created", "changed", "size", "stored");
     for (i, p) in points.iter().enumerate() {
         // The first point is the base (point 0, or a later one after pruning).
         let label = if i == 0 { format!("{} base", p.number) } else { p.number.to_string() };
-        println!(
-            "{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  {}",
+        write!(
+            text,
+            "\n{:>6}  {:<26}  {:>10}  {:>10}  {:>10}  {}",
             label,
             format_time(p.created, p.utc_offset),
             format_size(p.bytes_changed),
             format_size(p.size),
             format_size(p.file_size),
             p.comment
-        );
+        )?;
     }
+    console::out(&text)?;
     Ok(Outcome::Success)
 }
 
+/// Reads `--at`: a point number, or a time that GNU `date -d` understands (it knows local time
+/// zones and many forms: "2026-11-20 03:00", "yesterday 18:00"). Anything else is a usage error.
 fn parse_at(text: Option<&str>) -> Result<blksync::backup::At> {
     use blksync::backup::At;
     let Some(text) = text else { return Ok(At::Latest) };
-    if let Ok(n) = text.parse::<u64>() {
+    // `date -d ""` is today's midnight: an empty --at is a mistake, not a time.
+    if text.trim().is_empty() {
+        return Err(blksync::Error::usage("--at is empty: give a point number (see `blksync list`) or a time").into());
+    }
+    if let Ok(n) = text.trim().parse::<u64>() {
         return Ok(At::Number(n));
     }
-    // GNU date knows local time zones and many forms ("2026-11-20 03:00", "yesterday 18:00").
-    let out = std::process::Command::new("date").args(["-d", text, "+%s"]).output()?;
+    let out = std::process::Command::new("date")
+        .args(["-d", text, "+%s"])
+        .output()
+        .map_err(|e| blksync::Error::usage(format!("--at {text:?}: cannot run date -d to read the time: {e}")))?;
     let secs = String::from_utf8_lossy(&out.stdout).trim().parse::<i64>().ok().filter(|_| out.status.success());
     secs.map(At::Time).ok_or_else(|| {
         blksync::Error::usage(format!("--at {text:?} is neither a point number nor a time that date -d understands"))
@@ -455,7 +506,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
             blksync::Error::usage("refusing to write a disk image to a terminal; redirect standard output").into()
         );
     }
-    let render = Render::new(args.output.progress, args.output.quiet);
+    let render = Render::new(args.output.progress, args.output.quiet, "restore");
     let control = Control { observer: &render, cancel };
     let result = match (&dest, &target) {
         (Location::Local(dir), Location::Local(path)) if path.as_os_str() == "-" => {
@@ -500,7 +551,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
         s.counters.seconds
     ));
     if args.output.json {
-        print_json(&s)?;
+        print_json("the restore", &s)?;
     }
     Ok(Outcome::Success)
 }
@@ -508,7 +559,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
 /// `blksync prune`.
 pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, "")?;
-    let render = Render::new(args.common.output.progress, args.common.output.quiet);
+    let render = Render::new(args.common.output.progress, args.common.output.quiet, "prune");
     let location = Location::parse(&args.dest)?;
     let ssh = ssh_options(&args.remote, false);
     let result = blksync::relay::prune_location(
@@ -520,47 +571,23 @@ pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let s = result?;
     render.line(&format!(
-        "blksync: folded {} increment(s) into the base (now point {}); {} kept",
-        s.folded, s.base_number, s.kept
+        "blksync: folded {} into the base (now point {}); {} kept",
+        count(s.folded, "increment", "increments"),
+        s.base_number,
+        s.kept
     ));
     if args.common.output.json {
-        print_json(&s)?;
+        print_json("the prune", &s)?;
     }
     Ok(Outcome::Success)
-}
-
-/// `2026-11-22 05:59:09 +01:00`: the creator's local time, from epoch seconds and its offset.
-fn format_time(epoch: i64, utc_offset: i32) -> String {
-    let local = epoch + i64::from(utc_offset);
-    let (days, secs) = (local.div_euclid(86_400), local.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let sign = if utc_offset < 0 { '-' } else { '+' };
-    let off = utc_offset.unsigned_abs();
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} {sign}{:02}:{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-        off / 3600,
-        off % 3600 / 60
-    )
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn times_format_as_calendar_dates() {
-        assert_eq!(super::format_time(0, 0), "1970-01-01 00:00:00 +00:00");
-        assert_eq!(super::format_time(951_782_400, 3600), "2000-02-29 01:00:00 +01:00");
-        assert_eq!(super::format_time(1_795_324_749, -16_200), "2026-11-22 00:49:09 -04:30");
+        assert_eq!(blksync::backup::format_time(0, 0), "1970-01-01 00:00:00 +00:00");
+        assert_eq!(blksync::backup::format_time(951_782_400, 3600), "2000-02-29 01:00:00 +01:00");
+        assert_eq!(blksync::backup::format_time(1_795_324_749, -16_200), "2026-11-22 00:49:09 -04:30");
     }
 }

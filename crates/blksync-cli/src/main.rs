@@ -1,8 +1,13 @@
 //! The `blksync` binary: parse arguments, run one library operation, map the result to an exit
 //! code. Everything else lives in the `blksync` library crate.
 
+// Output goes through `console`, which never panics on a closed pipe or a full disk.
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
 mod args;
 mod commands;
+mod console;
+mod human;
 mod render;
 
 use std::process::ExitCode;
@@ -22,7 +27,7 @@ fn main() -> ExitCode {
     }
     let cancel = Arc::new(AtomicBool::new(false));
     if let Err(e) = install_signal_handlers(&cancel) {
-        eprintln!("blksync: error: cannot install signal handlers: {e}");
+        console::err(&format!("blksync: error: cannot install signal handlers: {e}"));
         return ExitCode::from(2);
     }
     let is_compare = matches!(cli.command, Command::Compare(_));
@@ -44,7 +49,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Different) => ExitCode::from(1),
         Err(e) => {
             // The whole chain on one line: "reading /dev/sdb at byte offset 4096: Input/output error".
-            eprintln!("blksync: error: {e:#}");
+            console::err(&format!("blksync: error: {e:#}"));
             let code = e.downcast_ref::<blksync::Error>().map_or(2, |e| e.kind().exit_code());
             // compare follows cmp: 2 for any error.
             ExitCode::from(if is_compare { 2 } else { code })

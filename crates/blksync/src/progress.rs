@@ -83,6 +83,20 @@ pub struct Snapshot {
     pub seconds: f64,
 }
 
+impl Snapshot {
+    /// Bytes known to have been examined: `bytes_scanned`, or more while work is in flight.
+    ///
+    /// A chunk counts as scanned only when all of it is done, but its differing blocks and the
+    /// data written for them are counted as they go (in the remote relay, as each `Data` frame
+    /// passes; locally, per run of blocks on each worker). Mid-run, `bytes_written` could
+    /// therefore exceed `bytes_scanned`. Whatever was found differing or was written has been
+    /// examined, so the largest of these is still a true count, and the one to show as done.
+    #[must_use]
+    pub fn bytes_examined(&self) -> u64 {
+        self.bytes_scanned.max(self.bytes_differing).max(self.bytes_written.saturating_add(self.bytes_zeroed))
+    }
+}
+
 impl Default for Counters {
     fn default() -> Self {
         Counters::new()

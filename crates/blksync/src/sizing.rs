@@ -91,14 +91,12 @@ pub fn resolve(
         }
         Kind::BlockDevice if dest_size < source_size => Err(Error::new(
             ErrorKind::SizeMismatch,
-            format!(
-                "destination device is too small: {sizes}; nothing was written (--common-size syncs the first {dest_size} bytes)"
-            ),
+            format!("destination device is too small: {sizes}; nothing was written"),
         )),
         Kind::BlockDevice if zero_tail => Ok(Sizing { scan_len: dest_size, ..same }),
         Kind::BlockDevice => Ok(Sizing {
             warning: Some(format!(
-                "{sizes}; the last {} bytes of the destination are left as they are (--zero-tail zeroes them)",
+                "{sizes}; the last {} bytes of the destination are left as they are",
                 dest_size - source_size
             )),
             ..same
