@@ -213,3 +213,151 @@ fn wait_until(mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The undo log of a destination, whichever form a run left: committed, or `.partial` after a
+/// kill or a full disk. `None` when no log was started (the destination was not touched).
+fn undo_log(path: &str) -> Option<String> {
+    let partial = format!("{path}.partial");
+    match (Path::new(path).exists(), Path::new(&partial).exists()) {
+        (true, false) => Some(path.to_string()),
+        (false, true) => Some(partial),
+        (false, false) => None,
+        (true, true) => panic!("both {path} and its .partial exist"),
+    }
+}
+
+/// Rolls `mirror` back with whatever undo log the run left, and checks it holds `before`.
+#[track_caller]
+fn rolls_back(mirror: &str, log: &str, before: &[u8], what: &str) {
+    if let Some(log) = undo_log(log) {
+        let out = support::run(&["apply", "-q", &log, mirror]);
+        assert_eq!(out.code(), 0, "{what}: apply {log}: {}", out.stderr_text());
+        std::fs::remove_file(&log).unwrap();
+    }
+    assert!(read(mirror.as_ref()) == before, "{what}: the undo log did not restore the mirror's earlier bytes");
+}
+
+/// `sync --undo` killed with SIGKILL at random moments, onto destinations that stay the same
+/// size, grow and shrink: the log it leaves always rolls the destination back exactly.
+#[test]
+fn sync_undo_killed_at_random_always_leaves_a_log_that_rolls_back() {
+    let env = Env::local();
+    let mut rng = Rng::new("undo");
+    let (src, mirror, log) = (env.path("src"), env.path("mirror"), env.path("undo.delta"));
+    for round in 0..ROUNDS {
+        let size = 6 * MIB;
+        let mut old = random_bytes(size, rng.next());
+        old[MIB..2 * MIB].fill(0);
+        write_file(mirror.as_ref(), &old);
+        let mut new = old.clone();
+        rng.mutate(&mut new);
+        new[3 * MIB..3 * MIB + 300 * KIB].fill(0);
+        match round % 3 {
+            1 => new.extend_from_slice(&random_bytes(MIB + 17, rng.next())),
+            2 => new.truncate(size - MIB - 4095),
+            _ => {}
+        }
+        write_file(src.as_ref(), &new);
+        let child = env.spawn(&["sync", "--bwlimit", "16M", &src, &mirror, "--undo", &log]);
+        let out = kill_at_random(&mut rng, child, 500, |c| {
+            let _ = Command::new("kill").args(["-KILL", &c.id().to_string()]).status();
+        });
+        if out.code() == 0 {
+            assert!(read(mirror.as_ref()) == new, "a completed sync");
+        }
+        rolls_back(&mirror, &log, &old, &format!("round {round}"));
+    }
+}
+
+/// The undo log on a small full filesystem: the sync stops before it overwrites what the log
+/// could not save, and the log it leaves rolls the destination back exactly.
+#[test]
+fn sync_undo_with_its_log_on_a_full_filesystem_stays_reversible() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    let env = Env::local();
+    let (src, mirror) = (env.path("src"), env.path("mirror"));
+    let old = random_bytes(16 * MIB, 40);
+    for (i, tmpfs) in ["1m", "2m", "4m", "6m"].iter().enumerate() {
+        let dir = env.dir.path().join(format!("small{i}"));
+        let _mount = Mount::new(&dir, &["-t", "tmpfs", "-o", &format!("size={tmpfs}"), "tmpfs"]);
+        let log = dir.join("undo.delta").to_str().unwrap().to_string();
+        write_file(mirror.as_ref(), &old);
+        // Every block differs and nothing compresses: the log needs 16 MiB.
+        let mut new = random_bytes(16 * MIB, 41 + i as u64);
+        if i % 2 == 1 {
+            new.truncate(8 * MIB); // a shrink: the cut tail goes into the log first
+        }
+        write_file(src.as_ref(), &new);
+        let out = env.command(&["sync", &src, &mirror, "--undo", &log]).output().unwrap();
+        assert_eq!(out.code(), 4, "tmpfs {tmpfs}: {}", out.stderr_text());
+        let err = out.stderr_text();
+        assert!(err.contains("apply") || err.contains("nothing was changed"), "the error says what to do: {err}");
+        // Apply needs room of its own only on the destination's filesystem.
+        rolls_back(&mirror, &log, &old, &format!("tmpfs {tmpfs}"));
+    }
+}
+
+/// The remote agent killed during a push with `--undo` on the destination's host: the log left
+/// there rolls the mirror back.
+#[test]
+fn remote_sync_undo_with_a_killed_agent_leaves_a_log_that_rolls_back() {
+    let Some(env) = Env::remote() else { return };
+    let mut rng = Rng::new("remote undo");
+    let (src, mirror, log) = (env.path("src"), env.path("mirror"), env.path("undo.delta"));
+    for round in 0..ROUNDS {
+        let mut old = random_bytes(4 * MIB, rng.next());
+        old[..MIB].fill(0);
+        write_file(mirror.as_ref(), &old);
+        let mut new = old.clone();
+        for _ in 0..4 {
+            rng.mutate(&mut new);
+        }
+        if round % 3 == 1 {
+            new.truncate(3 * MIB + 5);
+        }
+        write_file(src.as_ref(), &new);
+        let (remote_mirror, remote_log) = (env.remote_path("mirror"), env.remote_path("undo.delta"));
+        let child = env.spawn(&["sync", "--bwlimit", "4M", &src, &remote_mirror, "--undo", &remote_log]);
+        let out = kill_at_random(&mut rng, child, 1200, |_| env.kill_agents());
+        if out.code() == 0 {
+            assert!(read(mirror.as_ref()) == new, "a completed sync");
+        }
+        rolls_back(&mirror, &log, &old, &format!("round {round}: {}", out.stderr_text().trim()));
+    }
+}
+
+/// `apply` killed at random moments: a rerun finishes the job (no "not what the delta was made
+/// against"), and nothing is damaged on the way.
+#[test]
+fn apply_killed_at_random_is_finished_by_a_rerun() {
+    let env = Env::local();
+    let mut rng = Rng::new("apply");
+    let (old_path, new_path, target, delta) =
+        (env.path("old"), env.path("new"), env.path("target"), env.path("p.delta"));
+    for round in 0..ROUNDS {
+        let old = random_bytes(8 * MIB, rng.next());
+        let mut new = old.clone();
+        for _ in 0..6 {
+            rng.mutate(&mut new);
+        }
+        new[5 * MIB..6 * MIB].fill(0);
+        write_file(old_path.as_ref(), &old);
+        write_file(new_path.as_ref(), &new);
+        let _ = std::fs::remove_file(&delta);
+        env.ok(&["diff", &new_path, &old_path, "-o", &delta]);
+        write_file(target.as_ref(), &old);
+        let child = env.spawn(&["apply", &delta, &target]);
+        let out = kill_at_random(&mut rng, child, 60, |c| {
+            let _ = Command::new("kill").args(["-KILL", &c.id().to_string()]).status();
+        });
+        if out.code() != 0 {
+            let again = support::run(&["apply", "-q", &delta, &target]);
+            assert_eq!(again.code(), 0, "round {round}: the rerun refused: {}", again.stderr_text());
+        }
+        assert!(read(target.as_ref()) == new, "round {round}: the target is not the new image");
+        let twice = support::run(&["apply", "-q", &delta, &target]);
+        assert_eq!(twice.code(), 10, "round {round}: applying twice is refused: {}", twice.stderr_text());
+    }
+}

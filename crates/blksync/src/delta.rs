@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -196,6 +196,12 @@ pub struct Writer {
     path: PathBuf,
     tmp: PathBuf,
     inner: Mutex<Inner>,
+    /// Records are clipped to end here (an undo log restores a file's old size, so what lay past
+    /// it needs no record).
+    limit: u64,
+    /// A second handle for fdatasync outside the lock, and how far it has made the file durable.
+    syncer: File,
+    synced: Mutex<u64>,
 }
 
 struct Inner {
@@ -212,6 +218,18 @@ impl Inner {
         self.position += bytes.len() as u64;
         Ok(())
     }
+}
+
+fn cut(bytes: &[u8], len: u32) -> &[u8] {
+    &bytes[..(len as usize).min(bytes.len())]
+}
+
+/// `PATH.partial`: where an undo log for `path` is written until it is complete.
+#[must_use]
+pub fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".partial");
+    PathBuf::from(name)
 }
 
 /// Refuses to write a new file at `out` (a delta, or an uploaded file) when that would destroy
@@ -246,6 +264,46 @@ impl Writer {
     /// Starts a delta at `path` with permissions `mode`.
     pub fn create_with_mode(path: &Path, header: &Header, mode: u32) -> Result<Writer> {
         let (file, tmp) = crate::temp::create(path, mode)?;
+        Writer::start(path, tmp, file, header)
+    }
+
+    /// Starts an undo log at `path`, written as `PATH.partial` until [`Writer::commit`]: unlike
+    /// other deltas, an undo log must survive its writer being killed, since the destination is
+    /// then half-synced and the log is the only way back. Its records are made durable with
+    /// [`Writer::sync_through`] before the bytes they save are overwritten, and `apply` reads a
+    /// `.partial` log up to its first torn record ([`Delta::recover`]). An existing `.partial`
+    /// is the log of an earlier sync that did not finish: it is never replaced.
+    pub fn create_journal(path: &Path, header: &Header) -> Result<Writer> {
+        let partial = partial_path(path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::new(
+                        ErrorKind::Usage,
+                        format!(
+                            "{} exists: an earlier sync with this undo log did not finish, and it holds the old content of what that sync overwrote. \
+                             Roll the destination back with `blksync apply {} DST` first, or remove it if that rollback is no longer wanted",
+                            partial.display(),
+                            partial.display()
+                        ),
+                    )
+                } else {
+                    Error::io("creating", &partial, None, e)
+                }
+            })?;
+        let mut writer = Writer::start(path, partial, file, header)?;
+        writer.limit = header.size_after;
+        Ok(writer)
+    }
+
+    fn start(path: &Path, tmp: PathBuf, file: File, header: &Header) -> Result<Writer> {
+        let syncer = file.try_clone().on("opening", &tmp)?;
         let mut inner = Inner {
             file: BufWriter::with_capacity(1 << 20, file),
             position: 0,
@@ -253,12 +311,49 @@ impl Writer {
             index: Vec::new(),
         };
         inner.write(&encode_header(header), &tmp)?;
-        Ok(Writer { path: path.to_path_buf(), tmp, inner: Mutex::new(inner) })
+        Ok(Writer {
+            path: path.to_path_buf(),
+            tmp,
+            inner: Mutex::new(inner),
+            limit: u64::MAX,
+            syncer,
+            synced: Mutex::new(0),
+        })
+    }
+
+    /// Where the file is written until it is committed.
+    #[must_use]
+    pub fn temporary_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Makes every record appended so far durable (flush and fdatasync). Threads that call it
+    /// together share one fdatasync: the first does it for all that were appended.
+    pub fn sync_through(&self) -> Result<()> {
+        let position = {
+            let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = inner.position;
+            inner.file.flush().at("writing", &self.tmp, at)?;
+            at
+        };
+        let mut synced = self.synced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *synced < position {
+            let upto = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).position;
+            self.syncer.sync_data().on("flushing", &self.tmp)?;
+            *synced = upto.max(position);
+        }
+        Ok(())
     }
 
     /// Appends a record. `data` is the new content (ignored for zeros); `before` the old content
     /// (`None` when it was zeros). Safe to call from many threads.
     pub fn record(&self, kind: Kind, offset: u64, len: u32, data: &[u8], before: Option<&[u8]>) -> Result<()> {
+        if offset >= self.limit {
+            return Ok(());
+        }
+        let keep = (self.limit - offset).min(u64::from(len)) as u32;
+        let (len, data, before) =
+            if keep < len { (keep, cut(data, keep), before.map(|b| cut(b, keep))) } else { (len, data, before) };
         let before_hash = match before {
             Some(b) => hash16(&[b]),
             None => zero_hash(u64::from(len)),
@@ -338,6 +433,10 @@ pub struct Delta {
     pub file_size: u64,
     /// The footer's whole-file hash.
     file_hash: [u8; 32],
+    /// Where the record area ends (the index, or the end of an uncommitted undo log).
+    records_end: u64,
+    /// An undo log recovered from a writer that was killed ([`Delta::recover`]).
+    pub partial: bool,
 }
 
 impl Delta {
@@ -356,35 +455,10 @@ impl Delta {
     /// and its commit marker, the index. Records are checked when read; [`Delta::verify`] checks
     /// the rest.
     pub fn open_index(path: &Path) -> Result<Delta> {
-        let file = File::open(path).on("opening delta", path)?;
-        let file_size = file.metadata().on("inspecting", path)?.len();
+        let (file, file_size, header, records_start) = open_header(path, FOOTER)?;
         let read = |buf: &mut [u8], at: u64| -> Result<()> {
             file.read_exact_at(buf, at).map_err(|_| corrupt(path, format!("truncated at byte offset {at}")))
         };
-        if file_size < 24 + FOOTER {
-            return Err(corrupt(path, format!("{file_size} bytes is too short for a delta")));
-        }
-        let mut head = [0u8; 24];
-        read(&mut head, 0)?;
-        if &head[..16] != MAGIC {
-            return Err(corrupt(path, "not a blksync delta (bad magic)"));
-        }
-        let version = u32::from_le_bytes([head[16], head[17], head[18], head[19]]);
-        if version != VERSION {
-            return Err(corrupt(path, format!("delta format version {version}; this blksync reads version {VERSION}")));
-        }
-        let header_len = u32::from_le_bytes([head[20], head[21], head[22], head[23]]);
-        if header_len > MAX_HEADER || u64::from(header_len) + 24 + 32 + FOOTER > file_size {
-            return Err(corrupt(path, format!("header length {header_len} is impossible")));
-        }
-        let mut header_bytes = vec![0u8; 24 + header_len as usize + 32];
-        read(&mut header_bytes, 0)?;
-        let (covered, stored_hash) = header_bytes.split_at(24 + header_len as usize);
-        if blake3::hash(covered).as_bytes() != stored_hash {
-            return Err(corrupt(path, "header checksum mismatch"));
-        }
-        let header = decode_header(&covered[24..]).map_err(|e| corrupt(path, e.message()))?;
-
         let mut footer = [0u8; FOOTER as usize];
         read(&mut footer, file_size - FOOTER)?;
         if &footer[48..] != COMMIT {
@@ -392,7 +466,6 @@ impl Delta {
         }
         let index_position = u64::from_le_bytes(footer[..8].try_into().unwrap_or_default());
         let count = u64::from_le_bytes(footer[8..16].try_into().unwrap_or_default());
-        let records_start = header_bytes.len() as u64;
         let index_end = file_size - FOOTER;
         if index_position < records_start
             || index_position > index_end
@@ -427,7 +500,59 @@ impl Delta {
             index.push(Entry { kind, offset, len, position });
         }
         let file_hash = footer[16..48].try_into().unwrap_or_default();
-        Ok(Delta { path: path.to_path_buf(), file, header, index, file_size, file_hash })
+        let records_end = file_size - FOOTER;
+        Ok(Delta { path: path.to_path_buf(), file, header, index, file_size, file_hash, records_end, partial: false })
+    }
+
+    /// Opens an undo log that was never committed (`NAME.partial`, left by a sync that was
+    /// killed): the header is checked as usual, then the records are read in file order, each
+    /// checked, up to the first one that is torn or invalid. Every record before that was made
+    /// durable before the bytes it saves were overwritten, so what is recovered covers everything
+    /// the sync changed (docs/DELTA-FORMAT.md, "Undo logs").
+    pub fn recover(path: &Path) -> Result<Delta> {
+        let (file, file_size, header, records_start) = open_header(path, 0)?;
+        let mut delta = Delta {
+            path: path.to_path_buf(),
+            file,
+            header,
+            index: Vec::new(),
+            file_size,
+            file_hash: [0; 32],
+            records_end: file_size,
+            partial: true,
+        };
+        let mut position = records_start;
+        let mut head = [0u8; RECORD_HEAD];
+        while position + (RECORD_HEAD as u64) + 16 <= file_size {
+            if delta.file.read_exact_at(&mut head, position).is_err() {
+                break;
+            }
+            let kind = match head[0] {
+                1 => Kind::Data,
+                2 => Kind::Zeros,
+                _ => break,
+            };
+            let offset = u64::from_le_bytes(head[1..9].try_into().unwrap_or_default());
+            let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or_default());
+            let stored = u32::from_le_bytes(head[RECORD_HEAD - 4..].try_into().unwrap_or_default());
+            if len == 0
+                || len > MAX_RECORD
+                || offset.checked_add(u64::from(len)).is_none_or(|e| e > delta.header.size_after)
+            {
+                break;
+            }
+            let entry = Entry { kind, offset, len, position };
+            if delta.read(&entry).is_err() {
+                break;
+            }
+            delta.index.push(entry);
+            position += RECORD_HEAD as u64 + u64::from(stored) + 16;
+        }
+        delta.index.sort_by_key(|e| e.offset);
+        if delta.index.windows(2).any(|w| w[0].offset + u64::from(w[0].len) > w[1].offset) {
+            return Err(corrupt(path, "records overlap: this is not an undo log blksync wrote"));
+        }
+        Ok(delta)
     }
 
     /// Checks what [`Delta::open_index`] left: the whole-file hash, then every record.
@@ -439,6 +564,10 @@ impl Delta {
     /// Checks the whole-file hash: the file is byte for byte what its writer committed, so it is
     /// not damaged. (Each record's own checksum is still checked whenever the record is read.)
     pub fn verify_hash(&self) -> Result<()> {
+        if self.partial {
+            // No whole-file hash yet; each record was checked when it was recovered.
+            return Ok(());
+        }
         let end = self.file_size - FOOTER;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -474,7 +603,7 @@ impl Delta {
             return Err(self.corrupt(format!("record at byte offset {} does not match the index", entry.position)));
         }
         let payload_at = entry.position + RECORD_HEAD as u64;
-        if stored > MAX_STORED || payload_at + u64::from(stored) + 16 > self.file_size - FOOTER {
+        if stored > MAX_STORED || payload_at + u64::from(stored) + 16 > self.records_end {
             return Err(self.corrupt(format!("record at byte offset {} has an impossible size", entry.position)));
         }
         let mut payload = vec![0u8; stored as usize + 16];
@@ -502,6 +631,41 @@ impl Delta {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Opens a delta and checks its header: magic, version and the checksummed fields. `footer` is
+/// the room the rest of the file must leave for a footer. Returns the file, its size, the
+/// header and where the records start.
+fn open_header(path: &Path, footer: u64) -> Result<(File, u64, Header, u64)> {
+    let file = File::open(path).on("opening delta", path)?;
+    let file_size = file.metadata().on("inspecting", path)?.len();
+    let read = |buf: &mut [u8], at: u64| -> Result<()> {
+        file.read_exact_at(buf, at).map_err(|_| corrupt(path, format!("truncated at byte offset {at}")))
+    };
+    if file_size < 24 + footer {
+        return Err(corrupt(path, format!("{file_size} bytes is too short for a delta")));
+    }
+    let mut head = [0u8; 24];
+    read(&mut head, 0)?;
+    if &head[..16] != MAGIC {
+        return Err(corrupt(path, "not a blksync delta (bad magic)"));
+    }
+    let version = u32::from_le_bytes([head[16], head[17], head[18], head[19]]);
+    if version != VERSION {
+        return Err(corrupt(path, format!("delta format version {version}; this blksync reads version {VERSION}")));
+    }
+    let header_len = u32::from_le_bytes([head[20], head[21], head[22], head[23]]);
+    if header_len > MAX_HEADER || u64::from(header_len) + 24 + 32 + footer > file_size {
+        return Err(corrupt(path, format!("header length {header_len} is impossible")));
+    }
+    let mut header_bytes = vec![0u8; 24 + header_len as usize + 32];
+    read(&mut header_bytes, 0)?;
+    let (covered, stored_hash) = header_bytes.split_at(24 + header_len as usize);
+    if blake3::hash(covered).as_bytes() != stored_hash {
+        return Err(corrupt(path, "header checksum mismatch"));
+    }
+    let header = decode_header(&covered[24..]).map_err(|e| corrupt(path, e.message()))?;
+    Ok((file, file_size, header, header_bytes.len() as u64))
 }
 
 fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {

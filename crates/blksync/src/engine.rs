@@ -274,6 +274,27 @@ impl Scan<'_> {
             start = end;
         }
 
+        if let (Action::Apply(_), Some(undo)) = (self.action, self.undo) {
+            // Write-ahead: the old content of every run of this chunk is in the undo log, and
+            // durable, before the first of them is overwritten. A full disk under the log stops
+            // the sync here, with the destination untouched past what the log covers.
+            for &(fix, run) in runs.iter() {
+                // The undo log turns the new content back into the old: the old bytes are the
+                // record, the new ones its "before".
+                let range = run.offset as usize..run.end() as usize;
+                let old = &dst[range.clone()];
+                let (kind, old) = if dest_is_zero || is_zero(old) {
+                    (crate::delta::Kind::Zeros, &[][..])
+                } else {
+                    (crate::delta::Kind::Data, old)
+                };
+                let new = (fix == Fix::Data).then(|| &src[range]);
+                undo.record(kind, work.offset + run.offset, run.len as u32, old, new)?;
+            }
+            if !runs.is_empty() {
+                undo.sync_through()?;
+            }
+        }
         let mut diffs = Vec::with_capacity(runs.len());
         for &(fix, run) in runs.iter() {
             let at = work.offset + run.offset;
@@ -288,19 +309,6 @@ impl Scan<'_> {
                 } else {
                     counters.add_written(run.len);
                 }
-            }
-            if let (Action::Apply(_), Some(undo)) = (self.action, self.undo) {
-                // The undo log turns the new content back into the old: the old bytes are the
-                // record, the new ones its "before".
-                let range = run.offset as usize..run.end() as usize;
-                let old = &dst[range.clone()];
-                let (kind, old) = if dest_is_zero || is_zero(old) {
-                    (crate::delta::Kind::Zeros, &[][..])
-                } else {
-                    (crate::delta::Kind::Data, old)
-                };
-                let new = (fix == Fix::Data).then(|| &src[range]);
-                undo.record(kind, at, run.len as u32, old, new)?;
             }
             if let Action::Apply(target) = self.action {
                 match fix {

@@ -7,7 +7,8 @@
 //! untouched; in a chain, a later delta that does not fit leaves the target as the earlier ones
 //! made it, and says so.
 
-use std::path::Path;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -193,9 +194,17 @@ pub struct ApplySummary {
 }
 
 /// Applies `deltas` in order to `target`.
+///
+/// Resumable: a record whose range already holds its new content counts as applied, so a rerun
+/// after a kill finishes the job. While a record is written its offset is noted in a marker file
+/// (`~/.cache/blksync/apply/`); a rerun accepts that one record holding neither the old nor the
+/// new content (a write cut short) and writes it again. Anything else that holds neither is the
+/// wrong target, and nothing is written.
 pub fn apply(deltas: &[&Path], target: &Path, force: bool, control: Control<'_>) -> Result<ApplySummary> {
-    // Integrity of every delta before anything else.
-    let opened: Vec<Delta> = deltas.iter().map(|p| Delta::open(p)).collect::<Result<_>>()?;
+    // Integrity of every delta before anything else. An undo log left by a killed sync
+    // (`NAME.partial`) is recovered up to its first torn record.
+    let opened: Vec<Delta> =
+        deltas.iter().map(|p| if is_partial(p) { Delta::recover(p) } else { Delta::open(p) }).collect::<Result<_>>()?;
     for pair in opened.windows(2) {
         if pair[1].header.size_before != pair[0].header.size_after {
             return Err(Error::new(
@@ -212,22 +221,67 @@ pub fn apply(deltas: &[&Path], target: &Path, force: bool, control: Control<'_>)
     }
     let create = opened.first().is_some_and(|d| d.header.size_before == 0);
     let dst = Local::open_target(target, OpenTarget { create, force, ..OpenTarget::default() })?;
+    let created = dst.created();
+    let result = apply_to(&opened, &dst, control);
+    if created && result.is_err() {
+        // Nothing of the target existed before: leave nothing that looks like a result.
+        let _ = std::fs::remove_file(target);
+    }
+    let counters = result?;
+    Ok(ApplySummary {
+        target: target.display().to_string(),
+        deltas: deltas.iter().map(|p| p.display().to_string()).collect(),
+        counters,
+        size_after: dst.size(),
+    })
+}
+
+fn is_partial(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "partial")
+}
+
+fn apply_to(opened: &[Delta], dst: &Local, control: Control<'_>) -> Result<Snapshot> {
     let counters = Counters::new();
     counters.set_total(opened.iter().map(|d| d.index.iter().map(|e| u64::from(e.len)).sum::<u64>()).sum());
     control.observer.phase(Phase::Sync, counters.snapshot().bytes_total);
-    for d in &opened {
+    let mut already = 0;
+    for d in opened {
         if control.cancelled() {
             return Err(Error::new(
                 ErrorKind::Interrupted,
-                format!("interrupted before applying {}", d.path().display()),
+                format!(
+                    "interrupted before applying {}; what was applied stays, and a rerun finishes the job",
+                    d.path().display()
+                ),
             ));
         }
-        check_target(d, &dst)?;
+        let marker = Marker::new(dst, &d.header.id);
+        let plan = check_target(d, dst, marker.as_ref().and_then(Marker::torn))?;
+        if plan.already_applied {
+            already += 1;
+        }
         if dst.size() != d.header.size_after {
             dst.set_size(d.header.size_after)?;
         }
-        for entry in &d.index {
+        for (entry, &write) in d.index.iter().zip(&plan.write) {
+            counters.add_scanned(u64::from(entry.len));
+            if !write {
+                continue;
+            }
+            if control.cancelled() {
+                dst.flush()?;
+                return Err(Error::new(
+                    ErrorKind::Interrupted,
+                    format!(
+                        "interrupted while applying {}; what was applied is flushed, and a rerun finishes the job",
+                        d.path().display()
+                    ),
+                ));
+            }
             let record = d.read(entry)?;
+            if let Some(m) = &marker {
+                m.note(entry.offset);
+            }
             match entry.kind {
                 Kind::Data => {
                     dst.write_at(&record.data, entry.offset)?;
@@ -238,22 +292,40 @@ pub fn apply(deltas: &[&Path], target: &Path, force: bool, control: Control<'_>)
                     counters.add_zeroed(u64::from(entry.len));
                 }
             }
-            counters.add_scanned(u64::from(entry.len));
             control.observer.progress(&counters.snapshot());
         }
         dst.flush()?;
+        if let Some(m) = marker {
+            m.remove();
+        }
     }
-    Ok(ApplySummary {
-        target: target.display().to_string(),
-        deltas: deltas.iter().map(|p| p.display().to_string()).collect(),
-        counters: counters.snapshot(),
-        size_after: dst.size(),
-    })
+    if already == opened.len() && !opened.iter().any(|d| d.partial) {
+        let names: Vec<String> = opened.iter().map(|d| d.path().display().to_string()).collect();
+        return Err(Error::new(
+            ErrorKind::WrongTarget,
+            format!("{} already holds what {} produces: it was applied before", dst.name().display(), names.join(", ")),
+        ));
+    }
+    Ok(counters.snapshot())
 }
 
-/// Checks that `target` holds what `delta` was made against: its size, and the content under
-/// every record.
-fn check_target(delta: &Delta, target: &Local) -> Result<()> {
+/// What applying one delta must write.
+struct Plan {
+    /// Per index entry: the range still needs its new content.
+    write: Vec<bool>,
+    /// Every record's range already holds its new content, and at least one differs from
+    /// what the delta was made against: the delta was applied before.
+    already_applied: bool,
+}
+
+/// How many records of an undo log left by a killed sync may hold neither their old nor their
+/// new content: those being written when it died, one per worker at most.
+const TORN_IN_JOURNAL: usize = 64;
+
+/// Checks that `target` holds what `delta` was made against, or, range by range, what it
+/// produces (a run that was cut short): its size, and the content under every record. `torn`
+/// is the offset of a record that was being written when an earlier apply was killed.
+fn check_target(delta: &Delta, target: &Local, torn: Option<u64>) -> Result<Plan> {
     let wrong = |what: String| {
         Error::new(
             ErrorKind::WrongTarget,
@@ -265,34 +337,107 @@ fn check_target(delta: &Delta, target: &Local) -> Result<()> {
         )
     };
     let size = target.size();
+    let h = &delta.header;
     let fits = match target.kind() {
-        crate::endpoint::Kind::BlockDevice => size == delta.header.size_before && size == delta.header.size_after,
-        _ => size == delta.header.size_before,
+        crate::endpoint::Kind::BlockDevice => size == h.size_before && size == h.size_after,
+        // A file already resized by a run that was cut short.
+        _ => size == h.size_before || size == h.size_after,
     };
     if !fits {
-        return Err(wrong(format!("the target is {size} bytes, the delta expects {}", delta.header.size_before)));
+        return Err(wrong(format!("the target is {size} bytes, the delta expects {}", h.size_before)));
     }
+    // Records of a recovered undo log, newest written last: the last ones may be cut short.
+    let mut by_position: Vec<u64> = delta.index.iter().map(|e| e.position).collect();
+    by_position.sort_unstable();
+    let tail_from = by_position.len().saturating_sub(TORN_IN_JOURNAL).min(by_position.len());
+    let tail_start = by_position.get(tail_from).copied().unwrap_or(u64::MAX);
+    let mut plan = Plan { write: Vec::with_capacity(delta.index.len()), already_applied: false };
+    let (mut before_only, mut after_only) = (0usize, 0usize);
     let mut buf = Vec::new();
     for entry in &delta.index {
         let record = delta.read(entry)?;
         let len = u64::from(entry.len);
-        let expected = if entry.offset >= size {
-            delta::zero_hash(len)
-        } else {
-            buf.clear();
-            buf.resize(len as usize, 0);
+        buf.clear();
+        buf.resize(len as usize, 0);
+        if entry.offset < size {
             let n = (size - entry.offset).min(len) as usize;
             target.read_at(&mut buf[..n], entry.offset)?;
-            delta::hash16(&[&buf])
+        }
+        let holds_after = match entry.kind {
+            Kind::Data => buf == record.data,
+            Kind::Zeros => crate::zero::is_zero(&buf),
         };
-        if record.before_hash != delta::UNRECORDED && expected != record.before_hash {
+        let holds_before = record.before_hash == delta::UNRECORDED || delta::hash16(&[&buf]) == record.before_hash;
+        if holds_after {
+            if !holds_before {
+                after_only += 1;
+            }
+            plan.write.push(false);
+        } else if holds_before {
+            before_only += 1;
+            plan.write.push(true);
+        } else if torn == Some(entry.offset) || (delta.partial && entry.position >= tail_start) {
+            // Being written when a run was killed: part old, part new. Writing it completes it.
+            plan.write.push(true);
+        } else {
             return Err(wrong(format!(
                 "the content at byte offset {} is not what the delta was made against",
                 entry.offset
             )));
         }
     }
-    Ok(())
+    plan.already_applied = before_only == 0 && after_only > 0 && plan.write.iter().all(|w| !w);
+    Ok(plan)
+}
+
+/// Notes, in `~/.cache/blksync/apply/`, which record an apply is writing, so that a rerun after
+/// a kill recognises that record's range as cut short rather than foreign. Not fsynced: it
+/// guards against a killed process, whose writes the page cache keeps; after a power cut the
+/// target's own writes are as unordered as the marker's. Best effort: without a cache
+/// directory, a record cut short makes the rerun refuse, as it would without markers.
+struct Marker {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Marker {
+    fn new(target: &Local, delta_id: &[u8; 16]) -> Option<Marker> {
+        let who = match target.identity() {
+            crate::endpoint::Identity::File { dev, ino } => format!("f{dev}-{ino}"),
+            crate::endpoint::Identity::Device { rdev } => format!("d{rdev}"),
+            crate::endpoint::Identity::None => return None,
+        };
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        let dir = cache.join("blksync").join("apply");
+        std::fs::create_dir_all(&dir).ok()?;
+        let path = dir.join(format!("{who}-{}", delta::to_hex(delta_id)));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .ok()?;
+        Some(Marker { path, file })
+    }
+
+    /// The offset noted by an earlier run that did not finish.
+    fn torn(&self) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.file.read_exact_at(&mut b, 0).ok().map(|()| u64::from_le_bytes(b))
+    }
+
+    fn note(&self, offset: u64) {
+        let _ = self.file.write_all_at(&offset.to_le_bytes(), 0);
+    }
+
+    fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A delta's description for `info`.

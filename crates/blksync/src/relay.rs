@@ -136,7 +136,8 @@ fn sync(
         let uninterrupted = std::sync::atomic::AtomicBool::new(false);
         let salvage = Control { observer: control.observer, cancel: &uninterrupted };
         let fetched = history::fetch(target, written, local, salvage);
-        let at = || format!("{}:{}", target.name, written.display());
+        // A log that was never committed stays as PATH.partial, which `apply` reads.
+        let at = || format!("{}:{}", target.name, crate::delta::partial_path(written).display());
         match (&result, fetched) {
             (Ok(_), Err(e)) => {
                 return Err(Error::new(
@@ -150,7 +151,7 @@ fn sync(
             }
             (Err(e), Err(lost)) => {
                 let text = format!(
-                    "{e}; the undo log of what was written could not be fetched ({lost}); if the connection broke, it stays on {} for a day",
+                    "{e}; the undo log of what was written could not be fetched ({lost}); if the connection broke, it stays on {} for a day (`blksync apply` reads it there)",
                     at()
                 );
                 return Err(Error::new(e.kind(), text));

@@ -334,18 +334,24 @@ impl UndoSink {
         }
     }
 
-    /// Saves, then writes `data` at `offset`.
+    /// Saves, makes the log durable (write-ahead), then writes `data` at `offset`.
     pub fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.save(offset, data.len() as u64, Some(data))?;
+        self.durable()?;
         self.target.write_at(data, offset)
     }
 
-    /// Saves, then zeroes `[offset, offset + len)`.
+    /// Saves, makes the log durable, then zeroes `[offset, offset + len)`.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         for (pos, n) in pieces(offset, len) {
             self.save(pos, n, None)?;
         }
+        self.durable()?;
         self.target.zero(offset, len)
+    }
+
+    fn durable(&self) -> Result<()> {
+        self.writer.as_deref().map_or(Ok(()), Writer::sync_through)
     }
 
     /// Starts the log (saving a tail that is cut off), then resizes.

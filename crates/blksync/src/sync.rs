@@ -186,7 +186,11 @@ pub fn sync(
         Some(path) => {
             delta::check_output(path, &[src.identity(), dst.identity()])?;
             let comment = format!("undo log of a sync from {}", src.name().display());
-            Some(start_undo(path, &comment, dst, sizing.resize_to.unwrap_or(before), before)?)
+            let started = start_undo(path, &comment, dst, sizing.resize_to.unwrap_or(before), before);
+            Some(started.map_err(|e| {
+                let text = format!("{e}; the undo log could not be started, so nothing was changed");
+                Error::new(e.kind(), text)
+            })?)
         }
         None => None,
     };
@@ -223,7 +227,9 @@ pub fn sync(
     // before it was overwritten), so it is valid even after a failure or an interruption.
     let undo_log = match (undo, &options.undo) {
         (Some(writer), Some(path)) => {
-            writer.commit()?;
+            if let Err(e) = writer.commit() {
+                return Err(undo_incomplete(&scanned, &e, path, dst));
+            }
             Some(path.display().to_string())
         }
         _ => None,
@@ -266,6 +272,28 @@ pub fn sync(
     Ok(summary)
 }
 
+/// The error for an undo log that could not be committed (a full disk, most often): its records
+/// are durable, so the `.partial` file it left rolls the destination back.
+fn undo_incomplete(scanned: &Result<crate::engine::Found>, e: &Error, path: &Path, dst: &dyn Target) -> Error {
+    let partial = delta::partial_path(path);
+    let what = match scanned {
+        Ok(found) if !found.cancelled => "the sync completed".to_string(),
+        Ok(_) => "the sync was interrupted".to_string(),
+        Err(first) => first.to_string(),
+    };
+    let kind = scanned.as_ref().err().map_or(e.kind(), Error::kind);
+    Error::new(
+        kind,
+        format!(
+            "{what}; the undo log could not be completed ({e}), but {} holds the old content of everything that was overwritten: \
+             `blksync apply {} {}` rolls the destination back",
+            partial.display(),
+            partial.display(),
+            dst.name().display()
+        ),
+    )
+}
+
 /// Starts an undo log that turns the destination, `new_size` bytes after the sync, back into
 /// its `old_size` bytes now. A tail that the sync will truncate is saved first.
 pub(crate) fn start_undo(
@@ -278,19 +306,30 @@ pub(crate) fn start_undo(
     let mut header = crate::sink::new_header([0; 16], 4096, &dst.name().display().to_string(), comment)?;
     header.size_before = new_size;
     header.size_after = old_size;
-    let writer = delta::Writer::create(path, &header)?;
+    let writer = delta::Writer::create_journal(path, &header)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = new_size;
     while pos < old_size {
         let n = (old_size - pos).min(buf.len() as u64) as usize;
-        dst.read_at(&mut buf[..n], pos)?;
+        if let Err(e) = dst.read_at(&mut buf[..n], pos) {
+            writer.abandon();
+            return Err(e);
+        }
         let (kind, data) = if crate::zero::is_zero(&buf[..n]) {
             (delta::Kind::Zeros, &[][..])
         } else {
             (delta::Kind::Data, &buf[..n])
         };
-        writer.record(kind, pos, n as u32, data, None)?;
+        if let Err(e) = writer.record(kind, pos, n as u32, data, None) {
+            writer.abandon();
+            return Err(e);
+        }
         pos += n as u64;
+    }
+    // The tail is durable before the destination is cut.
+    if let Err(e) = writer.sync_through() {
+        writer.abandon();
+        return Err(e);
     }
     Ok(writer)
 }
