@@ -237,6 +237,12 @@ pub fn partial_path(path: &Path) -> PathBuf {
 /// which would replace the node), or a file that the same command reads (`inputs`), such as
 /// `diff SRC BASE -o BASE`.
 pub fn check_output(out: &Path, inputs: &[crate::endpoint::Identity]) -> Result<()> {
+    check_output_with(out, inputs, false)
+}
+
+/// [`check_output`], where `replace_any` (`sync --undo FILE --force`) lets the output replace
+/// an existing regular file that is not a delta.
+pub fn check_output_with(out: &Path, inputs: &[crate::endpoint::Identity], replace_any: bool) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(out) else { return Ok(()) };
     if !meta.is_file() {
@@ -251,7 +257,22 @@ pub fn check_output(out: &Path, inputs: &[crate::endpoint::Identity]) -> Result<
             out.display()
         )));
     }
+    // Replacing an earlier delta (tonight's `-o today.delta`, this week's undo log) is the
+    // normal case; replacing anything else is a typo that loses data (a disk image became a
+    // 57 KB delta).
+    if meta.len() > 0 && !replace_any && !is_delta(out) {
+        return Err(Error::usage(format!(
+            "{} exists and is not a blksync delta; the output would replace it. Remove it first if that is what you want",
+            out.display()
+        )));
+    }
     Ok(())
+}
+
+/// Whether the file at `path` starts like a delta (its magic), whatever its state.
+fn is_delta(path: &Path) -> bool {
+    let mut magic = [0u8; 16];
+    File::open(path).and_then(|f| f.read_exact_at(&mut magic, 0)).is_ok_and(|()| &magic == MAGIC)
 }
 
 impl Writer {

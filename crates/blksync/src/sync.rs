@@ -184,7 +184,7 @@ pub fn sync(
     }
     let undo = match &options.undo {
         Some(path) => {
-            delta::check_output(path, &[src.identity(), dst.identity()])?;
+            delta::check_output_with(path, &[src.identity(), dst.identity()], options.force)?;
             let comment = format!("undo log of a sync from {}", src.name().display());
             let started = start_undo(path, &comment, dst, sizing.resize_to.unwrap_or(before), before);
             Some(started.map_err(|e| {

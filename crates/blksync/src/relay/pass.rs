@@ -10,6 +10,7 @@
 //! source even when the target is gone, so that no thread can wait on another forever.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -133,6 +134,9 @@ struct Brain<'a> {
     total: u64,
     ranges: BTreeMap<u64, u64>,
     flushed: bool,
+    /// Reads sent and not yet done (start → end), which the source router checks every `Data`
+    /// against.
+    requested: &'a Mutex<BTreeMap<u64, u64>>,
 }
 
 impl Pass<'_> {
@@ -145,6 +149,7 @@ impl Pass<'_> {
         let (events_tx, events) = unbounded::<(End, Msg)>();
         let routing = AtomicBool::new(true);
         let forwarding = AtomicBool::new(true);
+        let requested = Mutex::new(BTreeMap::new());
         let mut brain = Brain {
             pass: self,
             counters,
@@ -155,11 +160,12 @@ impl Pass<'_> {
             total: self.scan_len.div_ceil(self.chunk as u64),
             ranges: BTreeMap::new(),
             flushed: false,
+            requested: &requested,
         };
         std::thread::scope(|scope| {
-            let (routing, forwarding) = (&routing, &forwarding);
+            let (routing, forwarding, requested) = (&routing, &forwarding, &requested);
             let tx = events_tx.clone();
-            scope.spawn(move || self.route_source(&tx, counters, control, routing, forwarding));
+            scope.spawn(move || self.route_source(&tx, counters, control, (routing, forwarding), requested));
             let tx = events_tx.clone();
             scope.spawn(move || route(self.target, End::Target, &tx, routing));
             drop(events_tx);
@@ -195,8 +201,8 @@ impl Pass<'_> {
         events: &Sender<(End, Msg)>,
         counters: &Counters,
         control: Control<'_>,
-        routing: &AtomicBool,
-        forwarding: &AtomicBool,
+        (routing, forwarding): (&AtomicBool, &AtomicBool),
+        requested: &Mutex<BTreeMap<u64, u64>>,
     ) {
         while routing.load(Ordering::Relaxed) {
             let msg = match self.source.rx.recv_timeout(Duration::from_millis(50)) {
@@ -207,6 +213,12 @@ impl Pass<'_> {
             match msg {
                 Msg::Data(chunk) => {
                     if !forwarding.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Err(message) = self.asked_for(&chunk, requested) {
+                        // A hostile or broken source: nothing it sends reaches the target any more.
+                        forwarding.store(false, Ordering::Relaxed);
+                        let _ = events.send((End::Source, Msg::Error { kind: ErrorKind::Protocol, message }));
                         continue;
                     }
                     if let Some(t) = self.throttle {
@@ -235,6 +247,34 @@ impl Pass<'_> {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Pass<'_> {
+    /// Checks that a `Data` from the source answers a request (docs/PROTOCOL.md promises the
+    /// client writes nothing else): inside an outstanding `Read`, or for `Copy` inside the
+    /// scanned length.
+    fn asked_for(&self, chunk: &crate::protocol::message::Chunk, requested: &Mutex<BTreeMap<u64, u64>>) -> std::result::Result<(), String> {
+        let start = chunk.offset;
+        let end = start.checked_add(u64::from(chunk.raw_len));
+        let inside = match (self.mode, end) {
+            (_, None) => false,
+            (Mode::Copy, Some(end)) => end <= self.scan_len,
+            (_, Some(end)) => requested
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .range(..=start)
+                .next_back()
+                .is_some_and(|(_, &stop)| end <= stop),
+        };
+        if inside {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: sent {} bytes at byte offset {start} that were never asked for; nothing more from it is written",
+                self.source.name, chunk.raw_len
+            ))
         }
     }
 }
@@ -364,6 +404,7 @@ impl Brain<'_> {
                     let state = self.state(side, chunk)?;
                     state.pending -= 1;
                     let _ = len;
+                    self.requested.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&offset);
                     self.finish_if_done(chunk)?;
                 }
             }
@@ -482,6 +523,10 @@ impl Brain<'_> {
                 }
                 (Fix::Read, _) => {
                     self.chunks.entry(chunk).or_default().pending += 1;
+                    self.requested
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(run.offset, run.offset + run.len);
                     self.send(
                         End::Source,
                         Msg::Read { offset: run.offset, len: run.len as u32, compress: p.compress },
