@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::location::Remote;
+use crate::progress::Observer;
 use crate::protocol::frame::read_frame;
 use crate::protocol::{FEATURES, Msg, VERSION};
 use crate::ssh::{self, SshOptions};
@@ -47,9 +48,10 @@ pub struct PeerInfo {
 enum Hello {
     /// Nothing outstanding.
     Done,
-    /// The Hello was sent and its reply not read yet; `uploaded` is the hash the agent's
-    /// executable must have when we just uploaded it.
-    Pending { uploaded: Option<Vec<u8>> },
+    /// The Hello was sent and its reply not read yet; `ours` is the hash the agent's
+    /// executable must have when it is our own build (just uploaded, or from the cache), and
+    /// where it came from.
+    Pending { ours: Option<(Vec<u8>, &'static str)> },
 }
 
 /// A connected peer.
@@ -96,9 +98,13 @@ impl Link {
         }
     }
 
-    /// Starts an agent on `remote` over ssh and shakes hands with it.
-    pub fn ssh(remote: &Remote, options: &SshOptions) -> Result<Link> {
+    /// Starts an agent on `remote` over ssh and shakes hands with it; what the start found wrong
+    /// (an unusable `--remote-path`, a replaced cached agent) goes to `observer` as warnings.
+    pub fn ssh(remote: &Remote, options: &SshOptions, observer: &dyn Observer) -> Result<Link> {
         let conn = ssh::connect(remote, options)?;
+        for warning in &conn.warnings {
+            warn_once(observer, warning);
+        }
         let name = remote.destination();
         let wire = Arc::new(Wire::default());
         let (tx, requests) = bounded::<Msg>(QUEUE);
@@ -168,14 +174,23 @@ impl Link {
         };
         // The Hello goes out now; its reply is read with the first call's, saving a round trip
         // (the bootstrap already checked the protocol version, so a mismatch here is rare).
-        link.send(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: conn.uploaded })?;
-        link.hello = Hello::Pending { uploaded: conn.uploaded.then(|| conn.exe_hash.clone()) };
+        let ours = if conn.uploaded {
+            Some((conn.exe_hash, "uploaded"))
+        } else if conn.cached {
+            Some((conn.exe_hash, "cached"))
+        } else {
+            None
+        };
+        link.send(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: ours.is_some() })?;
+        link.hello = Hello::Pending { ours };
         Ok(link)
     }
 
-    /// Reads and checks the Hello reply; `uploaded` is the hash the agent's executable must have
-    /// when we just uploaded it.
-    fn finish_handshake(&mut self, uploaded: Option<&[u8]>) -> Result<()> {
+    /// Reads and checks the Hello reply; `ours` is the hash the agent's executable must have when
+    /// it is our own build, and where it came from (`uploaded`, `cached`). The agent reports the
+    /// hash itself, so this catches a damaged upload or cache entry, never a hostile one (see
+    /// docs/PROTOCOL.md, "Trusting the upload cache").
+    fn finish_handshake(&mut self, ours: Option<(&[u8], &str)>) -> Result<()> {
         match self.recv()? {
             Msg::HelloReply { version, tool_version, boot_id, exe_hash, .. } => {
                 let tool_version = String::from_utf8_lossy(&tool_version).into_owned();
@@ -189,16 +204,16 @@ impl Link {
                         ),
                     ));
                 }
-                if let Some(ours) = uploaded {
-                    if ours != exe_hash {
-                        return Err(Error::new(
-                            ErrorKind::Connection,
-                            format!(
-                                "{}: the uploaded agent does not match this binary (hash mismatch); the upload was corrupted",
-                                self.name
-                            ),
-                        ));
-                    }
+                if let Some((hash, origin)) = ours
+                    && hash != exe_hash
+                {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!(
+                            "{}: the {origin} agent does not match this binary (BLAKE3 mismatch); it is damaged, remove it from ~/.cache/blksync there",
+                            self.name
+                        ),
+                    ));
                 }
                 self.info = PeerInfo { tool_version, boot_id };
                 Ok(())
@@ -222,8 +237,8 @@ impl Link {
     /// still outstanding); peer errors become `Err`.
     pub fn call(&mut self, msg: Msg) -> Result<Msg> {
         self.send(msg)?;
-        if let Hello::Pending { uploaded } = std::mem::replace(&mut self.hello, Hello::Done) {
-            self.finish_handshake(uploaded.as_deref())?;
+        if let Hello::Pending { ours } = std::mem::replace(&mut self.hello, Hello::Done) {
+            self.finish_handshake(ours.as_ref().map(|(hash, origin)| (hash.as_slice(), *origin)))?;
         }
         self.recv()
     }
@@ -305,5 +320,17 @@ impl Link {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// Passes `message` to `observer` unless this process already did: one command may connect to a
+/// host several times (both sides of a sync, the inputs and output of a merge), and a warning
+/// about how that host is reached is worth reading once.
+fn warn_once(observer: &dyn Observer, message: &str) {
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !seen.iter().any(|m| m == message) {
+        seen.push(message.to_string());
+        observer.warn(message);
     }
 }

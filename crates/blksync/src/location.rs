@@ -89,8 +89,18 @@ fn split_login(login: &[u8], arg: &OsString) -> Result<(Option<String>, String)>
         None => (None, text),
     };
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    if host.is_empty() || user.as_deref() == Some("") || host.starts_with('-') {
+    if host.is_empty() || user.as_deref() == Some("") {
         return Err(Error::usage(format!("invalid remote location {:?}", arg.to_string_lossy())));
+    }
+    // ssh parses `user@host` as an option when it starts with `-` (`-oProxyCommand=…@host` runs
+    // a command here), and a host starting with `-` the same; no real name does either.
+    for (what, name) in [("user name", user.as_deref()), ("host name", Some(host))] {
+        if name.is_some_and(|n| n.starts_with('-')) {
+            return Err(Error::usage(format!(
+                "invalid remote location {:?}: the {what} starts with '-', which ssh would take as an option",
+                arg.to_string_lossy()
+            )));
+        }
     }
     Ok((user, host.to_string()))
 }
@@ -162,5 +172,25 @@ mod tests {
             local(s);
         }
         assert!(Location::parse(&OsString::from("-oProxyCommand=x:y")).is_err());
+    }
+
+    #[test]
+    fn user_or_host_starting_with_a_dash_is_refused_not_passed_to_ssh() {
+        for s in [
+            "ssh://-oProxyCommand=touch x@host/p",
+            "ssh://-oProxyCommand=x@host:22/p",
+            "-oFoo@host:path",
+            "-l@host:path",
+            "me@-oFoo:path",
+            "ssh://me@-oFoo/p",
+            "[-x]:path",
+        ] {
+            let e = Location::parse(&OsString::from(s)).expect_err(s);
+            assert_eq!(e.kind(), crate::error::ErrorKind::Usage, "{s}");
+            assert!(e.to_string().contains(s), "the error names the address: {e}");
+        }
+        // A dash later in a name is ordinary.
+        let r = remote("back-up@my-nas:/x");
+        assert_eq!((r.user.as_deref(), r.host.as_str()), (Some("back-up"), "my-nas"));
     }
 }

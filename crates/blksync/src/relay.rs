@@ -291,10 +291,12 @@ pub struct Side<'a> {
     pub ssh: &'a SshOptions,
 }
 
-fn connect(side: &Side<'_>) -> Result<(Link, std::ffi::OsString)> {
+fn connect(side: &Side<'_>, control: Control<'_>) -> Result<(Link, std::ffi::OsString)> {
     match side.location {
         Location::Local(path) => Ok((Link::local(), path.clone().into_os_string())),
-        Location::Remote(remote) => Ok((Link::ssh(remote, side.ssh)?, remote.path.clone().into_os_string())),
+        Location::Remote(remote) => {
+            Ok((Link::ssh(remote, side.ssh, control.observer)?, remote.path.clone().into_os_string()))
+        }
     }
 }
 
@@ -314,8 +316,12 @@ fn wire_of(links: &[&Link]) -> (u64, u64) {
 
 /// Connects to `side`, runs `run` on the link and the path there, and closes the link whatever
 /// happened. Also returns the bytes that crossed the wire.
-fn with_link<T>(side: &Side<'_>, run: impl FnOnce(&mut Link, &OsStr) -> Result<T>) -> Result<(T, (u64, u64))> {
-    let (mut link, path) = connect(side)?;
+fn with_link<T>(
+    side: &Side<'_>,
+    control: Control<'_>,
+    run: impl FnOnce(&mut Link, &OsStr) -> Result<T>,
+) -> Result<(T, (u64, u64))> {
+    let (mut link, path) = connect(side, control)?;
     let result = run(&mut link, &path);
     let wire = wire_of(&[&link]);
     link.close();
@@ -326,9 +332,11 @@ fn with_link<T>(side: &Side<'_>, run: impl FnOnce(&mut Link, &OsStr) -> Result<T
 fn with_two_links<T>(
     a: &Side<'_>,
     b: &Side<'_>,
+    control: Control<'_>,
     run: impl FnOnce(&mut Link, &OsStr, &mut Link, &OsStr) -> Result<T>,
 ) -> Result<(T, (u64, u64))> {
-    let ((result, y_wire), x_wire) = with_link(a, |x, x_path| with_link(b, |y, y_path| run(x, x_path, y, y_path)))?;
+    let ((result, y_wire), x_wire) =
+        with_link(a, control, |x, x_path| with_link(b, control, |y, y_path| run(x, x_path, y, y_path)))?;
     Ok((result, (x_wire.0 + y_wire.0, x_wire.1 + y_wire.1)))
 }
 
@@ -337,9 +345,10 @@ fn with_two_links<T>(
 fn with_links(
     a: &Side<'_>,
     b: &Side<'_>,
+    control: Control<'_>,
     run: impl FnOnce(&mut Link, &OsStr, &mut Link, &OsStr) -> Result<Summary>,
 ) -> Result<Summary> {
-    with_two_links(a, b, run).map(|(mut summary, (sent, received))| {
+    with_two_links(a, b, control, run).map(|(mut summary, (sent, received))| {
         summary.bytes_sent += sent;
         summary.bytes_received += received;
         summary
@@ -380,7 +389,7 @@ pub fn sync_locations(
         };
         return sync_on_host(a, &b.path, source.ssh, &o, control);
     }
-    with_links(source, target, |s, s_path, t, t_path| sync(s, s_path, t, t_path, options, undo, control))
+    with_links(source, target, control, |s, s_path, t, t_path| sync(s, s_path, t, t_path, options, undo, control))
 }
 
 /// Runs a sync between two paths of one remote host on that host (`LocalSync`).
@@ -392,7 +401,7 @@ fn sync_on_host(
     control: Control<'_>,
 ) -> Result<Summary> {
     use crate::protocol::message::sync_flags as f;
-    let mut link = Link::ssh(remote, ssh)?;
+    let mut link = Link::ssh(remote, ssh, control.observer)?;
     let flag = |on: bool, bit: u32| if on { bit } else { 0 };
     let flags = flag(o.dry_run, f::DRY_RUN)
         | flag(o.verify, f::VERIFY)
@@ -498,7 +507,7 @@ fn compare_on_host(
     max_ranges: usize,
     control: Control<'_>,
 ) -> Result<Comparison> {
-    let mut link = Link::ssh(remote, ssh)?;
+    let mut link = Link::ssh(remote, ssh, control.observer)?;
     let request = Msg::LocalCompare {
         first: remote.path.as_os_str().as_bytes().to_vec(),
         second: second.as_os_str().as_bytes().to_vec(),
@@ -607,7 +616,7 @@ pub fn backup_locations(
         undo: None,
         ..options.clone()
     };
-    with_links(source, dest, |s, s_path, t, t_path| {
+    with_links(source, dest, control, |s, s_path, t, t_path| {
         let cache = if options.sync.keep_cache { open_flags::KEEP_CACHE } else { 0 };
         let so = open(s, Role::Source, cache, s_path, b"")?;
         let source_name = display(s, s_path);
@@ -649,7 +658,7 @@ pub fn restore_locations(
         (summary.bytes_sent, summary.bytes_received) = wire;
         return Ok(summary);
     }
-    with_links(chain, target, |s, s_path, t, t_path| {
+    with_links(chain, target, control, |s, s_path, t, t_path| {
         let so = open_chain(s, s_path, Role::Source, at, "", "", options.sync.block_size)?;
         let o = &options.sync;
         let mut flags = open_flags::CREATE | if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
@@ -673,7 +682,7 @@ pub fn restore_stream(
     const PIECE: u64 = 4 << 20;
     const AHEAD: u64 = 4;
     let stdout = Path::new("standard output");
-    with_link(chain, |link, path| {
+    with_link(chain, control, |link, path| {
         let size = open_chain(link, path, Role::Source, at, "", "", 4096)?.size;
         let counters = Counters::new();
         counters.set_total(size);
@@ -727,7 +736,7 @@ pub fn compare_locations(
     {
         return compare_on_host(first, &second.path, a.ssh, block_size, max_ranges, control);
     }
-    with_two_links(a, b, |x, x_path, y, y_path| compare(x, x_path, y, y_path, block_size, max_ranges, control))
+    with_two_links(a, b, control, |x, x_path, y, y_path| compare(x, x_path, y, y_path, block_size, max_ranges, control))
         .map(|(comparison, _)| comparison)
 }
 

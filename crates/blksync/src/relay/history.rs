@@ -92,7 +92,7 @@ pub(crate) fn job_counted<T: DeserializeOwned>(
     job: &Job,
     control: Control<'_>,
 ) -> Result<(T, (u64, u64))> {
-    with_link(side, |link, _| run_job(link, job, control))
+    with_link(side, control, |link, _| run_job(link, job, control))
 }
 
 /// Progress and Ctrl-C for copying a whole file.
@@ -227,7 +227,7 @@ fn local_copies(sides: &[&Side<'_>], temps: &mut Vec<Temp>, control: Control<'_>
             let i = if let Some(i) = links.iter().position(|(s, _)| same_host(s, side)) {
                 i
             } else {
-                links.push((side, connect(side)?.0));
+                links.push((side, connect(side, control)?.0));
                 links.len() - 1
             };
             let link = &mut links[i].1;
@@ -320,7 +320,7 @@ pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<
         Location::Remote(r) => {
             let temp = Temp::new("delta")?;
             let mut info = crate::patch::merge(&local, &temp.0, control)?;
-            with_link(output, |link, _| put(link, &temp.0, Some(&r.path), control))?;
+            with_link(output, control, |link, _| put(link, &temp.0, Some(&r.path), control))?;
             info.path = shown(output, &r.path);
             Ok(info)
         }
@@ -342,7 +342,7 @@ pub fn apply_locations(
         summary.deltas = deltas.iter().map(|d| shown(d, path_of(d))).collect();
         return Ok(summary);
     };
-    with_link(target, |link, _| {
+    with_link(target, control, |link, _| {
         let elsewhere: Vec<&Side<'_>> = deltas.iter().filter(|d| !same_host(d, target)).collect();
         let mut copies = local_copies(&elsewhere, &mut temps, control)?.into_iter();
         let mut there = Vec::new();
@@ -405,7 +405,7 @@ pub fn diff_locations(
         };
         return job_then_move(base, &job, output, control, |d: &mut DiffSummary| &mut d.delta);
     }
-    with_two_links(source, base, |s, s_path, b, b_path| {
+    with_two_links(source, base, control, |s, s_path, b, b_path| {
         diff_over(s, s_path, source, b, b_path, base, output, options, control)
     })
     .map(|(mut summary, (sent, received))| {
@@ -487,7 +487,7 @@ fn job_then_move<T: DeserializeOwned>(
     control: Control<'_>,
     file: impl Fn(&mut T) -> &mut String,
 ) -> Result<T> {
-    with_link(side, |link, _| {
+    with_link(side, control, |link, _| {
         let mut result = run_job::<T>(link, job, control)?;
         let spooled = PathBuf::from(std::mem::take(file(&mut result)));
         move_out(link, &spooled, output, control)?;
@@ -504,7 +504,7 @@ fn move_out(link: &mut Link, from: &Path, to: &Side<'_>, control: Control<'_>) -
         Location::Remote(r) => {
             let temp = Temp::new("delta")?;
             fetch(link, from, &temp.0, control)?;
-            with_link(to, |out, _| put(out, &temp.0, Some(&r.path), control)).map(|_| ())
+            with_link(to, control, |out, _| put(out, &temp.0, Some(&r.path), control)).map(|_| ())
         }
     }
 }

@@ -255,7 +255,11 @@ impl Pass<'_> {
     /// Checks that a `Data` from the source answers a request (docs/PROTOCOL.md promises the
     /// client writes nothing else): inside an outstanding `Read`, or for `Copy` inside the
     /// scanned length.
-    fn asked_for(&self, chunk: &crate::protocol::message::Chunk, requested: &Mutex<BTreeMap<u64, u64>>) -> std::result::Result<(), String> {
+    fn asked_for(
+        &self,
+        chunk: &crate::protocol::message::Chunk,
+        requested: &Mutex<BTreeMap<u64, u64>>,
+    ) -> std::result::Result<(), String> {
         let start = chunk.offset;
         let end = start.checked_add(u64::from(chunk.raw_len));
         let inside = match (self.mode, end) {
