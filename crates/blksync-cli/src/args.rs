@@ -267,6 +267,11 @@ pub struct RemoteArgs {
     /// Never upload this binary to a host that lacks a matching blksync.
     #[arg(long)]
     pub no_upload: bool,
+    /// End the run with an error when a remote agent stays silent, or a transfer makes no
+    /// progress, for SECONDS (as rsync's --timeout). Without it a silent agent is given up
+    /// after 30 s (it says it is alive every 5 s), and a slow but live transfer never times out.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
 }
 
 /// Options every long-running command takes.

@@ -62,6 +62,7 @@ fn ssh_options(r: &RemoteArgs, source: bool) -> SshOptions {
         sudo: r.sudo || if source { r.source_sudo } else { r.dest_sudo },
         remote_path: r.remote_path.clone(),
         no_upload: r.no_upload,
+        timeout: r.timeout.map(std::time::Duration::from_secs),
     }
 }
 

@@ -40,6 +40,9 @@ struct State {
     total: u64,
     last: Instant,
     phase_started: Instant,
+    /// The bytes done at the last report that moved, and when: a remote peer that goes quiet
+    /// shows as stalled in plain progress (logs are where nobody watches a bar).
+    moved: (u64, Instant),
 }
 
 /// What one progress report shows, in numbers.
@@ -145,7 +148,7 @@ impl Render {
             quiet,
             command,
             bar,
-            state: Mutex::new(State { phase: Phase::Sync, total: 0, last: now, phase_started: now }),
+            state: Mutex::new(State { phase: Phase::Sync, total: 0, last: now, phase_started: now, moved: (0, now) }),
             hint: |_| None,
         }
     }
@@ -180,6 +183,7 @@ impl Observer for Render {
         state.phase = phase;
         state.total = total;
         state.phase_started = Instant::now();
+        state.moved = (0, state.phase_started);
         if let Some(bar) = &self.bar {
             bar.reset();
             bar.set_length(total);
@@ -192,6 +196,10 @@ impl Observer for Render {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let shown = Shown::new(s, state.total, now.duration_since(state.phase_started).as_secs_f64());
+        let activity = s.bytes_examined() + s.bytes_read_source + s.bytes_read_destination;
+        if activity != state.moved.0 {
+            state.moved = (activity, now);
+        }
         match self.mode {
             ProgressMode::Bar => {
                 if let Some(bar) = &self.bar {
@@ -204,7 +212,12 @@ impl Observer for Render {
             }
             ProgressMode::Plain if now.duration_since(state.last) >= PLAIN_EVERY => {
                 state.last = now;
-                crate::console::err(&shown.plain_line(label(self.command, state.phase)));
+                let mut line = shown.plain_line(label(self.command, state.phase));
+                let still = now.duration_since(state.moved.1);
+                if still >= PLAIN_EVERY {
+                    line = format!("{line}, stalled for {}", human::duration(still.as_secs_f64()));
+                }
+                crate::console::err(&line);
             }
             _ => {}
         }

@@ -32,6 +32,19 @@ pub fn run() -> u8 {
     let (requests_tx, requests) = bounded::<Msg>(8);
     let (replies, replies_rx) = bounded::<Msg>(8);
     let protocol_errors = replies.clone();
+    // Liveness: an `Alive` every few seconds, whatever the request loop is doing (hashing a base
+    // for minutes, blocked on a slow disk), so the client can tell a working agent from a
+    // stopped one. A full reply queue means data is flowing anyway.
+    let heartbeat = replies.clone();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(crate::link::HEARTBEAT);
+            match heartbeat.try_send(Msg::Alive) {
+                Ok(()) | Err(crossbeam_channel::TrySendError::Full(_)) => {}
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+            }
+        }
+    });
     std::thread::spawn(move || {
         let mut input = BufReader::with_capacity(1 << 20, std::fs::File::from(stdin));
         let mut buf = Vec::new();

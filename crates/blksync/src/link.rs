@@ -22,6 +22,12 @@ use crate::protocol::frame::read_frame;
 use crate::protocol::{FEATURES, Msg, VERSION};
 use crate::ssh::{self, SshOptions};
 
+/// How often an agent says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a remote agent may stay silent (no frame, not even `Alive`) before the client gives
+/// up on it, unless `--timeout` says otherwise: six missed heartbeats.
+pub const DEFAULT_SILENCE: Duration = Duration::from_secs(30);
+
 /// Messages queued per direction. Data messages are up to 1 MiB, so this bounds the memory a
 /// link holds while still keeping the pipe full.
 const QUEUE: usize = 8;
@@ -66,6 +72,10 @@ pub struct Link {
     pub wire: Arc<Wire>,
     /// Handshake facts.
     pub info: PeerInfo,
+    /// `--timeout`: the longest a transfer through this link may go without progress.
+    pub timeout: Option<Duration>,
+    /// Set when the connection is gone (the reader stopped), so nobody waits for a reply.
+    ended: Arc<std::sync::atomic::AtomicBool>,
     remote: bool,
     /// Whether the Hello reply is still to be read.
     hello: Hello,
@@ -74,6 +84,110 @@ pub struct Link {
     child: Option<Child>,
     stderr: Option<Arc<Mutex<Vec<String>>>>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// Encodes requests onto the agent's stdin, flushing when the queue is empty so that small frames
+/// batch up.
+fn spawn_writer(
+    mut stdin: BufWriter<std::process::ChildStdin>,
+    requests: Receiver<Msg>,
+    wire: Arc<Wire>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while let Ok(msg) = requests.recv() {
+            let mut next = Some(msg);
+            while let Some(msg) = next {
+                match msg.write_to(&mut stdin) {
+                    Ok(n) => wire.sent.fetch_add(n, Ordering::Relaxed),
+                    Err(_) => return,
+                };
+                next = requests.try_recv().ok();
+            }
+            if stdin.flush().is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Counts every byte read from the agent as a sign of life.
+struct Heard<R> {
+    inner: R,
+    heard: Arc<AtomicU64>,
+    epoch: std::time::Instant,
+}
+
+impl<R: std::io::Read> std::io::Read for Heard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.heard.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+impl<R: std::io::BufRead> std::io::BufRead for Heard<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        let buf = self.inner.fill_buf()?;
+        if !buf.is_empty() {
+            self.heard.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        Ok(buf)
+    }
+    fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
+    }
+}
+
+/// Ends a link whose agent has gone silent: stopped (SIGSTOP), stuck behind a live sshd, or a
+/// hostile one that announced a frame and sent nothing more. It reports the silence as the
+/// link's error and kills ssh, so nothing waits on it for ever.
+struct Watchdog {
+    name: String,
+    heard: Arc<AtomicU64>,
+    delivering: Arc<std::sync::atomic::AtomicBool>,
+    epoch: std::time::Instant,
+    silence: Duration,
+    closing: Arc<std::sync::atomic::AtomicBool>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+    replies: Sender<Msg>,
+    pid: u32,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watchdog {
+    fn run(self) {
+        let tick = (self.silence / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            std::thread::sleep(tick);
+            // Closed by us, or already dead (the reader said why): nothing to watch, and the pid
+            // may soon belong to someone else.
+            if self.closing.load(Ordering::Relaxed) || self.ended.load(Ordering::Relaxed) {
+                return;
+            }
+            if self.delivering.load(Ordering::Relaxed) {
+                continue;
+            }
+            let now = self.epoch.elapsed().as_millis() as u64;
+            let quiet = Duration::from_millis(now.saturating_sub(self.heard.load(Ordering::Relaxed)));
+            if quiet < self.silence {
+                continue;
+            }
+            let message = format!(
+                "{}: no word from the agent for {} s (it is stopped, stuck, or the link is down); --timeout sets how long to wait{}",
+                self.name,
+                self.silence.as_secs(),
+                ssh::stderr_tail(&self.stderr)
+            );
+            let _ =
+                self.replies.send_timeout(Msg::Error { kind: ErrorKind::Connection, message }, Duration::from_secs(5));
+            if let Some(pid) = i32::try_from(self.pid).ok().and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            return;
+        }
+    }
 }
 
 impl Link {
@@ -89,6 +203,8 @@ impl Link {
             rx,
             wire: Arc::new(Wire::default()),
             info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
+            timeout: None,
+            ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             remote: false,
             hello: Hello::Done,
             closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -109,26 +225,20 @@ impl Link {
         let wire = Arc::new(Wire::default());
         let (tx, requests) = bounded::<Msg>(QUEUE);
         let (replies, rx) = bounded::<Msg>(QUEUE);
-        let mut stdin = BufWriter::with_capacity(1 << 20, conn.stdin);
-        let mut stdout = conn.stdout;
-        let writer_wire = Arc::clone(&wire);
-        let writer = std::thread::spawn(move || {
-            while let Ok(msg) = requests.recv() {
-                let mut next = Some(msg);
-                while let Some(msg) = next {
-                    match msg.write_to(&mut stdin) {
-                        Ok(n) => writer_wire.sent.fetch_add(n, Ordering::Relaxed),
-                        Err(_) => return,
-                    };
-                    next = requests.try_recv().ok();
-                }
-                if stdin.flush().is_err() {
-                    return;
-                }
-            }
-        });
+        let writer = spawn_writer(BufWriter::with_capacity(1 << 20, conn.stdin), requests, Arc::clone(&wire));
         let reader_wire = Arc::clone(&wire);
         let stderr = Arc::clone(&conn.stderr);
+        // Liveness (docs/PROTOCOL.md): `heard` is when the agent last sent a byte, in ms since
+        // `epoch`; while the reader waits for us to take a reply (`delivering`), the silence is
+        // ours, not the agent's.
+        let epoch = std::time::Instant::now();
+        let heard = Arc::new(AtomicU64::new(0));
+        let delivering = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut stdout = Heard { inner: conn.stdout, heard: Arc::clone(&heard), epoch };
+        let (reader_heard, reader_delivering) = (Arc::clone(&heard), Arc::clone(&delivering));
+        let watchdog_replies = replies.clone();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader_ended = Arc::clone(&ended);
         let reader_name = name.clone();
         let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reader_closing = Arc::clone(&closing);
@@ -139,8 +249,13 @@ impl Link {
                     Ok(Some(kind)) => {
                         reader_wire.received.fetch_add(buf.len() as u64 + 4, Ordering::Relaxed);
                         match Msg::decode(kind, &buf[1..]) {
+                            Ok(Msg::Alive) => {}
                             Ok(msg) => {
-                                if replies.send(msg).is_err() {
+                                reader_delivering.store(true, Ordering::Relaxed);
+                                let sent = replies.send(msg);
+                                reader_heard.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                                reader_delivering.store(false, Ordering::Relaxed);
+                                if sent.is_err() {
                                     return;
                                 }
                             }
@@ -151,6 +266,7 @@ impl Link {
                     Err(e) => break e.to_string(),
                 }
             };
+            reader_ended.store(true, Ordering::Relaxed);
             if reader_closing.load(Ordering::Relaxed) {
                 return;
             }
@@ -159,18 +275,34 @@ impl Link {
             let message = format!("{reader_name}: {failure}{}", ssh::stderr_tail(&stderr));
             let _ = replies.send(Msg::Error { kind: ErrorKind::Connection, message });
         });
+        let silence = options.timeout.unwrap_or(DEFAULT_SILENCE);
+        let watchdog = Watchdog {
+            name: name.clone(),
+            heard,
+            delivering,
+            epoch,
+            silence,
+            closing: Arc::clone(&closing),
+            ended: Arc::clone(&ended),
+            replies: watchdog_replies,
+            pid: conn.child.id(),
+            stderr: Arc::clone(&conn.stderr),
+        };
+        let watchdog = std::thread::spawn(move || watchdog.run());
         let mut link = Link {
             name,
             tx,
             rx,
             wire,
             info: PeerInfo::default(),
+            timeout: options.timeout,
+            ended,
             remote: true,
             hello: Hello::Done,
             closing,
             child: Some(conn.child),
             stderr: Some(conn.stderr),
-            threads: vec![writer, reader],
+            threads: vec![writer, reader, watchdog],
         };
         // The Hello goes out now; its reply is read with the first call's, saving a round trip
         // (the bootstrap already checked the protocol version, so a mismatch here is rare).
@@ -226,6 +358,12 @@ impl Link {
     #[must_use]
     pub fn is_remote(&self) -> bool {
         self.remote
+    }
+
+    /// The connection is gone: no reply will come.
+    #[must_use]
+    pub fn is_gone(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
     }
 
     /// Sends a request.

@@ -256,8 +256,10 @@ fn apply_to(opened: &[Delta], dst: &Local, control: Control<'_>) -> Result<Snaps
             ));
         }
         let marker = Marker::new(dst, &d.header.id);
-        let plan = check_target(d, dst, marker.as_ref().and_then(Marker::torn))?;
-        if plan.already_applied {
+        let torn = marker.as_ref().and_then(Marker::torn);
+        let plan = check_target(d, dst, torn)?;
+        // Already applied, and not by a run that was killed before it could say so.
+        if plan.already_applied && torn.is_none() {
             already += 1;
         }
         if dst.size() != d.header.size_after {

@@ -31,6 +31,10 @@ pub struct SshOptions {
     pub remote_path: Option<String>,
     /// Never upload our binary.
     pub no_upload: bool,
+    /// `--timeout`: how long the agent may stay silent, and a transfer make no progress, before
+    /// the run ends with an error (default: silence [`crate::link::DEFAULT_SILENCE`], progress
+    /// unlimited).
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// A started agent: the ssh child, its pipes, and what it printed on stderr.

@@ -203,6 +203,8 @@ pub enum Msg {
         len: u64,
     },
     Done,
+    /// The agent is alive (sent every few seconds whatever it is doing; see "Liveness").
+    Alive,
     Error {
         kind: ErrorKind,
         message: String,
@@ -302,6 +304,7 @@ mod tag {
     pub const ERROR: u8 = 0x8F;
     pub const JOB_DONE: u8 = 0x90;
     pub const PATH: u8 = 0x91;
+    pub const ALIVE: u8 = 0x92;
 }
 
 fn chunk(kind: u8, c: &Chunk) -> Vec<u8> {
@@ -355,7 +358,7 @@ impl Msg {
     #[allow(clippy::too_many_lines)] // One arm per message, mirroring the spec's table.
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
-            ACK, BYE, COPY, DATA, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY,
+            ACK, ALIVE, BYE, COPY, DATA, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY,
             LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
         };
         let e = |kind| Encoder::new(kind, 64);
@@ -456,6 +459,7 @@ impl Msg {
                 x.finish()
             }
             Msg::Done => e(DONE).finish(),
+            Msg::Alive => e(ALIVE).finish(),
             Msg::Error { kind, message } => {
                 let mut x = e(ERROR);
                 x.u8(kind.to_wire()).bytes(message.as_bytes());
@@ -613,6 +617,7 @@ impl Msg {
             tag::ZEROS => Msg::Zeros { offset: d.u64()?, len: d.u64()? },
             tag::READ_DONE => Msg::ReadDone { offset: d.u64()?, len: d.u64()? },
             tag::DONE => Msg::Done,
+            tag::ALIVE => Msg::Alive,
             tag::ERROR => Msg::Error {
                 kind: ErrorKind::from_wire(d.u8()?),
                 message: String::from_utf8_lossy(d.bytes()?).into_owned(),
@@ -760,6 +765,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::ZEROS => "Zeros",
         tag::READ_DONE => "ReadDone",
         tag::DONE => "Done",
+        tag::ALIVE => "Alive",
         tag::ERROR => "Error",
         tag::LOCAL_SYNC => "LocalSync",
         tag::CANCEL => "Cancel",

@@ -176,7 +176,11 @@ impl Pass<'_> {
                 // commit, and a partial one would restore content that never existed.
                 forwarding.store(false, Ordering::Relaxed);
                 if self.mode != Mode::Compare && !brain.flushed {
-                    let _ = brain.flush(Msg::FlushPartial, &events, Duration::from_secs(60));
+                    // Unconfirmed, nothing written can be called in sync (the target may have
+                    // died with it still in flight).
+                    if brain.flush(Msg::FlushPartial, &events, Duration::from_secs(60)).is_err() {
+                        brain.prefix = 0;
+                    }
                 }
             }
             routing.store(false, Ordering::Relaxed);
@@ -324,17 +328,31 @@ impl Brain<'_> {
                 self.send(End::Target, Msg::Scan { key, block, end: p.scan_len, data_len: p.target_len, threads })?;
             }
         }
+        // `--timeout`: the longest the pass may go without a reply from either peer.
+        let limit = [p.source.timeout, p.target.timeout].into_iter().flatten().min();
+        let mut last = std::time::Instant::now();
         while self.prefix < self.total {
             if control.cancelled() {
                 return Ok(());
             }
             let (side, msg) = match events.recv_timeout(Duration::from_millis(100)) {
                 Ok(event) => event,
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Reports go on while nothing happens, so a display can show a stall.
+                    control.observer.progress(&self.counters.snapshot());
+                    if let Some(limit) = limit.filter(|&l| last.elapsed() >= l) {
+                        return Err(Error::new(
+                            ErrorKind::Connection,
+                            format!("no progress for {} s (--timeout): the transfer is stuck", limit.as_secs()),
+                        ));
+                    }
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(Error::new(ErrorKind::Connection, "both peers went away"));
                 }
             };
+            last = std::time::Instant::now();
             self.handle(side, msg)?;
             control.observer.progress(&self.counters.snapshot());
         }
@@ -359,6 +377,14 @@ impl Brain<'_> {
                     return Ok(());
                 }
                 Ok((side, Msg::Error { kind, message })) => return Err(self.link(side).error(kind, message)),
+                // A target whose connection is gone will never confirm: say so now, not after
+                // the full wait.
+                Ok(_) | Err(RecvTimeoutError::Timeout) if self.pass.target.is_gone() => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("{}: the connection was lost", self.pass.target.name),
+                    ));
+                }
                 Ok(_) | Err(RecvTimeoutError::Timeout) if !wait.is_zero() => {}
                 _ => return Err(Error::new(ErrorKind::Connection, "the target did not confirm the flush")),
             }

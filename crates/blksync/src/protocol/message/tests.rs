@@ -46,6 +46,7 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zero { offset, len }),
         Just(Msg::Flush),
         Just(Msg::FlushPartial),
+        Just(Msg::Alive),
         (any::<u64>(), any::<u64>(), any::<i32>(), any::<u16>())
             .prop_map(|(end, data_len, compress, threads)| Msg::Copy { end, data_len, compress, threads }),
         Just(Msg::Bye),
