@@ -63,7 +63,7 @@ pub fn print(command: &str, exit_code: u8, body: Body) -> Result<()> {
     Ok(console::out(&render(command, exit_code, body)?)?)
 }
 
-/// [`print`] for a command whose result is its work, not the document: if stdout fails, the
+/// [`print()`] for a command whose result is its work, not the document: if stdout fails, the
 /// error says that only the summary was lost.
 pub fn print_summary(command: &str, body: Body) -> Result<()> {
     print(command, 0, body)
