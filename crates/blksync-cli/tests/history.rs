@@ -240,7 +240,11 @@ fn a_backup_killed_mid_run_leaves_a_chain_that_backs_up_and_restores() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-    assert_eq!(ok(&["list", "--json", &dest]).json()["points"].as_array().unwrap().len(), 1, "no half increment in the chain");
+    assert_eq!(
+        ok(&["list", "--json", &dest]).json()["points"].as_array().unwrap().len(),
+        1,
+        "no half increment in the chain"
+    );
     // Two runs at once: the second is refused while the first holds the chain.
     let mut first = support::blksync().args(["backup", "-q", "--bwlimit", "2M", &src, &dest]).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
