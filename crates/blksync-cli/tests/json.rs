@@ -323,3 +323,25 @@ fn local_and_remote_runs_of_a_command_print_the_same_fields() {
     let local = env.json(&["sync", q, "--no-resize", &p("v0"), &p("nodir/x")], 3);
     assert_same_fields("a failed sync", &local, &env.json(&["sync", q, "--no-resize", &p("v0"), &r("nodir/x")], 3));
 }
+
+#[test]
+fn an_interrupted_push_prints_what_was_done_as_a_local_sync_does() {
+    let Some(env) = Remote::new() else { return };
+    write_file(env.path("src").as_ref(), &random_bytes(32 * MIB, 8));
+    let interrupted = |dst: &str| {
+        let args = ["sync", "-e", &env.rsh, "--json", "--bwlimit", "8M", "--progress", "none", &env.path("src"), dst];
+        let child = blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.code(), 130, "{dst}: {}", out.stderr_text());
+        let j = document(&args, &out);
+        assert_envelope(&j, "sync", 130);
+        assert_eq!(j["error"]["kind"], "interrupted", "{j}");
+        assert!(j["done"]["bytes_scanned"].as_u64().unwrap() > 0, "{dst}: {j}");
+        j
+    };
+    let local = interrupted(&env.path("local-copy"));
+    let pushed = interrupted(&env.remote("pushed-copy"));
+    assert_same_fields("an interrupted sync", &local, &pushed);
+}
