@@ -82,6 +82,43 @@ pub enum Command {
     Agent(AgentArgs),
 }
 
+impl Command {
+    /// The subcommand's name, the `command` of its `--json` document.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Sync(_) => "sync",
+            Command::Compare(_) => "compare",
+            Command::Diff(_) => "diff",
+            Command::Apply(_) => "apply",
+            Command::Merge(_) => "merge",
+            Command::Info(_) => "info",
+            Command::Backup(_) => "backup",
+            Command::List(_) => "list",
+            Command::Restore(_) => "restore",
+            Command::Prune(_) => "prune",
+            Command::Agent(_) => "agent",
+        }
+    }
+
+    /// Whether the run prints a `--json` document on stdout. `restore DEST -` never does: its
+    /// stdout is the image, and a document there would end up in it.
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Sync(a) => a.common.output.json,
+            Command::Compare(a) => a.common.output.json,
+            Command::Diff(a) => a.common.output.json,
+            Command::Apply(a) => a.output.json,
+            Command::Merge(a) => a.out.json,
+            Command::Info(a) => a.json,
+            Command::Backup(a) => a.common.output.json,
+            Command::List(a) => a.json,
+            Command::Restore(a) => a.output.json && a.target != "-",
+            Command::Prune(a) => a.common.output.json,
+            Command::Agent(_) => false,
+        }
+    }
+}
+
 /// `blksync diff`.
 #[derive(Debug, Args)]
 pub struct DiffArgs {

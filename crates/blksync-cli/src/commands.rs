@@ -3,11 +3,12 @@
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use blksync::compare::{CompareOptions, compare_paths};
 use blksync::progress::Control;
 use blksync::sizing::SizePolicy;
 use blksync::sync::{SyncOptions, check_block_size, sync_paths};
+use serde_json::Value;
 
 use blksync::location::Location;
 use blksync::relay::{RemoteOptions, Side, backup_locations, compare_locations, restore_locations, sync_locations};
@@ -19,6 +20,7 @@ use crate::args::{
 };
 use crate::console;
 use crate::human::{self, count, size as format_size};
+use crate::json;
 use crate::render::Render;
 
 use blksync::backup::format_time;
@@ -41,13 +43,6 @@ fn wire_line(render: &Render, sent: u64, received: u64) {
     if sent + received > 0 {
         render.line(&format!("blksync: over ssh: sent {}, received {}", format_size(sent), format_size(received)));
     }
-}
-
-/// Prints the `--json` summary of `command`, which has completed: if stdout fails, the error
-/// says that only the summary was lost.
-fn print_json(command: &str, value: &impl serde::Serialize) -> Result<()> {
-    console::out(&serde_json::to_string(value)?)
-        .with_context(|| format!("{command} completed, but its JSON summary could not be printed"))
 }
 
 /// ssh options for the source (`source`) or destination side.
@@ -158,7 +153,9 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     ));
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
-        print_json("the sync", &summary)?;
+        let mut body = json::body(&summary)?;
+        json::fill(&mut body, [("undo_log", Value::Null)]);
+        json::print_summary("sync", body)?;
     }
     Ok(Outcome::Success)
 }
@@ -189,7 +186,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let cmp = result?;
     if args.common.output.json {
-        console::out(&serde_json::to_string(&cmp)?)?;
+        json::print("compare", u8::from(!cmp.identical), json::body(&cmp)?)?;
     } else if cmp.identical {
         console::out(&format!(
             "{} and {} are identical ({})",
@@ -281,7 +278,7 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     ));
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
-        print_json("the diff", &summary)?;
+        json::print_summary("diff", json::body(&summary)?)?;
     }
     Ok(Outcome::Success)
 }
@@ -309,7 +306,7 @@ pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(summary.counters.bytes_zeroed)
     ));
     if args.output.json {
-        print_json("the apply", &summary)?;
+        json::print_summary("apply", json::body(&summary)?)?;
     }
     Ok(Outcome::Success)
 }
@@ -329,7 +326,7 @@ pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
     render.finish();
     let info = result?;
     if args.out.json {
-        print_json("the merge", &info)?;
+        json::print_summary("merge", json::body(&info)?)?;
     } else {
         render.line(&format!(
             "blksync: merged {} into {} ({}, {})",
@@ -349,7 +346,7 @@ pub fn info(args: &InfoArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &blksync::progress::Silent, cancel };
     let info = blksync::relay::info_location(&Side { location: &location, ssh: &ssh }, control)?;
     if args.json {
-        console::out(&serde_json::to_string(&info)?)?;
+        json::print("info", 0, json::body(&info)?)?;
         return Ok(Outcome::Success);
     }
     let h = &info.header;
@@ -423,7 +420,9 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
             format_size(s.bytes_received)
         ));
         if args.common.output.json {
-            print_json("the backup", &s)?;
+            let mut body = json::body(&s)?;
+            json::fill(&mut body, [("file", Value::Null), ("number", Value::Null), ("undo_log", Value::Null)]);
+            json::print_summary("backup", body)?;
         }
         return Ok(Outcome::Success);
     }
@@ -440,7 +439,27 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
         s.counters.seconds
     ));
     if args.common.output.json {
-        print_json("the backup", &s)?;
+        // The fields of a remote backup's summary (a sync's), so that every mode prints the
+        // same document; what a local backup does not count is null.
+        let mut body = json::body(&s)?;
+        json::fill(
+            &mut body,
+            [
+                ("source", Value::from(std::path::Path::new(&args.source).display().to_string())),
+                ("destination", Value::from(s.file.clone())),
+                ("dry_run", Value::Bool(false)),
+                ("block_size", Value::from(options.block_size)),
+                ("ranges_differing", Value::Null),
+                ("destination_size_before", Value::Null),
+                ("destination_size_after", Value::from(s.counters.bytes_total)),
+                ("verified", Value::Bool(false)),
+                ("warnings", Value::Array(Vec::new())),
+                ("bytes_sent", Value::from(0)),
+                ("bytes_received", Value::from(0)),
+                ("undo_log", Value::Null),
+            ],
+        );
+        json::print_summary("backup", body)?;
     }
     Ok(Outcome::Success)
 }
@@ -452,7 +471,7 @@ pub fn list(args: &ListArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &blksync::progress::Silent, cancel };
     let points = blksync::relay::list_location(&Side { location: &location, ssh: &ssh }, args.verify, control)?;
     if args.json {
-        console::out(&serde_json::to_string(&points)?)?;
+        json::print("list", 0, json::field("points", &points)?)?;
         return Ok(Outcome::Success);
     }
     let mut text =
@@ -502,6 +521,15 @@ fn parse_at(text: Option<&str>) -> Result<blksync::backup::At> {
 pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let at = parse_at(args.at.as_deref())?;
     let (dest, target) = (Location::parse(&args.dest)?, Location::parse(&args.target)?);
+    if args.target == "-" && args.output.json {
+        // Nothing is printed on stdout, not even the error document: it would become part of
+        // the image in `restore DEST - --json | dd of=/dev/sdb`.
+        return Err(blksync::Error::usage(
+            "--json needs standard output for its document, and TARGET - writes the image there; \
+             restore to a file or device instead",
+        )
+        .into());
+    }
     if args.target == "-" && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         return Err(
             blksync::Error::usage("refusing to write a disk image to a terminal; redirect standard output").into()
@@ -552,7 +580,9 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
         s.counters.seconds
     ));
     if args.output.json {
-        print_json("the restore", &s)?;
+        let mut body = json::body(&s)?;
+        json::fill(&mut body, [("undo_log", Value::Null)]);
+        json::print_summary("restore", body)?;
     }
     Ok(Outcome::Success)
 }
@@ -578,7 +608,7 @@ pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
         s.kept
     ));
     if args.common.output.json {
-        print_json("the prune", &s)?;
+        json::print_summary("prune", json::body(&s)?)?;
     }
     Ok(Outcome::Success)
 }

@@ -8,6 +8,7 @@ mod args;
 mod commands;
 mod console;
 mod human;
+mod json;
 mod render;
 
 use std::process::ExitCode;
@@ -20,7 +21,10 @@ use crate::args::{Cli, Command};
 use crate::commands::Outcome;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     if let Command::Agent(args) = &cli.command {
         // The agent is stopped by its client closing the connection, not by signals.
         return ExitCode::from(commands::agent(args));
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
         console::err(&format!("blksync: error: cannot install signal handlers: {e}"));
         return ExitCode::from(2);
     }
+    let (name, json) = (cli.command.name(), cli.command.json());
     let is_compare = matches!(cli.command, Command::Compare(_));
     let result = match &cli.command {
         Command::Sync(args) => commands::sync(args, &cancel),
@@ -52,9 +57,35 @@ fn main() -> ExitCode {
             console::err(&format!("blksync: error: {e:#}"));
             let code = e.downcast_ref::<blksync::Error>().map_or(2, |e| e.kind().exit_code());
             // compare follows cmp: 2 for any error.
-            ExitCode::from(if is_compare { 2 } else { code })
+            let code = if is_compare { 2 } else { code };
+            if json {
+                json::print_failure(name, code, json::failure(&e, render::last_progress()));
+            }
+            ExitCode::from(code)
         }
     }
+}
+
+/// A command line that clap rejects: its message on stderr as clap prints it and, when the
+/// arguments ask for `--json`, the error document on stdout (`command` is `null` when there is
+/// no known subcommand). `--help` and `--version` print as usual.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let _ = e.print();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.iter().take_while(|a| *a != "--").any(|a| a == "--json") {
+        let command = args.first().and_then(|a| a.to_str()).filter(|a| {
+            <Cli as clap::CommandFactory>::command().find_subcommand(a).is_some_and(|c| c.get_name() != "agent")
+        });
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or_default();
+        let message = first.strip_prefix("error: ").unwrap_or(first);
+        json::print_usage_failure(command, message);
+    }
+    ExitCode::from(2)
 }
 
 /// The first SIGINT/SIGTERM asks the engine to stop at the next chunk and flush; a second one

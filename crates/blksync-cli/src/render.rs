@@ -21,6 +21,21 @@ const BAR_EVERY: Duration = Duration::from_millis(100);
 /// The bar: the phase, a fixed-width bar, then the numbers, cut to fit the terminal.
 const BAR_TEMPLATE: &str = "{prefix:>7} [{bar:16}] {wide_msg}";
 
+/// The last progress reported in this process and the phase's label, for the `done` of a
+/// `--json` failure document (see [`last_progress`]). One per process: the binary runs one
+/// command.
+static LAST: Mutex<Option<(&'static str, Snapshot)>> = Mutex::new(None);
+
+/// The last progress any [`Render`] was given, with the phase's label: what a failed or
+/// interrupted run had done (at least) when it stopped.
+pub fn last_progress() -> Option<(&'static str, Snapshot)> {
+    *LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn record(label: &'static str, snapshot: Snapshot) {
+    *LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((label, snapshot));
+}
+
 /// Renders progress and warnings on stderr.
 pub struct Render {
     mode: ProgressMode,
@@ -184,6 +199,7 @@ impl Observer for Render {
         state.total = total;
         state.phase_started = Instant::now();
         state.moved = (0, state.phase_started);
+        record(label(self.command, phase), Snapshot { bytes_total: total, ..Snapshot::default() });
         if let Some(bar) = &self.bar {
             bar.reset();
             bar.set_length(total);
@@ -195,6 +211,7 @@ impl Observer for Render {
     fn progress(&self, s: &Snapshot) {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        record(label(self.command, state.phase), *s);
         let shown = Shown::new(s, state.total, now.duration_since(state.phase_started).as_secs_f64());
         let activity = s.bytes_examined() + s.bytes_read_source + s.bytes_read_destination;
         if activity != state.moved.0 {

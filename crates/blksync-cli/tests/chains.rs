@@ -80,7 +80,7 @@ fn a_damaged_base_image_is_found_by_list_verify_restore_and_prune() {
         fails_with(&["restore", "-q", &chain, &out], 9, &[&name]);
         fails_with(&["prune", "-q", "--keep", "1", &chain], 9, &[&name]);
         assert_eq!(
-            run(&["list", "--json", &chain]).json().as_array().unwrap().len(),
+            run(&["list", "--json", &chain]).json()["points"].as_array().unwrap().len(),
             3,
             "{what}: prune folded nothing"
         );

@@ -101,7 +101,7 @@ impl Env {
             return 0;
         }
         assert_eq!(out.code(), 0, "list {chain}: {}", out.stderr_text());
-        out.json().as_array().unwrap().len()
+        out.json()["points"].as_array().unwrap().len()
     }
     /// Restores every point of a local chain and compares it with what the source held when that
     /// point was made.

@@ -185,7 +185,7 @@ fn a_chain_of_32_increments_restores_every_point_and_survives_pruning() {
         ok(&["backup", "-q", "--comment", &format!("point {i}"), &src, &dest]);
         history.push(data.clone());
     }
-    let points = ok(&["list", "--json", &dest]).json();
+    let points = ok(&["list", "--json", &dest]).json()["points"].clone();
     assert_eq!(points.as_array().unwrap().len(), 33);
     assert_eq!(points[7]["comment"], "point 7");
     let out = arg(d.path(), "restored");
@@ -194,7 +194,7 @@ fn a_chain_of_32_increments_restores_every_point_and_survives_pruning() {
         assert!(read(out.as_ref()) == *expected, "point {i} restored wrong");
     }
     ok(&["prune", "-q", "--keep", "10", &dest]);
-    let points = ok(&["list", "--json", &dest]).json();
+    let points = ok(&["list", "--json", &dest]).json()["points"].clone();
     assert_eq!(points.as_array().unwrap().len(), 11, "the base and 10 increments");
     assert_eq!(points[0]["number"], 22);
     for (i, expected) in history.iter().enumerate().skip(22) {
@@ -219,7 +219,7 @@ fn an_unchanged_backup_is_a_tiny_harmless_increment() {
     let j = ok(&["backup", "-q", "--json", &src, &dest]).json();
     assert_eq!(j["number"], 1);
     assert_eq!(j["bytes_written"], 0);
-    let points = ok(&["list", "--json", &dest]).json();
+    let points = ok(&["list", "--json", &dest]).json()["points"].clone();
     assert!(points[1]["file_size"].as_u64().unwrap() < 400);
     assert_eq!(points[1]["bytes_changed"], 0);
 }
@@ -240,7 +240,11 @@ fn a_backup_killed_mid_run_leaves_a_chain_that_backs_up_and_restores() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-    assert_eq!(ok(&["list", "--json", &dest]).json().as_array().unwrap().len(), 1, "no half increment in the chain");
+    assert_eq!(
+        ok(&["list", "--json", &dest]).json()["points"].as_array().unwrap().len(),
+        1,
+        "no half increment in the chain"
+    );
     // Two runs at once: the second is refused while the first holds the chain.
     let mut first = support::blksync().args(["backup", "-q", "--bwlimit", "2M", &src, &dest]).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -288,7 +292,7 @@ fn restore_at_a_time_picks_the_newest_point_before_it() {
     write_file(src.as_ref(), &random_bytes(MIB, 13));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     ok(&["backup", "-q", &src, &dest]);
-    let created = ok(&["list", "--json", &dest]).json()[0]["created"].as_i64().unwrap();
+    let created = ok(&["list", "--json", &dest]).json()["points"][0]["created"].as_i64().unwrap();
     ok(&["restore", "-q", "--at", &format!("@{created}"), &dest, &out]);
     assert!(read(out.as_ref()) == first);
     assert_eq!(run(&["restore", "--at", "1999-01-01", &dest, &out]).code(), 2);
@@ -461,7 +465,7 @@ fn a_damaged_increment_is_listed_but_never_restored() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     write_file(&inc, &bytes);
-    let listed = ok(&["list", "--json", &chain]).json();
+    let listed = ok(&["list", "--json", &chain]).json()["points"].clone();
     assert_eq!(listed.as_array().unwrap().len(), 3);
     let o = run(&["list", "--verify", &chain]);
     assert_eq!(o.code(), 9, "{}", o.stderr_text());

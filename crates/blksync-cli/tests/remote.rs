@@ -347,7 +347,7 @@ fn backups_and_restores_work_across_ssh_in_both_directions() {
         }
         points.push(data.clone());
     }
-    let list = ok(&["list", "--json", &env.path("chain")]).json();
+    let list = ok(&["list", "--json", &env.path("chain")]).json()["points"].clone();
     assert_eq!(list.as_array().unwrap().len(), 4);
     assert_eq!(list[2]["comment"], "p2");
     // Restore from the remote chain, at every point, onto a local file.
@@ -398,7 +398,7 @@ fn a_remote_backup_killed_mid_run_leaves_the_chain_whole() {
     std::process::Command::new("pkill").args(["-KILL", "-f", &pattern]).status().unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(8), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(ok(&["list", "--json", &env.path("chain")]).json().as_array().unwrap().len(), 1);
+    assert_eq!(ok(&["list", "--json", &env.path("chain")]).json()["points"].as_array().unwrap().len(), 1);
     env.ok(&["backup", &src, &env.remote("chain")]);
     ok(&["restore", "-q", &env.path("chain"), &env.path("out")]);
     assert!(read(env.path("out").as_ref()) == data);
@@ -483,7 +483,7 @@ fn remote_chains_are_listed_and_pruned_where_they_are() {
         env.ok(&["backup", "--comment", &format!("run {i}"), &src, &env.remote("chain")]);
         states.push(read(src.as_ref()));
     }
-    let points = env.ok(&["list", &env.remote("chain")]);
+    let points = env.ok(&["list", &env.remote("chain")])["points"].clone();
     assert_eq!(points.as_array().unwrap().len(), 5);
     assert_eq!(points[3]["comment"], "run 3");
     assert!(points[0]["file"].as_str().unwrap().starts_with("root@127.0.0.1:"), "{points}");
@@ -491,7 +491,7 @@ fn remote_chains_are_listed_and_pruned_where_they_are() {
     assert!(out.stdout_text().contains("run 4"), "{}", out.stdout_text());
     let j = env.ok(&["prune", "--keep", "2", &env.remote("chain")]);
     assert_eq!(j["folded"], 2);
-    assert_eq!(env.ok(&["list", &env.remote("chain")]).as_array().unwrap().len(), 3);
+    assert_eq!(env.ok(&["list", &env.remote("chain")])["points"].as_array().unwrap().len(), 3);
     for (n, state) in states.iter().enumerate().skip(2) {
         env.ok(&["restore", "--at", &n.to_string(), &env.remote("chain"), &env.path("r.img")]);
         assert_eq!(&read(env.path("r.img").as_ref()), state, "point {n}");
@@ -581,7 +581,7 @@ fn sigint_during_a_remote_prune_cancels_it_there_and_keeps_every_point() {
     // Throttled, the fold takes about 8 s on the chain's host; Ctrl-C after 2 s is relayed there.
     let (out, err) = env.interrupted(&["prune", "--bwlimit", "4M", "--keep", "0", &env.remote("chain")]);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    let points = env.ok(&["list", &env.remote("chain")]);
+    let points = env.ok(&["list", &env.remote("chain")])["points"].clone();
     assert_eq!(points.as_array().unwrap().len(), 3, "nothing was folded: {points}");
     for (n, state) in states.iter().enumerate() {
         env.ok(&["restore", "--at", &n.to_string(), &env.remote("chain"), &env.path("r.img")]);
