@@ -362,3 +362,52 @@ fn apply_killed_at_random_is_finished_by_a_rerun() {
         assert_eq!(twice.code(), 10, "round {round}: applying twice is refused: {}", twice.stderr_text());
     }
 }
+
+/// `prune` killed with SIGKILL at random moments (it folds into the base in place, with a
+/// journal): afterwards `list --verify` passes and every point listed restores to what the
+/// source held when it was made.
+#[test]
+fn prune_killed_at_random_keeps_every_point_restorable() {
+    let env = Env::local();
+    let mut rng = Rng::new("prune");
+    let (src, chain) = (env.path("src"), env.path("chain"));
+    for round in 0..ROUNDS {
+        let _ = std::fs::remove_dir_all(&chain);
+        let mut data = random_bytes(6 * MIB, rng.next());
+        data[2 * MIB..3 * MIB].fill(0);
+        let mut states = Vec::new();
+        for i in 0..5 {
+            rng.mutate(&mut data);
+            match (round % 3, i) {
+                (1, 2) => data.extend_from_slice(&random_bytes(MIB + 3, rng.next())),
+                (2, 3) => data.truncate(data.len() - 2 * MIB - 7),
+                _ => {}
+            }
+            write_file(src.as_ref(), &data);
+            env.ok(&["backup", "-q", &src, &chain]);
+            states.push(data.clone());
+        }
+        let child = env.spawn(&["prune", "--keep", "1", "--bwlimit", "16M", &chain]);
+        let out = kill_at_random(&mut rng, child, 400, |c| {
+            let _ = Command::new("kill").args(["-KILL", &c.id().to_string()]).status();
+        });
+        let journal = Path::new(&chain).join("prune.journal").exists();
+        eprintln!("round {round}: prune exit {}, journal left: {journal}", out.code());
+        let verified = support::run(&["list", "--verify", &chain]);
+        assert_eq!(verified.code(), 0, "round {round} (prune exit {}): {}", out.code(), verified.stderr_text());
+        let listed = support::run(&["list", "--json", &chain]).json();
+        let points: Vec<u64> =
+            listed["points"].as_array().unwrap().iter().map(|p| p["number"].as_u64().unwrap()).collect();
+        assert!(points == [0, 1, 2, 3, 4] || points == [3, 4], "round {round}: points {points:?}");
+        if out.code() == 0 {
+            assert_eq!(points, [3, 4], "round {round}: a completed prune");
+        }
+        let restored = env.path("restored");
+        for &n in &points {
+            let _ = std::fs::remove_file(&restored);
+            env.ok(&["restore", "-q", "--at", &n.to_string(), &chain, &restored]);
+            assert!(read(restored.as_ref()) == states[n as usize], "round {round}: point {n}");
+        }
+        assert!(!Path::new(&chain).join("prune.journal").exists(), "round {round}: the journal was dealt with");
+    }
+}

@@ -14,7 +14,7 @@ use crate::chain::{Chain, base_paths, increment_path};
 use crate::delta::{Header, Writer};
 use crate::endpoint::Source;
 use crate::endpoint::local::{Local, OpenTarget};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::patch::{DiffOptions, random_id, write_delta};
 use crate::progress::{Control, Snapshot};
 use crate::sums::Sums;
@@ -42,19 +42,7 @@ fn sync_options(options: &DiffOptions) -> SyncOptions {
     }
 }
 
-/// Takes the chain's lock for a run that changes it (backup, prune): two at once would remove
-/// each other's temporary files. The lock goes away with the process, even if it is killed.
-pub(crate) fn lock(dir: &Path) -> Result<std::fs::File> {
-    let path = dir.join(".lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).on("opening", &path)?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            Err(Error::new(ErrorKind::InUse, format!("{} is in use by another blksync backup or prune", dir.display())))
-        }
-        Err(e) => Err(Error::io("locking", &path, None, e.into())),
-    }
-}
+pub(crate) use crate::chain::lock;
 
 /// Removes leftovers of interrupted runs.
 pub(crate) fn clean(dir: &Path) {
@@ -110,6 +98,7 @@ pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control
     crate::chain::create_dir(dir)?;
     let _lock = lock(dir)?;
     clean(dir);
+    repair(dir)?;
     let src = Local::open_source(source)?;
     let Some(chain) = Chain::load(dir)?.map(std::sync::Arc::new) else {
         let (created, utc_offset) = crate::patch::now();
@@ -198,10 +187,29 @@ pub fn list(dir: &Path, verify: bool) -> Result<Vec<Point>> {
     Ok(points)
 }
 
+/// The chain in `dir`, for reading: an interrupted prune is repaired first, and the base is
+/// locked against a prune for as long as the chain is held.
 pub(crate) fn load(dir: &Path) -> Result<std::sync::Arc<Chain>> {
-    Chain::load(dir)?
-        .map(std::sync::Arc::new)
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{} holds no backup", dir.display())))
+    let chain = if dir.is_dir() { crate::prune::open_for_reading(dir)? } else { None };
+    chain.map(std::sync::Arc::new).ok_or_else(|| no_backup(dir))
+}
+
+/// The chain in `dir` for a command that holds its lock.
+pub(crate) fn load_unlocked(dir: &Path) -> Result<std::sync::Arc<Chain>> {
+    Chain::load(dir)?.map(std::sync::Arc::new).ok_or_else(|| no_backup(dir))
+}
+
+fn no_backup(dir: &Path) -> Error {
+    Error::new(ErrorKind::NotFound, format!("{} holds no backup", dir.display()))
+}
+
+/// Repairs an interrupted prune before a backup extends the chain (the caller holds its lock).
+pub(crate) fn repair(dir: &Path) -> Result<()> {
+    if crate::prune::journal_path(dir).exists() {
+        let _base = crate::chain::lock_base(dir, true)?;
+        crate::prune::recover(dir)?;
+    }
+    Ok(())
 }
 
 /// Which point to restore.
@@ -336,32 +344,4 @@ pub struct PruneSummary {
     pub kept: u64,
 }
 
-/// Folds the oldest increments of the chain in `dir` into its base, keeping `keep` increments.
-pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>) -> Result<PruneSummary> {
-    let _lock = lock(dir)?;
-    clean(dir);
-    let chain = load(dir)?;
-    chain.check_whole()?;
-    let total = chain.increments.len() as u64;
-    if total <= keep {
-        return Ok(PruneSummary { folded: 0, base_number: 0, kept: total });
-    }
-    let fold = (total - keep) as usize;
-    let last = &chain.increments[fold - 1];
-    let image = chain.image(last.seq)?;
-    // The new base takes the id of the last increment it folds in, so the next increment's
-    // parent link still holds.
-    let header = Header { size_before: 0, ..last.delta.header.clone() };
-    write_base(dir, last.seq, &image, &header, options, control)?;
-    drop(image);
-    // From here on two bases exist; the loader prefers the old one while its chain is whole.
-    // Deleting the folded increments oldest first hands over to the new base.
-    for inc in &chain.increments[..fold] {
-        std::fs::remove_file(inc.delta.path()).on("removing", inc.delta.path())?;
-    }
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).on("flushing directory", dir)?;
-    let old_meta = chain.base.path().to_path_buf();
-    std::fs::remove_file(&old_meta).on("removing", &old_meta)?;
-    std::fs::remove_file(&chain.base_image).on("removing", &chain.base_image)?;
-    Ok(PruneSummary { folded: fold as u64, base_number: last.seq, kept: keep })
-}
+pub use crate::prune::prune;

@@ -2,18 +2,17 @@
 //! "Backup chains").
 //!
 //! ```text
-//! DEST/base-N-<id>.img     full sparse copy of point N (0 until a prune), never modified
+//! DEST/base-N-<id>.img     full sparse copy of point N (0 until a prune), changed only by prune
 //! DEST/base-N-<id>.delta   its metadata: a delta with no records (id, time, size, comment)
 //! DEST/base-N-<id>.sums    its content hashes, one per MiB ([`crate::sums`])
 //! DEST/inc-000001.delta    increment 1, parent = the base's id
 //! DEST/inc-000002.delta    increment 2, parent = increment 1's id ...
 //! ```
 //!
-//! No file is ever rewritten in place; the directory listing is the only state. The base is
-//! valid once its `.delta` exists (written after the image is complete and flushed). `prune`
-//! writes a new base named after the last increment it folds in, then deletes the folded
-//! increments oldest first, then the old base: at every moment one base has an unbroken chain
-//! to the newest increment, and [`Chain::load`] picks the base with the longest one.
+//! Only `prune` rewrites a file in place (the base, with a journal: [`crate::prune`]); the
+//! directory listing is the only other state. The base is valid once its `.delta` exists
+//! (written after the image is complete and flushed). [`Chain::load`] picks the base with the
+//! longest unbroken chain.
 //!
 //! [`Image`] presents "base + the first N increments" as a [`Source`]: newest record wins, each
 //! byte is read once, holes and zero records read as holes, and every byte read from the base is
@@ -58,6 +57,61 @@ pub struct Chain {
     pub increments: Vec<Increment>,
     /// Why the increments after the last one above are unusable, if they are.
     pub broken: Option<Break>,
+    /// A reader's shared lock on the base (see [`crate::prune`]), held as long as the chain.
+    pub(crate) reading: Option<Arc<std::fs::File>>,
+}
+
+/// Takes the chain's lock for a run that changes it (backup, prune): two at once would remove
+/// each other's temporary files. The lock goes away with the process, even if it is killed.
+pub(crate) fn lock(dir: &Path) -> Result<std::fs::File> {
+    flock(&dir.join(".lock"), true).map_err(|e| match e.kind() {
+        ErrorKind::InUse => {
+            Error::new(ErrorKind::InUse, format!("{} is in use by another blksync backup or prune", dir.display()))
+        }
+        _ => e,
+    })
+}
+
+/// Takes the lock on the base's content: shared for a reader (restore, list, a backup's scan),
+/// exclusive for a prune that changes the base in place. A directory readers cannot write to
+/// (a read-only mount) needs no lock: nobody can prune it either.
+pub(crate) fn lock_base(dir: &Path, exclusive: bool) -> Result<Option<std::fs::File>> {
+    match flock(&dir.join(".base-lock"), exclusive) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == ErrorKind::InUse => Err(Error::new(
+            ErrorKind::InUse,
+            if exclusive {
+                format!("{} is being read (a restore or a list --verify); prune it when that is done", dir.display())
+            } else {
+                format!("{} is being pruned; try again when the prune is done", dir.display())
+            },
+        )),
+        Err(_) if !exclusive => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn flock(path: &Path, exclusive: bool) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .on("opening", path)?;
+    let how = if exclusive {
+        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    } else {
+        rustix::fs::FlockOperation::NonBlockingLockShared
+    };
+    match rustix::fs::flock(&file, how) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            Err(Error::new(ErrorKind::InUse, format!("{} is locked", path.display())))
+        }
+        Err(e) => Err(Error::io("locking", path, None, e.into())),
+    }
 }
 
 /// Where and why a chain is broken.
@@ -239,7 +293,15 @@ impl Chain {
         let mut slots: Vec<Option<Increment>> = increments.into_iter().map(Some).collect();
         let chain: Vec<Increment> = links.iter().filter_map(|&i| slots[i].take()).collect();
         let (base_image, _) = base_paths(dir, base_number, &base.header.id);
-        Ok(Some(Chain { dir: dir.to_path_buf(), base, base_image, base_number, increments: chain, broken }))
+        Ok(Some(Chain {
+            dir: dir.to_path_buf(),
+            base,
+            base_image,
+            base_number,
+            increments: chain,
+            broken,
+            reading: None,
+        }))
     }
 
     /// Checks, before a backup adds a point, that every point is restorable: the chain is whole
@@ -295,7 +357,7 @@ impl Chain {
     }
 
     /// Opens the base image, which must have the size its metadata records.
-    fn open_base(&self) -> Result<Local> {
+    pub(crate) fn open_base(&self) -> Result<Local> {
         let base = Local::open_source(&self.base_image)?;
         if base.size() != self.base.header.size_after {
             return Err(Error::new(
@@ -413,6 +475,42 @@ pub struct Image {
     /// Indices of the increments applied, into `chain.increments`.
     deltas: Vec<usize>,
     chain: Arc<Chain>,
+}
+
+impl Image {
+    /// The ranges where this point differs from the base (what its increments cover), merged
+    /// and ascending.
+    pub(crate) fn changed(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (&start, piece) in &self.pieces {
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = piece.end,
+                _ => out.push((start, piece.end)),
+            }
+        }
+        out
+    }
+
+    /// Reads what the increments say at `[offset, offset + buf.len())`, which must lie in
+    /// [`Image::changed`]: the base is not read (a prune is rewriting it).
+    pub(crate) fn read_changed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        buf.fill(0);
+        let first = self.pieces.range(..=offset).next_back().map_or(offset, |(&s, _)| s);
+        for (&start, piece) in self.pieces.range(first..end) {
+            let (a, b) = (start.max(offset), piece.end.min(end));
+            if a >= b {
+                continue;
+            }
+            if let Some((d, entry)) = piece.source {
+                let record = self.chain.increments[self.deltas[d]].delta.read(&entry)?;
+                let from = (a - entry.offset) as usize;
+                buf[(a - offset) as usize..(b - offset) as usize]
+                    .copy_from_slice(&record.data[from..from + (b - a) as usize]);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Source for Image {

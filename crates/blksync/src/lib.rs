@@ -40,6 +40,7 @@ pub mod patch;
 pub mod peer;
 pub mod progress;
 pub mod protocol;
+pub mod prune;
 pub mod relay;
 pub mod sink;
 pub mod size;

@@ -73,6 +73,7 @@ impl ChainSink {
         crate::chain::create_dir(dir)?;
         let lock = crate::backup::lock(dir)?;
         crate::backup::clean(dir);
+        crate::backup::repair(dir)?;
         let mut header = new_header([0; 16], block, source, comment)?;
         match Chain::load(dir)?.map(Arc::new) {
             None => {

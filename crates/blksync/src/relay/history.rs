@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 
 use super::{Side, connect, follow_job, open, transfer, with_link, with_two_links};
 use crate::backup::{Point, PruneSummary};
+use crate::endpoint::Identity;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::job::{Job, WirePath};
 use crate::link::Link;
@@ -66,9 +67,15 @@ pub(crate) fn shown(side: &Side<'_>, path: &Path) -> String {
 
 /// Refuses a local output that must not be replaced before any remote work starts (a remote
 /// one is checked by its peer).
-fn check_local_output(output: &Side<'_>) -> Result<()> {
+fn check_local_output(output: &Side<'_>, inputs: &[&Side<'_>]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |side: &&Side<'_>| match side.location {
+        Location::Local(p) => std::fs::metadata(p).ok().map(|m| Identity::File { dev: m.dev(), ino: m.ino() }),
+        Location::Remote(_) => None,
+    };
+    let inputs: Vec<Identity> = inputs.iter().filter_map(identity).collect();
     match output.location {
-        Location::Local(path) => crate::delta::check_output(path, &[]),
+        Location::Local(path) => crate::delta::check_output(path, &inputs),
         Location::Remote(_) => Ok(()),
     }
 }
@@ -285,7 +292,7 @@ pub fn prune_location(side: &Side<'_>, keep: u64, options: &DiffOptions, control
 
 /// `blksync merge` of deltas anywhere into `output` anywhere.
 pub fn merge_locations(inputs: &[Side<'_>], output: &Side<'_>, control: Control<'_>) -> Result<Info> {
-    check_local_output(output)?;
+    check_local_output(output, &inputs.iter().collect::<Vec<_>>())?;
     if inputs.iter().all(|i| same_host(i, output)) {
         let paths: Vec<&Path> = inputs.iter().map(|i| path_of(i)).collect();
         return match output.location {
@@ -378,7 +385,7 @@ pub fn diff_locations(
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<DiffSummary> {
-    check_local_output(output)?;
+    check_local_output(output, &[source, base])?;
     if same_host(source, base) && same_host(base, output) {
         return match output.location {
             Location::Local(out) => crate::patch::diff(path_of(source), path_of(base), out, options, control),
