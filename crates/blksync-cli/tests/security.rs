@@ -123,7 +123,10 @@ fn a_binary_planted_under_the_cache_name_is_not_run() {
     let mut damaged = read(&planted);
     let at = damaged.len() / 2;
     damaged[at] ^= 1;
+    // A new file, not a rewrite: the agent of the run before may still be exiting (ETXTBSY).
+    std::fs::remove_file(&planted).unwrap();
     std::fs::write(&planted, &damaged).unwrap();
+    chmod(&planted, 0o755);
     let out = env.run(&["sync", "--no-upload", &src, &env.remote("dst")]);
     assert_eq!(out.code(), 8, "{}", out.stderr_text());
 }
