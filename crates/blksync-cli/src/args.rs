@@ -168,6 +168,10 @@ pub struct BackupArgs {
     /// Free text stored with this point.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub comment: String,
+    /// Back up SRC even if it does not look like the image the chain holds (another filesystem
+    /// UUID, or another path and size): the next point is then all new.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]

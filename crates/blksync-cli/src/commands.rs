@@ -241,6 +241,7 @@ fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::Di
         keep_cache: common.keep_cache,
         comment: comment.to_string(),
         bwlimit: common.bwlimit.filter(|&r| r > 0),
+        force: false,
     })
 }
 
@@ -399,7 +400,8 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &render, cancel };
     let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
     if matches!((&source, &dest), (Location::Remote(_), _) | (_, Location::Remote(_))) {
-        let options = remote_options(&args.common, false)?;
+        let mut options = remote_options(&args.common, false)?;
+        options.sync.force = args.force;
         let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
         let result = backup_locations(
             &Side { location: &source, ssh: &s_ssh },
@@ -426,7 +428,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
         }
         return Ok(Outcome::Success);
     }
-    let options = diff_options(&args.common, &args.comment)?;
+    let options = blksync::patch::DiffOptions { force: args.force, ..diff_options(&args.common, &args.comment)? };
     let result = blksync::backup::backup(args.source.as_ref(), args.dest.as_ref(), &options, control);
     render.finish();
     let s = result?;

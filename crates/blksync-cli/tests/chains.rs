@@ -216,3 +216,28 @@ fn history_files_are_readable_by_their_owner_only() {
     ok(&["diff", "-q", &src, &old, "-o", &delta]);
     assert_eq!(mode(delta.as_ref()), 0o600, "a delta holds the changed blocks");
 }
+
+#[test]
+fn backing_up_a_different_image_into_a_chain_is_refused_unless_forced() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, chain) = (arg(d.path(), "a.img"), arg(d.path(), "b.img"), arg(d.path(), "chain"));
+    for img in [&a, &b] {
+        sparse_file(img.as_ref(), 16 * MIB as u64, &[]);
+        mkfs_ext4(img.as_ref());
+    }
+    ok(&["backup", "-q", &a, &chain]);
+    // Another filesystem (another UUID), same size.
+    fails_with(&["backup", "-q", &b, &chain], 10, &["UUID", "--force"]);
+    // Another path and another size.
+    let c = arg(d.path(), "c.img");
+    write_file(c.as_ref(), &random_bytes(3 * MIB, 4));
+    fails_with(&["backup", "-q", &c, &chain], 10, &["c.img", "bytes"]);
+    assert_eq!(run(&["list", "--json", &chain]).json()["points"].as_array().unwrap().len(), 1);
+    // The same image, grown, is still the same image.
+    std::fs::OpenOptions::new().write(true).open(&a).unwrap().set_len(20 * MIB as u64).unwrap();
+    ok(&["backup", "-q", &a, &chain]);
+    ok(&["backup", "-q", "--force", &b, &chain]);
+    let out = arg(d.path(), "out.img");
+    ok(&["restore", "-q", &chain, &out]);
+    assert_same(out.as_ref(), b.as_ref());
+}

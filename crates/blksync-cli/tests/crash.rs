@@ -411,3 +411,35 @@ fn prune_killed_at_random_keeps_every_point_restorable() {
         assert!(!Path::new(&chain).join("prune.journal").exists(), "round {round}: the journal was dealt with");
     }
 }
+
+/// `restore` to a new file, interrupted (SIGINT) at random moments: what it says holds. An
+/// interrupted restore keeps what it wrote and a rerun finishes it; a restore that failed
+/// leaves no file.
+#[test]
+fn an_interrupted_restore_keeps_what_it_says_it_kept() {
+    let env = Env::local();
+    let mut rng = Rng::new("restore");
+    let (src, chain, out) = (env.path("src"), env.path("chain"), env.path("out.img"));
+    let mut data = random_bytes(24 * MIB, rng.next());
+    data[8 * MIB..9 * MIB].fill(0);
+    write_file(src.as_ref(), &data);
+    env.ok(&["backup", "-q", &src, &chain]);
+    for round in 0..ROUNDS {
+        let _ = std::fs::remove_file(&out);
+        let child = env.spawn(&["restore", &chain, &out]);
+        let done = kill_at_random(&mut rng, child, 150, |c| {
+            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+        });
+        let err = done.stderr_text();
+        match done.code() {
+            0 => assert!(read(out.as_ref()) == data, "round {round}"),
+            130 => {
+                assert!(err.contains("run it again"), "round {round}: {err}");
+                assert!(Path::new(&out).exists(), "round {round}: it says run it again, but removed the file: {err}");
+                env.ok(&["restore", "-q", &chain, &out]);
+                assert!(read(out.as_ref()) == data, "round {round}: the rerun finished it");
+            }
+            code => panic!("round {round}: exit {code}: {err}"),
+        }
+    }
+}

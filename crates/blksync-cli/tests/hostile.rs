@@ -99,3 +99,17 @@ fn a_stopped_agent_is_seen_and_plain_progress_reports_the_stall() {
     assert!(err.contains("stalled for"), "plain progress reports the stall:\n{err}");
     assert!(err.contains("no word from the agent") || err.contains("no progress for 20 s"), "{err}");
 }
+
+#[test]
+fn a_pull_that_fails_before_any_data_leaves_no_file_of_zeros() {
+    let Some(options) = sshd_options() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rsh = format!("ssh {options}");
+    let remote = format!("root@127.0.0.1:{}", dir.path().join("src").display());
+    let dst = dir.path().join("copy.img");
+    let agent = agent(dir.path(), "stall");
+    let out =
+        run(&["sync", "-q", "-e", &rsh, "--timeout", "2", "--remote-path", &agent, &remote, dst.to_str().unwrap()]);
+    assert_eq!(out.code(), 8, "{}", out.stderr_text());
+    assert!(!dst.exists(), "a file that looks like a copy was left");
+}

@@ -75,8 +75,16 @@ fn write_base(
     match written {
         Ok(summary) => Ok((image, summary.counters)),
         Err(e) => {
+            // The partial image is removed: a half-written base is never a point.
             let _ = std::fs::remove_file(&tmp);
-            Err(e)
+            Err(if e.kind() == ErrorKind::Interrupted {
+                Error::new(
+                    ErrorKind::Interrupted,
+                    "interrupted: no backup was made (nothing kept); a rerun starts over",
+                )
+            } else {
+                e
+            })
         }
     }
 }
@@ -120,10 +128,48 @@ pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control
     };
     let (parent, newest) = chain.newest();
     chain.check_extendable()?;
+    if !options.force {
+        let last = chain.increments.last().map_or(&chain.base.header, |i| &i.delta.header);
+        same_image(&chain.dir, last, source, &src)?;
+    }
     let image = chain.image(newest)?;
     let path = increment_path(dir, newest + 1);
     let summary = write_delta(&src, &image, &path, parent, options, control)?;
     Ok(BackupSummary { file: path.display().to_string(), number: newest + 1, counters: summary.counters })
+}
+
+/// Refuses to add `source` to a chain whose newest point `last` came from another image: its
+/// filesystem UUID differs, or both its path and its size do. (A disk that was resized, or an
+/// image that was moved, is still the same image; `--force` takes anything.) Otherwise the
+/// point would be a 100 % increment of an unrelated image, and zfs refuses unrelated streams
+/// for the same reason.
+fn same_image(dir: &Path, last: &Header, source: &Path, src: &dyn Source) -> Result<()> {
+    let uuid = |identity: &str| identity.split(' ').find_map(|w| w.strip_prefix("UUID=")).map(str::to_string);
+    let now = crate::patch::source_identity(source);
+    let other = |why: String| {
+        Error::new(
+            ErrorKind::WrongTarget,
+            format!(
+                "{} does not look like the image backed up in {}: {why}; back it up into another directory, or add --force to make it the next point anyway",
+                source.display(),
+                dir.display()
+            ),
+        )
+    };
+    if let (Some(was), Some(is)) = (uuid(&last.source_identity), uuid(&now))
+        && was != is
+    {
+        return Err(other(format!("its filesystem UUID is {is}, the chain's is {was}")));
+    }
+    if last.source != source.display().to_string() && last.size_after != src.size() {
+        return Err(other(format!(
+            "the chain holds {} ({} bytes), this is {} bytes",
+            last.source,
+            last.size_after,
+            src.size()
+        )));
+    }
+    Ok(())
 }
 
 /// One point of a chain, for `list`.
@@ -233,7 +279,9 @@ pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<
     let dst = Local::open_target(target, OpenTarget { create: true, force, ..OpenTarget::default() })?;
     let fresh = dst.created();
     let result = sync(&image, &dst, fresh, &SyncOptions::default(), control);
-    if fresh && result.is_err() {
+    // As for sync: a file this run created and could not fill goes, but an interrupted restore
+    // stays, as its message says: a rerun writes only what is still missing.
+    if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
         let _ = std::fs::remove_file(target);
     }
     result

@@ -155,7 +155,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn options() -> DiffOptions {
-        DiffOptions { block_size: 4096, threads: 2, keep_cache: false, comment: "c".into(), bwlimit: Some(5) }
+        DiffOptions {
+            block_size: 4096,
+            threads: 2,
+            keep_cache: false,
+            comment: "c".into(),
+            bwlimit: Some(5),
+            force: false,
+        }
     }
 
     #[test]

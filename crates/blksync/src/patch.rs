@@ -32,6 +32,10 @@ pub struct DiffOptions {
     pub comment: String,
     /// Read the source at most this many bytes per second.
     pub bwlimit: Option<u64>,
+    /// `backup --force`: add to a chain even a source that does not look like the image it backs
+    /// up (another filesystem UUID, or another path and size).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// What `diff` wrote.

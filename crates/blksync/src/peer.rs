@@ -204,6 +204,14 @@ impl Peer {
                 }
                 self.reply(Msg::Done);
             }
+            Msg::Discard => {
+                if let Some(Sink::Plain(local)) = &self.sink
+                    && local.created()
+                {
+                    let _ = std::fs::remove_file(local.name());
+                }
+                self.reply(Msg::Done);
+            }
             Msg::FlushPartial => {
                 if let Some(upload) = self.upload.take() {
                     drop(upload); // removes its temporary file

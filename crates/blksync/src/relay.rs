@@ -128,7 +128,8 @@ fn sync(
         }
     };
     // With an undo log the flush is unconditional: it commits the log, even an empty one.
-    let result = transfer(source, s, target, t, names, log.is_some(), options, control);
+    let commit = if log.is_some() { Commit::Log } else { Commit::None };
+    let result = transfer(source, s, target, t, names, commit, options, control);
     if let (Some(written), UndoAt::Fetch(local)) = (&log, undo) {
         // A failed or interrupted transfer flushed what reached the target, which commits the
         // log of all of it: fetch it all the same, so the mirror can be rolled back.
@@ -168,9 +169,19 @@ fn sync(
     Ok(summary)
 }
 
+/// What the target's flush commits besides the data, which makes it unconditional (even when
+/// nothing changed).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Commit {
+    /// Nothing: a plain target is flushed only if something was written or resized.
+    None,
+    /// An undo log.
+    Log,
+    /// A backup point or a delta.
+    Point,
+}
+
 /// Everything after both ends are open: sizes, the pass, the flush, verification.
-/// `chain_target` makes the flush unconditional: it commits a backup point even when nothing
-/// changed.
 #[allow(clippy::too_many_arguments)] // Both ends, as opened, and how to run.
 fn transfer(
     source: &mut Link,
@@ -178,7 +189,7 @@ fn transfer(
     target: &mut Link,
     t: Opened,
     (source_name, target_name): (String, String),
-    chain_target: bool,
+    commit: Commit,
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
@@ -223,9 +234,27 @@ fn transfer(
         threads: u16::try_from(o.threads).unwrap_or(u16::MAX),
         throttle: throttle.as_ref(),
         pause: options.pause,
-        must_flush: chain_target || (sizing.resize_to.is_some() && !o.dry_run),
+        must_flush: commit != Commit::None || (sizing.resize_to.is_some() && !o.dry_run),
     };
-    let found = pass.run(&counters, control)?;
+    let found = match pass.run(&counters, control) {
+        Ok(found) => found,
+        Err(e) => {
+            if t.created && commit == Commit::None && e.kind() != ErrorKind::Interrupted {
+                // As a local sync does: a file this run created and could not fill goes.
+                let _ = target.call(Msg::Discard);
+            }
+            return Err(e);
+        }
+    };
+    if found.cancelled && commit == Commit::Point {
+        // FlushPartial discarded the point: say so, not "in sync".
+        return Err(Error::new(
+            ErrorKind::Interrupted,
+            format!(
+                "interrupted: nothing was committed at {target_name} (no backup point or delta was kept); a rerun starts over"
+            ),
+        ));
+    }
     if found.cancelled {
         return Err(Error::new(
             ErrorKind::Interrupted,
@@ -592,6 +621,7 @@ pub fn backup_locations(
             keep_cache: o.keep_cache,
             comment: comment.to_string(),
             bwlimit: o.bwlimit,
+            force: o.force,
         };
         let job = Job::Backup { source: WirePath::new(&src.path), dir: WirePath::new(&dir.path), options };
         let (b, wire): (crate::backup::BackupSummary, _) = history::job_counted(dest, &job, control)?;
@@ -630,7 +660,7 @@ pub fn backup_locations(
             options.sync.block_size,
         )?;
         let names = (source_name, display(t, t_path));
-        transfer(s, so, t, to, names, true, &options, control)
+        transfer(s, so, t, to, names, Commit::Point, &options, control)
     })
 }
 
@@ -667,7 +697,7 @@ pub fn restore_locations(
         }
         let to = open(t, Role::Target, flags, t_path, b"")?;
         let names = (display(s, s_path), display(t, t_path));
-        transfer(s, so, t, to, names, false, options, control)
+        transfer(s, so, t, to, names, Commit::None, options, control)
     })
 }
 

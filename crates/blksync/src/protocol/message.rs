@@ -105,6 +105,9 @@ pub enum Msg {
     /// but commit nothing that claims to be complete (a backup point or a delta is discarded;
     /// an undo log, which covers what was written, is committed).
     FlushPartial,
+    /// The transfer failed: remove the target if this session created it (a file of the full
+    /// size that holds nothing, or part, of the source looks like a copy and is not one).
+    Discard,
     Copy {
         end: u64,
         data_len: u64,
@@ -287,6 +290,7 @@ mod tag {
     pub const RECORD: u8 = 0x15;
     pub const UNDO: u8 = 0x16;
     pub const FLUSH_PARTIAL: u8 = 0x17;
+    pub const DISCARD: u8 = 0x18;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -358,8 +362,9 @@ impl Msg {
     #[allow(clippy::too_many_lines)] // One arm per message, mirroring the spec's table.
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
-            ACK, ALIVE, BYE, COPY, DATA, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY,
-            LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
+            ACK, ALIVE, BYE, COPY, DATA, DISCARD, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES, GROUPS, HELLO,
+            HELLO_REPLY, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY, WRITE,
+            ZERO, ZEROS,
         };
         let e = |kind| Encoder::new(kind, 64);
         match self {
@@ -411,6 +416,7 @@ impl Msg {
             }
             Msg::Flush => e(FLUSH).finish(),
             Msg::FlushPartial => e(FLUSH_PARTIAL).finish(),
+            Msg::Discard => e(DISCARD).finish(),
             Msg::Copy { end, data_len, compress, threads } => {
                 let mut x = e(COPY);
                 x.u64(*end).u64(*data_len).i32(*compress).u16(*threads);
@@ -583,6 +589,7 @@ impl Msg {
             tag::ZERO => Msg::Zero { offset: d.u64()?, len: d.u64()? },
             tag::FLUSH => Msg::Flush,
             tag::FLUSH_PARTIAL => Msg::FlushPartial,
+            tag::DISCARD => Msg::Discard,
             tag::COPY => Msg::Copy { end: d.u64()?, data_len: d.u64()?, compress: d.i32()?, threads: d.u16()? },
             tag::BYE => Msg::Bye,
             tag::HELLO_REPLY => Msg::HelloReply {
@@ -753,6 +760,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::ZERO => "Zero",
         tag::FLUSH => "Flush",
         tag::FLUSH_PARTIAL => "FlushPartial",
+        tag::DISCARD => "Discard",
         tag::COPY => "Copy",
         tag::BYE => "Bye",
         tag::HELLO_REPLY => "Hello reply",

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use super::{Side, connect, follow_job, open, transfer, with_link, with_two_links};
+use super::{Commit, Side, connect, follow_job, open, transfer, with_link, with_two_links};
 use crate::backup::{Point, PruneSummary};
 use crate::endpoint::Identity;
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -470,7 +470,7 @@ fn diff_over(
         undo: None,
     };
     let names = (source_name, shown(base, Path::new(b_path)));
-    let summary = transfer(s, so, b, bo, names, true, &remote, control)?;
+    let summary = transfer(s, so, b, bo, names, Commit::Point, &remote, control)?;
     let info: Info = run_job(b, &Job::Info { path: WirePath::new(&written) }, control)?;
     if here.is_none() {
         move_out(b, &written, output, control)?;
