@@ -204,22 +204,7 @@ impl Peer {
                 }
                 self.reply(Msg::Done);
             }
-            Msg::Discard => {
-                if let Some(Sink::Plain(local)) = &self.sink
-                    && local.created()
-                {
-                    let _ = std::fs::remove_file(local.name());
-                }
-                self.reply(Msg::Done);
-            }
-            Msg::FlushPartial => {
-                if let Some(upload) = self.upload.take() {
-                    drop(upload); // removes its temporary file
-                } else {
-                    self.sink()?.flush_partial()?;
-                }
-                self.reply(Msg::Done);
-            }
+            Msg::Discard | Msg::FlushPartial => self.end_early(&msg)?,
             Msg::OpenChain { dir, role, at_kind, at, comment, source, block } => {
                 self.open_chain(&dir, role, at_kind, at, &comment, &source, block)?;
             }
@@ -253,6 +238,25 @@ impl Peer {
             }
             other => return Err(Error::protocol(format!("unexpected message from the client: {other:?}"))),
         }
+        Ok(())
+    }
+
+    /// The transfer ended early (docs/PROTOCOL.md): `FlushPartial` makes what was written
+    /// durable without committing a point, delta or upload; `Discard` removes a target this
+    /// session created.
+    fn end_early(&mut self, msg: &Msg) -> Result<()> {
+        match (msg, self.upload.take()) {
+            (Msg::FlushPartial, Some(upload)) => drop(upload), // removes its temporary file
+            (Msg::FlushPartial, None) => self.sink()?.flush_partial()?,
+            _ => {
+                if let Some(Sink::Plain(local)) = &self.sink
+                    && local.created()
+                {
+                    let _ = std::fs::remove_file(local.name());
+                }
+            }
+        }
+        self.reply(Msg::Done);
         Ok(())
     }
 
