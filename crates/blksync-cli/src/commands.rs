@@ -137,9 +137,9 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         _ => e,
     })?;
     let c = &summary.counters;
-    let verb = if summary.dry_run { "would write" } else { "wrote" };
+    let (verb, zeroed) = if summary.dry_run { ("would write", "zero") } else { ("wrote", "zeroed") };
     render.line(&format!(
-        "blksync: {} -> {}: scanned {}, {} differing in {}; {verb} {} and zeroed {} in {:.2}s ({}){}",
+        "blksync: {} -> {}: scanned {}, {} differing in {}; {verb} {} and {zeroed} {} in {:.2}s ({}){}",
         summary.source,
         summary.destination,
         format_size(c.bytes_scanned),

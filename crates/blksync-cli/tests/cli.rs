@@ -185,6 +185,27 @@ fn dry_run_writes_nothing() {
     assert!(!Path::new(&missing).exists(), "dry run must not create the destination");
 }
 
+/// `sync -n` said "would write 0 B": it now reports what the real sync then writes and zeroes.
+#[test]
+fn dry_run_reports_what_it_would_write_and_zero() {
+    let d = tmp();
+    let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
+    let mut data = random_bytes(4 * MIB, 30);
+    data[MIB..2 * MIB].fill(0);
+    write_file(src.as_ref(), &data);
+    let mut old = data.clone();
+    old[MIB..MIB + 300_000].copy_from_slice(&random_bytes(300_000, 31));
+    old[3 * MIB..3 * MIB + 50_000].copy_from_slice(&random_bytes(50_000, 32));
+    write_file(dst.as_ref(), &old);
+    let would = sync_json(&["-n", &src, &dst]);
+    let out = run(&["sync", "-n", &src, &dst]);
+    assert!(out.stderr_text().contains("would write 52.0 KiB and zero 296.0 KiB"), "{}", out.stderr_text());
+    let did = sync_json(&[&src, &dst]);
+    assert!(would["bytes_written"].as_u64().unwrap() > 0);
+    assert_eq!(would["bytes_written"], did["bytes_written"]);
+    assert_eq!(would["bytes_zeroed"], did["bytes_zeroed"]);
+}
+
 #[test]
 fn compare_exit_codes_follow_cmp() {
     let d = tmp();

@@ -299,6 +299,15 @@ impl Scan<'_> {
         for &(fix, run) in runs.iter() {
             let at = work.offset + run.offset;
             counters.add_differing(run.len);
+            if let Action::Compare = self.action {
+                // What a sync would write and zero (`sync -n`, and `compare`'s counters), as the
+                // remote pass counts it.
+                if fix == Fix::Zero {
+                    counters.add_zeroed(run.len);
+                } else {
+                    counters.add_written(run.len);
+                }
+            }
             if let Action::Record(writer) = self.action {
                 let range = run.offset as usize..run.end() as usize;
                 let before = (!dest_is_zero).then(|| &dst[range.clone()]);
