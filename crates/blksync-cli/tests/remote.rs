@@ -639,3 +639,29 @@ fn an_interrupted_remote_sync_still_delivers_its_undo_log() {
         assert!(read(mirror.as_ref()) == old, "rolled back byte for byte with {undo}");
     }
 }
+
+/// Remote syncs reported `bytes_read_source: 0` and "0 ranges": they now count what the peers
+/// read and the ranges that differed, as a local sync does.
+#[test]
+fn remote_syncs_report_what_they_read_and_the_ranges_that_differed() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    let mut data = random_bytes(8 * MIB, 50);
+    write_file(src.as_ref(), &data);
+    // A fresh copy (the copy path), then an update of three ranges (the hash path).
+    let fresh = env.ok(&["sync", &src, &env.remote("dst")]);
+    assert_eq!(fresh["bytes_read_source"], 8 * MIB as u64, "{fresh}");
+    assert!(fresh["ranges_differing"].as_u64().unwrap() >= 1, "{fresh}");
+    for at in [MIB, 3 * MIB, 6 * MIB] {
+        data[at..at + 10_000].copy_from_slice(&random_bytes(10_000, at as u64));
+    }
+    write_file(src.as_ref(), &data);
+    write_file(env.path("local-copy").as_ref(), &read(env.path("dst").as_ref()));
+    let local = ok(&["sync", "--json", &src, &env.path("local-copy")]).json();
+    for (what, remote) in [("push", env.ok(&["sync", &src, &env.remote("dst")]))] {
+        assert_eq!(remote["ranges_differing"], 3, "{what}: {remote}");
+        assert_eq!(remote["ranges_differing"], local["ranges_differing"], "{what}");
+        assert!(remote["bytes_read_source"].as_u64().unwrap() >= 8 * MIB as u64, "{what}: {remote}");
+        assert!(remote["bytes_read_destination"].as_u64().unwrap() >= 8 * MIB as u64, "{what}: {remote}");
+    }
+}

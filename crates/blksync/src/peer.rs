@@ -483,14 +483,16 @@ impl Peer {
         let endpoint = Arc::clone(self.endpoint()?);
         let mut buf = vec![0u8; len as usize];
         let size = endpoint.size();
+        let mut read = 0;
         if offset < size {
             let n = (size - offset).min(u64::from(len)) as usize;
             endpoint.read_at(&mut buf[..n], offset)?;
+            read = n as u64;
         }
         let compressor = self.compressors.entry(compress).or_insert_with(|| Compressor::new(compress));
         let chunk = compressor.encode(offset, &buf);
         self.reply(Msg::Data(chunk));
-        self.reply(Msg::ReadDone { offset, len: u64::from(len) });
+        self.reply(Msg::ReadDone { offset, len: u64::from(len), read });
         Ok(())
     }
 
@@ -690,10 +692,11 @@ fn scan(
 ) -> Result<()> {
     let (tx, rx) = bounded::<(u64, Vec<crate::extent::Extent>)>(threads * 2);
     let failure = Mutex::new(None);
+    let read = std::sync::atomic::AtomicU64::new(0);
     std::thread::scope(|s| {
         for _ in 0..threads {
             let rx = rx.clone();
-            let failure = &failure;
+            let (failure, read) = (&failure, &read);
             s.spawn(move || {
                 let mut buf = vec![0u8; state.chunk];
                 for (chunk, data) in rx {
@@ -702,7 +705,10 @@ fn scan(
                     }
                     let (start, len) = state.range(chunk);
                     let tree = match fill(endpoint, &mut buf[..len], start, &data) {
-                        Ok(_) => state.hasher.tree(&buf[..len], data.is_empty()),
+                        Ok(n) => {
+                            read.fetch_add(n, Ordering::Relaxed);
+                            state.hasher.tree(&buf[..len], data.is_empty())
+                        }
                         Err(e) => {
                             fail(failure, stop, e);
                             break;
@@ -747,7 +753,7 @@ fn scan(
         return Err(e);
     }
     if !stop.load(Ordering::Relaxed) {
-        let _ = replies.send(Msg::ScanDone { chunks: state.chunks() });
+        let _ = replies.send(Msg::ScanDone { chunks: state.chunks(), read: read.into_inner() });
     }
     Ok(())
 }
@@ -779,10 +785,13 @@ impl CopyJob<'_> {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        if let Err(e) = fill(self.endpoint, &mut buf[..len], start, &data) {
-                            fail(failure, stop, e);
-                            break;
-                        }
+                        let read = match fill(self.endpoint, &mut buf[..len], start, &data) {
+                            Ok(read) => read,
+                            Err(e) => {
+                                fail(failure, stop, e);
+                                break;
+                            }
+                        };
                         runs.clear();
                         if !data.is_empty() {
                             for (i, block) in buf[..len].chunks(COPY_BLOCK).enumerate() {
@@ -800,7 +809,7 @@ impl CopyJob<'_> {
                         if !self.keep_cache {
                             self.endpoint.drop_cache(start, len as u64);
                         }
-                        if replies.send(Msg::ReadDone { offset: start, len: len as u64 }).is_err() {
+                        if replies.send(Msg::ReadDone { offset: start, len: len as u64, read }).is_err() {
                             return;
                         }
                     }

@@ -184,6 +184,8 @@ pub enum Msg {
     },
     ScanDone {
         chunks: u64,
+        /// Bytes the scan read from the endpoint (holes are not read).
+        read: u64,
     },
     GroupHashes {
         chunk: u64,
@@ -204,6 +206,8 @@ pub enum Msg {
     ReadDone {
         offset: u64,
         len: u64,
+        /// Bytes read from the endpoint for this answer.
+        read: u64,
     },
     Done,
     /// The agent is alive (sent every few seconds whatever it is doing; see "Liveness").
@@ -438,9 +442,9 @@ impl Msg {
                 x.u64(*chunk).u8(u8::from(*zero)).raw(hash);
                 x.finish()
             }
-            Msg::ScanDone { chunks } => {
+            Msg::ScanDone { chunks, read } => {
                 let mut x = e(SCAN_DONE);
-                x.u64(*chunks);
+                x.u64(*chunks).u64(*read);
                 x.finish()
             }
             Msg::GroupHashes { chunk, zero, hashes } => {
@@ -459,9 +463,9 @@ impl Msg {
                 x.u64(*offset).u64(*len);
                 x.finish()
             }
-            Msg::ReadDone { offset, len } => {
+            Msg::ReadDone { offset, len, read } => {
                 let mut x = e(READ_DONE);
-                x.u64(*offset).u64(*len);
+                x.u64(*offset).u64(*len).u64(*read);
                 x.finish()
             }
             Msg::Done => e(DONE).finish(),
@@ -608,7 +612,7 @@ impl Msg {
                 created: flag(d.u8()?)?,
             },
             tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
-            tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()? },
+            tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()? },
             tag::GROUP_HASHES => {
                 let chunk = d.u64()?;
                 let (zero, hashes) = hash_list(&mut d)?;
@@ -622,7 +626,7 @@ impl Msg {
             }
             tag::DATA => Msg::Data(decode_chunk(&mut d)?),
             tag::ZEROS => Msg::Zeros { offset: d.u64()?, len: d.u64()? },
-            tag::READ_DONE => Msg::ReadDone { offset: d.u64()?, len: d.u64()? },
+            tag::READ_DONE => Msg::ReadDone { offset: d.u64()?, len: d.u64()?, read: d.u64()? },
             tag::DONE => Msg::Done,
             tag::ALIVE => Msg::Alive,
             tag::ERROR => Msg::Error {

@@ -135,8 +135,10 @@ struct Brain<'a> {
     ranges: BTreeMap<u64, u64>,
     flushed: bool,
     /// Reads sent and not yet done (start → end), which the source router checks every `Data`
-    /// against.
+    /// against. In `Copy` mode, the ranges copied instead (the router records them).
     requested: &'a Mutex<BTreeMap<u64, u64>>,
+    /// `ScanDone`s received (one per scanning side).
+    scans_done: u8,
 }
 
 impl Pass<'_> {
@@ -161,6 +163,7 @@ impl Pass<'_> {
             ranges: BTreeMap::new(),
             flushed: false,
             requested: &requested,
+            scans_done: 0,
         };
         std::thread::scope(|scope| {
             let (routing, forwarding, requested) = (&routing, &forwarding, &requested);
@@ -186,6 +189,11 @@ impl Pass<'_> {
             routing.store(false, Ordering::Relaxed);
             result
         })?;
+        if self.mode == Mode::Copy {
+            // What was copied is what differed from the empty target.
+            let copied = std::mem::take(&mut *requested.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            brain.ranges.extend(copied);
+        }
         let mut found = Found { done: brain.prefix.min(brain.total) * self.chunk as u64, ..Found::default() };
         found.done = found.done.min(self.scan_len);
         found.cancelled = control.cancelled() && brain.prefix < brain.total;
@@ -232,6 +240,10 @@ impl Pass<'_> {
                     if self.mode == Mode::Copy {
                         // The target was empty: everything non-zero differs.
                         counters.add_differing(u64::from(chunk.raw_len));
+                        let mut copied = requested.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if copied.len() < RANGE_CAP {
+                            copied.insert(chunk.offset, u64::from(chunk.raw_len));
+                        }
                     }
                     if self.target.send(Msg::Write(chunk)).is_err() {
                         // Say so once, then keep draining the source: if this thread stopped,
@@ -356,6 +368,16 @@ impl Brain<'_> {
             self.handle(side, msg)?;
             control.observer.progress(&self.counters.snapshot());
         }
+        // The scans' `ScanDone` (with what they read) follows their last summary, which may
+        // have finished the pass: wait a moment for it, for the counters.
+        while p.mode != Mode::Copy && self.scans_done < 2 {
+            match events.recv_timeout(Duration::from_secs(2)) {
+                Ok((side, Msg::Error { kind, message })) => return Err(self.link(side).error(kind, message)),
+                Ok((side, msg @ Msg::ScanDone { .. })) => self.handle(side, msg)?,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         let s = self.counters.snapshot();
         // Nothing written and nothing resized: there is nothing to make durable, and skipping the
         // flush saves a round trip on slow links.
@@ -425,9 +447,10 @@ impl Brain<'_> {
                 }
                 self.finish_if_done(chunk)?;
             }
-            Msg::ReadDone { offset, len } => {
+            Msg::ReadDone { offset, len, read } => {
                 let chunk = offset / self.pass.chunk as u64;
                 self.check_chunk(side, chunk)?;
+                self.counters.add_read_source(read);
                 if self.pass.mode == Mode::Copy {
                     self.finish(chunk)?;
                 } else {
@@ -438,7 +461,14 @@ impl Brain<'_> {
                     self.finish_if_done(chunk)?;
                 }
             }
-            Msg::ScanDone { .. } | Msg::Done => {}
+            Msg::ScanDone { read, .. } => {
+                self.scans_done += 1;
+                match side {
+                    End::Source => self.counters.add_read_source(read),
+                    End::Target => self.counters.add_read_destination(read),
+                }
+            }
+            Msg::Done => {}
             Msg::Error { kind, message } => return Err(self.link(side).error(kind, message)),
             other => return Err(self.link(side).unexpected(&other)),
         }

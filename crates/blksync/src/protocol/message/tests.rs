@@ -64,13 +64,13 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             zero,
             hash
         }),
-        any::<u64>().prop_map(|chunks| Msg::ScanDone { chunks }),
+        (any::<u64>(), any::<u64>()).prop_map(|(chunks, read)| Msg::ScanDone { chunks, read }),
         (any::<u64>(), hashes()).prop_map(|(chunk, (zero, hashes))| Msg::GroupHashes { chunk, zero, hashes }),
         (any::<u64>(), any::<u32>(), hashes())
             .prop_map(|(chunk, group, (zero, hashes))| { Msg::LeafHashes { chunk, group, zero, hashes } }),
         any_chunk().prop_map(Msg::Data),
         (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zeros { offset, len }),
-        (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::ReadDone { offset, len }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(offset, len, read)| Msg::ReadDone { offset, len, read }),
         Just(Msg::Done),
         (any_kind(), ".{0,40}").prop_map(|(kind, message)| Msg::Error { kind, message }),
         (b(), b(), any::<u32>(), 0u32..256, any::<u16>(), any::<u64>(), b()).prop_map(
