@@ -17,16 +17,23 @@ const MIB: usize = 1 << 20;
 /// Kill points per test.
 const ROUNDS: usize = 30;
 
-/// A small xorshift generator, seeded from the clock or `BLKSYNC_CRASH_SEED`.
-struct Rng(u64);
+/// A small xorshift generator, seeded from the clock or `BLKSYNC_CRASH_SEED`, that also counts
+/// the kills that landed while the command was running (printed when the test ends).
+struct Rng(u64, &'static str, usize, usize);
+
+impl Drop for Rng {
+    fn drop(&mut self) {
+        eprintln!("{}: {} kill points, {} of them while the command was running", self.1, self.2, self.3);
+    }
+}
 
 impl Rng {
-    fn new(test: &str) -> Rng {
+    fn new(test: &'static str) -> Rng {
         let seed = std::env::var("BLKSYNC_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
         });
         eprintln!("{test}: BLKSYNC_CRASH_SEED={seed}");
-        Rng(seed | 1)
+        Rng(seed | 1, test, 0, 0)
     }
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
@@ -122,6 +129,11 @@ impl Env {
 /// Waits a random moment (up to `max_ms`), kills, and waits for the command to end.
 fn kill_at_random(rng: &mut Rng, child: Child, max_ms: u64, kill: impl FnOnce(&Child)) -> std::process::Output {
     std::thread::sleep(Duration::from_millis(rng.below(max_ms)));
+    let mut child = child;
+    rng.2 += 1;
+    if child.try_wait().unwrap().is_none() {
+        rng.3 += 1;
+    }
     kill(&child);
     child.wait_with_output().unwrap()
 }
@@ -130,7 +142,7 @@ fn kill_at_random(rng: &mut Rng, child: Child, max_ms: u64, kill: impl FnOnce(&C
 /// checks that every point the chain holds restores to the source's content at that time.
 /// `bwlimit` slows the part of the run that is worth killing: a push reads the source here
 /// (throttled as it is read), a pull receives only changed data (throttled as it arrives).
-fn backups_killed_at_random(env: &Env, test: &str, (source, chain): (&str, &str), bwlimit: &str) {
+fn backups_killed_at_random(env: &Env, test: &'static str, (source, chain): (&str, &str), bwlimit: &str) {
     let mut rng = Rng::new(test);
     let src = env.path("src");
     let mut data = random_bytes(4 * MIB, rng.next());
