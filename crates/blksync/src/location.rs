@@ -1,7 +1,13 @@
-//! Where an endpoint is: a local path or `[user@]host:path` / `ssh://[user@]host[:port]/path`.
+//! Where an endpoint is: an *address* on this host, or behind `[user@]host:` /
+//! `ssh://[user@]host[:port]/`.
 //!
-//! As with rsync and scp, a colon before the first slash makes a remote location, so a local
-//! path with a colon is written `./a:b` (or `/abs/a:b`).
+//! An address is a path (a file or block device) or URL-like: `loop://FILE`, `lvm://VG/LV`,
+//! `lvm+snapshot://VG/LV`, and the schemes of later endpoint kinds ([`SCHEMES`]). URL-like
+//! addresses are recognised before the `host:path` rule, so `nbd://x` is never an ssh host called
+//! `nbd`; an unknown scheme is a usage error that lists the known ones. Either form may stand
+//! behind a host: `root@vmhost:lvm+snapshot://vg0/vm1`, `ssh://root@nas/lvm://vg/backup`. As with
+//! rsync and scp, a colon before the first slash makes a remote location, so a local path with a
+//! colon is written `./a:b` (or `/abs/a:b`).
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -48,12 +54,43 @@ impl Remote {
     }
 }
 
+/// The URL-like address schemes an endpoint can have (`ssh://` is a way to reach one).
+pub const SCHEMES: &[&str] = &["loop", "lvm", "lvm+snapshot", "nbd", "nbd+unix", "nbds", "iscsi"];
+
+/// The scheme of a URL-like argument (`SCHEME://…`, the scheme made of letters, digits, `+`,
+/// `-` and `.`, starting with a letter), if it is one.
+#[must_use]
+pub fn scheme_of(bytes: &[u8]) -> Option<&str> {
+    let end = bytes.windows(3).position(|w| w == b"://")?;
+    let scheme = std::str::from_utf8(&bytes[..end]).ok()?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic() && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))).then_some(scheme)
+}
+
+/// Checks an address's scheme: a plain path, or a known scheme.
+fn check_scheme(address: &[u8], arg: &OsString) -> Result<()> {
+    match scheme_of(address) {
+        Some(s) if !SCHEMES.contains(&s) => Err(Error::usage(format!(
+            "{:?}: unknown address scheme {s}://; known: {}, and ssh:// to reach one on another host (a local file of that name is written ./{})",
+            arg.to_string_lossy(),
+            SCHEMES.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", "),
+            arg.to_string_lossy()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Location {
     /// Parses a command-line argument.
     pub fn parse(arg: &OsString) -> Result<Location> {
         let bytes = arg.as_bytes();
         if let Some(rest) = bytes.strip_prefix(b"ssh://") {
             return parse_url(rest, arg);
+        }
+        if scheme_of(bytes).is_some() {
+            check_scheme(bytes, arg)?;
+            return Ok(Location::Local(PathBuf::from(arg)));
         }
         let slash = bytes.iter().position(|&b| b == b'/');
         let colon = if bytes.first() == Some(&b'[') {
@@ -73,6 +110,7 @@ impl Location {
             Some(c) if slash.is_none_or(|s| c < s) && c > 0 => {
                 let (login, path) = (&bytes[..c], &bytes[c + 1..]);
                 let (user, host) = split_login(login, arg)?;
+                check_scheme(path, arg)?;
                 let path = if path.is_empty() { b".".to_vec() } else { path.to_vec() };
                 Ok(Location::Remote(Remote { user, host, port: None, path: PathBuf::from(OsString::from_vec(path)) }))
             }
@@ -120,8 +158,16 @@ fn parse_url(rest: &[u8], arg: &OsString) -> Result<Location> {
         _ => (authority, None),
     };
     let (user, host) = split_login(login.as_bytes(), arg)?;
-    // ssh://host/path is absolute; ssh://host/~/x is relative to the home directory.
+    // ssh://host/path is absolute; ssh://host/~/x is relative to the home directory;
+    // ssh://host/lvm://vg/lv is an address on that host.
     let path = path.strip_prefix(b"/~/").map_or(path, |p| p);
+    let path = match path.strip_prefix(b"/") {
+        Some(address) if scheme_of(address).is_some() => {
+            check_scheme(address, arg)?;
+            address
+        }
+        _ => path,
+    };
     Ok(Location::Remote(Remote { user, host, port, path: PathBuf::from(OsString::from_vec(path.to_vec())) }))
 }
 
@@ -164,6 +210,22 @@ mod tests {
         assert_eq!(r.path.to_str(), Some("img"));
         assert!(Location::parse(&OsString::from("ssh://h:99999/x")).is_err());
         assert!(Location::parse(&OsString::from("ssh://h")).is_err());
+    }
+
+    #[test]
+    fn url_like_addresses_come_before_the_host_rule() {
+        for s in ["loop://disk.img", "loop:///dev/loop3", "lvm://vg0/vm1", "lvm+snapshot://vg0/vm1", "nbd://host/x"] {
+            local(s);
+        }
+        let r = remote("root@vmhost:lvm+snapshot://vg0/vm1");
+        assert_eq!((r.host.as_str(), r.path.to_str()), ("vmhost", Some("lvm+snapshot://vg0/vm1")));
+        let r = remote("ssh://root@nas:2222/lvm://vg/backup");
+        assert_eq!((r.port, r.path.to_str()), (Some(2222), Some("lvm://vg/backup")));
+        for s in ["foo://x", "host:foo://x", "ssh://h/foo://x"] {
+            let e = Location::parse(&OsString::from(s)).expect_err(s);
+            assert_eq!(e.kind(), crate::error::ErrorKind::Usage);
+            assert!(e.to_string().contains("loop://") && e.to_string().contains("foo"), "{e}");
+        }
     }
 
     #[test]
