@@ -1,0 +1,230 @@
+//! Guard rails: what blksync refuses before it reads or writes a byte, and how it stops.
+//!
+//! Each test is named after what went wrong before (issue 8): a merge that destroyed its input
+//! or fit no image, two writers mixing one file, a FIFO that hung the run, a loop device synced
+//! onto its own backing file, a typo under /dev that became a file in RAM.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tempfile::TempDir;
+
+const MIB: usize = 1 << 20;
+
+fn tmp() -> TempDir {
+    tempfile::Builder::new().prefix("blksync-guards").tempdir().unwrap()
+}
+
+/// Polls `done` (an event we cannot wait on directly) every few milliseconds, for a minute at
+/// most.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for `child` to exit within `limit`; kills it and fails if it does not (it blocked).
+fn exits_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn spawn(args: &[&str]) -> Child {
+    blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn signal(child: &Child, name: &str) {
+    let sent = Command::new("kill").args(["-s", name, &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+}
+
+fn header_of(delta: &str) -> serde_json::Value {
+    ok(&["info", "--json", delta]).json()["header"].clone()
+}
+
+// ---- merge (issue 8, item 4) ----
+
+#[test]
+fn merge_onto_one_of_its_inputs_is_refused_and_the_input_survives() {
+    let d = tmp();
+    let (base, v1, v2) = (arg(d.path(), "base"), arg(d.path(), "v1"), arg(d.path(), "v2"));
+    let (a, b) = (arg(d.path(), "a.delta"), arg(d.path(), "b.delta"));
+    let mut data = random_bytes(MIB, 1);
+    write_file(base.as_ref(), &data);
+    data[1000..5000].copy_from_slice(&random_bytes(4000, 2));
+    write_file(v1.as_ref(), &data);
+    data[9000..20000].copy_from_slice(&random_bytes(11000, 3));
+    write_file(v2.as_ref(), &data);
+    ok(&["diff", "-q", &v1, &base, "-o", &a]);
+    ok(&["diff", "-q", &v2, &v1, "-o", &b]);
+    for out in [&a, &b] {
+        let before = read(out.as_ref());
+        let run = run(&["merge", "-q", &a, &b, "-o", out]);
+        assert_eq!(run.code(), 2, "merge -o {out}: {}", run.stderr_text());
+        assert!(run.stderr_text().contains("also an input"), "{}", run.stderr_text());
+        assert!(read(out.as_ref()) == before, "merge -o {out} changed its input");
+    }
+    assert!(temporary_files(d.path()).is_empty());
+}
+
+#[test]
+fn merge_of_deltas_that_do_not_follow_each_other_is_refused() {
+    let d = tmp();
+    let (img, chain, m) = (arg(d.path(), "img"), arg(d.path(), "chain"), arg(d.path(), "m.delta"));
+    let mut data = random_bytes(2 * MIB, 4);
+    write_file(img.as_ref(), &data);
+    for seed in 5..8 {
+        ok(&["backup", "-q", &img, &chain]);
+        data[seed * 10_000..seed * 10_000 + 8192].copy_from_slice(&random_bytes(8192, seed as u64));
+        write_file(img.as_ref(), &data);
+    }
+    let (i1, i2) = (arg(d.path(), "chain/inc-000001.delta"), arg(d.path(), "chain/inc-000002.delta"));
+    // The same delta twice (also under another name), and increments in the wrong order.
+    let copy = arg(d.path(), "copy.delta");
+    std::fs::copy(&i1, &copy).unwrap();
+    for inputs in [[&i1, &i1], [&i1, &copy], [&i2, &i1]] {
+        let out = run(&["merge", "-q", inputs[0], inputs[1], "-o", &m]);
+        assert_eq!(out.code(), 10, "merge {inputs:?}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("does not follow"), "{}", out.stderr_text());
+        assert!(!Path::new(&m).exists());
+    }
+    // A patch from `diff` carries no link; made against other content than the first leaves
+    // where both change the image, it is refused by content.
+    let (other, p1, p2) = (arg(d.path(), "other"), arg(d.path(), "p1"), arg(d.path(), "p2"));
+    let (v0, v1) = (arg(d.path(), "v0"), arg(d.path(), "v1"));
+    write_file(v0.as_ref(), &random_bytes(MIB, 10));
+    write_file(v1.as_ref(), &random_bytes(MIB, 11));
+    write_file(other.as_ref(), &random_bytes(MIB, 12));
+    ok(&["diff", "-q", &v1, &v0, "-o", &p1]);
+    ok(&["diff", "-q", &other, &v0, "-o", &p2]);
+    let out = run(&["merge", "-q", &p1, &p2, "-o", &m]);
+    assert_eq!(out.code(), 10, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("byte offset"), "{}", out.stderr_text());
+}
+
+#[test]
+fn merged_delta_gets_a_fresh_id_and_the_first_inputs_parent() {
+    let d = tmp();
+    let (img, chain, m) = (arg(d.path(), "img"), arg(d.path(), "chain"), arg(d.path(), "m.delta"));
+    let mut data = random_bytes(2 * MIB, 20);
+    write_file(img.as_ref(), &data);
+    for seed in 21..24 {
+        ok(&["backup", "-q", &img, &chain]);
+        data[seed * 10_000..seed * 10_000 + 4096].copy_from_slice(&random_bytes(4096, seed as u64));
+        write_file(img.as_ref(), &data);
+    }
+    let (i1, i2) = (arg(d.path(), "chain/inc-000001.delta"), arg(d.path(), "chain/inc-000002.delta"));
+    ok(&["merge", "-q", &i1, &i2, "-o", &m]);
+    let (h1, h2, merged) = (header_of(&i1), header_of(&i2), header_of(&m));
+    assert_eq!(merged["parent"], h1["parent"]);
+    assert_ne!(merged["id"], h1["id"]);
+    assert_ne!(merged["id"], h2["id"], "the merge reused the last input's id");
+}
+
+/// Changes of several MiB: the merge cut them into 1 MiB records without before-hashes, so the
+/// merged delta applied to an unrelated image and applied twice.
+#[test]
+fn merged_delta_of_large_changes_refuses_an_unrelated_target_and_a_second_apply() {
+    let d = tmp();
+    let (base, v1, v2) = (arg(d.path(), "base"), arg(d.path(), "v1"), arg(d.path(), "v2"));
+    let (a, b, m) = (arg(d.path(), "a.delta"), arg(d.path(), "b.delta"), arg(d.path(), "m.delta"));
+    let mut data = random_bytes(12 * MIB, 30);
+    write_file(base.as_ref(), &data);
+    // Aligned to the 2 MiB chunks that `diff` reads, so that every record is 2 MiB.
+    data[2 * MIB..6 * MIB].copy_from_slice(&random_bytes(4 * MIB, 31));
+    write_file(v1.as_ref(), &data);
+    data[8 * MIB..12 * MIB].copy_from_slice(&random_bytes(4 * MIB, 32));
+    write_file(v2.as_ref(), &data);
+    ok(&["diff", "-q", &v1, &base, "-o", &a]);
+    ok(&["diff", "-q", &v2, &v1, "-o", &b]);
+    let merged = ok(&["merge", &a, &b, "-o", &m]);
+    assert!(!merged.stderr_text().contains("cannot be checked"), "{}", merged.stderr_text());
+    let (copy, unrelated) = (arg(d.path(), "copy"), arg(d.path(), "unrelated"));
+    std::fs::copy(&base, &copy).unwrap();
+    ok(&["apply", "-q", &m, &copy]);
+    assert_same(copy.as_ref(), v2.as_ref());
+    let again = run(&["apply", "-q", &m, &copy]);
+    assert_eq!(again.code(), 10, "a second apply: {}", again.stderr_text());
+    assert_same(copy.as_ref(), v2.as_ref());
+    let other = random_bytes(12 * MIB, 33);
+    write_file(unrelated.as_ref(), &other);
+    let wrong = run(&["apply", "-q", &m, &unrelated]);
+    assert_eq!(wrong.code(), 10, "an unrelated target: {}", wrong.stderr_text());
+    assert!(read(unrelated.as_ref()) == other);
+}
+
+/// Writes `deltas` linked deltas of `records` small records each onto a zero image, the
+/// records of each shifted against the previous one so that they partly overlap.
+fn many_record_deltas(dir: &Path, deltas: u64, records: u64) -> Vec<String> {
+    use blksync::delta::{Header, Kind, Writer};
+    let size = records * 64 + 64;
+    let mut paths = Vec::new();
+    for k in 0..deltas {
+        let header = Header {
+            id: [k as u8 + 1; 16],
+            parent: [k as u8; 16],
+            block_size: 4096,
+            size_before: size,
+            size_after: size,
+            created: 1_700_000_000,
+            utc_offset: 0,
+            source: "test".into(),
+            source_identity: String::new(),
+            comment: String::new(),
+            tool_version: "test".into(),
+        };
+        let path = dir.join(format!("{k}.delta"));
+        let w = Writer::create(&path, &header).unwrap();
+        for i in 0..records {
+            // Before-hashes are not what this is about: leave them unrecorded.
+            let data = random_bytes(24, i * 7 + k);
+            w.record_hashed(Kind::Data, i * 64 + k * 16, 24, &data, blksync::delta::UNRECORDED).unwrap();
+        }
+        w.commit().unwrap();
+        paths.push(path.to_str().unwrap().to_string());
+    }
+    paths
+}
+
+/// True when process `pid` has `path` open.
+fn has_open(pid: u32, path: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == Path::new(path)))
+}
+
+/// The first SIGTERM went unheard while the merge planned (and planning was quadratic, so it
+/// could take hours): now it stops at the next record, exits 130 and leaves nothing behind.
+#[test]
+fn first_sigterm_stops_a_merge_while_it_plans() {
+    let d = tmp();
+    let inputs = many_record_deltas(d.path(), 3, 100_000);
+    let m = arg(d.path(), "m.delta");
+    let mut args = vec!["merge", "-q"];
+    args.extend(inputs.iter().map(String::as_str));
+    args.extend(["-o", &m]);
+    let child = spawn(&args);
+    let pid = child.id();
+    wait_until("the merge has opened its last input", || has_open(pid, &inputs[2]));
+    signal(&child, "TERM");
+    let out = exits_within(child, Duration::from_secs(20), "merge after SIGTERM");
+    assert_eq!(out.code(), 130, "{}", out.stderr_text());
+    assert!(!Path::new(&m).exists());
+    assert!(temporary_files(d.path()).is_empty());
+}
