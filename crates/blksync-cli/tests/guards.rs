@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -227,4 +228,88 @@ fn first_sigterm_stops_a_merge_while_it_plans() {
     assert_eq!(out.code(), 130, "{}", out.stderr_text());
     assert!(!Path::new(&m).exists());
     assert!(temporary_files(d.path()).is_empty());
+}
+
+// ---- what a source or destination can be (item 17) ----
+
+fn mkfifo(path: &str) {
+    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+}
+
+/// A FIFO source hung in `open()` (waiting for a writer), and SIGTERM did not end it.
+#[test]
+fn fifo_source_or_destination_is_refused_without_blocking() {
+    let d = tmp();
+    let (fifo, img, dst) = (arg(d.path(), "fifo"), arg(d.path(), "img"), arg(d.path(), "dst"));
+    mkfifo(&fifo);
+    write_file(img.as_ref(), &random_bytes(MIB, 50));
+    for args in [
+        vec!["sync", "-q", &fifo, &dst],
+        vec!["sync", "-q", &img, &fifo],
+        vec!["sync", "-q", "-n", &img, &fifo],
+        vec!["diff", "-q", &img, &fifo, "-o", &dst],
+    ] {
+        let out = exits_within(spawn(&args), Duration::from_secs(20), &format!("{args:?}"));
+        assert_eq!(out.code(), 2, "{args:?}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("FIFO"), "{}", out.stderr_text());
+    }
+    // compare follows cmp (2 for any error), and must not block either.
+    let out = exits_within(spawn(&["compare", &img, &fifo]), Duration::from_secs(20), "compare with a FIFO");
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+    assert!(!Path::new(&dst).exists());
+}
+
+/// A character device node whose driver is missing: opening it fails ("No such device or
+/// address", exit 3), so a refusal with exit 2 shows it was refused before it was opened.
+fn unopenable_char_device(dir: &Path) -> Option<String> {
+    let registered = std::fs::read_to_string("/proc/devices").ok()?;
+    let chars = registered.split("Block devices:").next()?;
+    let used: Vec<u32> = chars.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+    let major = (234..=254).find(|m| !used.contains(m))?;
+    let path = arg(dir, "nodev");
+    let made = Command::new("mknod").args([&path, "c", &major.to_string(), "0"]).status().ok()?;
+    made.success().then_some(path)
+}
+
+#[test]
+fn character_devices_are_refused_before_they_are_opened() {
+    let d = tmp();
+    let (img, dst) = (arg(d.path(), "img"), arg(d.path(), "dst"));
+    write_file(img.as_ref(), &random_bytes(MIB, 51));
+    let mut cases = vec![vec!["sync", "-q", "/dev/zero", &dst], vec!["sync", "-q", &img, "/dev/null"]];
+    let node = unopenable_char_device(d.path());
+    if let Some(node) = &node {
+        cases.push(vec!["sync", "-q", node, &dst]);
+        cases.push(vec!["sync", "-q", &img, node]);
+    } else {
+        eprintln!("skipping the unopenable node: needs root and a free character major");
+    }
+    for args in cases {
+        let out = exits_within(spawn(&args), Duration::from_secs(20), &format!("{args:?}"));
+        assert_eq!(out.code(), 2, "{args:?}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("is a character device"), "{}", out.stderr_text());
+    }
+    assert!(!Path::new(&dst).exists());
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+}
+
+/// /proc files are regular files of size 0: a sync "copied" one into an empty file, exit 0.
+#[test]
+fn proc_and_sys_files_are_not_disk_images() {
+    let d = tmp();
+    let dst = arg(d.path(), "dst");
+    for source in ["/proc/self/status", "/sys/kernel/mm/transparent_hugepage/enabled", "/proc/version"] {
+        if !Path::new(source).exists() {
+            continue;
+        }
+        let out = run(&["sync", "-q", source, &dst]);
+        assert_eq!(out.code(), 2, "{source}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("pseudo-filesystem"), "{}", out.stderr_text());
+    }
+    assert!(!Path::new(&dst).exists());
+    // An empty regular file is still an empty image.
+    let empty = arg(d.path(), "empty");
+    write_file(empty.as_ref(), &[]);
+    ok(&["sync", "-q", &empty, &dst]);
+    assert_eq!(std::fs::metadata(&dst).unwrap().len(), 0);
 }

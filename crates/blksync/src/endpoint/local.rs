@@ -57,9 +57,15 @@ pub struct Local {
 }
 
 impl Local {
-    /// Opens `path` for reading only. It must be a regular file or a block device.
+    /// Opens `path` for reading only. It must be a regular file or a block device, and is
+    /// refused before it is opened when it is not (see `check_kind`).
     pub fn open_source(path: &Path) -> Result<Local> {
-        let file = File::open(path).on("opening source", path)?;
+        let meta = std::fs::metadata(path).on("opening source", path)?;
+        check_kind(path, &meta, "source")?;
+        // O_NONBLOCK: should the path become a FIFO after the check, open() returns at once
+        // instead of waiting for a writer; from_file then refuses it and clears the flag.
+        let file =
+            OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).on("opening source", path)?;
         let local = Local::from_file(path, file, false, false, false)?;
         local.advise_sequential();
         Ok(local)
@@ -76,12 +82,19 @@ impl Local {
                 dir.display()
             )));
         }
+        let existing = std::fs::metadata(path);
+        if let Ok(meta) = &existing {
+            check_kind(path, meta, "destination")?;
+        }
+        let is_device = existing.as_ref().is_ok_and(|m| m.file_type().is_block_device());
         let mut options = OpenOptions::new();
         options.read(true).write(!how.read_only);
-        let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        // O_NONBLOCK as for sources: a path swapped for a FIFO must not block the open.
+        let mut flags = libc::O_NONBLOCK;
         if is_device && !how.read_only && !how.force {
-            options.custom_flags(libc::O_EXCL);
+            flags |= libc::O_EXCL;
         }
+        options.custom_flags(flags);
         match options.open(path) {
             Ok(file) => {
                 let local = Local::from_file(path, file, !how.read_only, how.discard, false)?;
@@ -135,9 +148,17 @@ impl Local {
             let size = rustix::fs::seek(&file, SeekFrom::End(0)).on("finding the size of", path)?;
             (Kind::BlockDevice, size, Identity::Device { rdev: meta.rdev() })
         } else {
-            let what = if ft.is_dir() { "a directory" } else { "neither a regular file nor a block device" };
-            return Err(Error::usage(format!("{} is {what}", path.display())));
+            return Err(Error::usage(format!(
+                "{} is {}: neither a regular file nor a block device",
+                path.display(),
+                describe(ft)
+            )));
         };
+        // Only there to keep open() from blocking; reads and writes should wait as usual.
+        let flags = rustix::fs::fcntl_getfl(&file).on("inspecting", path)?;
+        if flags.contains(rustix::fs::OFlags::NONBLOCK) {
+            rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK).on("inspecting", path)?;
+        }
         Ok(Local {
             path: path.to_path_buf(),
             file: Some(file),
@@ -195,6 +216,72 @@ impl Local {
         }
         Ok(())
     }
+}
+
+/// Refuses, before it is opened, what is not a disk image: anything but a regular file or a
+/// block device, and files of the kernel's pseudo-filesystems.
+///
+/// Opening is not harmless for the others: `open()` of a FIFO waits for a writer (and a signal
+/// does not end the wait), opening some character devices acts (a watchdog starts, a tape
+/// rewinds), and `/dev/zero` would be an endless source. Files under `/proc` or `/sys` are
+/// regular files whose size (0 or 4096) says nothing about their content. An empty regular file
+/// elsewhere is a valid, empty image.
+fn check_kind(path: &Path, meta: &std::fs::Metadata, role: &str) -> Result<()> {
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        return Ok(());
+    }
+    if !ft.is_file() {
+        return Err(Error::usage(format!(
+            "{} is {}: neither a regular file nor a block device, so it cannot be a {role}",
+            path.display(),
+            describe(ft)
+        )));
+    }
+    if let Ok(fs) = rustix::fs::statfs(path)
+        && let Some(name) = pseudo_filesystem(fs.f_type)
+    {
+        return Err(Error::usage(format!(
+            "{} is a file of the kernel's {name} pseudo-filesystem, not a disk image, so it \
+             cannot be a {role}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// What a file that is not a regular file or a block device is, for messages.
+fn describe(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "an unknown kind of file"
+    }
+}
+
+/// The name of a kernel pseudo-filesystem by its `statfs` magic (linux/magic.h), `None` for a
+/// filesystem that stores data.
+fn pseudo_filesystem(magic: rustix::fs::FsWord) -> Option<&'static str> {
+    const PSEUDO: [(rustix::fs::FsWord, &str); 11] = [
+        (0x9fa0, "proc"),
+        (0x6265_6572, "sysfs"),
+        (0x6462_6720, "debugfs"),
+        (0x7472_6163, "tracefs"),
+        (0x7363_6673, "securityfs"),
+        (0x0027_e0eb, "cgroup"),
+        (0x6367_7270, "cgroup2"),
+        (0xcafe_4a11, "bpf"),
+        (0x6265_6570, "configfs"),
+        (0x6165_676c, "pstore"),
+        (0xde5e_81e4, "efivarfs"),
+    ];
+    PSEUDO.iter().find(|(m, _)| *m == magic).map(|(_, name)| *name)
 }
 
 /// Errors that mean "this filesystem or device cannot do that fallocate mode", as opposed to a
