@@ -313,3 +313,28 @@ fn proc_and_sys_files_are_not_disk_images() {
     ok(&["sync", "-q", &empty, &dst]);
     assert_eq!(std::fs::metadata(&dst).unwrap().len(), 0);
 }
+
+/// True when a thread of process `pid` is blocked writing to a full pipe.
+fn blocked_on_a_pipe(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|task| std::fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("pipe_write")))
+}
+
+/// A restore to a standard output that nobody reads blocked in `write()`, and the first SIGTERM
+/// went unheard (the flag is only read between chunks): now the watchdog ends the run.
+#[test]
+fn first_sigterm_ends_a_run_blocked_on_a_full_pipe() {
+    let d = tmp();
+    let (img, chain) = (arg(d.path(), "img"), arg(d.path(), "chain"));
+    write_file(img.as_ref(), &random_bytes(8 * MIB, 52));
+    ok(&["backup", "-q", &img, &chain]);
+    let child = spawn(&["restore", "-q", &chain, "-"]);
+    let pid = child.id();
+    wait_until("the restore is blocked on its full stdout pipe", || blocked_on_a_pipe(pid));
+    signal(&child, "TERM");
+    let out = exits_within(child, Duration::from_secs(40), "restore blocked on a pipe after SIGTERM");
+    assert_eq!(out.code(), 130, "{}", out.stderr_text());
+}
