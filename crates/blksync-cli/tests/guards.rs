@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -337,4 +337,29 @@ fn first_sigterm_ends_a_run_blocked_on_a_full_pipe() {
     signal(&child, "TERM");
     let out = exits_within(child, Duration::from_secs(40), "restore blocked on a pipe after SIGTERM");
     assert_eq!(out.code(), 130, "{}", out.stderr_text());
+}
+
+// ---- two writers (item 10) ----
+
+/// Two syncs to one destination file both exited 0 and left a mix of their sources.
+#[test]
+fn second_sync_to_a_file_being_synced_fails_at_once_instead_of_mixing() {
+    let d = tmp();
+    let (a, b, dst) = (arg(d.path(), "a"), arg(d.path(), "b"), arg(d.path(), "dst"));
+    write_file(a.as_ref(), &random_bytes(8 * MIB, 40));
+    write_file(b.as_ref(), &random_bytes(8 * MIB, 41));
+    let first = spawn(&["sync", "-q", "--bwlimit", "2M", &a, &dst]);
+    // It takes the lock before it writes: once data has arrived, the lock is held.
+    wait_until("the first sync has written data", || std::fs::metadata(&dst).is_ok_and(|m| m.blocks() > 0));
+    let second = run(&["sync", "-q", &b, &dst]);
+    assert_eq!(second.code(), 6, "{}", second.stderr_text());
+    assert!(second.stderr_text().contains(&dst), "{}", second.stderr_text());
+    // A dry run writes nothing and takes no lock.
+    assert_eq!(run(&["sync", "-q", "-n", &b, &dst]).code(), 0);
+    let first = exits_within(first, Duration::from_secs(60), "the first sync");
+    assert_eq!(first.code(), 0, "{}", first.stderr_text());
+    assert_same(a.as_ref(), dst.as_ref());
+    // The lock ends with the run that held it.
+    ok(&["sync", "-q", &b, &dst]);
+    assert_same(b.as_ref(), dst.as_ref());
 }

@@ -98,6 +98,9 @@ impl Local {
         match options.open(path) {
             Ok(file) => {
                 let local = Local::from_file(path, file, !how.read_only, how.discard, false)?;
+                if !how.read_only {
+                    local.lock()?;
+                }
                 local.advise_sequential();
                 Ok(local)
             }
@@ -118,7 +121,9 @@ impl Local {
                     .mode(how.mode.unwrap_or(0o600))
                     .open(path)
                     .on("creating destination", path)?;
-                Local::from_file(path, file, true, false, true)
+                let local = Local::from_file(path, file, true, false, true)?;
+                local.lock()?;
+                Ok(local)
             }
             Err(e) => Err(Error::io("opening destination", path, None, e)),
         }
@@ -170,6 +175,29 @@ impl Local {
             can_punch: AtomicBool::new(true),
             created,
         })
+    }
+
+    /// Takes an exclusive `flock` on a regular file for as long as this endpoint is open, so
+    /// that a second writer (another sync, apply or restore, local or through an agent) fails
+    /// at once instead of interleaving its writes with ours. Block devices need none: they are
+    /// opened with `O_EXCL`. Read-only opens (dry runs, `compare`) take no lock: they write
+    /// nothing, and a report of a file that someone else is writing is as good as the moment it
+    /// was read.
+    fn lock(&self) -> Result<()> {
+        let (Some(file), Kind::File) = (&self.file, self.kind) else { return Ok(()) };
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{} is being written by another blksync run, which holds a lock on it; \
+                     refusing to write to it at the same time",
+                    self.path.display()
+                ),
+            )),
+            // Held until the file is closed; or a filesystem without flock (some FUSE and
+            // network filesystems), where we run unlocked as any other program would.
+            Ok(()) | Err(_) => Ok(()),
+        }
     }
 
     /// True when this run created the file.
