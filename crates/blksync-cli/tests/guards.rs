@@ -363,3 +363,33 @@ fn second_sync_to_a_file_being_synced_fails_at_once_instead_of_mixing() {
     ok(&["sync", "-q", &b, &dst]);
     assert_same(b.as_ref(), dst.as_ref());
 }
+
+// ---- a typo under /dev (item 23) ----
+
+/// A missing device name (/dev/loop3p1) was created as a regular file in RAM.
+#[test]
+fn missing_device_under_dev_is_refused_not_created_in_ram() {
+    if !Path::new("/dev").is_dir() || std::fs::metadata("/dev").is_ok_and(|m| m.permissions().readonly()) {
+        return;
+    }
+    let d = tmp();
+    let img = arg(d.path(), "img");
+    write_file(img.as_ref(), &random_bytes(MIB, 70));
+    let typo = format!("/dev/blksync-test-{}p1", std::process::id());
+    for args in [vec!["sync", "-q", &img, &typo], vec!["sync", "-q", "-n", &img, &typo]] {
+        let out = run(&args);
+        let created = Path::new(&typo).exists();
+        let _ = std::fs::remove_file(&typo);
+        assert!(!created, "{args:?} created {typo}");
+        assert_eq!(out.code(), 3, "{args:?}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("no such device"), "{}", out.stderr_text());
+    }
+    // /dev/shm is a filesystem of its own, for files.
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() && std::fs::metadata(shm).unwrap().dev() != std::fs::metadata("/dev").unwrap().dev() {
+        let file = format!("/dev/shm/blksync-test-{}", std::process::id());
+        let out = run(&["sync", "-q", &img, &file]);
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(out.code(), 0, "{}", out.stderr_text());
+    }
+}

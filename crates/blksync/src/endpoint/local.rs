@@ -95,6 +95,7 @@ impl Local {
             flags |= libc::O_EXCL;
         }
         options.custom_flags(flags);
+        let missing = |e: &io::Error| e.kind() == io::ErrorKind::NotFound && (how.read_only || how.create);
         match options.open(path) {
             Ok(file) => {
                 let local = Local::from_file(path, file, !how.read_only, how.discard, false)?;
@@ -104,6 +105,14 @@ impl Local {
                 local.advise_sequential();
                 Ok(local)
             }
+            Err(e) if missing(&e) && under_dev(path) => Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{} does not exist: no such device (a regular file created under /dev would \
+                     live in RAM and vanish at reboot; check the name with lsblk)",
+                    path.display()
+                ),
+            )),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && is_device => Err(Error::new(
                 ErrorKind::InUse,
                 format!(
@@ -310,6 +319,29 @@ fn pseudo_filesystem(magic: rustix::fs::FsWord) -> Option<&'static str> {
         (0xde5e_81e4, "efivarfs"),
     ];
     PSEUDO.iter().find(|(m, _)| *m == magic).map(|(_, name)| *name)
+}
+
+/// True when a missing `path` would be created on the filesystem that holds `/dev` or on any
+/// devtmpfs: there, a missing name is a device that does not exist (a typo such as
+/// `/dev/loop3p1`), and a regular file would only fill RAM. Separate mounts below `/dev`
+/// (`/dev/shm`) are ordinary filesystems and are not refused.
+fn under_dev(path: &Path) -> bool {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(dev) = std::fs::metadata(dir).map(|m| m.dev()) else { return false };
+    if std::fs::metadata("/dev").is_ok_and(|m| m.dev() == dev) {
+        return true;
+    }
+    let id = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines().any(|line| {
+            let mut fields = line.split(' ');
+            let same = fields.nth(2) == Some(id.as_str());
+            same && line.split(" - ").nth(1).is_some_and(|rest| rest.starts_with("devtmpfs "))
+        })
+    })
 }
 
 /// Errors that mean "this filesystem or device cannot do that fallocate mode", as opposed to a
