@@ -7,7 +7,7 @@
 mod support;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -362,6 +362,87 @@ fn second_sync_to_a_file_being_synced_fails_at_once_instead_of_mixing() {
     // The lock ends with the run that held it.
     ok(&["sync", "-q", &b, &dst]);
     assert_same(b.as_ref(), dst.as_ref());
+}
+
+// ---- the same storage under two names (item 22) ----
+
+/// A loop device with its partitions added by `partx`, removed again on drop (before the loop
+/// device is detached).
+struct Partitions(PathBuf);
+
+impl Partitions {
+    fn add(dev: &Path) -> Option<Partitions> {
+        let added = Command::new("partx").arg("-a").arg(dev).output().ok()?;
+        let p1 = PathBuf::from(format!("{}p1", dev.display()));
+        (added.status.success() && p1.exists()).then(|| Partitions(dev.to_path_buf()))
+    }
+
+    fn part(&self, n: u32) -> String {
+        format!("{}p{n}", self.0.display())
+    }
+}
+
+impl Drop for Partitions {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// A DOS partition table with two 4 MiB partitions at 1 MiB and 5 MiB.
+fn partition_table() -> Vec<u8> {
+    let mut mbr = vec![0u8; 512];
+    for (i, start) in [2048u32, 10240].into_iter().enumerate() {
+        let e = 446 + 16 * i;
+        mbr[e + 4] = 0x83;
+        mbr[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+        mbr[e + 12..e + 16].copy_from_slice(&8192u32.to_le_bytes());
+    }
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    mbr
+}
+
+/// A loop device over the destination file (or over the source) was accepted: the sync read
+/// and wrote the same bytes under two names.
+#[test]
+fn loop_device_and_its_backing_file_are_refused_as_the_same_storage() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    let d = tmp();
+    let (back, other) = (arg(d.path(), "back"), arg(d.path(), "other"));
+    let mut data = random_bytes(16 * MIB, 60);
+    data[..512].copy_from_slice(&partition_table());
+    write_file(back.as_ref(), &data);
+    write_file(other.as_ref(), &random_bytes(16 * MIB, 61));
+    let (one, two) = (Loop::attach(back.as_ref()), Loop::attach(back.as_ref()));
+    let mut pairs = vec![(one.path().to_string(), back.clone()), (back.clone(), one.path().to_string())];
+    pairs.push((one.path().to_string(), two.path().to_string()));
+    let parts = Partitions::add(&one.dev);
+    let parts2 = Partitions::add(&two.dev);
+    if let (Some(p), Some(q)) = (&parts, &parts2) {
+        pairs.push((p.part(1), back.clone()));
+        pairs.push((back.clone(), p.part(2)));
+        pairs.push((one.path().to_string(), p.part(2)));
+        pairs.push((p.part(1), q.part(2)));
+    } else {
+        eprintln!("skipping partitions: partx could not add them");
+    }
+    for (s, t) in &pairs {
+        let out = run(&["sync", "-q", s, t]);
+        assert_eq!(out.code(), 2, "sync {s} {t}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("same storage"), "{}", out.stderr_text());
+    }
+    assert!(read(back.as_ref()) == data, "the backing file was written");
+    // Separate storage is still fine: another file onto the loop device, and one partition of
+    // a loop device onto another.
+    if let Some(p) = &parts {
+        ok(&["sync", "-q", &p.part(1), &p.part(2)]);
+        assert_same(p.part(1).as_ref(), p.part(2).as_ref());
+    }
+    drop((parts, parts2));
+    ok(&["sync", "-q", &other, one.path()]);
+    assert_same(other.as_ref(), back.as_ref());
 }
 
 // ---- a typo under /dev (item 23) ----

@@ -344,6 +344,83 @@ fn under_dev(path: &Path) -> bool {
     })
 }
 
+/// True when `a` and `b` are different objects over the same storage, as this host's sysfs
+/// tells: a loop device and its backing file (or a partition of that loop device and the file),
+/// two loop devices over one file, a partition and its disk, a device-mapper device and what it
+/// is built on. Partitions of one disk, or of one loop device, are separate storage.
+///
+/// Identical identities are the caller's first check; this finds what they cannot show.
+pub(crate) fn same_storage(a: Identity, b: Identity) -> bool {
+    let (x, y) = (Storage::of(a), Storage::of(b));
+    if x.objects.contains(&b) || y.objects.contains(&a) {
+        return true;
+    }
+    // Two loop devices over one file (or device) alias it; a loop device they share (two
+    // partitions of it) does not.
+    let shared_loop = x.loops.iter().any(|l| y.loops.contains(l));
+    !shared_loop && x.objects.iter().any(|o| y.objects.contains(o) && (x.backing.contains(o) || y.backing.contains(o)))
+}
+
+/// Everything an endpoint's bytes lie on: itself, the disk of a partition, the backing file of
+/// a loop device, the devices under a device-mapper or md device, and so on down.
+#[derive(Debug, Default)]
+struct Storage {
+    objects: Vec<Identity>,
+    /// Loop devices among `objects`.
+    loops: Vec<Identity>,
+    /// Objects that are the backing file (or device) of a loop device.
+    backing: Vec<Identity>,
+}
+
+impl Storage {
+    fn of(identity: Identity) -> Storage {
+        let device = |dir: &Path| -> Option<Identity> {
+            let text = std::fs::read_to_string(dir.join("dev")).ok()?;
+            let (major, minor) = text.trim().split_once(':')?;
+            Some(Identity::Device { rdev: rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?) })
+        };
+        let mut out = Storage::default();
+        let mut todo = vec![(identity, false)];
+        // Stacks are shallow; the bound only guards against a cycle the kernel would not make.
+        while let Some((id, backing)) = todo.pop() {
+            if out.objects.contains(&id) || out.objects.len() >= 64 {
+                continue;
+            }
+            out.objects.push(id);
+            if backing {
+                out.backing.push(id);
+            }
+            let Identity::Device { rdev } = id else { continue };
+            let link = format!("/sys/dev/block/{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+            let Ok(dir) = std::fs::canonicalize(link) else { continue };
+            if dir.join("partition").exists()
+                && let Some(disk) = dir.parent().and_then(device)
+            {
+                todo.push((disk, false));
+            }
+            if let Ok(file) = std::fs::read_to_string(dir.join("loop/backing_file")) {
+                out.loops.push(id);
+                // A deleted backing file reads "PATH (deleted)" and cannot be found: nothing to
+                // compare with, and nothing the other side can be.
+                if let Ok(meta) = std::fs::metadata(file.trim_end_matches('\n')) {
+                    let under = if meta.file_type().is_block_device() {
+                        Identity::Device { rdev: meta.rdev() }
+                    } else {
+                        Identity::File { dev: meta.dev(), ino: meta.ino() }
+                    };
+                    todo.push((under, true));
+                }
+            }
+            for slave in std::fs::read_dir(dir.join("slaves")).into_iter().flatten().flatten() {
+                if let Some(under) = device(&slave.path()) {
+                    todo.push((under, false));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Errors that mean "this filesystem or device cannot do that fallocate mode", as opposed to a
 /// real failure.
 fn unsupported(e: &io::Error) -> bool {
