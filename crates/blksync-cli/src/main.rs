@@ -14,6 +14,7 @@ mod render;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -88,13 +89,50 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// How long a run may take to stop after the first signal before the watchdog ends it.
+const GRACE: Duration = Duration::from_secs(10);
+
 /// The first SIGINT/SIGTERM asks the engine to stop at the next chunk and flush; a second one
 /// exits at once (the destination then holds whatever reached it, which is still correct data).
+///
+/// A run blocked where it cannot look at the flag (writing to a pipe nobody reads, waiting for a
+/// peer that went silent) would ignore the first signal. So a watchdog thread waits for it, then
+/// for [`GRACE`], and then acts as a second signal would, unless a thread of ours is in disk I/O
+/// (uninterruptible sleep, as in the fsync of an interrupted sync or the commit of an undo
+/// log): that is progress, and cutting it would cost what the graceful stop is for.
 fn install_signal_handlers(cancel: &Arc<AtomicBool>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     for signal in [SIGINT, SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(cancel))?;
         signal_hook::flag::register(signal, Arc::clone(cancel))?;
     }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_none() {
+            return;
+        }
+        std::thread::sleep(GRACE);
+        while in_disk_io() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The message goes from a thread of its own: stderr may be what we are blocked on.
+        std::thread::spawn(|| {
+            console::err(&format!("blksync: error: interrupted, and still not stopped {GRACE:?} later; exiting now"));
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        signal_hook::low_level::exit(130);
+    });
     Ok(())
+}
+
+/// True when a thread of this process is in uninterruptible sleep (state `D` in
+/// `/proc/self/task/*/stat`), which is where the kernel waits for the disk.
+fn in_disk_io() -> bool {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return false };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // "TID (COMM) STATE ...": COMM may hold spaces and parentheses, the last ')' ends it.
+            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) == Some("D")
+        })
+    })
 }

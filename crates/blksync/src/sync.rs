@@ -147,6 +147,7 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
             mode: src.mode(),
         },
     )?;
+    check_storage(&src, &dst)?;
     let fresh = dst.created();
     let result = sync(&src, &dst, fresh, options, control);
     if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
@@ -155,6 +156,22 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
         let _ = std::fs::remove_file(&dest);
     }
     result
+}
+
+/// Refuses two local endpoints that are different names for the same bytes (a loop device and
+/// its backing file, say), as [`sync`] refuses the same file: writing one while reading the
+/// other corrupts both.
+fn check_storage(src: &Local, dst: &Local) -> Result<()> {
+    if src.identity() != dst.identity() && crate::endpoint::local::same_storage(src.identity(), dst.identity()) {
+        return Err(Error::usage(format!(
+            "{} and {} are the same storage (one lies on the other, as a loop device on its backing \
+             file or a partition on its disk, or both are loop devices over one file); writing \
+             one while reading the other would corrupt both",
+            src.name().display(),
+            dst.name().display()
+        )));
+    }
+    Ok(())
 }
 
 /// Syncs `src` onto `dst`. `fresh` says the destination was just created (empty).

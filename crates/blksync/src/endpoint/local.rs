@@ -57,9 +57,15 @@ pub struct Local {
 }
 
 impl Local {
-    /// Opens `path` for reading only. It must be a regular file or a block device.
+    /// Opens `path` for reading only. It must be a regular file or a block device, and is
+    /// refused before it is opened when it is not (see `check_kind`).
     pub fn open_source(path: &Path) -> Result<Local> {
-        let file = File::open(path).on("opening source", path)?;
+        let meta = std::fs::metadata(path).on("opening source", path)?;
+        check_kind(path, &meta, "source")?;
+        // O_NONBLOCK: should the path become a FIFO after the check, open() returns at once
+        // instead of waiting for a writer; from_file then refuses it and clears the flag.
+        let file =
+            OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).on("opening source", path)?;
         let local = Local::from_file(path, file, false, false, false)?;
         local.advise_sequential();
         Ok(local)
@@ -76,18 +82,37 @@ impl Local {
                 dir.display()
             )));
         }
+        let existing = std::fs::metadata(path);
+        if let Ok(meta) = &existing {
+            check_kind(path, meta, "destination")?;
+        }
+        let is_device = existing.as_ref().is_ok_and(|m| m.file_type().is_block_device());
         let mut options = OpenOptions::new();
         options.read(true).write(!how.read_only);
-        let is_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        // O_NONBLOCK as for sources: a path swapped for a FIFO must not block the open.
+        let mut flags = libc::O_NONBLOCK;
         if is_device && !how.read_only && !how.force {
-            options.custom_flags(libc::O_EXCL);
+            flags |= libc::O_EXCL;
         }
+        options.custom_flags(flags);
+        let missing = |e: &io::Error| e.kind() == io::ErrorKind::NotFound && (how.read_only || how.create);
         match options.open(path) {
             Ok(file) => {
                 let local = Local::from_file(path, file, !how.read_only, how.discard, false)?;
+                if !how.read_only {
+                    local.lock()?;
+                }
                 local.advise_sequential();
                 Ok(local)
             }
+            Err(e) if missing(&e) && under_dev(path) => Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{} does not exist: no such device (a regular file created under /dev would \
+                     live in RAM and vanish at reboot; check the name with lsblk)",
+                    path.display()
+                ),
+            )),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && is_device => Err(Error::new(
                 ErrorKind::InUse,
                 format!(
@@ -105,7 +130,9 @@ impl Local {
                     .mode(how.mode.unwrap_or(0o600))
                     .open(path)
                     .on("creating destination", path)?;
-                Local::from_file(path, file, true, false, true)
+                let local = Local::from_file(path, file, true, false, true)?;
+                local.lock()?;
+                Ok(local)
             }
             Err(e) => Err(Error::io("opening destination", path, None, e)),
         }
@@ -135,9 +162,17 @@ impl Local {
             let size = rustix::fs::seek(&file, SeekFrom::End(0)).on("finding the size of", path)?;
             (Kind::BlockDevice, size, Identity::Device { rdev: meta.rdev() })
         } else {
-            let what = if ft.is_dir() { "a directory" } else { "neither a regular file nor a block device" };
-            return Err(Error::usage(format!("{} is {what}", path.display())));
+            return Err(Error::usage(format!(
+                "{} is {}: neither a regular file nor a block device",
+                path.display(),
+                describe(ft)
+            )));
         };
+        // Only there to keep open() from blocking; reads and writes should wait as usual.
+        let flags = rustix::fs::fcntl_getfl(&file).on("inspecting", path)?;
+        if flags.contains(rustix::fs::OFlags::NONBLOCK) {
+            rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK).on("inspecting", path)?;
+        }
         Ok(Local {
             path: path.to_path_buf(),
             file: Some(file),
@@ -149,6 +184,29 @@ impl Local {
             can_punch: AtomicBool::new(true),
             created,
         })
+    }
+
+    /// Takes an exclusive `flock` on a regular file for as long as this endpoint is open, so
+    /// that a second writer (another sync, apply or restore, local or through an agent) fails
+    /// at once instead of interleaving its writes with ours. Block devices need none: they are
+    /// opened with `O_EXCL`. Read-only opens (dry runs, `compare`) take no lock: they write
+    /// nothing, and a report of a file that someone else is writing is as good as the moment it
+    /// was read.
+    fn lock(&self) -> Result<()> {
+        let (Some(file), Kind::File) = (&self.file, self.kind) else { return Ok(()) };
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "{} is being written by another blksync run, which holds a lock on it; \
+                     refusing to write to it at the same time",
+                    self.path.display()
+                ),
+            )),
+            // Held until the file is closed; or a filesystem without flock (some FUSE and
+            // network filesystems), where we run unlocked as any other program would.
+            Ok(()) | Err(_) => Ok(()),
+        }
     }
 
     /// True when this run created the file.
@@ -194,6 +252,172 @@ impl Local {
             pos += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Refuses, before it is opened, what is not a disk image: anything but a regular file or a
+/// block device, and files of the kernel's pseudo-filesystems.
+///
+/// Opening is not harmless for the others: `open()` of a FIFO waits for a writer (and a signal
+/// does not end the wait), opening some character devices acts (a watchdog starts, a tape
+/// rewinds), and `/dev/zero` would be an endless source. Files under `/proc` or `/sys` are
+/// regular files whose size (0 or 4096) says nothing about their content. An empty regular file
+/// elsewhere is a valid, empty image.
+fn check_kind(path: &Path, meta: &std::fs::Metadata, role: &str) -> Result<()> {
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        return Ok(());
+    }
+    if !ft.is_file() {
+        return Err(Error::usage(format!(
+            "{} is {}: neither a regular file nor a block device, so it cannot be a {role}",
+            path.display(),
+            describe(ft)
+        )));
+    }
+    if let Ok(fs) = rustix::fs::statfs(path)
+        && let Some(name) = pseudo_filesystem(fs.f_type)
+    {
+        return Err(Error::usage(format!(
+            "{} is a file of the kernel's {name} pseudo-filesystem, not a disk image, so it \
+             cannot be a {role}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// What a file that is not a regular file or a block device is, for messages.
+fn describe(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "an unknown kind of file"
+    }
+}
+
+/// The name of a kernel pseudo-filesystem by its `statfs` magic (linux/magic.h), `None` for a
+/// filesystem that stores data.
+fn pseudo_filesystem(magic: rustix::fs::FsWord) -> Option<&'static str> {
+    const PSEUDO: [(rustix::fs::FsWord, &str); 11] = [
+        (0x9fa0, "proc"),
+        (0x6265_6572, "sysfs"),
+        (0x6462_6720, "debugfs"),
+        (0x7472_6163, "tracefs"),
+        (0x7363_6673, "securityfs"),
+        (0x0027_e0eb, "cgroup"),
+        (0x6367_7270, "cgroup2"),
+        (0xcafe_4a11, "bpf"),
+        (0x6265_6570, "configfs"),
+        (0x6165_676c, "pstore"),
+        (0xde5e_81e4, "efivarfs"),
+    ];
+    PSEUDO.iter().find(|(m, _)| *m == magic).map(|(_, name)| *name)
+}
+
+/// True when a missing `path` would be created on the filesystem that holds `/dev` or on any
+/// devtmpfs: there, a missing name is a device that does not exist (a typo such as
+/// `/dev/loop3p1`), and a regular file would only fill RAM. Separate mounts below `/dev`
+/// (`/dev/shm`) are ordinary filesystems and are not refused.
+fn under_dev(path: &Path) -> bool {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(dev) = std::fs::metadata(dir).map(|m| m.dev()) else { return false };
+    if std::fs::metadata("/dev").is_ok_and(|m| m.dev() == dev) {
+        return true;
+    }
+    let id = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines().any(|line| {
+            let mut fields = line.split(' ');
+            let same = fields.nth(2) == Some(id.as_str());
+            same && line.split(" - ").nth(1).is_some_and(|rest| rest.starts_with("devtmpfs "))
+        })
+    })
+}
+
+/// True when `a` and `b` are different objects over the same storage, as this host's sysfs
+/// tells: a loop device and its backing file (or a partition of that loop device and the file),
+/// two loop devices over one file, a partition and its disk, a device-mapper device and what it
+/// is built on. Partitions of one disk, or of one loop device, are separate storage.
+///
+/// Identical identities are the caller's first check; this finds what they cannot show.
+pub(crate) fn same_storage(a: Identity, b: Identity) -> bool {
+    let (x, y) = (Storage::of(a), Storage::of(b));
+    if x.objects.contains(&b) || y.objects.contains(&a) {
+        return true;
+    }
+    // Two loop devices over one file (or device) alias it; a loop device they share (two
+    // partitions of it) does not.
+    let shared_loop = x.loops.iter().any(|l| y.loops.contains(l));
+    !shared_loop && x.objects.iter().any(|o| y.objects.contains(o) && (x.backing.contains(o) || y.backing.contains(o)))
+}
+
+/// Everything an endpoint's bytes lie on: itself, the disk of a partition, the backing file of
+/// a loop device, the devices under a device-mapper or md device, and so on down.
+#[derive(Debug, Default)]
+struct Storage {
+    objects: Vec<Identity>,
+    /// Loop devices among `objects`.
+    loops: Vec<Identity>,
+    /// Objects that are the backing file (or device) of a loop device.
+    backing: Vec<Identity>,
+}
+
+impl Storage {
+    fn of(identity: Identity) -> Storage {
+        let device = |dir: &Path| -> Option<Identity> {
+            let text = std::fs::read_to_string(dir.join("dev")).ok()?;
+            let (major, minor) = text.trim().split_once(':')?;
+            Some(Identity::Device { rdev: rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?) })
+        };
+        let mut out = Storage::default();
+        let mut todo = vec![(identity, false)];
+        // Stacks are shallow; the bound only guards against a cycle the kernel would not make.
+        while let Some((id, backing)) = todo.pop() {
+            if out.objects.contains(&id) || out.objects.len() >= 64 {
+                continue;
+            }
+            out.objects.push(id);
+            if backing {
+                out.backing.push(id);
+            }
+            let Identity::Device { rdev } = id else { continue };
+            let link = format!("/sys/dev/block/{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+            let Ok(dir) = std::fs::canonicalize(link) else { continue };
+            if dir.join("partition").exists()
+                && let Some(disk) = dir.parent().and_then(device)
+            {
+                todo.push((disk, false));
+            }
+            if let Ok(file) = std::fs::read_to_string(dir.join("loop/backing_file")) {
+                out.loops.push(id);
+                // A deleted backing file reads "PATH (deleted)" and cannot be found: nothing to
+                // compare with, and nothing the other side can be.
+                if let Ok(meta) = std::fs::metadata(file.trim_end_matches('\n')) {
+                    let under = if meta.file_type().is_block_device() {
+                        Identity::Device { rdev: meta.rdev() }
+                    } else {
+                        Identity::File { dev: meta.dev(), ino: meta.ino() }
+                    };
+                    todo.push((under, true));
+                }
+            }
+            for slave in std::fs::read_dir(dir.join("slaves")).into_iter().flatten().flatten() {
+                if let Some(under) = device(&slave.path()) {
+                    todo.push((under, false));
+                }
+            }
+        }
+        out
     }
 }
 
