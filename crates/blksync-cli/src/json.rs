@@ -123,6 +123,7 @@ pub fn kind(error: &anyhow::Error) -> &'static str {
         Some(K::Protocol) => "protocol",
         Some(K::Corrupt) => "corrupt",
         Some(K::WrongTarget) => "wrong_target",
+        Some(K::Unsupported) => "unsupported",
     }
 }
 

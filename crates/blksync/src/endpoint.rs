@@ -7,6 +7,14 @@
 //! construction.
 
 pub mod local;
+pub mod loopdev;
+
+/// Reports a cleanup that failed where no caller can be told (a `Drop`): on stderr, which a
+/// remote agent's client shows too. Explicit closes return the error instead.
+pub(crate) fn report_cleanup_failure(e: &crate::Error) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "blksync: warning: {e}");
+}
 
 use std::path::Path;
 

@@ -42,6 +42,9 @@ pub enum ErrorKind {
     Corrupt,
     /// A delta was made for other content than the target holds.
     WrongTarget,
+    /// The endpoint cannot do what was asked (an address scheme this build does not
+    /// implement, resizing a fixed-size endpoint).
+    Unsupported,
 }
 
 impl ErrorKind {
@@ -51,7 +54,7 @@ impl ErrorKind {
     #[must_use]
     pub fn exit_code(self) -> u8 {
         match self {
-            ErrorKind::Usage => 2,
+            ErrorKind::Usage | ErrorKind::Unsupported => 2,
             ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::Io => 3,
             ErrorKind::NoSpace => 4,
             ErrorKind::SizeMismatch => 5,
@@ -91,7 +94,7 @@ impl ErrorKind {
 }
 
 /// Wire numbering of kinds; the order is part of the protocol.
-const WIRE_KINDS: [ErrorKind; 13] = [
+const WIRE_KINDS: [ErrorKind; 14] = [
     ErrorKind::Usage,
     ErrorKind::NotFound,
     ErrorKind::PermissionDenied,
@@ -105,6 +108,7 @@ const WIRE_KINDS: [ErrorKind; 13] = [
     ErrorKind::Connection,
     ErrorKind::Corrupt,
     ErrorKind::WrongTarget,
+    ErrorKind::Unsupported,
 ];
 
 /// An error of this crate: a kind, a human description of where and what, and the cause.

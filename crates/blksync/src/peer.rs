@@ -157,7 +157,7 @@ impl Peer {
                     exe_hash,
                 });
             }
-            Msg::Open { role, flags, mode, path, name } => self.open(role, flags, mode, &path, &name)?,
+            Msg::Open { role, flags, mode, size, path, name } => self.open(role, flags, (mode, size), &path, &name)?,
             Msg::SetSize { size } => {
                 self.sink()?.set_size(size)?;
                 self.reply(Msg::Done);
@@ -260,7 +260,7 @@ impl Peer {
         Ok(())
     }
 
-    fn open(&mut self, role: Role, flags: u32, mode: u32, path: &[u8], name: &[u8]) -> Result<()> {
+    fn open(&mut self, role: Role, flags: u32, (mode, size): (u32, u64), path: &[u8], name: &[u8]) -> Result<()> {
         if self.endpoint.is_some() {
             return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
         }
@@ -280,6 +280,7 @@ impl Peer {
                     force: flags & open_flags::FORCE != 0,
                     discard: flags & open_flags::DISCARD != 0,
                     mode: (mode != 0).then_some(mode),
+                    size: (size != 0).then_some(size),
                 },
             )?,
         };
@@ -293,7 +294,8 @@ impl Peer {
             Kind::BlockDevice => 1,
             Kind::Absent => 2,
         };
-        self.reply(Msg::Opened { kind, size: local.size(), identity_tag, id_a, id_b, created: local.created() });
+        let mode = local.mode().unwrap_or(0);
+        self.reply(Msg::Opened { kind, size: local.size(), identity_tag, id_a, id_b, created: local.created(), mode });
         self.role = role;
         self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
         let local = Arc::new(local);
@@ -346,7 +348,7 @@ impl Peer {
                 (endpoint, self.sink.as_ref().is_some_and(|s| matches!(s, Sink::Chain(c) if c.first_file().is_some())))
             }
         };
-        self.reply(Msg::Opened { kind: 0, size: endpoint.size(), identity_tag: 0, id_a: 0, id_b: 0, created });
+        self.reply(Msg::Opened { kind: 0, size: endpoint.size(), identity_tag: 0, id_a: 0, id_b: 0, created, mode: 0 });
         self.role = role;
         self.endpoint = Some(endpoint);
         Ok(())

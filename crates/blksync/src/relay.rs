@@ -73,14 +73,29 @@ struct Opened {
     size: u64,
     identity: Identity,
     created: bool,
+    /// Permission bits of a regular file, 0 otherwise.
+    mode: u32,
 }
 
-fn open(link: &mut Link, role: Role, flags: u32, path: &OsStr, name: &[u8]) -> Result<Opened> {
-    let msg = Msg::Open { role, flags, mode: 0, path: path.as_bytes().to_vec(), name: name.to_vec() };
+/// Opens `path` on `link`. A target gets the source's permission bits (for a file it creates,
+/// as a local sync does) and size (for a `loop://FILE` it creates) from `like`.
+fn open(
+    link: &mut Link,
+    role: Role,
+    flags: u32,
+    path: &OsStr,
+    (name, like): (&[u8], Option<&Opened>),
+) -> Result<Opened> {
+    let (mode, size) = like.map_or((0, 0), |s| (s.mode, s.size));
+    let msg = Msg::Open { role, flags, mode, size, path: path.as_bytes().to_vec(), name: name.to_vec() };
     match link.call(msg)? {
-        Msg::Opened { kind, size, identity_tag, id_a, id_b, created } => {
-            Ok(Opened { kind: opened_kind(kind), size, identity: opened_identity(identity_tag, id_a, id_b), created })
-        }
+        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => Ok(Opened {
+            kind: opened_kind(kind),
+            size,
+            identity: opened_identity(identity_tag, id_a, id_b),
+            created,
+            mode,
+        }),
         other => Err(link.unexpected(&other)),
     }
 }
@@ -105,7 +120,7 @@ fn sync(
 ) -> Result<Summary> {
     let o = &options.sync;
     let cache = if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-    let s = open(source, Role::Source, cache, source_path, b"")?;
+    let s = open(source, Role::Source, cache, source_path, (b"", None))?;
     let name = Path::new(source_path).file_name().map(OsStr::as_bytes).unwrap_or_default();
     let mut flags = cache | if o.dry_run { open_flags::READ_ONLY } else { open_flags::CREATE };
     if o.force {
@@ -114,7 +129,7 @@ fn sync(
     if o.discard {
         flags |= open_flags::DISCARD;
     }
-    let t = open(target, Role::Target, flags, target_path, name)?;
+    let t = open(target, Role::Target, flags, target_path, (name, Some(&s)))?;
     let names = (display(source, source_path), display(target, target_path));
     let log = match undo {
         UndoAt::None => None,
@@ -594,9 +609,13 @@ fn open_chain(
         block: block as u32,
     };
     match link.call(msg)? {
-        Msg::Opened { kind, size, identity_tag, id_a, id_b, created } => {
-            Ok(Opened { kind: opened_kind(kind), size, identity: opened_identity(identity_tag, id_a, id_b), created })
-        }
+        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => Ok(Opened {
+            kind: opened_kind(kind),
+            size,
+            identity: opened_identity(identity_tag, id_a, id_b),
+            created,
+            mode,
+        }),
         other => Err(link.unexpected(&other)),
     }
 }
@@ -648,7 +667,7 @@ pub fn backup_locations(
     };
     with_links(source, dest, control, |s, s_path, t, t_path| {
         let cache = if options.sync.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-        let so = open(s, Role::Source, cache, s_path, b"")?;
+        let so = open(s, Role::Source, cache, s_path, (b"", None))?;
         let source_name = display(s, s_path);
         let to = open_chain(
             t,
@@ -695,7 +714,7 @@ pub fn restore_locations(
         if o.force {
             flags |= open_flags::FORCE;
         }
-        let to = open(t, Role::Target, flags, t_path, b"")?;
+        let to = open(t, Role::Target, flags, t_path, (b"", Some(&so)))?;
         let names = (display(s, s_path), display(t, t_path));
         transfer(s, so, t, to, names, Commit::None, options, control)
     })
@@ -780,8 +799,8 @@ pub fn compare(
     max_ranges: usize,
     control: Control<'_>,
 ) -> Result<Comparison> {
-    let first = open(a, Role::Source, 0, a_path, b"")?;
-    let second = open(b, Role::Source, 0, b_path, b"")?;
+    let first = open(a, Role::Source, 0, a_path, (b"", None))?;
+    let second = open(b, Role::Source, 0, b_path, (b"", None))?;
     let common = first.size.min(second.size);
     let counters = Counters::new();
     counters.set_total(common);

@@ -145,6 +145,7 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
             force: options.force,
             discard: options.discard,
             mode: src.mode(),
+            size: Some(src.size()),
         },
     )?;
     check_storage(&src, &dst)?;
@@ -153,7 +154,7 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
     if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
         // A file we created and could not fill is worse than no file: a later run or a user
         // might take it for a copy. Interrupted copies stay (a rerun resumes them cheaply).
-        let _ = std::fs::remove_file(&dest);
+        dst.remove_created();
     }
     result
 }

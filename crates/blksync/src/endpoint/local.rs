@@ -25,6 +25,38 @@ use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use crate::endpoint::{Identity, Kind, Segment, Source, Target};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
+/// What an address names (see [`crate::location`] for the forms).
+enum Address {
+    /// A path: a regular file or a block device.
+    Path,
+    /// `loop://FILE` or `loop://DEVICE`.
+    Loop(PathBuf),
+}
+
+impl Address {
+    fn of(address: &Path) -> Result<Address> {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = address.as_os_str().as_bytes();
+        let Some(scheme) = crate::location::scheme_of(bytes) else { return Ok(Address::Path) };
+        let rest = Path::new(std::ffi::OsStr::from_bytes(&bytes[scheme.len() + 3..]));
+        match scheme {
+            "loop" if !rest.as_os_str().is_empty() => Ok(Address::Loop(rest.to_path_buf())),
+            "loop" => Err(Error::usage(format!("{}: expected loop://FILE or loop://DEVICE", address.display()))),
+            "nbds" => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{}: NBD over TLS (nbds://) is not supported; use nbd:// through an ssh tunnel",
+                    address.display()
+                ),
+            )),
+            other => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{}: {other}:// endpoints are not implemented in this version of blksync", address.display()),
+            )),
+        }
+    }
+}
+
 /// How a destination is opened.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenTarget {
@@ -38,6 +70,8 @@ pub struct OpenTarget {
     pub discard: bool,
     /// Permission bits for a created file.
     pub mode: Option<u32>,
+    /// The source's size, for a target created with it (`loop://FILE`).
+    pub size: Option<u64>,
 }
 
 /// A local regular file or block device.
@@ -54,12 +88,45 @@ pub struct Local {
     can_punch: AtomicBool,
     /// Set when this run created the file.
     created: bool,
+    /// The loop device this endpoint attached (`loop://FILE`), detached when it is dropped,
+    /// after `file` is closed (fields drop in order).
+    attached: Option<super::loopdev::Attached>,
+    /// The file this run created behind an address (`loop://FILE`), for [`Local::remove_created`].
+    created_file: Option<PathBuf>,
 }
 
 impl Local {
-    /// Opens `path` for reading only. It must be a regular file or a block device, and is
-    /// refused before it is opened when it is not (see `check_kind`).
-    pub fn open_source(path: &Path) -> Result<Local> {
+    /// Opens the endpoint at `address` for reading only: a path (a regular file or a block
+    /// device, refused before it is opened when it is anything else, see `check_kind`), or a
+    /// URL-like address (see [`crate::location`]).
+    pub fn open_source(address: &Path) -> Result<Local> {
+        match Address::of(address)? {
+            Address::Path => Local::open_path_source(address),
+            Address::Loop(inner) if super::loopdev::is_loop_device(&inner) => {
+                Ok(Local::open_path_source(&inner)?.named(address))
+            }
+            Address::Loop(inner) => {
+                let attached = super::loopdev::attach(&inner, true)?;
+                let mut local = Local::open_path_source(attached.device())?.named(address);
+                local.attached = Some(attached);
+                Ok(local)
+            }
+        }
+    }
+
+    fn named(mut self, address: &Path) -> Local {
+        self.path = address.to_path_buf();
+        self
+    }
+
+    /// Removes the file this run created (a failed copy must not look like one).
+    pub fn remove_created(&self) {
+        if self.created {
+            let _ = std::fs::remove_file(self.created_file.as_deref().unwrap_or(&self.path));
+        }
+    }
+
+    fn open_path_source(path: &Path) -> Result<Local> {
         let meta = std::fs::metadata(path).on("opening source", path)?;
         check_kind(path, &meta, "source")?;
         // O_NONBLOCK: should the path become a FIFO after the check, open() returns at once
@@ -71,8 +138,50 @@ impl Local {
         Ok(local)
     }
 
-    /// Opens `path` as a destination.
-    pub fn open_target(path: &Path, how: OpenTarget) -> Result<Local> {
+    /// Opens the endpoint at `address` as a destination.
+    pub fn open_target(address: &Path, how: OpenTarget) -> Result<Local> {
+        match Address::of(address)? {
+            Address::Path => Local::open_path_target(address, how),
+            Address::Loop(inner) if super::loopdev::is_loop_device(&inner) => {
+                Ok(Local::open_path_target(&inner, how)?.named(address))
+            }
+            Address::Loop(inner) => {
+                // A missing image is created with the source's size (bsync needed dd first).
+                let created = !inner.exists() && how.create && !how.read_only;
+                if created {
+                    let size = how.size.ok_or_else(|| {
+                        Error::usage(format!(
+                            "{} does not exist, and its size is not known here: create it first (truncate -s SIZE)",
+                            address.display()
+                        ))
+                    })?;
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(how.mode.unwrap_or(0o600))
+                        .open(&inner)
+                        .on("creating", &inner)?;
+                    file.set_len(size).on("sizing", &inner)?;
+                }
+                let attached = match super::loopdev::attach(&inner, how.read_only) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        if created {
+                            let _ = std::fs::remove_file(&inner);
+                        }
+                        return Err(e);
+                    }
+                };
+                let mut local = Local::open_path_target(attached.device(), how)?.named(address);
+                local.attached = Some(attached);
+                local.created = created;
+                local.created_file = created.then_some(inner);
+                Ok(local)
+            }
+        }
+    }
+
+    fn open_path_target(path: &Path, how: OpenTarget) -> Result<Local> {
         if !how.read_only
             && let Some(dir) = crate::chain::chain_of(path)
         {
@@ -150,6 +259,8 @@ impl Local {
             discard: false,
             can_punch: AtomicBool::new(false),
             created: false,
+            attached: None,
+            created_file: None,
         }
     }
 
@@ -183,6 +294,8 @@ impl Local {
             discard,
             can_punch: AtomicBool::new(true),
             created,
+            attached: None,
+            created_file: None,
         })
     }
 

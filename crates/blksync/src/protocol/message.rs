@@ -67,6 +67,8 @@ pub enum Msg {
         role: Role,
         flags: u32,
         mode: u32,
+        /// The source's size, for a target that is created with it (`loop://FILE`); 0: none.
+        size: u64,
         path: Vec<u8>,
         name: Vec<u8>,
     },
@@ -176,6 +178,8 @@ pub enum Msg {
         id_a: u64,
         id_b: u64,
         created: bool,
+        /// Permission bits of a regular file (0 otherwise), given to a copy created elsewhere.
+        mode: u32,
     },
     Summary {
         chunk: u64,
@@ -377,9 +381,9 @@ impl Msg {
                 x.u32(*version).u64(*features).u8(u8::from(*want_exe_hash));
                 x.finish()
             }
-            Msg::Open { role, flags, mode, path, name } => {
+            Msg::Open { role, flags, mode, size, path, name } => {
                 let mut x = e(OPEN);
-                x.u8(u8::from(*role == Role::Target)).u32(*flags).u32(*mode).bytes(path).bytes(name);
+                x.u8(u8::from(*role == Role::Target)).u32(*flags).u32(*mode).u64(*size).bytes(path).bytes(name);
                 x.finish()
             }
             Msg::SetSize { size } => {
@@ -432,9 +436,9 @@ impl Msg {
                 x.u32(*version).u64(*features).bytes(tool_version).bytes(boot_id).bytes(exe_hash);
                 x.finish()
             }
-            Msg::Opened { kind, size, identity_tag, id_a, id_b, created } => {
+            Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => {
                 let mut x = e(OPENED);
-                x.u8(*kind).u64(*size).u8(*identity_tag).u64(*id_a).u64(*id_b).u8(u8::from(*created));
+                x.u8(*kind).u64(*size).u8(*identity_tag).u64(*id_a).u64(*id_b).u8(u8::from(*created)).u32(*mode);
                 x.finish()
             }
             Msg::Summary { chunk, zero, hash } => {
@@ -579,7 +583,14 @@ impl Msg {
                 if flags & !open_flags::ALL != 0 {
                     return Err(Error::protocol(format!("unknown open flags 0x{flags:x}")));
                 }
-                Msg::Open { role, flags, mode: d.u32()?, path: d.bytes()?.to_vec(), name: d.bytes()?.to_vec() }
+                Msg::Open {
+                    role,
+                    flags,
+                    mode: d.u32()?,
+                    size: d.u64()?,
+                    path: d.bytes()?.to_vec(),
+                    name: d.bytes()?.to_vec(),
+                }
             }
             tag::SET_SIZE => Msg::SetSize { size: d.u64()? },
             tag::SCAN => {
@@ -610,6 +621,7 @@ impl Msg {
                 id_a: d.u64()?,
                 id_b: d.u64()?,
                 created: flag(d.u8()?)?,
+                mode: d.u32()?,
             },
             tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
             tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()? },

@@ -435,8 +435,8 @@ fn diff_over(
     control: Control<'_>,
 ) -> Result<DiffSummary> {
     let cache = if options.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-    let so = open(s, Role::Source, cache, s_path, b"")?;
-    let mut bo = open(b, Role::Target, cache | open_flags::READ_ONLY, b_path, b"")?;
+    let so = open(s, Role::Source, cache, s_path, (b"", None))?;
+    let mut bo = open(b, Role::Target, cache | open_flags::READ_ONLY, b_path, (b"", None))?;
     if bo.kind == crate::endpoint::Kind::Absent {
         return Err(Error::new(
             ErrorKind::NotFound,

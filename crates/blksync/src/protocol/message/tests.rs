@@ -31,9 +31,11 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             features,
             want_exe_hash
         }),
-        (any::<bool>(), 0u32..32, any::<u32>(), b(), b()).prop_map(|(t, flags, mode, path, name)| {
-            Msg::Open { role: if t { Role::Target } else { Role::Source }, flags, mode, path, name }
-        }),
+        (any::<bool>(), 0u32..32, any::<u32>(), any::<u64>(), b(), b()).prop_map(
+            |(t, flags, mode, size, path, name)| {
+                Msg::Open { role: if t { Role::Target } else { Role::Source }, flags, mode, size, path, name }
+            }
+        ),
         any::<u64>().prop_map(|size| Msg::SetSize { size }),
         (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u16>())
             .prop_map(|(key, block, end, data_len, threads)| Msg::Scan { key, block, end, data_len, threads }),
@@ -54,9 +56,9 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         (any::<u32>(), any::<u64>(), b(), b(), b()).prop_map(|(version, features, tool_version, boot_id, exe_hash)| {
             Msg::HelloReply { version, features, tool_version, boot_id, exe_hash }
         }),
-        (any::<u8>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
-            |(kind, size, identity_tag, id_a, id_b, created)| {
-                Msg::Opened { kind, size, identity_tag, id_a, id_b, created }
+        (any::<u8>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>()).prop_map(
+            |(kind, size, identity_tag, id_a, id_b, created, mode)| {
+                Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode }
             }
         ),
         (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
