@@ -666,3 +666,22 @@ fn remote_syncs_report_what_they_read_and_the_ranges_that_differed() {
     assert!(remote["bytes_read_source"].as_u64().unwrap() >= 8 * MIB as u64, "{remote}");
     assert!(remote["bytes_read_destination"].as_u64().unwrap() >= 8 * MIB as u64, "{remote}");
 }
+
+/// Files created on a remote host got mode 0600 whatever the source's permission bits were; a
+/// local sync gives them the source's, and so do push and pull now.
+#[test]
+fn files_created_by_push_and_pull_get_the_source_permission_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(MIB, 70));
+    let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for bits in [0o644, 0o640] {
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(bits)).unwrap();
+        let (pushed, pulled) = (env.path(&format!("pushed-{bits:o}")), env.path(&format!("pulled-{bits:o}")));
+        env.ok(&["sync", &src, &env.remote(&format!("pushed-{bits:o}"))]);
+        env.ok(&["sync", &env.remote("src"), &pulled]);
+        assert_eq!(mode(&pushed), bits, "push");
+        assert_eq!(mode(&pulled), bits, "pull");
+    }
+}
