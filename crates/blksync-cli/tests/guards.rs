@@ -364,6 +364,34 @@ fn second_sync_to_a_file_being_synced_fails_at_once_instead_of_mixing() {
     assert_same(b.as_ref(), dst.as_ref());
 }
 
+/// The lock is taken where the file is opened, so an agent writing a file excludes a local
+/// run, and a local run an agent.
+#[test]
+fn writer_through_an_agent_and_a_local_writer_exclude_each_other() {
+    let d = tmp();
+    let Some(rsh) = rsh(&d.path().join("cache")) else { return };
+    let (a, b, dst) = (arg(d.path(), "a"), arg(d.path(), "b"), arg(d.path(), "dst"));
+    write_file(a.as_ref(), &random_bytes(8 * MIB, 42));
+    write_file(b.as_ref(), &random_bytes(8 * MIB, 43));
+    let remote = format!("root@127.0.0.1:{dst}");
+    let first_local = ["sync", "-q", "--bwlimit", "2M", &a, &dst];
+    let first_remote = ["sync", "-q", "-e", &rsh, "--bwlimit", "2M", &a, &remote];
+    let second_local = ["sync", "-q", &b, &dst];
+    let second_remote = ["sync", "-q", "-e", &rsh, &b, &remote];
+    let pairs: [(&[&str], &[&str]); 2] = [(&first_local, &second_remote), (&first_remote, &second_local)];
+    for (first, second) in pairs {
+        let _ = std::fs::remove_file(&dst);
+        let first = spawn(first);
+        wait_until("the first sync has written data", || std::fs::metadata(&dst).is_ok_and(|m| m.blocks() > 0));
+        let out = run(second);
+        assert_eq!(out.code(), 6, "{second:?}: {}", out.stderr_text());
+        assert!(out.stderr_text().contains("another blksync run"), "{}", out.stderr_text());
+        let first = exits_within(first, Duration::from_secs(60), "the first sync");
+        assert_eq!(first.code(), 0, "{}", first.stderr_text());
+        assert_same(a.as_ref(), dst.as_ref());
+    }
+}
+
 // ---- the same storage under two names (item 22) ----
 
 /// A loop device with its partitions added by `partx`, removed again on drop (before the loop

@@ -535,20 +535,20 @@ pub fn merge(inputs: &[&Path], out: &Path, control: Control<'_>) -> Result<Info>
     };
     let writer = Writer::create(out, &header)?;
     match plan.write(&deltas, &writer, control) {
-        Ok(true) => {
+        Ok(Some(unrecorded)) => {
             writer.commit()?;
-            if plan.unrecorded > 0 {
+            if unrecorded > 0 {
                 control.observer.warn(&format!(
                     "{} bytes of {} cannot be checked against the target when it is applied: a later \
                      delta changed them together with bytes an earlier one had changed, or they were \
                      cut off and grown back (docs/DELTA-FORMAT.md, before_hash)",
-                    plan.unrecorded,
+                    unrecorded,
                     out.display()
                 ));
             }
             info(out)
         }
-        Ok(false) => {
+        Ok(None) => {
             writer.abandon();
             Err(interrupted())
         }
@@ -619,8 +619,6 @@ struct Plan {
     size_before: u64,
     /// The last input's size.
     size_after: u64,
-    /// Bytes that the output must leave unchecked.
-    unrecorded: u64,
 }
 
 impl Plan {
@@ -636,7 +634,6 @@ impl Plan {
             first: std::collections::BTreeMap::new(),
             size_before,
             size_after: size_before,
-            unrecorded: 0,
         };
         let counters = Counters::new();
         counters.set_total(deltas.iter().map(|d| d.index.iter().map(|e| u64::from(e.len)).sum::<u64>()).sum());
@@ -759,13 +756,16 @@ impl Plan {
         Ok(Some(out))
     }
 
-    /// Writes the output records in ascending order; `false` when cancelled.
-    fn write(&self, deltas: &[Delta], writer: &Writer, control: Control<'_>) -> Result<bool> {
+    /// Writes the output records in ascending order. Returns how many bytes it had to leave
+    /// unchecked ([`delta::UNRECORDED`] where no input knows the old content's hash), or `None`
+    /// when cancelled.
+    fn write(&self, deltas: &[Delta], writer: &Writer, control: Control<'_>) -> Result<Option<u64>> {
         let counters = Counters::new();
         counters.set_total(self.first.iter().map(|(&s, &(e, _))| e.min(self.size_after).saturating_sub(s)).sum());
         control.observer.phase(Phase::Sync, counters.snapshot().bytes_total);
         let mut cache = Records::default();
         let mut buf = Vec::new();
+        let mut unrecorded = 0;
         for (&start, &(first_end, before)) in &self.first {
             let end = first_end.min(self.size_after);
             if start >= end {
@@ -805,6 +805,7 @@ impl Plan {
                         go = if pos >= self.size_before {
                             emit(pos, stop, delta::zero_hash(stop - pos))?
                         } else {
+                            unrecorded += stop - pos;
                             emit(pos, stop, delta::UNRECORDED)?
                         };
                         pos = stop;
@@ -813,10 +814,10 @@ impl Plan {
                 }
             };
             if !go {
-                return Ok(false);
+                return Ok(None);
             }
         }
-        Ok(true)
+        Ok(Some(unrecorded))
     }
 }
 
@@ -1049,6 +1050,48 @@ mod tests {
         let hashes = merge_and_apply(dir.path(), &paths, &original, &image);
         eprintln!("merge and apply of {} records: {:?}", per_delta * 3, started.elapsed());
         assert!(hashes.len() as u64 >= per_delta * 3);
+    }
+
+    /// Keeps the warnings it is given.
+    #[derive(Default)]
+    struct Warnings(std::sync::Mutex<Vec<String>>);
+    impl Observer for Warnings {
+        fn warn(&self, message: &str) {
+            self.0.lock().unwrap().push(message.to_string());
+        }
+    }
+
+    /// A later record that changes old and already-changed bytes together: the old content of
+    /// the new part alone is known to no input, the merge cannot keep its check, and says so.
+    /// Past the original size the old content was zeros, and the check is kept.
+    #[test]
+    fn merge_warns_about_the_bytes_it_cannot_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(11);
+        let original = rng.bytes(8192);
+        let mut image = original.clone();
+        let (a, b) = (dir.path().join("a.delta"), dir.path().join("b.delta"));
+        let first = [(0, 100, Some(rng.bytes(100))), (8100, 200, Some(rng.bytes(200)))];
+        write_delta_of(&a, &mut image, &header(1, [0; 16], 8192, 12288), &first);
+        let overlaps = [(50, 100, Some(rng.bytes(100))), (8250, 200, Some(rng.bytes(200)))];
+        write_delta_of(&b, &mut image, &header(2, [1; 16], 12288, 12288), &overlaps);
+        let cancel = AtomicBool::new(false);
+        let warnings = Warnings::default();
+        let out = dir.path().join("m.delta");
+        merge(&[&a, &b], &out, Control { observer: &warnings, cancel: &cancel }).unwrap();
+        let said = warnings.0.lock().unwrap().clone();
+        // [100, 150) under the first overlap; [8300, 8450) under the second lies past the
+        // original image, where it held zeros.
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(said[0].starts_with("50 bytes"), "{said:?}");
+        let m = Delta::open(&out).unwrap();
+        let hashes: Vec<_> = m.index.iter().map(|e| (e.offset, m.read(e).unwrap().before_hash)).collect();
+        assert!(hashes.contains(&(100, delta::UNRECORDED)), "{hashes:?}");
+        assert!(hashes.contains(&(8300, delta::zero_hash(150))), "{hashes:?}");
+        let target = dir.path().join("t");
+        std::fs::write(&target, &original).unwrap();
+        apply(&[&out], &target, false, control(&cancel)).unwrap();
+        assert!(std::fs::read(&target).unwrap() == image);
     }
 
     /// Sets the cancel flag at the first progress report: the plan must stop at the next record.
