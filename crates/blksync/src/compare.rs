@@ -83,6 +83,8 @@ pub fn compare(a: &dyn Source, b: &dyn Source, options: &CompareOptions, control
     if found.cancelled {
         return Err(Error::new(ErrorKind::Interrupted, "interrupted: comparison incomplete"));
     }
+    a.check_intact()?;
+    b.check_intact()?;
     let mut counters = counters.snapshot();
     let tail = a.size().abs_diff(b.size());
     counters.bytes_differing += tail;

@@ -8,6 +8,7 @@
 
 pub mod local;
 pub mod loopdev;
+pub mod lvm;
 
 /// Reports a cleanup that failed where no caller can be told (a `Drop`): on stderr, which a
 /// remote agent's client shows too. Explicit closes return the error instead.
@@ -79,6 +80,12 @@ pub trait Source: Send + Sync {
     fn drop_cache(&self, offset: u64, len: u64);
     /// What object this is.
     fn identity(&self) -> Identity;
+    /// Checks, after the last read and before success is reported, that what was read is what
+    /// the endpoint held: a snapshot that overflowed while it was read is not. Never wrong by
+    /// default: most endpoints cannot go bad this way.
+    fn check_intact(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A writable endpoint.

@@ -160,7 +160,12 @@ pub fn write_delta(
         throttle: throttle.as_ref(),
         undo: None,
     };
-    let found = match scan.run(&counters, control) {
+    let found = match scan.run(&counters, control).and_then(|f| {
+        if !f.cancelled {
+            src.check_intact()?;
+        }
+        Ok(f)
+    }) {
         Ok(found) if !found.cancelled => found,
         Ok(_) => {
             writer.abandon();

@@ -205,6 +205,10 @@ impl Peer {
                 self.reply(Msg::Done);
             }
             Msg::Discard | Msg::FlushPartial => self.end_early(&msg)?,
+            Msg::CheckIntact => {
+                self.endpoint()?.check_intact()?;
+                self.reply(Msg::Done);
+            }
             Msg::OpenChain { dir, role, at_kind, at, comment, source, block } => {
                 self.open_chain(&dir, role, at_kind, at, &comment, &source, block)?;
             }

@@ -201,15 +201,7 @@ pub fn sync(
         warnings.push(w.clone());
     }
     let undo = match &options.undo {
-        Some(path) => {
-            delta::check_output_with(path, &[src.identity(), dst.identity()], options.force)?;
-            let comment = format!("undo log of a sync from {}", src.name().display());
-            let started = start_undo(path, &comment, dst, sizing.resize_to.unwrap_or(before), before);
-            Some(started.map_err(|e| {
-                let text = format!("{e}; the undo log could not be started, so nothing was changed");
-                Error::new(e.kind(), text)
-            })?)
-        }
+        Some(path) => Some(begin_undo(path, src, dst, (sizing.resize_to.unwrap_or(before), before), options.force)?),
         None => None,
     };
     if let (Some(size), false) = (sizing.resize_to, options.dry_run)
@@ -238,7 +230,14 @@ pub fn sync(
         throttle: throttle.as_ref(),
         undo: undo.as_ref(),
     };
-    let scanned = scan.run(&counters, control);
+    // A snapshot that overflowed while it was read gave garbage: that is a failure, found
+    // before the undo log or anything else claims success.
+    let scanned = scan.run(&counters, control).and_then(|found| {
+        if !found.cancelled {
+            src.check_intact()?;
+        }
+        Ok(found)
+    });
     // Whatever happened, make what was written durable before saying anything about it.
     let flushed = if options.dry_run { Ok(()) } else { dst.flush() };
     // The undo log holds the old content of every block written so far (each was recorded
@@ -288,6 +287,22 @@ pub fn sync(
         summary.verified = true;
     }
     Ok(summary)
+}
+
+/// Starts `sync --undo PATH`'s log, for a destination going from `old` to `new` bytes.
+fn begin_undo(
+    path: &Path,
+    src: &dyn Source,
+    dst: &dyn Target,
+    (new, old): (u64, u64),
+    force: bool,
+) -> Result<delta::Writer> {
+    delta::check_output_with(path, &[src.identity(), dst.identity()], force)?;
+    let comment = format!("undo log of a sync from {}", src.name().display());
+    start_undo(path, &comment, dst, new, old).map_err(|e| {
+        let text = format!("{e}; the undo log could not be started, so nothing was changed");
+        Error::new(e.kind(), text)
+    })
 }
 
 /// The error for an undo log that could not be committed (a full disk, most often): its records

@@ -31,6 +31,10 @@ enum Address {
     Path,
     /// `loop://FILE` or `loop://DEVICE`.
     Loop(PathBuf),
+    /// `lvm://VG/LV`.
+    Lvm(super::lvm::Volume),
+    /// `lvm+snapshot://VG/LV`.
+    LvmSnapshot(super::lvm::Volume),
 }
 
 impl Address {
@@ -42,6 +46,11 @@ impl Address {
         match scheme {
             "loop" if !rest.as_os_str().is_empty() => Ok(Address::Loop(rest.to_path_buf())),
             "loop" => Err(Error::usage(format!("{}: expected loop://FILE or loop://DEVICE", address.display()))),
+            "lvm" | "lvm+snapshot" => {
+                let text = rest.to_str().ok_or_else(|| Error::usage(format!("{}: not UTF-8", address.display())))?;
+                let volume = super::lvm::Volume::parse(text, address)?;
+                Ok(if scheme == "lvm" { Address::Lvm(volume) } else { Address::LvmSnapshot(volume) })
+            }
             "nbds" => Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
@@ -91,6 +100,11 @@ pub struct Local {
     /// The loop device this endpoint attached (`loop://FILE`), detached when it is dropped,
     /// after `file` is closed (fields drop in order).
     attached: Option<super::loopdev::Attached>,
+    /// The snapshot this endpoint reads (`lvm+snapshot://`), removed when it is dropped, after
+    /// `file` is closed.
+    snapshot: Option<super::lvm::Snapshot>,
+    /// The LV this run created (`lvm://` target), for [`Local::remove_created`].
+    created_lv: Option<super::lvm::Volume>,
     /// The file this run created behind an address (`loop://FILE`), for [`Local::remove_created`].
     created_file: Option<PathBuf>,
 }
@@ -111,6 +125,15 @@ impl Local {
                 local.attached = Some(attached);
                 Ok(local)
             }
+            Address::Lvm(volume) => {
+                Ok(Local::open_path_source(&super::lvm::source_device(&volume, address)?)?.named(address))
+            }
+            Address::LvmSnapshot(volume) => {
+                let snapshot = super::lvm::Snapshot::create(&volume, address)?;
+                let mut local = Local::open_path_source(&snapshot.device())?.named(address);
+                local.snapshot = Some(snapshot);
+                Ok(local)
+            }
         }
     }
 
@@ -119,10 +142,16 @@ impl Local {
         self
     }
 
-    /// Removes the file this run created (a failed copy must not look like one).
+    /// Removes the file (or LV) this run created (a failed copy must not look like one).
     pub fn remove_created(&self) {
-        if self.created {
-            let _ = std::fs::remove_file(self.created_file.as_deref().unwrap_or(&self.path));
+        if !self.created {
+            return;
+        }
+        match &self.created_lv {
+            Some(volume) => super::lvm::remove_created(volume),
+            None => {
+                let _ = std::fs::remove_file(self.created_file.as_deref().unwrap_or(&self.path));
+            }
         }
     }
 
@@ -178,6 +207,26 @@ impl Local {
                 local.created_file = created.then_some(inner);
                 Ok(local)
             }
+            Address::Lvm(volume) => {
+                let create = how.create && !how.read_only;
+                let (device, created) = super::lvm::target_device(&volume, address, how.size, create)?;
+                let mut local = match Local::open_path_target(&device, how) {
+                    Ok(l) => l.named(address),
+                    Err(e) => {
+                        if created {
+                            super::lvm::remove_created(&volume);
+                        }
+                        return Err(e);
+                    }
+                };
+                local.created = created;
+                local.created_lv = created.then_some(volume);
+                Ok(local)
+            }
+            Address::LvmSnapshot(_) => Err(Error::usage(format!(
+                "{} is a source only (a snapshot is how a live volume is read); write to lvm://VG/LV instead",
+                address.display()
+            ))),
         }
     }
 
@@ -261,6 +310,8 @@ impl Local {
             created: false,
             attached: None,
             created_file: None,
+            snapshot: None,
+            created_lv: None,
         }
     }
 
@@ -296,6 +347,8 @@ impl Local {
             created,
             attached: None,
             created_file: None,
+            snapshot: None,
+            created_lv: None,
         })
     }
 
@@ -602,6 +655,10 @@ impl Source for Local {
         if let (Some(file), Some(len)) = (&self.file, NonZeroU64::new(len)) {
             let _ = rustix::fs::fadvise(file, offset, Some(len), Advice::DontNeed);
         }
+    }
+
+    fn check_intact(&self) -> Result<()> {
+        self.snapshot.as_ref().map_or(Ok(()), |s| s.check_intact(&self.path))
     }
 
     fn identity(&self) -> Identity {

@@ -110,6 +110,9 @@ pub enum Msg {
     /// The transfer failed: remove the target if this session created it (a file of the full
     /// size that holds nothing, or part, of the source looks like a copy and is not one).
     Discard,
+    /// Before success is reported: is what the source read still what it holds (a snapshot
+    /// that overflowed while it was read is not)? Reply `Done`, or an error.
+    CheckIntact,
     Copy {
         end: u64,
         data_len: u64,
@@ -299,6 +302,7 @@ mod tag {
     pub const UNDO: u8 = 0x16;
     pub const FLUSH_PARTIAL: u8 = 0x17;
     pub const DISCARD: u8 = 0x18;
+    pub const CHECK_INTACT: u8 = 0x19;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -370,9 +374,9 @@ impl Msg {
     #[allow(clippy::too_many_lines)] // One arm per message, mirroring the spec's table.
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
-            ACK, ALIVE, BYE, COPY, DATA, DISCARD, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES, GROUPS, HELLO,
-            HELLO_REPLY, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE, SUMMARY, WRITE,
-            ZERO, ZEROS,
+            ACK, ALIVE, BYE, CHECK_INTACT, COPY, DATA, DISCARD, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES,
+            GROUPS, HELLO, HELLO_REPLY, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE,
+            SUMMARY, WRITE, ZERO, ZEROS,
         };
         let e = |kind| Encoder::new(kind, 64);
         match self {
@@ -425,6 +429,7 @@ impl Msg {
             Msg::Flush => e(FLUSH).finish(),
             Msg::FlushPartial => e(FLUSH_PARTIAL).finish(),
             Msg::Discard => e(DISCARD).finish(),
+            Msg::CheckIntact => e(CHECK_INTACT).finish(),
             Msg::Copy { end, data_len, compress, threads } => {
                 let mut x = e(COPY);
                 x.u64(*end).u64(*data_len).i32(*compress).u16(*threads);
@@ -605,6 +610,7 @@ impl Msg {
             tag::FLUSH => Msg::Flush,
             tag::FLUSH_PARTIAL => Msg::FlushPartial,
             tag::DISCARD => Msg::Discard,
+            tag::CHECK_INTACT => Msg::CheckIntact,
             tag::COPY => Msg::Copy { end: d.u64()?, data_len: d.u64()?, compress: d.i32()?, threads: d.u16()? },
             tag::BYE => Msg::Bye,
             tag::HELLO_REPLY => Msg::HelloReply {
@@ -777,6 +783,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::FLUSH => "Flush",
         tag::FLUSH_PARTIAL => "FlushPartial",
         tag::DISCARD => "Discard",
+        tag::CHECK_INTACT => "CheckIntact",
         tag::COPY => "Copy",
         tag::BYE => "Bye",
         tag::HELLO_REPLY => "Hello reply",

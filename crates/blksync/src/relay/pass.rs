@@ -378,6 +378,7 @@ impl Brain<'_> {
                 Err(_) => break,
             }
         }
+        self.check_intact(events)?;
         let s = self.counters.snapshot();
         // Nothing written and nothing resized: there is nothing to make durable, and skipping the
         // flush saves a round trip on slow links.
@@ -385,6 +386,26 @@ impl Brain<'_> {
             self.flush(Msg::Flush, events, Duration::from_secs(24 * 3600))?;
         }
         Ok(())
+    }
+
+    /// Asks the source whether what it read is still what it holds (`CheckIntact`), before
+    /// anything is committed or reported: a snapshot that overflowed while it was read is not.
+    fn check_intact(&mut self, events: &crossbeam_channel::Receiver<(End, Msg)>) -> Result<()> {
+        self.send(End::Source, Msg::CheckIntact)?;
+        loop {
+            match events.recv_timeout(Duration::from_millis(500)) {
+                Ok((End::Source, Msg::Done)) => return Ok(()),
+                Ok((side, Msg::Error { kind, message })) => return Err(self.link(side).error(kind, message)),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) if !self.pass.source.is_gone() => {}
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("{}: the connection was lost", self.pass.source.name),
+                    ));
+                }
+            }
+        }
     }
 
     /// Flushes the target (`Flush` or `FlushPartial`) and waits for its `Done`.

@@ -50,6 +50,7 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         Just(Msg::FlushPartial),
         Just(Msg::Alive),
         Just(Msg::Discard),
+        Just(Msg::CheckIntact),
         (any::<u64>(), any::<u64>(), any::<i32>(), any::<u16>())
             .prop_map(|(end, data_len, compress, threads)| Msg::Copy { end, data_len, compress, threads }),
         Just(Msg::Bye),
