@@ -212,6 +212,10 @@ pub struct RestoreArgs {
     /// Write to a block device even when it is mounted or in use.
     #[arg(long)]
     pub force: bool,
+    /// For an lvm:// destination that does not exist: create it thin, in this pool of its
+    /// volume group (default: a linear LV).
+    #[arg(long, value_name = "POOL")]
+    pub thin_pool: Option<String>,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]
@@ -334,6 +338,11 @@ pub struct CommonArgs {
     /// production disk.
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     pub bwlimit: Option<u64>,
+    /// For an lvm+snapshot:// source: the size of the snapshot's copy-on-write area, which must
+    /// hold everything written to the origin while it is read (default: a tenth of the origin,
+    /// at least 1G, at most the volume group's free space). Thin snapshots need none.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub snapshot_size: Option<u64>,
 }
 
 /// How results and progress are shown.
@@ -395,6 +404,10 @@ pub struct SyncArgs {
     /// Sleep this many milliseconds after each data block sent (to spare a busy host or link).
     #[arg(long, value_name = "MS")]
     pub pause: Option<u64>,
+    /// For an lvm:// destination that does not exist: create it thin, in this pool of its
+    /// volume group (default: a linear LV).
+    #[arg(long, value_name = "POOL")]
+    pub thin_pool: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]

@@ -97,7 +97,9 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let render = Render::new(args.common.output.progress, args.common.output.quiet, "sync").with_hint(sync_hint);
     let control = Control { observer: &render, cancel };
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
-    let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
+    let source = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
+    let dest = lvm_option(&args.dest, "lvm", "thin-pool", args.thin_pool.as_ref());
+    let result = match (Location::parse(&source)?, Location::parse(&dest)?) {
         (Location::Local(src), Location::Local(dst)) => {
             let undo = match undo {
                 None => None,
@@ -245,6 +247,26 @@ fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::Di
     })
 }
 
+/// Carries `--snapshot-size` or `--thin-pool` into an address of `scheme` as its option
+/// (`lvm+snapshot://vg/lv?snapshot-size=N`), so that it reaches whichever host opens it; other
+/// arguments are returned unchanged.
+fn lvm_option(
+    arg: &std::ffi::OsString,
+    scheme: &str,
+    key: &str,
+    value: Option<impl std::fmt::Display>,
+) -> std::ffi::OsString {
+    let (Some(value), Some(text)) = (value, arg.to_str()) else { return arg.clone() };
+    let marker = format!("{scheme}://");
+    let at_address =
+        text.starts_with(&marker) || text.contains(&format!(":{marker}")) || text.contains(&format!("/{marker}"));
+    if !at_address {
+        return arg.clone();
+    }
+    let sep = if text.contains('?') { '&' } else { '?' };
+    format!("{text}{sep}{key}={value}").into()
+}
+
 /// Parses location arguments.
 fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
     Ok(args.iter().map(Location::parse).collect::<blksync::Result<_>>()?)
@@ -254,8 +276,9 @@ fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
     let render = Render::new(args.common.output.progress, args.common.output.quiet, "diff");
+    let source = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
     let (source, base, output) =
-        (Location::parse(&args.source)?, Location::parse(&args.base)?, Location::parse(&args.output)?);
+        (Location::parse(&source)?, Location::parse(&args.base)?, Location::parse(&args.output)?);
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let result = blksync::relay::diff_locations(
         &Side { location: &source, ssh: &s_ssh },
@@ -398,7 +421,8 @@ fn remote_options(common: &CommonArgs, force: bool) -> Result<RemoteOptions> {
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let render = Render::new(args.common.output.progress, args.common.output.quiet, "backup");
     let control = Control { observer: &render, cancel };
-    let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
+    let source_arg = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
+    let (source, dest) = (Location::parse(&source_arg)?, Location::parse(&args.dest)?);
     if matches!((&source, &dest), (Location::Remote(_), _) | (_, Location::Remote(_))) {
         let mut options = remote_options(&args.common, false)?;
         options.sync.force = args.force;
@@ -429,7 +453,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
         return Ok(Outcome::Success);
     }
     let options = blksync::patch::DiffOptions { force: args.force, ..diff_options(&args.common, &args.comment)? };
-    let result = blksync::backup::backup(args.source.as_ref(), args.dest.as_ref(), &options, control);
+    let result = blksync::backup::backup(source_arg.as_ref(), args.dest.as_ref(), &options, control);
     render.finish();
     let s = result?;
     render.line(&format!(
@@ -522,7 +546,8 @@ fn parse_at(text: Option<&str>) -> Result<blksync::backup::At> {
 /// `blksync restore`.
 pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let at = parse_at(args.at.as_deref())?;
-    let (dest, target) = (Location::parse(&args.dest)?, Location::parse(&args.target)?);
+    let target_arg = lvm_option(&args.target, "lvm", "thin-pool", args.thin_pool.as_ref());
+    let (dest, target) = (Location::parse(&args.dest)?, Location::parse(&target_arg)?);
     if args.target == "-" && args.output.json {
         // Nothing is printed on stdout, not even the error document: it would become part of
         // the image in `restore DEST - --json | dd of=/dev/sdb`.
@@ -622,5 +647,15 @@ mod tests {
         assert_eq!(blksync::backup::format_time(0, 0), "1970-01-01 00:00:00 +00:00");
         assert_eq!(blksync::backup::format_time(951_782_400, 3600), "2000-02-29 01:00:00 +01:00");
         assert_eq!(blksync::backup::format_time(1_795_324_749, -16_200), "2026-11-22 00:49:09 -04:30");
+    }
+
+    #[test]
+    fn lvm_options_ride_on_the_address_wherever_it_is() {
+        let with = |a: &str| lvm_option(&a.into(), "lvm+snapshot", "snapshot-size", Some(4096)).into_string().unwrap();
+        assert_eq!(with("lvm+snapshot://vg/lv"), "lvm+snapshot://vg/lv?snapshot-size=4096");
+        assert_eq!(with("root@h:lvm+snapshot://vg/lv"), "root@h:lvm+snapshot://vg/lv?snapshot-size=4096");
+        assert_eq!(with("ssh://h/lvm+snapshot://vg/lv?x=1"), "ssh://h/lvm+snapshot://vg/lv?x=1&snapshot-size=4096");
+        assert_eq!(with("lvm://vg/lv"), "lvm://vg/lv");
+        assert_eq!(with("/dev/vg/lv"), "/dev/vg/lv");
     }
 }
