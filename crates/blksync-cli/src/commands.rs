@@ -651,7 +651,8 @@ mod tests {
 
     #[test]
     fn lvm_options_ride_on_the_address_wherever_it_is() {
-        let with = |a: &str| lvm_option(&a.into(), "lvm+snapshot", "snapshot-size", Some(4096)).into_string().unwrap();
+        let with =
+            |a: &str| super::lvm_option(&a.into(), "lvm+snapshot", "snapshot-size", Some(4096)).into_string().unwrap();
         assert_eq!(with("lvm+snapshot://vg/lv"), "lvm+snapshot://vg/lv?snapshot-size=4096");
         assert_eq!(with("root@h:lvm+snapshot://vg/lv"), "root@h:lvm+snapshot://vg/lv?snapshot-size=4096");
         assert_eq!(with("ssh://h/lvm+snapshot://vg/lv?x=1"), "ssh://h/lvm+snapshot://vg/lv?x=1&snapshot-size=4096");
