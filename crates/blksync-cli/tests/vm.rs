@@ -92,13 +92,17 @@ mod vm {
         }
     }
 
-    /// Host directories the guest must see at the same paths: those of this test binary and
-    /// of `blksync`, without one that lies inside another.
+    /// Host directories the guest must see at the same paths: the workspace (for
+    /// `tests/lab/sshd` and the like) and the directories of this test binary and of `blksync`
+    /// (outside it with `CARGO_TARGET_DIR`), without one that lies inside another.
     fn shares() -> Vec<PathBuf> {
         let exe = std::env::current_exe().expect("the test binary's path");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut dirs: Vec<PathBuf> = [exe.as_path(), Path::new(env!("CARGO_BIN_EXE_blksync"))]
             .iter()
-            .map(|p| p.parent().expect("a binary in a directory").canonicalize().expect("canonical path"))
+            .map(|p| p.parent().expect("a binary in a directory"))
+            .chain([workspace.as_path()])
+            .map(|p| p.canonicalize().expect("canonical path"))
             .collect();
         dirs.sort();
         dirs.dedup();
@@ -288,6 +292,28 @@ mod in_vm_lvm {
         let attr = vg.attr("snap");
         assert_eq!(attr.chars().nth(4), Some('a'), "the snapshot is not active and valid: {attr}");
         eprintln!("{during} writes to the origin ({round} rounds) overlapped the sync");
+    }
+
+    #[test]
+    #[ignore = "runs inside the VM, through lvm_tests_pass_inside_the_vm"]
+    fn sync_over_ssh_into_a_logical_volume_makes_it_equal() {
+        in_vm_only!();
+        // sshd (tests/lab/sshd) on the guest's loopback: the remote agent runs in the same VM.
+        let work = tempfile::tempdir().unwrap();
+        let rsh = rsh(&work.path().join("cache")).expect("sshd in the guest");
+        let vg = VolumeGroup::new("sshvg", 64 << 20);
+        let lv = vg.lv("target", "16M");
+        let img = work.path().join("disk.img");
+        sparse_file(&img, 16 << 20, &[(MIB as u64, &random_bytes(4 * MIB, 6))]);
+
+        let remote = format!("root@127.0.0.1:{lv}");
+        // The guest sees this very binary at its host path: no upload (42 MB, seconds in UML).
+        let agent = env!("CARGO_BIN_EXE_blksync");
+        let args = ["sync", "-q", "--json", "-e", &rsh, "--remote-path", agent, "--no-upload"];
+        let out = ok(&[&args[..], &[img.to_str().unwrap(), &remote]].concat());
+        assert_same(&img, Path::new(&lv));
+        let result = out.json();
+        assert_eq!(result["bytes_written"], 4 * MIB, "{result}");
     }
 
     #[test]
