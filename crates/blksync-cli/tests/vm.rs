@@ -5,9 +5,10 @@
 //!
 //! Each top-level `#[test]` runs on the host and stands for a group: it boots the VM once and
 //! re-runs this very test binary inside it, filtered to one module of `#[ignore]`d tests, with
-//! `BLKSYNC_IN_VM=1` set. The guest shares the directories of this binary and of `blksync` at
-//! their host paths, so `env!("CARGO_BIN_EXE_blksync")` works unchanged there. The guest's exit
-//! status passes or fails the host test; on failure its whole output is shown.
+//! `BLKSYNC_IN_VM=1` set. The guest sees the workspace and the directories of this binary and of
+//! `blksync` at their host paths, so `env!("CARGO_BIN_EXE_blksync")` and `tests/lab/sshd` work
+//! unchanged there. The guest's exit status passes or fails the host test; on failure its whole
+//! output is shown.
 //!
 //! A host test skips, with a message, only where the VM cannot run at all (not root, or no
 //! image and no way to build one). `BLKSYNC_REQUIRE_VM=1` (set by `.ci/run`) turns that skip
@@ -79,7 +80,7 @@ mod vm {
         });
         match outcome {
             Ok(()) => true,
-            Err(why) if std::env::var_os(REQUIRE_VM).is_some() => {
+            Err(why) if std::env::var(REQUIRE_VM).is_ok_and(|v| v == "1") => {
                 panic!("{REQUIRE_VM} is set but the VM cannot run here: {why}")
             }
             Err(why) => {
