@@ -342,4 +342,163 @@ mod in_vm_lvm {
         assert_eq!(second["bytes_written"], 8192, "{second}");
         assert_eq!(second["verified"], true, "{second}");
     }
+
+    /// LVs of the group whose names mark them as blksync's snapshots.
+    fn our_snapshots(vg: &VolumeGroup) -> Vec<String> {
+        sh("lvs", &["--noheadings", "-o", "lv_name", &vg.name])
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.contains("-blksync-snap-"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "runs inside the VM, through lvm_tests_pass_inside_the_vm"]
+    fn lvm_snapshot_address_reads_the_origin_as_it_was_and_removes_its_snapshot() {
+        in_vm_only!();
+        let vg = VolumeGroup::new("addrvg", 256 << 20);
+        let origin = vg.lv("origin", "32M");
+        let before = random_bytes(32 * MIB, 11);
+        write_device(&origin, 0, &before);
+        let work = tempfile::tempdir().unwrap();
+        let copy = work.path().join("copy.img");
+        let mut child = blksync()
+            .args(["sync", "-q", "--bwlimit", "16M", "--snapshot-size", "16M", "lvm+snapshot://addrvg/origin"])
+            .arg(&copy)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Write the origin while the snapshot is being read (until the run ends).
+        let mut round = 0u64;
+        while child.try_wait().unwrap().is_none() {
+            if !our_snapshots(&vg).is_empty() {
+                write_device(&origin, (round % 8) * 4 * MIB as u64, &random_bytes(65536, 200 + round));
+                round += 1;
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.code(), 0, "{}", out.stderr_text());
+        assert!(read(&copy) == before, "the copy is the origin as it was when the snapshot was made");
+        assert!(our_snapshots(&vg).is_empty(), "the snapshot was removed");
+        eprintln!("{round} writes to the origin during the read");
+    }
+
+    #[test]
+    #[ignore = "runs inside the VM, through lvm_tests_pass_inside_the_vm"]
+    fn an_overflowing_snapshot_fails_the_backup_and_records_no_point() {
+        in_vm_only!();
+        let vg = VolumeGroup::new("overvg", 256 << 20);
+        let origin = vg.lv("origin", "64M");
+        write_device(&origin, 0, &random_bytes(64 * MIB, 12));
+        let work = tempfile::tempdir().unwrap();
+        let chain = work.path().join("chain");
+        let chain = chain.to_str().unwrap();
+        ok(&["backup", "-q", "--snapshot-size", "8M", "lvm+snapshot://overvg/origin", chain]);
+        // A 4 MiB copy-on-write area, and 16 MiB written to the origin during the read.
+        let child = blksync()
+            .args(["backup", "-q", "--bwlimit", "8M", "--snapshot-size", "4M", "lvm+snapshot://overvg/origin", chain])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        while our_snapshots(&vg).is_empty() {
+            std::thread::yield_now();
+        }
+        for i in 0..16 {
+            write_device(&origin, i * MIB as u64 * 4, &random_bytes(MIB, 300 + i));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_ne!(out.code(), 0, "a backup of an overflowed snapshot succeeded");
+        assert!(out.stderr_text().contains("snapshot"), "{}", out.stderr_text());
+        assert_eq!(run(&["list", "--json", chain]).json()["points"].as_array().unwrap().len(), 1, "no point recorded");
+        assert!(our_snapshots(&vg).is_empty(), "the snapshot was removed");
+    }
+
+    #[test]
+    #[ignore = "runs inside the VM, through lvm_tests_pass_inside_the_vm"]
+    fn snapshots_go_after_an_error_and_ctrl_c_and_a_killed_runs_snapshot_goes_with_the_next_run() {
+        in_vm_only!();
+        let vg = VolumeGroup::new("cleanvg", 256 << 20);
+        let origin = vg.lv("origin", "32M");
+        write_device(&origin, 0, &random_bytes(32 * MIB, 13));
+        let work = tempfile::tempdir().unwrap();
+        // An error after the snapshot exists: the destination is a directory that does not exist.
+        let o = run(&["sync", "-q", "lvm+snapshot://cleanvg/origin", "/nonexistent/dir/"]);
+        assert_ne!(o.code(), 0);
+        assert!(our_snapshots(&vg).is_empty(), "after an error");
+        // Ctrl-C and SIGKILL while the snapshot is read.
+        let copy = work.path().join("copy.img");
+        for signal in ["-INT", "-KILL"] {
+            let child = blksync()
+                .args(["sync", "-q", "--bwlimit", "4M", "lvm+snapshot://cleanvg/origin"])
+                .arg(&copy)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            while our_snapshots(&vg).is_empty() {
+                std::thread::yield_now();
+            }
+            std::process::Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+            let out = child.wait_with_output().unwrap();
+            if signal == "-INT" {
+                assert_eq!(out.code(), 130, "{}", out.stderr_text());
+                assert!(our_snapshots(&vg).is_empty(), "after Ctrl-C");
+            } else {
+                assert_eq!(our_snapshots(&vg).len(), 1, "SIGKILL leaves it");
+            }
+        }
+        // A snapshot we did not make is never touched.
+        vg.snapshot("origin", "mine", "8M");
+        ok(&["sync", "-q", "lvm+snapshot://cleanvg/origin", copy.to_str().unwrap()]);
+        assert!(our_snapshots(&vg).is_empty(), "the killed run's snapshot went with the next run");
+        assert!(vg.attr("mine").starts_with('s'), "the user's own snapshot is still there");
+        assert_same(&copy, Path::new(&origin));
+    }
+
+    #[test]
+    #[ignore = "runs inside the VM, through lvm_tests_pass_inside_the_vm"]
+    fn a_thin_volume_gets_a_thin_snapshot_and_lvm_targets_are_created() {
+        in_vm_only!();
+        let vg = VolumeGroup::new("thinvg", 512 << 20);
+        sh("lvcreate", &["-q", "-y", "--type", "thin-pool", "-L", "128M", "-n", "pool", "thinvg"]);
+        sh("lvcreate", &["-q", "-y", "-V", "64M", "-T", "thinvg/pool", "-n", "thin"]);
+        let data = random_bytes(16 * MIB, 14);
+        write_device("/dev/thinvg/thin", MIB as u64, &data);
+        let work = tempfile::tempdir().unwrap();
+        let copy = work.path().join("copy.img");
+        ok(&["sync", "-q", "lvm+snapshot://thinvg/thin", copy.to_str().unwrap()]);
+        assert_same(&copy, Path::new("/dev/thinvg/thin"));
+        assert!(our_snapshots(&vg).is_empty());
+        // lvm:// targets that do not exist are created with the source's size: linear, or thin.
+        ok(&["sync", "-q", copy.to_str().unwrap(), "lvm://thinvg/made"]);
+        assert_eq!(vg.attr("made").chars().next(), Some('-'), "a linear LV");
+        assert_same(&copy, Path::new("/dev/thinvg/made"));
+        ok(&["sync", "-q", "--thin-pool", "pool", copy.to_str().unwrap(), "lvm://thinvg/madethin"]);
+        assert_eq!(vg.attr("madethin").chars().next(), Some('V'), "a thin LV");
+        // Too big for the volume group: refused before anything is created.
+        let big = work.path().join("big.img");
+        std::fs::File::create(&big).unwrap().set_len(4 << 30).unwrap();
+        let o = run(&["sync", "-q", big.to_str().unwrap(), "lvm://thinvg/toobig"]);
+        assert_eq!(o.code(), 4, "{}", o.stderr_text());
+        assert!(sh("lvs", &["--noheadings", "-o", "lv_name", "thinvg"]).lines().all(|l| l.trim() != "toobig"));
+    }
+
+    #[test]
+    #[ignore = "runs inside the VM, through lvm_tests_pass_inside_the_vm"]
+    fn lvm_snapshot_address_works_behind_ssh_as_a_backup_source() {
+        in_vm_only!();
+        let work = tempfile::tempdir().unwrap();
+        let rsh = rsh(&work.path().join("cache")).expect("sshd in the guest");
+        let vg = VolumeGroup::new("remvg", 256 << 20);
+        let origin = vg.lv("vm1", "16M");
+        write_device(&origin, 0, &random_bytes(16 * MIB, 15));
+        let chain = work.path().join("chain");
+        let agent = env!("CARGO_BIN_EXE_blksync");
+        let remote = "root@127.0.0.1:lvm+snapshot://remvg/vm1";
+        ok(&["backup", "-q", "-e", &rsh, "--remote-path", agent, "--no-upload", remote, chain.to_str().unwrap()]);
+        let out = work.path().join("out.img");
+        ok(&["restore", "-q", chain.to_str().unwrap(), out.to_str().unwrap()]);
+        assert_same(&out, Path::new(&origin));
+        assert!(our_snapshots(&vg).is_empty(), "the remote run removed its snapshot");
+    }
 }

@@ -82,9 +82,14 @@ impl Volume {
 }
 
 fn lvm(args: &[&str]) -> Result<String> {
-    let out = Command::new("lvm")
-        .args(args)
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+    let mut command = Command::new("lvm");
+    command.args(args).env("LVM_SUPPRESS_FD_WARNINGS", "1");
+    // Without a running udev (containers, minimal hosts, an agent started by sshd with a clean
+    // environment) lvm would wait for device nodes nobody makes: let it make them itself.
+    if !Path::new("/run/udev/control").exists() {
+        command.env("DM_DISABLE_UDEV", "1");
+    }
+    let out = command
         .output()
         .map_err(|e| Error::new(ErrorKind::Io, format!("running lvm (package lvm2) for an lvm:// address: {e}")))?;
     if !out.status.success() {
