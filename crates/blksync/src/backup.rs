@@ -103,11 +103,23 @@ pub(crate) fn commit_base(dir: &Path, number: u64, image: &dyn Source, tmp: &Pat
 
 /// Backs `source` up into the chain in `dir` (created if missing).
 pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control<'_>) -> Result<BackupSummary> {
+    let src = Local::open_source(source)?;
+    let result = backup_from(source, &src, dir, options, control);
+    let closed = src.close();
+    crate::endpoint::after_close(result, closed, "the backup point was recorded")
+}
+
+fn backup_from(
+    source: &Path,
+    src: &Local,
+    dir: &Path,
+    options: &DiffOptions,
+    control: Control<'_>,
+) -> Result<BackupSummary> {
     crate::chain::create_dir(dir)?;
     let _lock = lock(dir)?;
     clean(dir);
     repair(dir)?;
-    let src = Local::open_source(source)?;
     let Some(chain) = Chain::load(dir)?.map(std::sync::Arc::new) else {
         let (created, utc_offset) = crate::patch::now();
         let header = Header {
@@ -123,18 +135,18 @@ pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control
             comment: options.comment.clone(),
             tool_version: env!("CARGO_PKG_VERSION").into(),
         };
-        let (image, counters) = write_base(dir, 0, &src, &header, options, control)?;
+        let (image, counters) = write_base(dir, 0, src, &header, options, control)?;
         return Ok(BackupSummary { file: image.display().to_string(), number: 0, counters });
     };
     let (parent, newest) = chain.newest();
     chain.check_extendable()?;
     if !options.force {
         let last = chain.increments.last().map_or(&chain.base.header, |i| &i.delta.header);
-        same_image(&chain.dir, last, source, &src)?;
+        same_image(&chain.dir, last, source, src)?;
     }
     let image = chain.image(newest)?;
     let path = increment_path(dir, newest + 1);
-    let summary = write_delta(&src, &image, &path, parent, options, control)?;
+    let summary = write_delta(src, &image, &path, parent, options, control)?;
     Ok(BackupSummary { file: path.display().to_string(), number: newest + 1, counters: summary.counters })
 }
 
@@ -282,9 +294,10 @@ pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<
     // As for sync: a file this run created and could not fill goes, but an interrupted restore
     // stays, as its message says: a rerun writes only what is still missing.
     if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
-        let _ = std::fs::remove_file(target);
+        dst.remove_created();
     }
-    result
+    let closed = dst.close();
+    crate::endpoint::after_close(result, closed, "the restore itself completed")
 }
 
 /// Writes point `at` of the chain in `dir` to `out` as a stream (stdout), holes as zeros.

@@ -10,6 +10,15 @@ pub mod local;
 pub mod loopdev;
 pub mod lvm;
 
+/// The result of a command after its endpoints were closed: the command's own error first; a
+/// failed close (a snapshot left behind) turns success into an error that says what did
+/// complete (`done`).
+pub(crate) fn after_close<T>(result: crate::Result<T>, closed: crate::Result<()>, done: &str) -> crate::Result<T> {
+    let value = result?;
+    closed.map_err(|e| crate::Error::new(e.kind(), format!("{e} ({done})")))?;
+    Ok(value)
+}
+
 /// Reports a cleanup that failed where no caller can be told (a `Drop`): on stderr, which a
 /// remote agent's client shows too. Explicit closes return the error instead.
 pub(crate) fn report_cleanup_failure(e: &crate::Error) {

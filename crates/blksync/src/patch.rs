@@ -115,7 +115,9 @@ pub fn diff(
 ) -> Result<DiffSummary> {
     let src = Local::open_source(source)?;
     let old = Local::open_source(base)?;
-    write_delta(&src, &old, out, [0; 16], options, control)
+    let result = write_delta(&src, &old, out, [0; 16], options, control);
+    let closed = src.close().and(old.close());
+    crate::endpoint::after_close(result, closed, "the delta was written")
 }
 
 /// Writes to `out` a delta that turns `old` into `src`, linked to `parent`.

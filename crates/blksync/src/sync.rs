@@ -156,7 +156,10 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
         // might take it for a copy. Interrupted copies stay (a rerun resumes them cheaply).
         dst.remove_created();
     }
-    result
+    // Closing can fail (a snapshot that cannot be removed, a loop device that cannot be
+    // detached): the user must hear of it, with what to run by hand.
+    let closed = dst.close().and(src.close());
+    crate::endpoint::after_close(result, closed, "the sync itself completed")
 }
 
 /// Refuses two local endpoints that are different names for the same bytes (a loop device and

@@ -137,6 +137,16 @@ impl Local {
         }
     }
 
+    /// Closes the endpoint and undoes what opening it set up: removes its snapshot, detaches its
+    /// loop device. Unlike dropping it (which can only print a warning), a failure is returned,
+    /// naming what to run by hand.
+    pub fn close(mut self) -> Result<()> {
+        drop(self.file.take());
+        let snapshot = self.snapshot.take().map_or(Ok(()), super::lvm::Snapshot::close);
+        let attached = self.attached.take().map_or(Ok(()), super::loopdev::Attached::detach);
+        snapshot.and(attached)
+    }
+
     fn named(mut self, address: &Path) -> Local {
         self.path = address.to_path_buf();
         self

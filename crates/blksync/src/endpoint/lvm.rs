@@ -326,6 +326,15 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Removes the snapshot now, reporting a failure (with what to run by hand).
+    pub fn close(self) -> Result<()> {
+        let result = self.remove();
+        std::mem::forget(self);
+        result
+    }
+}
+
 impl Drop for Snapshot {
     fn drop(&mut self) {
         if let Err(e) = self.remove() {
