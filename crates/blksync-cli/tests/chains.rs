@@ -241,3 +241,99 @@ fn backing_up_a_different_image_into_a_chain_is_refused_unless_forced() {
     ok(&["restore", "-q", &chain, &out]);
     assert_same(out.as_ref(), b.as_ref());
 }
+
+/// `--undo FILE` and `-o FILE` replaced an existing file that was not a delta (a 32 MiB disk
+/// image became a 57 KB delta).
+#[test]
+fn an_output_never_replaces_a_file_that_is_not_a_delta() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, image) = (arg(d.path(), "a.img"), arg(d.path(), "b.img"), arg(d.path(), "precious.img"));
+    write_file(a.as_ref(), &random_bytes(MIB, 20));
+    write_file(b.as_ref(), &random_bytes(MIB, 21));
+    let precious = random_bytes(2 * MIB, 22);
+    write_file(image.as_ref(), &precious);
+    fails_with(&["diff", "-q", &a, &b, "-o", &image], 2, &["not a blksync delta"]);
+    fails_with(&["sync", "-q", &a, &b, "--undo", &image], 2, &["not a blksync delta"]);
+    assert!(read(image.as_ref()) == precious && read(b.as_ref()) == random_bytes(MIB, 21));
+    // An earlier delta is replaced, as a nightly job expects; --force lets --undo replace anything.
+    let delta = arg(d.path(), "p.delta");
+    ok(&["diff", "-q", &a, &b, "-o", &delta]);
+    ok(&["diff", "-q", &a, &b, "-o", &delta]);
+    ok(&["sync", "-q", "--force", &a, &b, "--undo", &image]);
+    ok(&["info", &image]);
+}
+
+/// A prune needed room for a complete second base: on a disk that holds the chain with some
+/// room to spare, it failed with ENOSPC, exactly when users prune. It folds in place now.
+#[test]
+fn prune_needs_room_for_the_increments_not_for_a_second_base() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mount = Mount::new(&d.path().join("small"), &["-t", "tmpfs", "-o", "size=40m", "tmpfs"]);
+    let chain = mount.dir.join("chain");
+    let chain = chain.to_str().unwrap();
+    let src = arg(d.path(), "src.img");
+    let mut data = random_bytes(24 * MIB, 23);
+    let mut states = Vec::new();
+    for i in 0..3 {
+        data[i * 2 * MIB..i * 2 * MIB + MIB].copy_from_slice(&random_bytes(MIB, 24 + i as u64));
+        write_file(src.as_ref(), &data);
+        ok(&["backup", "-q", &src, chain]);
+        states.push(data.clone());
+    }
+    // 24 MiB base + 3 MiB of increments on 40 MiB: a second base does not fit.
+    ok(&["prune", "-q", "--keep", "1", chain]);
+    ok(&["list", "--verify", chain]);
+    let out = arg(d.path(), "out.img");
+    for n in [1, 2] {
+        let _ = std::fs::remove_file(&out);
+        ok(&["restore", "-q", "--at", &n.to_string(), chain, &out]);
+        assert!(read(out.as_ref()) == states[n], "point {n}");
+    }
+}
+
+/// An interrupted first backup said its base's temporary file was "in sync … run it again",
+/// but had removed it.
+#[test]
+fn an_interrupted_first_backup_says_nothing_was_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, chain) = (arg(d.path(), "src.img"), arg(d.path(), "chain"));
+    write_file(src.as_ref(), &random_bytes(32 * MIB, 25));
+    let child = blksync()
+        .args(["backup", "-q", "--bwlimit", "4M", &src, &chain])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the base is being written (its temporary file exists).
+    let start = std::time::Instant::now();
+    while !Path::new(&chain).exists() || temporary_files(chain.as_ref()).is_empty() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.code(), 130, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("no backup was made"), "{}", out.stderr_text());
+    assert!(!out.stderr_text().contains("run it again to finish"), "{}", out.stderr_text());
+    assert!(temporary_files(chain.as_ref()).is_empty());
+}
+
+/// A failed `apply` left behind the target file it had created (here: its disk fills up).
+#[test]
+fn a_failed_apply_removes_the_target_it_created() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (empty, new, delta) = (arg(d.path(), "empty.img"), arg(d.path(), "new.img"), arg(d.path(), "p.delta"));
+    write_file(empty.as_ref(), &[]);
+    write_file(new.as_ref(), &random_bytes(4 * MIB, 26));
+    ok(&["diff", "-q", &new, &empty, "-o", &delta]);
+    let mount = Mount::new(&d.path().join("small"), &["-t", "tmpfs", "-o", "size=1m", "tmpfs"]);
+    let target = mount.dir.join("made.img");
+    let o = run(&["apply", "-q", &delta, target.to_str().unwrap()]);
+    assert_eq!(o.code(), 4, "{}", o.stderr_text());
+    assert!(!target.exists(), "the created target was removed");
+}
