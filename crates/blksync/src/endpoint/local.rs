@@ -735,6 +735,14 @@ impl Target for Local {
         if !self.writable {
             return Ok(());
         }
-        self.file()?.sync_all().on("flushing", &self.path)
+        // fsync reports that some write since the last one failed, never which: say so, rather
+        // than give an error without an offset as if there were none to give.
+        self.file()?.sync_all().map_err(|e| {
+            let err = Error::io("flushing", &self.path, None, e);
+            Error::new(
+                err.kind(),
+                format!("{err} (a write since the last flush did not reach the disk; the kernel does not say at which offset)"),
+            )
+        })
     }
 }
