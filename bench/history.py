@@ -4,6 +4,7 @@ in the same session.
 
 1. 1 % scattered 4 KiB changes of random data: increment size vs changed bytes, and backup time
    vs a plain `blksync sync` of the same change.
+1b. `sync --undo` of the same change vs the plain sync (the cost of the write-ahead log).
 2. restore of base + 20 increments vs `cp --sparse=always` of the image.
 3. compressible data (an ext4 image with files, changed by appending to them): increment size
    vs changed bytes. Needs root (loop mount).
@@ -83,6 +84,23 @@ def main():
           f"-> {inc_file / changed_bytes:.3f} x (target <= 1.05 x + index of ~{index} B: "
           f"{inc_file / (1.05 * changed_bytes + index):.2f} of budget)")
     print(f"1% changed: backup {inc_t:.3f}s vs plain sync {sync_t:.3f}s -> {inc_t / sync_t:.2f} (target <= 1.2)")
+
+    # 1b. sync --undo (write-ahead: each changed chunk's old content fdatasynced into the log
+    # before it is overwritten) vs the plain sync of the same change.
+    undo = d("h-undo.delta")
+
+    def undo_sync():
+        restore_mirror()
+        for p in (undo, undo + ".partial"):
+            if os.path.exists(p):
+                os.unlink(p)
+        warm(changed, mirror)
+        t, _ = timed([bs, "sync", "-q", changed, mirror, "--undo", undo])
+        return t, None
+
+    undo_t, _ = median_time(undo_sync, args.runs)
+    print(f"1% changed: sync --undo {undo_t:.3f}s vs plain sync {sync_t:.3f}s -> {undo_t / sync_t:.2f}; "
+          f"log {os.path.getsize(undo)} B")
 
     # 2. Restore of base + 20 increments vs cp --sparse=always.
     shutil.rmtree(chain, ignore_errors=True)
