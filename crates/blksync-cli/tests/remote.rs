@@ -685,3 +685,19 @@ fn files_created_by_push_and_pull_get_the_source_permission_bits() {
         assert_eq!(mode(&pulled), bits, "pull");
     }
 }
+
+/// Backing up a different image into an existing chain across hosts was accepted as a 100 %
+/// increment: another name and another size are refused there too, unless --force.
+#[test]
+fn a_different_image_is_refused_by_a_remote_chain_unless_forced() {
+    let Some(env) = Env::new() else { return };
+    let (a, b) = (env.path("a.img"), env.path("b.img"));
+    write_file(a.as_ref(), &random_bytes(2 * MIB, 80));
+    write_file(b.as_ref(), &random_bytes(3 * MIB, 81));
+    env.ok(&["backup", &a, &env.remote("chain")]);
+    let out = env.run(&["backup", &b, &env.remote("chain")]);
+    assert_eq!(out.code(), 10, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("--force"), "{}", out.stderr_text());
+    env.ok(&["backup", "--force", &b, &env.remote("chain")]);
+    assert_eq!(ok(&["list", "--json", &env.path("chain")]).json()["points"].as_array().unwrap().len(), 2);
+}

@@ -173,13 +173,22 @@ fn same_image(dir: &Path, last: &Header, source: &Path, src: &dyn Source) -> Res
     {
         return Err(other(format!("its filesystem UUID is {is}, the chain's is {was}")));
     }
-    if last.source != source.display().to_string() && last.size_after != src.size() {
-        return Err(other(format!(
-            "the chain holds {} ({} bytes), this is {} bytes",
-            last.source,
-            last.size_after,
-            src.size()
-        )));
+    same_path_and_size(dir, last, &source.display().to_string(), src.size())
+}
+
+/// The part of the same-image check that needs no access to the source: refuses when both the
+/// recorded source name and the size differ (a backup from another host checks only this).
+pub(crate) fn same_path_and_size(dir: &Path, last: &Header, source: &str, size: u64) -> Result<()> {
+    if last.source != source && last.size_after != size {
+        return Err(Error::new(
+            ErrorKind::WrongTarget,
+            format!(
+                "{source} does not look like the image backed up in {}: the chain holds {} ({} bytes), this is {size} bytes; back it up into another directory, or add --force to make it the next point anyway",
+                dir.display(),
+                last.source,
+                last.size_after
+            ),
+        ));
     }
     Ok(())
 }

@@ -209,8 +209,8 @@ impl Peer {
                 self.endpoint()?.check_intact()?;
                 self.reply(Msg::Done);
             }
-            Msg::OpenChain { dir, role, at_kind, at, comment, source, block } => {
-                self.open_chain(&dir, role, at_kind, at, &comment, &source, block)?;
+            Msg::OpenChain { dir, role, at_kind, at, comment, source, block, source_size } => {
+                self.open_chain(&dir, role, at_kind, at, &comment, (&source, source_size), block)?;
             }
             Msg::Copy { end, data_len, compress, threads } => self.start_copy(end, data_len, compress, threads)?,
             Msg::LocalSync { source, target, block, flags, threads, bwlimit, undo } => {
@@ -320,7 +320,7 @@ impl Peer {
         at_kind: u8,
         at: i64,
         comment: &[u8],
-        source: &[u8],
+        (source, source_size): (&[u8], u64),
         block: u32,
     ) -> Result<()> {
         if self.endpoint.is_some() {
@@ -342,7 +342,7 @@ impl Peer {
             }
             Role::Target => {
                 let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                let (sink, image) = ChainSink::open(dir, &text(comment), &text(source), block)?;
+                let (sink, image) = ChainSink::open(dir, &text(comment), (&text(source), source_size), block)?;
                 let endpoint: Arc<dyn Source> = match (image, sink.first_file()) {
                     (Some(image), _) => image,
                     (None, Some(file)) => file,

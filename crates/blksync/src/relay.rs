@@ -591,7 +591,7 @@ fn open_chain(
     role: Role,
     at: crate::backup::At,
     comment: &str,
-    source: &str,
+    (source, source_size): (&str, u64),
     block: usize,
 ) -> Result<Opened> {
     let (at_kind, at) = match at {
@@ -607,6 +607,7 @@ fn open_chain(
         comment: comment.as_bytes().to_vec(),
         source: source.as_bytes().to_vec(),
         block: block as u32,
+        source_size,
     };
     match link.call(msg)? {
         Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => Ok(Opened {
@@ -675,7 +676,7 @@ pub fn backup_locations(
             Role::Target,
             crate::backup::At::Latest,
             comment,
-            &source_name,
+            (&source_name, if options.sync.force { 0 } else { so.size }),
             options.sync.block_size,
         )?;
         let names = (source_name, display(t, t_path));
@@ -708,7 +709,7 @@ pub fn restore_locations(
         return Ok(summary);
     }
     with_links(chain, target, control, |s, s_path, t, t_path| {
-        let so = open_chain(s, s_path, Role::Source, at, "", "", options.sync.block_size)?;
+        let so = open_chain(s, s_path, Role::Source, at, "", ("", 0), options.sync.block_size)?;
         let o = &options.sync;
         let mut flags = open_flags::CREATE | if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
         if o.force {
@@ -732,7 +733,7 @@ pub fn restore_stream(
     const AHEAD: u64 = 4;
     let stdout = Path::new("standard output");
     with_link(chain, control, |link, path| {
-        let size = open_chain(link, path, Role::Source, at, "", "", 4096)?.size;
+        let size = open_chain(link, path, Role::Source, at, "", ("", 0), 4096)?.size;
         let counters = Counters::new();
         counters.set_total(size);
         control.observer.phase(Phase::Sync, size);

@@ -69,7 +69,13 @@ pub(crate) fn new_header(parent: [u8; 16], block: u32, source: &str, comment: &s
 impl ChainSink {
     /// Opens the chain in `dir` (created if missing) for a new point. Returns the sink and what
     /// the peer should read as the destination's current content (`None` for a new chain).
-    pub fn open(dir: &Path, comment: &str, source: &str, block: u32) -> Result<(ChainSink, Option<Arc<Image>>)> {
+    /// `source_size` is the source's size, for the same-image check (0 skips it: `--force`).
+    pub fn open(
+        dir: &Path,
+        comment: &str,
+        (source, source_size): (&str, u64),
+        block: u32,
+    ) -> Result<(ChainSink, Option<Arc<Image>>)> {
         crate::chain::create_dir(dir)?;
         let lock = crate::backup::lock(dir)?;
         crate::backup::clean(dir);
@@ -87,6 +93,10 @@ impl ChainSink {
             Some(chain) => {
                 let (parent, newest) = chain.newest();
                 chain.check_extendable()?;
+                if source_size != 0 {
+                    let last = chain.increments.last().map_or(&chain.base.header, |i| &i.delta.header);
+                    crate::backup::same_path_and_size(dir, last, source, source_size)?;
+                }
                 let image = Arc::new(chain.image(newest)?);
                 header.parent = parent;
                 let record =

@@ -144,6 +144,8 @@ pub enum Msg {
         comment: Vec<u8>,
         source: Vec<u8>,
         block: u32,
+        /// The source's size, for the chain's same-image check; 0 skips it (`backup --force`).
+        source_size: u64,
     },
     Job {
         request: Vec<u8>,
@@ -525,7 +527,7 @@ impl Msg {
                 x.finish()
             }
             Msg::Cancel => e(tag::CANCEL).finish(),
-            Msg::OpenChain { dir, role, at_kind, at, comment, source, block } => {
+            Msg::OpenChain { dir, role, at_kind, at, comment, source, block, source_size } => {
                 let mut x = e(tag::OPEN_CHAIN);
                 x.bytes(dir)
                     .u8(u8::from(*role == Role::Target))
@@ -533,7 +535,8 @@ impl Msg {
                     .i64(*at)
                     .bytes(comment)
                     .bytes(source)
-                    .u32(*block);
+                    .u32(*block)
+                    .u64(*source_size);
                 x.finish()
             }
             Msg::LocalCompare { first, second, block, max_ranges } => {
@@ -688,6 +691,7 @@ impl Msg {
                     comment: d.bytes()?.to_vec(),
                     source: d.bytes()?.to_vec(),
                     block: d.u32()?,
+                    source_size: d.u64()?,
                 }
             }
             tag::LOCAL_COMPARE => Msg::LocalCompare {

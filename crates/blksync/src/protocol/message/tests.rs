@@ -100,15 +100,16 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         b().prop_map(|result| Msg::JobDone { result }),
         b().prop_map(|path| Msg::Path { path }),
         Just(Msg::Cancel),
-        (b(), any::<bool>(), 0u8..3, any::<i64>(), b(), b(), any::<u32>()).prop_map(
-            |(dir, t, at_kind, at, comment, source, block)| Msg::OpenChain {
+        (b(), any::<bool>(), 0u8..3, any::<i64>(), b(), b(), any::<u32>(), any::<u64>()).prop_map(
+            |(dir, t, at_kind, at, comment, source, block, source_size)| Msg::OpenChain {
                 dir,
                 role: if t { Role::Target } else { Role::Source },
                 at_kind,
                 at,
                 comment,
                 source,
-                block
+                block,
+                source_size
             }
         ),
         (b(), b(), any::<u32>(), any::<u32>()).prop_map(|(first, second, block, max_ranges)| Msg::LocalCompare {
