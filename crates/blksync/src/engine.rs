@@ -165,21 +165,36 @@ impl Scan<'_> {
                                 break;
                             }
                         }
-                        match self.process(&work, &mut bufs, counters) {
-                            Ok(diffs) => {
-                                collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
-                                    work.offset,
-                                    work.len as u64,
-                                    diffs,
-                                );
-                                control.observer.progress(&counters.snapshot());
+                        let processed = self.process(&work, &mut bufs, counters).and_then(|diffs| {
+                            if self.undo.is_some() {
+                                bufs.held.chunks.push((work.offset, work.len as u64, diffs));
+                                if bufs.held.bytes < Held::LIMIT {
+                                    return Ok(());
+                                }
+                                return self.release(&mut bufs.held, collector, counters);
                             }
+                            collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
+                                work.offset,
+                                work.len as u64,
+                                diffs,
+                            );
+                            Ok(())
+                        });
+                        match processed {
+                            Ok(()) => control.observer.progress(&counters.snapshot()),
                             Err(e) => {
                                 failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
                                 stop.store(true, Ordering::Relaxed);
+                                bufs.held = Held::default();
                                 break;
                             }
                         }
+                    }
+                    // What is still held goes out now, whether the scan ended, was cancelled, or
+                    // another worker failed: its records are in the log, which is synced first.
+                    if let Err(e) = self.release(&mut bufs.held, collector, counters) {
+                        failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+                        stop.store(true, Ordering::Relaxed);
                     }
                 });
             }
@@ -240,6 +255,33 @@ impl Scan<'_> {
         Ok(())
     }
 
+    /// Makes the undo log durable, then writes what a worker held back (see [`Held`]) and reports
+    /// its chunks done. If the log cannot be made durable, nothing held is written.
+    fn release(&self, held: &mut Held, collector: &Mutex<Collector>, counters: &Counters) -> Result<()> {
+        let (Some(undo), Action::Apply(target)) = (self.undo, self.action) else { return Ok(()) };
+        if held.chunks.is_empty() {
+            return Ok(());
+        }
+        let taken = std::mem::take(held);
+        if !taken.writes.is_empty() {
+            undo.sync_through()?;
+        }
+        for (at, len, data) in taken.writes {
+            if let Some(bytes) = data {
+                target.write_at(&bytes, at)?;
+                counters.add_written(len);
+            } else {
+                target.zero(at, len)?;
+                counters.add_zeroed(len);
+            }
+        }
+        let mut collector = collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (offset, len, diffs) in taken.chunks {
+            collector.complete(offset, len, diffs);
+        }
+        Ok(())
+    }
+
     /// Compares one chunk and applies the differences. Returns the differing ranges.
     fn process(&self, work: &Work, bufs: &mut Buffers, counters: &Counters) -> Result<Vec<Extent>> {
         let len = work.len;
@@ -291,9 +333,6 @@ impl Scan<'_> {
                 let new = (fix == Fix::Data).then(|| &src[range]);
                 undo.record(kind, work.offset + run.offset, run.len as u32, old, new)?;
             }
-            if !runs.is_empty() {
-                undo.sync_through()?;
-            }
         }
         let mut diffs = Vec::with_capacity(runs.len());
         for &(fix, run) in runs.iter() {
@@ -319,7 +358,12 @@ impl Scan<'_> {
                     counters.add_written(run.len);
                 }
             }
-            if let Action::Apply(target) = self.action {
+            if let (Action::Apply(_), Some(_)) = (self.action, self.undo) {
+                // Held back until the log's records of them are durable (see `Held`).
+                let data = (fix == Fix::Data).then(|| src[run.offset as usize..run.end() as usize].to_vec());
+                bufs.held.bytes += run.len as usize;
+                bufs.held.writes.push((at, run.len, data));
+            } else if let Action::Apply(target) = self.action {
                 match fix {
                     Fix::Data => {
                         let range = run.offset as usize..run.end() as usize;
@@ -350,12 +394,32 @@ struct Buffers {
     source: Vec<u8>,
     dest: Vec<u8>,
     runs: Runs<Fix>,
+    held: Held,
 }
 
 impl Buffers {
     fn new() -> Buffers {
-        Buffers { source: vec![0; CHUNK], dest: vec![0; CHUNK], runs: Runs::new() }
+        Buffers { source: vec![0; CHUNK], dest: vec![0; CHUNK], runs: Runs::new(), held: Held::default() }
     }
+}
+
+/// With an undo log, a worker's writes are held back until the log's records of them are
+/// durable: one fdatasync for up to [`Held::LIMIT`] bytes of changes instead of one per chunk
+/// (1 % of 1 GiB changed: 2.6× a plain sync with a sync per chunk). The chunks they belong to
+/// are reported done only once written, so "the first N bytes are in sync" stays true.
+#[derive(Default)]
+struct Held {
+    /// (offset, length, data; `None` for zeros).
+    writes: Vec<(u64, u64, Option<Vec<u8>>)>,
+    bytes: usize,
+    /// Chunks processed whose writes are held: (offset, length, differing ranges).
+    chunks: Vec<(u64, u64, Vec<Extent>)>,
+}
+
+impl Held {
+    /// Bytes of changes a worker holds before it syncs the log and writes them: bounds memory
+    /// (threads × 8 MiB) and the fdatasync rate.
+    const LIMIT: usize = 8 << 20;
 }
 
 /// Reads the allocated parts of `[offset, offset + buf.len())` into `buf` and zeroes the rest.
