@@ -77,6 +77,20 @@ struct Opened {
     mode: u32,
 }
 
+/// Sends an `Open` or `OpenChain` and reads what was opened.
+fn opened(link: &mut Link, msg: Msg) -> Result<Opened> {
+    match link.call(msg)? {
+        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => Ok(Opened {
+            kind: opened_kind(kind),
+            size,
+            identity: opened_identity(identity_tag, id_a, id_b),
+            created,
+            mode,
+        }),
+        other => Err(link.unexpected(&other)),
+    }
+}
+
 /// Opens `path` on `link`. A target gets the source's permission bits (for a file it creates,
 /// as a local sync does) and size (for a `loop://FILE` it creates) from `like`.
 fn open(
@@ -88,16 +102,7 @@ fn open(
 ) -> Result<Opened> {
     let (mode, size) = like.map_or((0, 0), |s| (s.mode, s.size));
     let msg = Msg::Open { role, flags, mode, size, path: path.as_bytes().to_vec(), name: name.to_vec() };
-    match link.call(msg)? {
-        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => Ok(Opened {
-            kind: opened_kind(kind),
-            size,
-            identity: opened_identity(identity_tag, id_a, id_b),
-            created,
-            mode,
-        }),
-        other => Err(link.unexpected(&other)),
-    }
+    opened(link, msg)
 }
 
 fn display(link: &Link, path: &OsStr) -> String {
@@ -609,16 +614,7 @@ fn open_chain(
         block: block as u32,
         source_size,
     };
-    match link.call(msg)? {
-        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => Ok(Opened {
-            kind: opened_kind(kind),
-            size,
-            identity: opened_identity(identity_tag, id_a, id_b),
-            created,
-            mode,
-        }),
-        other => Err(link.unexpected(&other)),
-    }
+    opened(link, msg)
 }
 
 /// Backs `source` up into the chain at `dest`, either or both remote: the chain's side scans its
