@@ -166,7 +166,8 @@ impl Scan<'_> {
                             }
                         }
                         let processed = self.process(&work, &mut bufs, counters).and_then(|diffs| {
-                            if self.undo.is_some() {
+                            // Held back only while there are held writes to wait for.
+                            if self.undo.is_some() && !bufs.held.writes.is_empty() {
                                 bufs.held.chunks.push((work.offset, work.len as u64, diffs));
                                 if bufs.held.bytes < Held::LIMIT {
                                     return Ok(());
