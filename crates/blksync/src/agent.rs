@@ -35,13 +35,14 @@ pub fn run() -> u8 {
     // Liveness: an `Alive` every few seconds, whatever the request loop is doing (hashing a base
     // for minutes, blocked on a slow disk), so the client can tell a working agent from a
     // stopped one. A full reply queue means data is flowing anyway.
+    // It stops the moment serving ends: its sender would otherwise keep the writer, and so the
+    // agent, alive until the next beat, and every connection would end a beat late.
     let heartbeat = replies.clone();
+    let (stop_heartbeat, stopped) = bounded::<()>(0);
     std::thread::spawn(move || {
-        loop {
-            std::thread::sleep(crate::link::HEARTBEAT);
-            match heartbeat.try_send(Msg::Alive) {
-                Ok(()) | Err(crossbeam_channel::TrySendError::Full(_)) => {}
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(crate::link::HEARTBEAT) {
+            if let Err(crossbeam_channel::TrySendError::Disconnected(_)) = heartbeat.try_send(Msg::Alive) {
+                return;
             }
         }
     });
@@ -79,6 +80,7 @@ pub fn run() -> u8 {
         }
     });
     crate::peer::serve(&requests, &replies);
+    drop(stop_heartbeat);
     drop(replies);
     let _ = writer.join();
     0

@@ -76,6 +76,8 @@ pub struct Link {
     pub timeout: Option<Duration>,
     /// Set when the connection is gone (the reader stopped), so nobody waits for a reply.
     ended: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped by `close` to stop the watchdog at once.
+    watchdog_stop: Option<Sender<()>>,
     remote: bool,
     /// Whether the Hello reply is still to be read.
     hello: Hello,
@@ -154,13 +156,15 @@ struct Watchdog {
     replies: Sender<Msg>,
     pid: u32,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Closed by `Link::close`, which wakes the watchdog at once: its clone of `replies` would
+    /// otherwise keep the reply queue open, and `close` waiting, until the next tick.
+    stop: Receiver<()>,
 }
 
 impl Watchdog {
     fn run(self) {
         let tick = (self.silence / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        loop {
-            std::thread::sleep(tick);
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = self.stop.recv_timeout(tick) {
             // Closed by us, or already dead (the reader said why): nothing to watch, and the pid
             // may soon belong to someone else.
             if self.closing.load(Ordering::Relaxed) || self.ended.load(Ordering::Relaxed) {
@@ -205,6 +209,7 @@ impl Link {
             info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
             timeout: None,
             ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            watchdog_stop: None,
             remote: false,
             hello: Hello::Done,
             closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -276,7 +281,9 @@ impl Link {
             let _ = replies.send(Msg::Error { kind: ErrorKind::Connection, message });
         });
         let silence = options.timeout.unwrap_or(DEFAULT_SILENCE);
+        let (watchdog_stop, stop) = bounded::<()>(0);
         let watchdog = Watchdog {
+            stop,
             name: name.clone(),
             heard,
             delivering,
@@ -297,6 +304,7 @@ impl Link {
             info: PeerInfo::default(),
             timeout: options.timeout,
             ended,
+            watchdog_stop: Some(watchdog_stop),
             remote: true,
             hello: Hello::Done,
             closing,
@@ -419,6 +427,7 @@ impl Link {
     pub fn close(mut self) {
         use crossbeam_channel::TrySendError;
         self.closing.store(true, Ordering::Relaxed);
+        drop(self.watchdog_stop.take());
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             match self.tx.try_send(Msg::Bye) {
