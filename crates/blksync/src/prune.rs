@@ -14,7 +14,7 @@
 //!
 //! A journal found later means a prune died: before step 4 (the old name still exists) the
 //! journal rolls the base back and the new metadata goes; after it, the clean-up is finished.
-//! Whoever opens the chain next does this first ([`recover`]). Readers hold a shared lock on
+//! Whoever opens the chain next does this first (`recover`). Readers hold a shared lock on
 //! `.base-lock` and a prune an exclusive one, so nobody reads a base that is being changed.
 
 use std::fs::File;
