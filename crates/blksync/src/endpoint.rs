@@ -9,6 +9,7 @@
 pub mod local;
 pub mod loopdev;
 pub mod lvm;
+pub mod memory;
 
 /// Reports a cleanup that failed where no caller can be told (a `Drop`): on stderr, which a
 /// remote agent's client shows too. Explicit closes return the error instead.
