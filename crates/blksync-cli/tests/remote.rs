@@ -41,17 +41,54 @@ impl Env {
         command.args(all);
         command
     }
-    /// Runs a command, interrupts it (SIGINT) after two seconds, and checks that it stopped
-    /// within five more. Returns its output and standard error.
+    /// Runs a command, interrupts it (SIGINT) once its agent has moved a MiB (the job is under
+    /// way, whatever the machine's load), and checks that it stopped within five seconds.
+    /// Returns its output and standard error.
     fn interrupted(&self, args: &[&str]) -> (std::process::Output, String) {
-        let child = self.command(args).stderr(Stdio::piped()).spawn().unwrap();
-        std::thread::sleep(Duration::from_secs(2));
+        // Agents of earlier commands may still be exiting: only a new one counts, and from
+        // its first sight (what the bootstrap read is not the job).
+        let earlier = self.agents();
+        let mut first = std::collections::HashMap::new();
+        self.interrupted_when(args, "its agent moved a MiB", || {
+            let new = self.agents().into_iter().filter(|pid| !earlier.contains(pid));
+            let moved: u64 = new
+                .map(|pid| {
+                    let now = agent_io(pid);
+                    now.saturating_sub(*first.entry(pid).or_insert(now))
+                })
+                .sum();
+            moved >= MIB as u64
+        })
+    }
+    /// Runs a command, interrupts it (SIGINT) as soon as `ready` (polled) says so, and checks
+    /// that it stopped within five seconds. Returns its output and standard error.
+    fn interrupted_when(
+        &self,
+        args: &[&str],
+        what: &str,
+        ready: impl FnMut() -> bool,
+    ) -> (std::process::Output, String) {
+        let mut child = self.command(args).stderr(Stdio::piped()).spawn().unwrap();
+        wait_until(&mut child, what, ready);
         let stopped = Instant::now();
         std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?} to stop", stopped.elapsed());
         (out, err)
+    }
+    /// `pkill -f` pattern of this test's agents (the ones in its upload cache).
+    fn agent_pattern(&self) -> String {
+        format!("{}/cache/blksync/blksync-.* agent", self.dir.path().display())
+    }
+    /// PIDs of this test's running agents.
+    fn agents(&self) -> Vec<u32> {
+        let out = std::process::Command::new("pgrep").args(["-f", &self.agent_pattern()]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+    }
+    /// Kills this test's agents (SIGKILL); true when there was one.
+    fn kill_agents(&self) -> bool {
+        std::process::Command::new("pkill").args(["-KILL", "-f", &self.agent_pattern()]).status().unwrap().success()
     }
     fn run(&self, args: &[&str]) -> std::process::Output {
         self.command(args).output().expect("running blksync")
@@ -63,6 +100,35 @@ impl Env {
         let out = self.run(&all);
         assert_eq!(out.code(), 0, "blksync {args:?} failed:\n{}", out.stderr_text());
         out.json()
+    }
+}
+
+/// Bytes process `pid` has read and written so far (any file, pipe or socket; 0 once it is
+/// gone).
+fn agent_io(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines()
+        .filter_map(|l| l.strip_prefix("rchar: ").or_else(|| l.strip_prefix("wchar: ")))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Polls `ready` until it holds, for the event a test waits for before it interrupts or kills
+/// `child`. Fails if `child` ends first (the event came too late: the kill would not land
+/// mid-run), or after a minute.
+#[track_caller]
+fn wait_until(child: &mut std::process::Child, what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+            }
+            panic!("the run ended ({status}) before {what}: {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "waited a minute for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -275,18 +341,22 @@ fn killed_agent_gives_a_clean_error_and_a_consistent_destination() {
     // Install the agent in this test's cache first, so the one we kill is easy to find.
     env.ok(&["sync", &src, &env.remote("warmup")]);
     let dst = env.path("dst");
-    let started = Instant::now();
-    let child = support::blksync()
-        .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "8M", &env.remote("src"), &dst])
+    // The warmup's agent may still be exiting: the one to kill is a new one.
+    let earlier = env.agents();
+    // Throttled, the pull takes 8 s: the kill lands once data flows, long before the end.
+    let mut child = support::blksync()
+        .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "4M", &env.remote("src"), &dst])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let pattern = format!("{}/cache/blksync/blksync-.* agent", env.dir.path().display());
-    let killed = std::process::Command::new("pkill").args(["-KILL", "-f", &pattern]).status().unwrap();
-    assert!(killed.success(), "no agent found to kill");
+    wait_until(&mut child, "a new agent ran and the copy held a MiB", || {
+        env.agents().iter().any(|pid| !earlier.contains(pid))
+            && std::fs::metadata(&dst).is_ok_and(|_| allocated(dst.as_ref()) >= MIB as u64)
+    });
+    assert!(env.kill_agents(), "no agent found to kill");
+    let killed = Instant::now();
     let out = child.wait_with_output().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(20), "the client hung after the agent died");
+    assert!(killed.elapsed() < Duration::from_secs(20), "the client hung after the agent died");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(8), "{err}");
     assert!(err.contains("root@127.0.0.1") && err.contains("connection"), "{err}");
@@ -388,14 +458,18 @@ fn a_remote_backup_killed_mid_run_leaves_the_chain_whole() {
     env.ok(&["backup", &src, &env.remote("chain")]);
     data[..4 * MIB].copy_from_slice(&random_bytes(4 * MIB, 22));
     write_file(src.as_ref(), &data);
-    let child = support::blksync()
-        .args(["backup", "-e", &env.rsh, "--progress", "none", "--bwlimit", "2M", &src, &env.remote("chain")])
+    // Throttled, the backup reads 8 MiB in 8 s: the kill lands once the new point's temporary
+    // file has grown, long before it could be committed.
+    let mut child = support::blksync()
+        .args(["backup", "-e", &env.rsh, "--progress", "none", "--bwlimit", "1M", &src, &env.remote("chain")])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    let pattern = format!("{}/cache/blksync/blksync-.* agent", env.dir.path().display());
-    std::process::Command::new("pkill").args(["-KILL", "-f", &pattern]).status().unwrap();
+    let chain = env.dir.path().join("chain");
+    wait_until(&mut child, "the new point's temporary file grew", || {
+        temporary_files(&chain).iter().any(|name| std::fs::metadata(chain.join(name)).is_ok_and(|m| m.len() > 0))
+    });
+    assert!(env.kill_agents(), "no agent found to kill");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(8), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(ok(&["list", "--json", &env.path("chain")]).json()["points"].as_array().unwrap().len(), 1);
@@ -633,8 +707,14 @@ fn an_interrupted_remote_sync_still_delivers_its_undo_log() {
     // Fetched to a local file, and kept on the mirror's host.
     for undo in [env.path("undo.delta"), env.remote("there.delta")] {
         write_file(mirror.as_ref(), &old);
-        let (out, err) =
-            env.interrupted(&["sync", "--bwlimit", "8M", "--undo", &undo, &src, &env.remote("mirror.img")]);
+        // Throttled, the sync takes 8 s; Ctrl-C comes once its first chunk has been written.
+        let args: [&str; 7] = ["sync", "--bwlimit", "4M", "--undo", &undo, &src, &env.remote("mirror.img")];
+        let (out, err) = env.interrupted_when(&args, "the mirror's first chunk changed", || {
+            let mut start = vec![0; MIB];
+            let file = std::fs::File::open(&mirror).unwrap();
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut start, 0).unwrap();
+            start != old[..MIB]
+        });
         assert_eq!(out.status.code(), Some(130), "{err}");
         assert_ne!(read(mirror.as_ref()), old, "part of the mirror was synced");
         env.ok(&["apply", &undo, &env.remote("mirror.img")]);

@@ -9,6 +9,7 @@
 pub mod local;
 pub mod loopdev;
 pub mod lvm;
+pub mod memory;
 
 /// The result of a command after its endpoints were closed: the command's own error first; a
 /// failed close (a snapshot left behind) turns success into an error that says what did
