@@ -654,7 +654,7 @@ fn sigint_during_a_remote_prune_cancels_it_there_and_keeps_every_point() {
         states.push(data.clone());
     }
     // Throttled, the fold (16 MiB journalled, 16 MiB written) takes about 30 s on the chain's
-    // host; Ctrl-C after 2 s is relayed there.
+    // host; Ctrl-C, sent once the agent is doing I/O, is relayed there.
     let (out, err) = env.interrupted(&["prune", "--bwlimit", "1M", "--keep", "0", &env.remote("chain")]);
     assert_eq!(out.status.code(), Some(130), "{err}");
     let points = env.ok(&["list", &env.remote("chain")])["points"].clone();

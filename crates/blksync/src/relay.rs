@@ -404,7 +404,8 @@ fn with_links(
     })
 }
 
-/// Syncs between two locations, at least one of them remote: connects, syncs, says goodbye.
+/// Syncs between two locations through the hash pass (a local side is a peer in a thread; two local
+/// sides are how the library tests drive it): connects, syncs, says goodbye.
 /// Two paths on one remote host use one connection, and the sync runs there.
 pub fn sync_locations(
     source: &Side<'_>,
@@ -769,7 +770,7 @@ pub fn restore_stream(
     .map(|(done, _)| done)
 }
 
-/// Compares two locations, at least one of them remote.
+/// Compares two locations through the hash pass (local sides are peers in threads).
 pub fn compare_locations(
     a: &Side<'_>,
     b: &Side<'_>,
