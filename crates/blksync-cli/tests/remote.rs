@@ -672,18 +672,24 @@ fn a_killed_client_stops_its_remote_job_and_frees_the_chain() {
     let src = env.path("src.img");
     write_file(src.as_ref(), &random_bytes(32 * MIB, 70));
     env.ok(&["backup", &src, &env.remote("chain")]);
-    patch(src.as_ref(), 0, b"changed");
+    // Prune folds in place, touching only what changed: change enough for a long fold.
+    patch(src.as_ref(), 0, &random_bytes(8 * MIB, 71));
     env.ok(&["backup", &src, &env.remote("chain")]);
+    let before = env.agents();
     let mut child = support::blksync()
-        .args(["prune", "-e", &env.rsh, "--progress", "none", "--bwlimit", "2M", "--keep", "0"])
+        .args(["prune", "-e", &env.rsh, "--progress", "none", "--bwlimit", "1M", "--keep", "0"])
         .arg(env.remote("chain"))
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Kill the client once the prune's agent is folding (it has done I/O).
+    wait_until(&mut child, "the prune's agent doing I/O", || {
+        env.agents().iter().filter(|p| !before.contains(p)).any(|&p| agent_io(p) > MIB as u64)
+    });
     child.kill().unwrap();
     child.wait().unwrap();
-    // The prune would hold the chain's lock for 16 s more; without its client it stops at once.
+    // The fold (8 MiB journalled and 8 MiB written at 1 MiB/s) would hold the chain's lock for
+    // about 16 s more; without its client it stops at once.
     let start = Instant::now();
     loop {
         let out = env.run(&["backup", &src, &env.remote("chain")]);
