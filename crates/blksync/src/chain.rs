@@ -522,6 +522,11 @@ impl Source for Image {
         crate::endpoint::Kind::File
     }
 
+    /// A point never changes, and as a backup's destination the next point may have any size.
+    fn caps(&self) -> crate::endpoint::Caps {
+        crate::endpoint::Caps { resizable: true, holes: true, stable: true, ..crate::endpoint::Caps::default() }
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

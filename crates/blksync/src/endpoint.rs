@@ -42,6 +42,75 @@ pub enum Kind {
     Absent,
 }
 
+/// What an endpoint can do. The size policy, zero handling and the wire read these, not the
+/// endpoint's kind, so that a new kind (an NBD export, an iSCSI LUN) says what it can do and the
+/// rest follows. Every default is the answer that is never wrong: not resizable, no holes
+/// reported (everything reads as allocated), zeroing by writing zeros, no discard, no changed
+/// blocks, contents that may change, and 4096-byte alignment (enough for 512- and 4096-byte
+/// devices alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // One flag per ability, as the NBD and SCSI flags are.
+pub struct Caps {
+    /// `set_size` works (files; never devices, LUNs or NBD exports).
+    pub resizable: bool,
+    /// `segment_at` can report holes (`SEEK_DATA`, NBD `base:allocation`, a thin LV).
+    pub holes: bool,
+    /// `zero` is cheap (a punched hole, `ZERO_RANGE`, write-zeroes offload), not written zeros.
+    pub zero_offload: bool,
+    /// A discard is guaranteed to read back as zeros afterwards (`--discard` may be used).
+    pub discard_zeroes: bool,
+    /// The endpoint can list the blocks changed since a mark (changed-block tracking).
+    pub changed_blocks: bool,
+    /// The contents cannot change while it is open (a backup point, an LV snapshot).
+    pub stable: bool,
+    /// Logical block size: what I/O should be aligned to.
+    pub block_size: u32,
+}
+
+impl Default for Caps {
+    fn default() -> Caps {
+        Caps {
+            resizable: false,
+            holes: false,
+            zero_offload: false,
+            discard_zeroes: false,
+            changed_blocks: false,
+            stable: false,
+            block_size: 4096,
+        }
+    }
+}
+
+impl Caps {
+    /// Bits on the wire (docs/PROTOCOL.md, `Opened.caps`).
+    #[must_use]
+    pub fn to_bits(self) -> u32 {
+        [self.resizable, self.holes, self.zero_offload, self.discard_zeroes, self.changed_blocks, self.stable]
+            .iter()
+            .enumerate()
+            .fold(0, |bits, (i, &on)| bits | (u32::from(on) << i))
+    }
+
+    /// From the wire; unknown bits are ignored (a newer peer's abilities this one cannot use).
+    #[must_use]
+    pub fn from_bits(bits: u32, block_size: u32) -> Caps {
+        let on = |i: u32| bits & (1 << i) != 0;
+        Caps {
+            resizable: on(0),
+            holes: on(1),
+            zero_offload: on(2),
+            discard_zeroes: on(3),
+            changed_blocks: on(4),
+            stable: on(5),
+            block_size: if block_size.is_power_of_two() && (512..=1 << 20).contains(&block_size) {
+                block_size
+            } else {
+                4096
+            },
+        }
+    }
+}
+
 /// A stretch of an endpoint that is either allocated (may hold data) or a hole (reads as zeros).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
@@ -78,6 +147,15 @@ pub trait Source: Send + Sync {
     fn name(&self) -> &Path;
     /// What it is.
     fn kind(&self) -> Kind;
+    /// What it can do (see [`Caps`]). By default what its kind says: a file can be resized
+    /// and report holes; a device neither.
+    fn caps(&self) -> Caps {
+        match self.kind() {
+            Kind::File => Caps { resizable: true, holes: true, ..Caps::default() },
+            Kind::Absent => Caps { resizable: true, ..Caps::default() },
+            Kind::BlockDevice => Caps::default(),
+        }
+    }
     /// Its current size in bytes.
     fn size(&self) -> u64;
     /// Fills `buf` with the bytes at `offset`. Reading past the end is an error.
@@ -145,5 +223,27 @@ impl<'a> SegmentCursor<'a> {
             pos = stop;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Caps;
+
+    #[test]
+    fn caps_cross_the_wire_intact_and_bad_block_sizes_fall_back_to_the_safe_one() {
+        let all = [false, true];
+        for (i, &resizable) in all.iter().enumerate() {
+            for &holes in &all {
+                for &stable in &all {
+                    let caps =
+                        Caps { resizable, holes, stable, discard_zeroes: i == 0, block_size: 512, ..Caps::default() };
+                    assert_eq!(Caps::from_bits(caps.to_bits(), 512), caps);
+                }
+            }
+        }
+        assert_eq!(Caps::from_bits(0, 0).block_size, 4096);
+        assert_eq!(Caps::from_bits(0, 3000).block_size, 4096);
+        assert_eq!(Caps::from_bits(u32::MAX, 4096).to_bits(), 0b11_1111, "unknown bits are dropped");
     }
 }

@@ -351,10 +351,11 @@ fn check_target(delta: &Delta, target: &Local, torn: Option<u64>) -> Result<Appl
     };
     let size = target.size();
     let h = &delta.header;
-    let fits = match target.kind() {
-        crate::endpoint::Kind::BlockDevice => size == h.size_before && size == h.size_after,
+    let fits = if target.caps().resizable {
         // A file already resized by a run that was cut short.
-        _ => size == h.size_before || size == h.size_after,
+        size == h.size_before || size == h.size_after
+    } else {
+        size == h.size_before && size == h.size_after
     };
     if !fits {
         return Err(wrong(format!("the target is {size} bytes, the delta expects {}", h.size_before)));

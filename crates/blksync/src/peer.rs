@@ -299,7 +299,18 @@ impl Peer {
             Kind::Absent => 2,
         };
         let mode = local.mode().unwrap_or(0);
-        self.reply(Msg::Opened { kind, size: local.size(), identity_tag, id_a, id_b, created: local.created(), mode });
+        let caps = local.caps();
+        self.reply(Msg::Opened {
+            kind,
+            size: local.size(),
+            identity_tag,
+            id_a,
+            id_b,
+            created: local.created(),
+            mode,
+            caps: caps.to_bits(),
+            block_size: caps.block_size,
+        });
         self.role = role;
         self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
         let local = Arc::new(local);
@@ -352,7 +363,18 @@ impl Peer {
                 (endpoint, self.sink.as_ref().is_some_and(|s| matches!(s, Sink::Chain(c) if c.first_file().is_some())))
             }
         };
-        self.reply(Msg::Opened { kind: 0, size: endpoint.size(), identity_tag: 0, id_a: 0, id_b: 0, created, mode: 0 });
+        let caps = endpoint.caps();
+        self.reply(Msg::Opened {
+            kind: 0,
+            size: endpoint.size(),
+            identity_tag: 0,
+            id_a: 0,
+            id_b: 0,
+            created,
+            mode: 0,
+            caps: caps.to_bits(),
+            block_size: caps.block_size,
+        });
         self.role = role;
         self.endpoint = Some(endpoint);
         Ok(())

@@ -20,7 +20,7 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use crate::compare::Comparison;
-use crate::endpoint::{Identity, Kind};
+use crate::endpoint::{Caps, Identity, Kind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
 use crate::hash::chunk_size;
@@ -75,17 +75,20 @@ struct Opened {
     created: bool,
     /// Permission bits of a regular file, 0 otherwise.
     mode: u32,
+    /// What it can do.
+    caps: Caps,
 }
 
 /// Sends an `Open` or `OpenChain` and reads what was opened.
 fn opened(link: &mut Link, msg: Msg) -> Result<Opened> {
     match link.call(msg)? {
-        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => Ok(Opened {
+        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => Ok(Opened {
             kind: opened_kind(kind),
             size,
             identity: opened_identity(identity_tag, id_a, id_b),
             created,
             mode,
+            caps: Caps::from_bits(caps, block_size),
         }),
         other => Err(link.unexpected(&other)),
     }
@@ -217,7 +220,8 @@ fn transfer(
     if s.identity != Identity::None && s.identity == t.identity && source.info.boot_id == target.info.boot_id {
         return Err(Error::usage(format!("{source_name} and {target_name} are the same file or device")));
     }
-    let sizing = sizing::resolve(s.size, t.kind, t.size, t.created, o.size_policy, o.zero_tail)?;
+    let sizing =
+        sizing::resolve(s.size, (&t.caps, t.kind != Kind::Absent), t.size, t.created, o.size_policy, o.zero_tail)?;
     let mut warnings = Vec::new();
     if let Some(w) = &sizing.warning {
         control.observer.warn(w);
@@ -229,7 +233,7 @@ fn transfer(
             other => return Err(target.unexpected(&other)),
         }
     }
-    let fresh = !o.dry_run && t.kind == Kind::File && (t.created || t.size == 0);
+    let fresh = !o.dry_run && t.caps.resizable && (t.created || t.size == 0);
     let mode = if o.dry_run {
         Mode::Compare
     } else if fresh {

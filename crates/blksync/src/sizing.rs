@@ -12,7 +12,7 @@
 //! `--common-size` syncs the first min(source, destination) bytes of anything and touches
 //! nothing beyond.
 
-use crate::endpoint::Kind;
+use crate::endpoint::Caps;
 use crate::error::{Error, ErrorKind, Result};
 use crate::size::format_size;
 
@@ -42,12 +42,13 @@ pub struct Sizing {
     pub warning: Option<String>,
 }
 
-/// Decides the sizes for syncing a source of `source_size` bytes onto a destination of `kind`
-/// that has `dest_size` bytes. `fresh` is true when the destination file did not exist before
-/// this run.
+/// Decides the sizes for syncing a source of `source_size` bytes onto a destination that has
+/// `dest_size` bytes and can do what `dest` says (only whether it is resizable matters here);
+/// `exists` is false for a destination that is not there (a dry run's). `fresh` is true when
+/// the destination file did not exist before this run.
 pub fn resolve(
     source_size: u64,
-    kind: Kind,
+    (dest, exists): (&Caps, bool),
     dest_size: u64,
     fresh: bool,
     policy: SizePolicy,
@@ -57,7 +58,7 @@ pub fn resolve(
     if zero_tail && policy == SizePolicy::Common {
         return Err(Error::usage("--zero-tail and --common-size contradict each other"));
     }
-    if fresh || kind == Kind::Absent {
+    if fresh || !exists {
         return Ok(Sizing { resize_to: (dest_size != source_size).then_some(source_size), ..same });
     }
     if dest_size == source_size {
@@ -77,8 +78,8 @@ pub fn resolve(
             warning: Some(format!("{sizes}; syncing only the first {n} bytes")),
         });
     }
-    match kind {
-        Kind::File | Kind::Absent => {
+    match dest.resizable {
+        true => {
             if policy == SizePolicy::NoResize {
                 return Err(Error::new(
                     ErrorKind::SizeMismatch,
@@ -89,12 +90,12 @@ pub fn resolve(
             }
             Ok(Sizing { resize_to: Some(source_size), ..same })
         }
-        Kind::BlockDevice if dest_size < source_size => Err(Error::new(
+        false if dest_size < source_size => Err(Error::new(
             ErrorKind::SizeMismatch,
             format!("destination device is too small: {sizes}; nothing was written"),
         )),
-        Kind::BlockDevice if zero_tail => Ok(Sizing { scan_len: dest_size, ..same }),
-        Kind::BlockDevice => Ok(Sizing {
+        false if zero_tail => Ok(Sizing { scan_len: dest_size, ..same }),
+        false => Ok(Sizing {
             warning: Some(format!(
                 "{sizes}; the last {} bytes of the destination are left as they are",
                 dest_size - source_size
@@ -107,51 +108,65 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Kind::{BlockDevice, File};
     use SizePolicy::{Common, NoResize, Resize};
+
+    /// A regular file's abilities (resizable), a device's (fixed size) and a missing
+    /// destination's, as `resolve` takes them.
+    const FILE: (&Caps, bool) = (&Caps { resizable: true, holes: true, ..FIXED }, true);
+    const DEVICE: (&Caps, bool) = (&FIXED, true);
+    const ABSENT: (&Caps, bool) = (&FIXED, false);
+    const FIXED: Caps = Caps {
+        resizable: false,
+        holes: false,
+        zero_offload: false,
+        discard_zeroes: false,
+        changed_blocks: false,
+        stable: false,
+        block_size: 4096,
+    };
 
     #[test]
     fn missing_file_is_created_at_source_size() {
-        let s = resolve(100, File, 0, true, Resize, false).unwrap();
+        let s = resolve(100, FILE, 0, true, Resize, false).unwrap();
         assert_eq!((s.scan_len, s.resize_to), (100, Some(100)));
-        let s = resolve(100, Kind::Absent, 0, false, NoResize, false).unwrap();
+        let s = resolve(100, ABSENT, 0, false, NoResize, false).unwrap();
         assert_eq!(s.resize_to, Some(100));
     }
 
     #[test]
     fn file_of_other_size_is_resized_or_refused() {
-        assert_eq!(resolve(100, File, 50, false, Resize, false).unwrap().resize_to, Some(100));
-        assert_eq!(resolve(100, File, 500, false, Resize, false).unwrap().resize_to, Some(100));
-        let e = resolve(100, File, 500, false, NoResize, false).unwrap_err();
+        assert_eq!(resolve(100, FILE, 50, false, Resize, false).unwrap().resize_to, Some(100));
+        assert_eq!(resolve(100, FILE, 500, false, Resize, false).unwrap().resize_to, Some(100));
+        let e = resolve(100, FILE, 500, false, NoResize, false).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::SizeMismatch);
-        assert!(resolve(100, File, 100, false, NoResize, false).is_ok());
+        assert!(resolve(100, FILE, 100, false, NoResize, false).is_ok());
     }
 
     #[test]
     fn small_device_is_refused_large_device_warned_or_tail_zeroed() {
-        let e = resolve(100, BlockDevice, 50, false, Resize, false).unwrap_err();
+        let e = resolve(100, DEVICE, 50, false, Resize, false).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::SizeMismatch);
         assert!(e.to_string().contains("nothing was written"));
-        let s = resolve(100, BlockDevice, 500, false, Resize, false).unwrap();
+        let s = resolve(100, DEVICE, 500, false, Resize, false).unwrap();
         assert_eq!((s.source_len, s.scan_len, s.resize_to), (100, 100, None));
         assert!(s.warning.is_some());
-        let s = resolve(100, BlockDevice, 500, false, Resize, true).unwrap();
+        let s = resolve(100, DEVICE, 500, false, Resize, true).unwrap();
         assert_eq!((s.source_len, s.scan_len), (100, 500));
     }
 
     #[test]
     fn common_size_syncs_the_shorter_length_and_never_resizes() {
-        for (src, dst, kind) in [(100, 50, BlockDevice), (50, 100, BlockDevice), (100, 50, File), (50, 100, File)] {
+        for (src, dst, kind) in [(100, 50, DEVICE), (50, 100, DEVICE), (100, 50, FILE), (50, 100, FILE)] {
             let s = resolve(src, kind, dst, false, Common, false).unwrap();
             assert_eq!((s.source_len, s.scan_len, s.resize_to), (50, 50, None));
         }
-        assert!(resolve(1, File, 2, false, Common, true).is_err());
+        assert!(resolve(1, FILE, 2, false, Common, true).is_err());
     }
 
     #[test]
     fn zero_and_one_byte_sizes_work() {
-        assert_eq!(resolve(0, File, 0, true, Resize, false).unwrap().scan_len, 0);
-        assert_eq!(resolve(1, File, 0, false, Resize, false).unwrap().resize_to, Some(1));
-        assert_eq!(resolve(0, File, 1, false, Resize, false).unwrap().resize_to, Some(0));
+        assert_eq!(resolve(0, FILE, 0, true, Resize, false).unwrap().scan_len, 0);
+        assert_eq!(resolve(1, FILE, 0, false, Resize, false).unwrap().resize_to, Some(1));
+        assert_eq!(resolve(0, FILE, 1, false, Resize, false).unwrap().resize_to, Some(0));
     }
 }

@@ -197,7 +197,9 @@ pub fn sync(
         )));
     }
     let before = dst.size();
-    let sizing = sizing::resolve(src.size(), dst.kind(), before, fresh, options.size_policy, options.zero_tail)?;
+    let exists = dst.kind() != crate::endpoint::Kind::Absent;
+    let sizing =
+        sizing::resolve(src.size(), (&dst.caps(), exists), before, fresh, options.size_policy, options.zero_tail)?;
     let mut warnings = Vec::new();
     if let Some(w) = &sizing.warning {
         control.observer.warn(w);

@@ -431,6 +431,15 @@ impl Local {
     }
 }
 
+/// A block device's logical block size, from sysfs (a partition's is its disk's).
+fn logical_block_size(rdev: u64) -> Option<u32> {
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let dev = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    [dev.join("queue/logical_block_size"), dev.join("../queue/logical_block_size")]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
 /// Refuses, before it is opened, what is not a disk image: anything but a regular file or a
 /// block device, and files of the kernel's pseudo-filesystems.
 ///
@@ -664,6 +673,32 @@ impl Source for Local {
     fn drop_cache(&self, offset: u64, len: u64) {
         if let (Some(file), Some(len)) = (&self.file, NonZeroU64::new(len)) {
             let _ = rustix::fs::fadvise(file, offset, Some(len), Advice::DontNeed);
+        }
+    }
+
+    fn caps(&self) -> super::Caps {
+        let caps = super::Caps::default();
+        match self.kind {
+            Kind::File => super::Caps {
+                resizable: true,
+                holes: true,
+                zero_offload: self.can_punch.load(Ordering::Relaxed),
+                ..caps
+            },
+            Kind::BlockDevice => super::Caps {
+                // fallocate(ZERO_RANGE) on a device is blkdev_issue_zeroout: never stale data.
+                zero_offload: true,
+                // PUNCH_HOLE on a device only unmaps where zeros are guaranteed, and fails
+                // otherwise (see the module doc).
+                discard_zeroes: self.discard,
+                stable: self.snapshot.is_some(),
+                block_size: match self.identity {
+                    Identity::Device { rdev } => logical_block_size(rdev).unwrap_or(caps.block_size),
+                    _ => caps.block_size,
+                },
+                ..caps
+            },
+            Kind::Absent => super::Caps { resizable: true, ..caps },
         }
     }
 

@@ -206,6 +206,10 @@ impl Source for Memory {
         self.kind
     }
 
+    fn caps(&self) -> super::Caps {
+        super::Caps { resizable: self.kind == Kind::File, holes: self.holes, ..super::Caps::default() }
+    }
+
     fn size(&self) -> u64 {
         self.read_state().size()
     }

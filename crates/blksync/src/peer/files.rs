@@ -148,7 +148,18 @@ pub(crate) fn send(path: &Path, compress: i32, replies: &Sender<Msg>, stop: &Ato
     let file = File::open(path).on("opening", path)?;
     let size = file.metadata().on("reading the size of", path)?.len();
     let reply = |msg| replies.send(msg).map_err(|_| Error::protocol("the client went away"));
-    reply(Msg::Opened { kind: 0, size, identity_tag: 0, id_a: 0, id_b: 0, created: false, mode: 0 })?;
+    let caps = crate::endpoint::Caps::default();
+    reply(Msg::Opened {
+        kind: 0,
+        size,
+        identity_tag: 0,
+        id_a: 0,
+        id_b: 0,
+        created: false,
+        mode: 0,
+        caps: caps.to_bits(),
+        block_size: caps.block_size,
+    })?;
     let mut compressor = Compressor::new(compress);
     let mut buf = vec![0u8; PIECE];
     let mut offset = 0;

@@ -185,6 +185,10 @@ pub enum Msg {
         created: bool,
         /// Permission bits of a regular file (0 otherwise), given to a copy created elsewhere.
         mode: u32,
+        /// What the endpoint can do (`Caps::to_bits`).
+        caps: u32,
+        /// Its logical block size.
+        block_size: u32,
     },
     Summary {
         chunk: u64,
@@ -443,9 +447,10 @@ impl Msg {
                 x.u32(*version).u64(*features).bytes(tool_version).bytes(boot_id).bytes(exe_hash);
                 x.finish()
             }
-            Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode } => {
+            Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => {
                 let mut x = e(OPENED);
                 x.u8(*kind).u64(*size).u8(*identity_tag).u64(*id_a).u64(*id_b).u8(u8::from(*created)).u32(*mode);
+                x.u32(*caps).u32(*block_size);
                 x.finish()
             }
             Msg::Summary { chunk, zero, hash } => {
@@ -631,6 +636,8 @@ impl Msg {
                 id_b: d.u64()?,
                 created: flag(d.u8()?)?,
                 mode: d.u32()?,
+                caps: d.u32()?,
+                block_size: d.u32()?,
             },
             tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
             tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()? },

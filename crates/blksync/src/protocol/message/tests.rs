@@ -57,11 +57,13 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         (any::<u32>(), any::<u64>(), b(), b(), b()).prop_map(|(version, features, tool_version, boot_id, exe_hash)| {
             Msg::HelloReply { version, features, tool_version, boot_id, exe_hash }
         }),
-        (any::<u8>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>()).prop_map(
-            |(kind, size, identity_tag, id_a, id_b, created, mode)| {
-                Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode }
-            }
-        ),
+        (
+            (any::<u8>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>()),
+            (any::<u32>(), any::<u32>(), any::<u32>())
+        )
+            .prop_map(|((kind, size, identity_tag, id_a, id_b, created), (mode, caps, block_size))| {
+                Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode, caps, block_size }
+            }),
         (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
             chunk,
             zero,
