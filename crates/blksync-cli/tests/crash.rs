@@ -455,3 +455,18 @@ fn an_interrupted_restore_keeps_what_it_says_it_kept() {
         }
     }
 }
+
+/// A `sync --undo` killed as its log was created left an empty `FILE.partial`, which `apply`
+/// refused as too short: nothing had been overwritten, so it rolls back nothing, successfully.
+#[test]
+fn an_undo_log_cut_off_before_its_header_rolls_back_nothing() {
+    let env = Env::local();
+    let (mirror, log) = (env.path("mirror"), env.path("undo.delta.partial"));
+    let data = random_bytes(MIB, 90);
+    write_file(mirror.as_ref(), &data);
+    for cut in [0, 10, 60] {
+        write_file(log.as_ref(), &b"BLKSYNC-DELTA\0\0\0\x01\0\0\0\x40\0\0\0"[..cut.min(24)]);
+        env.ok(&["apply", "-q", &log, &mirror]);
+        assert!(read(mirror.as_ref()) == data);
+    }
+}

@@ -320,6 +320,8 @@ impl Writer {
             })?;
         let mut writer = Writer::start(path, partial, file, header)?;
         writer.limit = header.size_after;
+        // The header durable first: a log killed later is always one `apply` can read.
+        writer.sync_through()?;
         Ok(writer)
     }
 
@@ -530,8 +532,20 @@ impl Delta {
     /// checked, up to the first one that is torn or invalid. Every record before that was made
     /// durable before the bytes it saves were overwritten, so what is recovered covers everything
     /// the sync changed (docs/DELTA-FORMAT.md, "Undo logs").
-    pub fn recover(path: &Path) -> Result<Delta> {
-        let (file, file_size, header, records_start) = open_header(path, 0)?;
+    ///
+    /// `Ok(None)` for a log whose header never became durable (its writer was killed as it
+    /// started): nothing had been overwritten yet, so there is nothing to roll back.
+    pub fn recover(path: &Path) -> Result<Option<Delta>> {
+        let opened = open_header(path, 0);
+        if let Err(e) = &opened {
+            // The header is written whole and synced before any record and any change, so a
+            // short file that is not yet a header was cut off before anything happened.
+            let short = std::fs::metadata(path).is_ok_and(|m| m.len() < u64::from(MAX_HEADER) + 56);
+            if short && e.kind() == ErrorKind::Corrupt && !e.message().contains("bad magic") {
+                return Ok(None);
+            }
+        }
+        let (file, file_size, header, records_start) = opened?;
         let mut delta = Delta {
             path: path.to_path_buf(),
             file,
@@ -573,7 +587,7 @@ impl Delta {
         if delta.index.windows(2).any(|w| w[0].offset + u64::from(w[0].len) > w[1].offset) {
             return Err(corrupt(path, "records overlap: this is not an undo log blksync wrote"));
         }
-        Ok(delta)
+        Ok(Some(delta))
     }
 
     /// Checks what [`Delta::open_index`] left: the whole-file hash, then every record.

@@ -214,8 +214,22 @@ pub struct ApplySummary {
 pub fn apply(deltas: &[&Path], target: &Path, force: bool, control: Control<'_>) -> Result<ApplySummary> {
     // Integrity of every delta before anything else. An undo log left by a killed sync
     // (`NAME.partial`) is recovered up to its first torn record.
-    let opened: Vec<Delta> =
-        deltas.iter().map(|p| if is_partial(p) { Delta::recover(p) } else { Delta::open(p) }).collect::<Result<_>>()?;
+    // A `.partial` log whose header never became durable holds nothing to roll back.
+    let opened: Vec<Delta> = deltas
+        .iter()
+        .map(|p| if is_partial(p) { Delta::recover(p) } else { Delta::open(p).map(Some) })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    if opened.is_empty() {
+        return Ok(ApplySummary {
+            target: target.display().to_string(),
+            deltas: deltas.iter().map(|p| p.display().to_string()).collect(),
+            counters: Snapshot::default(),
+            size_after: std::fs::metadata(target).map_or(0, |m| m.len()),
+        });
+    }
     for pair in opened.windows(2) {
         if pair[1].header.size_before != pair[0].header.size_after {
             return Err(Error::new(
