@@ -69,19 +69,22 @@ pub struct Caps {
 
 impl Default for Caps {
     fn default() -> Caps {
-        Caps {
-            resizable: false,
-            holes: false,
-            zero_offload: false,
-            discard_zeroes: false,
-            changed_blocks: false,
-            stable: false,
-            block_size: 4096,
-        }
+        Caps::NEVER_WRONG
     }
 }
 
 impl Caps {
+    /// The answers that are never wrong (the default).
+    pub const NEVER_WRONG: Caps = Caps {
+        resizable: false,
+        holes: false,
+        zero_offload: false,
+        discard_zeroes: false,
+        changed_blocks: false,
+        stable: false,
+        block_size: 4096,
+    };
+
     /// Bits on the wire (docs/PROTOCOL.md, `Opened.caps`).
     #[must_use]
     pub fn to_bits(self) -> u32 {

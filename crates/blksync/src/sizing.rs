@@ -112,18 +112,9 @@ mod tests {
 
     /// A regular file's abilities (resizable), a device's (fixed size) and a missing
     /// destination's, as `resolve` takes them.
-    const FILE: (&Caps, bool) = (&Caps { resizable: true, holes: true, ..FIXED }, true);
-    const DEVICE: (&Caps, bool) = (&FIXED, true);
-    const ABSENT: (&Caps, bool) = (&FIXED, false);
-    const FIXED: Caps = Caps {
-        resizable: false,
-        holes: false,
-        zero_offload: false,
-        discard_zeroes: false,
-        changed_blocks: false,
-        stable: false,
-        block_size: 4096,
-    };
+    const FILE: (&Caps, bool) = (&Caps { resizable: true, holes: true, ..Caps::NEVER_WRONG }, true);
+    const DEVICE: (&Caps, bool) = (&Caps::NEVER_WRONG, true);
+    const ABSENT: (&Caps, bool) = (&Caps::NEVER_WRONG, false);
 
     #[test]
     fn missing_file_is_created_at_source_size() {
