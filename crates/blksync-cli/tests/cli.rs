@@ -281,12 +281,13 @@ fn sigint_stops_promptly_leaving_a_correct_prefix() {
     let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
     let data = random_bytes(64 * MIB, 21);
     write_file(src.as_ref(), &data);
-    let child = blksync()
+    let mut child = blksync()
         .args(["sync", "--bwlimit", "16M", "--progress", "none", &src, &dst])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    // Interrupt once a few chunks are on disk.
+    wait_until(&mut child, "4 MiB written", || Path::new(&dst).exists() && allocated(dst.as_ref()) >= 4 * MIB as u64);
     let started = std::time::Instant::now();
     rustix_kill(child.id(), "INT");
     let out = child.wait_with_output().unwrap();

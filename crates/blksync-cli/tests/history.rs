@@ -235,8 +235,15 @@ fn a_backup_killed_mid_run_leaves_a_chain_that_backs_up_and_restores() {
     write_file(src.as_ref(), &data);
     // Killed while writing an increment, then while writing the very first base elsewhere.
     for target in [dest.clone(), arg(d.path(), "fresh")] {
-        let mut child = support::blksync().args(["backup", "-q", "--bwlimit", "2M", &src, &target]).spawn().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(700));
+        let mut child = support::blksync()
+            .args(["backup", "-q", "--bwlimit", "2M", &src, &target])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Killed once the point's temporary file exists: mid-write.
+        wait_until(&mut child, "the new point's temporary file", || {
+            std::path::Path::new(&target).is_dir() && !temporary_files(target.as_ref()).is_empty()
+        });
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -246,8 +253,17 @@ fn a_backup_killed_mid_run_leaves_a_chain_that_backs_up_and_restores() {
         "no half increment in the chain"
     );
     // Two runs at once: the second is refused while the first holds the chain.
-    let mut first = support::blksync().args(["backup", "-q", "--bwlimit", "2M", &src, &dest]).spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut first = support::blksync()
+        .args(["backup", "-q", "--bwlimit", "2M", &src, &dest])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It holds the chain's lock once it writes its increment (its own temporary file, not one
+    // the killed runs above left).
+    let own = format!(".tmp-{}-", first.id());
+    wait_until(&mut first, "the first backup's temporary file", || {
+        temporary_files(dest.as_ref()).iter().any(|n| n.contains(&own))
+    });
     let second = run(&["backup", "-q", &src, &dest]);
     assert_eq!(second.code(), 6, "{}", second.stderr_text());
     assert!(second.stderr_text().contains("in use by another blksync"), "{}", second.stderr_text());

@@ -5,7 +5,6 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::process::{Output, Stdio};
-use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
@@ -161,8 +160,10 @@ fn an_interrupted_sync_prints_the_error_object_with_what_was_done() {
     let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
     write_file(src.as_ref(), &random_bytes(32 * MIB, 4));
     let args = ["sync", "--json", "--bwlimit", "8M", "--progress", "none", &src, &dst];
-    let child = blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut child = blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_until(&mut child, "4 MiB written", || {
+        std::fs::metadata(&dst).is_ok() && allocated(dst.as_ref()) >= 4 * MIB as u64
+    });
     std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.code(), 130, "{}", out.stderr_text());
@@ -206,22 +207,18 @@ fn a_command_line_rejected_before_its_subcommand_has_a_null_command() {
 }
 
 /// A local and a remote run of each command: push, pull and on-host where the command has them.
-struct Remote {
-    dir: TempDir,
-    rsh: String,
+struct Remote(RemoteDir);
+
+impl std::ops::Deref for Remote {
+    type Target = RemoteDir;
+    fn deref(&self) -> &RemoteDir {
+        &self.0
+    }
 }
 
 impl Remote {
     fn new() -> Option<Remote> {
-        let dir = tempfile::Builder::new().prefix("blksync-json-remote").tempdir().unwrap();
-        let rsh = rsh(&dir.path().join("cache"))?;
-        Some(Remote { dir, rsh })
-    }
-    fn path(&self, name: &str) -> String {
-        arg(self.dir.path(), name)
-    }
-    fn remote(&self, name: &str) -> String {
-        format!("root@127.0.0.1:{}", self.path(name))
+        RemoteDir::new("blksync-json-remote").map(Remote)
     }
     /// `blksync COMMAND -e RSH ARGS... --json`, expecting `code`.
     #[track_caller]
@@ -330,8 +327,11 @@ fn an_interrupted_push_prints_what_was_done_as_a_local_sync_does() {
     write_file(env.path("src").as_ref(), &random_bytes(32 * MIB, 8));
     let interrupted = |dst: &str| {
         let args = ["sync", "-e", &env.rsh, "--json", "--bwlimit", "8M", "--progress", "none", &env.path("src"), dst];
-        let child = blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(2500));
+        let mut child = blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let file = dst.rsplit_once(':').map_or(dst, |(_, path)| path).to_string();
+        wait_until(&mut child, "4 MiB written", || {
+            std::fs::metadata(&file).is_ok() && allocated(file.as_ref()) >= 4 * MIB as u64
+        });
         std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
         let out = child.wait_with_output().unwrap();
         assert_eq!(out.code(), 130, "{dst}: {}", out.stderr_text());

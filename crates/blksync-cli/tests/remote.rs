@@ -9,26 +9,21 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
 
-struct Env {
-    dir: TempDir,
-    rsh: String,
+struct Env(RemoteDir);
+
+impl std::ops::Deref for Env {
+    type Target = RemoteDir;
+    fn deref(&self) -> &RemoteDir {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Option<Env> {
-        let dir = tempfile::Builder::new().prefix("blksync-remote").tempdir().unwrap();
-        let rsh = rsh(&dir.path().join("cache"))?;
-        Some(Env { dir, rsh })
-    }
-    fn path(&self, name: &str) -> String {
-        arg(self.dir.path(), name)
-    }
-    fn remote(&self, name: &str) -> String {
-        format!("root@127.0.0.1:{}", self.path(name))
+        RemoteDir::new("blksync-remote").map(Env)
     }
     /// `blksync COMMAND -e RSH [--progress none] ARGS...`.
     fn command(&self, args: &[&str]) -> std::process::Command {
@@ -111,25 +106,6 @@ fn agent_io(pid: u32) -> u64 {
         .filter_map(|l| l.strip_prefix("rchar: ").or_else(|| l.strip_prefix("wchar: ")))
         .filter_map(|n| n.trim().parse::<u64>().ok())
         .sum()
-}
-
-/// Polls `ready` until it holds, for the event a test waits for before it interrupts or kills
-/// `child`. Fails if `child` ends first (the event came too late: the kill would not land
-/// mid-run), or after a minute.
-#[track_caller]
-fn wait_until(child: &mut std::process::Child, what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            if let Some(mut stderr) = child.stderr.take() {
-                std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
-            }
-            panic!("the run ended ({status}) before {what}: {err}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "waited a minute for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

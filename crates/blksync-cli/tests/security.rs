@@ -11,28 +11,23 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
 
 /// A test directory whose remote side (the same host, through sshd) has its own upload cache,
 /// `DIR/cache/blksync`.
-struct Env {
-    dir: TempDir,
-    rsh: String,
+struct Env(RemoteDir);
+
+impl std::ops::Deref for Env {
+    type Target = RemoteDir;
+    fn deref(&self) -> &RemoteDir {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Option<Env> {
-        let dir = tempfile::Builder::new().prefix("blksync-security").tempdir().unwrap();
-        let rsh = rsh(&dir.path().join("cache"))?;
-        Some(Env { dir, rsh })
-    }
-    fn path(&self, name: &str) -> String {
-        arg(self.dir.path(), name)
-    }
-    fn remote(&self, name: &str) -> String {
-        format!("root@127.0.0.1:{}", self.path(name))
+        RemoteDir::new("blksync-security").map(Env)
     }
     /// The remote upload cache, `$XDG_CACHE_HOME/blksync`.
     fn cache(&self) -> PathBuf {

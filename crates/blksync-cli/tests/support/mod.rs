@@ -228,3 +228,47 @@ pub fn sshd_options() -> Option<String> {
 pub fn rsh(cache: &Path) -> Option<String> {
     Some(format!("ssh {} -o SetEnv=XDG_CACHE_HOME={}", sshd_options()?, cache.display()))
 }
+
+/// A test directory whose remote side (this host, through the test sshd) has its own upload
+/// cache, `DIR/cache/blksync`: the first connection of each test exercises the upload. `None`
+/// (with a message) where sshd cannot run.
+pub struct RemoteDir {
+    pub dir: tempfile::TempDir,
+    /// The `-e` value reaching the test sshd with that cache.
+    pub rsh: String,
+}
+
+impl RemoteDir {
+    pub fn new(prefix: &str) -> Option<RemoteDir> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let rsh = rsh(&dir.path().join("cache"))?;
+        Some(RemoteDir { dir, rsh })
+    }
+    /// A path in the directory, as an argument.
+    pub fn path(&self, name: &str) -> String {
+        arg(self.dir.path(), name)
+    }
+    /// The same path, through sshd.
+    pub fn remote(&self, name: &str) -> String {
+        format!("root@127.0.0.1:{}", self.path(name))
+    }
+}
+
+/// Polls `ready` until it holds, for the event a test waits for before it interrupts or kills
+/// `child`. Fails if `child` ends first (the event came too late: the kill would not land
+/// mid-run), or after a minute.
+#[track_caller]
+pub fn wait_until(child: &mut std::process::Child, what: &str, mut ready: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+            }
+            panic!("the run ended ({status}) before {what}: {err}");
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "waited a minute for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
