@@ -114,7 +114,57 @@ fn merge_of_deltas_that_do_not_follow_each_other_is_refused() {
     ok(&["diff", "-q", &other, &v0, "-o", &p2]);
     let out = run(&["merge", "-q", &p1, &p2, "-o", &m]);
     assert_eq!(out.code(), 10, "{}", out.stderr_text());
-    assert!(out.stderr_text().contains("byte offset"), "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("fingerprint"), "{}", out.stderr_text());
+}
+
+fn info_of(delta: &str) -> serde_json::Value {
+    ok(&["info", "--json", delta]).json()
+}
+
+/// Two `diff` patches of unrelated images whose changes never overlap: their records cannot
+/// conflict, and `diff` writes no parent link, so merge took them and wrote a delta that fits no
+/// image. Each patch now records the fingerprints of the image before and after.
+#[test]
+fn merge_of_unrelated_patches_whose_changes_do_not_overlap_is_refused() {
+    let d = tmp();
+    let path = |name: &str| arg(d.path(), name);
+    let mut ours = random_bytes(3 * MIB + 4096, 40);
+    write_file(path("v0").as_ref(), &ours);
+    ours[..4096].copy_from_slice(&random_bytes(4096, 41));
+    write_file(path("v1").as_ref(), &ours);
+    ours[2 * MIB..2 * MIB + 8192].copy_from_slice(&random_bytes(8192, 42));
+    write_file(path("v2").as_ref(), &ours);
+    let mut theirs = random_bytes(3 * MIB + 4096, 43);
+    write_file(path("w0").as_ref(), &theirs);
+    theirs[MIB..MIB + 4096].copy_from_slice(&random_bytes(4096, 44));
+    write_file(path("w1").as_ref(), &theirs);
+    ok(&["diff", "-q", &path("v1"), &path("v0"), "-o", &path("a.delta")]);
+    ok(&["diff", "-q", &path("v2"), &path("v1"), "-o", &path("b.delta")]);
+    ok(&["diff", "-q", &path("w1"), &path("w0"), "-o", &path("w.delta")]);
+
+    let out = run(&["merge", "-q", &path("a.delta"), &path("w.delta"), "-o", &path("m.delta")]);
+    assert_eq!(out.code(), 10, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("fingerprint"), "{}", out.stderr_text());
+    assert!(!Path::new(&path("m.delta")).exists());
+
+    // Patches that do follow each other: the fingerprints meet, and the merge carries the
+    // outer two, so that it can itself be merged again.
+    let (first, second) = (info_of(&path("a.delta")), info_of(&path("b.delta")));
+    assert_eq!(first["after_fingerprint"], second["before_fingerprint"]);
+    assert_eq!(first["after_fingerprint"].as_str().unwrap().len(), 64);
+    let merged = ok(&["merge", &path("a.delta"), &path("b.delta"), "-o", &path("m.delta")]);
+    assert!(!merged.stderr_text().contains("nothing proves"), "{}", merged.stderr_text());
+    let merged_info = info_of(&path("m.delta"));
+    assert_eq!(merged_info["before_fingerprint"], first["before_fingerprint"]);
+    assert_eq!(merged_info["after_fingerprint"], second["after_fingerprint"]);
+    std::fs::copy(path("v0"), path("copy")).unwrap();
+    ok(&["apply", "-q", &path("m.delta"), &path("copy")]);
+    assert_same(path("copy").as_ref(), path("v2").as_ref());
+    // The same images give the same fingerprints, whichever diff saw them.
+    ok(&["diff", "-q", &path("v2"), &path("v0"), "-o", &path("direct.delta")]);
+    let direct = info_of(&path("direct.delta"));
+    assert_eq!(direct["before_fingerprint"], first["before_fingerprint"]);
+    assert_eq!(direct["after_fingerprint"], second["after_fingerprint"]);
 }
 
 #[test]

@@ -590,6 +590,16 @@ fn corrupt_or_missing_remote_deltas_are_refused_and_touch_nothing() {
     write_file(a.as_ref(), &random_bytes(2 * MIB, 50));
     write_file(b.as_ref(), &random_bytes(2 * MIB, 51));
     env.ok(&["diff", &env.remote("b.img"), &a, "-o", &env.path("d.delta")]);
+    // The fingerprints of the images are the same whichever end read them.
+    env.ok(&["diff", &b, &env.remote("a.img"), "-o", &env.path("d2.delta")]);
+    env.ok(&["diff", &b, &a, "-o", &env.path("d3.delta")]);
+    let info = |p: &str| env.ok(&["info", p]);
+    let (one, two, local) = (info(&env.path("d.delta")), info(&env.path("d2.delta")), info(&env.path("d3.delta")));
+    for key in ["before_fingerprint", "after_fingerprint"] {
+        assert_eq!(one[key], local[key], "{key}");
+        assert_eq!(two[key], local[key], "{key}");
+        assert_eq!(local[key].as_str().unwrap().len(), 64, "{key}");
+    }
     let bytes = read(env.path("d.delta").as_ref());
     let mut bad = bytes.clone();
     bad[bytes.len() / 2] ^= 1;

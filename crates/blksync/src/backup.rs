@@ -6,16 +6,16 @@
 //! at that time (`list` shows "0 B changed"). Leftovers of an interrupted or killed run (files
 //! ending in `.tmp-PID`) are never part of the chain and are removed by the next backup.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{Chain, base_paths, increment_path};
+use crate::chain::{Chain, base_paths};
 use crate::delta::{Header, Writer};
 use crate::endpoint::Source;
 use crate::endpoint::local::{Local, OpenTarget};
 use crate::error::{Error, ErrorKind, Result};
-use crate::patch::{DiffOptions, random_id, write_delta};
+use crate::patch::DiffOptions;
 use crate::progress::{Control, Snapshot};
 use crate::sums::Sums;
 use crate::sync::{SyncOptions, sync};
@@ -42,8 +42,6 @@ fn sync_options(options: &DiffOptions) -> SyncOptions {
     }
 }
 
-pub(crate) use crate::chain::lock;
-
 /// Removes leftovers of interrupted runs.
 pub(crate) fn clean(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -51,40 +49,6 @@ pub(crate) fn clean(dir: &Path) {
             if e.file_name().to_string_lossy().contains(".tmp-") {
                 let _ = std::fs::remove_file(e.path());
             }
-        }
-    }
-}
-
-/// Writes the base image of point `number` from `source`, then its metadata.
-fn write_base(
-    dir: &Path,
-    number: u64,
-    source: &dyn Source,
-    header: &Header,
-    options: &DiffOptions,
-    control: Control<'_>,
-) -> Result<(PathBuf, Snapshot)> {
-    let (image, _) = base_paths(dir, number, &header.id);
-    let (file, tmp) = crate::temp::create(&image, 0o600)?;
-    drop(file);
-    let written = Local::open_target(&tmp, OpenTarget { create: true, ..OpenTarget::default() }).and_then(|target| {
-        let summary = sync(source, &target, true, &sync_options(options), control)?;
-        commit_base(dir, number, &target, &tmp, header)?;
-        Ok(summary)
-    });
-    match written {
-        Ok(summary) => Ok((image, summary.counters)),
-        Err(e) => {
-            // The partial image is removed: a half-written base is never a point.
-            let _ = std::fs::remove_file(&tmp);
-            Err(if e.kind() == ErrorKind::Interrupted {
-                Error::new(
-                    ErrorKind::Interrupted,
-                    "interrupted: no backup was made (nothing kept); a rerun starts over",
-                )
-            } else {
-                e
-            })
         }
     }
 }
@@ -116,38 +80,23 @@ fn backup_from(
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<BackupSummary> {
-    crate::chain::create_dir(dir)?;
-    let _lock = lock(dir)?;
-    clean(dir);
-    repair(dir)?;
-    let Some(chain) = Chain::load(dir)?.map(std::sync::Arc::new) else {
-        let (created, utc_offset) = crate::patch::now();
-        let header = Header {
-            id: random_id()?,
-            parent: [0; 16],
-            block_size: options.block_size as u32,
-            size_before: 0,
-            size_after: src.size(),
-            created,
-            utc_offset,
-            source: source.display().to_string(),
-            source_identity: crate::patch::source_identity(source),
-            comment: options.comment.clone(),
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let (image, counters) = write_base(dir, 0, src, &header, options, control)?;
-        return Ok(BackupSummary { file: image.display().to_string(), number: 0, counters });
-    };
-    let (parent, newest) = chain.newest();
-    chain.check_extendable()?;
-    if !options.force {
-        let last = chain.increments.last().map_or(&chain.base.header, |i| &i.delta.header);
-        same_image(&chain.dir, last, source, src)?;
+    let mut header = Header::new([0; 16], options.block_size as u32, &source.display().to_string(), &options.comment)?;
+    header.source_identity = crate::patch::source_identity(source);
+    let point = crate::record::Append::open(dir, header, |last| {
+        if options.force { Ok(()) } else { same_image(dir, last, source, src) }
+    })?;
+    match sync(src, &point, point.is_new(), &sync_options(options), control) {
+        Ok(summary) => Ok(BackupSummary {
+            file: point.file().display().to_string(),
+            number: point.number(),
+            counters: summary.counters,
+        }),
+        Err(e) if e.kind() == ErrorKind::Interrupted => Err(Error::new(
+            ErrorKind::Interrupted,
+            "interrupted: no backup was made (nothing kept); a rerun starts over",
+        )),
+        Err(e) => Err(e),
     }
-    let image = chain.image(newest)?;
-    let path = increment_path(dir, newest + 1);
-    let summary = write_delta(src, &image, &path, parent, options, control)?;
-    Ok(BackupSummary { file: path.display().to_string(), number: newest + 1, counters: summary.counters })
 }
 
 /// Refuses to add `source` to a chain whose newest point `last` came from another image: its

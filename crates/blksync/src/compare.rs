@@ -77,7 +77,6 @@ pub fn compare(a: &dyn Source, b: &dyn Source, options: &CompareOptions, control
         action: Action::Compare,
         keep_ranges: options.max_ranges,
         throttle: None,
-        undo: None,
     }
     .run(&counters, control)?;
     if found.cancelled {

@@ -20,7 +20,8 @@ use crate::protocol::frame::{Decoder, Encoder};
 
 const MAGIC: &[u8; 16] = b"BLKSYNC-DELTA\0\0\0";
 const COMMIT: &[u8; 24] = b"BLKSYNC-DELTA-COMMITTED\0";
-const VERSION: u32 = 1;
+/// The version written. Version 1 (read too) has no image fingerprints after the index.
+const VERSION: u32 = 2;
 const FOOTER: u64 = 8 + 8 + 32 + 24;
 const MAX_HEADER: u32 = 64 << 10;
 const MAX_FIELD: usize = 4 << 10;
@@ -30,6 +31,23 @@ const MAX_STORED: u32 = MAX_RECORD + (64 << 10);
 /// Fixed part of a record before its payload: kind, offset, len, before hash, codec, stored.
 const RECORD_HEAD: usize = 1 + 8 + 4 + 16 + 1 + 4;
 const INDEX_ENTRY: u64 = 1 + 8 + 4 + 8;
+/// Bytes after the index entries in version 2: the two image fingerprints.
+const STATES: u64 = 64;
+
+/// Fingerprints of the whole image a delta applies to and of the one it produces
+/// ([`crate::fingerprint`]); zeros where not recorded (undo logs, chain increments, version 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct States {
+    /// The image before.
+    pub before: [u8; 32],
+    /// The image after.
+    pub after: [u8; 32],
+}
+
+impl States {
+    /// Not recorded.
+    pub const UNRECORDED: [u8; 32] = [0; 32];
+}
 
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -69,6 +87,27 @@ pub struct Header {
     pub tool_version: String,
 }
 
+impl Header {
+    /// The header of a delta written now, by this version, with a fresh id; sizes are zero
+    /// until set.
+    pub fn new(parent: [u8; 16], block_size: u32, source: &str, comment: &str) -> Result<Header> {
+        let (created, utc_offset) = crate::id::now();
+        Ok(Header {
+            id: crate::id::random_id()?,
+            parent,
+            block_size,
+            size_before: 0,
+            size_after: 0,
+            created,
+            utc_offset,
+            source: source.to_string(),
+            source_identity: String::new(),
+            comment: comment.to_string(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+        })
+    }
+}
+
 fn hex<S: serde::Serializer>(v: &[u8; 16], s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&to_hex(v))
 }
@@ -87,7 +126,7 @@ fn unhex<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<[u8; 16]
 
 /// Lower-case hex of an id.
 #[must_use]
-pub fn to_hex(v: &[u8; 16]) -> String {
+pub fn to_hex(v: &[u8]) -> String {
     use std::fmt::Write as _;
     v.iter().fold(String::with_capacity(32), |mut out, b| {
         let _ = write!(out, "{b:02x}");
@@ -209,6 +248,7 @@ struct Inner {
     position: u64,
     hasher: blake3::Hasher,
     index: Vec<Entry>,
+    states: States,
 }
 
 impl Inner {
@@ -332,6 +372,7 @@ impl Writer {
             position: 0,
             hasher: blake3::Hasher::new(),
             index: Vec::new(),
+            states: States::default(),
         };
         inner.write(&encode_header(header), &tmp)?;
         Ok(Writer {
@@ -410,6 +451,30 @@ impl Writer {
         Ok(())
     }
 
+    /// Sets the image fingerprints written with the index (unrecorded by default).
+    pub fn set_states(&self, states: States) {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).states = states;
+    }
+
+    /// The records appended so far, by offset.
+    #[must_use]
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut index = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).index.clone();
+        index.sort_by_key(|e| e.offset);
+        index
+    }
+
+    /// Reads back a record appended so far (its bytes, decoded and checked).
+    pub fn read_back(&self, entry: &Entry) -> Result<Record> {
+        let end = {
+            let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = inner.position;
+            inner.file.flush().at("writing", &self.tmp, at)?;
+            at
+        };
+        read_record(&self.syncer, &self.tmp, entry, end)
+    }
+
     /// Writes index and footer, makes the file durable and gives it its name.
     pub fn commit(self) -> Result<u64> {
         let mut inner = self.inner.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -423,6 +488,8 @@ impl Writer {
             index.extend_from_slice(&e.len.to_le_bytes());
             index.extend_from_slice(&e.position.to_le_bytes());
         }
+        index.extend_from_slice(&inner.states.before);
+        index.extend_from_slice(&inner.states.after);
         inner.write(&index, &self.tmp)?;
         let mut footer = Vec::with_capacity(FOOTER as usize);
         footer.extend_from_slice(&index_position.to_le_bytes());
@@ -452,6 +519,8 @@ pub struct Delta {
     pub header: Header,
     /// Its records, by offset.
     pub index: Vec<Entry>,
+    /// Fingerprints of the images before and after.
+    pub states: States,
     /// File size.
     pub file_size: u64,
     /// The footer's whole-file hash.
@@ -478,7 +547,7 @@ impl Delta {
     /// and its commit marker, the index. Records are checked when read; [`Delta::verify`] checks
     /// the rest.
     pub fn open_index(path: &Path) -> Result<Delta> {
-        let (file, file_size, header, records_start) = open_header(path, FOOTER)?;
+        let (file, file_size, header, records_start, version) = open_header(path, FOOTER)?;
         let read = |buf: &mut [u8], at: u64| -> Result<()> {
             file.read_exact_at(buf, at).map_err(|_| corrupt(path, format!("truncated at byte offset {at}")))
         };
@@ -490,17 +559,26 @@ impl Delta {
         let index_position = u64::from_le_bytes(footer[..8].try_into().unwrap_or_default());
         let count = u64::from_le_bytes(footer[8..16].try_into().unwrap_or_default());
         let index_end = file_size - FOOTER;
+        let trailer = if version >= 2 { STATES } else { 0 };
         if index_position < records_start
             || index_position > index_end
-            || count.checked_mul(INDEX_ENTRY).and_then(|n| n.checked_add(8)) != Some(index_end - index_position)
+            || count.checked_mul(INDEX_ENTRY).and_then(|n| n.checked_add(8 + trailer))
+                != Some(index_end - index_position)
         {
             return Err(corrupt(path, "index position or size is inconsistent with the file size"));
         }
         let mut raw = vec![0u8; (index_end - index_position) as usize];
         read(&mut raw, index_position)?;
+        let (entries, states) = raw[8..].split_at(raw.len() - 8 - trailer as usize);
+        let states = match states {
+            [] => States::default(),
+            s => {
+                States { before: s[..32].try_into().unwrap_or_default(), after: s[32..].try_into().unwrap_or_default() }
+            }
+        };
         let mut index = Vec::with_capacity(count as usize);
         let mut end_of_previous = 0u64;
-        for e in raw[8..].chunks_exact(INDEX_ENTRY as usize) {
+        for e in entries.chunks_exact(INDEX_ENTRY as usize) {
             let kind = match e[0] {
                 1 => Kind::Data,
                 2 => Kind::Zeros,
@@ -524,7 +602,17 @@ impl Delta {
         }
         let file_hash = footer[16..48].try_into().unwrap_or_default();
         let records_end = file_size - FOOTER;
-        Ok(Delta { path: path.to_path_buf(), file, header, index, file_size, file_hash, records_end, partial: false })
+        Ok(Delta {
+            path: path.to_path_buf(),
+            file,
+            header,
+            index,
+            states,
+            file_size,
+            file_hash,
+            records_end,
+            partial: false,
+        })
     }
 
     /// Opens an undo log that was never committed (`NAME.partial`, left by a sync that was
@@ -545,12 +633,13 @@ impl Delta {
                 return Ok(None);
             }
         }
-        let (file, file_size, header, records_start) = opened?;
+        let (file, file_size, header, records_start, _) = opened?;
         let mut delta = Delta {
             path: path.to_path_buf(),
             file,
             header,
             index: Vec::new(),
+            states: States::default(),
             file_size,
             file_hash: [0; 32],
             records_end: file_size,
@@ -623,42 +712,7 @@ impl Delta {
 
     /// Reads and checks one record.
     pub fn read(&self, entry: &Entry) -> Result<Record> {
-        let mut head = [0u8; RECORD_HEAD];
-        self.file
-            .read_exact_at(&mut head, entry.position)
-            .map_err(|_| self.corrupt(format!("record at byte offset {} is truncated", entry.position)))?;
-        let mut d = Decoder::new(&head, "record");
-        let kind = d.u8()?;
-        let offset = d.u64()?;
-        let len = d.u32()?;
-        let before_hash: [u8; 16] = d.fixed()?;
-        let codec = d.u8()?;
-        let stored = d.u32()?;
-        if kind != kind_byte(entry.kind) || offset != entry.offset || len != entry.len {
-            return Err(self.corrupt(format!("record at byte offset {} does not match the index", entry.position)));
-        }
-        let payload_at = entry.position + RECORD_HEAD as u64;
-        if stored > MAX_STORED || payload_at + u64::from(stored) + 16 > self.records_end {
-            return Err(self.corrupt(format!("record at byte offset {} has an impossible size", entry.position)));
-        }
-        let mut payload = vec![0u8; stored as usize + 16];
-        self.file
-            .read_exact_at(&mut payload, payload_at)
-            .map_err(|_| self.corrupt(format!("record at byte offset {} is truncated", entry.position)))?;
-        let hash = payload.split_off(stored as usize);
-        let data = match (entry.kind, codec) {
-            (Kind::Zeros, 0) if stored == 0 => Vec::new(),
-            (Kind::Data, 0) if stored == len => payload,
-            (Kind::Data, 1) => zstd::bulk::decompress(&payload, len as usize)
-                .ok()
-                .filter(|d| d.len() == len as usize)
-                .ok_or_else(|| self.corrupt(format!("record at byte offset {} does not decompress", entry.position)))?,
-            _ => return Err(self.corrupt(format!("record at byte offset {} has a bad encoding", entry.position))),
-        };
-        if record_hash(entry.kind, offset, len, &before_hash, &data)[..] != hash[..] {
-            return Err(self.corrupt(format!("record at byte offset {} fails its checksum", entry.position)));
-        }
-        Ok(Record { entry: *entry, before_hash, data })
+        read_record(&self.file, &self.path, entry, self.records_end)
     }
 
     /// The delta's path.
@@ -668,10 +722,48 @@ impl Delta {
     }
 }
 
+/// Reads and checks the record `entry` names in `file`, whose records end at `records_end`.
+fn read_record(file: &File, path: &Path, entry: &Entry, records_end: u64) -> Result<Record> {
+    let mut head = [0u8; RECORD_HEAD];
+    file.read_exact_at(&mut head, entry.position)
+        .map_err(|_| corrupt(path, format!("record at byte offset {} is truncated", entry.position)))?;
+    let mut d = Decoder::new(&head, "record");
+    let kind = d.u8()?;
+    let offset = d.u64()?;
+    let len = d.u32()?;
+    let before_hash: [u8; 16] = d.fixed()?;
+    let codec = d.u8()?;
+    let stored = d.u32()?;
+    if kind != kind_byte(entry.kind) || offset != entry.offset || len != entry.len {
+        return Err(corrupt(path, format!("record at byte offset {} does not match the index", entry.position)));
+    }
+    let payload_at = entry.position + RECORD_HEAD as u64;
+    if stored > MAX_STORED || payload_at + u64::from(stored) + 16 > records_end {
+        return Err(corrupt(path, format!("record at byte offset {} has an impossible size", entry.position)));
+    }
+    let mut payload = vec![0u8; stored as usize + 16];
+    file.read_exact_at(&mut payload, payload_at)
+        .map_err(|_| corrupt(path, format!("record at byte offset {} is truncated", entry.position)))?;
+    let hash = payload.split_off(stored as usize);
+    let data = match (entry.kind, codec) {
+        (Kind::Zeros, 0) if stored == 0 => Vec::new(),
+        (Kind::Data, 0) if stored == len => payload,
+        (Kind::Data, 1) => zstd::bulk::decompress(&payload, len as usize)
+            .ok()
+            .filter(|d| d.len() == len as usize)
+            .ok_or_else(|| corrupt(path, format!("record at byte offset {} does not decompress", entry.position)))?,
+        _ => return Err(corrupt(path, format!("record at byte offset {} has a bad encoding", entry.position))),
+    };
+    if record_hash(entry.kind, offset, len, &before_hash, &data)[..] != hash[..] {
+        return Err(corrupt(path, format!("record at byte offset {} fails its checksum", entry.position)));
+    }
+    Ok(Record { entry: *entry, before_hash, data })
+}
+
 /// Opens a delta and checks its header: magic, version and the checksummed fields. `footer` is
 /// the room the rest of the file must leave for a footer. Returns the file, its size, the
 /// header and where the records start.
-fn open_header(path: &Path, footer: u64) -> Result<(File, u64, Header, u64)> {
+fn open_header(path: &Path, footer: u64) -> Result<(File, u64, Header, u64, u32)> {
     let file = File::open(path).on("opening delta", path)?;
     let file_size = file.metadata().on("inspecting", path)?.len();
     let read = |buf: &mut [u8], at: u64| -> Result<()> {
@@ -686,7 +778,7 @@ fn open_header(path: &Path, footer: u64) -> Result<(File, u64, Header, u64)> {
         return Err(corrupt(path, "not a blksync delta (bad magic)"));
     }
     let version = u32::from_le_bytes([head[16], head[17], head[18], head[19]]);
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(corrupt(path, format!("delta format version {version}; this blksync reads version {VERSION}")));
     }
     let header_len = u32::from_le_bytes([head[20], head[21], head[22], head[23]]);
@@ -700,7 +792,7 @@ fn open_header(path: &Path, footer: u64) -> Result<(File, u64, Header, u64)> {
         return Err(corrupt(path, "header checksum mismatch"));
     }
     let header = decode_header(&covered[24..]).map_err(|e| corrupt(path, e.message()))?;
-    Ok((file, file_size, header, header_bytes.len() as u64))
+    Ok((file, file_size, header, header_bytes.len() as u64, version))
 }
 
 fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
@@ -777,6 +869,37 @@ mod tests {
         assert!(d.file_size < 2000, "compressible data is compressed: {}", d.file_size);
         let left = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name() != "d.delta").count();
         assert_eq!(left, 0, "no temporary file is left");
+    }
+
+    #[test]
+    fn fingerprints_round_trip_and_version_1_files_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.delta");
+        let w = Writer::create(&path, &header()).unwrap();
+        w.record(Kind::Data, 0, 4096, &[5; 4096], None).unwrap();
+        let states = States { before: [1; 32], after: [2; 32] };
+        w.set_states(states);
+        w.commit().unwrap();
+        let d = Delta::open(&path).unwrap();
+        assert_eq!(d.states, states);
+        assert_eq!(d.read(&d.index[0]).unwrap().data, vec![5; 4096]);
+
+        // The same delta as version 1 wrote it: no fingerprints after the index.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let footer = bytes.len() - FOOTER as usize;
+        bytes.drain(footer - STATES as usize..footer);
+        bytes[16..20].copy_from_slice(&1u32.to_le_bytes());
+        let header_end = 24 + u32::from_le_bytes(bytes[20..24].try_into().unwrap()) as usize;
+        let header_hash = blake3::hash(&bytes[..header_end]);
+        bytes[header_end..header_end + 32].copy_from_slice(header_hash.as_bytes());
+        let end = bytes.len() - FOOTER as usize;
+        let file_hash = blake3::hash(&bytes[..end]);
+        bytes[end + 16..end + 48].copy_from_slice(file_hash.as_bytes());
+        let old = dir.path().join("v1.delta");
+        std::fs::write(&old, &bytes).unwrap();
+        let d = Delta::open(&old).unwrap();
+        assert_eq!(d.states, States::default(), "version 1 records no fingerprints");
+        assert_eq!(d.read(&d.index[0]).unwrap().data, vec![5; 4096]);
     }
 
     #[test]

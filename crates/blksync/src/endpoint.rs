@@ -188,9 +188,42 @@ pub trait Target: Source {
     fn zero(&self, offset: u64, len: u64) -> Result<()>;
     /// Truncates or extends a file to `size`; extension leaves a hole.
     fn set_size(&self, size: u64) -> Result<()>;
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable. For a recorder (a delta, a backup point, an undo
+    /// log) this is also the commit: what was recorded becomes valid.
     fn flush(&self) -> Result<()>;
+    /// The run ended early (an error, a cancel, a lost peer): makes what was written durable,
+    /// but commits nothing that claims to be complete. A plain target is flushed and an undo log
+    /// committed (it covers what was overwritten); a backup point or a delta is abandoned.
+    fn flush_partial(&self) -> Result<()> {
+        self.flush()
+    }
 }
+
+/// Forwards every method, so that wrappers (recorders, undo logs) take an endpoint by value, by
+/// reference or shared, alike.
+macro_rules! forward {
+    ($($ty:ty),*) => {$(
+        impl<S: Source + ?Sized> Source for $ty {
+            fn name(&self) -> &Path { (**self).name() }
+            fn kind(&self) -> Kind { (**self).kind() }
+            fn caps(&self) -> Caps { (**self).caps() }
+            fn size(&self) -> u64 { (**self).size() }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> { (**self).read_at(buf, offset) }
+            fn segment_at(&self, offset: u64) -> Result<Segment> { (**self).segment_at(offset) }
+            fn drop_cache(&self, offset: u64, len: u64) { (**self).drop_cache(offset, len) }
+            fn identity(&self) -> Identity { (**self).identity() }
+            fn check_intact(&self) -> Result<()> { (**self).check_intact() }
+        }
+        impl<S: Target + ?Sized> Target for $ty {
+            fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> { (**self).write_at(buf, offset) }
+            fn zero(&self, offset: u64, len: u64) -> Result<()> { (**self).zero(offset, len) }
+            fn set_size(&self, size: u64) -> Result<()> { (**self).set_size(size) }
+            fn flush(&self) -> Result<()> { (**self).flush() }
+            fn flush_partial(&self) -> Result<()> { (**self).flush_partial() }
+        }
+    )*};
+}
+forward!(&S, std::sync::Arc<S>);
 
 /// Walks an endpoint's allocation map forwards, asking the endpoint once per segment rather than
 /// once per chunk (`SEEK_HOLE` can cost a walk over the extent tree).

@@ -35,11 +35,8 @@ pub(crate) const CHUNK: usize = 2 << 20;
 pub(crate) enum Action<'a> {
     /// Only find them.
     Compare,
-    /// Write them to this target.
+    /// Write them to this target (a recorder, to record them: [`crate::record`]).
     Apply(&'a dyn Target),
-    /// Record them in a delta file: the source's bytes as the new content, the destination's as
-    /// the old.
-    Record(&'a crate::delta::Writer),
 }
 
 /// One comparison of `source` against `dest` over `[0, scan_len)`.
@@ -57,8 +54,6 @@ pub(crate) struct Scan<'a> {
     pub keep_ranges: usize,
     /// Limits the rate of source reads.
     pub throttle: Option<&'a Throttle>,
-    /// When applying, first save the old content of every run into this undo log.
-    pub undo: Option<&'a crate::delta::Writer>,
 }
 
 /// What a scan found.
@@ -165,37 +160,21 @@ impl Scan<'_> {
                                 break;
                             }
                         }
-                        let processed = self.process(&work, &mut bufs, counters).and_then(|diffs| {
-                            // Held back only while there are held writes to wait for.
-                            if self.undo.is_some() && !bufs.held.writes.is_empty() {
-                                bufs.held.chunks.push((work.offset, work.len as u64, diffs));
-                                if bufs.held.bytes < Held::LIMIT {
-                                    return Ok(());
-                                }
-                                return self.release(&mut bufs.held, collector, counters);
-                            }
+                        let processed = self.process(&work, &mut bufs, counters).map(|diffs| {
                             collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
                                 work.offset,
                                 work.len as u64,
                                 diffs,
                             );
-                            Ok(())
                         });
                         match processed {
                             Ok(()) => control.observer.progress(&counters.snapshot()),
                             Err(e) => {
                                 failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
                                 stop.store(true, Ordering::Relaxed);
-                                bufs.held = Held::default();
                                 break;
                             }
                         }
-                    }
-                    // What is still held goes out now, whether the scan ended, was cancelled, or
-                    // another worker failed: its records are in the log, which is synced first.
-                    if let Err(e) = self.release(&mut bufs.held, collector, counters) {
-                        failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
-                        stop.store(true, Ordering::Relaxed);
                     }
                 });
             }
@@ -256,33 +235,6 @@ impl Scan<'_> {
         Ok(())
     }
 
-    /// Makes the undo log durable, then writes what a worker held back (see [`Held`]) and reports
-    /// its chunks done. If the log cannot be made durable, nothing held is written.
-    fn release(&self, held: &mut Held, collector: &Mutex<Collector>, counters: &Counters) -> Result<()> {
-        let (Some(undo), Action::Apply(target)) = (self.undo, self.action) else { return Ok(()) };
-        if held.chunks.is_empty() {
-            return Ok(());
-        }
-        let taken = std::mem::take(held);
-        if !taken.writes.is_empty() {
-            undo.sync_through()?;
-        }
-        for (at, len, data) in taken.writes {
-            if let Some(bytes) = data {
-                target.write_at(&bytes, at)?;
-                counters.add_written(len);
-            } else {
-                target.zero(at, len)?;
-                counters.add_zeroed(len);
-            }
-        }
-        let mut collector = collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (offset, len, diffs) in taken.chunks {
-            collector.complete(offset, len, diffs);
-        }
-        Ok(())
-    }
-
     /// Compares one chunk and applies the differences. Returns the differing ranges.
     fn process(&self, work: &Work, bufs: &mut Buffers, counters: &Counters) -> Result<Vec<Extent>> {
         let len = work.len;
@@ -317,24 +269,6 @@ impl Scan<'_> {
             start = end;
         }
 
-        if let (Action::Apply(_), Some(undo)) = (self.action, self.undo) {
-            // Write-ahead: the old content of every run of this chunk is in the undo log, and
-            // durable, before the first of them is overwritten. A full disk under the log stops
-            // the sync here, with the destination untouched past what the log covers.
-            for &(fix, run) in runs.iter() {
-                // The undo log turns the new content back into the old: the old bytes are the
-                // record, the new ones its "before".
-                let range = run.offset as usize..run.end() as usize;
-                let old = &dst[range.clone()];
-                let (kind, old) = if dest_is_zero || is_zero(old) {
-                    (crate::delta::Kind::Zeros, &[][..])
-                } else {
-                    (crate::delta::Kind::Data, old)
-                };
-                let new = (fix == Fix::Data).then(|| &src[range]);
-                undo.record(kind, work.offset + run.offset, run.len as u32, old, new)?;
-            }
-        }
         let mut diffs = Vec::with_capacity(runs.len());
         for &(fix, run) in runs.iter() {
             let at = work.offset + run.offset;
@@ -348,23 +282,7 @@ impl Scan<'_> {
                     counters.add_written(run.len);
                 }
             }
-            if let Action::Record(writer) = self.action {
-                let range = run.offset as usize..run.end() as usize;
-                let before = (!dest_is_zero).then(|| &dst[range.clone()]);
-                let kind = if fix == Fix::Zero { crate::delta::Kind::Zeros } else { crate::delta::Kind::Data };
-                writer.record(kind, at, run.len as u32, &src[range], before)?;
-                if fix == Fix::Zero {
-                    counters.add_zeroed(run.len);
-                } else {
-                    counters.add_written(run.len);
-                }
-            }
-            if let (Action::Apply(_), Some(_)) = (self.action, self.undo) {
-                // Held back until the log's records of them are durable (see `Held`).
-                let data = (fix == Fix::Data).then(|| src[run.offset as usize..run.end() as usize].to_vec());
-                bufs.held.bytes += run.len as usize;
-                bufs.held.writes.push((at, run.len, data));
-            } else if let Action::Apply(target) = self.action {
+            if let Action::Apply(target) = self.action {
                 match fix {
                     Fix::Data => {
                         let range = run.offset as usize..run.end() as usize;
@@ -395,32 +313,12 @@ struct Buffers {
     source: Vec<u8>,
     dest: Vec<u8>,
     runs: Runs<Fix>,
-    held: Held,
 }
 
 impl Buffers {
     fn new() -> Buffers {
-        Buffers { source: vec![0; CHUNK], dest: vec![0; CHUNK], runs: Runs::new(), held: Held::default() }
+        Buffers { source: vec![0; CHUNK], dest: vec![0; CHUNK], runs: Runs::new() }
     }
-}
-
-/// With an undo log, a worker's writes are held back until the log's records of them are
-/// durable: one fdatasync for up to [`Held::LIMIT`] bytes of changes instead of one per chunk
-/// (1 % of 1 GiB changed: 2.6× a plain sync with a sync per chunk). The chunks they belong to
-/// are reported done only once written, so "the first N bytes are in sync" stays true.
-#[derive(Default)]
-struct Held {
-    /// (offset, length, data; `None` for zeros).
-    writes: Vec<(u64, u64, Option<Vec<u8>>)>,
-    bytes: usize,
-    /// Chunks processed whose writes are held: (offset, length, differing ranges).
-    chunks: Vec<(u64, u64, Vec<Extent>)>,
-}
-
-impl Held {
-    /// Bytes of changes a worker holds before it syncs the log and writes them: bounds memory
-    /// (threads × 8 MiB) and the fdatasync rate.
-    const LIMIT: usize = 8 << 20;
 }
 
 /// Reads the allocated parts of `[offset, offset + buf.len())` into `buf` and zeroes the rest.

@@ -18,6 +18,7 @@ use crate::endpoint::{Source, Target};
 use crate::engine::{Action, Scan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::{Control, Counters, Phase, Snapshot};
+use crate::record::Recorder;
 
 /// Options of `diff`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,38 +73,7 @@ pub fn source_identity(path: &Path) -> String {
         .join(" ")
 }
 
-/// A random 16-byte id.
-pub fn random_id() -> Result<[u8; 16]> {
-    use std::io::Read;
-    let mut id = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .map_err(|e| Error::new(ErrorKind::Io, format!("reading /dev/urandom: {e}")))?;
-    Ok(id)
-}
-
-/// Seconds since the epoch and the local UTC offset, from `date` semantics without a time-zone
-/// database: the offset is what `localtime_r` says, via the `TZ`-aware `date +%z`.
-pub(crate) fn now() -> (i64, i32) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let offset = std::process::Command::new("date")
-        .arg("+%z")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|z| {
-            let z = z.trim();
-            let sign = if z.starts_with('-') { -1 } else { 1 };
-            let digits = z.trim_start_matches(['+', '-']);
-            let hours: i32 = digits.get(..2)?.parse().ok()?;
-            let minutes: i32 = digits.get(2..4)?.parse().ok()?;
-            Some(sign * (hours * 3600 + minutes * 60))
-        })
-        .unwrap_or(0);
-    (secs, offset)
-}
+pub use crate::id::random_id;
 
 /// Writes to `out` a delta that turns `base` into `source`.
 pub fn diff(
@@ -115,36 +85,27 @@ pub fn diff(
 ) -> Result<DiffSummary> {
     let src = Local::open_source(source)?;
     let old = Local::open_source(base)?;
-    let result = write_delta(&src, &old, out, [0; 16], options, control);
+    let result = write_delta(&src, &old, out, options, control);
     let closed = src.close().and(old.close());
     crate::endpoint::after_close(result, closed, "the delta was written")
 }
 
-/// Writes to `out` a delta that turns `old` into `src`, linked to `parent`.
+/// Writes to `out` a delta that turns `old` into `src`: the engine syncs `src` into a
+/// [`Recorder`] over `old`, which turns the writes into records and commits them, with both
+/// images' fingerprints, once the whole source was compared.
 pub fn write_delta(
     src: &dyn Source,
     old: &dyn Source,
     out: &Path,
-    parent: [u8; 16],
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<DiffSummary> {
     delta::check_output(out, &[src.identity(), old.identity()])?;
-    let (created, utc_offset) = now();
-    let header = Header {
-        id: random_id()?,
-        parent,
-        block_size: options.block_size as u32,
-        size_before: old.size(),
-        size_after: src.size(),
-        created,
-        utc_offset,
-        source: src.name().display().to_string(),
-        source_identity: source_identity(src.name()),
-        comment: options.comment.clone(),
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let writer = Writer::create(out, &header)?;
+    let mut header =
+        Header::new([0; 16], options.block_size as u32, &src.name().display().to_string(), &options.comment)?;
+    header.source_identity = source_identity(src.name());
+    let recorder = Recorder::new(old, out.to_path_buf(), header, true);
+    recorder.set_size(src.size())?;
     let throttle = options.bwlimit.map(crate::throttle::Throttle::new);
     let counters = Counters::new();
     counters.set_total(src.size());
@@ -152,37 +113,35 @@ pub fn write_delta(
     let scan = Scan {
         source: src,
         source_len: src.size(),
-        dest: old,
+        dest: &recorder,
         scan_len: src.size(),
         block_size: options.block_size,
         threads: options.threads,
         keep_cache: options.keep_cache,
-        action: Action::Record(&writer),
+        action: Action::Apply(&recorder),
         keep_ranges: 0,
         throttle: throttle.as_ref(),
-        undo: None,
     };
-    let found = match scan.run(&counters, control).and_then(|f| {
+    match scan.run(&counters, control).and_then(|f| {
         if !f.cancelled {
             src.check_intact()?;
         }
         Ok(f)
     }) {
-        Ok(found) if !found.cancelled => found,
+        Ok(found) if !found.cancelled => {}
         Ok(_) => {
-            writer.abandon();
+            recorder.abandon();
             return Err(Error::new(ErrorKind::Interrupted, "interrupted: no delta was written"));
         }
         Err(e) => {
-            writer.abandon();
+            recorder.abandon();
             return Err(e);
         }
-    };
-    let _ = found;
-    let file_size = writer.commit()?;
+    }
+    let file_size = recorder.commit()?;
     Ok(DiffSummary {
         delta: out.display().to_string(),
-        header,
+        header: recorder.header(),
         counters: counters.snapshot(),
         file_size,
         bytes_sent: 0,
@@ -483,6 +442,17 @@ pub struct Info {
     pub data_bytes: u64,
     /// Bytes it zeroes.
     pub zero_bytes: u64,
+    /// Fingerprint of the image it applies to (hex; empty when not recorded).
+    #[serde(default)]
+    pub before_fingerprint: String,
+    /// Fingerprint of the image it produces (hex; empty when not recorded).
+    #[serde(default)]
+    pub after_fingerprint: String,
+}
+
+/// A fingerprint in hex, empty when not recorded.
+fn fingerprint_hex(f: &[u8; 32]) -> String {
+    if *f == delta::States::UNRECORDED { String::new() } else { delta::to_hex(f) }
 }
 
 /// Validates a delta and describes it.
@@ -495,6 +465,8 @@ pub fn info(path: &Path) -> Result<Info> {
         records: d.index.len() as u64,
         data_bytes: sum(Kind::Data),
         zero_bytes: sum(Kind::Zeros),
+        before_fingerprint: fingerprint_hex(&d.states.before),
+        after_fingerprint: fingerprint_hex(&d.states.after),
         header: d.header,
     })
 }
@@ -539,7 +511,16 @@ pub fn merge(inputs: &[&Path], out: &Path, control: Control<'_>) -> Result<Info>
     let (Some(first), Some(last)) = (deltas.first(), deltas.last()) else {
         return Err(Error::usage("merge needs at least one delta"));
     };
-    check_consecutive(&deltas)?;
+    let unproven = check_consecutive(&deltas)?;
+    if let Some((a, b)) = &unproven {
+        control.observer.warn(&format!(
+            "nothing proves that {} follows {}: neither a parent link nor image fingerprints connect them \
+             (a delta written before fingerprints existed, or an undo log); they are checked only where \
+             their changes overlap",
+            b.display(),
+            a.display()
+        ));
+    }
     let plan = Plan::build(&deltas, control)?.ok_or_else(interrupted)?;
     let (created, utc_offset) = (last.header.created, last.header.utc_offset);
     let header = Header {
@@ -556,6 +537,9 @@ pub fn merge(inputs: &[&Path], out: &Path, control: Control<'_>) -> Result<Info>
         tool_version: env!("CARGO_PKG_VERSION").into(),
     };
     let writer = Writer::create(out, &header)?;
+    if unproven.is_none() {
+        writer.set_states(delta::States { before: first.states.before, after: last.states.after });
+    }
     match plan.write(&deltas, &writer, control) {
         Ok(Some(unrecorded)) => {
             writer.commit()?;
@@ -582,10 +566,13 @@ pub fn merge(inputs: &[&Path], out: &Path, control: Control<'_>) -> Result<Info>
 }
 
 /// Refuses inputs that do not follow each other: the same delta twice (same id), a size that
-/// does not continue the previous delta's, or a parent link that names another delta. A delta
-/// without a parent (`diff` and undo logs write none) is also checked by content as the plan is
-/// built ([`Plan::build`]).
-fn check_consecutive(deltas: &[Delta]) -> Result<()> {
+/// does not continue the previous delta's, a parent link that names another delta, or image
+/// fingerprints that differ (the first produces one image, the second applies to another). Every
+/// pair is also checked by content where their changes overlap, as the plan is built
+/// ([`Plan::build`]). Returns the first pair that nothing links (no parent link, and a
+/// fingerprint missing on either side), whose paths the caller warns about.
+fn check_consecutive(deltas: &[Delta]) -> Result<Option<(PathBuf, PathBuf)>> {
+    let mut unproven = None;
     let refuse = |a: &Delta, b: &Delta, why: String| {
         Error::new(
             ErrorKind::WrongTarget,
@@ -618,8 +605,25 @@ fn check_consecutive(deltas: &[Delta]) -> Result<()> {
                 ),
             ));
         }
+        let (after, before) = (a.states.after, b.states.before);
+        let recorded = after != delta::States::UNRECORDED && before != delta::States::UNRECORDED;
+        if recorded && after != before {
+            return Err(refuse(
+                a,
+                b,
+                format!(
+                    "the first produces the image with fingerprint {}, the second applies to the image with \
+                     fingerprint {}",
+                    &fingerprint_hex(&after)[..16],
+                    &fingerprint_hex(&before)[..16]
+                ),
+            ));
+        }
+        if !recorded && b.header.parent != a.header.id && unproven.is_none() {
+            unproven = Some((a.path().to_path_buf(), b.path().to_path_buf()));
+        }
     }
-    Ok(())
+    Ok(unproven)
 }
 
 /// What the original image held in a range where some input first changed it.

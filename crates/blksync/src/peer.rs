@@ -20,14 +20,14 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::compress::{self, Compressor};
 use crate::endpoint::local::{Local, OpenTarget};
-use crate::endpoint::{Identity, Kind, SegmentCursor, Source};
+use crate::endpoint::{Identity, Kind, SegmentCursor, Source, Target};
 use crate::engine::fill;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Runs;
 use crate::hash::{Hasher, Tree, chunk_size};
 use crate::protocol::message::{Role, open_flags};
 use crate::protocol::{FEATURES, Msg, VERSION};
-use crate::sink::{ChainSink, RecordSink, Sink, UndoSink};
+use crate::record::{Append, Recorder, Undo};
 use crate::zero::is_zero;
 
 mod files;
@@ -42,7 +42,8 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
     let mut peer = Peer {
         replies: replies.clone(),
         endpoint: None,
-        sink: None,
+        target: None,
+        plain: None,
         role: Role::Source,
         keep_cache: false,
         scan: None,
@@ -83,7 +84,11 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
 struct Peer {
     replies: Sender<Msg>,
     endpoint: Option<Arc<dyn Source>>,
-    sink: Option<Sink>,
+    /// The endpoint again, as the target that writes go to (a recorder, for `Record`, `Undo`
+    /// and a chain).
+    target: Option<Arc<dyn Target>>,
+    /// A target just opened, before `Record` or `Undo` wrap it.
+    plain: Option<Arc<Local>>,
     role: Role,
     keep_cache: bool,
     scan: Option<Arc<ScanState>>,
@@ -134,11 +139,17 @@ impl Peer {
         self.endpoint.as_ref().ok_or_else(|| Error::protocol("request before Open"))
     }
 
-    fn sink(&mut self) -> Result<&mut Sink> {
+    fn target(&self) -> Result<&Arc<dyn Target>> {
         if self.role != Role::Target {
             return Err(Error::protocol("write request to a source (the source is never written)"));
         }
-        self.sink.as_mut().ok_or_else(|| Error::protocol("write request before Open"))
+        self.target.as_ref().ok_or_else(|| Error::protocol("write request before Open"))
+    }
+
+    /// Serves `target` (a plain one, or a recorder around it) from now on.
+    fn serve_target(&mut self, target: Arc<impl Target + 'static>) {
+        self.target = Some(Arc::clone(&target) as Arc<dyn Target>);
+        self.endpoint = Some(target);
     }
 
     fn reply(&self, msg: Msg) {
@@ -159,7 +170,7 @@ impl Peer {
             }
             Msg::Open { role, flags, mode, size, path, name } => self.open(role, flags, (mode, size), &path, &name)?,
             Msg::SetSize { size } => {
-                self.sink()?.set_size(size)?;
+                self.target()?.set_size(size)?;
                 self.reply(Msg::Done);
             }
             Msg::Scan { key, block, end, data_len, threads } => self.start_scan(key, block, end, data_len, threads)?,
@@ -185,22 +196,22 @@ impl Peer {
             Msg::Write(chunk) => {
                 let data = compress::decode(&chunk)?;
                 let keep_cache = self.keep_cache;
-                let sink = self.sink()?;
-                sink.write(&data, chunk.offset)?;
+                let target = self.target()?;
+                target.write_at(&data, chunk.offset)?;
                 if !keep_cache {
                     // As in the local engine: dropping the range starts its writeback now, so
                     // the final flush does not have to write everything at once.
-                    sink.drop_cache(chunk.offset, data.len() as u64);
+                    target.drop_cache(chunk.offset, data.len() as u64);
                 }
             }
-            Msg::Zero { offset, len } => self.sink()?.zero(offset, len)?,
+            Msg::Zero { offset, len } => self.target()?.zero(offset, len)?,
             Msg::Flush => {
                 let keep_cache = self.keep_cache;
                 let size = self.endpoint()?.size();
-                let sink = self.sink()?;
-                sink.flush()?;
+                let target = self.target()?;
+                target.flush()?;
                 if !keep_cache {
-                    sink.drop_cache(0, size);
+                    target.drop_cache(0, size);
                 }
                 self.reply(Msg::Done);
             }
@@ -251,9 +262,9 @@ impl Peer {
     fn end_early(&mut self, msg: &Msg) -> Result<()> {
         match (msg, self.upload.take()) {
             (Msg::FlushPartial, Some(upload)) => drop(upload), // removes its temporary file
-            (Msg::FlushPartial, None) => self.sink()?.flush_partial()?,
+            (Msg::FlushPartial, None) => self.target()?.flush_partial()?,
             _ => {
-                if let Some(Sink::Plain(local)) = &self.sink
+                if let Some(local) = &self.plain
                     && local.created()
                 {
                     let _ = std::fs::remove_file(local.name());
@@ -315,9 +326,11 @@ impl Peer {
         self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
         let local = Arc::new(local);
         if role == Role::Target {
-            self.sink = Some(Sink::Plain(Arc::clone(&local)));
+            self.plain = Some(Arc::clone(&local));
+            self.serve_target(local);
+        } else {
+            self.endpoint = Some(local);
         }
-        self.endpoint = Some(local);
         Ok(())
     }
 
@@ -353,14 +366,19 @@ impl Peer {
             }
             Role::Target => {
                 let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                let (sink, image) = ChainSink::open(dir, &text(comment), (&text(source), source_size), block)?;
-                let endpoint: Arc<dyn Source> = match (image, sink.first_file()) {
-                    (Some(image), _) => image,
-                    (None, Some(file)) => file,
-                    (None, None) => return Err(Error::protocol("chain sink without an endpoint")),
-                };
-                self.sink = Some(Sink::Chain(Box::new(sink)));
-                (endpoint, self.sink.as_ref().is_some_and(|s| matches!(s, Sink::Chain(c) if c.first_file().is_some())))
+                let source = text(source);
+                let header = crate::delta::Header::new([0; 16], block, &source, &text(comment))?;
+                let point = Arc::new(Append::open(dir, header, |last| {
+                    // 0 skips the same-image check (`--force`).
+                    if source_size == 0 {
+                        Ok(())
+                    } else {
+                        crate::backup::same_path_and_size(dir, last, &source, source_size)
+                    }
+                })?);
+                let created = point.is_new();
+                self.target = Some(Arc::clone(&point) as Arc<dyn Target>);
+                (point, created)
             }
         };
         let caps = endpoint.caps();
@@ -387,7 +405,7 @@ impl Peer {
 
     /// Starts an upload (`Put`): the following `Write`s go to it, `Flush` commits it.
     fn put(&mut self, path: &[u8], mode: u32) -> Result<()> {
-        if self.upload.is_some() || self.sink.is_some() {
+        if self.upload.is_some() || self.target.is_some() {
             return Err(Error::protocol("Put while another file is being written"));
         }
         let spooled = path.is_empty();
@@ -402,7 +420,7 @@ impl Peer {
     /// at `path` (or in the spool), and the base itself is never written.
     fn record(&mut self, path: &[u8], comment: &[u8], source: &[u8], block: u32) -> Result<()> {
         let path = self.output_path(path)?;
-        let Some(Sink::Plain(local)) = self.sink.take() else {
+        let Some(local) = self.plain.take() else {
             return Err(Error::protocol("Record needs a freshly opened target"));
         };
         if local.kind() == Kind::Absent {
@@ -410,9 +428,9 @@ impl Peer {
         }
         crate::delta::check_output(&path, &[local.identity()])?;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        let header = crate::sink::new_header([0; 16], block, &text(source), &text(comment))?;
-        let base: Arc<dyn Source> = local;
-        self.sink = Some(Sink::Record(Box::new(RecordSink::new(base, path.clone(), header))));
+        let header = crate::delta::Header::new([0; 16], block, &text(source), &text(comment))?;
+        // The base is read through the recorder, which fingerprints it as the scan goes.
+        self.serve_target(Arc::new(Recorder::new(local, path.clone(), header, true)));
         self.reply(Msg::Path { path: path.into_os_string().into_vec() });
         Ok(())
     }
@@ -421,12 +439,12 @@ impl Peer {
     /// spool) first (`Undo`).
     fn undo(&mut self, path: &[u8], comment: &[u8]) -> Result<()> {
         let path = self.output_path(path)?;
-        let Some(Sink::Plain(local)) = self.sink.take() else {
+        let Some(local) = self.plain.take() else {
             return Err(Error::protocol("Undo needs a freshly opened target"));
         };
         crate::delta::check_output(&path, &[local.identity()])?;
         let text = String::from_utf8_lossy(comment).into_owned();
-        self.sink = Some(Sink::Undo(Box::new(UndoSink::new(local, path.clone(), text))));
+        self.serve_target(Arc::new(Undo::new(local, path.clone(), text)));
         self.reply(Msg::Path { path: path.into_os_string().into_vec() });
         Ok(())
     }

@@ -19,6 +19,7 @@ use crate::engine::{Action, Scan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
 use crate::progress::{Control, Counters, Phase, Snapshot};
+use crate::record::Undo;
 use crate::sizing::{self, SizePolicy};
 use crate::throttle::Throttle;
 
@@ -206,14 +207,19 @@ pub fn sync(
         warnings.push(w.clone());
     }
     let undo = match &options.undo {
-        Some(path) => Some(begin_undo(path, src, dst, (sizing.resize_to.unwrap_or(before), before), options.force)?),
+        Some(path) => Some(begin_undo(path, src, dst, sizing.resize_to.unwrap_or(before), options.force)?),
         None => None,
+    };
+    // Everything below writes through the undo log when there is one.
+    let dst: &dyn Target = match &undo {
+        Some(undo) => undo,
+        None => dst,
     };
     if let (Some(size), false) = (sizing.resize_to, options.dry_run)
         && let Err(e) = dst.set_size(size)
     {
-        if let Some(writer) = undo {
-            writer.abandon();
+        if let Some(undo) = &undo {
+            undo.abandon();
         }
         return Err(e);
     }
@@ -233,7 +239,6 @@ pub fn sync(
         action: if options.dry_run { Action::Compare } else { Action::Apply(dst) },
         keep_ranges: 0,
         throttle: throttle.as_ref(),
-        undo: undo.as_ref(),
     };
     // A snapshot that overflowed while it was read gave garbage: that is a failure, found
     // before the undo log or anything else claims success.
@@ -243,21 +248,9 @@ pub fn sync(
         }
         Ok(found)
     });
-    // Whatever happened, make what was written durable before saying anything about it.
-    let flushed = if options.dry_run { Ok(()) } else { dst.flush() };
-    // The undo log holds the old content of every block written so far (each was recorded
-    // before it was overwritten), so it is valid even after a failure or an interruption.
-    let undo_log = match (undo, &options.undo) {
-        (Some(writer), Some(path)) => {
-            if let Err(e) = writer.commit() {
-                return Err(undo_incomplete(&scanned, &e, path, dst));
-            }
-            Some(path.display().to_string())
-        }
-        _ => None,
-    };
+    finish(dst, options.dry_run, &scanned, undo.is_some())?;
+    let undo_log = undo.as_ref().map(|u| u.path().display().to_string());
     let found = scanned?;
-    flushed?;
     if !options.keep_cache {
         dst.drop_cache(0, sizing.scan_len);
     }
@@ -294,82 +287,54 @@ pub fn sync(
     Ok(summary)
 }
 
-/// Starts `sync --undo PATH`'s log, for a destination going from `old` to `new` bytes.
-fn begin_undo(
-    path: &Path,
-    src: &dyn Source,
-    dst: &dyn Target,
-    (new, old): (u64, u64),
-    force: bool,
-) -> Result<delta::Writer> {
-    delta::check_output_with(path, &[src.identity(), dst.identity()], force)?;
-    let comment = format!("undo log of a sync from {}", src.name().display());
-    start_undo(path, &comment, dst, new, old).map_err(|e| {
-        let text = format!("{e}; the undo log could not be started, so nothing was changed");
-        Error::new(e.kind(), text)
-    })
+/// Whatever happened, makes what was written durable before anything is said about it. A run
+/// that did not complete commits nothing that claims to be complete (a backup point, a delta);
+/// an undo log is committed either way: it holds the old content of every block written so far,
+/// each recorded before it was overwritten. The scan's own error is reported by the caller;
+/// a flush error is returned here only with an undo log, which must be reported first.
+fn finish(dst: &dyn Target, dry_run: bool, scanned: &Result<crate::engine::Found>, undo: bool) -> Result<()> {
+    let complete = scanned.as_ref().is_ok_and(|found| !found.cancelled);
+    let flushed = match (dry_run, complete) {
+        (true, _) => Ok(()),
+        (false, true) => dst.flush(),
+        (false, false) => dst.flush_partial(),
+    };
+    match flushed {
+        Err(e) if undo => Err(undo_incomplete(scanned, &e)),
+        Err(e) if scanned.is_ok() => Err(e),
+        _ => Ok(()),
+    }
 }
 
-/// The error for an undo log that could not be committed (a full disk, most often): its records
-/// are durable, so the `.partial` file it left rolls the destination back.
-fn undo_incomplete(scanned: &Result<crate::engine::Found>, e: &Error, path: &Path, dst: &dyn Target) -> Error {
-    let partial = delta::partial_path(path);
+/// Starts `sync --undo PATH`'s log, for a destination going to `new` bytes.
+fn begin_undo<'a>(
+    path: &Path,
+    src: &dyn Source,
+    dst: &'a dyn Target,
+    new: u64,
+    force: bool,
+) -> Result<Undo<&'a dyn Target>> {
+    delta::check_output_with(path, &[src.identity(), dst.identity()], force)?;
+    let comment = format!("undo log of a sync from {}", src.name().display());
+    let undo = Undo::new(dst, path.to_path_buf(), comment);
+    undo.begin(new).map_err(|e| {
+        let text = format!("{e}; the undo log could not be started, so nothing was changed");
+        Error::new(e.kind(), text)
+    })?;
+    Ok(undo)
+}
+
+/// The error for an undo log that could not be committed (a full disk, most often), after what
+/// the scan did: its records are durable, so the `.partial` file it left rolls the destination
+/// back (the error says how).
+fn undo_incomplete(scanned: &Result<crate::engine::Found>, e: &Error) -> Error {
     let what = match scanned {
         Ok(found) if !found.cancelled => "the sync completed".to_string(),
         Ok(_) => "the sync was interrupted".to_string(),
         Err(first) => first.to_string(),
     };
     let kind = scanned.as_ref().err().map_or(e.kind(), Error::kind);
-    Error::new(
-        kind,
-        format!(
-            "{what}; the undo log could not be completed ({e}), but {} holds the old content of everything that was overwritten: \
-             `blksync apply {} {}` rolls the destination back",
-            partial.display(),
-            partial.display(),
-            dst.name().display()
-        ),
-    )
-}
-
-/// Starts an undo log that turns the destination, `new_size` bytes after the sync, back into
-/// its `old_size` bytes now. A tail that the sync will truncate is saved first.
-pub(crate) fn start_undo(
-    path: &Path,
-    comment: &str,
-    dst: &dyn Target,
-    new_size: u64,
-    old_size: u64,
-) -> Result<delta::Writer> {
-    let mut header = crate::sink::new_header([0; 16], 4096, &dst.name().display().to_string(), comment)?;
-    header.size_before = new_size;
-    header.size_after = old_size;
-    let writer = delta::Writer::create_journal(path, &header)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = new_size;
-    while pos < old_size {
-        let n = (old_size - pos).min(buf.len() as u64) as usize;
-        if let Err(e) = dst.read_at(&mut buf[..n], pos) {
-            writer.abandon();
-            return Err(e);
-        }
-        let (kind, data) = if crate::zero::is_zero(&buf[..n]) {
-            (delta::Kind::Zeros, &[][..])
-        } else {
-            (delta::Kind::Data, &buf[..n])
-        };
-        if let Err(e) = writer.record(kind, pos, n as u32, data, None) {
-            writer.abandon();
-            return Err(e);
-        }
-        pos += n as u64;
-    }
-    // The tail is durable before the destination is cut.
-    if let Err(e) = writer.sync_through() {
-        writer.abandon();
-        return Err(e);
-    }
-    Ok(writer)
+    Error::new(kind, format!("{what}; {e}"))
 }
 
 fn verify(
@@ -396,7 +361,6 @@ fn verify(
         action: Action::Compare,
         keep_ranges: 1,
         throttle: None,
-        undo: None,
     }
     .run(&counters, control)?;
     if found.cancelled {

@@ -30,12 +30,7 @@ const RANGE_CAP: usize = 100_000;
 const ACK_EVERY: u64 = 16;
 
 fn random_key() -> Result<[u8; 32]> {
-    use std::io::Read;
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
-        .map_err(|e| Error::new(ErrorKind::Io, format!("reading /dev/urandom for the session key: {e}")))?;
-    Ok(key)
+    crate::id::random()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,181 @@
+//! The fingerprint of an image's whole content (docs/DELTA-FORMAT.md, "Image fingerprints").
+//!
+//! A delta made by `diff` records the fingerprint of the image it applies to and of the one it
+//! produces, so that `merge` can prove that each input starts where the previous one ended, even
+//! when their changes never overlap (the records alone cannot tell two unrelated deltas apart
+//! then). The fingerprint is BLAKE3 over the image's size and the BLAKE3-128 of each MiB: the
+//! same per-MiB hashes a chain's base keeps in its `.sums`, so that the image behind the
+//! fingerprint can be checked block by block.
+//!
+//! [`Blocks`] collects the per-MiB hashes of an image that is read piecemeal, by many threads,
+//! in any order (the engine's workers, a peer's scan): each read hashes the blocks it covers
+//! whole, and [`Blocks::complete`] reads what no read covered (holes are not read).
+
+use crate::endpoint::{SegmentCursor, Source};
+use crate::error::Result;
+
+/// Bytes per hashed block.
+pub const BLOCK: u64 = 1 << 20;
+
+/// The hash of one block's bytes.
+#[must_use]
+pub fn block_hash(bytes: &[u8]) -> [u8; 16] {
+    crate::delta::hash16(&[bytes])
+}
+
+/// The hash of a block of `len` zeros (a full block's is computed once).
+#[must_use]
+pub fn zero_block(len: u64) -> [u8; 16] {
+    static FULL: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    if len == BLOCK { *FULL.get_or_init(|| crate::delta::zero_hash(BLOCK)) } else { crate::delta::zero_hash(len) }
+}
+
+/// Per-block hashes of an image of a fixed size, filled in any order. 17 bytes per MiB.
+pub struct Blocks {
+    size: u64,
+    hashes: Vec<Option<[u8; 16]>>,
+}
+
+impl Blocks {
+    /// No block known yet, for an image of `size` bytes.
+    #[must_use]
+    pub fn new(size: u64) -> Blocks {
+        Blocks { size, hashes: vec![None; size.div_ceil(BLOCK) as usize] }
+    }
+
+    /// The image's size.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Block `i`'s byte range.
+    #[must_use]
+    pub fn range(&self, i: u64) -> (u64, u64) {
+        (i * BLOCK, ((i + 1) * BLOCK).min(self.size))
+    }
+
+    /// Blocks in all.
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+
+    /// Block `i`'s hash, when known.
+    #[must_use]
+    pub fn get(&self, i: u64) -> Option<[u8; 16]> {
+        self.hashes.get(i as usize).copied().flatten()
+    }
+
+    /// Sets block `i`'s hash.
+    pub fn set(&mut self, i: u64, hash: [u8; 16]) {
+        if let Some(slot) = self.hashes.get_mut(i as usize) {
+            *slot = Some(hash);
+        }
+    }
+
+    /// The hashes of the blocks of an image of `size` bytes that `buf`, read at `offset`,
+    /// covers whole. Computed without a lock, so that readers hash in parallel.
+    #[must_use]
+    pub fn covered(size: u64, buf: &[u8], offset: u64) -> Vec<(u64, [u8; 16])> {
+        let end = (offset + buf.len() as u64).min(size);
+        let mut out = Vec::new();
+        let mut i = offset.div_ceil(BLOCK);
+        while i * BLOCK < end {
+            let (a, b) = (i * BLOCK, ((i + 1) * BLOCK).min(size));
+            if b > end {
+                break;
+            }
+            out.push((i, block_hash(&buf[(a - offset) as usize..(b - offset) as usize])));
+            i += 1;
+        }
+        out
+    }
+
+    /// Fills in every block no read covered, from `image`: a block that is a hole throughout is
+    /// zeros without being read.
+    pub fn complete(&mut self, image: &dyn Source) -> Result<()> {
+        let mut map = SegmentCursor::new(image);
+        let mut data = Vec::new();
+        let mut buf = Vec::new();
+        for i in 0..self.count() {
+            if self.get(i).is_some() {
+                continue;
+            }
+            let (a, b) = self.range(i);
+            map.allocated_in(a, b, &mut data)?;
+            let hash = if data.is_empty() {
+                zero_block(b - a)
+            } else {
+                buf.resize((b - a) as usize, 0);
+                read_or_zero(image, &mut buf, a)?;
+                block_hash(&buf)
+            };
+            self.set(i, hash);
+        }
+        Ok(())
+    }
+
+    /// The fingerprint, once every block is known ([`Blocks::complete`]).
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"blksync image fingerprint 1\0");
+        h.update(&self.size.to_le_bytes());
+        for (i, hash) in self.hashes.iter().enumerate() {
+            let hash = hash.unwrap_or_else(|| zero_block(self.range(i as u64).1 - self.range(i as u64).0));
+            h.update(&hash);
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+/// Reads `buf.len()` bytes of `image` at `offset`; what lies past its end reads as zeros.
+pub fn read_or_zero(image: &dyn Source, buf: &mut [u8], offset: u64) -> Result<()> {
+    let size = image.size();
+    let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    if n > 0 {
+        image.read_at(&mut buf[..n], offset)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// The fingerprint of all of `image`, read once.
+pub fn of(image: &dyn Source) -> Result<[u8; 32]> {
+    let mut blocks = Blocks::new(image.size());
+    blocks.complete(image)?;
+    Ok(blocks.fingerprint())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::memory::Memory;
+
+    #[test]
+    fn piecemeal_reads_in_any_order_give_the_fingerprint_of_one_read() {
+        let size = 3 * BLOCK + 12345;
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let image = Memory::with_bytes("a", bytes.clone());
+        let whole = of(&image).unwrap();
+        let mut blocks = Blocks::new(size);
+        // Reads that cover blocks partly, wholly, and the short last one, in reverse order.
+        for (a, b) in [(2 * BLOCK, size), (BLOCK / 2, 2 * BLOCK), (0, BLOCK / 2)] {
+            for (i, h) in Blocks::covered(size, &bytes[a as usize..b as usize], a) {
+                blocks.set(i, h);
+            }
+        }
+        assert!(blocks.get(0).is_none(), "a block read in two halves is not known from either");
+        blocks.complete(&image).unwrap();
+        assert_eq!(blocks.fingerprint(), whole);
+        let mut other = bytes;
+        other[(BLOCK + 1) as usize] ^= 1;
+        assert_ne!(of(&Memory::with_bytes("b", other)).unwrap(), whole, "one flipped bit changes it");
+        assert_ne!(
+            of(&Memory::with_bytes("z", vec![0; size as usize])).unwrap(),
+            of(&Memory::with_bytes("y", vec![0; size as usize + 1])).unwrap(),
+            "so does the size"
+        );
+    }
+}
