@@ -5,6 +5,8 @@ in the same session.
 1. 1 % scattered 4 KiB changes of random data: increment size vs changed bytes, and backup time
    vs a plain `blksync sync` of the same change.
 1b. `sync --undo` of the same change vs the plain sync (the cost of the write-ahead log).
+1c. `diff` of the same change vs `compare` of the same pair (the cost of recording, and of the
+    image fingerprints).
 2. restore of base + 20 increments vs `cp --sparse=always` of the image.
 3. compressible data (an ext4 image with files, changed by appending to them): increment size
    vs changed bytes. Needs root (loop mount).
@@ -101,6 +103,28 @@ def main():
     undo_t, _ = median_time(undo_sync, args.runs)
     print(f"1% changed: sync --undo {undo_t:.3f}s vs plain sync {sync_t:.3f}s -> {undo_t / sync_t:.2f}; "
           f"log {os.path.getsize(undo)} B")
+
+    # 1c. diff of the same change (a delta with both images' fingerprints) vs `compare`, which
+    # reads the same bytes and records nothing.
+    patch = d("h-patch.delta")
+
+    def compare():
+        warm(changed, base)
+        t = time.perf_counter()
+        subprocess.run([bs, "compare", "-q", changed, base], capture_output=True)
+        return time.perf_counter() - t, None
+
+    def diff():
+        if os.path.exists(patch):
+            os.unlink(patch)
+        warm(changed, base)
+        t, _ = timed([bs, "diff", "-q", changed, base, "-o", patch])
+        return t, None
+
+    cmp_t, _ = median_time(compare, args.runs)
+    diff_t, _ = median_time(diff, args.runs)
+    print(f"1% changed: diff {diff_t:.3f}s vs compare {cmp_t:.3f}s -> {diff_t / cmp_t:.2f}; "
+          f"delta {os.path.getsize(patch)} B")
 
     # 2. Restore of base + 20 increments vs cp --sparse=always.
     shutil.rmtree(chain, ignore_errors=True)

@@ -61,16 +61,10 @@ fn ssh_options(r: &RemoteArgs, source: bool) -> SshOptions {
     }
 }
 
-/// `sync`'s advice for the size messages of the library, which name no flags because `restore`
+/// `sync`'s advice for the size warnings of the library, which name no flags because `restore`
 /// reaches them too and has none of these.
 fn sync_hint(message: &str) -> Option<&'static str> {
-    if message.contains("destination device is too small") {
-        Some("--common-size syncs only the first min(SRC, DST) bytes")
-    } else if message.contains("of the destination are left as they are") {
-        Some("--zero-tail zeroes them")
-    } else {
-        None
-    }
+    message.contains("of the destination are left as they are").then_some("--zero-tail zeroes them")
 }
 
 /// `blksync sync`.
@@ -132,12 +126,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         }
     };
     render.finish();
-    let summary = result.map_err(|e| match sync_hint(e.message()) {
-        Some(hint) if e.kind() == blksync::ErrorKind::SizeMismatch => {
-            blksync::Error::new(e.kind(), format!("{} ({hint})", e.message()))
-        }
-        _ => e,
-    })?;
+    let summary = result?;
     let c = &summary.counters;
     let (verb, zeroed) = if summary.dry_run { ("would write", "zero") } else { ("wrote", "zeroed") };
     render.line(&format!(

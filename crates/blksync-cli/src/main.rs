@@ -7,6 +7,7 @@
 mod args;
 mod commands;
 mod console;
+mod hint;
 mod human;
 mod json;
 mod render;
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Different) => ExitCode::from(1),
         Err(e) => {
+            let e = hint::add(name, e);
             // The whole chain on one line: "reading /dev/sdb at byte offset 4096: Input/output error".
             console::err(&format!("blksync: error: {e:#}"));
             let code = e.downcast_ref::<blksync::Error>().map_or(2, |e| e.kind().exit_code());

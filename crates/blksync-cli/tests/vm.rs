@@ -409,7 +409,7 @@ mod in_vm_lvm {
         }
         let out = child.wait_with_output().unwrap();
         assert_ne!(out.code(), 0, "a backup of an overflowed snapshot succeeded");
-        assert!(out.stderr_text().contains("snapshot"), "{}", out.stderr_text());
+        assert!(out.stderr_text().contains("a larger --snapshot-size"), "{}", out.stderr_text());
         assert_eq!(run(&["list", "--json", chain]).json()["points"].as_array().unwrap().len(), 1, "no point recorded");
         assert!(our_snapshots(&vg).is_empty(), "the snapshot was removed");
     }

@@ -59,7 +59,7 @@ pub fn run() -> u8 {
                 // The client went away: serving ends when this sender drops.
                 Ok(None) => return,
                 Err(e) => {
-                    let _ = protocol_errors.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+                    let _ = protocol_errors.send(Msg::failure(&e));
                     return;
                 }
             }

@@ -111,11 +111,12 @@ fn same_image(dir: &Path, last: &Header, source: &Path, src: &dyn Source) -> Res
         Error::new(
             ErrorKind::WrongTarget,
             format!(
-                "{} does not look like the image backed up in {}: {why}; back it up into another directory, or add --force to make it the next point anyway",
+                "{} does not look like the image backed up in {}: {why}; back it up into another directory, or make it the next point anyway",
                 source.display(),
                 dir.display()
             ),
         )
+        .with_hint(crate::error::Hint::Force)
     };
     if let (Some(was), Some(is)) = (uuid(&last.source_identity), uuid(&now))
         && was != is
@@ -132,12 +133,13 @@ pub(crate) fn same_path_and_size(dir: &Path, last: &Header, source: &str, size: 
         return Err(Error::new(
             ErrorKind::WrongTarget,
             format!(
-                "{source} does not look like the image backed up in {}: the chain holds {} ({} bytes), this is {size} bytes; back it up into another directory, or add --force to make it the next point anyway",
+                "{source} does not look like the image backed up in {}: the chain holds {} ({} bytes), this is {size} bytes; back it up into another directory, or make it the next point anyway",
                 dir.display(),
                 last.source,
                 last.size_after
             ),
-        ));
+        )
+        .with_hint(crate::error::Hint::Force));
     }
     Ok(())
 }

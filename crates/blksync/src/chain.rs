@@ -81,7 +81,7 @@ pub(crate) fn lock_base(dir: &Path, exclusive: bool) -> Result<Option<std::fs::F
         Err(e) if e.kind() == ErrorKind::InUse => Err(Error::new(
             ErrorKind::InUse,
             if exclusive {
-                format!("{} is being read (a restore or a list --verify); prune it when that is done", dir.display())
+                format!("{} is being read (a restore or a verification); prune it when that is done", dir.display())
             } else {
                 format!("{} is being pruned; try again when the prune is done", dir.display())
             },

@@ -111,18 +111,55 @@ const WIRE_KINDS: [ErrorKind; 14] = [
     ErrorKind::Unsupported,
 ];
 
-/// An error of this crate: a kind, a human description of where and what, and the cause.
+/// What would get past an error, for a front end to say in its own terms (a flag, a button):
+/// the library's messages name no front end's options, since a second front end (an NBD
+/// server, a library user) has other ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Hint {
+    /// Overriding the safety check that refused.
+    Force,
+    /// A larger copy-on-write area for the snapshot (it overflowed).
+    LargerSnapshot,
+    /// A smaller one (the volume group has too little free space for it).
+    SmallerSnapshot,
+    /// Waiting longer for a peer that is silent.
+    LongerTimeout,
+    /// Syncing only the part both sides have (their sizes differ).
+    CommonSize,
+}
+
+impl Hint {
+    const WIRE: [Hint; 5] =
+        [Hint::Force, Hint::LargerSnapshot, Hint::SmallerSnapshot, Hint::LongerTimeout, Hint::CommonSize];
+
+    /// The hint's number on the wire (docs/PROTOCOL.md, `Error.hint`); 0 is none.
+    #[must_use]
+    pub fn to_wire(hint: Option<Hint>) -> u8 {
+        hint.and_then(|h| Hint::WIRE.iter().position(|w| *w == h)).map_or(0, |i| i as u8 + 1)
+    }
+
+    /// The hint for a number from the wire; 0 and unknown numbers are none.
+    #[must_use]
+    pub fn from_wire(n: u8) -> Option<Hint> {
+        n.checked_sub(1).and_then(|i| Hint::WIRE.get(usize::from(i)).copied())
+    }
+}
+
+/// An error of this crate: a kind, a human description of where and what, the cause, and
+/// what would help.
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
     source: Option<io::Error>,
+    hint: Option<Hint>,
 }
 
 impl Error {
     /// An error with no underlying OS error.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into(), source: None }
+        Error { kind, message: message.into(), source: None, hint: None }
     }
 
     /// An invalid request.
@@ -138,7 +175,7 @@ impl Error {
             Some(offset) => format!("{op} {} at byte offset {offset}", path.display()),
             None => format!("{op} {}", path.display()),
         };
-        Error { kind: ErrorKind::of_io(&source), message, source: Some(source) }
+        Error { kind: ErrorKind::of_io(&source), message, source: Some(source), hint: None }
     }
 
     /// A protocol violation by the other side.
@@ -151,6 +188,25 @@ impl Error {
     pub fn context(mut self, prefix: &str) -> Error {
         self.message = format!("{prefix}: {}", self.message);
         self
+    }
+
+    /// The same error, with what would help.
+    #[must_use]
+    pub fn with_hint(mut self, hint: impl Into<Option<Hint>>) -> Error {
+        self.hint = hint.into();
+        self
+    }
+
+    /// What would help, when the library knows.
+    #[must_use]
+    pub fn hint(&self) -> Option<Hint> {
+        self.hint
+    }
+
+    /// A new message for the same failure (its kind, cause and hint kept).
+    #[must_use]
+    pub fn reworded(self, message: impl Into<String>) -> Error {
+        Error { message: message.into(), source: None, ..self }
     }
 
     /// The kind of failure, which decides the exit code.
@@ -226,6 +282,16 @@ mod tests {
         let e = Error::io("reading", Path::new("/dev/sdz"), Some(4096), io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(e.to_string(), "reading /dev/sdz at byte offset 4096: Input/output error");
         assert_eq!(e.kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn hints_cross_the_wire_and_survive_a_new_wording() {
+        for n in 0..=u8::MAX {
+            let hint = Hint::from_wire(n);
+            assert_eq!(Hint::to_wire(hint), if hint.is_some() { n } else { 0 });
+        }
+        let e = Error::usage("x").with_hint(Hint::Force).context("host").reworded("y");
+        assert_eq!((e.hint(), e.message()), (Some(Hint::Force), "y"));
     }
 
     #[test]

@@ -54,4 +54,4 @@ pub mod temp;
 pub mod throttle;
 pub mod zero;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Hint, Result};

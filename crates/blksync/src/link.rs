@@ -179,13 +179,15 @@ impl Watchdog {
                 continue;
             }
             let message = format!(
-                "{}: no word from the agent for {} s (it is stopped, stuck, or the link is down); --timeout sets how long to wait{}",
+                "{}: no word from the agent for {} s (it is stopped, stuck, or the link is down){}",
                 self.name,
                 self.silence.as_secs(),
                 ssh::stderr_tail(&self.stderr)
             );
-            let _ =
-                self.replies.send_timeout(Msg::Error { kind: ErrorKind::Connection, message }, Duration::from_secs(5));
+            let _ = self.replies.send_timeout(
+                Msg::Error { kind: ErrorKind::Connection, message, hint: Some(crate::error::Hint::LongerTimeout) },
+                Duration::from_secs(5),
+            );
             if let Some(pid) = i32::try_from(self.pid).ok().and_then(rustix::process::Pid::from_raw) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
@@ -278,7 +280,7 @@ impl Link {
             // Let ssh's last words reach the stderr collector before quoting them.
             std::thread::sleep(Duration::from_millis(100));
             let message = format!("{reader_name}: {failure}{}", ssh::stderr_tail(&stderr));
-            let _ = replies.send(Msg::Error { kind: ErrorKind::Connection, message });
+            let _ = replies.send(Msg::Error { kind: ErrorKind::Connection, message, hint: None });
         });
         let silence = options.timeout.unwrap_or(DEFAULT_SILENCE);
         let (watchdog_stop, stop) = bounded::<()>(0);
@@ -392,7 +394,7 @@ impl Link {
     /// The next reply; peer errors become `Err`.
     pub fn recv(&self) -> Result<Msg> {
         match self.rx.recv() {
-            Ok(Msg::Error { kind, message }) => Err(self.error(kind, message)),
+            Ok(Msg::Error { kind, message, hint }) => Err(self.error(kind, message).with_hint(hint)),
             Ok(msg) => Ok(msg),
             Err(_) => Err(self.lost()),
         }

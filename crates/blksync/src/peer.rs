@@ -61,7 +61,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
             break;
         }
         if let Err(e) = peer.handle(msg) {
-            let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+            let _ = replies.send(Msg::failure(&e));
         }
     }
     if !goodbye {
@@ -232,7 +232,7 @@ impl Peer {
                 job.spool_output(|| self.spool.path())?;
                 self.spawn_job(move |control| match job.run(control) {
                     Ok(result) => Msg::JobDone { result },
-                    Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+                    Err(e) => Msg::failure(&e),
                 });
             }
             Msg::Put { path, mode } => self.put(&path, mode)?,
@@ -241,7 +241,7 @@ impl Peer {
                 let path = path_of(&path);
                 self.jobs.push(std::thread::spawn(move || {
                     if let Err(e) = files::send(&path, compress, &replies, &stop) {
-                        let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+                        let _ = replies.send(Msg::failure(&e));
                     }
                 }));
             }
@@ -467,7 +467,7 @@ impl Peer {
         self.jobs.push(std::thread::spawn(move || {
             if let Err(e) = scan(endpoint.as_ref(), &state, &replies, &stop, threads) {
                 stop.store(true, Ordering::Relaxed);
-                let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+                let _ = replies.send(Msg::failure(&e));
             }
         }));
         Ok(())
@@ -557,7 +557,7 @@ impl Peer {
             };
             if let Err(e) = job.run(&replies, &stop, threads) {
                 stop.store(true, Ordering::Relaxed);
-                let _ = replies.send(Msg::Error { kind: e.kind(), message: e.to_string() });
+                let _ = replies.send(Msg::failure(&e));
             }
         }));
         Ok(())
@@ -610,7 +610,7 @@ impl Peer {
                 verified: s.verified,
                 destination: s.destination.into_bytes(),
             },
-            Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+            Err(e) => Msg::failure(&e),
         });
         Ok(())
     }
@@ -647,7 +647,7 @@ impl Peer {
                 range_count: c.ranges_differing,
                 ranges: c.ranges.iter().flat_map(|r| [r.offset.to_le_bytes(), r.len.to_le_bytes()].concat()).collect(),
             },
-            Err(e) => Msg::Error { kind: e.kind(), message: e.to_string() },
+            Err(e) => Msg::failure(&e),
         });
         Ok(())
     }

@@ -418,7 +418,7 @@ pub fn sync_locations(
     control: Control<'_>,
 ) -> Result<Summary> {
     if options.sync.dry_run && options.undo.is_some() {
-        return Err(Error::usage("--undo and --dry-run contradict each other"));
+        return Err(Error::usage("an undo log and a dry run contradict each other: a dry run changes nothing to undo"));
     }
     let undo_side = options.undo.as_ref().map(|location| Side { location, ssh: target.ssh });
     let undo = match (&undo_side, target.location) {
@@ -427,7 +427,7 @@ pub fn sync_locations(
         (Some(Side { location: Location::Local(path), .. }), Location::Remote(_)) => UndoAt::Fetch(path),
         (Some(u), _) => {
             return Err(Error::usage(format!(
-                "--undo {}: the undo log is written on the destination's host or here, not on a third host",
+                "undo log {}: an undo log is written on the destination's host or here, not on a third host",
                 history::shown(u, history::path_of(u))
             )));
         }
@@ -495,7 +495,7 @@ fn follow_job(link: &mut Link, request: Msg, control: Control<'_>) -> Result<(Ms
         let msg = match next.take() {
             Some(msg) => msg,
             None => match link.rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(Msg::Error { kind, message }) => return Err(link.error(kind, message)),
+                Ok(Msg::Error { kind, message, hint }) => return Err(link.error(kind, message).with_hint(hint)),
                 Ok(msg) => msg,
                 Err(RecvTimeoutError::Timeout) => {
                     if control.cancelled() && !cancel_sent {

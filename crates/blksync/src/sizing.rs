@@ -56,7 +56,9 @@ pub fn resolve(
 ) -> Result<Sizing> {
     let same = Sizing { source_len: source_size, scan_len: source_size, resize_to: None, warning: None };
     if zero_tail && policy == SizePolicy::Common {
-        return Err(Error::usage("--zero-tail and --common-size contradict each other"));
+        return Err(Error::usage(
+            "zeroing the destination past the source's end and syncing only the common part contradict each other",
+        ));
     }
     if fresh || !exists {
         return Ok(Sizing { resize_to: (dest_size != source_size).then_some(source_size), ..same });
@@ -83,17 +85,17 @@ pub fn resolve(
             if policy == SizePolicy::NoResize {
                 return Err(Error::new(
                     ErrorKind::SizeMismatch,
-                    format!(
-                        "{sizes}; not resizing the destination because of --no-resize (--common-size syncs the common part)"
-                    ),
-                ));
+                    format!("{sizes}; not resizing the destination, as asked"),
+                )
+                .with_hint(crate::error::Hint::CommonSize));
             }
             Ok(Sizing { resize_to: Some(source_size), ..same })
         }
         false if dest_size < source_size => Err(Error::new(
             ErrorKind::SizeMismatch,
             format!("destination device is too small: {sizes}; nothing was written"),
-        )),
+        )
+        .with_hint(crate::error::Hint::CommonSize)),
         false if zero_tail => Ok(Sizing { scan_len: dest_size, ..same }),
         false => Ok(Sizing {
             warning: Some(format!(

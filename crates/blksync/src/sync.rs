@@ -188,7 +188,7 @@ pub fn sync(
     control: Control<'_>,
 ) -> Result<Summary> {
     if options.undo.is_some() && options.dry_run {
-        return Err(Error::usage("--undo and --dry-run contradict each other"));
+        return Err(Error::usage("an undo log and a dry run contradict each other: a dry run changes nothing to undo"));
     }
     if src.identity() != Identity::None && src.identity() == dst.identity() {
         return Err(Error::usage(format!(

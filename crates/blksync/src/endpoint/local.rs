@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 
 use crate::endpoint::{Identity, Kind, Segment, Source, Target};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, Hint, IoContext, Result};
 
 /// What an address names (see [`crate::location`] for the forms).
 enum Address {
@@ -283,12 +283,9 @@ impl Local {
             )),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && is_device => Err(Error::new(
                 ErrorKind::InUse,
-                format!(
-                    "{} is mounted or in use by another program; refusing to write to it \
-                     (--force overrides)",
-                    path.display()
-                ),
-            )),
+                format!("{} is mounted or in use by another program; refusing to write to it", path.display()),
+            )
+            .with_hint(Hint::Force)),
             Err(e) if e.kind() == io::ErrorKind::NotFound && how.read_only => Ok(Local::absent(path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound && how.create => {
                 let file = OpenOptions::new()

@@ -266,11 +266,12 @@ impl Snapshot {
                     Error::new(
                         e.kind(),
                         format!(
-                            "{}: could not snapshot {} ({e}); a smaller --snapshot-size may fit",
+                            "{}: could not snapshot {} ({e}); a smaller snapshot may fit",
                             address.display(),
                             volume.name()
                         ),
                     )
+                    .with_hint(crate::error::Hint::SmallerSnapshot)
                 },
             )?;
         } else {
@@ -298,10 +299,11 @@ impl Snapshot {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!(
-                    "{}: the snapshot overflowed while it was read (its copy-on-write area filled up as the origin was written), so what was read is not a consistent copy; nothing was kept as valid. Use a larger --snapshot-size",
+                    "{}: the snapshot overflowed while it was read (its copy-on-write area filled up as the origin was written), so what was read is not a consistent copy; nothing was kept as valid",
                     address.display()
                 ),
-            ));
+            )
+            .with_hint(crate::error::Hint::LargerSnapshot));
         }
         Ok(())
     }

@@ -228,6 +228,8 @@ pub enum Msg {
     Error {
         kind: ErrorKind,
         message: String,
+        /// What would help ([`crate::error::Hint`]).
+        hint: Option<crate::error::Hint>,
     },
     Progress {
         phase: u8,
@@ -353,6 +355,12 @@ fn decode_chunk(d: &mut Decoder<'_>) -> Result<Chunk> {
 }
 
 impl Msg {
+    /// The `Error` reply for `e`.
+    #[must_use]
+    pub fn failure(e: &crate::Error) -> Msg {
+        Msg::Error { kind: e.kind(), message: e.to_string(), hint: e.hint() }
+    }
+
     /// Writes the message as one frame and returns its size. Data frames are written as header
     /// and payload, without first copying the payload into a frame buffer.
     pub fn write_to(&self, w: &mut impl std::io::Write) -> Result<u64> {
@@ -486,9 +494,9 @@ impl Msg {
             }
             Msg::Done => e(DONE).finish(),
             Msg::Alive => e(ALIVE).finish(),
-            Msg::Error { kind, message } => {
+            Msg::Error { kind, message, hint } => {
                 let mut x = e(ERROR);
-                x.u8(kind.to_wire()).bytes(message.as_bytes());
+                x.u8(kind.to_wire()).bytes(message.as_bytes()).u8(crate::error::Hint::to_wire(*hint));
                 x.finish()
             }
             Msg::LocalSync { source, target, block, flags, threads, bwlimit, undo } => {
@@ -660,6 +668,7 @@ impl Msg {
             tag::ERROR => Msg::Error {
                 kind: ErrorKind::from_wire(d.u8()?),
                 message: String::from_utf8_lossy(d.bytes()?).into_owned(),
+                hint: crate::error::Hint::from_wire(d.u8()?),
             },
             tag::LOCAL_SYNC => {
                 let msg = Msg::LocalSync {

@@ -225,7 +225,8 @@ impl Pass<'_> {
                     if let Err(message) = self.asked_for(&chunk, requested) {
                         // A hostile or broken source: nothing it sends reaches the target any more.
                         forwarding.store(false, Ordering::Relaxed);
-                        let _ = events.send((End::Source, Msg::Error { kind: ErrorKind::Protocol, message }));
+                        let _ =
+                            events.send((End::Source, Msg::Error { kind: ErrorKind::Protocol, message, hint: None }));
                         continue;
                     }
                     if let Some(t) = self.throttle {
@@ -245,7 +246,8 @@ impl Pass<'_> {
                         // the source would block on its replies and the brain on its requests,
                         // and nobody would read the error.
                         let message = format!("{}: the connection was lost", self.target.name);
-                        let _ = events.send((End::Target, Msg::Error { kind: ErrorKind::Connection, message }));
+                        let _ =
+                            events.send((End::Target, Msg::Error { kind: ErrorKind::Connection, message, hint: None }));
                         forwarding.store(false, Ordering::Relaxed);
                     }
                     if let Some(pause) = self.pause {
@@ -350,8 +352,9 @@ impl Brain<'_> {
                     if let Some(limit) = limit.filter(|&l| last.elapsed() >= l) {
                         return Err(Error::new(
                             ErrorKind::Connection,
-                            format!("no progress for {} s (--timeout): the transfer is stuck", limit.as_secs()),
-                        ));
+                            format!("no progress for {} s: the transfer is stuck", limit.as_secs()),
+                        )
+                        .with_hint(crate::error::Hint::LongerTimeout));
                     }
                     continue;
                 }
@@ -367,7 +370,9 @@ impl Brain<'_> {
         // have finished the pass: wait a moment for it, for the counters.
         while p.mode != Mode::Copy && self.scans_done < 2 {
             match events.recv_timeout(Duration::from_secs(2)) {
-                Ok((side, Msg::Error { kind, message })) => return Err(self.link(side).error(kind, message)),
+                Ok((side, Msg::Error { kind, message, hint })) => {
+                    return Err(self.link(side).error(kind, message).with_hint(hint));
+                }
                 Ok((side, msg @ Msg::ScanDone { .. })) => self.handle(side, msg)?,
                 Ok(_) => {}
                 Err(_) => break,
@@ -390,7 +395,9 @@ impl Brain<'_> {
         loop {
             match events.recv_timeout(Duration::from_millis(500)) {
                 Ok((End::Source, Msg::Done)) => return Ok(()),
-                Ok((side, Msg::Error { kind, message })) => return Err(self.link(side).error(kind, message)),
+                Ok((side, Msg::Error { kind, message, hint })) => {
+                    return Err(self.link(side).error(kind, message).with_hint(hint));
+                }
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) if !self.pass.source.is_gone() => {}
                 Err(_) => {
@@ -414,7 +421,9 @@ impl Brain<'_> {
                     self.flushed = true;
                     return Ok(());
                 }
-                Ok((side, Msg::Error { kind, message })) => return Err(self.link(side).error(kind, message)),
+                Ok((side, Msg::Error { kind, message, hint })) => {
+                    return Err(self.link(side).error(kind, message).with_hint(hint));
+                }
                 // A target whose connection is gone will never confirm: say so now, not after
                 // the full wait.
                 Ok(_) | Err(RecvTimeoutError::Timeout) if self.pass.target.is_gone() => {
@@ -485,7 +494,7 @@ impl Brain<'_> {
                 }
             }
             Msg::Done => {}
-            Msg::Error { kind, message } => return Err(self.link(side).error(kind, message)),
+            Msg::Error { kind, message, hint } => return Err(self.link(side).error(kind, message).with_hint(hint)),
             other => return Err(self.link(side).unexpected(&other)),
         }
         Ok(())

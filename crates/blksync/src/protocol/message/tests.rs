@@ -77,7 +77,11 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Msg::Zeros { offset, len }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(offset, len, read)| Msg::ReadDone { offset, len, read }),
         Just(Msg::Done),
-        (any_kind(), ".{0,40}").prop_map(|(kind, message)| Msg::Error { kind, message }),
+        (any_kind(), ".{0,40}", 0..7u8).prop_map(|(kind, message, hint)| Msg::Error {
+            kind,
+            message,
+            hint: crate::error::Hint::from_wire(hint)
+        }),
         (b(), b(), any::<u32>(), 0u32..256, any::<u16>(), any::<u64>(), b()).prop_map(
             |(source, target, block, flags, threads, bwlimit, undo)| Msg::LocalSync {
                 source,
