@@ -127,7 +127,11 @@ fn no_resize_refuses_and_leaves_the_destination_alone() {
     write_file(dst.as_ref(), &before);
     let out = run(&["sync", "--no-resize", &src, &dst]);
     assert_eq!(out.code(), 5, "{}", out.stderr_text());
-    assert!(out.stderr_text().contains("not resizing the destination, as asked (--common-size"), "{}", out.stderr_text());
+    assert!(
+        out.stderr_text().contains("not resizing the destination, as asked (--common-size"),
+        "{}",
+        out.stderr_text()
+    );
     assert_eq!(read(dst.as_ref()), before);
 }
 

@@ -635,6 +635,9 @@ impl Source for Local {
                         self.path.display()
                     ),
                 )
+            } else if let Some(Err(overflowed)) = self.snapshot.as_ref().map(|s| s.check_intact(&self.path)) {
+                // An overflowed snapshot reads as EIO: say what happened, not just "I/O error".
+                overflowed
             } else {
                 Error::io("reading", &self.path, Some(offset), e)
             }
