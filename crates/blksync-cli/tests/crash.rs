@@ -367,7 +367,15 @@ fn apply_killed_at_random_is_finished_by_a_rerun() {
         });
         if out.code() != 0 {
             let again = support::run(&["apply", "-q", &delta, &target]);
-            assert_eq!(again.code(), 0, "round {round}: the rerun refused: {}", again.stderr_text());
+            // A kill that landed after the last write was flushed and the resume marker removed
+            // (as the process exited) leaves a target that is done: "applied before" is then
+            // the truth, and the only other answer a rerun may give.
+            let done = again.code() == 10 && again.stderr_text().contains("applied before");
+            assert!(
+                again.code() == 0 || done && read(target.as_ref()) == new,
+                "round {round}: the rerun refused: {}",
+                again.stderr_text()
+            );
         }
         assert!(read(target.as_ref()) == new, "round {round}: the target is not the new image");
         let twice = support::run(&["apply", "-q", &delta, &target]);

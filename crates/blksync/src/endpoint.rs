@@ -197,6 +197,16 @@ pub trait Target: Source {
     fn flush_partial(&self) -> Result<()> {
         self.flush()
     }
+    /// Writes `new` (zeros when `None`) over `[offset, offset + len)`, which the caller has just
+    /// read as `old` (`None`: zeros). Recorders keep `old` instead of reading it again; other
+    /// endpoints ignore it.
+    fn overwrite(&self, new: Option<&[u8]>, offset: u64, len: u64, old: Option<&[u8]>) -> Result<()> {
+        let _ = old;
+        match new {
+            Some(bytes) => self.write_at(bytes, offset),
+            None => self.zero(offset, len),
+        }
+    }
 }
 
 /// Forwards every method, so that wrappers (recorders, undo logs) take an endpoint by value, by
@@ -220,6 +230,9 @@ macro_rules! forward {
             fn set_size(&self, size: u64) -> Result<()> { (**self).set_size(size) }
             fn flush(&self) -> Result<()> { (**self).flush() }
             fn flush_partial(&self) -> Result<()> { (**self).flush_partial() }
+            fn overwrite(&self, new: Option<&[u8]>, offset: u64, len: u64, old: Option<&[u8]>) -> Result<()> {
+                (**self).overwrite(new, offset, len, old)
+            }
         }
     )*};
 }

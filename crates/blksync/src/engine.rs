@@ -283,14 +283,17 @@ impl Scan<'_> {
                 }
             }
             if let Action::Apply(target) = self.action {
+                // What the destination held there goes along: a recorder needs it, and it was
+                // just read.
+                let range = run.offset as usize..run.end() as usize;
+                let old = (!dest_is_zero).then(|| &dst[range.clone()]);
                 match fix {
                     Fix::Data => {
-                        let range = run.offset as usize..run.end() as usize;
-                        target.write_at(&src[range], at)?;
+                        target.overwrite(Some(&src[range]), at, run.len, old)?;
                         counters.add_written(run.len);
                     }
                     Fix::Zero => {
-                        target.zero(at, run.len)?;
+                        target.overwrite(None, at, run.len, old)?;
                         counters.add_zeroed(run.len);
                     }
                 }

@@ -3,9 +3,13 @@
 //! A delta made by `diff` records the fingerprint of the image it applies to and of the one it
 //! produces, so that `merge` can prove that each input starts where the previous one ended, even
 //! when their changes never overlap (the records alone cannot tell two unrelated deltas apart
-//! then). The fingerprint is BLAKE3 over the image's size and the BLAKE3-128 of each MiB: the
-//! same per-MiB hashes a chain's base keeps in its `.sums`, so that the image behind the
-//! fingerprint can be checked block by block.
+//! then). The fingerprint is BLAKE3 over the image's size and the XXH3-128 of each MiB.
+//!
+//! XXH3 and not BLAKE3 for the blocks: a fingerprint guards against accidents (the wrong delta),
+//! not against forgery (whoever can craft a delta can write any fingerprint into it), and `diff`
+//! hashes every byte of both images, so the hash must cost next to nothing: XXH3 runs at memory
+//! speed where BLAKE3 took a 1 GiB `diff` from 1.4 to 5.3 times a `compare`. rsync's whole-file
+//! checksum is XXH3-128 for the same reason.
 //!
 //! [`Blocks`] collects the per-MiB hashes of an image that is read piecemeal, by many threads,
 //! in any order (the engine's workers, a peer's scan): each read hashes the blocks it covers
@@ -20,14 +24,15 @@ pub const BLOCK: u64 = 1 << 20;
 /// The hash of one block's bytes.
 #[must_use]
 pub fn block_hash(bytes: &[u8]) -> [u8; 16] {
-    crate::delta::hash16(&[bytes])
+    xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes()
 }
 
 /// The hash of a block of `len` zeros (a full block's is computed once).
 #[must_use]
 pub fn zero_block(len: u64) -> [u8; 16] {
     static FULL: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
-    if len == BLOCK { *FULL.get_or_init(|| crate::delta::zero_hash(BLOCK)) } else { crate::delta::zero_hash(len) }
+    let zeros = |len: u64| block_hash(&vec![0; len as usize]);
+    if len == BLOCK { *FULL.get_or_init(|| zeros(BLOCK)) } else { zeros(len) }
 }
 
 /// Per-block hashes of an image of a fixed size, filled in any order. 17 bytes per MiB.
@@ -127,6 +132,64 @@ impl Blocks {
             h.update(&hash);
         }
         *h.finalize().as_bytes()
+    }
+}
+
+/// A source that fingerprints itself as it is read: each block a read covers whole is hashed
+/// on the way; [`Reading::fingerprint`] reads what no read covered.
+pub struct Reading<S: Source> {
+    inner: S,
+    blocks: std::sync::Mutex<Blocks>,
+}
+
+impl<S: Source> Reading<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Reading<S> {
+        let blocks = std::sync::Mutex::new(Blocks::new(inner.size()));
+        Reading { inner, blocks }
+    }
+
+    /// The fingerprint of all of the source.
+    pub fn fingerprint(&self) -> Result<[u8; 32]> {
+        let mut blocks = self.blocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        blocks.complete(&self.inner)?;
+        Ok(blocks.fingerprint())
+    }
+}
+
+impl<S: Source> Source for Reading<S> {
+    fn name(&self) -> &std::path::Path {
+        self.inner.name()
+    }
+    fn kind(&self) -> crate::endpoint::Kind {
+        self.inner.kind()
+    }
+    fn caps(&self) -> crate::endpoint::Caps {
+        self.inner.caps()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)?;
+        let hashes = Blocks::covered(self.inner.size(), buf, offset);
+        let mut blocks = self.blocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (i, h) in hashes {
+            blocks.set(i, h);
+        }
+        Ok(())
+    }
+    fn segment_at(&self, offset: u64) -> Result<crate::endpoint::Segment> {
+        self.inner.segment_at(offset)
+    }
+    fn drop_cache(&self, offset: u64, len: u64) {
+        self.inner.drop_cache(offset, len);
+    }
+    fn identity(&self) -> crate::endpoint::Identity {
+        self.inner.identity()
+    }
+    fn check_intact(&self) -> Result<()> {
+        self.inner.check_intact()
     }
 }
 

@@ -101,6 +101,8 @@ pub fn write_delta(
     control: Control<'_>,
 ) -> Result<DiffSummary> {
     delta::check_output(out, &[src.identity(), old.identity()])?;
+    // The new image is the source itself: it is fingerprinted as the scan reads it.
+    let src = &crate::fingerprint::Reading::new(src);
     let mut header =
         Header::new([0; 16], options.block_size as u32, &src.name().display().to_string(), &options.comment)?;
     header.source_identity = source_identity(src.name());
@@ -138,6 +140,7 @@ pub fn write_delta(
             return Err(e);
         }
     }
+    recorder.set_after(src.fingerprint()?);
     let file_size = recorder.commit()?;
     Ok(DiffSummary {
         delta: out.display().to_string(),

@@ -40,6 +40,24 @@ fn zeros_or_read(image: &dyn Source, offset: u64, len: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// What a range held before a write, as far as the writer knows.
+#[derive(Clone, Copy)]
+enum Old<'a> {
+    /// Not known: read it.
+    Unknown,
+    /// Zeros.
+    Zeros,
+    /// These bytes.
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Old<'a> {
+    /// What the engine passes: the bytes it read, or `None` for a hole.
+    fn of(old: Option<&'a [u8]>) -> Old<'a> {
+        old.map_or(Old::Zeros, Old::Bytes)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Status {
     Open,
@@ -63,6 +81,7 @@ pub struct Recorder<B: Source> {
     header: Mutex<Header>,
     writer: Mutex<Option<Arc<Writer>>>,
     blocks: Option<Mutex<Blocks>>,
+    after: Mutex<Option<[u8; 32]>>,
     status: Mutex<Status>,
 }
 
@@ -79,6 +98,7 @@ impl<B: Source> Recorder<B> {
             header: Mutex::new(header),
             writer: Mutex::new(None),
             blocks,
+            after: Mutex::new(None),
             status: Mutex::new(Status::Open),
         }
     }
@@ -108,10 +128,22 @@ impl<B: Source> Recorder<B> {
         writer.clone().ok_or_else(|| Error::protocol("no delta writer"))
     }
 
-    fn record(&self, kind: Kind, data: &[u8], offset: u64, len: u64) -> Result<()> {
+    /// Records `[offset, offset + len)`, with what the base holds there as its "before".
+    fn record(&self, kind: Kind, data: &[u8], offset: u64, len: u64, old: Old<'_>) -> Result<()> {
         let writer = self.writer()?;
-        let before = zeros_or_read(&self.base, offset, len)?;
-        writer.record(kind, offset, len as u32, data, Some(&before))
+        match old {
+            Old::Bytes(old) => writer.record(kind, offset, len as u32, data, Some(old)),
+            Old::Zeros => writer.record(kind, offset, len as u32, data, None),
+            Old::Unknown => {
+                writer.record(kind, offset, len as u32, data, Some(&zeros_or_read(&self.base, offset, len)?))
+            }
+        }
+    }
+
+    /// Takes the fingerprint of the new image from whoever read it whole (the source, in `diff`)
+    /// instead of computing it from the base and the records at commit.
+    pub fn set_after(&self, fingerprint: [u8; 32]) {
+        *lock(&self.after) = Some(fingerprint);
     }
 
     /// The fingerprints of the base and of the new image, `writer`'s records laid over the base.
@@ -119,6 +151,9 @@ impl<B: Source> Recorder<B> {
         let Some(blocks) = &self.blocks else { return Ok(States::default()) };
         let mut before = lock(blocks);
         before.complete(&self.base)?;
+        if let Some(after) = *lock(&self.after) {
+            return Ok(States { before: before.fingerprint(), after });
+        }
         let entries = writer.entries();
         let mut after = Blocks::new(size_after);
         let size_before = before.size();
@@ -260,10 +295,21 @@ impl<B: Source> Source for Recorder<B> {
 
 impl<B: Source> Target for Recorder<B> {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.record(Kind::Data, buf, offset, buf.len() as u64)
+        self.record(Kind::Data, buf, offset, buf.len() as u64, Old::Unknown)
     }
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        pieces(offset, len).try_for_each(|(pos, n)| self.record(Kind::Zeros, &[], pos, n))
+        pieces(offset, len).try_for_each(|(pos, n)| self.record(Kind::Zeros, &[], pos, n, Old::Unknown))
+    }
+    fn overwrite(&self, new: Option<&[u8]>, offset: u64, len: u64, old: Option<&[u8]>) -> Result<()> {
+        for (pos, n) in pieces(offset, len) {
+            let part = (pos - offset) as usize..(pos - offset + n) as usize;
+            let old = Old::of(old.map(|o| &o[part.clone()]));
+            match new {
+                Some(bytes) => self.record(Kind::Data, &bytes[part], pos, n, old)?,
+                None => self.record(Kind::Zeros, &[], pos, n, old)?,
+            }
+        }
+        Ok(())
     }
     fn set_size(&self, size: u64) -> Result<()> {
         if lock(&self.writer).is_some() {
@@ -388,14 +434,24 @@ impl<T: Target> Undo<T> {
         Ok(writer)
     }
 
-    fn save(&self, offset: u64, len: u64, new: Option<&[u8]>) -> Result<()> {
+    /// Records the old content of `[offset, offset + len)`, before `new` (zeros: `None`) is
+    /// written there.
+    fn save(&self, offset: u64, len: u64, new: Option<&[u8]>, old: Old<'_>) -> Result<()> {
         self.release_over(offset, len)?;
         let writer = self.started(self.target.size())?;
-        let old = zeros_or_read(&self.target, offset, len)?;
-        if crate::zero::is_zero(&old) {
+        let read;
+        let old = match old {
+            Old::Unknown => {
+                read = zeros_or_read(&self.target, offset, len)?;
+                &read[..]
+            }
+            Old::Zeros => &[][..],
+            Old::Bytes(bytes) => bytes,
+        };
+        if old.is_empty() || crate::zero::is_zero(old) {
             writer.record(Kind::Zeros, offset, len as u32, &[], new)
         } else {
-            writer.record(Kind::Data, offset, len as u32, &old, new)
+            writer.record(Kind::Data, offset, len as u32, old, new)
         }
     }
 
@@ -514,14 +570,21 @@ impl<T: Target> Target for Undo<T> {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         // The undo log turns the new content back into the old: the old bytes are the record,
         // the new ones its "before".
-        self.save(offset, buf.len() as u64, Some(buf))?;
+        self.save(offset, buf.len() as u64, Some(buf), Old::Unknown)?;
         self.hold(offset, buf.len() as u64, Some(buf.to_vec()))
     }
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
         for (pos, n) in pieces(offset, len) {
-            self.save(pos, n, None)?;
+            self.save(pos, n, None, Old::Unknown)?;
         }
         self.hold(offset, len, None)
+    }
+    fn overwrite(&self, new: Option<&[u8]>, offset: u64, len: u64, old: Option<&[u8]>) -> Result<()> {
+        for (pos, n) in pieces(offset, len) {
+            let part = (pos - offset) as usize..(pos - offset + n) as usize;
+            self.save(pos, n, new.map(|b| &b[part.clone()]), Old::of(old.map(|o| &o[part])))?;
+        }
+        self.hold(offset, len, new.map(<[u8]>::to_vec))
     }
     fn set_size(&self, size: u64) -> Result<()> {
         self.release()?;
@@ -692,6 +755,9 @@ impl Target for Append {
     }
     fn set_size(&self, size: u64) -> Result<()> {
         self.endpoint().set_size(size)
+    }
+    fn overwrite(&self, new: Option<&[u8]>, offset: u64, len: u64, old: Option<&[u8]>) -> Result<()> {
+        self.endpoint().overwrite(new, offset, len, old)
     }
     fn flush(&self) -> Result<()> {
         self.commit()
