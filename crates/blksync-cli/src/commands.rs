@@ -4,14 +4,15 @@ use std::fmt::Write as _;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
-use blksync::compare::{CompareOptions, compare_paths};
+use blksync::compare::CompareOptions;
 use blksync::progress::Control;
 use blksync::sizing::SizePolicy;
-use blksync::sync::{SyncOptions, check_block_size, sync_paths};
+use blksync::sync::{SyncOptions, check_block_size};
 use serde_json::Value;
 
 use blksync::location::Location;
-use blksync::relay::{RemoteOptions, Side, backup_locations, compare_locations, restore_locations, sync_locations};
+use blksync::place;
+use blksync::relay::{RemoteOptions, Side};
 use blksync::ssh::SshOptions;
 
 use crate::args::{
@@ -93,38 +94,16 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
     let source = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
     let dest = lvm_option(&args.dest, "lvm", "thin-pool", args.thin_pool.as_ref());
-    let result = match (Location::parse(&source)?, Location::parse(&dest)?) {
-        (Location::Local(src), Location::Local(dst)) => {
-            let undo = match undo {
-                None => None,
-                Some(Location::Local(path)) => Some(path),
-                Some(Location::Remote(r)) => {
-                    return Err(blksync::Error::usage(format!(
-                        "--undo {}: the undo log is written on the destination's host, and {} is local",
-                        r.display(),
-                        dst.display()
-                    ))
-                    .into());
-                }
-            };
-            sync_paths(&src, &dst, &SyncOptions { undo, ..options }, control)
-        }
-        (src, dst) => {
-            let remote = RemoteOptions {
-                sync: options,
-                compress: args.compress,
-                pause: args.pause.map(std::time::Duration::from_millis),
-                undo,
-            };
-            let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
-            sync_locations(
-                &Side { location: &src, ssh: &s_ssh },
-                &Side { location: &dst, ssh: &d_ssh },
-                &remote,
-                control,
-            )
-        }
+    let remote = RemoteOptions {
+        sync: options,
+        compress: args.compress,
+        pause: args.pause.map(std::time::Duration::from_millis),
+        undo,
     };
+    let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let (source, dest) = (Location::parse(&source)?, Location::parse(&dest)?);
+    let result =
+        place::sync(&Side { location: &source, ssh: &s_ssh }, &Side { location: &dest, ssh: &d_ssh }, &remote, control);
     render.finish();
     let summary = result?;
     let c = &summary.counters;
@@ -161,19 +140,10 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     };
     let render = Render::new(args.common.output.progress, args.common.output.quiet, "compare");
     let control = Control { observer: &render, cancel };
-    let result = match (Location::parse(&args.source)?, Location::parse(&args.dest)?) {
-        (Location::Local(a), Location::Local(b)) => compare_paths(&a, &b, &options, control),
-        (a, b) => {
-            let (a_ssh, b_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
-            compare_locations(
-                &Side { location: &a, ssh: &a_ssh },
-                &Side { location: &b, ssh: &b_ssh },
-                options.block_size,
-                options.max_ranges,
-                control,
-            )
-        }
-    };
+    let (a, b) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
+    let (a_ssh, b_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let result =
+        place::compare(&Side { location: &a, ssh: &a_ssh }, &Side { location: &b, ssh: &b_ssh }, &options, control);
     render.finish();
     let cmp = result?;
     if args.common.output.json {
@@ -389,91 +359,41 @@ pub fn info(args: &InfoArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// Options for a transfer through the protocol, from the common arguments.
-fn remote_options(common: &CommonArgs, force: bool) -> Result<RemoteOptions> {
-    Ok(RemoteOptions {
-        sync: SyncOptions {
-            block_size: check_block_size(common.block_size)?,
-            keep_cache: common.keep_cache,
-            threads: threads(common),
-            bwlimit: common.bwlimit.filter(|&r| r > 0),
-            force,
-            ..SyncOptions::default()
-        },
-        compress: blksync::compress::AUTO,
-        pause: None,
-        undo: None,
-    })
-}
-
 /// `blksync backup`.
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let render = Render::new(args.common.output.progress, args.common.output.quiet, "backup");
     let control = Control { observer: &render, cancel };
     let source_arg = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
     let (source, dest) = (Location::parse(&source_arg)?, Location::parse(&args.dest)?);
-    if matches!((&source, &dest), (Location::Remote(_), _) | (_, Location::Remote(_))) {
-        let mut options = remote_options(&args.common, false)?;
-        options.sync.force = args.force;
-        let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
-        let result = backup_locations(
-            &Side { location: &source, ssh: &s_ssh },
-            &Side { location: &dest, ssh: &d_ssh },
-            &args.comment,
-            &options,
-            control,
-        );
-        render.finish();
-        let s = result?;
-        render.line(&format!(
-            "blksync: {} -> {}: {} changed in {:.2}s; over ssh: sent {}, received {}",
-            s.source,
-            s.destination,
-            format_size(s.counters.bytes_written + s.counters.bytes_zeroed),
-            s.counters.seconds,
-            format_size(s.bytes_sent),
-            format_size(s.bytes_received)
-        ));
-        if args.common.output.json {
-            let mut body = json::body(&s)?;
-            json::fill(&mut body, [("file", Value::Null), ("number", Value::Null), ("undo_log", Value::Null)]);
-            json::print_summary("backup", body)?;
-        }
-        return Ok(Outcome::Success);
-    }
     let options = blksync::patch::DiffOptions { force: args.force, ..diff_options(&args.common, &args.comment)? };
-    let result = blksync::backup::backup(source_arg.as_ref(), args.dest.as_ref(), &options, control);
+    let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let result = place::backup(
+        &Side { location: &source, ssh: &s_ssh },
+        &Side { location: &dest, ssh: &d_ssh },
+        &options,
+        control,
+    );
     render.finish();
-    let s = result?;
+    let b = result?;
+    let s = &b.summary;
+    let what = match (b.number, &b.file) {
+        (Some(number), Some(file)) => format!("point {number} ({file})"),
+        _ => s.destination.clone(),
+    };
+    let wire = if s.bytes_sent + s.bytes_received > 0 {
+        format!("; over ssh: sent {}, received {}", format_size(s.bytes_sent), format_size(s.bytes_received))
+    } else {
+        String::new()
+    };
     render.line(&format!(
-        "blksync: {} -> point {} ({}): {} changed in {:.2}s",
-        std::path::Path::new(&args.source).display(),
-        s.number,
-        s.file,
+        "blksync: {} -> {what}: {} changed in {:.2}s{wire}",
+        s.source,
         format_size(s.counters.bytes_written + s.counters.bytes_zeroed),
-        s.counters.seconds
+        s.counters.seconds,
     ));
     if args.common.output.json {
-        // The fields of a remote backup's summary (a sync's), so that every mode prints the
-        // same document; what a local backup does not count is null.
-        let mut body = json::body(&s)?;
-        json::fill(
-            &mut body,
-            [
-                ("source", Value::from(std::path::Path::new(&args.source).display().to_string())),
-                ("destination", Value::from(s.file.clone())),
-                ("dry_run", Value::Bool(false)),
-                ("block_size", Value::from(options.block_size)),
-                ("ranges_differing", Value::Null),
-                ("destination_size_before", Value::Null),
-                ("destination_size_after", Value::from(s.counters.bytes_total)),
-                ("verified", Value::Bool(false)),
-                ("warnings", Value::Array(Vec::new())),
-                ("bytes_sent", Value::from(0)),
-                ("bytes_received", Value::from(0)),
-                ("undo_log", Value::Null),
-            ],
-        );
+        let mut body = json::body(&b)?;
+        json::fill(&mut body, [("undo_log", Value::Null)]);
         json::print_summary("backup", body)?;
     }
     Ok(Outcome::Success)
@@ -553,38 +473,16 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
     }
     let render = Render::new(args.output.progress, args.output.quiet, "restore");
     let control = Control { observer: &render, cancel };
-    let result = match (&dest, &target) {
-        (Location::Local(dir), Location::Local(path)) if path.as_os_str() == "-" => {
-            let mut out = std::io::stdout().lock();
-            blksync::backup::restore_to(dir, &mut out, at)?;
-            return Ok(Outcome::Success);
-        }
-        (Location::Remote(_), Location::Local(path)) if path.as_os_str() == "-" => {
-            let mut out = std::io::stdout().lock();
-            let ssh = ssh_options(&args.remote, true);
-            let result = blksync::relay::restore_stream(&Side { location: &dest, ssh: &ssh }, at, &mut out, control);
-            render.finish();
-            result?;
-            return Ok(Outcome::Success);
-        }
-        (Location::Local(dir), Location::Local(path)) => blksync::backup::restore(dir, path, at, args.force, control),
-        _ => {
-            let options = RemoteOptions {
-                sync: SyncOptions { force: args.force, ..SyncOptions::default() },
-                compress: blksync::compress::AUTO,
-                pause: None,
-                undo: None,
-            };
-            let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
-            restore_locations(
-                &Side { location: &dest, ssh: &s_ssh },
-                at,
-                &Side { location: &target, ssh: &d_ssh },
-                &options,
-                control,
-            )
-        }
-    };
+    let (c_ssh, t_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let chain = Side { location: &dest, ssh: &c_ssh };
+    if place::is_stdio(&target) {
+        let mut out = std::io::stdout().lock();
+        let result = place::restore_to(&chain, at, &mut out, control);
+        render.finish();
+        result?;
+        return Ok(Outcome::Success);
+    }
+    let result = place::restore(&chain, at, &Side { location: &target, ssh: &t_ssh }, args.force, control);
     render.finish();
     let s = result?;
     render.line(&format!(

@@ -16,20 +16,20 @@ use crate::endpoint::Source;
 use crate::endpoint::local::{Local, OpenTarget};
 use crate::error::{Error, ErrorKind, Result};
 use crate::patch::DiffOptions;
-use crate::progress::{Control, Snapshot};
+use crate::progress::Control;
 use crate::sums::Sums;
 use crate::sync::{SyncOptions, sync};
 
 /// What `backup` did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupSummary {
-    /// The file written (base image or increment).
-    pub file: String,
-    /// Its point number (0 for the base).
-    pub number: u64,
-    /// Counters of the sync or diff.
+    /// The file written (base image or increment), when the chain's host said.
+    pub file: Option<String>,
+    /// Its point number (0 for the base), when the chain's host said.
+    pub number: Option<u64>,
+    /// The sync into the chain (its destination is the file written).
     #[serde(flatten)]
-    pub counters: Snapshot,
+    pub summary: crate::sync::Summary,
 }
 
 fn sync_options(options: &DiffOptions) -> SyncOptions {
@@ -86,11 +86,12 @@ fn backup_from(
         if options.force { Ok(()) } else { same_image(dir, last, source, src) }
     })?;
     match sync(src, &point, point.is_new(), &sync_options(options), control) {
-        Ok(summary) => Ok(BackupSummary {
-            file: point.file().display().to_string(),
-            number: point.number(),
-            counters: summary.counters,
-        }),
+        Ok(summary) => {
+            let file = point.file().display().to_string();
+            let summary =
+                crate::sync::Summary { source: source.display().to_string(), destination: file.clone(), ..summary };
+            Ok(BackupSummary { file: Some(file), number: Some(point.number()), summary })
+        }
         Err(e) if e.kind() == ErrorKind::Interrupted => Err(Error::new(
             ErrorKind::Interrupted,
             "interrupted: no backup was made (nothing kept); a rerun starts over",

@@ -518,10 +518,6 @@ impl Source for Image {
         &self.name
     }
 
-    fn kind(&self) -> crate::endpoint::Kind {
-        crate::endpoint::Kind::File
-    }
-
     /// A point never changes, and as a backup's destination the next point may have any size.
     fn caps(&self) -> crate::endpoint::Caps {
         crate::endpoint::Caps { resizable: true, holes: true, stable: true, ..crate::endpoint::Caps::default() }

@@ -54,7 +54,7 @@ pub struct Comparison {
 pub fn compare_paths(a: &Path, b: &Path, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
     let first = Local::open_source(a)?;
     let second = Local::open_target(b, OpenTarget { read_only: true, ..OpenTarget::default() })?;
-    if second.kind() == crate::endpoint::Kind::Absent {
+    if !second.exists() {
         return Err(Error::new(ErrorKind::NotFound, format!("{} does not exist", b.display())));
     }
     compare(&first, &second, options, control)

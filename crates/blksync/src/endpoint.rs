@@ -31,17 +31,6 @@ use std::path::Path;
 
 use crate::error::Result;
 
-/// What an endpoint is, which decides how sizes and zeros are handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A regular file: can be resized and can hold holes.
-    File,
-    /// A block device: fixed size, zeroed by the device, never truncated.
-    BlockDevice,
-    /// A destination that does not exist yet (seen only in a dry run): reads as empty.
-    Absent,
-}
-
 /// What an endpoint can do. The size policy, zero handling and the wire read these, not the
 /// endpoint's kind, so that a new kind (an NBD export, an iSCSI LUN) says what it can do and the
 /// rest follows. Every default is the answer that is never wrong: not resizable, no holes
@@ -148,16 +137,14 @@ pub enum Identity {
 pub trait Source: Send + Sync {
     /// The path or address, for messages.
     fn name(&self) -> &Path;
-    /// What it is.
-    fn kind(&self) -> Kind;
-    /// What it can do (see [`Caps`]). By default what its kind says: a file can be resized
-    /// and report holes; a device neither.
+    /// False for a destination that is not there yet (seen only in a dry run), which reads as
+    /// empty.
+    fn exists(&self) -> bool {
+        true
+    }
+    /// What it can do (see [`Caps`]); by default, what is never wrong.
     fn caps(&self) -> Caps {
-        match self.kind() {
-            Kind::File => Caps { resizable: true, holes: true, ..Caps::default() },
-            Kind::Absent => Caps { resizable: true, ..Caps::default() },
-            Kind::BlockDevice => Caps::default(),
-        }
+        Caps::default()
     }
     /// Its current size in bytes.
     fn size(&self) -> u64;
@@ -215,7 +202,7 @@ macro_rules! forward {
     ($($ty:ty),*) => {$(
         impl<S: Source + ?Sized> Source for $ty {
             fn name(&self) -> &Path { (**self).name() }
-            fn kind(&self) -> Kind { (**self).kind() }
+            fn exists(&self) -> bool { (**self).exists() }
             fn caps(&self) -> Caps { (**self).caps() }
             fn size(&self) -> u64 { (**self).size() }
             fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> { (**self).read_at(buf, offset) }

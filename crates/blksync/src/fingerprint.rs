@@ -97,6 +97,18 @@ impl Blocks {
         out
     }
 
+    /// Hashes the blocks that `buf`, read at `offset`, covers whole (without holding the lock,
+    /// so that readers hash in parallel) and stores them in `blocks`.
+    pub fn note(blocks: &std::sync::Mutex<Blocks>, buf: &[u8], offset: u64) {
+        let lock = || blocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let size = lock().size;
+        let hashes = Blocks::covered(size, buf, offset);
+        let mut blocks = lock();
+        for (i, h) in hashes {
+            blocks.set(i, h);
+        }
+    }
+
     /// Fills in every block no read covered, from `image`: a block that is a hole throughout is
     /// zeros without being read.
     pub fn complete(&mut self, image: &dyn Source) -> Result<()> {
@@ -119,6 +131,12 @@ impl Blocks {
             self.set(i, hash);
         }
         Ok(())
+    }
+
+    /// Every block is known.
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.hashes.iter().all(Option::is_some)
     }
 
     /// The fingerprint, once every block is known ([`Blocks::complete`]).
@@ -161,8 +179,8 @@ impl<S: Source> Source for Reading<S> {
     fn name(&self) -> &std::path::Path {
         self.inner.name()
     }
-    fn kind(&self) -> crate::endpoint::Kind {
-        self.inner.kind()
+    fn exists(&self) -> bool {
+        self.inner.exists()
     }
     fn caps(&self) -> crate::endpoint::Caps {
         self.inner.caps()
@@ -172,11 +190,7 @@ impl<S: Source> Source for Reading<S> {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.inner.read_at(buf, offset)?;
-        let hashes = Blocks::covered(self.inner.size(), buf, offset);
-        let mut blocks = self.blocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (i, h) in hashes {
-            blocks.set(i, h);
-        }
+        Blocks::note(&self.blocks, buf, offset);
         Ok(())
     }
     fn segment_at(&self, offset: u64) -> Result<crate::endpoint::Segment> {

@@ -40,6 +40,7 @@ pub mod link;
 pub mod location;
 pub mod patch;
 pub mod peer;
+pub mod place;
 pub mod progress;
 pub mod protocol;
 pub mod prune;

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::compress::{self, Compressor};
 use crate::endpoint::local::{Local, OpenTarget};
-use crate::endpoint::{Identity, Kind, SegmentCursor, Source, Target};
+use crate::endpoint::{Identity, SegmentCursor, Source, Target};
 use crate::engine::fill;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Runs;
@@ -44,6 +44,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         endpoint: None,
         target: None,
         plain: None,
+        recorder: None,
         role: Role::Source,
         keep_cache: false,
         scan: None,
@@ -89,6 +90,8 @@ struct Peer {
     target: Option<Arc<dyn Target>>,
     /// A target just opened, before `Record` or `Undo` wrap it.
     plain: Option<Arc<Local>>,
+    /// The recorder `Record` made, which takes the new image's fingerprint (`Fingerprint`).
+    recorder: Option<Arc<Recorder<Arc<Local>>>>,
     role: Role,
     keep_cache: bool,
     scan: Option<Arc<ScanState>>,
@@ -216,6 +219,11 @@ impl Peer {
                 self.reply(Msg::Done);
             }
             Msg::Discard | Msg::FlushPartial => self.end_early(&msg)?,
+            Msg::Fingerprint { after } => {
+                if let Some(recorder) = &self.recorder {
+                    recorder.set_after(after);
+                }
+            }
             Msg::CheckIntact => {
                 self.endpoint()?.check_intact()?;
                 self.reply(Msg::Done);
@@ -304,15 +312,10 @@ impl Peer {
             Identity::File { dev, ino } => (1, dev, ino),
             Identity::Device { rdev } => (2, rdev, 0),
         };
-        let kind = match local.kind() {
-            Kind::File => 0,
-            Kind::BlockDevice => 1,
-            Kind::Absent => 2,
-        };
         let mode = local.mode().unwrap_or(0);
         let caps = local.caps();
         self.reply(Msg::Opened {
-            kind,
+            exists: local.exists(),
             size: local.size(),
             identity_tag,
             id_a,
@@ -383,7 +386,7 @@ impl Peer {
         };
         let caps = endpoint.caps();
         self.reply(Msg::Opened {
-            kind: 0,
+            exists: true,
             size: endpoint.size(),
             identity_tag: 0,
             id_a: 0,
@@ -423,14 +426,16 @@ impl Peer {
         let Some(local) = self.plain.take() else {
             return Err(Error::protocol("Record needs a freshly opened target"));
         };
-        if local.kind() == Kind::Absent {
+        if !local.exists() {
             return Err(Error::new(ErrorKind::NotFound, format!("{}: no such file or device", local.name().display())));
         }
         crate::delta::check_output(&path, &[local.identity()])?;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let header = crate::delta::Header::new([0; 16], block, &text(source), &text(comment))?;
         // The base is read through the recorder, which fingerprints it as the scan goes.
-        self.serve_target(Arc::new(Recorder::new(local, path.clone(), header, true)));
+        let recorder = Arc::new(Recorder::new(local, path.clone(), header, true));
+        self.recorder = Some(Arc::clone(&recorder));
+        self.serve_target(recorder);
         self.reply(Msg::Path { path: path.into_os_string().into_vec() });
         Ok(())
     }
@@ -739,10 +744,12 @@ fn scan(
     let (tx, rx) = bounded::<(u64, Vec<crate::extent::Extent>)>(threads * 2);
     let failure = Mutex::new(None);
     let read = std::sync::atomic::AtomicU64::new(0);
+    // The endpoint's fingerprint, as the scan reads it all (docs/PROTOCOL.md, `ScanDone`).
+    let blocks = Mutex::new(crate::fingerprint::Blocks::new(state.end));
     std::thread::scope(|s| {
         for _ in 0..threads {
             let rx = rx.clone();
-            let (failure, read) = (&failure, &read);
+            let (failure, read, blocks) = (&failure, &read, &blocks);
             s.spawn(move || {
                 let mut buf = vec![0u8; state.chunk];
                 for (chunk, data) in rx {
@@ -753,6 +760,7 @@ fn scan(
                     let tree = match fill(endpoint, &mut buf[..len], start, &data) {
                         Ok(n) => {
                             read.fetch_add(n, Ordering::Relaxed);
+                            crate::fingerprint::Blocks::note(blocks, &buf[..len], start);
                             state.hasher.tree(&buf[..len], data.is_empty())
                         }
                         Err(e) => {
@@ -799,7 +807,10 @@ fn scan(
         return Err(e);
     }
     if !stop.load(Ordering::Relaxed) {
-        let _ = replies.send(Msg::ScanDone { chunks: state.chunks(), read: read.into_inner() });
+        let blocks = blocks.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let whole = state.end == endpoint.size() && state.data_len == state.end && blocks.is_complete();
+        let fingerprint = if whole { blocks.fingerprint() } else { [0; 32] };
+        let _ = replies.send(Msg::ScanDone { chunks: state.chunks(), read: read.into_inner(), fingerprint });
     }
     Ok(())
 }
@@ -894,16 +905,6 @@ fn exe_hash() -> Vec<u8> {
 #[must_use]
 pub fn boot_id() -> Vec<u8> {
     std::fs::read("/proc/sys/kernel/random/boot_id").map(|b| b.trim_ascii().to_vec()).unwrap_or_default()
-}
-
-/// Maps an `Opened` reply back to endpoint facts.
-#[must_use]
-pub fn opened_kind(kind: u8) -> Kind {
-    match kind {
-        0 => Kind::File,
-        1 => Kind::BlockDevice,
-        _ => Kind::Absent,
-    }
 }
 
 /// Maps an `Opened` identity back.

@@ -251,9 +251,6 @@ impl<B: Source> Source for Recorder<B> {
     fn name(&self) -> &Path {
         self.base.name()
     }
-    fn kind(&self) -> crate::endpoint::Kind {
-        crate::endpoint::Kind::File
-    }
     fn caps(&self) -> Caps {
         // A new image being described: any size, and zeroing is one small record.
         Caps { resizable: true, zero_offload: true, discard_zeroes: false, ..self.base.caps() }
@@ -264,12 +261,7 @@ impl<B: Source> Source for Recorder<B> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         read_or_zero(&self.base, buf, offset)?;
         if let Some(blocks) = &self.blocks {
-            let size = self.base.size();
-            let hashes = Blocks::covered(size, buf, offset);
-            let mut blocks = lock(blocks);
-            for (i, h) in hashes {
-                blocks.set(i, h);
-            }
+            Blocks::note(blocks, buf, offset);
         }
         Ok(())
     }
@@ -539,8 +531,8 @@ impl<T: Target> Source for Undo<T> {
     fn name(&self) -> &Path {
         self.target.name()
     }
-    fn kind(&self) -> crate::endpoint::Kind {
-        self.target.kind()
+    fn exists(&self) -> bool {
+        self.target.exists()
     }
     fn caps(&self) -> Caps {
         self.target.caps()
@@ -722,9 +714,6 @@ impl Drop for Append {
 impl Source for Append {
     fn name(&self) -> &Path {
         self.endpoint().name()
-    }
-    fn kind(&self) -> crate::endpoint::Kind {
-        crate::endpoint::Kind::File
     }
     fn caps(&self) -> Caps {
         self.endpoint().caps()

@@ -20,14 +20,14 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use crate::compare::Comparison;
-use crate::endpoint::{Caps, Identity, Kind};
+use crate::endpoint::{Caps, Identity};
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
 use crate::hash::chunk_size;
 use crate::job::{Job, WirePath};
 use crate::link::Link;
 use crate::location::Location;
-use crate::peer::{opened_identity, opened_kind};
+use crate::peer::opened_identity;
 use crate::progress::{Control, Counters, Phase};
 use crate::protocol::Msg;
 use crate::protocol::message::{Role, open_flags};
@@ -69,7 +69,8 @@ enum UndoAt<'a> {
 /// What `Open` told us.
 #[derive(Debug, Clone, Copy)]
 struct Opened {
-    kind: Kind,
+    /// False for a target that is not there (a dry run's).
+    exists: bool,
     size: u64,
     identity: Identity,
     created: bool,
@@ -82,8 +83,8 @@ struct Opened {
 /// Sends an `Open` or `OpenChain` and reads what was opened.
 fn opened(link: &mut Link, msg: Msg) -> Result<Opened> {
     match link.call(msg)? {
-        Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => Ok(Opened {
-            kind: opened_kind(kind),
+        Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => Ok(Opened {
+            exists,
             size,
             identity: opened_identity(identity_tag, id_a, id_b),
             created,
@@ -220,8 +221,7 @@ fn transfer(
     if s.identity != Identity::None && s.identity == t.identity && source.info.boot_id == target.info.boot_id {
         return Err(Error::usage(format!("{source_name} and {target_name} are the same file or device")));
     }
-    let sizing =
-        sizing::resolve(s.size, (&t.caps, t.kind != Kind::Absent), t.size, t.created, o.size_policy, o.zero_tail)?;
+    let sizing = sizing::resolve(s.size, (&t.caps, t.exists), t.size, t.created, o.size_policy, o.zero_tail)?;
     let mut warnings = Vec::new();
     if let Some(w) = &sizing.warning {
         control.observer.warn(w);
@@ -630,7 +630,7 @@ pub fn backup_locations(
     comment: &str,
     options: &RemoteOptions,
     control: Control<'_>,
-) -> Result<Summary> {
+) -> Result<crate::backup::BackupSummary> {
     if let (Location::Remote(src), Location::Remote(dir)) = (source.location, dest.location)
         && history::same_host(source, dest)
     {
@@ -645,22 +645,12 @@ pub fn backup_locations(
             force: o.force,
         };
         let job = Job::Backup { source: WirePath::new(&src.path), dir: WirePath::new(&dir.path), options };
-        let (b, wire): (crate::backup::BackupSummary, _) = history::job_counted(dest, &job, control)?;
-        return Ok(Summary {
-            source: src.display(),
-            destination: history::shown(dest, Path::new(&b.file)),
-            dry_run: false,
-            block_size: o.block_size,
-            counters: b.counters,
-            ranges_differing: 0,
-            destination_size_before: 0,
-            destination_size_after: b.counters.bytes_total,
-            verified: false,
-            warnings: Vec::new(),
-            bytes_sent: wire.0,
-            bytes_received: wire.1,
-            undo_log: None,
-        });
+        let (mut b, wire): (crate::backup::BackupSummary, _) = history::job_counted(dest, &job, control)?;
+        b.file = b.file.map(|file| history::shown(dest, Path::new(&file)));
+        b.summary.source = src.display();
+        b.summary.destination = b.file.clone().unwrap_or_else(|| dir.display());
+        (b.summary.bytes_sent, b.summary.bytes_received) = wire;
+        return Ok(b);
     }
     let options = RemoteOptions {
         sync: SyncOptions { verify: false, dry_run: false, ..options.sync.clone() },
@@ -683,6 +673,7 @@ pub fn backup_locations(
         let names = (source_name, display(t, t_path));
         transfer(s, so, t, to, names, Commit::Point, &options, control)
     })
+    .map(|summary| crate::backup::BackupSummary { file: None, number: None, summary })
 }
 
 /// Restores point `at` of the chain at `chain` onto `target`, either or both remote.

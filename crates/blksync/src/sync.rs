@@ -198,7 +198,7 @@ pub fn sync(
         )));
     }
     let before = dst.size();
-    let exists = dst.kind() != crate::endpoint::Kind::Absent;
+    let exists = dst.exists();
     let sizing =
         sizing::resolve(src.size(), (&dst.caps(), exists), before, fresh, options.size_policy, options.zero_tail)?;
     let mut warnings = Vec::new();

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 
 use blksync::endpoint::local::{Local, OpenTarget};
 use blksync::endpoint::memory::{Memory, Op};
-use blksync::endpoint::{Kind, Source, Target};
+use blksync::endpoint::{Source, Target};
 use blksync::progress::{Control, Silent};
 use blksync::sync::SyncOptions;
 
@@ -124,9 +124,9 @@ fn segments_are_never_wrong(t: &dyn Target, when: &str) {
 
 fn resizes_only_where_allowed(t: &dyn Target, model: &mut Vec<u8>) {
     let name = t.name().display().to_string();
-    if t.kind() != Kind::File {
+    if !t.caps().resizable {
         for size in [SIZE * 2, SIZE / 2] {
-            assert!(t.set_size(size).is_err(), "{name}: a {:?} resized to {size}", t.kind());
+            assert!(t.set_size(size).is_err(), "{name}: a fixed-size endpoint resized to {size}");
             matches_model(t, model, &format!("after refusing to resize to {size}"));
         }
         return;
@@ -195,7 +195,7 @@ fn a_loop_device_keeps_the_contract() {
     std::fs::File::create(&backing).unwrap().set_len(SIZE).unwrap();
     let address = format!("loop://{}", backing.display());
     let device = Local::open_target(Path::new(&address), OpenTarget::default()).unwrap();
-    assert_eq!(device.kind(), Kind::BlockDevice);
+    assert!(!device.caps().resizable, "a loop device has a fixed size");
     keeps_the_contract(&device);
     drop(device);
     // What the device held is in its backing file.

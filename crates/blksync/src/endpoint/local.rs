@@ -22,7 +22,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 
-use crate::endpoint::{Identity, Kind, Segment, Source, Target};
+use crate::endpoint::{Identity, Segment, Source, Target};
+
+/// What a path turned out to be: it decides how sizes, holes and zeros are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A regular file: can be resized and can hold holes.
+    File,
+    /// A block device: fixed size, zeroed by the device, never truncated.
+    BlockDevice,
+    /// A destination that does not exist yet (seen only in a dry run): reads as empty.
+    Absent,
+}
 use crate::error::{Error, ErrorKind, Hint, IoContext, Result};
 
 /// What an address names (see [`crate::location`] for the forms).
@@ -614,8 +625,8 @@ impl Source for Local {
         &self.path
     }
 
-    fn kind(&self) -> Kind {
-        self.kind
+    fn exists(&self) -> bool {
+        self.kind != Kind::Absent
     }
 
     fn size(&self) -> u64 {

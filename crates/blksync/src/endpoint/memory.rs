@@ -2,7 +2,7 @@
 //! and the endpoint contract without files, devices or root.
 //!
 //! What can be set:
-//! - whether it can be resized ([`Kind::File`]) or has a fixed size ([`Kind::BlockDevice`]);
+//! - whether it can be resized (a file) or has a fixed size (a device);
 //! - whether it reports holes: where it was never written, or was zeroed, `segment_at` says
 //!   "hole"; without that it reports everything as allocated, the answer that is never wrong;
 //! - a failure at a byte offset, for error paths: any read (or any write or zero) that covers
@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 
-use crate::endpoint::{Identity, Kind, Segment, Source, Target};
+use crate::endpoint::{Identity, Segment, Source, Target};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Which operations an injected failure hits.
@@ -43,7 +43,7 @@ pub enum Op {
 #[derive(Debug)]
 pub struct Memory {
     name: PathBuf,
-    kind: Kind,
+    resizable: bool,
     holes: bool,
     state: RwLock<State>,
     failure: Mutex<Option<(u64, Op)>>,
@@ -109,7 +109,7 @@ impl Memory {
         }
         Memory {
             name: name.into(),
-            kind: Kind::BlockDevice,
+            resizable: false,
             holes: false,
             state: RwLock::new(state),
             failure: Mutex::new(None),
@@ -117,11 +117,10 @@ impl Memory {
         }
     }
 
-    /// The same endpoint, resizable (a [`Kind::File`]) or of a fixed size (a
-    /// [`Kind::BlockDevice`]).
+    /// The same endpoint, resizable (as a file) or of a fixed size (as a device).
     #[must_use]
     pub fn resizable(self, resizable: bool) -> Memory {
-        Memory { kind: if resizable { Kind::File } else { Kind::BlockDevice }, ..self }
+        Memory { resizable, ..self }
     }
 
     /// The same endpoint, reporting holes where it was never written or was zeroed (`true`), or
@@ -202,12 +201,8 @@ impl Source for Memory {
         &self.name
     }
 
-    fn kind(&self) -> Kind {
-        self.kind
-    }
-
     fn caps(&self) -> super::Caps {
-        super::Caps { resizable: self.kind == Kind::File, holes: self.holes, ..super::Caps::default() }
+        super::Caps { resizable: self.resizable, holes: self.holes, ..super::Caps::default() }
     }
 
     fn size(&self) -> u64 {
@@ -258,7 +253,7 @@ impl Target for Memory {
         let end = offset + buf.len() as u64;
         if end > state.size() {
             // As pwrite does: a file grows, a device is full.
-            if self.kind != Kind::File {
+            if !self.resizable {
                 return Err(Error::io("writing", &self.name, Some(offset), io::Error::from_raw_os_error(libc::ENOSPC)));
             }
             state.bytes.resize(end as usize, 0);
@@ -280,7 +275,7 @@ impl Target for Memory {
         // A file keeps its size (PUNCH_HOLE | KEEP_SIZE); a device has nothing past its end.
         let end = match offset.checked_add(len) {
             Some(end) if end <= size => end,
-            Some(_) if self.kind == Kind::File => size,
+            Some(_) if self.resizable => size,
             _ => return Err(self.past_end("zeroing", offset, len, size)),
         };
         let start = offset.min(end);
@@ -290,7 +285,7 @@ impl Target for Memory {
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
-        if self.kind != Kind::File {
+        if !self.resizable {
             return Err(Error::new(ErrorKind::Unsupported, format!("{} cannot be resized", self.name.display())));
         }
         let mut state = self.write_state();

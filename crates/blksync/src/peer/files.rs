@@ -150,7 +150,7 @@ pub(crate) fn send(path: &Path, compress: i32, replies: &Sender<Msg>, stop: &Ato
     let reply = |msg| replies.send(msg).map_err(|_| Error::protocol("the client went away"));
     let caps = crate::endpoint::Caps::default();
     reply(Msg::Opened {
-        kind: 0,
+        exists: true,
         size,
         identity_tag: 0,
         id_a: 0,

@@ -113,6 +113,11 @@ pub enum Msg {
     /// Before success is reported: is what the source read still what it holds (a snapshot
     /// that overflowed while it was read is not)? Reply `Done`, or an error.
     CheckIntact,
+    /// The fingerprint of the image the target now holds (the source's, from its scan), for a
+    /// target that records a delta; others ignore it. Sent before `Flush`.
+    Fingerprint {
+        after: [u8; 32],
+    },
     Copy {
         end: u64,
         data_len: u64,
@@ -177,7 +182,8 @@ pub enum Msg {
         exe_hash: Vec<u8>,
     },
     Opened {
-        kind: u8,
+        /// False for a target that is not there (a dry run's), which reads as empty.
+        exists: bool,
         size: u64,
         identity_tag: u8,
         id_a: u64,
@@ -199,6 +205,9 @@ pub enum Msg {
         chunks: u64,
         /// Bytes the scan read from the endpoint (holes are not read).
         read: u64,
+        /// The fingerprint of the whole endpoint ([`crate::fingerprint`]), when the scan covered
+        /// exactly all of it; zeros otherwise.
+        fingerprint: [u8; 32],
     },
     GroupHashes {
         chunk: u64,
@@ -311,6 +320,7 @@ mod tag {
     pub const FLUSH_PARTIAL: u8 = 0x17;
     pub const DISCARD: u8 = 0x18;
     pub const CHECK_INTACT: u8 = 0x19;
+    pub const FINGERPRINT: u8 = 0x1A;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const SUMMARY: u8 = 0x83;
@@ -388,9 +398,9 @@ impl Msg {
     #[allow(clippy::too_many_lines)] // One arm per message, mirroring the spec's table.
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
-            ACK, ALIVE, BYE, CHECK_INTACT, COPY, DATA, DISCARD, DONE, ERROR, FLUSH, FLUSH_PARTIAL, GROUP_HASHES,
-            GROUPS, HELLO, HELLO_REPLY, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN, SCAN_DONE, SET_SIZE,
-            SUMMARY, WRITE, ZERO, ZEROS,
+            ACK, ALIVE, BYE, CHECK_INTACT, COPY, DATA, DISCARD, DONE, ERROR, FINGERPRINT, FLUSH, FLUSH_PARTIAL,
+            GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN,
+            SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
         };
         let e = |kind| Encoder::new(kind, 64);
         match self {
@@ -444,6 +454,11 @@ impl Msg {
             Msg::FlushPartial => e(FLUSH_PARTIAL).finish(),
             Msg::Discard => e(DISCARD).finish(),
             Msg::CheckIntact => e(CHECK_INTACT).finish(),
+            Msg::Fingerprint { after } => {
+                let mut x = e(FINGERPRINT);
+                x.raw(after);
+                x.finish()
+            }
             Msg::Copy { end, data_len, compress, threads } => {
                 let mut x = e(COPY);
                 x.u64(*end).u64(*data_len).i32(*compress).u16(*threads);
@@ -455,9 +470,15 @@ impl Msg {
                 x.u32(*version).u64(*features).bytes(tool_version).bytes(boot_id).bytes(exe_hash);
                 x.finish()
             }
-            Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => {
+            Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => {
                 let mut x = e(OPENED);
-                x.u8(*kind).u64(*size).u8(*identity_tag).u64(*id_a).u64(*id_b).u8(u8::from(*created)).u32(*mode);
+                x.u8(u8::from(*exists))
+                    .u64(*size)
+                    .u8(*identity_tag)
+                    .u64(*id_a)
+                    .u64(*id_b)
+                    .u8(u8::from(*created))
+                    .u32(*mode);
                 x.u32(*caps).u32(*block_size);
                 x.finish()
             }
@@ -466,9 +487,9 @@ impl Msg {
                 x.u64(*chunk).u8(u8::from(*zero)).raw(hash);
                 x.finish()
             }
-            Msg::ScanDone { chunks, read } => {
+            Msg::ScanDone { chunks, read, fingerprint } => {
                 let mut x = e(SCAN_DONE);
-                x.u64(*chunks).u64(*read);
+                x.u64(*chunks).u64(*read).raw(fingerprint);
                 x.finish()
             }
             Msg::GroupHashes { chunk, zero, hashes } => {
@@ -627,6 +648,7 @@ impl Msg {
             tag::FLUSH_PARTIAL => Msg::FlushPartial,
             tag::DISCARD => Msg::Discard,
             tag::CHECK_INTACT => Msg::CheckIntact,
+            tag::FINGERPRINT => Msg::Fingerprint { after: d.fixed()? },
             tag::COPY => Msg::Copy { end: d.u64()?, data_len: d.u64()?, compress: d.i32()?, threads: d.u16()? },
             tag::BYE => Msg::Bye,
             tag::HELLO_REPLY => Msg::HelloReply {
@@ -637,7 +659,7 @@ impl Msg {
                 exe_hash: d.bytes()?.to_vec(),
             },
             tag::OPENED => Msg::Opened {
-                kind: d.u8()?,
+                exists: flag(d.u8()?)?,
                 size: d.u64()?,
                 identity_tag: d.u8()?,
                 id_a: d.u64()?,
@@ -648,7 +670,7 @@ impl Msg {
                 block_size: d.u32()?,
             },
             tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
-            tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()? },
+            tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()?, fingerprint: d.fixed()? },
             tag::GROUP_HASHES => {
                 let chunk = d.u64()?;
                 let (zero, hashes) = hash_list(&mut d)?;
@@ -804,6 +826,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::FLUSH_PARTIAL => "FlushPartial",
         tag::DISCARD => "Discard",
         tag::CHECK_INTACT => "CheckIntact",
+        tag::FINGERPRINT => "Fingerprint",
         tag::COPY => "Copy",
         tag::BYE => "Bye",
         tag::HELLO_REPLY => "Hello reply",

@@ -437,14 +437,14 @@ fn diff_over(
     let cache = if options.keep_cache { open_flags::KEEP_CACHE } else { 0 };
     let so = open(s, Role::Source, cache, s_path, (b"", None))?;
     let mut bo = open(b, Role::Target, cache | open_flags::READ_ONLY, b_path, (b"", None))?;
-    if bo.kind == crate::endpoint::Kind::Absent {
+    if !bo.exists {
         return Err(Error::new(
             ErrorKind::NotFound,
             format!("{}: no such file or device", shown(base, Path::new(b_path))),
         ));
     }
     // A delta records any size change, whatever BASE is.
-    bo.kind = crate::endpoint::Kind::File;
+    bo.caps.resizable = true;
     let here = same_host(base, output).then(|| path_of(output));
     let source_name = shown(source, Path::new(s_path));
     let request = Msg::Record {

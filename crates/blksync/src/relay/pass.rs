@@ -134,6 +134,8 @@ struct Brain<'a> {
     requested: &'a Mutex<BTreeMap<u64, u64>>,
     /// `ScanDone`s received (one per scanning side).
     scans_done: u8,
+    /// The source's fingerprint, from its `ScanDone`.
+    source_fingerprint: Option<[u8; 32]>,
 }
 
 impl Pass<'_> {
@@ -159,6 +161,7 @@ impl Pass<'_> {
             flushed: false,
             requested: &requested,
             scans_done: 0,
+            source_fingerprint: None,
         };
         std::thread::scope(|scope| {
             let (routing, forwarding, requested) = (&routing, &forwarding, &requested);
@@ -383,6 +386,11 @@ impl Brain<'_> {
         // Nothing written and nothing resized: there is nothing to make durable, and skipping the
         // flush saves a round trip on slow links.
         if p.mode != Mode::Compare && (p.must_flush || s.bytes_written + s.bytes_zeroed > 0 || p.mode == Mode::Copy) {
+            // The target now holds what the source does: a recorder takes the source's
+            // fingerprint for the new image instead of computing it again.
+            if let Some(after) = self.source_fingerprint {
+                self.send(End::Target, Msg::Fingerprint { after })?;
+            }
             self.flush(Msg::Flush, events, Duration::from_secs(24 * 3600))?;
         }
         Ok(())
@@ -486,10 +494,13 @@ impl Brain<'_> {
                     self.finish_if_done(chunk)?;
                 }
             }
-            Msg::ScanDone { read, .. } => {
+            Msg::ScanDone { read, fingerprint, .. } => {
                 self.scans_done += 1;
                 match side {
-                    End::Source => self.counters.add_read_source(read),
+                    End::Source => {
+                        self.counters.add_read_source(read);
+                        self.source_fingerprint = Some(fingerprint).filter(|f| *f != [0; 32]);
+                    }
                     End::Target => self.counters.add_read_destination(read),
                 }
             }

@@ -58,18 +58,23 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             Msg::HelloReply { version, features, tool_version, boot_id, exe_hash }
         }),
         (
-            (any::<u8>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>()),
+            (any::<bool>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>()),
             (any::<u32>(), any::<u32>(), any::<u32>())
         )
-            .prop_map(|((kind, size, identity_tag, id_a, id_b, created), (mode, caps, block_size))| {
-                Msg::Opened { kind, size, identity_tag, id_a, id_b, created, mode, caps, block_size }
+            .prop_map(|((exists, size, identity_tag, id_a, id_b, created), (mode, caps, block_size))| {
+                Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size }
             }),
         (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
             chunk,
             zero,
             hash
         }),
-        (any::<u64>(), any::<u64>()).prop_map(|(chunks, read)| Msg::ScanDone { chunks, read }),
+        (any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(chunks, read, fingerprint)| Msg::ScanDone {
+            chunks,
+            read,
+            fingerprint
+        }),
+        any::<[u8; 32]>().prop_map(|after| Msg::Fingerprint { after }),
         (any::<u64>(), hashes()).prop_map(|(chunk, (zero, hashes))| Msg::GroupHashes { chunk, zero, hashes }),
         (any::<u64>(), any::<u32>(), hashes())
             .prop_map(|(chunk, group, (zero, hashes))| { Msg::LeafHashes { chunk, group, zero, hashes } }),
