@@ -23,18 +23,20 @@ use crate::args::{Cli, Command};
 use crate::commands::Outcome;
 
 fn main() -> ExitCode {
+    // Signals are caught first of all, so that a Ctrl-C never finds a half-started run without
+    // its handlers. The agent is stopped by its client closing the connection, not by signals.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let agent = std::env::args_os().nth(1).is_some_and(|a| a == "agent");
+    if !agent && let Err(e) = install_signal_handlers(&cancel) {
+        console::err(&format!("blksync: error: cannot install signal handlers: {e}"));
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
     if let Command::Agent(args) = &cli.command {
-        // The agent is stopped by its client closing the connection, not by signals.
         return ExitCode::from(commands::agent(args));
-    }
-    let cancel = Arc::new(AtomicBool::new(false));
-    if let Err(e) = install_signal_handlers(&cancel) {
-        console::err(&format!("blksync: error: cannot install signal handlers: {e}"));
-        return ExitCode::from(2);
     }
     let (name, json) = (cli.command.name(), cli.command.json());
     let is_compare = matches!(cli.command, Command::Compare(_));

@@ -16,7 +16,7 @@ use crate::extent::Extent;
 use crate::progress::{Control, Counters, Phase, Snapshot};
 
 /// Options of a comparison.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompareOptions {
     /// Comparison granularity.
     pub block_size: usize,

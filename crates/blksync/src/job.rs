@@ -1,5 +1,5 @@
-//! Jobs: history commands that a peer runs on its own host, because every file they touch lives
-//! there (docs/PROTOCOL.md, "Jobs"). `blksync prune host:/backups/vm` then reads and writes
+//! Jobs: commands that a peer runs on its own host, because every file they touch lives there
+//! (docs/PROTOCOL.md, "Jobs"). The peer runs them without knowing what they are. `blksync prune host:/backups/vm` then reads and writes
 //! gigabytes on that host and sends a few hundred bytes of progress over the network.
 //!
 //! A request is a [`Job`] in JSON, and the result is the JSON document that the same command
@@ -43,7 +43,7 @@ impl<'de> Deserialize<'de> for WirePath {
     }
 }
 
-/// One history command with all its files on the peer's host.
+/// One command with all its files on the peer's host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 #[allow(missing_docs)] // The fields are the command's arguments.
@@ -86,6 +86,18 @@ pub enum Job {
         target: WirePath,
         at: At,
         force: bool,
+    },
+    Sync {
+        source: WirePath,
+        target: WirePath,
+        /// `options.undo`, which travels here (paths are bytes on the wire).
+        undo: Option<WirePath>,
+        options: crate::sync::SyncOptions,
+    },
+    Compare {
+        first: WirePath,
+        second: WirePath,
+        options: crate::compare::CompareOptions,
     },
 }
 
@@ -136,6 +148,15 @@ impl Job {
             Job::Restore { dir, target, at, force } => {
                 json(&crate::backup::restore(&dir.0, &target.0, at, force, control)?)
             }
+            Job::Sync { source, target, undo, options } => {
+                crate::sync::check_block_size(options.block_size as u64)?;
+                let options = crate::sync::SyncOptions { undo: undo.map(|u| u.0), ..options };
+                json(&crate::sync::sync_paths(&source.0, &target.0, &options, control)?)
+            }
+            Job::Compare { first, second, options } => {
+                crate::sync::check_block_size(options.block_size as u64)?;
+                json(&crate::compare::compare_paths(&first.0, &second.0, &options, control)?)
+            }
         }
     }
 }
@@ -176,7 +197,23 @@ mod tests {
             Job::List { dir: odd.clone(), verify: true },
             Job::Prune { dir: odd.clone(), keep: 3, options: options() },
             Job::Backup { source: odd.clone(), dir: odd.clone(), options: options() },
-            Job::Restore { dir: odd.clone(), target: odd, at: At::Time(-5), force: false },
+            Job::Restore { dir: odd.clone(), target: odd.clone(), at: At::Time(-5), force: false },
+            Job::Sync {
+                source: odd.clone(),
+                target: odd.clone(),
+                undo: Some(odd.clone()),
+                options: crate::sync::SyncOptions { undo: None, ..crate::sync::SyncOptions::default() },
+            },
+            Job::Compare {
+                first: odd.clone(),
+                second: odd,
+                options: crate::compare::CompareOptions {
+                    block_size: 512,
+                    keep_cache: true,
+                    threads: 0,
+                    max_ranges: 9,
+                },
+            },
         ];
         for job in jobs {
             assert_eq!(Job::decode(&job.encode()).unwrap(), job);

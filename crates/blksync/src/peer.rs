@@ -97,7 +97,7 @@ struct Peer {
     scan: Option<Arc<ScanState>>,
     jobs: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
-    /// Cancels a `LocalSync` job.
+    /// Cancels a job.
     cancel: Arc<AtomicBool>,
     compressors: HashMap<i32, Compressor>,
     /// The file a `Put` is writing.
@@ -232,9 +232,6 @@ impl Peer {
                 self.open_chain(&dir, role, at_kind, at, &comment, (&source, source_size), block)?;
             }
             Msg::Copy { end, data_len, compress, threads } => self.start_copy(end, data_len, compress, threads)?,
-            Msg::LocalSync { source, target, block, flags, threads, bwlimit, undo } => {
-                self.start_local_sync(&source, &target, block, flags, threads, bwlimit, &undo)?;
-            }
             Msg::Job { request } => {
                 let mut job = crate::job::Job::decode(&request)?;
                 job.spool_output(|| self.spool.path())?;
@@ -256,9 +253,6 @@ impl Peer {
             Msg::Record { path, comment, source, block } => self.record(&path, &comment, &source, block)?,
             Msg::Undo { path, comment } => self.undo(&path, &comment)?,
             Msg::Cancel => self.cancel.store(true, Ordering::Relaxed),
-            Msg::LocalCompare { first, second, block, max_ranges } => {
-                self.start_local_compare(&first, &second, block, max_ranges)?;
-            }
             other => return Err(Error::protocol(format!("unexpected message from the client: {other:?}"))),
         }
         Ok(())
@@ -567,58 +561,6 @@ impl Peer {
         }));
         Ok(())
     }
-}
-
-impl Peer {
-    /// Both endpoints are on this host: run the local engine here and report over the wire, so
-    /// no data crosses the network at all.
-    #[allow(clippy::too_many_arguments)] // The fields of one message.
-    fn start_local_sync(
-        &mut self,
-        source: &[u8],
-        target: &[u8],
-        block: u32,
-        flags: u32,
-        threads: u16,
-        bwlimit: u64,
-        undo: &[u8],
-    ) -> Result<()> {
-        use crate::protocol::message::sync_flags as f;
-        let options = crate::sync::SyncOptions {
-            block_size: crate::sync::check_block_size(u64::from(block))?,
-            dry_run: flags & f::DRY_RUN != 0,
-            verify: flags & f::VERIFY != 0,
-            keep_cache: flags & f::KEEP_CACHE != 0,
-            size_policy: if flags & f::COMMON_SIZE != 0 {
-                crate::sizing::SizePolicy::Common
-            } else if flags & f::NO_RESIZE != 0 {
-                crate::sizing::SizePolicy::NoResize
-            } else {
-                crate::sizing::SizePolicy::Resize
-            },
-            zero_tail: flags & f::ZERO_TAIL != 0,
-            force: flags & f::FORCE != 0,
-            discard: flags & f::DISCARD != 0,
-            threads: worker_count(threads),
-            bwlimit: (bwlimit > 0).then_some(bwlimit),
-            undo: (!undo.is_empty()).then(|| path_of(undo)),
-        };
-        let source = path_of(source);
-        let target = path_of(target);
-        self.spawn_job(move |control| match crate::sync::sync_paths(&source, &target, &options, control) {
-            Ok(s) => Msg::Synced {
-                counters: counters_of(&s.counters),
-                seconds: s.counters.seconds.to_bits(),
-                ranges: s.ranges_differing,
-                size_before: s.destination_size_before,
-                size_after: s.destination_size_after,
-                verified: s.verified,
-                destination: s.destination.into_bytes(),
-            },
-            Err(e) => Msg::failure(&e),
-        });
-        Ok(())
-    }
 
     /// Runs a local job in a thread: its progress goes to the client as `Progress`/`Warning`,
     /// its result (or error) as the final reply. `Cancel` stops it.
@@ -629,32 +571,6 @@ impl Peer {
             let reply = job(crate::progress::Control { observer: &observer, cancel: &cancel });
             let _ = replies.send(reply);
         }));
-    }
-}
-
-impl Peer {
-    /// Both images are on this host: compare them here (bytes, not hashes) and report.
-    fn start_local_compare(&mut self, first: &[u8], second: &[u8], block: u32, max_ranges: u32) -> Result<()> {
-        let options = crate::compare::CompareOptions {
-            block_size: crate::sync::check_block_size(u64::from(block))?,
-            keep_cache: false,
-            threads: worker_count(0),
-            max_ranges: max_ranges as usize,
-        };
-        let first = path_of(first);
-        let second = path_of(second);
-        self.spawn_job(move |control| match crate::compare::compare_paths(&first, &second, &options, control) {
-            Ok(c) => Msg::Compared {
-                counters: counters_of(&c.counters),
-                seconds: c.counters.seconds.to_bits(),
-                first_size: c.source_size,
-                second_size: c.destination_size,
-                range_count: c.ranges_differing,
-                ranges: c.ranges.iter().flat_map(|r| [r.offset.to_le_bytes(), r.len.to_le_bytes()].concat()).collect(),
-            },
-            Err(e) => Msg::failure(&e),
-        });
-        Ok(())
     }
 }
 

@@ -22,7 +22,6 @@ use crossbeam_channel::RecvTimeoutError;
 use crate::compare::Comparison;
 use crate::endpoint::{Caps, Identity};
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::Extent;
 use crate::hash::chunk_size;
 use crate::job::{Job, WirePath};
 use crate::link::Link;
@@ -441,48 +440,33 @@ pub fn sync_locations(
             UndoAt::There(path) => Some(path.to_path_buf()),
             _ => None,
         };
-        return sync_on_host(a, &b.path, source.ssh, &o, control);
+        return sync_on_host(source, a, &b.path, &o, control);
     }
     with_links(source, target, control, |s, s_path, t, t_path| sync(s, s_path, t, t_path, options, undo, control))
 }
 
-/// Runs a sync between two paths of one remote host on that host (`LocalSync`).
+/// Runs a sync between two paths of one remote host on that host, as a job: no image data
+/// crosses the network.
 fn sync_on_host(
+    side: &Side<'_>,
     remote: &crate::location::Remote,
     target_path: &Path,
-    ssh: &SshOptions,
     o: &SyncOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    use crate::protocol::message::sync_flags as f;
-    let mut link = Link::ssh(remote, ssh, control.observer)?;
-    let flag = |on: bool, bit: u32| if on { bit } else { 0 };
-    let flags = flag(o.dry_run, f::DRY_RUN)
-        | flag(o.verify, f::VERIFY)
-        | flag(o.keep_cache, f::KEEP_CACHE)
-        | flag(o.zero_tail, f::ZERO_TAIL)
-        | flag(o.force, f::FORCE)
-        | flag(o.discard, f::DISCARD)
-        | flag(o.size_policy == sizing::SizePolicy::NoResize, f::NO_RESIZE)
-        | flag(o.size_policy == sizing::SizePolicy::Common, f::COMMON_SIZE);
-    let request = Msg::LocalSync {
-        source: remote.path.as_os_str().as_bytes().to_vec(),
-        target: target_path.as_os_str().as_bytes().to_vec(),
-        block: o.block_size as u32,
-        flags,
-        threads: u16::try_from(o.threads).unwrap_or(u16::MAX),
-        bwlimit: o.bwlimit.unwrap_or(0),
-        undo: o.undo.as_ref().map(|p| p.as_os_str().as_bytes().to_vec()).unwrap_or_default(),
+    let job = Job::Sync {
+        source: WirePath::new(&remote.path),
+        target: WirePath::new(target_path),
+        undo: o.undo.as_deref().map(WirePath::new),
+        options: SyncOptions { undo: None, ..o.clone() },
     };
-    let result = follow_local_sync(&mut link, request, o, control).map(|mut summary| {
-        summary.source = format!("{}:{}", link.name, remote.path.display());
-        summary.destination = format!("{}:{}", link.name, summary.destination);
-        summary.undo_log = o.undo.as_ref().map(|u| format!("{}:{}", link.name, u.display()));
-        add_wire(&mut summary.bytes_sent, &mut summary.bytes_received, &[&link]);
-        summary
-    });
-    link.close();
-    result
+    let (mut summary, wire): (Summary, _) = history::job_counted(side, &job, control)?;
+    let host = remote.destination();
+    summary.source = format!("{host}:{}", remote.path.display());
+    summary.destination = format!("{host}:{}", summary.destination);
+    summary.undo_log = o.undo.as_ref().map(|u| format!("{host}:{}", u.display()));
+    (summary.bytes_sent, summary.bytes_received) = wire;
+    Ok(summary)
 }
 
 /// Relays a remote job's progress and warnings to the observer until it ends; returns its final
@@ -528,71 +512,20 @@ fn follow_job(link: &mut Link, request: Msg, control: Control<'_>) -> Result<(Ms
     }
 }
 
-/// Relays a remote `LocalSync` until it ends.
-fn follow_local_sync(link: &mut Link, request: Msg, o: &SyncOptions, control: Control<'_>) -> Result<Summary> {
-    match follow_job(link, request, control)? {
-        (Msg::Synced { counters, seconds, ranges, size_before, size_after, verified, destination }, warnings) => {
-            Ok(Summary {
-                source: String::new(),
-                destination: String::from_utf8_lossy(&destination).into_owned(),
-                dry_run: o.dry_run,
-                block_size: o.block_size,
-                counters: crate::peer::snapshot_of(counters, f64::from_bits(seconds)),
-                ranges_differing: ranges,
-                destination_size_before: size_before,
-                destination_size_after: size_after,
-                verified,
-                warnings,
-                bytes_sent: 0,
-                bytes_received: 0,
-                undo_log: None,
-            })
-        }
-        (other, _) => Err(link.unexpected(&other)),
-    }
-}
-
-/// Compares two paths of one remote host on that host (`LocalCompare`), over one connection.
+/// Compares two paths of one remote host on that host, as a job.
 fn compare_on_host(
+    side: &Side<'_>,
     remote: &crate::location::Remote,
     second: &Path,
-    ssh: &SshOptions,
-    block_size: usize,
-    max_ranges: usize,
+    options: crate::compare::CompareOptions,
     control: Control<'_>,
 ) -> Result<Comparison> {
-    let mut link = Link::ssh(remote, ssh, control.observer)?;
-    let request = Msg::LocalCompare {
-        first: remote.path.as_os_str().as_bytes().to_vec(),
-        second: second.as_os_str().as_bytes().to_vec(),
-        block: block_size as u32,
-        max_ranges: u32::try_from(max_ranges).unwrap_or(u32::MAX),
-    };
-    let result = match follow_job(&mut link, request, control) {
-        Ok((Msg::Compared { counters, seconds, first_size, second_size, range_count, ranges }, _)) => {
-            let counters = crate::peer::snapshot_of(counters, f64::from_bits(seconds));
-            Ok(Comparison {
-                source: format!("{}:{}", link.name, remote.path.display()),
-                destination: format!("{}:{}", link.name, second.display()),
-                source_size: first_size,
-                destination_size: second_size,
-                identical: counters.bytes_differing == 0,
-                counters,
-                ranges_differing: range_count,
-                ranges: ranges
-                    .chunks_exact(16)
-                    .map(|r| Extent {
-                        offset: u64::from_le_bytes(r[..8].try_into().unwrap_or_default()),
-                        len: u64::from_le_bytes(r[8..].try_into().unwrap_or_default()),
-                    })
-                    .collect(),
-            })
-        }
-        Ok((other, _)) => Err(link.unexpected(&other)),
-        Err(e) => Err(e),
-    };
-    link.close();
-    result
+    let job = Job::Compare { first: WirePath::new(&remote.path), second: WirePath::new(second), options };
+    let (mut comparison, _): (Comparison, _) = history::job_counted(side, &job, control)?;
+    let host = remote.destination();
+    comparison.source = format!("{host}:{}", remote.path.display());
+    comparison.destination = format!("{host}:{}", second.display());
+    Ok(comparison)
 }
 
 fn open_chain(
@@ -776,7 +709,8 @@ pub fn compare_locations(
     if let (Location::Remote(first), Location::Remote(second)) = (a.location, b.location)
         && history::same_host(a, b)
     {
-        return compare_on_host(first, &second.path, a.ssh, block_size, max_ranges, control);
+        let options = crate::compare::CompareOptions { block_size, keep_cache: false, threads: 0, max_ranges };
+        return compare_on_host(a, first, &second.path, options, control);
     }
     with_two_links(a, b, control, |x, x_path, y, y_path| compare(x, x_path, y, y_path, block_size, max_ranges, control))
         .map(|(comparison, _)| comparison)

@@ -17,7 +17,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::size::format_size;
 
 /// What to do when sizes differ.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SizePolicy {
     /// Resize a destination file to the source's size (the default).
     #[default]

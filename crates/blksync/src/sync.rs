@@ -24,7 +24,7 @@ use crate::sizing::{self, SizePolicy};
 use crate::throttle::Throttle;
 
 /// Options of a sync, validated by the front end.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncOptions {
     /// Comparison granularity: a power of two from 512 B to 1 MiB.
     pub block_size: usize,
@@ -46,7 +46,9 @@ pub struct SyncOptions {
     pub threads: usize,
     /// Read the source at most this many bytes per second.
     pub bwlimit: Option<u64>,
-    /// Save the old content of every block overwritten into this delta file (`--undo`).
+    /// Save the old content of every block overwritten into this delta file (`--undo`). Not
+    /// serialized: a job carries it as bytes ([`crate::job::Job::Sync`]).
+    #[serde(skip)]
     pub undo: Option<std::path::PathBuf>,
 }
 

@@ -125,22 +125,7 @@ pub enum Msg {
         threads: u16,
     },
     Bye,
-    LocalSync {
-        source: Vec<u8>,
-        target: Vec<u8>,
-        block: u32,
-        flags: u32,
-        threads: u16,
-        bwlimit: u64,
-        undo: Vec<u8>,
-    },
     Cancel,
-    LocalCompare {
-        first: Vec<u8>,
-        second: Vec<u8>,
-        block: u32,
-        max_ranges: u32,
-    },
     OpenChain {
         dir: Vec<u8>,
         role: Role,
@@ -247,51 +232,12 @@ pub enum Msg {
     Warning {
         text: String,
     },
-    Synced {
-        counters: [u64; 7],
-        seconds: u64,
-        ranges: u64,
-        size_before: u64,
-        size_after: u64,
-        verified: bool,
-        destination: Vec<u8>,
-    },
-    Compared {
-        counters: [u64; 7],
-        seconds: u64,
-        first_size: u64,
-        second_size: u64,
-        range_count: u64,
-        ranges: Vec<u8>,
-    },
     JobDone {
         result: Vec<u8>,
     },
     Path {
         path: Vec<u8>,
     },
-}
-
-/// `LocalSync` flag bits.
-pub mod sync_flags {
-    /// `--dry-run`.
-    pub const DRY_RUN: u32 = 1;
-    /// `--verify`.
-    pub const VERIFY: u32 = 2;
-    /// `--keep-cache`.
-    pub const KEEP_CACHE: u32 = 4;
-    /// `--zero-tail`.
-    pub const ZERO_TAIL: u32 = 8;
-    /// `--force`.
-    pub const FORCE: u32 = 16;
-    /// `--discard`.
-    pub const DISCARD: u32 = 32;
-    /// `--no-resize`.
-    pub const NO_RESIZE: u32 = 64;
-    /// `--common-size`.
-    pub const COMMON_SIZE: u32 = 128;
-    /// Every defined bit.
-    pub const ALL: u32 = 255;
 }
 
 mod tag {
@@ -308,9 +254,7 @@ mod tag {
     pub const FLUSH: u8 = 0x0B;
     pub const COPY: u8 = 0x0C;
     pub const BYE: u8 = 0x0D;
-    pub const LOCAL_SYNC: u8 = 0x0E;
     pub const CANCEL: u8 = 0x0F;
-    pub const LOCAL_COMPARE: u8 = 0x10;
     pub const OPEN_CHAIN: u8 = 0x11;
     pub const JOB: u8 = 0x12;
     pub const PUT: u8 = 0x13;
@@ -333,8 +277,6 @@ mod tag {
     pub const DONE: u8 = 0x8A;
     pub const PROGRESS: u8 = 0x8B;
     pub const WARNING: u8 = 0x8C;
-    pub const SYNCED: u8 = 0x8D;
-    pub const COMPARED: u8 = 0x8E;
     pub const ERROR: u8 = 0x8F;
     pub const JOB_DONE: u8 = 0x90;
     pub const PATH: u8 = 0x91;
@@ -520,11 +462,6 @@ impl Msg {
                 x.u8(kind.to_wire()).bytes(message.as_bytes()).u8(crate::error::Hint::to_wire(*hint));
                 x.finish()
             }
-            Msg::LocalSync { source, target, block, flags, threads, bwlimit, undo } => {
-                let mut x = e(tag::LOCAL_SYNC);
-                x.bytes(source).bytes(target).u32(*block).u32(*flags).u16(*threads).u64(*bwlimit).bytes(undo);
-                x.finish()
-            }
             Msg::Job { request } => {
                 let mut x = Encoder::new(tag::JOB, request.len() + 4);
                 x.bytes(request);
@@ -573,16 +510,6 @@ impl Msg {
                     .u64(*source_size);
                 x.finish()
             }
-            Msg::LocalCompare { first, second, block, max_ranges } => {
-                let mut x = e(tag::LOCAL_COMPARE);
-                x.bytes(first).bytes(second).u32(*block).u32(*max_ranges);
-                x.finish()
-            }
-            Msg::Compared { counters, seconds, first_size, second_size, range_count, ranges } => {
-                let mut x = e(tag::COMPARED);
-                x.u64s(counters).u64(*seconds).u64(*first_size).u64(*second_size).u64(*range_count).bytes(ranges);
-                x.finish()
-            }
             Msg::Progress { phase, counters } => {
                 let mut x = e(tag::PROGRESS);
                 x.u8(*phase);
@@ -592,17 +519,6 @@ impl Msg {
             Msg::Warning { text } => {
                 let mut x = e(tag::WARNING);
                 x.bytes(text.as_bytes());
-                x.finish()
-            }
-            Msg::Synced { counters, seconds, ranges, size_before, size_after, verified, destination } => {
-                let mut x = e(tag::SYNCED);
-                x.u64s(counters);
-                x.u64(*seconds)
-                    .u64(*ranges)
-                    .u64(*size_before)
-                    .u64(*size_after)
-                    .u8(u8::from(*verified))
-                    .bytes(destination);
                 x.finish()
             }
         }
@@ -692,23 +608,6 @@ impl Msg {
                 message: String::from_utf8_lossy(d.bytes()?).into_owned(),
                 hint: crate::error::Hint::from_wire(d.u8()?),
             },
-            tag::LOCAL_SYNC => {
-                let msg = Msg::LocalSync {
-                    source: d.bytes()?.to_vec(),
-                    target: d.bytes()?.to_vec(),
-                    block: d.u32()?,
-                    flags: d.u32()?,
-                    threads: d.u16()?,
-                    bwlimit: d.u64()?,
-                    undo: d.bytes()?.to_vec(),
-                };
-                if let Msg::LocalSync { flags, .. } = msg
-                    && flags & !sync_flags::ALL != 0
-                {
-                    return Err(Error::protocol(format!("unknown sync flags 0x{flags:x}")));
-                }
-                msg
-            }
             tag::CANCEL => Msg::Cancel,
             tag::OPEN_CHAIN => {
                 let dir = d.bytes()?.to_vec();
@@ -732,39 +631,8 @@ impl Msg {
                     source_size: d.u64()?,
                 }
             }
-            tag::LOCAL_COMPARE => Msg::LocalCompare {
-                first: d.bytes()?.to_vec(),
-                second: d.bytes()?.to_vec(),
-                block: d.u32()?,
-                max_ranges: d.u32()?,
-            },
-            tag::COMPARED => {
-                let msg = Msg::Compared {
-                    counters: counters(&mut d)?,
-                    seconds: d.u64()?,
-                    first_size: d.u64()?,
-                    second_size: d.u64()?,
-                    range_count: d.u64()?,
-                    ranges: d.bytes()?.to_vec(),
-                };
-                if let Msg::Compared { ranges, .. } = &msg
-                    && ranges.len() % 16 != 0
-                {
-                    return Err(Error::protocol("compared ranges are not 16-byte pairs"));
-                }
-                msg
-            }
             tag::PROGRESS => Msg::Progress { phase: d.u8()?, counters: counters(&mut d)? },
             tag::WARNING => Msg::Warning { text: String::from_utf8_lossy(d.bytes()?).into_owned() },
-            tag::SYNCED => Msg::Synced {
-                counters: counters(&mut d)?,
-                seconds: d.u64()?,
-                ranges: d.u64()?,
-                size_before: d.u64()?,
-                size_after: d.u64()?,
-                verified: flag(d.u8()?)?,
-                destination: d.bytes()?.to_vec(),
-            },
             tag::JOB => Msg::Job { request: d.bytes()?.to_vec() },
             tag::PUT => Msg::Put { path: d.bytes()?.to_vec(), mode: d.u32()? },
             tag::GET => Msg::Get { path: d.bytes()?.to_vec(), compress: d.i32()? },
@@ -841,14 +709,10 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::DONE => "Done",
         tag::ALIVE => "Alive",
         tag::ERROR => "Error",
-        tag::LOCAL_SYNC => "LocalSync",
         tag::CANCEL => "Cancel",
         tag::PROGRESS => "Progress",
         tag::WARNING => "Warning",
-        tag::SYNCED => "Synced",
-        tag::LOCAL_COMPARE => "LocalCompare",
         tag::OPEN_CHAIN => "OpenChain",
-        tag::COMPARED => "Compared",
         tag::JOB => "Job",
         tag::PUT => "Put",
         tag::GET => "Get",

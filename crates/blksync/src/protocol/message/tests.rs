@@ -87,17 +87,6 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             message,
             hint: crate::error::Hint::from_wire(hint)
         }),
-        (b(), b(), any::<u32>(), 0u32..256, any::<u16>(), any::<u64>(), b()).prop_map(
-            |(source, target, block, flags, threads, bwlimit, undo)| Msg::LocalSync {
-                source,
-                target,
-                block,
-                flags,
-                threads,
-                bwlimit,
-                undo
-            }
-        ),
         b().prop_map(|request| Msg::Job { request }),
         (b(), any::<u32>()).prop_map(|(path, mode)| Msg::Put { path, mode }),
         (b(), any::<i32>()).prop_map(|(path, compress)| Msg::Get { path, compress }),
@@ -123,41 +112,8 @@ fn any_msg() -> impl Strategy<Value = Msg> {
                 source_size
             }
         ),
-        (b(), b(), any::<u32>(), any::<u32>()).prop_map(|(first, second, block, max_ranges)| Msg::LocalCompare {
-            first,
-            second,
-            block,
-            max_ranges
-        }),
-        (
-            any::<[u64; 7]>(),
-            any::<u64>(),
-            any::<u64>(),
-            any::<u64>(),
-            any::<u64>(),
-            proptest::collection::vec(any::<[u8; 16]>(), 0..4)
-        )
-            .prop_map(|(counters, seconds, first_size, second_size, range_count, r)| Msg::Compared {
-                counters,
-                seconds,
-                first_size,
-                second_size,
-                range_count,
-                ranges: r.concat()
-            }),
         (any::<u8>(), any::<[u64; 7]>()).prop_map(|(phase, counters)| Msg::Progress { phase, counters }),
         ".{0,40}".prop_map(|text| Msg::Warning { text }),
-        (any::<[u64; 7]>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), b()).prop_map(
-            |(counters, seconds, ranges, size_before, size_after, verified, destination)| Msg::Synced {
-                counters,
-                seconds,
-                ranges,
-                size_before,
-                size_after,
-                verified,
-                destination
-            }
-        ),
     ]
 }
 
