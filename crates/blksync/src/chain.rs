@@ -23,6 +23,7 @@
 //! restorable) and records the break in [`Chain::broken`]: restoring a later point, or extending
 //! the chain with `backup`, is refused with the file to blame and how to recover.
 
+pub use blksync_core::chain_files::{base_paths, chain_of, increment_path};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,37 +143,6 @@ impl Break {
     }
 }
 
-/// Paths of the image and metadata of a base holding point `number`.
-#[must_use]
-pub fn base_paths(dir: &Path, number: u64, id: &[u8; 16]) -> (PathBuf, PathBuf) {
-    let stem = format!("base-{number:06}-{}", to_hex(id));
-    (dir.join(format!("{stem}.img")), dir.join(format!("{stem}.delta")))
-}
-
-/// The directory of the backup chain that `path` (or what it links to) belongs to, if it is a
-/// chain's base image, metadata or increment: those files are never written in place, so a
-/// `sync`, `apply` or `restore` onto one is refused. Recognised by name, beside a base's metadata.
-#[must_use]
-pub fn chain_of(path: &Path) -> Option<PathBuf> {
-    let path = std::fs::canonicalize(path).ok()?;
-    let name = path.file_name()?.to_str()?;
-    let numbered = |rest: &str| rest.len() > 6 && rest.as_bytes()[..6].iter().all(u8::is_ascii_digit);
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
-    let named = match (name.strip_prefix("base-"), name.strip_prefix("inc-")) {
-        (Some(rest), _) => numbered(rest) && (ext == "img" || ext == "delta"),
-        (_, Some(rest)) => numbered(rest) && ext == "delta",
-        _ => false,
-    };
-    let dir = path.parent()?;
-    let has_base = named
-        && std::fs::read_dir(dir).ok()?.flatten().any(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("base-") && n.ends_with(".delta")
-        });
-    has_base.then(|| dir.to_path_buf())
-}
-
 /// Follows the increments from the base `base_id` (point `number`) in number order: each must be
 /// the next number and name the previous point as its parent. Returns the indices of those that
 /// do, and what is wrong with the first that does not.
@@ -214,12 +184,6 @@ fn walk(
 pub fn create_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).on("creating backup directory", dir)
-}
-
-/// Path of increment `seq`.
-#[must_use]
-pub fn increment_path(dir: &Path, seq: u64) -> PathBuf {
-    dir.join(format!("inc-{seq:06}.delta"))
 }
 
 impl Chain {

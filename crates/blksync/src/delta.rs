@@ -124,15 +124,7 @@ fn unhex<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<[u8; 16]
     Ok(out)
 }
 
-/// Lower-case hex of an id.
-#[must_use]
-pub fn to_hex(v: &[u8]) -> String {
-    use std::fmt::Write as _;
-    v.iter().fold(String::with_capacity(32), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
-}
+pub use crate::id::to_hex;
 
 /// One index entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

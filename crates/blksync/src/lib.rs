@@ -28,31 +28,28 @@ pub mod chain;
 pub mod compare;
 pub mod compress;
 pub mod delta;
-pub mod endpoint;
 mod engine;
-pub mod error;
-pub mod extent;
-pub mod fingerprint;
 pub mod hash;
-pub mod id;
 pub mod job;
 pub mod link;
-pub mod location;
 pub mod patch;
 pub mod peer;
 pub mod place;
-pub mod progress;
 pub mod protocol;
 pub mod prune;
 pub mod record;
 pub mod relay;
-pub mod size;
 pub mod sizing;
 pub mod ssh;
 pub mod sums;
 pub mod sync;
-pub mod temp;
-pub mod throttle;
-pub mod zero;
 
+pub use blksync_core::{chain_files, error, extent, fingerprint, id, location, progress, size, temp, throttle, zero};
 pub use error::{Error, ErrorKind, Hint, Result};
+
+/// Endpoints: the seam (`Source`, `Target`, `Caps`, from `blksync-core`) and the local kinds
+/// (from `blksync-endpoint`), under one name.
+pub mod endpoint {
+    pub use blksync_core::endpoint::*;
+    pub use blksync_endpoint::{local, loopdev, lvm};
+}

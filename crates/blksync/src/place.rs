@@ -9,7 +9,7 @@
 //!   result cross the network (also in [`crate::relay`]).
 //!
 //! The other commands (`diff`, `apply`, `merge`, `info`, `list`, `prune`) make the same choice
-//! in [`crate::relay::history`].
+//! in `relay/history.rs`.
 
 use std::path::Path;
 

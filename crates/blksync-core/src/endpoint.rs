@@ -2,19 +2,16 @@
 //!
 //! The engine never touches a file descriptor. It asks a [`Source`] for its size, its allocation
 //! map and its bytes, and tells a [`Target`] to write, zero, resize and flush. Local files and
-//! block devices implement both ([`local::Local`]); a remote agent, NBD or iSCSI export plugs in
+//! block devices implement both (`blksync_endpoint::local::Local`); a remote agent, NBD or iSCSI export plugs in
 //! the same way. A source has no write methods at all: "the source is never written" holds by
 //! construction.
 
-pub mod local;
-pub mod loopdev;
-pub mod lvm;
 pub mod memory;
 
 /// The result of a command after its endpoints were closed: the command's own error first; a
 /// failed close (a snapshot left behind) turns success into an error that says what did
 /// complete (`done`).
-pub(crate) fn after_close<T>(result: crate::Result<T>, closed: crate::Result<()>, done: &str) -> crate::Result<T> {
+pub fn after_close<T>(result: crate::Result<T>, closed: crate::Result<()>, done: &str) -> crate::Result<T> {
     let value = result?;
     closed.map_err(|e| crate::Error::new(e.kind(), format!("{e} ({done})")))?;
     Ok(value)
@@ -22,7 +19,7 @@ pub(crate) fn after_close<T>(result: crate::Result<T>, closed: crate::Result<()>
 
 /// Reports a cleanup that failed where no caller can be told (a `Drop`): on stderr, which a
 /// remote agent's client shows too. Explicit closes return the error instead.
-pub(crate) fn report_cleanup_failure(e: &crate::Error) {
+pub fn report_cleanup_failure(e: &crate::Error) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "blksync: warning: {e}");
 }
@@ -227,19 +224,21 @@ forward!(&S, std::sync::Arc<S>);
 
 /// Walks an endpoint's allocation map forwards, asking the endpoint once per segment rather than
 /// once per chunk (`SEEK_HOLE` can cost a walk over the extent tree).
-pub(crate) struct SegmentCursor<'a> {
+pub struct SegmentCursor<'a> {
     source: &'a dyn Source,
     current: Option<Segment>,
 }
 
 impl<'a> SegmentCursor<'a> {
-    pub(crate) fn new(source: &'a dyn Source) -> Self {
+    /// A cursor at the start of `source`.
+    #[must_use]
+    pub fn new(source: &'a dyn Source) -> Self {
         SegmentCursor { source, current: None }
     }
 
     /// The allocated parts of `[start, end)`, ascending. Anything at or beyond the endpoint's
     /// size counts as a hole. Calls must ask for ascending, non-overlapping ranges.
-    pub(crate) fn allocated_in(&mut self, start: u64, end: u64, out: &mut Vec<crate::extent::Extent>) -> Result<()> {
+    pub fn allocated_in(&mut self, start: u64, end: u64, out: &mut Vec<crate::extent::Extent>) -> Result<()> {
         out.clear();
         let end = end.min(self.source.size());
         let mut pos = start;

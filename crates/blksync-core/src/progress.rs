@@ -44,7 +44,9 @@ pub struct Control<'a> {
 }
 
 impl Control<'_> {
-    pub(crate) fn cancelled(&self) -> bool {
+    /// The user asked to stop.
+    #[must_use]
+    pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
 }
@@ -105,7 +107,10 @@ impl Default for Counters {
 
 macro_rules! adders {
     ($($name:ident => $field:ident),* $(,)?) => {
-        $(pub(crate) fn $name(&self, n: u64) { self.$field.fetch_add(n, Ordering::Relaxed); })*
+        $(
+            #[doc = concat!("Adds `n` to `", stringify!($field), "`.")]
+            pub fn $name(&self, n: u64) { self.$field.fetch_add(n, Ordering::Relaxed); }
+        )*
     };
 }
 
@@ -125,7 +130,8 @@ impl Counters {
         }
     }
 
-    pub(crate) fn set_total(&self, total: u64) {
+    /// Sets the total the run works through.
+    pub fn set_total(&self, total: u64) {
         self.total.store(total, Ordering::Relaxed);
     }
 

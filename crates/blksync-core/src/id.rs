@@ -40,3 +40,13 @@ pub fn now() -> (i64, i32) {
 pub fn random_id() -> Result<[u8; 16]> {
     random()
 }
+
+/// Lower-case hex of an id (or any bytes).
+#[must_use]
+pub fn to_hex(v: &[u8]) -> String {
+    use std::fmt::Write as _;
+    v.iter().fold(String::with_capacity(32), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}

@@ -36,16 +36,16 @@ enum Kind {
 }
 use crate::error::{Error, ErrorKind, Hint, IoContext, Result};
 
-/// What an address names (see [`crate::location`] for the forms).
+/// What an address names (see [`blksync_core::location`] for the forms).
 enum Address {
     /// A path: a regular file or a block device.
     Path,
     /// `loop://FILE` or `loop://DEVICE`.
     Loop(PathBuf),
     /// `lvm://VG/LV`.
-    Lvm(super::lvm::Volume),
+    Lvm(crate::lvm::Volume),
     /// `lvm+snapshot://VG/LV`.
-    LvmSnapshot(super::lvm::Volume),
+    LvmSnapshot(crate::lvm::Volume),
 }
 
 impl Address {
@@ -59,7 +59,7 @@ impl Address {
             "loop" => Err(Error::usage(format!("{}: expected loop://FILE or loop://DEVICE", address.display()))),
             "lvm" | "lvm+snapshot" => {
                 let text = rest.to_str().ok_or_else(|| Error::usage(format!("{}: not UTF-8", address.display())))?;
-                let volume = super::lvm::Volume::parse(text, address)?;
+                let volume = crate::lvm::Volume::parse(text, address)?;
                 Ok(if scheme == "lvm" { Address::Lvm(volume) } else { Address::LvmSnapshot(volume) })
             }
             "nbds" => Err(Error::new(
@@ -110,12 +110,12 @@ pub struct Local {
     created: bool,
     /// The loop device this endpoint attached (`loop://FILE`), detached when it is dropped,
     /// after `file` is closed (fields drop in order).
-    attached: Option<super::loopdev::Attached>,
+    attached: Option<crate::loopdev::Attached>,
     /// The snapshot this endpoint reads (`lvm+snapshot://`), removed when it is dropped, after
     /// `file` is closed.
-    snapshot: Option<super::lvm::Snapshot>,
+    snapshot: Option<crate::lvm::Snapshot>,
     /// The LV this run created (`lvm://` target), for [`Local::remove_created`].
-    created_lv: Option<super::lvm::Volume>,
+    created_lv: Option<crate::lvm::Volume>,
     /// The file this run created behind an address (`loop://FILE`), for [`Local::remove_created`].
     created_file: Option<PathBuf>,
 }
@@ -123,24 +123,24 @@ pub struct Local {
 impl Local {
     /// Opens the endpoint at `address` for reading only: a path (a regular file or a block
     /// device, refused before it is opened when it is anything else, see `check_kind`), or a
-    /// URL-like address (see [`crate::location`]).
+    /// URL-like address (see [`blksync_core::location`]).
     pub fn open_source(address: &Path) -> Result<Local> {
         match Address::of(address)? {
             Address::Path => Local::open_path_source(address),
-            Address::Loop(inner) if super::loopdev::is_loop_device(&inner) => {
+            Address::Loop(inner) if crate::loopdev::is_loop_device(&inner) => {
                 Ok(Local::open_path_source(&inner)?.named(address))
             }
             Address::Loop(inner) => {
-                let attached = super::loopdev::attach(&inner, true)?;
+                let attached = crate::loopdev::attach(&inner, true)?;
                 let mut local = Local::open_path_source(attached.device())?.named(address);
                 local.attached = Some(attached);
                 Ok(local)
             }
             Address::Lvm(volume) => {
-                Ok(Local::open_path_source(&super::lvm::source_device(&volume, address)?)?.named(address))
+                Ok(Local::open_path_source(&crate::lvm::source_device(&volume, address)?)?.named(address))
             }
             Address::LvmSnapshot(volume) => {
-                let snapshot = super::lvm::Snapshot::create(&volume, address)?;
+                let snapshot = crate::lvm::Snapshot::create(&volume, address)?;
                 let mut local = Local::open_path_source(&snapshot.device())?.named(address);
                 local.snapshot = Some(snapshot);
                 Ok(local)
@@ -153,8 +153,8 @@ impl Local {
     /// naming what to run by hand.
     pub fn close(mut self) -> Result<()> {
         drop(self.file.take());
-        let snapshot = self.snapshot.take().map_or(Ok(()), super::lvm::Snapshot::close);
-        let attached = self.attached.take().map_or(Ok(()), super::loopdev::Attached::detach);
+        let snapshot = self.snapshot.take().map_or(Ok(()), crate::lvm::Snapshot::close);
+        let attached = self.attached.take().map_or(Ok(()), crate::loopdev::Attached::detach);
         snapshot.and(attached)
     }
 
@@ -169,7 +169,7 @@ impl Local {
             return;
         }
         match &self.created_lv {
-            Some(volume) => super::lvm::remove_created(volume),
+            Some(volume) => crate::lvm::remove_created(volume),
             None => {
                 let _ = std::fs::remove_file(self.created_file.as_deref().unwrap_or(&self.path));
             }
@@ -192,7 +192,7 @@ impl Local {
     pub fn open_target(address: &Path, how: OpenTarget) -> Result<Local> {
         match Address::of(address)? {
             Address::Path => Local::open_path_target(address, how),
-            Address::Loop(inner) if super::loopdev::is_loop_device(&inner) => {
+            Address::Loop(inner) if crate::loopdev::is_loop_device(&inner) => {
                 Ok(Local::open_path_target(&inner, how)?.named(address))
             }
             Address::Loop(inner) => {
@@ -213,7 +213,7 @@ impl Local {
                         .on("creating", &inner)?;
                     file.set_len(size).on("sizing", &inner)?;
                 }
-                let attached = match super::loopdev::attach(&inner, how.read_only) {
+                let attached = match crate::loopdev::attach(&inner, how.read_only) {
                     Ok(a) => a,
                     Err(e) => {
                         if created {
@@ -230,12 +230,12 @@ impl Local {
             }
             Address::Lvm(volume) => {
                 let create = how.create && !how.read_only;
-                let (device, created) = super::lvm::target_device(&volume, address, how.size, create)?;
+                let (device, created) = crate::lvm::target_device(&volume, address, how.size, create)?;
                 let mut local = match Local::open_path_target(&device, how) {
                     Ok(l) => l.named(address),
                     Err(e) => {
                         if created {
-                            super::lvm::remove_created(&volume);
+                            crate::lvm::remove_created(&volume);
                         }
                         return Err(e);
                     }
@@ -253,7 +253,7 @@ impl Local {
 
     fn open_path_target(path: &Path, how: OpenTarget) -> Result<Local> {
         if !how.read_only
-            && let Some(dir) = crate::chain::chain_of(path)
+            && let Some(dir) = blksync_core::chain_files::chain_of(path)
         {
             return Err(Error::usage(format!(
                 "{} is a file of the backup chain in {}, which is never modified; write to a copy elsewhere",
@@ -543,7 +543,8 @@ fn under_dev(path: &Path) -> bool {
 /// is built on. Partitions of one disk, or of one loop device, are separate storage.
 ///
 /// Identical identities are the caller's first check; this finds what they cannot show.
-pub(crate) fn same_storage(a: Identity, b: Identity) -> bool {
+#[must_use]
+pub fn same_storage(a: Identity, b: Identity) -> bool {
     let (x, y) = (Storage::of(a), Storage::of(b));
     if x.objects.contains(&b) || y.objects.contains(&a) {
         return true;
@@ -687,16 +688,16 @@ impl Source for Local {
         }
     }
 
-    fn caps(&self) -> super::Caps {
-        let caps = super::Caps::default();
+    fn caps(&self) -> crate::endpoint::Caps {
+        let caps = crate::endpoint::Caps::default();
         match self.kind {
-            Kind::File => super::Caps {
+            Kind::File => crate::endpoint::Caps {
                 resizable: true,
                 holes: true,
                 zero_offload: self.can_punch.load(Ordering::Relaxed),
                 ..caps
             },
-            Kind::BlockDevice => super::Caps {
+            Kind::BlockDevice => crate::endpoint::Caps {
                 // fallocate(ZERO_RANGE) on a device is blkdev_issue_zeroout: never stale data.
                 zero_offload: true,
                 // PUNCH_HOLE on a device only unmaps where zeros are guaranteed, and fails
@@ -709,7 +710,7 @@ impl Source for Local {
                 },
                 ..caps
             },
-            Kind::Absent => super::Caps { resizable: true, ..caps },
+            Kind::Absent => crate::endpoint::Caps { resizable: true, ..caps },
         }
     }
 

@@ -11,14 +11,14 @@
 //! The defaults are the answers that are never wrong: a fixed size and no holes.
 //!
 //! ```
-//! use blksync::endpoint::memory::Memory;
-//! use blksync::endpoint::{Source, Target};
+//! use blksync_core::endpoint::memory::Memory;
+//! use blksync_core::endpoint::{Source, Target};
 //!
 //! let image = Memory::new("image", 8192).resizable(true).reports_holes(true);
 //! image.write_at(b"data", 4096)?;
 //! assert!(!image.segment_at(0)?.allocated);
 //! assert_eq!(&image.contents()[4096..4100], b"data");
-//! # Ok::<(), blksync::Error>(())
+//! # Ok::<(), blksync_core::Error>(())
 //! ```
 
 use std::collections::BTreeMap;

@@ -250,8 +250,10 @@ impl std::error::Error for Error {
 }
 
 /// Adds path and offset context to `io::Result`s.
-pub(crate) trait IoContext<T> {
+pub trait IoContext<T> {
+    /// The error of `op` on `path` at byte `offset`.
     fn at(self, op: &str, path: &Path, offset: u64) -> Result<T>;
+    /// The error of `op` on `path`.
     fn on(self, op: &str, path: &Path) -> Result<T>;
 }
 
