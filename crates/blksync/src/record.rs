@@ -761,3 +761,49 @@ impl Target for Append {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::memory::Memory;
+    use crate::fingerprint::BLOCK;
+
+    /// A recorder that is not told the new image's fingerprint computes it from the base and
+    /// its records: the same as fingerprinting the new image itself, whether the image grows,
+    /// shrinks or keeps its size, and whichever blocks the records touch.
+    #[test]
+    fn a_recorder_fingerprints_both_images_from_the_base_and_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let base: Vec<u8> = (0..3 * BLOCK + 5000).map(|i| (i % 253) as u8).collect();
+        for (k, new_size) in [base.len() as u64, 5 * BLOCK + 17, 2 * BLOCK - 3].into_iter().enumerate() {
+            let path = dir.path().join(format!("{k}.delta"));
+            let header = Header::new([0; 16], 4096, "src", "").unwrap();
+            let recorder = Recorder::new(Memory::with_bytes("base", base.clone()), path.clone(), header, true);
+            recorder.set_size(new_size).unwrap();
+            let mut image = base.clone();
+            image.resize(new_size as usize, 0);
+            let mut write = |data: &[u8], at: u64| {
+                if at + data.len() as u64 <= new_size {
+                    recorder.write_at(data, at).unwrap();
+                    image[at as usize..at as usize + data.len()].copy_from_slice(data);
+                }
+            };
+            write(&[7; 4096], 4096);
+            write(&[9; 8192], BLOCK - 4096);
+            write(&[1; 100], 2 * BLOCK - 103);
+            write(&[3; 4096], 4 * BLOCK);
+            if new_size > 3 * BLOCK {
+                recorder.zero(BLOCK * 3 / 2, 4096).unwrap();
+                image[(BLOCK * 3 / 2) as usize..(BLOCK * 3 / 2 + 4096) as usize].fill(0);
+            }
+            // The scan reads part of the base through the recorder, as the engine would.
+            let mut buf = vec![0; BLOCK as usize];
+            recorder.read_at(&mut buf, 0).unwrap();
+            recorder.commit().unwrap();
+            let delta = crate::delta::Delta::open(&path).unwrap();
+            let of = |bytes: &[u8]| crate::fingerprint::of(&Memory::with_bytes("x", bytes.to_vec())).unwrap();
+            assert_eq!(delta.states.before, of(&base), "size {new_size}: before");
+            assert_eq!(delta.states.after, of(&image), "size {new_size}: after");
+        }
+    }
+}
