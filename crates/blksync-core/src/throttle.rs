@@ -23,6 +23,12 @@ impl Throttle {
         Throttle { rate: rate.max(1), state: Mutex::new((Instant::now(), 0)) }
     }
 
+    /// The limit, in bytes per second.
+    #[must_use]
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
     /// Waits until `bytes` more may pass, or until `cancel` is set.
     pub fn take(&self, bytes: u64, cancel: &AtomicBool) {
         let due = {

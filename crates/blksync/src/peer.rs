@@ -176,7 +176,9 @@ impl Peer {
                 self.target()?.set_size(size)?;
                 self.reply(Msg::Done);
             }
-            Msg::Scan { key, block, end, data_len, threads } => self.start_scan(key, block, end, data_len, threads)?,
+            Msg::Scan { key, block, end, data_len, threads, rate } => {
+                self.start_scan(key, block, (end, data_len), threads, rate)?;
+            }
             Msg::Ack { chunks } => self.ack(chunks),
             Msg::Groups { chunk } => {
                 let tree = self.tree_of(chunk)?;
@@ -448,7 +450,14 @@ impl Peer {
         Ok(())
     }
 
-    fn start_scan(&mut self, key: [u8; 32], block: u32, end: u64, data_len: u64, threads: u16) -> Result<()> {
+    fn start_scan(
+        &mut self,
+        key: [u8; 32],
+        block: u32,
+        (end, data_len): (u64, u64),
+        threads: u16,
+        rate: u64,
+    ) -> Result<()> {
         let block = crate::sync::check_block_size(u64::from(block))?;
         let endpoint = Arc::clone(self.endpoint()?);
         let state = Arc::new(ScanState {
@@ -463,8 +472,9 @@ impl Peer {
         self.scan = Some(Arc::clone(&state));
         let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
         let threads = worker_count(threads);
+        let throttle = (rate > 0).then(|| crate::throttle::Throttle::new(rate));
         self.jobs.push(std::thread::spawn(move || {
-            if let Err(e) = scan(endpoint.as_ref(), &state, &replies, &stop, threads) {
+            if let Err(e) = scan(endpoint.as_ref(), &state, (&replies, &stop), threads, throttle.as_ref()) {
                 stop.store(true, Ordering::Relaxed);
                 let _ = replies.send(Msg::failure(&e));
             }
@@ -653,9 +663,9 @@ fn fail(failure: &Mutex<Option<Error>>, stop: &AtomicBool, e: Error) {
 fn scan(
     endpoint: &dyn Source,
     state: &ScanState,
-    replies: &Sender<Msg>,
-    stop: &AtomicBool,
+    (replies, stop): (&Sender<Msg>, &AtomicBool),
     threads: usize,
+    throttle: Option<&crate::throttle::Throttle>,
 ) -> Result<()> {
     let (tx, rx) = bounded::<(u64, Vec<crate::extent::Extent>)>(threads * 2);
     let failure = Mutex::new(None);
@@ -712,6 +722,9 @@ fn scan(
             if let Err(e) = map.allocated_in(start, (start + len as u64).min(state.data_len), &mut data) {
                 fail(&failure, stop, e);
                 break;
+            }
+            if let Some(throttle) = throttle {
+                throttle.take(data.iter().map(|e| e.len).sum(), stop);
             }
             if tx.send((chunk, data)).is_err() {
                 break;

@@ -81,6 +81,9 @@ pub enum Msg {
         end: u64,
         data_len: u64,
         threads: u16,
+        /// Read the endpoint at most this many bytes per second (`--bwlimit`, for the source);
+        /// 0 for no limit.
+        rate: u64,
     },
     Ack {
         chunks: u64,
@@ -361,9 +364,9 @@ impl Msg {
                 x.u64(*size);
                 x.finish()
             }
-            Msg::Scan { key, block, end, data_len, threads } => {
+            Msg::Scan { key, block, end, data_len, threads, rate } => {
                 let mut x = e(SCAN);
-                x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads);
+                x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads).u64(*rate);
                 x.finish()
             }
             Msg::Ack { chunks } => {
@@ -551,9 +554,14 @@ impl Msg {
                 }
             }
             tag::SET_SIZE => Msg::SetSize { size: d.u64()? },
-            tag::SCAN => {
-                Msg::Scan { key: d.fixed()?, block: d.u32()?, end: d.u64()?, data_len: d.u64()?, threads: d.u16()? }
-            }
+            tag::SCAN => Msg::Scan {
+                key: d.fixed()?,
+                block: d.u32()?,
+                end: d.u64()?,
+                data_len: d.u64()?,
+                threads: d.u16()?,
+                rate: d.u64()?,
+            },
             tag::ACK => Msg::Ack { chunks: d.u64()? },
             tag::GROUPS => Msg::Groups { chunk: d.u64()? },
             tag::LEAVES => Msg::Leaves { chunk: d.u64()?, group: d.u32()? },

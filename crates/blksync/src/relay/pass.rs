@@ -336,8 +336,11 @@ impl Brain<'_> {
                 let key = random_key()?;
                 let block = p.block as u32;
                 let threads = p.threads;
-                self.send(End::Source, Msg::Scan { key, block, end: p.scan_len, data_len: p.source_len, threads })?;
-                self.send(End::Target, Msg::Scan { key, block, end: p.scan_len, data_len: p.target_len, threads })?;
+                // `--bwlimit` limits what is read of the source: its scan reads it all.
+                let rate = p.throttle.map_or(0, Throttle::rate);
+                let (end, source_len, target_len) = (p.scan_len, p.source_len, p.target_len);
+                self.send(End::Source, Msg::Scan { key, block, end, data_len: source_len, threads, rate })?;
+                self.send(End::Target, Msg::Scan { key, block, end, data_len: target_len, threads, rate: 0 })?;
             }
         }
         // `--timeout`: the longest the pass may go without a reply from either peer.
