@@ -161,6 +161,16 @@ pub trait Source: Send + Sync {
     fn check_intact(&self) -> Result<()> {
         Ok(())
     }
+    /// Unix permission bits of a regular file, for a copy created elsewhere; `None` otherwise.
+    fn mode(&self) -> Option<u32> {
+        None
+    }
+    /// Closes the endpoint and undoes what opening it set up (removes a snapshot, detaches a
+    /// loop device, ends a session). Unlike a drop, which can only print a warning, a failure
+    /// is returned, saying what to run by hand.
+    fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A writable endpoint.
@@ -191,6 +201,12 @@ pub trait Target: Source {
             None => self.zero(offset, len),
         }
     }
+    /// This run created the target (a file, a volume).
+    fn created(&self) -> bool {
+        false
+    }
+    /// Removes what this run created: a copy that failed must not look like one.
+    fn remove_created(&self) {}
 }
 
 /// Forwards every method, so that wrappers (recorders, undo logs) take an endpoint by value, by
@@ -207,6 +223,7 @@ macro_rules! forward {
             fn drop_cache(&self, offset: u64, len: u64) { (**self).drop_cache(offset, len) }
             fn identity(&self) -> Identity { (**self).identity() }
             fn check_intact(&self) -> Result<()> { (**self).check_intact() }
+            fn mode(&self) -> Option<u32> { (**self).mode() }
         }
         impl<S: Target + ?Sized> Target for $ty {
             fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> { (**self).write_at(buf, offset) }
@@ -217,6 +234,8 @@ macro_rules! forward {
             fn overwrite(&self, new: Option<&[u8]>, offset: u64, len: u64, old: Option<&[u8]>) -> Result<()> {
                 (**self).overwrite(new, offset, len, old)
             }
+            fn created(&self) -> bool { (**self).created() }
+            fn remove_created(&self) { (**self).remove_created() }
         }
     )*};
 }

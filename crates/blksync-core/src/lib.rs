@@ -8,6 +8,7 @@
 //! It depends on nothing of blksync, and on little else, so that an endpoint crate (files and
 //! devices today, NBD and iSCSI next) builds against it alone.
 
+pub mod buffer;
 pub mod chain_files;
 pub mod endpoint;
 pub mod error;

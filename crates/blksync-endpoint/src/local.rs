@@ -718,6 +718,14 @@ impl Source for Local {
         self.snapshot.as_ref().map_or(Ok(()), |s| s.check_intact(&self.path))
     }
 
+    fn mode(&self) -> Option<u32> {
+        Local::mode(self)
+    }
+
+    fn close(self: Box<Self>) -> Result<()> {
+        Local::close(*self)
+    }
+
     fn identity(&self) -> Identity {
         self.identity
     }
@@ -791,5 +799,13 @@ impl Target for Local {
                 format!("{err} (a write since the last flush did not reach the disk; the kernel does not say at which offset)"),
             )
         })
+    }
+
+    fn created(&self) -> bool {
+        Local::created(self)
+    }
+
+    fn remove_created(&self) {
+        Local::remove_created(self);
     }
 }

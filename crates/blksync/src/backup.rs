@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::{Chain, base_paths};
 use crate::delta::{Header, Writer};
+use crate::endpoint::OpenTarget;
 use crate::endpoint::Source;
-use crate::endpoint::local::{Local, OpenTarget};
 use crate::error::{Error, ErrorKind, Result};
 use crate::patch::DiffOptions;
 use crate::progress::Control;
@@ -67,15 +67,15 @@ pub(crate) fn commit_base(dir: &Path, number: u64, image: &dyn Source, tmp: &Pat
 
 /// Backs `source` up into the chain in `dir` (created if missing).
 pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control<'_>) -> Result<BackupSummary> {
-    let src = Local::open_source(source)?;
-    let result = backup_from(source, &src, dir, options, control);
+    let src = crate::endpoint::open_source(source)?;
+    let result = backup_from(source, src.as_ref(), dir, options, control);
     let closed = src.close();
     crate::endpoint::after_close(result, closed, "the backup point was recorded")
 }
 
 fn backup_from(
     source: &Path,
-    src: &Local,
+    src: &dyn Source,
     dir: &Path,
     options: &DiffOptions,
     control: Control<'_>,
@@ -249,9 +249,9 @@ pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<
     let n = point(&chain, at)?;
     chain.verify(n, false)?;
     let image = chain.image(n)?;
-    let dst = Local::open_target(target, OpenTarget { create: true, force, ..OpenTarget::default() })?;
+    let dst = crate::endpoint::open_target(target, OpenTarget { create: true, force, ..OpenTarget::default() })?;
     let fresh = dst.created();
-    let result = sync(&image, &dst, fresh, &SyncOptions::default(), control);
+    let result = sync(&image, dst.as_ref(), fresh, &SyncOptions::default(), control);
     // As for sync: a file this run created and could not fill goes, but an interrupted restore
     // stays, as its message says: a rerun writes only what is still missing.
     if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
@@ -267,7 +267,7 @@ pub fn restore_to(dir: &Path, out: &mut dyn std::io::Write, at: At) -> Result<u6
     let n = point(&chain, at)?;
     chain.verify(n, false)?;
     let image = chain.image(n)?;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = crate::buffer::Aligned::new(1 << 20);
     let mut pos = 0;
     while pos < image.size() {
         let n = (image.size() - pos).min(buf.len() as u64) as usize;

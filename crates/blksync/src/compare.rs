@@ -8,8 +8,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::endpoint::OpenTarget;
 use crate::endpoint::Source;
-use crate::endpoint::local::{Local, OpenTarget};
 use crate::engine::{Action, Scan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
@@ -52,12 +52,15 @@ pub struct Comparison {
 
 /// Compares two local images.
 pub fn compare_paths(a: &Path, b: &Path, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
-    let first = Local::open_source(a)?;
-    let second = Local::open_target(b, OpenTarget { read_only: true, ..OpenTarget::default() })?;
-    if !second.exists() {
-        return Err(Error::new(ErrorKind::NotFound, format!("{} does not exist", b.display())));
-    }
-    compare(&first, &second, options, control)
+    let first = crate::endpoint::open_source(a)?;
+    let second = crate::endpoint::open_target(b, OpenTarget { read_only: true, ..OpenTarget::default() })?;
+    let result = if second.exists() {
+        compare(first.as_ref(), second.as_ref(), options, control)
+    } else {
+        Err(Error::new(ErrorKind::NotFound, format!("{} does not exist", b.display())))
+    };
+    let closed = second.close().and(first.close());
+    crate::endpoint::after_close(result, closed, "the comparison itself completed")
 }
 
 /// Compares two endpoints.

@@ -686,7 +686,7 @@ impl Delta {
         }
         let end = self.file_size - FOOTER;
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = crate::buffer::Aligned::new(1 << 20);
         let mut pos = 0;
         while pos < end {
             let n = (end - pos).min(buf.len() as u64) as usize;

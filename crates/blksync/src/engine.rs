@@ -313,14 +313,19 @@ impl Scan<'_> {
 }
 
 struct Buffers {
-    source: Vec<u8>,
-    dest: Vec<u8>,
+    /// Page-aligned: reads into misaligned memory cost up to five times more (`crate::buffer`).
+    source: crate::buffer::Aligned,
+    dest: crate::buffer::Aligned,
     runs: Runs<Fix>,
 }
 
 impl Buffers {
     fn new() -> Buffers {
-        Buffers { source: vec![0; CHUNK], dest: vec![0; CHUNK], runs: Runs::new() }
+        Buffers {
+            source: crate::buffer::Aligned::new(CHUNK),
+            dest: crate::buffer::Aligned::new(CHUNK),
+            runs: Runs::new(),
+        }
     }
 }
 

@@ -44,12 +44,14 @@ pub mod ssh;
 pub mod sums;
 pub mod sync;
 
-pub use blksync_core::{chain_files, error, extent, fingerprint, id, location, progress, size, temp, throttle, zero};
+pub use blksync_core::{
+    buffer, chain_files, error, extent, fingerprint, id, location, progress, size, temp, throttle, zero,
+};
 pub use error::{Error, ErrorKind, Hint, Result};
 
 /// Endpoints: the seam (`Source`, `Target`, `Caps`, from `blksync-core`) and the local kinds
 /// (from `blksync-endpoint`), under one name.
 pub mod endpoint {
     pub use blksync_core::endpoint::*;
-    pub use blksync_endpoint::{local, loopdev, lvm};
+    pub use blksync_endpoint::{OpenTarget, local, loopdev, lvm, open_source, open_target};
 }

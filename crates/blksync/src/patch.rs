@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::delta::{self, Delta, Header, Kind, Writer};
-use crate::endpoint::local::{Local, OpenTarget};
+use crate::endpoint::OpenTarget;
 use crate::endpoint::{Source, Target};
 use crate::engine::{Action, Scan};
 use crate::error::{Error, ErrorKind, Result};
@@ -83,9 +83,9 @@ pub fn diff(
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<DiffSummary> {
-    let src = Local::open_source(source)?;
-    let old = Local::open_source(base)?;
-    let result = write_delta(&src, &old, out, options, control);
+    let src = crate::endpoint::open_source(source)?;
+    let old = crate::endpoint::open_source(base)?;
+    let result = write_delta(src.as_ref(), old.as_ref(), out, options, control);
     let closed = src.close().and(old.close());
     crate::endpoint::after_close(result, closed, "the delta was written")
 }
@@ -207,19 +207,20 @@ pub fn apply(deltas: &[&Path], target: &Path, force: bool, control: Control<'_>)
         }
     }
     let create = opened.first().is_some_and(|d| d.header.size_before == 0);
-    let dst = Local::open_target(target, OpenTarget { create, force, ..OpenTarget::default() })?;
-    let created = dst.created();
-    let result = apply_to(&opened, &dst, control);
-    if created && result.is_err() {
+    let dst = crate::endpoint::open_target(target, OpenTarget { create, force, ..OpenTarget::default() })?;
+    let result = apply_to(&opened, dst.as_ref(), control);
+    if dst.created() && result.is_err() {
         // Nothing of the target existed before: leave nothing that looks like a result.
-        let _ = std::fs::remove_file(target);
+        dst.remove_created();
     }
-    let counters = result?;
+    let size_after = dst.size();
+    let closed = dst.close();
+    let counters = crate::endpoint::after_close(result, closed, "the deltas were applied")?;
     Ok(ApplySummary {
         target: target.display().to_string(),
         deltas: deltas.iter().map(|p| p.display().to_string()).collect(),
         counters,
-        size_after: dst.size(),
+        size_after,
     })
 }
 
@@ -227,7 +228,7 @@ fn is_partial(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "partial")
 }
 
-fn apply_to(opened: &[Delta], dst: &Local, control: Control<'_>) -> Result<Snapshot> {
+fn apply_to(opened: &[Delta], dst: &dyn Target, control: Control<'_>) -> Result<Snapshot> {
     let counters = Counters::new();
     counters.set_total(opened.iter().map(|d| d.index.iter().map(|e| u64::from(e.len)).sum::<u64>()).sum());
     control.observer.phase(Phase::Sync, counters.snapshot().bytes_total);
@@ -314,7 +315,7 @@ const TORN_IN_JOURNAL: usize = 64;
 /// Checks that `target` holds what `delta` was made against, or, range by range, what it
 /// produces (a run that was cut short): its size, and the content under every record. `torn`
 /// is the offset of a record that was being written when an earlier apply was killed.
-fn check_target(delta: &Delta, target: &Local, torn: Option<u64>) -> Result<ApplyPlan> {
+fn check_target(delta: &Delta, target: &dyn Target, torn: Option<u64>) -> Result<ApplyPlan> {
     let wrong = |what: String| {
         Error::new(
             ErrorKind::WrongTarget,
@@ -391,7 +392,7 @@ struct Marker {
 }
 
 impl Marker {
-    fn new(target: &Local, delta_id: &[u8; 16]) -> Option<Marker> {
+    fn new(target: &dyn Target, delta_id: &[u8; 16]) -> Option<Marker> {
         let who = match target.identity() {
             crate::endpoint::Identity::File { dev, ino } => format!("f{dev}-{ino}"),
             crate::endpoint::Identity::Device { rdev } => format!("d{rdev}"),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::compress::{self, Compressor};
-use crate::endpoint::local::{Local, OpenTarget};
+use crate::endpoint::OpenTarget;
 use crate::endpoint::{Identity, SegmentCursor, Source, Target};
 use crate::engine::fill;
 use crate::error::{Error, ErrorKind, Result};
@@ -89,9 +89,9 @@ struct Peer {
     /// and a chain).
     target: Option<Arc<dyn Target>>,
     /// A target just opened, before `Record` or `Undo` wrap it.
-    plain: Option<Arc<Local>>,
+    plain: Option<Arc<dyn Target>>,
     /// The recorder `Record` made, which takes the new image's fingerprint (`Fingerprint`).
-    recorder: Option<Arc<Recorder<Arc<Local>>>>,
+    recorder: Option<Arc<Recorder<Arc<dyn Target>>>>,
     role: Role,
     keep_cache: bool,
     scan: Option<Arc<ScanState>>,
@@ -268,10 +268,8 @@ impl Peer {
             (Msg::FlushPartial, Some(upload)) => drop(upload), // removes its temporary file
             (Msg::FlushPartial, None) => self.target()?.flush_partial()?,
             _ => {
-                if let Some(local) = &self.plain
-                    && local.created()
-                {
-                    let _ = std::fs::remove_file(local.name());
+                if let Some(target) = &self.plain {
+                    target.remove_created();
                 }
             }
         }
@@ -289,47 +287,46 @@ impl Peer {
             path = crate::sync::resolve_destination(&path_of(name), &path)?;
         }
         let path = path.as_path();
-        let local = match role {
-            Role::Source => Local::open_source(path)?,
-            Role::Target => Local::open_target(
-                path,
-                OpenTarget {
-                    read_only: flags & open_flags::READ_ONLY != 0,
-                    create: flags & open_flags::CREATE != 0,
-                    force: flags & open_flags::FORCE != 0,
-                    discard: flags & open_flags::DISCARD != 0,
-                    mode: (mode != 0).then_some(mode),
-                    size: (size != 0).then_some(size),
-                },
-            )?,
+        let (endpoint, target): (Arc<dyn Source>, Option<Arc<dyn Target>>) = match role {
+            Role::Source => (Arc::from(crate::endpoint::open_source(path)?), None),
+            Role::Target => {
+                let target: Arc<dyn Target> = Arc::from(crate::endpoint::open_target(
+                    path,
+                    OpenTarget {
+                        read_only: flags & open_flags::READ_ONLY != 0,
+                        create: flags & open_flags::CREATE != 0,
+                        force: flags & open_flags::FORCE != 0,
+                        discard: flags & open_flags::DISCARD != 0,
+                        mode: (mode != 0).then_some(mode),
+                        size: (size != 0).then_some(size),
+                    },
+                )?);
+                (Arc::clone(&target) as Arc<dyn Source>, Some(target))
+            }
         };
-        let (identity_tag, id_a, id_b) = match local.identity() {
+        let (identity_tag, id_a, id_b) = match endpoint.identity() {
             Identity::None => (0, 0, 0),
             Identity::File { dev, ino } => (1, dev, ino),
             Identity::Device { rdev } => (2, rdev, 0),
         };
-        let mode = local.mode().unwrap_or(0);
-        let caps = local.caps();
+        let mode = endpoint.mode().unwrap_or(0);
+        let caps = endpoint.caps();
         self.reply(Msg::Opened {
-            exists: local.exists(),
-            size: local.size(),
+            exists: endpoint.exists(),
+            size: endpoint.size(),
             identity_tag,
             id_a,
             id_b,
-            created: local.created(),
+            created: target.as_ref().is_some_and(|t| Target::created(t.as_ref())),
             mode,
             caps: caps.to_bits(),
             block_size: caps.block_size,
         });
         self.role = role;
         self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
-        let local = Arc::new(local);
-        if role == Role::Target {
-            self.plain = Some(Arc::clone(&local));
-            self.serve_target(local);
-        } else {
-            self.endpoint = Some(local);
-        }
+        self.plain.clone_from(&target);
+        self.target = target;
+        self.endpoint = Some(endpoint);
         Ok(())
     }
 
@@ -536,7 +533,7 @@ impl Peer {
 
     fn read(&mut self, offset: u64, len: u32, compress: i32) -> Result<()> {
         let endpoint = Arc::clone(self.endpoint()?);
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = crate::buffer::Aligned::new(len as usize);
         let size = endpoint.size();
         let mut read = 0;
         if offset < size {
@@ -677,7 +674,7 @@ fn scan(
             let rx = rx.clone();
             let (failure, read, blocks) = (&failure, &read, &blocks);
             s.spawn(move || {
-                let mut buf = vec![0u8; state.chunk];
+                let mut buf = crate::buffer::Aligned::new(state.chunk);
                 for (chunk, data) in rx {
                     if stop.load(Ordering::Relaxed) {
                         break;
@@ -764,7 +761,7 @@ impl CopyJob<'_> {
                 let rx = rx.clone();
                 let failure = &failure;
                 s.spawn(move || {
-                    let mut buf = vec![0u8; Self::CHUNK];
+                    let mut buf = crate::buffer::Aligned::new(Self::CHUNK);
                     let mut compressor = Compressor::new(self.compress);
                     let mut runs = Runs::new();
                     for (start, len, data) in rx {

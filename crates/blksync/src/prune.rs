@@ -84,7 +84,7 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
     let base = chain.open_base()?;
     let journal_path = dir.join(JOURNAL);
     let journal = Writer::create(&journal_path, &journal_header(&chain, &last.delta.header, last.seq))?;
-    let mut buf = vec![0u8; PIECE as usize];
+    let mut buf = crate::buffer::Aligned::new(PIECE as usize);
     for &(start, end) in &ranges {
         let mut pos = start;
         while pos < end.min(old_size) {

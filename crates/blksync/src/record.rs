@@ -556,6 +556,9 @@ impl<T: Target> Source for Undo<T> {
     fn check_intact(&self) -> Result<()> {
         self.target.check_intact()
     }
+    fn mode(&self) -> Option<u32> {
+        self.target.mode()
+    }
 }
 
 impl<T: Target> Target for Undo<T> {
@@ -588,6 +591,12 @@ impl<T: Target> Target for Undo<T> {
     }
     fn flush_partial(&self) -> Result<()> {
         self.finish()
+    }
+    fn created(&self) -> bool {
+        self.target.created()
+    }
+    fn remove_created(&self) {
+        self.target.remove_created();
     }
 }
 

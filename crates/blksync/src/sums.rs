@@ -74,7 +74,7 @@ impl Sums {
         let results = std::sync::Mutex::new(Vec::with_capacity(wanted.len()));
         std::thread::scope(|s| -> Result<()> {
             let work = || -> Result<()> {
-                let mut buf = vec![0u8; BLOCK as usize];
+                let mut buf = crate::buffer::Aligned::new(BLOCK as usize);
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&b) = wanted.get(i) else { return Ok(()) };
@@ -98,7 +98,7 @@ impl Sums {
 
     /// Recomputes the blocks of `image` that overlap `[start, end)` (after an in-place change).
     pub fn update(&mut self, image: &dyn Source, start: u64, end: u64) -> Result<()> {
-        let mut buf = vec![0u8; BLOCK as usize];
+        let mut buf = crate::buffer::Aligned::new(BLOCK as usize);
         let first = start / BLOCK;
         let last = end.div_ceil(BLOCK).min(self.blocks.len() as u64);
         for b in first..last {
@@ -239,7 +239,7 @@ pub fn read_checked(sums: &Sums, image: &Path, file: &dyn Source, buf: &mut [u8]
         file.read_at(buf, offset)?;
         return sums.check(image, offset, buf);
     }
-    let mut scratch = vec![0u8; (last - first) as usize];
+    let mut scratch = crate::buffer::Aligned::new((last - first) as usize);
     file.read_at(&mut scratch, first)?;
     sums.check(image, first, &scratch)?;
     let from = (offset - first) as usize;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::delta;
-use crate::endpoint::local::{Local, OpenTarget};
+use crate::endpoint::OpenTarget;
 use crate::endpoint::{Identity, Source, Target};
 use crate::engine::{Action, Scan};
 use crate::error::{Error, ErrorKind, Result};
@@ -138,9 +138,9 @@ pub fn resolve_destination(source: &Path, dest: &Path) -> Result<PathBuf> {
 
 /// Syncs local `source` onto local `dest` (a path, a directory or a block device).
 pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Control<'_>) -> Result<Summary> {
-    let src = Local::open_source(source)?;
+    let src = crate::endpoint::open_source(source)?;
     let dest = resolve_destination(source, dest)?;
-    let dst = Local::open_target(
+    let dst = crate::endpoint::open_target(
         &dest,
         OpenTarget {
             read_only: options.dry_run,
@@ -151,9 +151,9 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
             size: Some(src.size()),
         },
     )?;
-    check_storage(&src, &dst)?;
+    check_storage(src.as_ref(), dst.as_ref())?;
     let fresh = dst.created();
-    let result = sync(&src, &dst, fresh, options, control);
+    let result = sync(src.as_ref(), dst.as_ref(), fresh, options, control);
     if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
         // A file we created and could not fill is worse than no file: a later run or a user
         // might take it for a copy. Interrupted copies stay (a rerun resumes them cheaply).
@@ -168,7 +168,7 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
 /// Refuses two local endpoints that are different names for the same bytes (a loop device and
 /// its backing file, say), as [`sync`] refuses the same file: writing one while reading the
 /// other corrupts both.
-fn check_storage(src: &Local, dst: &Local) -> Result<()> {
+fn check_storage(src: &dyn Source, dst: &dyn Target) -> Result<()> {
     if src.identity() != dst.identity() && crate::endpoint::local::same_storage(src.identity(), dst.identity()) {
         return Err(Error::usage(format!(
             "{} and {} are the same storage (one lies on the other, as a loop device on its backing \

@@ -161,7 +161,7 @@ pub(crate) fn send(path: &Path, compress: i32, replies: &Sender<Msg>, stop: &Ato
         block_size: caps.block_size,
     })?;
     let mut compressor = Compressor::new(compress);
-    let mut buf = vec![0u8; PIECE];
+    let mut buf = crate::buffer::Aligned::new(PIECE);
     let mut offset = 0;
     while offset < size {
         if stop.load(Ordering::Relaxed) {

@@ -199,7 +199,7 @@ fn put(link: &mut Link, local: &Path, remote: Option<&Path>, control: Control<'_
         other => return Err(link.unexpected(&other)),
     };
     let progress = Copying::start(control, size, local);
-    let mut buf = vec![0u8; PIECE];
+    let mut buf = crate::buffer::Aligned::new(PIECE);
     let mut offset = 0;
     while offset < size {
         let n = (size - offset).min(PIECE as u64) as usize;
