@@ -176,7 +176,7 @@ def main():
         results.append((name, t, base_name, bt, ratio, target, verdict, note))
 
     def blk(*a):
-        _, _, out = run_rss([bs, "sync", "--json", "--progress", "none", *a])
+        _, _, out = run_rss([bs, "sync", "--json", "--progress=none", *a])
         return json.loads(out)
 
     # --- unchanged
@@ -253,8 +253,8 @@ def main():
         for i in range(64):
             f.seek(i * (parse_size(args.huge) // 64))
             f.write(random.Random(i).randbytes(1 << 20))
-    t, rss, _ = run_rss([bs, "sync", "--json", "--progress", "none", huge, huge_out])
-    _, rss_base, _ = run_rss([bs, "sync", "--json", "--progress", "none", base, mirror])
+    t, rss, _ = run_rss([bs, "sync", "--json", "--progress=none", huge, huge_out])
+    _, rss_base, _ = run_rss([bs, "sync", "--json", "--progress=none", base, mirror])
     drop_file(huge)
     drop_file(huge_out)
 

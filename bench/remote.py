@@ -93,7 +93,7 @@ def main():
         f.write(f'#!/bin/sh\n[ "$2" = --protocol ] && exec {bs} agent --protocol\n'
                 f'exec /usr/bin/time -f %M -o {rss_file} {bs} agent\n')
     os.chmod(agent, 0o755)
-    blk = [bs, "sync", "--json", "--progress", "none", "-e", ssh, "--remote-path", agent]
+    blk = [bs, "sync", "--json", "--progress=none", "-e", ssh, "--remote-path", agent]
 
     def blksync(*a):
         t0 = time.perf_counter()
@@ -187,7 +187,7 @@ def wan(args, bs, base, mirror, agent, size):
         master = f"-o ControlMaster=auto -o ControlPath={ctl} -o ControlPersist=120"
         ssh = f"ssh {opts} {CIPHER} {master}"
         sh(f"ip netns exec bkb-a {ssh} root@127.77.0.2 true")  # open the shared connection
-        cmd = (f"ip netns exec bkb-a {bs} sync --progress none --json -e '{ssh}' --remote-path {agent} "
+        cmd = (f"ip netns exec bkb-a {bs} sync --progress=none --json -e '{ssh}' --remote-path {agent} "
                f"{base} root@127.77.0.2:{mirror}")
 
         def shaped():
@@ -204,7 +204,7 @@ def wan(args, bs, base, mirror, agent, size):
         master2 = f"-o ControlMaster=auto -o ControlPath={ctl2} -o ControlPersist=120"
         ssh2 = f"ssh {opts2} {CIPHER} {master2}"
         sh(f"{ssh2} root@127.0.0.1 true")
-        cmd2 = f"{bs} sync --progress none --json -e '{ssh2}' --remote-path {agent} {base} root@127.0.0.1:{mirror}"
+        cmd2 = f"{bs} sync --progress=none --json -e '{ssh2}' --remote-path {agent} {base} root@127.0.0.1:{mirror}"
 
         def plain():
             warm(base, mirror)

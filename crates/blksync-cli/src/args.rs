@@ -334,9 +334,9 @@ pub struct CommonArgs {
     /// Worker threads (default: number of cores, 2 to 8).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
-    /// Read the source at most RATE bytes per second (suffixes allowed: 50M), to spare a
-    /// production disk.
-    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    /// Read the source at most RATE per second, to spare a production disk: a bare number is
+    /// KiB/s, as with rsync; a suffix gives another unit (50M, or 100B for bytes).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub bwlimit: Option<u64>,
     /// For an lvm+snapshot:// source: the size of the snapshot's copy-on-write area, which must
     /// hold everything written to the origin while it is read (default: a tenth of the origin,
@@ -350,7 +350,17 @@ pub struct CommonArgs {
 pub struct OutputArgs {
     /// How to show progress on stderr: a bar (on a terminal), a line every few seconds (for cron
     /// and logs), or nothing. auto picks bar on a terminal and plain otherwise.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, value_name = "MODE")]
+    /// `--progress` alone means auto; a mode is given as `--progress=MODE`, so that the word
+    /// after it is never taken for one (`--progress a.img b.img`).
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = ProgressMode::Auto,
+        value_name = "MODE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "auto"
+    )]
     pub progress: ProgressMode,
     /// Print one JSON summary on stdout at the end.
     #[arg(long)]
@@ -458,4 +468,29 @@ fn parse_compress(text: &str) -> Result<i32, String> {
 
 fn parse_size(text: &str) -> Result<u64, String> {
     blksync::size::parse_size(text).map_err(|e| e.to_string())
+}
+
+/// `--bwlimit`: a bare number is KiB/s, as with rsync (`--bwlimit 100` is 100 KiB/s, not 100
+/// bytes/s, which would take days); a suffix gives the unit.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return parse_size(&format!("{t}K"));
+    }
+    parse_size(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn a_bare_bwlimit_is_kib_per_second_and_suffixes_keep_their_unit() {
+        assert_eq!(parse_rate("100"), Ok(100 << 10));
+        assert_eq!(parse_rate("1.5"), Ok(1536));
+        assert_eq!(parse_rate("50M"), Ok(50 << 20));
+        assert_eq!(parse_rate("100B"), Ok(100));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert!(parse_rate("fast").is_err());
+    }
 }

@@ -18,7 +18,7 @@ fn tmp() -> TempDir {
 }
 
 fn sync_json(args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["sync", "--json", "--progress", "none"];
+    let mut all = vec!["sync", "--json", "--progress=none"];
     all.extend_from_slice(args);
     ok(&all).json()
 }
@@ -286,7 +286,7 @@ fn sigint_stops_promptly_leaving_a_correct_prefix() {
     let data = random_bytes(64 * MIB, 21);
     write_file(src.as_ref(), &data);
     let mut child = blksync()
-        .args(["sync", "--bwlimit", "16M", "--progress", "none", &src, &dst])
+        .args(["sync", "--bwlimit", "16M", "--progress=none", &src, &dst])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -475,4 +475,38 @@ fn block_device_source_to_file() {
     assert_eq!(read(dst.as_ref()), data);
     assert_eq!(j["bytes_written"], 4 * MIB as u64);
     assert!(allocated(dst.as_ref()) <= 4 * MIB as u64 + 65536, "zeros from a device become holes");
+}
+
+/// `--progress` alone means auto, and the word after it is a path, never a mode: `sync
+/// --progress a.img b.img` took `a.img` for the mode. A mode is given as `--progress=MODE`.
+#[test]
+fn progress_alone_is_auto_and_the_next_word_stays_a_path() {
+    let d = tmp();
+    let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
+    write_file(src.as_ref(), &random_bytes(MIB, 70));
+    ok(&["sync", "--progress", &src, &dst]);
+    assert_same(src.as_ref(), dst.as_ref());
+    let out = ok(&["sync", "--progress=plain", &src, &dst]);
+    assert!(out.stderr_text().contains("blksync:"), "{}", out.stderr_text());
+    let out = run(&["sync", "--progress", "plain", &src, &dst]);
+    assert_eq!(out.code(), 2, "`plain` is a third path here: {}", out.stderr_text());
+}
+
+/// A bare `--bwlimit` number is KiB/s, as with rsync: `--bwlimit 8192` (8 MiB/s) copies 2 MiB
+/// in well under a second, where bytes per second would take over four minutes.
+#[test]
+fn a_bare_bwlimit_number_is_kib_per_second() {
+    let d = tmp();
+    let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
+    write_file(src.as_ref(), &random_bytes(2 * MIB, 71));
+    let mut child = blksync().args(["sync", "-q", "--bwlimit", "8192", &src, &dst]).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("--bwlimit 8192 was taken as bytes per second");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_same(src.as_ref(), dst.as_ref());
 }

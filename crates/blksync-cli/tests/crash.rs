@@ -82,7 +82,7 @@ impl Env {
             command.args(["-e", rsh]);
         }
         if !["info", "list"].contains(&args[0]) {
-            command.args(["--progress", "none"]);
+            command.args(["--progress=none"]);
         }
         command.args(&args[1..]);
         command

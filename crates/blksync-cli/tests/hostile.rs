@@ -79,7 +79,7 @@ fn a_stopped_agent_is_seen_and_plain_progress_reports_the_stall() {
     write_file(&src, &random_bytes(32 << 20, 8));
     let dst = format!("root@127.0.0.1:{}", dir.path().join("dst").display());
     let child = blksync()
-        .args(["sync", "-e", &rsh, "--progress", "plain", "--timeout", "20", "--bwlimit", "2M"])
+        .args(["sync", "-e", &rsh, "--progress=plain", "--timeout", "20", "--bwlimit", "2M"])
         .args([src.to_str().unwrap(), &dst])
         .stderr(std::process::Stdio::piped())
         .spawn()

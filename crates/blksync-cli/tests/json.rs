@@ -159,7 +159,7 @@ fn an_interrupted_sync_prints_the_error_object_with_what_was_done() {
     let d = tmp();
     let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
     write_file(src.as_ref(), &random_bytes(32 * MIB, 4));
-    let args = ["sync", "--json", "--bwlimit", "8M", "--progress", "none", &src, &dst];
+    let args = ["sync", "--json", "--bwlimit", "8M", "--progress=none", &src, &dst];
     let mut child = blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_until(&mut child, "4 MiB written", || {
         std::fs::metadata(&dst).is_ok() && allocated(dst.as_ref()) >= 4 * MIB as u64
@@ -326,7 +326,7 @@ fn an_interrupted_push_prints_what_was_done_as_a_local_sync_does() {
     let Some(env) = Remote::new() else { return };
     write_file(env.path("src").as_ref(), &random_bytes(32 * MIB, 8));
     let interrupted = |dst: &str| {
-        let args = ["sync", "-e", &env.rsh, "--json", "--bwlimit", "8M", "--progress", "none", &env.path("src"), dst];
+        let args = ["sync", "-e", &env.rsh, "--json", "--bwlimit", "8M", "--progress=none", &env.path("src"), dst];
         let mut child = blksync().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let file = dst.rsplit_once(':').map_or(dst, |(_, path)| path).to_string();
         wait_until(&mut child, "4 MiB written", || {

@@ -122,14 +122,10 @@ fn stderr_failing_loses_only_the_display() {
     let f = Fixture::new();
     for sink in [Sink::Full, Sink::ClosedPipe] {
         let mut commands = f.printing_commands();
-        commands.push((
-            ["sync", &f.path("b.img"), &f.path("copy2.img"), "--progress", "plain"].map(String::from).to_vec(),
-            0,
-        ));
-        commands.push((
-            ["sync", &f.path("a.img"), &f.path("copy2.img"), "--progress", "bar"].map(String::from).to_vec(),
-            0,
-        ));
+        commands
+            .push((["sync", &f.path("b.img"), &f.path("copy2.img"), "--progress=plain"].map(String::from).to_vec(), 0));
+        commands
+            .push((["sync", &f.path("a.img"), &f.path("copy2.img"), "--progress=bar"].map(String::from).to_vec(), 0));
         for (args, code) in commands {
             let out = run_with(&args, Stdio::piped(), sink.stdio());
             assert_eq!(out.code(), code, "blksync {args:?} with stderr to {sink:?}");
@@ -246,7 +242,7 @@ fn size_value(text: &str) -> Option<f64> {
     Some(number.parse::<f64>().ok()? * 1024f64.powi(i32::try_from(shift).ok()?))
 }
 
-/// Checks one `--progress plain` line of `label` and returns (done, written) in bytes.
+/// Checks one `--progress=plain` line of `label` and returns (done, written) in bytes.
 #[track_caller]
 fn check_plain_line(line: &str, label: &str) -> (f64, f64) {
     let rest = line.strip_prefix(&format!("blksync: {label} ")).unwrap_or_else(|| panic!("not {label}: {line:?}"));
@@ -293,7 +289,7 @@ fn plain_progress_of_a_sync_has_one_size_format_and_a_clock_eta() {
     let d = TempDir::new().unwrap();
     write_file(&d.path().join("src"), &random_bytes(7 << 20, 40));
     let (src, dst) = (arg(d.path(), "src"), arg(d.path(), "dst"));
-    let (lines, err) = plain_progress(&["sync", &src, &dst, "--progress", "plain", "--bwlimit", "1M"]);
+    let (lines, err) = plain_progress(&["sync", &src, &dst, "--progress=plain", "--bwlimit", "1M"]);
     for line in &lines {
         check_plain_line(line, "sync");
     }
@@ -310,7 +306,7 @@ fn plain_progress_of_a_backup_is_labelled_backup_not_compare() {
     write_file(src.as_ref(), &random_bytes(7 << 20, 41));
     ok(&["backup", "-q", &src, &bk]);
     patch(src.as_ref(), 5_000_000, b"changed");
-    let (lines, err) = plain_progress(&["backup", &src, &bk, "--progress", "plain", "--bwlimit", "1M"]);
+    let (lines, err) = plain_progress(&["backup", &src, &bk, "--progress=plain", "--bwlimit", "1M"]);
     for line in &lines {
         check_plain_line(line, "backup");
     }

@@ -25,11 +25,11 @@ impl Env {
     fn new() -> Option<Env> {
         RemoteDir::new("blksync-remote").map(Env)
     }
-    /// `blksync COMMAND -e RSH [--progress none] ARGS...`.
+    /// `blksync COMMAND -e RSH [--progress=none] ARGS...`.
     fn command(&self, args: &[&str]) -> std::process::Command {
         let mut all = vec![args[0], "-e", &self.rsh];
         if !["info", "list"].contains(&args[0]) {
-            all.extend(["--progress", "none"]);
+            all.extend(["--progress=none"]);
         }
         all.extend_from_slice(&args[1..]);
         let mut command = support::blksync();
@@ -321,7 +321,7 @@ fn killed_agent_gives_a_clean_error_and_a_consistent_destination() {
     let earlier = env.agents();
     // Throttled, the pull takes 8 s: the kill lands once data flows, long before the end.
     let mut child = support::blksync()
-        .args(["sync", "-e", &env.rsh, "--progress", "none", "--bwlimit", "4M", &env.remote("src"), &dst])
+        .args(["sync", "-e", &env.rsh, "--progress=none", "--bwlimit", "4M", &env.remote("src"), &dst])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -437,7 +437,7 @@ fn a_remote_backup_killed_mid_run_leaves_the_chain_whole() {
     // Throttled, the backup reads 8 MiB in 8 s: the kill lands once the new point's temporary
     // file has grown, long before it could be committed.
     let mut child = support::blksync()
-        .args(["backup", "-e", &env.rsh, "--progress", "none", "--bwlimit", "1M", &src, &env.remote("chain")])
+        .args(["backup", "-e", &env.rsh, "--progress=none", "--bwlimit", "1M", &src, &env.remote("chain")])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -506,7 +506,7 @@ fn history_commands_take_remote_paths_anywhere() {
     // merge: remote and local inputs into a remote output; all remote.
     let newer = env.path("newer.img");
     write_file(newer.as_ref(), &random_bytes(8 * MIB, 22));
-    ok(&["diff", "--progress", "none", &newer, &src, "-o", &env.path("second.delta")]);
+    ok(&["diff", "--progress=none", &newer, &src, "-o", &env.path("second.delta")]);
     env.ok(&["merge", &env.remote("push.delta"), &env.path("second.delta"), "-o", &env.remote("m1.delta")]);
     env.ok(&["merge", &env.remote("push.delta"), &env.remote("second.delta"), "-o", &env.remote("m2.delta")]);
     env.ok(&["merge", &env.remote("push.delta"), &env.remote("second.delta"), "-o", &env.path("m3.delta")]);
@@ -663,7 +663,7 @@ fn a_killed_client_stops_its_remote_job_and_frees_the_chain() {
     env.ok(&["backup", &src, &env.remote("chain")]);
     let before = env.agents();
     let mut child = support::blksync()
-        .args(["prune", "-e", &env.rsh, "--progress", "none", "--bwlimit", "1M", "--keep", "0"])
+        .args(["prune", "-e", &env.rsh, "--progress=none", "--bwlimit", "1M", "--keep", "0"])
         .arg(env.remote("chain"))
         .stderr(Stdio::piped())
         .spawn()

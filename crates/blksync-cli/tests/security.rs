@@ -33,10 +33,10 @@ impl Env {
     fn cache(&self) -> PathBuf {
         self.dir.path().join("cache/blksync")
     }
-    /// `blksync COMMAND -e RSH --progress none ARGS...`.
+    /// `blksync COMMAND -e RSH --progress=none ARGS...`.
     fn command(&self, args: &[&str]) -> Command {
         let mut command = support::blksync();
-        command.args([args[0], "-e", &self.rsh, "--progress", "none"]).args(&args[1..]);
+        command.args([args[0], "-e", &self.rsh, "--progress=none"]).args(&args[1..]);
         command
     }
     fn run(&self, args: &[&str]) -> Output {
