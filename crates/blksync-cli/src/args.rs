@@ -77,9 +77,24 @@ pub enum Command {
     /// Fold the oldest increments of the chain in DEST into its base, keeping N increments.
     #[command(after_help = EXIT_CODES)]
     Prune(PruneArgs),
+    /// Print a completion script for SHELL on stdout (bash, zsh, fish, elvish, powershell).
+    ///
+    /// bash: `blksync completions bash > /etc/bash_completion.d/blksync`; zsh: into a directory
+    /// of `$fpath` as `_blksync`; fish: `~/.config/fish/completions/blksync.fish`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) on stdout: `blksync man > /usr/local/share/man/man1/blksync.1`.
+    Man,
     /// The far end of a remote sync, speaking the protocol on stdin/stdout (started over ssh).
     #[command(hide = true)]
     Agent(AgentArgs),
+}
+
+/// `blksync completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 impl Command {
@@ -96,6 +111,8 @@ impl Command {
             Command::List(_) => "list",
             Command::Restore(_) => "restore",
             Command::Prune(_) => "prune",
+            Command::Completions(_) => "completions",
+            Command::Man => "man",
             Command::Agent(_) => "agent",
         }
     }
@@ -114,7 +131,7 @@ impl Command {
             Command::List(a) => a.json,
             Command::Restore(a) => a.output.json && a.target != "-",
             Command::Prune(a) => a.common.output.json,
-            Command::Agent(_) => false,
+            Command::Completions(_) | Command::Man | Command::Agent(_) => false,
         }
     }
 }

@@ -527,6 +527,25 @@ pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// `blksync completions SHELL`: the script, generated from the CLI definition.
+pub fn completions(args: &crate::args::CompletionsArgs) -> Result<Outcome> {
+    use clap::CommandFactory;
+    let mut command = crate::args::Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(args.shell, &mut command, "blksync", &mut out);
+    console::out(String::from_utf8_lossy(&out).trim_end())?;
+    Ok(Outcome::Success)
+}
+
+/// `blksync man`: the man page, generated from the CLI definition.
+pub fn man() -> Result<Outcome> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_mangen::Man::new(crate::args::Cli::command()).render(&mut out)?;
+    console::out(String::from_utf8_lossy(&out).trim_end())?;
+    Ok(Outcome::Success)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -510,3 +510,23 @@ fn a_bare_bwlimit_number_is_kib_per_second() {
     }
     assert_same(src.as_ref(), dst.as_ref());
 }
+
+/// Shell completions and the man page come from the CLI definition, so they cannot drift from
+/// it: every subcommand and its flags are in them (issue 13, item 10).
+#[test]
+fn completions_and_the_man_page_are_generated_from_the_cli() {
+    for (shell, marker) in [("bash", "_blksync()"), ("zsh", "#compdef blksync"), ("fish", "complete -c blksync")] {
+        let out = ok(&["completions", shell]);
+        let text = out.stdout_text();
+        assert!(text.contains(marker), "{shell}: {}", &text[..text.len().min(200)]);
+        for word in ["sync", "backup", "restore", "bwlimit", "undo"] {
+            assert!(text.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let man = ok(&["man"]).stdout_text();
+    assert!(man.contains(".TH blksync 1"), "{}", &man[..man.len().min(200)]);
+    for word in ["sync", "backup", "restore", "prune", "completions"] {
+        assert!(man.contains(word), "the man page lacks {word}");
+    }
+    assert_eq!(run(&["completions", "tcsh"]).code(), 2, "an unknown shell is a usage error");
+}
