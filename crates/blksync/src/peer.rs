@@ -114,6 +114,9 @@ struct ScanState {
     trees: Mutex<HashMap<u64, Arc<Tree>>>,
     acked: Mutex<u64>,
     cond: Condvar,
+    /// Fingerprint the endpoint as it is read (`ScanDone.fingerprint`): only a source's is
+    /// used (the client hands it to a recording target), so a target's scan skips the work.
+    fingerprint: bool,
 }
 
 impl ScanState {
@@ -465,6 +468,7 @@ impl Peer {
             trees: Mutex::new(HashMap::new()),
             acked: Mutex::new(0),
             cond: Condvar::new(),
+            fingerprint: self.role == Role::Source,
         });
         self.scan = Some(Arc::clone(&state));
         let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
@@ -668,7 +672,7 @@ fn scan(
     let failure = Mutex::new(None);
     let read = std::sync::atomic::AtomicU64::new(0);
     // The endpoint's fingerprint, as the scan reads it all (docs/PROTOCOL.md, `ScanDone`).
-    let blocks = Mutex::new(crate::fingerprint::Blocks::new(state.end));
+    let blocks = state.fingerprint.then(|| Mutex::new(crate::fingerprint::Blocks::new(state.end)));
     std::thread::scope(|s| {
         for _ in 0..threads {
             let rx = rx.clone();
@@ -683,7 +687,9 @@ fn scan(
                     let tree = match fill(endpoint, &mut buf[..len], start, &data) {
                         Ok(n) => {
                             read.fetch_add(n, Ordering::Relaxed);
-                            crate::fingerprint::Blocks::note(blocks, &buf[..len], start);
+                            if let Some(blocks) = blocks {
+                                crate::fingerprint::Blocks::note(blocks, &buf[..len], start);
+                            }
                             state.hasher.tree(&buf[..len], data.is_empty())
                         }
                         Err(e) => {
@@ -733,9 +739,12 @@ fn scan(
         return Err(e);
     }
     if !stop.load(Ordering::Relaxed) {
-        let blocks = blocks.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let whole = state.end == endpoint.size() && state.data_len == state.end && blocks.is_complete();
-        let fingerprint = if whole { blocks.fingerprint() } else { [0; 32] };
+        let blocks = blocks.map(|b| b.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let whole = state.end == endpoint.size() && state.data_len == state.end;
+        let fingerprint = match blocks {
+            Some(blocks) if whole && blocks.is_complete() => blocks.fingerprint(),
+            _ => [0; 32],
+        };
         let _ = replies.send(Msg::ScanDone { chunks: state.chunks(), read: read.into_inner(), fingerprint });
     }
     Ok(())
