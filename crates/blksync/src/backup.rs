@@ -19,6 +19,8 @@ use crate::patch::DiffOptions;
 use crate::progress::Control;
 use crate::sums::Sums;
 use crate::sync::{SyncOptions, sync};
+use crate::transfer::Commit;
+use crate::transfer::local::LocalEnds;
 
 /// What `backup` did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,16 +32,6 @@ pub struct BackupSummary {
     /// The sync into the chain (its destination is the file written).
     #[serde(flatten)]
     pub summary: crate::sync::Summary,
-}
-
-fn sync_options(options: &DiffOptions) -> SyncOptions {
-    SyncOptions {
-        block_size: options.block_size,
-        threads: options.threads,
-        keep_cache: options.keep_cache,
-        bwlimit: options.bwlimit,
-        ..SyncOptions::default()
-    }
 }
 
 /// Removes leftovers of interrupted runs.
@@ -85,19 +77,11 @@ fn backup_from(
     let point = crate::record::Append::open(dir, header, |last| {
         if options.force { Ok(()) } else { same_image(dir, last, source, src) }
     })?;
-    match sync(src, &point, point.is_new(), &sync_options(options), control) {
-        Ok(summary) => {
-            let file = point.file().display().to_string();
-            let summary =
-                crate::sync::Summary { source: source.display().to_string(), destination: file.clone(), ..summary };
-            Ok(BackupSummary { file: Some(file), number: Some(point.number()), summary })
-        }
-        Err(e) if e.kind() == ErrorKind::Interrupted => Err(Error::new(
-            ErrorKind::Interrupted,
-            "interrupted: no backup was made (nothing kept); a rerun starts over",
-        )),
-        Err(e) => Err(e),
-    }
+    let mut ends = LocalEnds::new(src, &point, point.is_new());
+    let summary = crate::transfer::sync(&mut ends, Commit::Point, &options.as_sync(), control)?;
+    let file = point.file().display().to_string();
+    let summary = crate::sync::Summary { source: source.display().to_string(), destination: file.clone(), ..summary };
+    Ok(BackupSummary { file: Some(file), number: Some(point.number()), summary })
 }
 
 /// Refuses to add `source` to a chain whose newest point `last` came from another image: its
@@ -250,13 +234,9 @@ pub fn restore(dir: &Path, target: &Path, at: At, force: bool, control: Control<
     chain.verify(n, false)?;
     let image = chain.image(n)?;
     let dst = crate::endpoint::open_target(target, OpenTarget { create: true, force, ..OpenTarget::default() })?;
-    let fresh = dst.created();
-    let result = sync(&image, dst.as_ref(), fresh, &SyncOptions::default(), control);
     // As for sync: a file this run created and could not fill goes, but an interrupted restore
     // stays, as its message says: a rerun writes only what is still missing.
-    if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
-        dst.remove_created();
-    }
+    let result = sync(&image, dst.as_ref(), dst.created(), &SyncOptions::default(), control);
     let closed = dst.close();
     crate::endpoint::after_close(result, closed, "the restore itself completed")
 }

@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoint::OpenTarget;
 use crate::endpoint::Source;
-use crate::engine::{Action, Scan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
-use crate::progress::{Control, Counters, Phase, Snapshot};
+use crate::progress::{Control, Snapshot};
+use crate::transfer::local::LocalEnds;
 
 /// Options of a comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,41 +63,7 @@ pub fn compare_paths(a: &Path, b: &Path, options: &CompareOptions, control: Cont
     crate::endpoint::after_close(result, closed, "the comparison itself completed")
 }
 
-/// Compares two endpoints.
+/// Compares two endpoints (the steps are those of every comparison, [`crate::transfer::compare`]).
 pub fn compare(a: &dyn Source, b: &dyn Source, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
-    let common = a.size().min(b.size());
-    let counters = Counters::new();
-    counters.set_total(common);
-    control.observer.phase(Phase::Compare, common);
-    let found = Scan {
-        source: a,
-        source_len: common,
-        dest: b,
-        scan_len: common,
-        block_size: options.block_size,
-        threads: options.threads,
-        keep_cache: options.keep_cache,
-        action: Action::Compare,
-        keep_ranges: options.max_ranges,
-        throttle: None,
-    }
-    .run(&counters, control)?;
-    if found.cancelled {
-        return Err(Error::new(ErrorKind::Interrupted, "interrupted: comparison incomplete"));
-    }
-    a.check_intact()?;
-    b.check_intact()?;
-    let mut counters = counters.snapshot();
-    let tail = a.size().abs_diff(b.size());
-    counters.bytes_differing += tail;
-    Ok(Comparison {
-        source: a.name().display().to_string(),
-        destination: b.name().display().to_string(),
-        source_size: a.size(),
-        destination_size: b.size(),
-        identical: counters.bytes_differing == 0,
-        counters,
-        ranges_differing: found.range_count,
-        ranges: found.ranges,
-    })
+    crate::transfer::compare(&mut LocalEnds::reading(a, b), options, control)
 }

@@ -43,6 +43,7 @@ pub mod sizing;
 pub mod ssh;
 pub mod sums;
 pub mod sync;
+mod transfer;
 
 pub use blksync_core::{
     buffer, chain_files, error, extent, fingerprint, id, location, progress, size, temp, throttle, zero,

@@ -15,10 +15,11 @@ use serde::{Deserialize, Serialize};
 use crate::delta::{self, Delta, Header, Kind, Writer};
 use crate::endpoint::OpenTarget;
 use crate::endpoint::{Source, Target};
-use crate::engine::{Action, Scan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::{Control, Counters, Phase, Snapshot};
 use crate::record::Recorder;
+use crate::transfer::Commit;
+use crate::transfer::local::LocalEnds;
 
 /// Options of `diff`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,20 @@ pub struct DiffOptions {
     /// up (another filesystem UUID, or another path and size).
     #[serde(default)]
     pub force: bool,
+}
+
+impl DiffOptions {
+    /// The sync into a recorder that records a delta or a backup point: the source's size, no
+    /// dry run, no verification (the commit checks what was recorded).
+    pub(crate) fn as_sync(&self) -> crate::sync::SyncOptions {
+        crate::sync::SyncOptions {
+            block_size: self.block_size,
+            threads: self.threads,
+            keep_cache: self.keep_cache,
+            bwlimit: self.bwlimit,
+            ..crate::sync::SyncOptions::default()
+        }
+    }
 }
 
 /// What `diff` wrote.
@@ -107,45 +122,18 @@ pub fn write_delta(
         Header::new([0; 16], options.block_size as u32, &src.name().display().to_string(), &options.comment)?;
     header.source_identity = source_identity(src.name());
     let recorder = Recorder::new(old, out.to_path_buf(), header, true);
-    recorder.set_size(src.size())?;
-    let throttle = options.bwlimit.map(crate::throttle::Throttle::new);
-    let counters = Counters::new();
-    counters.set_total(src.size());
-    control.observer.phase(Phase::Compare, src.size());
-    let scan = Scan {
-        source: src,
-        source_len: src.size(),
-        dest: &recorder,
-        scan_len: src.size(),
-        block_size: options.block_size,
-        threads: options.threads,
-        keep_cache: options.keep_cache,
-        action: Action::Apply(&recorder),
-        keep_ranges: 0,
-        throttle: throttle.as_ref(),
+    let adopt = || {
+        recorder.set_after(src.fingerprint()?);
+        Ok(())
     };
-    match scan.run(&counters, control).and_then(|f| {
-        if !f.cancelled {
-            src.check_intact()?;
-        }
-        Ok(f)
-    }) {
-        Ok(found) if !found.cancelled => {}
-        Ok(_) => {
-            recorder.abandon();
-            return Err(Error::new(ErrorKind::Interrupted, "interrupted: no delta was written"));
-        }
-        Err(e) => {
-            recorder.abandon();
-            return Err(e);
-        }
-    }
-    recorder.set_after(src.fingerprint()?);
+    let mut ends = LocalEnds::new(src, &recorder, false).before_commit(&adopt);
+    let summary = crate::transfer::sync(&mut ends, Commit::Point, &options.as_sync(), control)?;
+    // The flush committed it; this gives its size.
     let file_size = recorder.commit()?;
     Ok(DiffSummary {
         delta: out.display().to_string(),
         header: recorder.header(),
-        counters: counters.snapshot(),
+        counters: summary.counters,
         file_size,
         bytes_sent: 0,
         bytes_received: 0,

@@ -30,10 +30,9 @@ use crate::peer::opened_identity;
 use crate::progress::{Control, Counters, Phase};
 use crate::protocol::Msg;
 use crate::protocol::message::{Role, open_flags};
-use crate::sizing;
 use crate::ssh::SshOptions;
 use crate::sync::{Summary, SyncOptions};
-use crate::throttle::Throttle;
+use crate::transfer::{Commit, End};
 
 mod history;
 mod pass;
@@ -192,147 +191,100 @@ fn sync(
     Ok(summary)
 }
 
-/// What the target's flush commits besides the data, which makes it unconditional (even when
-/// nothing changed).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Commit {
-    /// Nothing: a plain target is flushed only if something was written or resized.
-    None,
-    /// An undo log.
-    Log,
-    /// A backup point or a delta.
-    Point,
+/// Both ends of a command as opened on their links: the hash pass compares and moves their
+/// bytes ([`crate::transfer`] runs the steps).
+struct LinkEnds<'a> {
+    source: &'a mut Link,
+    s: Opened,
+    target: &'a mut Link,
+    t: Opened,
+    /// As the user wrote them, with the host.
+    names: (String, String),
+    /// `compress` value for data frames.
+    compress: i32,
+    /// `--pause` after each data frame.
+    pause: Option<Duration>,
 }
 
-/// Everything after both ends are open: sizes, the pass, the flush, verification.
+impl crate::transfer::Ends for LinkEnds<'_> {
+    fn names(&self) -> (String, String) {
+        self.names.clone()
+    }
+
+    fn same_object(&self) -> bool {
+        self.s.identity != Identity::None
+            && self.s.identity == self.t.identity
+            && self.source.info.boot_id == self.target.info.boot_id
+    }
+
+    fn source_size(&self) -> u64 {
+        self.s.size
+    }
+
+    fn target(&self) -> End {
+        End { exists: self.t.exists, size: self.t.size, created: self.t.created, caps: self.t.caps }
+    }
+
+    fn prepare(&mut self, _new_size: u64, resize: Option<u64>) -> Result<()> {
+        // An undo log was started by its own message before (`Msg::Undo`).
+        if let Some(size) = resize {
+            match self.target.call(Msg::SetSize { size })? {
+                Msg::Done => {}
+                other => return Err(self.target.unexpected(&other)),
+            }
+        }
+        Ok(())
+    }
+
+    fn pass(
+        &mut self,
+        mode: crate::transfer::Mode,
+        plan: &crate::transfer::Plan<'_>,
+        counters: &Counters,
+        control: Control<'_>,
+    ) -> Result<crate::engine::Found> {
+        use crate::transfer::Mode as M;
+        Pass {
+            source: self.source,
+            target: self.target,
+            block: plan.block_size,
+            chunk: chunk_size(plan.block_size),
+            scan_len: plan.scan_len,
+            source_len: plan.source_len,
+            target_len: plan.target_len,
+            mode: match mode {
+                M::Copy => Mode::Copy,
+                M::Apply => Mode::Apply,
+                M::Compare | M::Verify => Mode::Compare,
+            },
+            compress: self.compress,
+            threads: u16::try_from(plan.threads).unwrap_or(u16::MAX),
+            throttle: plan.throttle,
+            pause: self.pause.filter(|_| mode.writes()),
+            must_flush: plan.must_flush,
+        }
+        .run(counters, control)
+    }
+
+    fn discard_created(&mut self) {
+        let _ = self.target.call(Msg::Discard);
+    }
+}
+
+/// Runs the sync of [`crate::transfer`] between two ends opened on their links.
 #[allow(clippy::too_many_arguments)] // Both ends, as opened, and how to run.
 fn transfer(
     source: &mut Link,
     s: Opened,
     target: &mut Link,
     t: Opened,
-    (source_name, target_name): (String, String),
+    names: (String, String),
     commit: Commit,
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    let o = &options.sync;
-    if s.identity != Identity::None && s.identity == t.identity && source.info.boot_id == target.info.boot_id {
-        return Err(Error::usage(format!("{source_name} and {target_name} are the same file or device")));
-    }
-    let sizing = sizing::resolve(s.size, (&t.caps, t.exists), t.size, t.created, o.size_policy, o.zero_tail)?;
-    let mut warnings = Vec::new();
-    if let Some(w) = &sizing.warning {
-        control.observer.warn(w);
-        warnings.push(w.clone());
-    }
-    if let (Some(size), false) = (sizing.resize_to, o.dry_run) {
-        match target.call(Msg::SetSize { size })? {
-            Msg::Done => {}
-            other => return Err(target.unexpected(&other)),
-        }
-    }
-    let fresh = !o.dry_run && t.caps.resizable && (t.created || t.size == 0);
-    let mode = if o.dry_run {
-        Mode::Compare
-    } else if fresh {
-        Mode::Copy
-    } else {
-        Mode::Apply
-    };
-    let throttle = o.bwlimit.map(Throttle::new);
-    let counters = Counters::new();
-    counters.set_total(sizing.scan_len);
-    control.observer.phase(if o.dry_run { Phase::Compare } else { Phase::Sync }, sizing.scan_len);
-    let pass = Pass {
-        source,
-        target,
-        block: o.block_size,
-        chunk: chunk_size(o.block_size),
-        scan_len: sizing.scan_len,
-        source_len: sizing.source_len,
-        target_len: if o.dry_run { t.size } else { sizing.resize_to.unwrap_or(t.size) },
-        mode,
-        compress: options.compress,
-        threads: u16::try_from(o.threads).unwrap_or(u16::MAX),
-        throttle: throttle.as_ref(),
-        pause: options.pause,
-        must_flush: commit != Commit::None || (sizing.resize_to.is_some() && !o.dry_run),
-    };
-    let found = match pass.run(&counters, control) {
-        Ok(found) => found,
-        Err(e) => {
-            if t.created && commit == Commit::None && e.kind() != ErrorKind::Interrupted {
-                // As a local sync does: a file this run created and could not fill goes.
-                let _ = target.call(Msg::Discard);
-            }
-            return Err(e);
-        }
-    };
-    if found.cancelled && commit == Commit::Point {
-        // FlushPartial discarded the point: say so, not "in sync".
-        return Err(Error::new(
-            ErrorKind::Interrupted,
-            format!(
-                "interrupted: nothing was committed at {target_name} (no backup point or delta was kept); a rerun starts over"
-            ),
-        ));
-    }
-    if found.cancelled {
-        return Err(Error::new(
-            ErrorKind::Interrupted,
-            format!(
-                "interrupted: sync of {target_name} is incomplete; the first {} bytes are in sync and flushed to disk, run it again to finish",
-                found.done
-            ),
-        ));
-    }
-    let mut summary = Summary {
-        source: source_name,
-        destination: target_name,
-        dry_run: o.dry_run,
-        block_size: o.block_size,
-        counters: counters.snapshot(),
-        ranges_differing: found.range_count,
-        destination_size_before: t.size,
-        destination_size_after: sizing.resize_to.unwrap_or(t.size),
-        verified: false,
-        warnings,
-        bytes_sent: 0,
-        bytes_received: 0,
-        undo_log: None,
-    };
-    if o.verify && !o.dry_run {
-        verify(&pass, &summary, control)?;
-        summary.verified = true;
-    }
-    Ok(summary)
-}
-
-/// Compares both ends again after a sync; any difference is an error.
-fn verify(pass: &Pass<'_>, summary: &Summary, control: Control<'_>) -> Result<()> {
-    let counters = Counters::new();
-    counters.set_total(pass.scan_len);
-    control.observer.phase(Phase::Verify, pass.scan_len);
-    let check = Pass { mode: Mode::Compare, throttle: None, pause: None, ..*pass };
-    let found = check.run(&counters, control)?;
-    if found.cancelled {
-        return Err(Error::new(ErrorKind::Interrupted, "interrupted during verification; the sync itself completed"));
-    }
-    if let Some(first) = found.ranges.first() {
-        return Err(Error::new(
-            ErrorKind::VerifyFailed,
-            format!(
-                "verification failed: {} differs from {} in {} bytes ({} ranges), the first at byte offset {}",
-                summary.destination,
-                summary.source,
-                counters.snapshot().bytes_differing,
-                found.range_count,
-                first.offset
-            ),
-        ));
-    }
-    Ok(())
+    let mut ends = LinkEnds { source, s, target, t, names, compress: options.compress, pause: options.pause };
+    crate::transfer::sync(&mut ends, commit, &options.sync, control)
 }
 
 /// An endpoint location with the ssh options for reaching it.
@@ -728,43 +680,9 @@ pub fn compare(
 ) -> Result<Comparison> {
     let first = open(a, Role::Source, 0, a_path, (b"", None))?;
     let second = open(b, Role::Source, 0, b_path, (b"", None))?;
-    let common = first.size.min(second.size);
-    let counters = Counters::new();
-    counters.set_total(common);
-    control.observer.phase(Phase::Compare, common);
-    let pass = Pass {
-        source: a,
-        target: b,
-        block: block_size,
-        chunk: chunk_size(block_size),
-        scan_len: common,
-        source_len: common,
-        target_len: common,
-        mode: Mode::Compare,
-        compress: crate::compress::OFF,
-        threads: 0,
-        throttle: None,
-        pause: None,
-        must_flush: false,
-    };
-    let mut found = pass.run(&counters, control)?;
-    if found.cancelled {
-        return Err(Error::new(ErrorKind::Interrupted, "interrupted: comparison incomplete"));
-    }
-    let mut counters = counters.snapshot();
-    counters.bytes_differing += first.size.abs_diff(second.size);
-    // In compare mode "written" counts what a sync would write; a comparison reports none.
-    counters.bytes_written = 0;
-    counters.bytes_zeroed = 0;
-    found.ranges.truncate(max_ranges);
-    Ok(Comparison {
-        source: display(a, a_path),
-        destination: display(b, b_path),
-        source_size: first.size,
-        destination_size: second.size,
-        identical: counters.bytes_differing == 0,
-        counters,
-        ranges_differing: found.range_count,
-        ranges: found.ranges,
-    })
+    let names = (display(a, a_path), display(b, b_path));
+    let mut ends =
+        LinkEnds { source: a, s: first, target: b, t: second, names, compress: crate::compress::OFF, pause: None };
+    let options = crate::compare::CompareOptions { block_size, keep_cache: false, threads: 0, max_ranges };
+    crate::transfer::compare(&mut ends, &options, control)
 }

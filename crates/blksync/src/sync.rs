@@ -1,27 +1,18 @@
-//! `sync`: make a destination identical to a source.
-//!
-//! The order of operations is what makes a sync safe:
-//! 1. open the source read-only and the destination (exclusively, for a device);
-//! 2. decide sizes ([`crate::sizing`]) and refuse impossible ones *before* writing anything;
-//! 3. resize a destination file; scan and write what differs (the engine);
-//! 4. fsync the destination, even when interrupted or failing, so that what was written is on
-//!    disk and correct; only then report;
-//! 5. with `--verify`, drop the destination's cached pages and compare both ends again.
+//! `sync`: make a destination identical to a source. This module opens local ends (the source
+//! read-only, the destination exclusively for a device) and holds the options and the summary;
+//! the steps themselves, the same for every sync whatever its ends, are in [`crate::transfer`].
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::delta;
 use crate::endpoint::OpenTarget;
-use crate::endpoint::{Identity, Source, Target};
-use crate::engine::{Action, Scan};
+use crate::endpoint::{Source, Target};
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::Extent;
-use crate::progress::{Control, Counters, Phase, Snapshot};
-use crate::record::Undo;
-use crate::sizing::{self, SizePolicy};
-use crate::throttle::Throttle;
+use crate::progress::{Control, Snapshot};
+use crate::sizing::SizePolicy;
+use crate::transfer::Commit;
+use crate::transfer::local::LocalEnds;
 
 /// Options of a sync, validated by the front end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,13 +143,7 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
         },
     )?;
     check_storage(src.as_ref(), dst.as_ref())?;
-    let fresh = dst.created();
-    let result = sync(src.as_ref(), dst.as_ref(), fresh, options, control);
-    if fresh && result.as_ref().is_err_and(|e| e.kind() != ErrorKind::Interrupted) {
-        // A file we created and could not fill is worse than no file: a later run or a user
-        // might take it for a copy. Interrupted copies stay (a rerun resumes them cheaply).
-        dst.remove_created();
-    }
+    let result = sync(src.as_ref(), dst.as_ref(), dst.created(), options, control);
     // Closing can fail (a snapshot that cannot be removed, a loop device that cannot be
     // detached): the user must hear of it, with what to run by hand.
     let closed = dst.close().and(src.close());
@@ -181,7 +166,8 @@ fn check_storage(src: &dyn Source, dst: &dyn Target) -> Result<()> {
     Ok(())
 }
 
-/// Syncs `src` onto `dst`. `fresh` says the destination was just created (empty).
+/// Syncs `src` onto `dst`. `fresh` says the destination was just created (empty). The steps are
+/// those of every sync, local or not ([`crate::transfer`]); here both ends are in this process.
 pub fn sync(
     src: &dyn Source,
     dst: &dyn Target,
@@ -192,193 +178,7 @@ pub fn sync(
     if options.undo.is_some() && options.dry_run {
         return Err(Error::usage("an undo log and a dry run contradict each other: a dry run changes nothing to undo"));
     }
-    if src.identity() != Identity::None && src.identity() == dst.identity() {
-        return Err(Error::usage(format!(
-            "{} and {} are the same file or device",
-            src.name().display(),
-            dst.name().display()
-        )));
-    }
-    let before = dst.size();
-    let exists = dst.exists();
-    let sizing =
-        sizing::resolve(src.size(), (&dst.caps(), exists), before, fresh, options.size_policy, options.zero_tail)?;
-    let mut warnings = Vec::new();
-    if let Some(w) = &sizing.warning {
-        control.observer.warn(w);
-        warnings.push(w.clone());
-    }
-    let undo = match &options.undo {
-        Some(path) => Some(begin_undo(path, src, dst, sizing.resize_to.unwrap_or(before), options.force)?),
-        None => None,
-    };
-    // Everything below writes through the undo log when there is one.
-    let dst: &dyn Target = match &undo {
-        Some(undo) => undo,
-        None => dst,
-    };
-    if let (Some(size), false) = (sizing.resize_to, options.dry_run)
-        && let Err(e) = dst.set_size(size)
-    {
-        if let Some(undo) = &undo {
-            undo.abandon();
-        }
-        return Err(e);
-    }
-
-    let throttle = options.bwlimit.map(Throttle::new);
-    let counters = Counters::new();
-    counters.set_total(sizing.scan_len);
-    control.observer.phase(if options.dry_run { Phase::Compare } else { Phase::Sync }, sizing.scan_len);
-    let scan = Scan {
-        source: src,
-        source_len: sizing.source_len,
-        dest: dst,
-        scan_len: sizing.scan_len,
-        block_size: options.block_size,
-        threads: options.threads,
-        keep_cache: options.keep_cache,
-        action: if options.dry_run { Action::Compare } else { Action::Apply(dst) },
-        keep_ranges: 0,
-        throttle: throttle.as_ref(),
-    };
-    // A snapshot that overflowed while it was read gave garbage: that is a failure, found
-    // before the undo log or anything else claims success.
-    let scanned = scan.run(&counters, control).and_then(|found| {
-        if !found.cancelled {
-            src.check_intact()?;
-        }
-        Ok(found)
-    });
-    finish(dst, options.dry_run, &scanned, undo.is_some())?;
-    let undo_log = undo.as_ref().map(|u| u.path().display().to_string());
-    let found = scanned?;
-    if !options.keep_cache {
-        dst.drop_cache(0, sizing.scan_len);
-    }
-    if found.cancelled {
-        return Err(Error::new(
-            ErrorKind::Interrupted,
-            format!(
-                "interrupted: sync of {} is incomplete; the first {} bytes are in sync and flushed to disk, run it again to finish",
-                dst.name().display(),
-                found.done
-            ),
-        ));
-    }
-
-    let mut summary = Summary {
-        source: src.name().display().to_string(),
-        destination: dst.name().display().to_string(),
-        dry_run: options.dry_run,
-        block_size: options.block_size,
-        counters: counters.snapshot(),
-        ranges_differing: found.range_count,
-        destination_size_before: before,
-        destination_size_after: if options.dry_run { sizing.resize_to.unwrap_or(before) } else { dst.size() },
-        verified: false,
-        warnings,
-        bytes_sent: 0,
-        bytes_received: 0,
-        undo_log,
-    };
-    if options.verify && !options.dry_run {
-        verify(src, dst, &sizing, options, control)?;
-        summary.verified = true;
-    }
-    Ok(summary)
-}
-
-/// Whatever happened, makes what was written durable before anything is said about it. A run
-/// that did not complete commits nothing that claims to be complete (a backup point, a delta);
-/// an undo log is committed either way: it holds the old content of every block written so far,
-/// each recorded before it was overwritten. The scan's own error is reported by the caller;
-/// a flush error is returned here only with an undo log, which must be reported first.
-fn finish(dst: &dyn Target, dry_run: bool, scanned: &Result<crate::engine::Found>, undo: bool) -> Result<()> {
-    let complete = scanned.as_ref().is_ok_and(|found| !found.cancelled);
-    let flushed = match (dry_run, complete) {
-        (true, _) => Ok(()),
-        (false, true) => dst.flush(),
-        (false, false) => dst.flush_partial(),
-    };
-    match flushed {
-        Err(e) if undo => Err(undo_incomplete(scanned, &e)),
-        Err(e) if scanned.is_ok() => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Starts `sync --undo PATH`'s log, for a destination going to `new` bytes.
-fn begin_undo<'a>(
-    path: &Path,
-    src: &dyn Source,
-    dst: &'a dyn Target,
-    new: u64,
-    force: bool,
-) -> Result<Undo<&'a dyn Target>> {
-    delta::check_output_with(path, &[src.identity(), dst.identity()], force)?;
-    let comment = format!("undo log of a sync from {}", src.name().display());
-    let undo = Undo::new(dst, path.to_path_buf(), comment);
-    undo.begin(new).map_err(|e| {
-        let text = format!("{e}; the undo log could not be started, so nothing was changed");
-        Error::new(e.kind(), text)
-    })?;
-    Ok(undo)
-}
-
-/// The error for an undo log that could not be committed (a full disk, most often), after what
-/// the scan did: its records are durable, so the `.partial` file it left rolls the destination
-/// back (the error says how).
-fn undo_incomplete(scanned: &Result<crate::engine::Found>, e: &Error) -> Error {
-    let what = match scanned {
-        Ok(found) if !found.cancelled => "the sync completed".to_string(),
-        Ok(_) => "the sync was interrupted".to_string(),
-        Err(first) => first.to_string(),
-    };
-    let kind = scanned.as_ref().err().map_or(e.kind(), Error::kind);
-    Error::new(kind, format!("{what}; {e}"))
-}
-
-fn verify(
-    src: &dyn Source,
-    dst: &dyn Target,
-    sizing: &sizing::Sizing,
-    options: &SyncOptions,
-    control: Control<'_>,
-) -> Result<()> {
-    // The destination's written pages are clean after the flush; dropping them makes the
-    // comparison read what is on the medium, not what we left in memory.
-    dst.drop_cache(0, sizing.scan_len);
-    let counters = Counters::new();
-    counters.set_total(sizing.scan_len);
-    control.observer.phase(Phase::Verify, sizing.scan_len);
-    let found = Scan {
-        source: src,
-        source_len: sizing.source_len,
-        dest: dst,
-        scan_len: sizing.scan_len,
-        block_size: options.block_size,
-        threads: options.threads,
-        keep_cache: options.keep_cache,
-        action: Action::Compare,
-        keep_ranges: 1,
-        throttle: None,
-    }
-    .run(&counters, control)?;
-    if found.cancelled {
-        return Err(Error::new(ErrorKind::Interrupted, "interrupted during verification; the sync itself completed"));
-    }
-    if let Some(Extent { offset, .. }) = found.ranges.first() {
-        let differing = counters.snapshot().bytes_differing;
-        return Err(Error::new(
-            ErrorKind::VerifyFailed,
-            format!(
-                "verification failed: {} differs from {} in {differing} bytes ({} ranges), the first at byte offset {offset}",
-                dst.name().display(),
-                src.name().display(),
-                found.range_count
-            ),
-        ));
-    }
-    Ok(())
+    let commit = if options.undo.is_some() { Commit::Log } else { Commit::None };
+    let mut ends = LocalEnds::new(src, dst, fresh).with_undo(options.undo.clone(), options.force);
+    crate::transfer::sync(&mut ends, commit, options, control)
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, Sender, unbounded};
 
+use crate::engine::Found;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::{Extent, Runs};
 use crate::hash::FANOUT;
@@ -61,14 +62,6 @@ pub(super) struct Pass<'a> {
     /// Flush even if no data changes: the target was resized, or it is a backup point that the
     /// flush commits.
     pub(super) must_flush: bool,
-}
-
-#[derive(Debug, Default)]
-pub(super) struct Found {
-    pub(super) done: u64,
-    pub(super) cancelled: bool,
-    pub(super) ranges: Vec<Extent>,
-    pub(super) range_count: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
