@@ -63,7 +63,7 @@ pub fn compare_paths(a: &Path, b: &Path, options: &CompareOptions, control: Cont
     crate::endpoint::after_close(result, closed, "the comparison itself completed")
 }
 
-/// Compares two endpoints (the steps are those of every comparison, [`crate::transfer::compare`]).
+/// Compares two endpoints (the steps are those of every comparison, `transfer::compare`).
 pub fn compare(a: &dyn Source, b: &dyn Source, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
     crate::transfer::compare(&mut LocalEnds::reading(a, b), options, control)
 }

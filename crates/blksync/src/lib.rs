@@ -24,10 +24,8 @@
 
 pub mod agent;
 pub mod backup;
-pub mod chain;
 pub mod compare;
 pub mod compress;
-pub mod delta;
 mod engine;
 pub mod hash;
 pub mod job;
@@ -36,18 +34,16 @@ pub mod patch;
 pub mod peer;
 pub mod place;
 pub mod protocol;
-pub mod prune;
-pub mod record;
 pub mod relay;
 pub mod sizing;
 pub mod ssh;
-pub mod sums;
 pub mod sync;
 mod transfer;
 
 pub use blksync_core::{
     buffer, chain_files, error, extent, fingerprint, id, location, progress, size, temp, throttle, zero,
 };
+pub use blksync_history::{chain, delta, prune, record, sums};
 pub use error::{Error, ErrorKind, Hint, Result};
 
 /// Endpoints: the seam (`Source`, `Target`, `Caps`, from `blksync-core`) and the local kinds

@@ -21,36 +21,17 @@ use crate::record::Recorder;
 use crate::transfer::Commit;
 use crate::transfer::local::LocalEnds;
 
-/// Options of `diff`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiffOptions {
-    /// Comparison granularity.
-    pub block_size: usize,
-    /// Worker threads; 0 for the default of the host that runs the work (one per core, 2 to 8).
-    pub threads: usize,
-    /// Leave what was read in the page cache.
-    pub keep_cache: bool,
-    /// Stored in the header.
-    pub comment: String,
-    /// Read the source at most this many bytes per second.
-    pub bwlimit: Option<u64>,
-    /// `backup --force`: add to a chain even a source that does not look like the image it backs
-    /// up (another filesystem UUID, or another path and size).
-    #[serde(default)]
-    pub force: bool,
-}
+pub use blksync_history::record::DiffOptions;
 
-impl DiffOptions {
-    /// The sync into a recorder that records a delta or a backup point: the source's size, no
-    /// dry run, no verification (the commit checks what was recorded).
-    pub(crate) fn as_sync(&self) -> crate::sync::SyncOptions {
-        crate::sync::SyncOptions {
-            block_size: self.block_size,
-            threads: self.threads,
-            keep_cache: self.keep_cache,
-            bwlimit: self.bwlimit,
-            ..crate::sync::SyncOptions::default()
-        }
+/// The sync into a recorder that records a delta or a backup point: the source's size, no dry
+/// run, no verification (the commit checks what was recorded).
+pub(crate) fn recording(options: &DiffOptions) -> crate::sync::SyncOptions {
+    crate::sync::SyncOptions {
+        block_size: options.block_size,
+        threads: options.threads,
+        keep_cache: options.keep_cache,
+        bwlimit: options.bwlimit,
+        ..crate::sync::SyncOptions::default()
     }
 }
 
@@ -127,7 +108,7 @@ pub fn write_delta(
         Ok(())
     };
     let mut ends = LocalEnds::new(src, &recorder, false).before_commit(&adopt);
-    let summary = crate::transfer::sync(&mut ends, Commit::Point, &options.as_sync(), control)?;
+    let summary = crate::transfer::sync(&mut ends, Commit::Point, &recording(options), control)?;
     // The flush committed it; this gives its size.
     let file_size = recorder.commit()?;
     Ok(DiffSummary {

@@ -1,6 +1,6 @@
 //! `sync`: make a destination identical to a source. This module opens local ends (the source
 //! read-only, the destination exclusively for a device) and holds the options and the summary;
-//! the steps themselves, the same for every sync whatever its ends, are in [`crate::transfer`].
+//! the steps themselves, the same for every sync whatever its ends, are in `transfer.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -61,12 +61,7 @@ impl Default for SyncOptions {
     }
 }
 
-/// Worker threads by default: every core, at least two (one can wait on I/O while the other
-/// compares), at most eight (memory is 4 MiB a worker).
-#[must_use]
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, usize::from).clamp(2, 8)
-}
+pub use blksync_core::workers::default_threads;
 
 /// Checks a block size: a power of two from 512 B to 1 MiB.
 pub fn check_block_size(block_size: u64) -> Result<usize> {
@@ -167,7 +162,7 @@ fn check_storage(src: &dyn Source, dst: &dyn Target) -> Result<()> {
 }
 
 /// Syncs `src` onto `dst`. `fresh` says the destination was just created (empty). The steps are
-/// those of every sync, local or not ([`crate::transfer`]); here both ends are in this process.
+/// those of every sync, local or not (`transfer.rs`); here both ends are in this process.
 pub fn sync(
     src: &dyn Source,
     dst: &dyn Target,

@@ -457,8 +457,12 @@ fn diff_over(
         Msg::Path { path } => PathBuf::from(OsStr::from_bytes(&path)),
         other => return Err(b.unexpected(&other)),
     };
-    let remote =
-        super::RemoteOptions { sync: options.as_sync(), compress: crate::compress::AUTO, pause: None, undo: None };
+    let remote = super::RemoteOptions {
+        sync: crate::patch::recording(options),
+        compress: crate::compress::AUTO,
+        pause: None,
+        undo: None,
+    };
     let names = (source_name, shown(base, Path::new(b_path)));
     let summary = transfer(s, so, b, bo, names, Commit::Point, &remote, control)?;
     let info: Info = run_job(b, &Job::Info { path: WirePath::new(&written) }, control)?;

@@ -22,29 +22,39 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backup::PruneSummary;
 use crate::chain::{Chain, base_paths, increment_path};
 use crate::delta::{Delta, Header, Kind, Writer};
 use crate::endpoint::Source;
 use crate::endpoint::local::Local;
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::patch::DiffOptions;
 use crate::progress::{Control, Counters, Phase};
+use crate::record::DiffOptions;
 use crate::sums::Sums;
 
 /// The journal's name in the chain's directory.
-pub(crate) const JOURNAL: &str = "prune.journal";
+pub const JOURNAL: &str = "prune.journal";
 /// Bytes handled per step (a record of the journal, a write into the base).
 const PIECE: u64 = 4 << 20;
+
+/// What `prune` did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PruneSummary {
+    /// Increments folded into the new base.
+    pub folded: u64,
+    /// Number of the point the base now holds.
+    pub base_number: u64,
+    /// Increments left.
+    pub kept: u64,
+}
 
 /// Folds the oldest increments of the chain in `dir` into its base, keeping `keep` increments.
 #[allow(clippy::too_many_lines)] // The steps of the module doc, in order, read best in one place.
 pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>) -> Result<PruneSummary> {
     let _lock = crate::chain::lock(dir)?;
-    crate::backup::clean(dir);
+    crate::store::clean(dir);
     let _base = crate::chain::lock_base(dir, true)?;
     recover(dir)?;
-    let chain = crate::backup::load_unlocked(dir)?;
+    let chain = crate::store::load_unlocked(dir)?;
     chain.check_whole()?;
     let total = chain.increments.len() as u64;
     if total <= keep {
@@ -237,7 +247,7 @@ fn finish(dir: &Path, (old, old_id): (u64, &[u8; 16]), new: u64) -> Result<()> {
 
 /// Finishes or undoes a prune that died, if `dir` holds its journal. The caller holds the
 /// chain's lock and the base's exclusive lock.
-pub(crate) fn recover(dir: &Path) -> Result<()> {
+pub fn recover(dir: &Path) -> Result<()> {
     let path = dir.join(JOURNAL);
     if !path.exists() {
         return Ok(());
@@ -287,7 +297,7 @@ pub(crate) fn recover(dir: &Path) -> Result<()> {
 
 /// The chain in `dir` for reading: shared lock on the base (a prune is not changing it), an
 /// interrupted prune repaired first.
-pub(crate) fn open_for_reading(dir: &Path) -> Result<Option<Chain>> {
+pub fn open_for_reading(dir: &Path) -> Result<Option<Chain>> {
     if dir.join(JOURNAL).exists() {
         // Repairing writes the base: that takes what a prune takes.
         let lock = crate::chain::lock(dir)?;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::protocol::frame::{Decoder, Encoder};
+use crate::fields::{Decoder, Encoder};
 
 const MAGIC: &[u8; 16] = b"BLKSYNC-DELTA\0\0\0";
 const COMMIT: &[u8; 24] = b"BLKSYNC-DELTA-COMMITTED\0";

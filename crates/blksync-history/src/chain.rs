@@ -59,12 +59,12 @@ pub struct Chain {
     /// Why the increments after the last one above are unusable, if they are.
     pub broken: Option<Break>,
     /// A reader's shared lock on the base (see [`crate::prune`]), held as long as the chain.
-    pub(crate) reading: Option<Arc<std::fs::File>>,
+    pub reading: Option<Arc<std::fs::File>>,
 }
 
 /// Takes the chain's lock for a run that changes it (backup, prune): two at once would remove
 /// each other's temporary files. The lock goes away with the process, even if it is killed.
-pub(crate) fn lock(dir: &Path) -> Result<std::fs::File> {
+pub fn lock(dir: &Path) -> Result<std::fs::File> {
     flock(&dir.join(".lock"), true).map_err(|e| match e.kind() {
         ErrorKind::InUse => {
             Error::new(ErrorKind::InUse, format!("{} is in use by another blksync backup or prune", dir.display()))
@@ -76,7 +76,7 @@ pub(crate) fn lock(dir: &Path) -> Result<std::fs::File> {
 /// Takes the lock on the base's content: shared for a reader (restore, list, a backup's scan),
 /// exclusive for a prune that changes the base in place. A directory readers cannot write to
 /// (a read-only mount) needs no lock: nobody can prune it either.
-pub(crate) fn lock_base(dir: &Path, exclusive: bool) -> Result<Option<std::fs::File>> {
+pub fn lock_base(dir: &Path, exclusive: bool) -> Result<Option<std::fs::File>> {
     match flock(&dir.join(".base-lock"), exclusive) {
         Ok(f) => Ok(Some(f)),
         Err(e) if e.kind() == ErrorKind::InUse => Err(Error::new(
@@ -306,7 +306,7 @@ impl Chain {
             ));
         };
         let base = self.open_base()?;
-        let found = Sums::compute(&base, sums.id, crate::sync::default_threads())?;
+        let found = Sums::compute(&base, sums.id, crate::workers::default_threads())?;
         if let Some(b) = (0..sums.blocks.len()).find(|&b| sums.blocks[b] != found.blocks[b]) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -321,7 +321,7 @@ impl Chain {
     }
 
     /// Opens the base image, which must have the size its metadata records.
-    pub(crate) fn open_base(&self) -> Result<Local> {
+    pub fn open_base(&self) -> Result<Local> {
         let base = Local::open_source(&self.base_image)?;
         if base.size() != self.base.header.size_after {
             return Err(Error::new(
@@ -361,7 +361,7 @@ impl Chain {
             }
         };
         std::thread::scope(|s| {
-            let workers: Vec<_> = (0..crate::sync::default_threads()).map(|_| s.spawn(check)).collect();
+            let workers: Vec<_> = (0..crate::workers::default_threads()).map(|_| s.spawn(check)).collect();
             workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(Error::protocol("a check panicked"))))
         })
     }
@@ -399,14 +399,15 @@ impl Chain {
 
 /// What covers `[start, end)` in an image: a record of a delta, or zeros.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Piece {
-    pub(crate) end: u64,
+pub struct Piece {
+    /// One past its last byte (it starts at its key).
+    pub end: u64,
     /// `None` for zeros.
-    pub(crate) source: Option<(usize, Entry)>,
+    pub source: Option<(usize, Entry)>,
 }
 
 /// Removes `[start, end)` from the pieces, trimming those that overlap it.
-pub(crate) fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
+pub fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
     if start >= end {
         return;
     }
@@ -444,7 +445,7 @@ pub struct Image {
 impl Image {
     /// The ranges where this point differs from the base (what its increments cover), merged
     /// and ascending.
-    pub(crate) fn changed(&self) -> Vec<(u64, u64)> {
+    pub fn changed(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for (&start, piece) in &self.pieces {
             match out.last_mut() {
@@ -457,7 +458,7 @@ impl Image {
 
     /// Reads what the increments say at `[offset, offset + buf.len())`, which must lie in
     /// [`Image::changed`]: the base is not read (a prune is rewriting it).
-    pub(crate) fn read_changed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub fn read_changed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
         buf.fill(0);
         let first = self.pieces.range(..=offset).next_back().map_or(offset, |(&s, _)| s);

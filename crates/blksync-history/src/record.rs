@@ -24,6 +24,25 @@ use crate::endpoint::{Caps, Identity, Segment, Source, Target};
 use crate::error::{Error, Result};
 use crate::fingerprint::{Blocks, read_or_zero};
 
+/// How a recording runs: options of `diff`, `backup` and `prune`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiffOptions {
+    /// Comparison granularity.
+    pub block_size: usize,
+    /// Worker threads; 0 for the default of the host that runs the work (one per core, 2 to 8).
+    pub threads: usize,
+    /// Leave what was read in the page cache.
+    pub keep_cache: bool,
+    /// Stored in the header.
+    pub comment: String,
+    /// Read the source at most this many bytes per second.
+    pub bwlimit: Option<u64>,
+    /// `backup --force`: add to a chain even a source that does not look like the image it backs
+    /// up (another filesystem UUID, or another path and size).
+    #[serde(default)]
+    pub force: bool,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -625,8 +644,8 @@ impl Append {
     pub fn open(dir: &Path, mut header: Header, check: impl FnOnce(&Header) -> Result<()>) -> Result<Append> {
         crate::chain::create_dir(dir)?;
         let lock = crate::chain::lock(dir)?;
-        crate::backup::clean(dir);
-        crate::backup::repair(dir)?;
+        crate::store::clean(dir);
+        crate::store::repair(dir)?;
         let (point, number) = match Chain::load(dir)?.map(Arc::new) {
             None => {
                 header.parent = [0; 16];
@@ -690,7 +709,7 @@ impl Append {
         let committed = match &self.point {
             Point::First { tmp, file, header } => file.flush().and_then(|()| {
                 let header = Header { size_after: file.size(), ..header.clone() };
-                crate::backup::commit_base(&self.dir, 0, file, tmp, &header)
+                crate::store::commit_base(&self.dir, 0, file, tmp, &header)
             }),
             Point::Next(record) => record.flush(),
         };
