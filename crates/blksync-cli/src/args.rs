@@ -146,11 +146,14 @@ pub struct DiffArgs {
     #[arg(value_name = "BASE")]
     pub base: OsString,
     /// The delta file to write (local or remote; written on BASE's host, then copied if elsewhere).
-    #[arg(short, long, value_name = "PATCH")]
-    pub output: OsString,
+    #[arg(short, long, value_name = "PATCH", required_unless_present = "dry_run")]
+    pub output: Option<OsString>,
     /// Free text stored in the delta's header.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub comment: String,
+    /// Say what the delta would record and how large it would be at most; write nothing.
+    #[arg(short = 'n', long, conflicts_with = "output")]
+    pub dry_run: bool,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -189,6 +192,9 @@ pub struct BackupArgs {
     /// UUID, or another path and size): the next point is then all new.
     #[arg(long)]
     pub force: bool,
+    /// Say what the next point would record and how large it would be at most; write nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -383,8 +389,12 @@ pub struct OutputArgs {
     #[arg(long)]
     pub json: bool,
     /// Print no progress, warnings or summary on stderr (errors still appear).
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// Also say on stderr what was opened and what it can do, which strategy ran and where,
+    /// and how long each phase took.
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 /// `blksync sync`.

@@ -65,6 +65,9 @@ fn ssh_options(r: &RemoteArgs, source: bool) -> SshOptions {
 /// `sync`'s advice for the size warnings of the library, which name no flags because `restore`
 /// reaches them too and has none of these.
 fn sync_hint(message: &str) -> Option<&'static str> {
+    if message.contains("changed while it was read") {
+        return Some("--verify compares the copy");
+    }
     message.contains("of the destination are left as they are").then_some("--zero-tail zeroes them")
 }
 
@@ -89,7 +92,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
         undo: None,
     };
-    let render = Render::new(args.common.output.progress, args.common.output.quiet, "sync").with_hint(sync_hint);
+    let render = Render::new(&args.common.output, "sync").with_hint(sync_hint);
     let control = Control { observer: &render, cancel };
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
     let source = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
@@ -138,7 +141,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         threads: threads(&args.common),
         max_ranges: args.max_ranges,
     };
-    let render = Render::new(args.common.output.progress, args.common.output.quiet, "compare");
+    let render = Render::new(&args.common.output, "compare");
     let control = Control { observer: &render, cancel };
     let (a, b) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
     let (a_ssh, b_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
@@ -234,14 +237,20 @@ fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
 /// `blksync diff`.
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
-    let render = Render::new(args.common.output.progress, args.common.output.quiet, "diff");
+    let render = Render::new(&args.common.output, "diff");
     let source = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
-    let (source, base, output) =
-        (Location::parse(&source)?, Location::parse(&args.base)?, Location::parse(&args.output)?);
+    let (source, base) = (Location::parse(&source)?, Location::parse(&args.base)?);
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let (source_side, base_side) = (Side { location: &source, ssh: &s_ssh }, Side { location: &base, ssh: &d_ssh });
+    let Some(output) = &args.output else {
+        let result = blksync::estimate::diff(&source_side, &base_side, &options, Control { observer: &render, cancel });
+        render.finish();
+        return estimated("diff", &result?, &render, args.common.output.json);
+    };
+    let output = Location::parse(output)?;
     let result = blksync::relay::diff_locations(
-        &Side { location: &source, ssh: &s_ssh },
-        &Side { location: &base, ssh: &d_ssh },
+        &source_side,
+        &base_side,
         &Side { location: &output, ssh: &d_ssh },
         &options,
         Control { observer: &render, cancel },
@@ -266,13 +275,44 @@ pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// Prints what a dry run of `backup` or `diff` estimated.
+fn estimated(command: &str, e: &blksync::estimate::Estimate, render: &Render, json: bool) -> Result<Outcome> {
+    let c = &e.counters;
+    render.line(&if e.new_chain {
+        format!(
+            "blksync: {} -> {}: no chain there yet; the first point would be a full copy holding {} of data (dry run, nothing written)",
+            e.source,
+            e.base,
+            format_size(c.bytes_written)
+        )
+    } else {
+        format!(
+            "blksync: {} against {}: would record {} of data and {} of zeros in {}, at most {} of {} (dry run, nothing written)",
+            e.source,
+            e.base,
+            format_size(c.bytes_written),
+            format_size(c.bytes_zeroed),
+            crate::human::count(e.ranges_differing, "range", "ranges"),
+            format_size(e.estimated_file_size),
+            if command == "backup" { "increment" } else { "delta" }
+        )
+    });
+    wire_line(render, e.bytes_sent, e.bytes_received);
+    if json {
+        let mut body = json::body(e)?;
+        json::fill(&mut body, [("dry_run", Value::Bool(true))]);
+        json::print_summary(command, body)?;
+    }
+    Ok(Outcome::Success)
+}
+
 /// `blksync apply`.
 pub fn apply(args: &ApplyArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let all = locations(&args.paths)?;
     let (target, deltas) = all.split_last().ok_or_else(|| anyhow::anyhow!("apply needs PATCH... TARGET"))?;
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let deltas: Vec<Side<'_>> = deltas.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
-    let render = Render::new(args.output.progress, args.output.quiet, "apply");
+    let render = Render::new(&args.output, "apply");
     let result = blksync::relay::apply_locations(
         &deltas,
         &Side { location: target, ssh: &d_ssh },
@@ -300,7 +340,7 @@ pub fn merge(args: &MergeArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let output = Location::parse(&args.output)?;
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let sides: Vec<Side<'_>> = inputs.iter().map(|location| Side { location, ssh: &s_ssh }).collect();
-    let render = Render::new(args.out.progress, args.out.quiet, "merge");
+    let render = Render::new(&args.out, "merge");
     let result = blksync::relay::merge_locations(
         &sides,
         &Side { location: &output, ssh: &d_ssh },
@@ -361,12 +401,22 @@ pub fn info(args: &InfoArgs, cancel: &AtomicBool) -> Result<Outcome> {
 
 /// `blksync backup`.
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let render = Render::new(args.common.output.progress, args.common.output.quiet, "backup");
+    let render = Render::new(&args.common.output, "backup");
     let control = Control { observer: &render, cancel };
     let source_arg = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
     let (source, dest) = (Location::parse(&source_arg)?, Location::parse(&args.dest)?);
     let options = blksync::patch::DiffOptions { force: args.force, ..diff_options(&args.common, &args.comment)? };
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    if args.dry_run {
+        let result = blksync::estimate::backup(
+            &Side { location: &source, ssh: &s_ssh },
+            &Side { location: &dest, ssh: &d_ssh },
+            &options,
+            control,
+        );
+        render.finish();
+        return estimated("backup", &result?, &render, args.common.output.json);
+    }
     let result = place::backup(
         &Side { location: &source, ssh: &s_ssh },
         &Side { location: &dest, ssh: &d_ssh },
@@ -471,7 +521,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
             blksync::Error::usage("refusing to write a disk image to a terminal; redirect standard output").into()
         );
     }
-    let render = Render::new(args.output.progress, args.output.quiet, "restore");
+    let render = Render::new(&args.output, "restore");
     let control = Control { observer: &render, cancel };
     let (c_ssh, t_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let chain = Side { location: &dest, ssh: &c_ssh };
@@ -504,7 +554,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
 /// `blksync prune`.
 pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, "")?;
-    let render = Render::new(args.common.output.progress, args.common.output.quiet, "prune");
+    let render = Render::new(&args.common.output, "prune");
     let location = Location::parse(&args.dest)?;
     let ssh = ssh_options(&args.remote, false);
     let result = blksync::relay::prune_location(

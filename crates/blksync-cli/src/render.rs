@@ -40,6 +40,8 @@ fn record(label: &'static str, snapshot: Snapshot) {
 pub struct Render {
     mode: ProgressMode,
     quiet: bool,
+    /// `--verbose`: notes and phase times.
+    verbose: bool,
     command: &'static str,
     bar: Option<ProgressBar>,
     state: Mutex<State>,
@@ -58,6 +60,8 @@ struct State {
     /// The bytes done at the last report that moved, and when: a remote peer that goes quiet
     /// shows as stalled in plain progress (logs are where nobody watches a bar).
     moved: (u64, Instant),
+    /// A phase started and its time was not reported yet (`--verbose`).
+    timing: bool,
 }
 
 /// What one progress report shows, in numbers.
@@ -144,8 +148,13 @@ fn bar_on(target: ProgressDrawTarget) -> ProgressBar {
 }
 
 impl Render {
+    /// A renderer for `command`'s progress as `output` asks.
+    pub fn new(output: &crate::args::OutputArgs, command: &'static str) -> Render {
+        Render { verbose: output.verbose, ..Render::plain(output.progress, output.quiet, command) }
+    }
+
     /// A renderer for `command`'s progress in `mode`; `quiet` silences everything but errors.
-    pub fn new(mode: ProgressMode, quiet: bool, command: &'static str) -> Render {
+    fn plain(mode: ProgressMode, quiet: bool, command: &'static str) -> Render {
         let mode = match mode {
             _ if quiet => ProgressMode::None,
             ProgressMode::Auto if std::io::IsTerminal::is_terminal(&std::io::stderr()) => ProgressMode::Bar,
@@ -161,9 +170,17 @@ impl Render {
         Render {
             mode,
             quiet,
+            verbose: false,
             command,
             bar,
-            state: Mutex::new(State { phase: Phase::Sync, total: 0, last: now, phase_started: now, moved: (0, now) }),
+            state: Mutex::new(State {
+                phase: Phase::Sync,
+                total: 0,
+                last: now,
+                phase_started: now,
+                moved: (0, now),
+                timing: false,
+            }),
             hint: |_| None,
         }
     }
@@ -177,6 +194,19 @@ impl Render {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+        }
+        self.phase_took();
+    }
+
+    /// `--verbose`: how long the phase that is ending took.
+    fn phase_took(&self) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.verbose && state.timing {
+            state.timing = false;
+            let took = state.phase_started.elapsed().as_secs_f64();
+            let label = label(self.command, state.phase);
+            drop(state);
+            self.line(&format!("blksync: {label} took {took:.2} s"));
         }
     }
 
@@ -194,7 +224,9 @@ impl Render {
 
 impl Observer for Render {
     fn phase(&self, phase: Phase, total: u64) {
+        self.phase_took();
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.timing = true;
         state.phase = phase;
         state.total = total;
         state.phase_started = Instant::now();
@@ -237,6 +269,12 @@ impl Observer for Render {
                 crate::console::err(&line);
             }
             _ => {}
+        }
+    }
+
+    fn note(&self, message: &str) {
+        if self.verbose {
+            self.line(&format!("blksync: {message}"));
         }
     }
 

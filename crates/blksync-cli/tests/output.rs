@@ -329,3 +329,32 @@ fn counts_of_one_are_singular_in_summaries() {
     let out = run(&["compare", &f.path("a.img"), &f.path("one.img")]);
     assert!(out.stdout_text().contains(" in 1 range\n"), "{}", out.stdout_text());
 }
+
+/// `-v` says what was opened and what it can do, which strategy ran and where, and how long
+/// each phase took, on stderr (issue 13, item 9); without it none of that shows, and `-q -v`
+/// contradict each other.
+#[test]
+fn verbose_says_what_was_opened_the_strategy_and_how_long_each_phase_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = arg(dir.path(), "a.img");
+    let dst = arg(dir.path(), "b.img");
+    write_file(Path::new(&src), &random_bytes(4 << 20, 3));
+    let out = ok(&["sync", "-v", "--verify", "--progress=none", &src, &dst]);
+    let err = out.stderr_text();
+    assert!(err.contains(&format!("blksync: source {src}: 4.0 MiB, resizable, holes")), "{err}");
+    assert!(err.contains(&format!("blksync: destination {dst}: ")) && err.contains(", created, "), "{err}");
+    assert!(err.contains("blksync: strategy: both ends in this process"), "{err}");
+    assert!(err.contains("blksync: sync took ") && err.contains("blksync: verify took "), "{err}");
+    assert!(out.stdout.is_empty() || !out.stdout_text().contains("strategy"), "notes go to stderr");
+    let quiet = ok(&["sync", "--progress=none", &src, &dst]);
+    assert!(!quiet.stderr_text().contains("strategy"), "{}", quiet.stderr_text());
+    assert_eq!(run(&["sync", "-q", "-v", &src, &dst]).code(), 2);
+
+    let Some(remote) = RemoteDir::new("blksync-verbose-") else { return };
+    write_file(Path::new(&remote.path("a.img")), &random_bytes(1 << 20, 4));
+    let out = ok(&["sync", "-v", "-e", &remote.rsh, &remote.remote("a.img"), &dst]);
+    let err = out.stderr_text();
+    assert!(err.contains("strategy: the hash pass") && err.contains("source is on root@127.0.0.1"), "{err}");
+    let out = ok(&["sync", "-v", "-e", &remote.rsh, &remote.remote("a.img"), &remote.remote("c.img")]);
+    assert!(out.stderr_text().contains("every path is on root@127.0.0.1"), "{}", out.stderr_text());
+}

@@ -790,3 +790,20 @@ fn bwlimit_also_limits_the_scan_of_a_remote_source() {
     assert!(took >= std::time::Duration::from_millis(1500), "8 MiB read at 4 MiB/s in {took:?}");
     assert_eq!(read(dst.as_ref()), data);
 }
+
+/// `HOST:` with an empty path is the remote home directory, as with scp and rsync: a file
+/// there gets the source's name.
+#[test]
+fn an_empty_remote_path_is_the_home_directory() {
+    let Some(env) = Env::new() else { return };
+    let name = format!("blksync-home-test-{}.img", std::process::id());
+    let src = env.path(&name);
+    write_file(src.as_ref(), &random_bytes(MIB, 31));
+    let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
+    let there = home.join(&name);
+    let j = env.ok(&["sync", &src, "root@127.0.0.1:"]);
+    let copied = std::fs::read(&there);
+    let _ = std::fs::remove_file(&there);
+    assert_eq!(copied.unwrap(), std::fs::read(&src).unwrap());
+    assert!(j["destination"].as_str().unwrap().ends_with(&name), "{j}");
+}

@@ -71,6 +71,22 @@ impl Caps {
         block_size: 4096,
     };
 
+    /// In words, for `--verbose`: "holes, zero offload, block 512" ("no abilities" when none).
+    #[must_use]
+    pub fn words(&self) -> String {
+        let names = [
+            (self.resizable, "resizable"),
+            (self.holes, "holes"),
+            (self.zero_offload, "zero offload"),
+            (self.discard_zeroes, "discard zeroes"),
+            (self.changed_blocks, "changed blocks"),
+            (self.stable, "stable"),
+        ];
+        let mut words: Vec<String> = names.iter().filter(|(on, _)| *on).map(|(_, name)| (*name).to_string()).collect();
+        words.push(format!("block {}", self.block_size));
+        words.join(", ")
+    }
+
     /// Bits on the wire (docs/PROTOCOL.md, `Opened.caps`).
     #[must_use]
     pub fn to_bits(self) -> u32 {
@@ -165,6 +181,13 @@ pub trait Source: Send + Sync {
     fn mode(&self) -> Option<u32> {
         None
     }
+    /// What the user should hear about this source that does not stop the run, one line each:
+    /// asked when the run starts (a device mounted read-write, a disk-image format read as raw
+    /// bytes) and again after its last read (`after_reading`: a file that changed meanwhile).
+    fn warnings(&self, after_reading: bool) -> Vec<String> {
+        let _ = after_reading;
+        Vec::new()
+    }
     /// Closes the endpoint and undoes what opening it set up (removes a snapshot, detaches a
     /// loop device, ends a session). Unlike a drop, which can only print a warning, a failure
     /// is returned, saying what to run by hand.
@@ -224,6 +247,7 @@ macro_rules! forward {
             fn identity(&self) -> Identity { (**self).identity() }
             fn check_intact(&self) -> Result<()> { (**self).check_intact() }
             fn mode(&self) -> Option<u32> { (**self).mode() }
+            fn warnings(&self, after_reading: bool) -> Vec<String> { (**self).warnings(after_reading) }
         }
         impl<S: Target + ?Sized> Target for $ty {
             fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> { (**self).write_at(buf, offset) }

@@ -205,6 +205,9 @@ impl<S: Source> Source for Reading<S> {
     fn check_intact(&self) -> Result<()> {
         self.inner.check_intact()
     }
+    fn warnings(&self, after_reading: bool) -> Vec<String> {
+        self.inner.warnings(after_reading)
+    }
 }
 
 /// Reads `buf.len()` bytes of `image` at `offset`; what lies past its end reads as zeros.

@@ -28,6 +28,9 @@ pub trait Observer: Sync {
     fn progress(&self, _snapshot: &Snapshot) {}
     /// Something the user should know that is not an error.
     fn warn(&self, _message: &str) {}
+    /// What blksync is doing, for `--verbose`: what was opened and what it can do, which
+    /// strategy runs and where.
+    fn note(&self, _message: &str) {}
 }
 
 /// An observer that ignores everything.

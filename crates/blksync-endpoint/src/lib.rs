@@ -9,6 +9,7 @@
 
 pub(crate) use blksync_core::{endpoint, error, location, size};
 
+pub mod advice;
 pub mod local;
 pub mod loopdev;
 pub mod lvm;

@@ -118,6 +118,8 @@ pub struct Local {
     created_lv: Option<crate::lvm::Volume>,
     /// The file this run created behind an address (`loop://FILE`), for [`Local::remove_created`].
     created_file: Option<PathBuf>,
+    /// A source file's size and times when it was opened, to tell whether it changed meanwhile.
+    stamp: Option<crate::advice::Stamp>,
 }
 
 impl Local {
@@ -330,6 +332,7 @@ impl Local {
             created_file: None,
             snapshot: None,
             created_lv: None,
+            stamp: None,
         }
     }
 
@@ -353,7 +356,9 @@ impl Local {
         if flags.contains(rustix::fs::OFlags::NONBLOCK) {
             rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK).on("inspecting", path)?;
         }
+        let stamp = (ft.is_file() && !writable).then(|| crate::advice::Stamp::of(&meta));
         Ok(Local {
+            stamp,
             path: path.to_path_buf(),
             file: Some(file),
             kind,
@@ -624,6 +629,39 @@ fn unsupported(e: &io::Error) -> bool {
 impl Source for Local {
     fn name(&self) -> &Path {
         &self.path
+    }
+
+    fn warnings(&self, after_reading: bool) -> Vec<String> {
+        use crate::advice;
+        let name = self.path.display().to_string();
+        let mut out = Vec::new();
+        if self.writable || self.kind == Kind::Absent {
+            return out;
+        }
+        if after_reading {
+            if let (Some(then), Ok(meta)) =
+                (&self.stamp, self.file().and_then(|f| f.metadata().on("inspecting", &self.path)))
+                && let Some(w) = advice::changed_while_read(&name, then, &advice::Stamp::of(&meta))
+            {
+                out.push(w);
+            }
+            return out;
+        }
+        // A snapshot is not the mounted volume: reading it is the advice.
+        if let (Identity::Device { rdev }, None) = (self.identity, &self.snapshot)
+            && let Some(at) =
+                std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|i| advice::mounted_read_write(&i, rdev))
+        {
+            out.push(advice::mounted_warning(&name, &at));
+        }
+        let mut head = [0u8; 64];
+        let n = self.size().min(head.len() as u64) as usize;
+        if self.read_at(&mut head[..n], 0).is_ok()
+            && let Some(format) = advice::image_format(&head[..n])
+        {
+            out.push(advice::image_warning(&name, format));
+        }
+        out
     }
 
     fn exists(&self) -> bool {

@@ -631,7 +631,7 @@ pub struct Append {
 
 enum Point {
     /// No chain yet: the base image, under a temporary name until committed.
-    First { tmp: PathBuf, file: Local, header: Header },
+    First { tmp: PathBuf, file: Local, header: Box<Header> },
     /// The next increment, recorded against the newest image.
     Next(Recorder<Arc<Image>>),
 }
@@ -657,7 +657,7 @@ impl Append {
                         let _ = std::fs::remove_file(&tmp);
                     },
                 )?;
-                (Point::First { tmp, file, header }, 0)
+                (Point::First { tmp, file, header: Box::new(header) }, 0)
             }
             Some(chain) => {
                 let (parent, newest) = chain.newest();
@@ -708,7 +708,7 @@ impl Append {
         }
         let committed = match &self.point {
             Point::First { tmp, file, header } => file.flush().and_then(|()| {
-                let header = Header { size_after: file.size(), ..header.clone() };
+                let header = Header { size_after: file.size(), ..(**header).clone() };
                 crate::store::commit_base(&self.dir, 0, file, tmp, &header)
             }),
             Point::Next(record) => record.flush(),

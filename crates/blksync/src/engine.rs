@@ -67,6 +67,8 @@ pub(crate) struct Found {
     pub done: u64,
     /// The scan stopped early because it was cancelled.
     pub cancelled: bool,
+    /// What the source had to say after it was read (it changed meanwhile).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -27,6 +27,7 @@ pub mod backup;
 pub mod compare;
 pub mod compress;
 mod engine;
+pub mod estimate;
 pub mod hash;
 pub mod job;
 pub mod link;

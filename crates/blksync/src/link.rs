@@ -76,6 +76,9 @@ pub struct Link {
     pub timeout: Option<Duration>,
     /// Set when the connection is gone (the reader stopped), so nobody waits for a reply.
     ended: Arc<std::sync::atomic::AtomicBool>,
+    /// Why the watchdog gave the agent up, once it did: whoever next finds the connection gone
+    /// says that, not just "lost" (which of them finds it first is a race).
+    verdict: Arc<Mutex<Option<String>>>,
     /// Dropped by `close` to stop the watchdog at once.
     watchdog_stop: Option<Sender<()>>,
     remote: bool,
@@ -156,6 +159,8 @@ struct Watchdog {
     replies: Sender<Msg>,
     pid: u32,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Where the verdict goes for [`Link::lost`].
+    verdict: Arc<Mutex<Option<String>>>,
     /// Closed by `Link::close`, which wakes the watchdog at once: its clone of `replies` would
     /// otherwise keep the reply queue open, and `close` waiting, until the next tick.
     stop: Receiver<()>,
@@ -184,6 +189,7 @@ impl Watchdog {
                 self.silence.as_secs(),
                 ssh::stderr_tail(&self.stderr)
             );
+            *self.verdict.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(message.clone());
             let _ = self.replies.send_timeout(
                 Msg::Error { kind: ErrorKind::Connection, message, hint: Some(crate::error::Hint::LongerTimeout) },
                 Duration::from_secs(5),
@@ -211,6 +217,7 @@ impl Link {
             info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
             timeout: None,
             ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            verdict: Arc::new(Mutex::new(None)),
             watchdog_stop: None,
             remote: false,
             hello: Hello::Done,
@@ -284,7 +291,9 @@ impl Link {
         });
         let silence = options.timeout.unwrap_or(DEFAULT_SILENCE);
         let (watchdog_stop, stop) = bounded::<()>(0);
+        let verdict = Arc::new(Mutex::new(None));
         let watchdog = Watchdog {
+            verdict: Arc::clone(&verdict),
             stop,
             name: name.clone(),
             heard,
@@ -306,6 +315,7 @@ impl Link {
             info: PeerInfo::default(),
             timeout: options.timeout,
             ended,
+            verdict,
             watchdog_stop: Some(watchdog_stop),
             remote: true,
             hello: Hello::Done,
@@ -418,7 +428,13 @@ impl Link {
         Error::protocol(format!("{}: unexpected reply {text}", self.name))
     }
 
-    fn lost(&self) -> Error {
+    /// The error for a connection found gone: the watchdog's verdict when it gave the agent up,
+    /// otherwise that it was lost, with ssh's last words.
+    #[must_use]
+    pub fn lost(&self) -> Error {
+        if let Some(verdict) = self.verdict.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+            return Error::new(ErrorKind::Connection, verdict).with_hint(crate::error::Hint::LongerTimeout);
+        }
         let tail = self.stderr.as_ref().map(|s| ssh::stderr_tail(s)).unwrap_or_default();
         Error::new(ErrorKind::Connection, format!("{}: the connection was lost{tail}", self.name))
     }

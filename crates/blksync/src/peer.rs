@@ -230,7 +230,11 @@ impl Peer {
                 }
             }
             Msg::CheckIntact => {
-                self.endpoint()?.check_intact()?;
+                let endpoint = self.endpoint()?;
+                endpoint.check_intact()?;
+                for text in endpoint.warnings(true) {
+                    self.reply(Msg::Warning { text });
+                }
                 self.reply(Msg::Done);
             }
             Msg::OpenChain { dir, role, at_kind, at, comment, source, block, source_size } => {
@@ -284,11 +288,13 @@ impl Peer {
         if self.endpoint.is_some() {
             return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
         }
-        let mut path = path_of(path);
+        let asked = path_of(path);
+        let mut path = asked.clone();
         if role == Role::Target && !name.is_empty() {
             // A directory destination receives the source's file name, as with cp and rsync.
             path = crate::sync::resolve_destination(&path_of(name), &path)?;
         }
+        let resolved = if path == asked { Vec::new() } else { path.as_os_str().as_encoded_bytes().to_vec() };
         let path = path.as_path();
         let (endpoint, target): (Arc<dyn Source>, Option<Arc<dyn Target>>) = match role {
             Role::Source => (Arc::from(crate::endpoint::open_source(path)?), None),
@@ -314,6 +320,12 @@ impl Peer {
         };
         let mode = endpoint.mode().unwrap_or(0);
         let caps = endpoint.caps();
+        if role == Role::Source {
+            // Before `Opened`, which the client waits for: docs/PROTOCOL.md, `Open`.
+            for text in endpoint.warnings(false) {
+                self.reply(Msg::Warning { text });
+            }
+        }
         self.reply(Msg::Opened {
             exists: endpoint.exists(),
             size: endpoint.size(),
@@ -324,6 +336,7 @@ impl Peer {
             mode,
             caps: caps.to_bits(),
             block_size: caps.block_size,
+            path: resolved,
         });
         self.role = role;
         self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
@@ -391,6 +404,7 @@ impl Peer {
             mode: 0,
             caps: caps.to_bits(),
             block_size: caps.block_size,
+            path: Vec::new(),
         });
         self.role = role;
         self.endpoint = Some(endpoint);
@@ -707,8 +721,41 @@ fn scan(
         }
         drop(rx);
         let mut map = SegmentCursor::new(endpoint);
+        // A run of hole chunks not yet reported: `(first, count)`.
+        let mut holes: Option<(u64, u64)> = None;
+        let report = |holes: &mut Option<(u64, u64)>| match holes.take() {
+            Some((first, count)) => replies.send(Msg::Holes { first, count }).is_ok(),
+            None => true,
+        };
         for chunk in 0..state.chunks() {
-            // Stay within WINDOW chunks of the client's acknowledgements.
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let (start, len) = state.range(chunk);
+            let mut data = Vec::new();
+            if let Err(e) = map.allocated_in(start, (start + len as u64).min(state.data_len), &mut data) {
+                fail(&failure, stop, e);
+                break;
+            }
+            if data.is_empty() {
+                // A hole is zeros: nothing to fill, hash or keep for the client's questions, and
+                // one message for a whole run of them (a sparse 16 TiB image is mostly this).
+                match &mut holes {
+                    Some((first, count)) if *first + *count == chunk => *count += 1,
+                    _ => {
+                        if !report(&mut holes) {
+                            break;
+                        }
+                        holes = Some((chunk, 1));
+                    }
+                }
+                continue;
+            }
+            // Reported before waiting, so that the client can acknowledge past them.
+            if !report(&mut holes) {
+                break;
+            }
+            // Stay within WINDOW chunks of the client's acknowledgements (holes hold nothing).
             let mut acked = state.acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             while chunk >= *acked + WINDOW && !stop.load(Ordering::Relaxed) {
                 acked = state
@@ -720,18 +767,15 @@ fn scan(
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let (start, len) = state.range(chunk);
-            let mut data = Vec::new();
-            if let Err(e) = map.allocated_in(start, (start + len as u64).min(state.data_len), &mut data) {
-                fail(&failure, stop, e);
-                break;
-            }
             if let Some(throttle) = throttle {
                 throttle.take(data.iter().map(|e| e.len).sum(), stop);
             }
             if tx.send((chunk, data)).is_err() {
                 break;
             }
+        }
+        if !stop.load(Ordering::Relaxed) {
+            report(&mut holes);
         }
         drop(tx);
     });
@@ -740,14 +784,29 @@ fn scan(
     }
     if !stop.load(Ordering::Relaxed) {
         let blocks = blocks.map(|b| b.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
-        let whole = state.end == endpoint.size() && state.data_len == state.end;
-        let fingerprint = match blocks {
-            Some(blocks) if whole && blocks.is_complete() => blocks.fingerprint(),
-            _ => [0; 32],
-        };
+        let fingerprint = fingerprint_of(endpoint, state, blocks)?;
         let _ = replies.send(Msg::ScanDone { chunks: state.chunks(), read: read.into_inner(), fingerprint });
     }
     Ok(())
+}
+
+/// The endpoint's fingerprint from what a scan read (`ScanDone.fingerprint`): zeros unless it
+/// was asked for and the scan covered exactly all of the endpoint.
+fn fingerprint_of(
+    endpoint: &dyn Source,
+    state: &ScanState,
+    blocks: Option<crate::fingerprint::Blocks>,
+) -> Result<[u8; 32]> {
+    let whole = state.end == endpoint.size() && state.data_len == state.end;
+    Ok(match blocks {
+        // Every allocated chunk was read; what is left are holes, which `complete` fills in as
+        // zeros without reading.
+        Some(mut blocks) if whole => {
+            blocks.complete(endpoint)?;
+            blocks.fingerprint()
+        }
+        _ => [0; 32],
+    })
 }
 
 /// The copy job for an empty target: every non-zero run of the source, no hashing.
@@ -810,6 +869,12 @@ impl CopyJob<'_> {
             drop(rx);
             let mut map = SegmentCursor::new(self.endpoint);
             let mut start = 0u64;
+            // A run of holes not yet reported: `[from, start)`. One `ReadDone` answers it all.
+            let mut holes_from = None;
+            let report = |from: &mut Option<u64>, to: u64| match from.take() {
+                Some(offset) => replies.send(Msg::ReadDone { offset, len: to - offset, read: 0 }).is_ok(),
+                None => true,
+            };
             while start < self.end && !stop.load(Ordering::Relaxed) {
                 let len = (self.end - start).min(Self::CHUNK as u64) as usize;
                 let mut data = Vec::new();
@@ -817,10 +882,15 @@ impl CopyJob<'_> {
                     fail(&failure, stop, e);
                     break;
                 }
-                if tx.send((start, len, data)).is_err() {
+                if data.is_empty() {
+                    holes_from.get_or_insert(start);
+                } else if !report(&mut holes_from, start) || tx.send((start, len, data)).is_err() {
                     break;
                 }
                 start += len as u64;
+            }
+            if !stop.load(Ordering::Relaxed) {
+                report(&mut holes_from, start);
             }
             drop(tx);
         });

@@ -34,6 +34,7 @@ use crate::ssh::SshOptions;
 use crate::sync::{Summary, SyncOptions};
 use crate::transfer::{Commit, End};
 
+mod chunk_set;
 mod history;
 mod pass;
 
@@ -65,7 +66,7 @@ enum UndoAt<'a> {
 }
 
 /// What `Open` told us.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Opened {
     /// False for a target that is not there (a dry run's).
     exists: bool,
@@ -76,18 +77,30 @@ struct Opened {
     mode: u32,
     /// What it can do.
     caps: Caps,
+    /// What a source said as it was opened (`Warning`s before `Opened`).
+    warnings: Vec<String>,
+    /// The path opened, when not the one asked for (a directory destination).
+    path: Option<std::ffi::OsString>,
 }
 
 /// Sends an `Open` or `OpenChain` and reads what was opened.
 fn opened(link: &mut Link, msg: Msg) -> Result<Opened> {
-    match link.call(msg)? {
-        Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => Ok(Opened {
+    let mut warnings = Vec::new();
+    let mut reply = link.call(msg)?;
+    while let Msg::Warning { text } = reply {
+        warnings.push(text);
+        reply = link.recv()?;
+    }
+    match reply {
+        Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size, path } => Ok(Opened {
             exists,
             size,
             identity: opened_identity(identity_tag, id_a, id_b),
             created,
             mode,
             caps: Caps::from_bits(caps, block_size),
+            warnings,
+            path: (!path.is_empty()).then(|| OsStr::from_bytes(&path).to_os_string()),
         }),
         other => Err(link.unexpected(&other)),
     }
@@ -137,7 +150,7 @@ fn sync(
         flags |= open_flags::DISCARD;
     }
     let t = open(target, Role::Target, flags, target_path, (name, Some(&s)))?;
-    let names = (display(source, source_path), display(target, target_path));
+    let names = (display(source, source_path), display(target, t.path.as_deref().unwrap_or(target_path)));
     let log = match undo {
         UndoAt::None => None,
         UndoAt::There(path) | UndoAt::Fetch(path) => {
@@ -268,6 +281,24 @@ impl crate::transfer::Ends for LinkEnds<'_> {
 
     fn discard_created(&mut self) {
         let _ = self.target.call(Msg::Discard);
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.s.warnings.clone()
+    }
+
+    fn strategy(&self) -> String {
+        let at =
+            |link: &Link| if link.is_remote() { format!("on {} (its agent)", link.name) } else { "here".to_string() };
+        format!(
+            "the hash pass: both ends hash what they hold and only differing blocks move; the source is {}, the destination {}",
+            at(self.source),
+            at(self.target)
+        )
+    }
+
+    fn source_caps(&self) -> Caps {
+        self.s.caps
     }
 }
 
@@ -559,6 +590,78 @@ pub fn backup_locations(
         transfer(s, so, t, to, names, Commit::Point, &options, control)
     })
     .map(|summary| crate::backup::BackupSummary { file: None, number: None, summary })
+}
+
+/// `backup --dry-run` with an end across hosts: the source compared with the chain's newest
+/// point by the hash pass, so that no image data moves. Returns the comparison, what it was
+/// compared with, and whether the chain is new (no chain there yet: the first point would be a
+/// full copy, which is then counted as the whole source, an upper bound).
+pub(crate) fn estimate_backup(
+    source: &Side<'_>,
+    dest: &Side<'_>,
+    o: &SyncOptions,
+    control: Control<'_>,
+) -> Result<(Summary, String, bool)> {
+    let ((mut summary, base, new_chain), (sent, received)) =
+        with_two_links(source, dest, control, |s, s_path, t, t_path| {
+            let so = open(s, Role::Source, 0, s_path, (b"", None))?;
+            let names = (display(s, s_path), display(t, t_path));
+            match open_chain(t, t_path, Role::Source, crate::backup::At::Latest, "", ("", 0), o.block_size) {
+                Ok(to) => {
+                    let base = format!("{} (its newest point)", names.1);
+                    let mut ends = LinkEnds {
+                        source: s,
+                        s: so,
+                        target: t,
+                        t: to,
+                        names,
+                        compress: crate::compress::OFF,
+                        pause: None,
+                    };
+                    Ok((crate::transfer::sync(&mut ends, Commit::None, o, control)?, base, false))
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    let mut summary = Summary {
+                        source: names.0,
+                        destination: names.1.clone(),
+                        dry_run: true,
+                        block_size: o.block_size,
+                        counters: crate::progress::Snapshot::default(),
+                        ranges_differing: 1,
+                        destination_size_before: 0,
+                        destination_size_after: so.size,
+                        verified: false,
+                        warnings: so.warnings.clone(),
+                        bytes_sent: 0,
+                        bytes_received: 0,
+                        undo_log: None,
+                    };
+                    summary.counters.bytes_total = so.size;
+                    summary.counters.bytes_written = so.size;
+                    Ok((summary, names.1, true))
+                }
+                Err(e) => Err(e),
+            }
+        })?;
+    (summary.bytes_sent, summary.bytes_received) = (sent, received);
+    Ok((summary, base, new_chain))
+}
+
+/// `diff --dry-run` with an end across hosts: SOURCE compared with BASE by the hash pass.
+pub(crate) fn estimate_diff(
+    source: &Side<'_>,
+    base: &Side<'_>,
+    o: &SyncOptions,
+    control: Control<'_>,
+) -> Result<Summary> {
+    with_links(source, base, control, |s, s_path, b, b_path| {
+        let so = open(s, Role::Source, 0, s_path, (b"", None))?;
+        let bo = open(b, Role::Source, 0, b_path, (b"", None))?;
+        let names = (display(s, s_path), display(b, b_path));
+        let mut ends =
+            LinkEnds { source: s, s: so, target: b, t: bo, names, compress: crate::compress::OFF, pause: None };
+        crate::transfer::sync(&mut ends, Commit::None, o, control)
+    })
 }
 
 /// Restores point `at` of the chain at `chain` onto `target`, either or both remote.

@@ -114,6 +114,12 @@ pub(crate) trait Ends {
     fn pass(&mut self, mode: Mode, plan: &Plan<'_>, counters: &Counters, control: Control<'_>) -> Result<Found>;
     /// Removes the target this run created.
     fn discard_created(&mut self);
+    /// What the source said when it was opened (mounted read-write, a disk-image format).
+    fn warnings(&self) -> Vec<String>;
+    /// For `--verbose`: how the pass compares and where each end is.
+    fn strategy(&self) -> String;
+    /// The source's abilities.
+    fn source_caps(&self) -> Caps;
     /// The undo log written, for the summary, when this end writes one itself.
     fn undo_log(&self) -> Option<String> {
         None
@@ -132,7 +138,25 @@ pub(crate) fn sync(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control
     result
 }
 
+/// Tells `--verbose` what was opened and how the passes will run.
+fn describe(ends: &dyn Ends, control: Control<'_>) {
+    let (source, target) = ends.names();
+    let t = ends.target();
+    let size = crate::size::format_size;
+    control.observer.note(&format!("source {source}: {}, {}", size(ends.source_size()), ends.source_caps().words()));
+    let state = if t.created {
+        "created"
+    } else if t.exists {
+        "exists"
+    } else {
+        "absent"
+    };
+    control.observer.note(&format!("destination {target}: {}, {state}, {}", size(t.size), t.caps.words()));
+    control.observer.note(&format!("strategy: {}", ends.strategy()));
+}
+
 fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_>) -> Result<Summary> {
+    describe(ends, control);
     let (source_name, target_name) = ends.names();
     if ends.same_object() {
         return Err(Error::usage(format!("{source_name} and {target_name} are the same file or device")));
@@ -141,10 +165,11 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
     let sizing =
         sizing::resolve(ends.source_size(), (&t.caps, t.exists), t.size, t.created, o.size_policy, o.zero_tail)?;
     let mut warnings = Vec::new();
-    if let Some(w) = &sizing.warning {
-        control.observer.warn(w);
-        warnings.push(w.clone());
-    }
+    let mut warn = |w: String| {
+        control.observer.warn(&w);
+        warnings.push(w);
+    };
+    ends.warnings().into_iter().chain(sizing.warning.clone()).for_each(&mut warn);
     let resize = sizing.resize_to.filter(|_| !o.dry_run);
     let size_after = sizing.resize_to.unwrap_or(t.size);
     ends.prepare(size_after, resize)?;
@@ -171,7 +196,8 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
     let counters = Counters::new();
     counters.set_total(sizing.scan_len);
     control.observer.phase(if o.dry_run { Phase::Compare } else { Phase::Sync }, sizing.scan_len);
-    let found = ends.pass(mode, &plan, &counters, control)?;
+    let mut found = ends.pass(mode, &plan, &counters, control)?;
+    std::mem::take(&mut found.warnings).into_iter().for_each(&mut warn);
     if found.cancelled && commit == Commit::Point {
         // The partial flush discarded the point: say so, not "in sync".
         return Err(Error::new(
@@ -240,6 +266,7 @@ fn verify(ends: &mut dyn Ends, plan: &Plan<'_>, summary: &Summary, control: Cont
 /// Compares the two ends of `ends` (neither is written). Images of different sizes differ; their
 /// common part is still compared, so that the report is useful.
 pub(crate) fn compare(ends: &mut dyn Ends, o: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
+    describe(ends, control);
     let (a, b) = (ends.source_size(), ends.target().size);
     let common = a.min(b);
     let counters = Counters::new();

@@ -159,6 +159,7 @@ pub(crate) fn send(path: &Path, compress: i32, replies: &Sender<Msg>, stop: &Ato
         mode: 0,
         caps: caps.to_bits(),
         block_size: caps.block_size,
+        path: Vec::new(),
     })?;
     let mut compressor = Compressor::new(compress);
     let mut buf = crate::buffer::Aligned::new(PIECE);

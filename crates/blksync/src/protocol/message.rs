@@ -183,11 +183,20 @@ pub enum Msg {
         caps: u32,
         /// Its logical block size.
         block_size: u32,
+        /// The path opened, when it is not the one asked for (a directory destination takes
+        /// the source's file name); empty otherwise.
+        path: Vec<u8>,
     },
     Summary {
         chunk: u64,
         zero: bool,
         hash: Hash,
+    },
+    /// Chunks `[first, first + count)` are holes in the endpoint's allocation map: zeros, neither
+    /// read nor hashed. Stands for a zero `Summary` of each.
+    Holes {
+        first: u64,
+        count: u64,
     },
     ScanDone {
         chunks: u64,
@@ -284,6 +293,7 @@ mod tag {
     pub const JOB_DONE: u8 = 0x90;
     pub const PATH: u8 = 0x91;
     pub const ALIVE: u8 = 0x92;
+    pub const HOLES: u8 = 0x93;
 }
 
 fn chunk(kind: u8, c: &Chunk) -> Vec<u8> {
@@ -344,7 +354,7 @@ impl Msg {
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
             ACK, ALIVE, BYE, CHECK_INTACT, COPY, DATA, DISCARD, DONE, ERROR, FINGERPRINT, FLUSH, FLUSH_PARTIAL,
-            GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN,
+            GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY, HOLES, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN,
             SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
         };
         let e = |kind| Encoder::new(kind, 64);
@@ -415,7 +425,7 @@ impl Msg {
                 x.u32(*version).u64(*features).bytes(tool_version).bytes(boot_id).bytes(exe_hash);
                 x.finish()
             }
-            Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size } => {
+            Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size, path } => {
                 let mut x = e(OPENED);
                 x.u8(u8::from(*exists))
                     .u64(*size)
@@ -424,12 +434,17 @@ impl Msg {
                     .u64(*id_b)
                     .u8(u8::from(*created))
                     .u32(*mode);
-                x.u32(*caps).u32(*block_size);
+                x.u32(*caps).u32(*block_size).bytes(path);
                 x.finish()
             }
             Msg::Summary { chunk, zero, hash } => {
                 let mut x = e(SUMMARY);
                 x.u64(*chunk).u8(u8::from(*zero)).raw(hash);
+                x.finish()
+            }
+            Msg::Holes { first, count } => {
+                let mut x = e(HOLES);
+                x.u64(*first).u64(*count);
                 x.finish()
             }
             Msg::ScanDone { chunks, read, fingerprint } => {
@@ -592,8 +607,10 @@ impl Msg {
                 mode: d.u32()?,
                 caps: d.u32()?,
                 block_size: d.u32()?,
+                path: d.bytes()?.to_vec(),
             },
             tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
+            tag::HOLES => Msg::Holes { first: d.u64()?, count: d.u64()? },
             tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()?, fingerprint: d.fixed()? },
             tag::GROUP_HASHES => {
                 let chunk = d.u64()?;
@@ -709,6 +726,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::OPENED => "Opened",
         tag::SUMMARY => "Summary",
         tag::SCAN_DONE => "ScanDone",
+        tag::HOLES => "Holes",
         tag::GROUP_HASHES => "Groups reply",
         tag::LEAF_HASHES => "Leaves reply",
         tag::DATA => "Data",

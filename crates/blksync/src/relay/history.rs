@@ -99,7 +99,13 @@ pub(crate) fn job_counted<T: DeserializeOwned>(
     job: &Job,
     control: Control<'_>,
 ) -> Result<(T, (u64, u64))> {
-    with_link(side, control, |link, _| run_job(link, job, control))
+    with_link(side, control, |link, _| {
+        control.observer.note(&format!(
+            "strategy: every path is on {}: the command runs there, and only progress and the result cross the network",
+            link.name
+        ));
+        run_job(link, job, control)
+    })
 }
 
 /// Progress and Ctrl-C for copying a whole file.

@@ -9,13 +9,14 @@
 //! `Data` to the target as a `Write`, untouched (still compressed), and keeps draining the
 //! source even when the target is gone, so that no thread can wait on another forever.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, Sender, unbounded};
 
+use super::chunk_set::ChunkSet;
 use crate::engine::Found;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::{Extent, Runs};
@@ -70,6 +71,15 @@ enum End {
     Target = 1,
 }
 
+impl End {
+    fn other(self) -> End {
+        match self {
+            End::Source => End::Target,
+            End::Target => End::Source,
+        }
+    }
+}
+
 /// Zero flags and hashes of a list of nodes (groups or leaves).
 #[derive(Debug, Clone)]
 struct Nodes {
@@ -116,7 +126,10 @@ struct Brain<'a> {
     pass: &'a Pass<'a>,
     counters: &'a Counters,
     chunks: HashMap<u64, ChunkState>,
-    finished: BTreeSet<u64>,
+    /// Chunks done beyond `prefix`.
+    finished: ChunkSet,
+    /// Hole chunks each side reported (`Holes`) that the other side has not reported yet.
+    holes: [ChunkSet; 2],
     prefix: u64,
     acked: u64,
     total: u64,
@@ -129,6 +142,8 @@ struct Brain<'a> {
     scans_done: u8,
     /// The source's fingerprint, from its `ScanDone`.
     source_fingerprint: Option<[u8; 32]>,
+    /// What the source said after it was read (`Warning`s before its `CheckIntact` reply).
+    warnings: Vec<String>,
 }
 
 impl Pass<'_> {
@@ -146,7 +161,8 @@ impl Pass<'_> {
             pass: self,
             counters,
             chunks: HashMap::new(),
-            finished: BTreeSet::new(),
+            finished: ChunkSet::default(),
+            holes: [ChunkSet::default(), ChunkSet::default()],
             prefix: 0,
             acked: 0,
             total: self.scan_len.div_ceil(self.chunk as u64),
@@ -155,6 +171,7 @@ impl Pass<'_> {
             requested: &requested,
             scans_done: 0,
             source_fingerprint: None,
+            warnings: Vec::new(),
         };
         std::thread::scope(|scope| {
             let (routing, forwarding, requested) = (&routing, &forwarding, &requested);
@@ -185,7 +202,11 @@ impl Pass<'_> {
             let copied = std::mem::take(&mut *requested.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
             brain.ranges.extend(copied);
         }
-        let mut found = Found { done: brain.prefix.min(brain.total) * self.chunk as u64, ..Found::default() };
+        let mut found = Found {
+            done: brain.prefix.min(brain.total) * self.chunk as u64,
+            warnings: std::mem::take(&mut brain.warnings),
+            ..Found::default()
+        };
         found.done = found.done.min(self.scan_len);
         found.cancelled = control.cancelled() && brain.prefix < brain.total;
         for (&offset, &len) in &brain.ranges {
@@ -241,9 +262,9 @@ impl Pass<'_> {
                         // Say so once, then keep draining the source: if this thread stopped,
                         // the source would block on its replies and the brain on its requests,
                         // and nobody would read the error.
-                        let message = format!("{}: the connection was lost", self.target.name);
-                        let _ =
-                            events.send((End::Target, Msg::Error { kind: ErrorKind::Connection, message, hint: None }));
+                        let e = self.target.lost();
+                        let (kind, hint, message) = (e.kind(), e.hint(), e.to_string());
+                        let _ = events.send((End::Target, Msg::Error { kind, message, hint }));
                         forwarding.store(false, Ordering::Relaxed);
                     }
                     if let Some(pause) = self.pause {
@@ -399,16 +420,14 @@ impl Brain<'_> {
         loop {
             match events.recv_timeout(Duration::from_millis(500)) {
                 Ok((End::Source, Msg::Done)) => return Ok(()),
+                Ok((End::Source, Msg::Warning { text })) => self.warnings.push(text),
                 Ok((side, Msg::Error { kind, message, hint })) => {
                     return Err(self.link(side).error(kind, message).with_hint(hint));
                 }
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) if !self.pass.source.is_gone() => {}
                 Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Connection,
-                        format!("{}: the connection was lost", self.pass.source.name),
-                    ));
+                    return Err(self.pass.source.lost());
                 }
             }
         }
@@ -431,10 +450,7 @@ impl Brain<'_> {
                 // A target whose connection is gone will never confirm: say so now, not after
                 // the full wait.
                 Ok(_) | Err(RecvTimeoutError::Timeout) if self.pass.target.is_gone() => {
-                    return Err(Error::new(
-                        ErrorKind::Connection,
-                        format!("{}: the connection was lost", self.pass.target.name),
-                    ));
+                    return Err(self.pass.target.lost());
                 }
                 Ok(_) | Err(RecvTimeoutError::Timeout) if !wait.is_zero() => {}
                 _ => return Err(Error::new(ErrorKind::Connection, "the target did not confirm the flush")),
@@ -446,7 +462,15 @@ impl Brain<'_> {
         match msg {
             Msg::Summary { chunk, zero, hash } => {
                 self.check_chunk(side, chunk)?;
+                let other = side.other();
+                let hole = self.holes[other as usize].contains(chunk);
+                if hole {
+                    self.holes[other as usize].remove(chunk, chunk + 1);
+                }
                 let state = self.chunks.entry(chunk).or_default();
+                if hole {
+                    state.summary[other as usize] = Some((true, [0; 16]));
+                }
                 state.summary[side as usize] = Some((zero, hash));
                 if let [Some(s), Some(t)] = state.summary {
                     if s == t || (s.0 && t.0) {
@@ -476,12 +500,15 @@ impl Brain<'_> {
                 }
                 self.finish_if_done(chunk)?;
             }
+            Msg::Holes { first, count } => self.holes(side, first, count)?,
             Msg::ReadDone { offset, len, read } => {
                 let chunk = offset / self.pass.chunk as u64;
                 self.check_chunk(side, chunk)?;
                 self.counters.add_read_source(read);
                 if self.pass.mode == Mode::Copy {
-                    self.finish(chunk)?;
+                    // One answer covers a whole run of holes.
+                    let end = offset.saturating_add(len).div_ceil(self.pass.chunk as u64).clamp(chunk + 1, self.total);
+                    self.finish_range(chunk, end)?;
                 } else {
                     let state = self.state(side, chunk)?;
                     state.pending -= 1;
@@ -637,15 +664,49 @@ impl Brain<'_> {
         if done { self.finish(chunk) } else { Ok(()) }
     }
 
+    /// `Holes`: chunks `[first, first + count)` of `side` are zeros. Where the other side's
+    /// summary is already here, each pairs with it as a zero summary; where the other side
+    /// reported holes too, the run is done at once; the rest waits for the other side.
+    fn holes(&mut self, side: End, first: u64, count: u64) -> Result<()> {
+        let end = first.checked_add(count).filter(|&end| end <= self.total && count > 0).ok_or_else(|| {
+            Error::protocol(format!("{}: holes {first}+{count} of {} chunks", self.link(side).name, self.total))
+        })?;
+        let other = side.other() as usize;
+        let waiting: Vec<u64> = self
+            .chunks
+            .iter()
+            .filter(|(c, s)| (first..end).contains(*c) && s.summary[other].is_some())
+            .map(|(&c, _)| c)
+            .collect();
+        self.holes[side as usize].insert(first, end);
+        for chunk in waiting {
+            self.holes[side as usize].remove(chunk, chunk + 1);
+            self.handle(side, Msg::Summary { chunk, zero: true, hash: [0; 16] })?;
+        }
+        for (a, b) in self.holes[other].within(first, end) {
+            self.holes[other].remove(a, b);
+            self.holes[side as usize].remove(a, b);
+            self.finish_range(a, b)?;
+        }
+        Ok(())
+    }
+
     fn finish(&mut self, chunk: u64) -> Result<()> {
         self.chunks.remove(&chunk);
-        if chunk < self.prefix || !self.finished.insert(chunk) {
+        self.finish_range(chunk, chunk + 1)
+    }
+
+    /// Chunks `[a, b)` are done (none of them is in `chunks`).
+    fn finish_range(&mut self, a: u64, b: u64) -> Result<()> {
+        let a = a.max(self.prefix);
+        let added = self.finished.insert(a, b);
+        if added == 0 {
             return Ok(());
         }
-        let (_, len) = self.pass.chunk_range(chunk);
-        self.counters.add_scanned(len);
-        while self.finished.remove(&self.prefix) {
-            self.prefix += 1;
+        let bytes = |c: u64| (c * self.pass.chunk as u64).min(self.pass.scan_len);
+        self.counters.add_scanned(if added == b - a { bytes(b) - bytes(a) } else { added * self.pass.chunk as u64 });
+        while let Some(end) = self.finished.take_from(self.prefix) {
+            self.prefix = end;
         }
         if self.pass.mode != Mode::Copy && (self.prefix >= self.acked + ACK_EVERY || self.prefix == self.total) {
             self.acked = self.prefix;

@@ -140,7 +140,10 @@ impl Ends for LocalEnds<'_> {
         if let Some(w) = writer {
             finish(w, &scanned, self.undo.is_some())?;
         }
-        let found = scanned?;
+        let mut found = scanned?;
+        if !found.cancelled && mode != Mode::Verify {
+            found.warnings = self.src.warnings(true);
+        }
         if !plan.keep_cache && mode != Mode::Verify {
             dest.drop_cache(0, plan.scan_len);
         }
@@ -151,6 +154,18 @@ impl Ends for LocalEnds<'_> {
         if let Dest::Write(t) = self.dest {
             t.remove_created();
         }
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.src.warnings(false)
+    }
+
+    fn strategy(&self) -> String {
+        "both ends in this process: bytes are compared directly".to_string()
+    }
+
+    fn source_caps(&self) -> crate::endpoint::Caps {
+        self.src.caps()
     }
 
     fn undo_log(&self) -> Option<String> {

@@ -60,11 +60,12 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         }),
         (
             (any::<bool>(), any::<u64>(), any::<u8>(), any::<u64>(), any::<u64>(), any::<bool>()),
-            (any::<u32>(), any::<u32>(), any::<u32>())
+            (any::<u32>(), any::<u32>(), any::<u32>(), b())
         )
-            .prop_map(|((exists, size, identity_tag, id_a, id_b, created), (mode, caps, block_size))| {
-                Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size }
+            .prop_map(|((exists, size, identity_tag, id_a, id_b, created), (mode, caps, block_size, path))| {
+                Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size, path }
             }),
+        (any::<u64>(), any::<u64>()).prop_map(|(first, count)| Msg::Holes { first, count }),
         (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
             chunk,
             zero,
