@@ -3,7 +3,7 @@
 //!
 //! The estimate is the comparison a real run makes first, with nothing written: the source
 //! against the chain's newest point (or BASE) by the same steps as any sync
-//! ([`crate::transfer`], in compare mode), across hosts by the hash pass, so that no image data
+//! (`transfer.rs`, in compare mode), across hosts by the hash pass, so that no image data
 //! crosses the network. Its size is an upper bound: what differs, uncompressed, plus each
 //! record's header and index entry; records of data are zstd-compressed where that helps.
 
