@@ -411,6 +411,40 @@ mod tests {
         assert_eq!(e.encode(false).len(), 134);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn every_handshake_message_round_trips(
+            flags: u16,
+            option: u32,
+            kind: u32,
+            len in 0..=crate::wire::MAX_OPTION_REQUEST,
+            export in "\\PC{0,40}",
+            requests in proptest::collection::vec(proptest::prelude::any::<u16>(), 0..8),
+            queries in proptest::collection::vec("[a-z]{1,8}:\\PC{0,20}", 0..4),
+            size: u64,
+            sizes: (u32, u32, u32),
+            id: u32,
+        ) {
+            proptest::prop_assert_eq!(Greeting::decode(&Greeting { flags }.encode()).unwrap(), Greeting { flags });
+            let h = OptionHeader { option, len };
+            proptest::prop_assert_eq!(OptionHeader::decode(&h.encode()).unwrap(), h);
+            let r = ReplyHeader { option, kind, len };
+            proptest::prop_assert_eq!(ReplyHeader::decode(&r.encode()).unwrap(), r);
+            let go = Go { export: export.clone(), requests };
+            proptest::prop_assert_eq!(Go::decode(&go.encode()).unwrap(), go);
+            let q = MetaContextQuery { export: export.clone(), queries };
+            proptest::prop_assert_eq!(MetaContextQuery::decode(&q.encode()).unwrap(), q);
+            let (minimum, preferred, maximum) = sizes;
+            for i in [Info::Export { size, flags }, Info::BlockSize { minimum, preferred, maximum }, Info::Name(export.clone()), Info::Description(export.clone())] {
+                proptest::prop_assert_eq!(Info::decode(&i.encode()).unwrap(), i);
+            }
+            let m = MetaContext { id, name: export };
+            proptest::prop_assert_eq!(MetaContext::decode(&m.encode()).unwrap(), m);
+            let e = ExportName { size, flags };
+            proptest::prop_assert_eq!(ExportName::decode(e.encode(false)[..10].try_into().unwrap()), e);
+        }
+    }
+
     #[test]
     fn malformed_payloads_are_protocol_errors() {
         let mut export = Info::Export { size: 1, flags: 1 }.encode();

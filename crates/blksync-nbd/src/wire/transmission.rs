@@ -215,7 +215,11 @@ impl ErrorChunk {
     /// The chunk type and payload (`ERROR_OFFSET` when there is an offset).
     #[must_use]
     pub fn encode(&self) -> (u16, Vec<u8>) {
-        let message = &self.message.as_bytes()[..self.message.len().min(MAX_STRING)];
+        let mut cut = self.message.len().min(MAX_STRING);
+        while !self.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let message = &self.message.as_bytes()[..cut];
         let mut out = self.error.to_be_bytes().to_vec();
         out.extend_from_slice(&(message.len() as u16).to_be_bytes());
         out.extend_from_slice(message);
@@ -338,6 +342,41 @@ mod tests {
         assert_eq!(BlockStatus::decode(&s.encode()).unwrap(), s);
         let c = data_chunk(1, 5, 0, b"abc");
         assert_eq!(c.len(), 20 + 8 + 3);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_transmission_message_round_trips(
+            flags: u16,
+            kind: u16,
+            cookie: u64,
+            offset: u64,
+            len: u32,
+            error in 1u32..,
+            message in "\\PC{0,100}",
+            at: Option<u64>,
+            size in 1u32..,
+            extents in proptest::collection::vec((1u32.., proptest::prelude::any::<u32>()), 1..64),
+        ) {
+            let r = Request { flags, kind, cookie, offset, len };
+            proptest::prop_assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+            for h in [
+                ReplyHeader::Simple(SimpleReply { error: len, cookie }),
+                ReplyHeader::Chunk(ChunkHeader { flags, kind, cookie, len }),
+            ] {
+                let bytes = h.encode();
+                proptest::prop_assert_eq!(ReplyHeader::len_for(bytes[..4].try_into().unwrap()).unwrap(), bytes.len());
+                proptest::prop_assert_eq!(ReplyHeader::decode(&bytes).unwrap(), h);
+            }
+            let e = ErrorChunk { error, message, offset: at };
+            let (kind, payload) = e.encode();
+            proptest::prop_assert_eq!(ErrorChunk::decode(kind, &payload).unwrap(), e);
+            let h = OffsetHole { offset, size };
+            proptest::prop_assert_eq!(OffsetHole::decode(&h.encode()).unwrap(), h);
+            let extents = extents.into_iter().map(|(len, flags)| Extent { len, flags }).collect();
+            let s = BlockStatus { context: len, extents };
+            proptest::prop_assert_eq!(BlockStatus::decode(&s.encode()).unwrap(), s);
+        }
     }
 
     #[test]
