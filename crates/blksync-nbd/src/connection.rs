@@ -129,8 +129,10 @@ impl Pending {
 #[derive(Default)]
 struct State {
     pending: HashMap<u64, Pending>,
-    /// Set once, when the connection stops: why.
-    dead: Option<Cause>,
+    /// Why new requests are refused: the connection stopped, or the server is shutting down.
+    refused: Option<Cause>,
+    /// The reader has stopped: no reply will come.
+    dead: bool,
     /// Write-behind requests in flight and their bytes.
     behind: usize,
     behind_bytes: u64,
@@ -162,7 +164,8 @@ impl State {
 
     /// Stops the connection: every pending request fails with the first cause.
     fn die(&mut self, cause: Cause) {
-        let cause = self.dead.get_or_insert(cause).clone();
+        self.dead = true;
+        let cause = self.refused.get_or_insert(cause).clone();
         for (_, p) in std::mem::take(&mut self.pending) {
             let failure = p.fail(cause.clone(), None);
             self.complete(p, Err(failure));
@@ -325,7 +328,7 @@ impl Connection {
     /// Waits until no write is in flight (or the connection is gone).
     pub(crate) fn drain(&self) {
         let mut state = self.shared.lock();
-        while state.behind > 0 && state.dead.is_none() {
+        while state.behind > 0 && !state.dead {
             state = self.shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
     }
@@ -334,13 +337,13 @@ impl Connection {
     /// reader thread joined. Requests still in flight fail; call [`Connection::drain`] first.
     pub(crate) fn disconnect(&self) {
         let Some(reader) = self.reader.lock().unwrap_or_else(PoisonError::into_inner).take() else { return };
-        if self.shared.lock().dead.is_none() {
-            let disc = Request { flags: 0, kind: cmd::DISC, cookie: self.cookie(), offset: 0, len: 0 };
-            let _ = self.writer.lock().unwrap_or_else(PoisonError::into_inner).write_all(&disc.encode());
-        }
+        // Harmless when the connection is already broken (the write fails, quietly).
+        let disc = Request { flags: 0, kind: cmd::DISC, cookie: self.cookie(), offset: 0, len: 0 };
+        let _ = self.writer.lock().unwrap_or_else(PoisonError::into_inner).write_all(&disc.encode());
         self.socket.shutdown();
         let _ = reader.join();
         self.shared.lock().die(Cause::Connection("the connection was closed".into()));
+        self.shared.changed.notify_all();
     }
 
     /// Registers requests (waiting until none overlaps a write in flight in `[start, end)`
@@ -352,7 +355,7 @@ impl Connection {
         {
             let mut state = self.shared.lock();
             loop {
-                if let Some(cause) = &state.dead {
+                if let Some(cause) = &state.refused {
                     return Err(Failure { op: first.0, offset: Some(first.1), cause: cause.clone() });
                 }
                 let full = behind
@@ -393,7 +396,7 @@ impl Connection {
     }
 
     fn lost(&self, op: Op, offset: u64) -> Failure {
-        let cause = self.shared.lock().dead.clone();
+        let cause = self.shared.lock().refused.clone();
         Failure { op, offset: Some(offset), cause: cause.unwrap_or(Cause::Connection("the reader stopped".into())) }
     }
 
@@ -460,6 +463,11 @@ impl Reader {
             ReplyHeader::Chunk(c) => self.chunk(&mut p, c).map(|()| c.done()),
         };
         let mut state = shared.lock();
+        if let Some(Failure { cause: cause @ Cause::Connection(_), .. }) = &p.error {
+            // NBD_ESHUTDOWN: the protocol says to disconnect; nothing new is sent, and the
+            // replies to what is in flight are still read.
+            state.refused.get_or_insert_with(|| cause.clone());
+        }
         match outcome {
             Ok(true) => {
                 let result = finish(&mut p, &self.terms);

@@ -256,9 +256,9 @@ impl Nbd {
             return Ok(());
         }
         self.conn.drain();
-        let failed = self.conn.failed_write();
+        // After the disconnect: a write whose reply never came has failed too.
         self.conn.disconnect();
-        failed.map_or(Ok(()), |f| Err(self.error(&f)))
+        self.conn.failed_write().map_or(Ok(()), |f| Err(self.error(&f)))
     }
 }
 

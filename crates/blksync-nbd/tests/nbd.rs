@@ -381,6 +381,44 @@ fn block_size_constraints_are_honoured() {
     }
 }
 
+/// The engine's last chunk of an image whose size is not a multiple of 4096 is short: with a
+/// minimum block of 1 it is read and written as it is.
+#[test]
+fn the_unaligned_tail_of_an_export_is_synced_and_verified() {
+    require!("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 * MIB + 1000;
+    let server = Server::start(dir.path(), &["--nbdkit", &format!("memory size={size}")]);
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, pattern(size as usize, 3)).unwrap();
+    let source = blksync::endpoint::local::Local::open_source(&src).unwrap();
+    let target = open(&server.uri, true).unwrap();
+    let options = blksync::sync::SyncOptions { threads: 2, verify: true, ..Default::default() };
+    let cancel = AtomicBool::new(false);
+    let control = blksync::progress::Control { observer: &blksync::progress::Silent, cancel: &cancel };
+    assert!(blksync::sync::sync(&source, &target, false, &options, control).unwrap().verified);
+    assert_eq!(read(&target, 3 * MIB, 1000), pattern(size as usize, 3)[3 * MIB as usize..]);
+}
+
+/// With a minimum block of 4096 and a size that is not a multiple of it, the last partial
+/// block cannot be addressed (the protocol forbids a request past the end): a clear refusal.
+#[test]
+fn an_unaddressable_tail_is_refused_with_the_reason() {
+    require!("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let args = "--filter=blocksize-policy memory size=10000 blocksize-minimum=4096 blocksize-error-policy=error";
+    let server = Server::start(dir.path(), &["--nbdkit", args]);
+    let nbd = open(&server.uri, true).unwrap();
+    assert_eq!(read(&nbd, 4096, 4096), vec![0; 4096]);
+    let mut tail = vec![0; 1808];
+    let e = nbd.read_at(&mut tail, 8192).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    assert!(e.to_string().contains("cannot be addressed"), "{e}");
+    assert!(nbd.write_at(&tail, 8192).unwrap_err().to_string().contains("cannot be addressed"));
+    let segment = nbd.segment_at(9000).unwrap();
+    assert!(segment.allocated && segment.end == 10000, "the tail counts as allocated: {segment:?}");
+}
+
 #[test]
 fn a_sync_onto_an_export_makes_it_equal_and_verifies() {
     require!("qemu-nbd");
@@ -561,6 +599,49 @@ mod hostile {
             drop(nbd);
             server.join().unwrap();
         }
+    }
+
+    /// `NBD_ESHUTDOWN`: the request fails as a lost connection, nothing new is sent, and the
+    /// client disconnects softly.
+    #[test]
+    fn a_server_shutting_down_gets_no_new_requests_and_a_disconnect() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (uri, server) = serve(Offer::default(), move |s| {
+            let (r, _) = request(s).unwrap();
+            let shutdown =
+                ReplyHeader::Simple(SimpleReply { error: blksync_nbd::wire::errno::ESHUTDOWN, cookie: r.cookie });
+            s.write_all(&shutdown.encode()).unwrap();
+            while let Some((r, _)) = request(s) {
+                tx.send(r.kind).unwrap();
+            }
+        });
+        let nbd = open(&uri, false).unwrap();
+        let mut buf = vec![0; 4096];
+        let e = nbd.read_at(&mut buf, 8192).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Connection, "{e}");
+        assert!(e.to_string().contains("shutting down") && e.to_string().contains("byte offset 8192"), "{e}");
+        assert_eq!(nbd.read_at(&mut buf, 0).unwrap_err().kind(), ErrorKind::Connection);
+        drop(nbd);
+        server.join().unwrap();
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![cmd::DISC], "only NBD_CMD_DISC came after it");
+    }
+
+    #[test]
+    fn dropping_an_endpoint_waits_for_its_writes_and_disconnects() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (uri, server) = serve(Offer::default(), move |s| {
+            while let Some((r, _)) = request(s) {
+                tx.send(r.kind).unwrap();
+                if r.kind != cmd::DISC {
+                    let _ = s.write_all(&ok(r.cookie));
+                }
+            }
+        });
+        let nbd = open(&uri, true).unwrap();
+        nbd.write_at(&[1; 4096], 0).unwrap();
+        drop(nbd);
+        server.join().unwrap();
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![cmd::WRITE, cmd::DISC]);
     }
 
     #[test]
