@@ -34,8 +34,8 @@ const MAX_BEHIND: usize = 64;
 const MAX_BEHIND_BYTES: u64 = 64 << 20;
 /// Error chunks accepted in one reply.
 const MAX_ERROR_CHUNKS: u32 = 64;
-/// Read buffers kept for reuse.
-const POOL: usize = 64;
+/// Bytes of read buffers kept for reuse (32 of the default 256 KiB pieces).
+const POOL_BYTES: usize = 8 << 20;
 
 /// What a request was for, which names the operation in messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,7 +408,7 @@ impl Connection {
 
     fn recycle(&self, buf: Vec<u8>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if pool.len() < POOL {
+        if pool.iter().map(Vec::capacity).sum::<usize>() + buf.capacity() <= POOL_BYTES {
             pool.push(buf);
         }
     }

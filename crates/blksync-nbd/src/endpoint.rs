@@ -370,7 +370,17 @@ impl Source for Nbd {
             if span == 0 {
                 return Ok(Segment { start: offset, end: size, allocated: true });
             }
-            let chunks = self.conn.block_status(start, span).map_err(|f| self.error(&f))?;
+            let chunks = match self.conn.block_status(start, span) {
+                Ok(chunks) => chunks,
+                // The server could not say (an error value, not a broken connection): count the
+                // span as allocated, which is never wrong; a real I/O error shows when it is read.
+                Err(Failure { cause: Cause::Server { .. }, .. }) => {
+                    let s = Segment { start: offset, end: start + u64::from(span), allocated: true };
+                    *cache = vec![s];
+                    return Ok(s);
+                }
+                Err(f) => return Err(self.error(&f)),
+            };
             let mut segments: Vec<Segment> = Vec::new();
             let mut at = start;
             for e in extents_of(&chunks, context) {

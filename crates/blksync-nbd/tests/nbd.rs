@@ -211,6 +211,18 @@ fn an_injected_read_error_is_an_io_error_naming_address_and_offset() {
 }
 
 #[test]
+fn a_block_status_error_counts_as_allocated() {
+    require!("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let args = "--filter=error memory size=4M error-extents=EIO error-extents-rate=100%";
+    let server = Server::start(dir.path(), &["--nbdkit", args]);
+    let nbd = open(&server.uri, false).unwrap();
+    assert!(nbd.caps().holes);
+    assert_eq!(nbd.segment_at(4096).unwrap(), Segment { start: 4096, end: 4 * MIB, allocated: true });
+    assert_eq!(read(&nbd, 0, 4096), vec![0; 4096], "the connection is fine");
+}
+
+#[test]
 fn a_failed_write_is_reported_by_the_next_call_and_by_flush_naming_its_offset() {
     require!("nbdkit");
     let dir = tempfile::tempdir().unwrap();
