@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--dir", default=os.path.join(HERE, "work"))
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "blksync"))
     ap.add_argument("--wan", action="store_true", help="also measure over a 40 ms RTT link")
+    ap.add_argument("--sparse-only", action="store_true", help="only the sparse images (D)")
     args = ap.parse_args()
     if shutil.which("b3sum") is None:
         sys.exit("bench: b3sum not found (apt-get install b3sum)")
@@ -109,64 +110,66 @@ def main():
     print(f"# blksync remote benchmark: {size >> 20} MiB images, loopback ssh ({CIPHER}), median of {args.runs}")
     print(f"# machine: {os.cpu_count()} cores, kernel {os.uname().release}")
 
-    # A. fresh copy of random data vs the raw ssh pipe.
-    remote_out = d("r-fresh.img")
-
-    def pipe():
-        if os.path.exists(remote_out):
-            os.unlink(remote_out)
-        warm(base)
-        return timed(f"cat {base} | {ssh} {host} 'cat > {remote_out}'")
-
-    def pipe_sync():
-        if os.path.exists(remote_out):
-            os.unlink(remote_out)
-        warm(base)
-        return timed(f"cat {base} | {ssh} {host} 'cat > {remote_out} && sync {remote_out}'")
-
-    def fresh():
-        if os.path.exists(remote_out):
-            os.unlink(remote_out)
-        sh("sync")
-        warm(base)
-        return blksync(base, f"{host}:{remote_out}")
-
-    pipe_t, _ = median(pipe, args.runs)
-    pipes_t, _ = median(pipe_sync, args.runs)
-    fresh_t, (_, j, rss_fresh) = median(fresh, args.runs)
-    rows.append(("fresh random copy", fresh_t, "cat | ssh 'cat > DST'", pipe_t, pipe_t / fresh_t, ">= 0.90 (throughput)"))
-    rows.append(("fresh random copy", fresh_t, "... && sync DST", pipes_t, pipes_t / fresh_t, ">= 0.90 (throughput)"))
-    os.unlink(remote_out)
-
-    # B. unchanged image vs b3sum of both files.
-    def b3():
-        warm(base, mirror)
-        return timed(f"b3sum {base} {mirror}")
-
-    def unchanged():
-        warm(base, mirror)
-        return blksync(base, f"{host}:{mirror}")
-
-    b3_t, _ = median(b3, args.runs)
-    un_t, (_, j_un, rss_un) = median(unchanged, args.runs)
     ssh_t, _ = median(lambda: timed(f"{ssh} {host} true"), args.runs)
-    rows.append(("unchanged", un_t, "b3sum SRC DST", b3_t, un_t / b3_t, "<= 1.5 (time)"))
-    rows.append(("unchanged - ssh true", un_t - ssh_t, "b3sum SRC DST", b3_t, (un_t - ssh_t) / b3_t,
-                 f"(ssh start-up alone: {ssh_t:.3f}s)"))
+    if not args.sparse_only:
+        # A. fresh copy of random data vs the raw ssh pipe.
+        remote_out = d("r-fresh.img")
 
-    # C. 1 % scattered 4 KiB changes: bytes on the wire.
-    def changed_run():
-        restore_mirror()
-        warm(changed, mirror)
-        return blksync(changed, f"{host}:{mirror}")
+        def pipe():
+            if os.path.exists(remote_out):
+                os.unlink(remote_out)
+            warm(base)
+            return timed(f"cat {base} | {ssh} {host} 'cat > {remote_out}'")
 
-    ch_t, (_, j_ch, rss_ch) = median(changed_run, args.runs)
-    wire = j_ch["bytes_sent"] + j_ch["bytes_received"]
-    budget = 1.1 * j_ch["bytes_differing"] + 0.001 * size
-    rows.append(("1% changed", ch_t, "b3sum SRC DST", b3_t, ch_t / b3_t, "(time, for reference)"))
+        def pipe_sync():
+            if os.path.exists(remote_out):
+                os.unlink(remote_out)
+            warm(base)
+            return timed(f"cat {base} | {ssh} {host} 'cat > {remote_out} && sync {remote_out}'")
+
+        def fresh():
+            if os.path.exists(remote_out):
+                os.unlink(remote_out)
+            sh("sync")
+            warm(base)
+            return blksync(base, f"{host}:{remote_out}")
+
+        pipe_t, _ = median(pipe, args.runs)
+        pipes_t, _ = median(pipe_sync, args.runs)
+        fresh_t, (_, j, rss_fresh) = median(fresh, args.runs)
+        rows.append(("fresh random copy", fresh_t, "cat | ssh 'cat > DST'", pipe_t, pipe_t / fresh_t, ">= 0.90 (throughput)"))
+        rows.append(("fresh random copy", fresh_t, "... && sync DST", pipes_t, pipes_t / fresh_t, ">= 0.90 (throughput)"))
+        os.unlink(remote_out)
+
+        # B. unchanged image vs b3sum of both files.
+        def b3():
+            warm(base, mirror)
+            return timed(f"b3sum {base} {mirror}")
+
+        def unchanged():
+            warm(base, mirror)
+            return blksync(base, f"{host}:{mirror}")
+
+        b3_t, _ = median(b3, args.runs)
+        un_t, (_, j_un, rss_un) = median(unchanged, args.runs)
+        rows.append(("unchanged", un_t, "b3sum SRC DST", b3_t, un_t / b3_t, "<= 1.5 (time)"))
+        rows.append(("unchanged - ssh true", un_t - ssh_t, "b3sum SRC DST", b3_t, (un_t - ssh_t) / b3_t,
+                     f"(ssh start-up alone: {ssh_t:.3f}s)"))
+
+        # C. 1 % scattered 4 KiB changes: bytes on the wire.
+        def changed_run():
+            restore_mirror()
+            warm(changed, mirror)
+            return blksync(changed, f"{host}:{mirror}")
+
+        ch_t, (_, j_ch, rss_ch) = median(changed_run, args.runs)
+        wire = j_ch["bytes_sent"] + j_ch["bytes_received"]
+        budget = 1.1 * j_ch["bytes_differing"] + 0.001 * size
+        rows.append(("1% changed", ch_t, "b3sum SRC DST", b3_t, ch_t / b3_t, "(time, for reference)"))
 
     # D. sparse images (issue 13, item 3): one byte in 64 GiB, and a nearly empty 16 TiB image
     # (ext4's largest file is just under 16 TiB). The baseline is ssh's own start-up.
+    sparse_rss = []
     for label, huge in (("64 GiB, 1 byte", 64 << 30), ("16 TiB sparse", (16 << 40) - (1 << 20))):
         src, dst = d("r-sparse-src.img"), d("r-sparse-dst.img")
         for path in (src, dst):
@@ -195,6 +198,9 @@ def main():
                 t, _ = median(lambda: fn()[0], args.runs)
             rows.append((f"{label}: {what}", t, "ssh HOST true", ssh_t, t / ssh_t,
                          "<= ssh + 0.5 s" if huge < 1 << 40 else "< 10 s"))
+        client_rss = blksync(f"{host}:{src}", dst)[2]
+        agent_rss = int(open(rss_file).read().split()[-1]) if os.path.exists(rss_file) else -1
+        sparse_rss.append((label, client_rss, agent_rss))
         for path in (src, dst):
             os.unlink(path)
         shutil.rmtree(chain, ignore_errors=True)
@@ -204,13 +210,16 @@ def main():
     for name, t, bn, bt, ratio, target in rows:
         print(f"{name:<34} {t:>10.3f}  {bn:<24} {bt:>8.3f} {ratio:>7.2f}  {target}")
     print()
-    print(f"1% changed: differing {j_ch['bytes_differing']} B, on the wire {wire} B "
-          f"(sent {j_ch['bytes_sent']}, received {j_ch['bytes_received']}); budget 1.1 x differing + 0.1 % "
-          f"= {budget:.0f} B -> {wire / budget:.2f} of budget")
-    print(f"unchanged: on the wire {j_un['bytes_sent'] + j_un['bytes_received']} B for {size >> 20} MiB")
-    agent_rss = int(open(rss_file).read().split()[-1]) if os.path.exists(rss_file) else -1
-    print(f"peak RSS: client {max(rss_fresh, rss_un, rss_ch) / 1024:.1f} MiB (incl. ssh), "
-          f"agent {agent_rss / 1024:.1f} MiB (last run) (target <= 64 MiB each)")
+    for label, client_rss, agent_rss in sparse_rss:
+        print(f"{label}, pull: peak RSS client {client_rss / 1024:.1f} MiB (incl. ssh), agent {agent_rss / 1024:.1f} MiB")
+    if not args.sparse_only:
+        print(f"1% changed: differing {j_ch['bytes_differing']} B, on the wire {wire} B "
+              f"(sent {j_ch['bytes_sent']}, received {j_ch['bytes_received']}); budget 1.1 x differing + 0.1 % "
+              f"= {budget:.0f} B -> {wire / budget:.2f} of budget")
+        print(f"unchanged: on the wire {j_un['bytes_sent'] + j_un['bytes_received']} B for {size >> 20} MiB")
+        agent_rss = int(open(rss_file).read().split()[-1]) if os.path.exists(rss_file) else -1
+        print(f"peak RSS: client {max(rss_fresh, rss_un, rss_ch) / 1024:.1f} MiB (incl. ssh), "
+              f"agent {agent_rss / 1024:.1f} MiB (last run) (target <= 64 MiB each)")
 
     if args.wan:
         wan(args, bs, base, mirror, agent, size)

@@ -55,7 +55,7 @@ impl Remote {
 }
 
 /// The URL-like address schemes an endpoint can have (`ssh://` is a way to reach one).
-pub const SCHEMES: &[&str] = &["loop", "lvm", "lvm+snapshot", "nbd", "nbd+unix", "nbds", "iscsi"];
+pub const SCHEMES: &[&str] = &["loop", "lvm", "lvm+snapshot", "nbd", "nbd+unix", "nbds", "nbds+unix", "iscsi"];
 
 /// The scheme of a URL-like argument (`SCHEME://…`, the scheme made of letters, digits, `+`,
 /// `-` and `.`, starting with a letter), if it is one.

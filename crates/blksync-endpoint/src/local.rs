@@ -62,13 +62,6 @@ impl Address {
                 let volume = crate::lvm::Volume::parse(text, address)?;
                 Ok(if scheme == "lvm" { Address::Lvm(volume) } else { Address::LvmSnapshot(volume) })
             }
-            "nbds" => Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{}: NBD over TLS (nbds://) is not supported; use nbd:// through an ssh tunnel",
-                    address.display()
-                ),
-            )),
             other => Err(Error::new(
                 ErrorKind::Unsupported,
                 format!("{}: {other}:// endpoints are not implemented in this version of blksync", address.display()),

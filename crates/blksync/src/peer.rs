@@ -179,8 +179,8 @@ impl Peer {
                 self.target()?.set_size(size)?;
                 self.reply(Msg::Done);
             }
-            Msg::Scan { key, block, end, data_len, threads, rate } => {
-                self.start_scan(key, block, (end, data_len), threads, rate)?;
+            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint } => {
+                self.start_scan(key, block, (end, data_len), threads, (rate, fingerprint))?;
             }
             Msg::Ack { chunks } => self.ack(chunks),
             Msg::Groups { chunk } => {
@@ -470,7 +470,7 @@ impl Peer {
         block: u32,
         (end, data_len): (u64, u64),
         threads: u16,
-        rate: u64,
+        (rate, fingerprint): (u64, bool),
     ) -> Result<()> {
         let block = crate::sync::check_block_size(u64::from(block))?;
         let endpoint = Arc::clone(self.endpoint()?);
@@ -482,7 +482,7 @@ impl Peer {
             trees: Mutex::new(HashMap::new()),
             acked: Mutex::new(0),
             cond: Condvar::new(),
-            fingerprint: self.role == Role::Source,
+            fingerprint: fingerprint && self.role == Role::Source,
         });
         self.scan = Some(Arc::clone(&state));
         let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));

@@ -275,6 +275,7 @@ impl crate::transfer::Ends for LinkEnds<'_> {
             throttle: plan.throttle,
             pause: self.pause.filter(|_| mode.writes()),
             must_flush: plan.must_flush,
+            fingerprint: plan.fingerprint,
         }
         .run(counters, control)
     }

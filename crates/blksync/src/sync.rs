@@ -109,6 +109,10 @@ pub struct Summary {
 /// The destination path: `dest` itself, or `dest/<source file name>` when `dest` is a directory
 /// or ends in `/`, as with `cp` and `rsync`.
 pub fn resolve_destination(source: &Path, dest: &Path) -> Result<PathBuf> {
+    if crate::location::scheme_of(dest.as_os_str().as_encoded_bytes()).is_some() {
+        // An address (`nbd://host/`, `lvm://vg/lv`) names the endpoint itself, slash or not.
+        return Ok(dest.to_path_buf());
+    }
     let trailing_slash = dest.as_os_str().as_encoded_bytes().ends_with(b"/");
     if trailing_slash || dest.is_dir() {
         let name = source.file_name().ok_or_else(|| {

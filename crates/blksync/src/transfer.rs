@@ -94,6 +94,9 @@ pub(crate) struct Plan<'a> {
     pub throttle: Option<&'a Throttle>,
     /// Flush even when no data changed: the target was resized, or the flush commits.
     pub must_flush: bool,
+    /// The target records the new image's fingerprint (a delta, a backup point): a source read
+    /// by the hash pass computes it as it reads (memory: 16 bytes per MiB of image).
+    pub fingerprint: bool,
 }
 
 /// The two ends of a command, however they are reached.
@@ -192,6 +195,7 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
         keep_ranges: 0,
         throttle: throttle.as_ref(),
         must_flush: commit != Commit::None || resize.is_some(),
+        fingerprint: commit == Commit::Point,
     };
     let counters = Counters::new();
     counters.set_total(sizing.scan_len);
@@ -282,6 +286,7 @@ pub(crate) fn compare(ends: &mut dyn Ends, o: &CompareOptions, control: Control<
         keep_ranges: o.max_ranges,
         throttle: None,
         must_flush: false,
+        fingerprint: false,
     };
     let mut found = ends.pass(Mode::Compare, &plan, &counters, control)?;
     if found.cancelled {

@@ -272,3 +272,48 @@ pub fn wait_until(child: &mut std::process::Child, what: &str, mut ready: impl F
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// True when `tool` runs here; otherwise the test prints `skipping` and passes, unless CI set
+/// `BLKSYNC_REQUIRE_NBD=1`, which makes the missing tool a failure.
+pub fn have_nbd_tool(tool: &str) -> bool {
+    let found = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("BLKSYNC_REQUIRE_NBD").as_deref() != Ok("1"), "{tool} is not installed");
+        eprintln!("skipping: {tool} is not installed");
+    }
+    found
+}
+
+/// An NBD server started by `tests/lab/nbd` in `DIR/lab`, stopped on drop.
+pub struct NbdServer {
+    pub uri: String,
+    lab: PathBuf,
+}
+
+impl NbdServer {
+    /// `tests/lab/nbd start --dir DIR/lab ARGS…`; the server accepts when this returns.
+    pub fn start(dir: &Path, args: &[&str]) -> NbdServer {
+        let lab = dir.join("lab");
+        let out = Command::new(lab_script("nbd")).arg("start").arg("--dir").arg(&lab).args(args).output().unwrap();
+        assert!(out.status.success(), "tests/lab/nbd start {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let uri = text.lines().find_map(|l| l.strip_prefix("LAB_NBD_URI=")).expect("LAB_NBD_URI");
+        NbdServer { uri: uri.trim_matches('\'').to_string(), lab }
+    }
+
+    /// Stops it now (the drop does the same).
+    pub fn stop(&self) {
+        let _ = Command::new(lab_script("nbd")).arg("stop").arg("--dir").arg(&self.lab).status();
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A script of tests/lab.
+pub fn lab_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/lab").join(name)
+}

@@ -84,6 +84,9 @@ pub enum Msg {
         /// Read the endpoint at most this many bytes per second (`--bwlimit`, for the source);
         /// 0 for no limit.
         rate: u64,
+        /// Fingerprint the endpoint as it is read (`ScanDone.fingerprint`): asked of a source
+        /// only when its target records a delta or a backup point, which keeps it.
+        fingerprint: bool,
     },
     Ack {
         chunks: u64,
@@ -374,9 +377,9 @@ impl Msg {
                 x.u64(*size);
                 x.finish()
             }
-            Msg::Scan { key, block, end, data_len, threads, rate } => {
+            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint } => {
                 let mut x = e(SCAN);
-                x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads).u64(*rate);
+                x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads).u64(*rate).u8(u8::from(*fingerprint));
                 x.finish()
             }
             Msg::Ack { chunks } => {
@@ -576,6 +579,7 @@ impl Msg {
                 data_len: d.u64()?,
                 threads: d.u16()?,
                 rate: d.u64()?,
+                fingerprint: flag(d.u8()?)?,
             },
             tag::ACK => Msg::Ack { chunks: d.u64()? },
             tag::GROUPS => Msg::Groups { chunk: d.u64()? },

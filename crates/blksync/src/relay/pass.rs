@@ -63,6 +63,8 @@ pub(super) struct Pass<'a> {
     /// Flush even if no data changes: the target was resized, or it is a backup point that the
     /// flush commits.
     pub(super) must_flush: bool,
+    /// Ask the source for its fingerprint, for a target that records it (a delta, a point).
+    pub(super) fingerprint: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,8 +355,16 @@ impl Brain<'_> {
                 // `--bwlimit` limits what is read of the source: its scan reads it all.
                 let rate = p.throttle.map_or(0, Throttle::rate);
                 let (end, source_len, target_len) = (p.scan_len, p.source_len, p.target_len);
-                self.send(End::Source, Msg::Scan { key, block, end, data_len: source_len, threads, rate })?;
-                self.send(End::Target, Msg::Scan { key, block, end, data_len: target_len, threads, rate: 0 })?;
+                let fingerprint = p.fingerprint;
+                self.send(
+                    End::Source,
+                    Msg::Scan { key, block, end, data_len: source_len, threads, rate, fingerprint },
+                )?;
+                let fingerprint = false;
+                self.send(
+                    End::Target,
+                    Msg::Scan { key, block, end, data_len: target_len, threads, rate: 0, fingerprint },
+                )?;
             }
         }
         // `--timeout`: the longest the pass may go without a reply from either peer.

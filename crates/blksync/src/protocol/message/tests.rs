@@ -37,9 +37,16 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             }
         ),
         any::<u64>().prop_map(|size| Msg::SetSize { size }),
-        (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u16>(), any::<u64>()).prop_map(
-            |(key, block, end, data_len, threads, rate)| Msg::Scan { key, block, end, data_len, threads, rate }
-        ),
+        (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u16>(), any::<u64>(), any::<bool>())
+            .prop_map(|(key, block, end, data_len, threads, rate, fingerprint)| Msg::Scan {
+                key,
+                block,
+                end,
+                data_len,
+                threads,
+                rate,
+                fingerprint
+            }),
         any::<u64>().prop_map(|chunks| Msg::Ack { chunks }),
         any::<u64>().prop_map(|chunk| Msg::Groups { chunk }),
         (any::<u64>(), any::<u32>()).prop_map(|(chunk, group)| Msg::Leaves { chunk, group }),
