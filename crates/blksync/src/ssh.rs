@@ -16,6 +16,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::location::Remote;
 use crate::protocol::{BANNER, VERSION};
 
+mod executable;
+
 /// How to run ssh for one side.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SshOptions {
@@ -305,13 +307,10 @@ pub fn command(remote: &Remote, options: &SshOptions, build: &str, binary_size: 
 /// Starts the agent on `remote`: runs ssh, answers the bootstrap, uploads when asked, and reads
 /// the banner.
 pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
-    let exe =
-        std::env::current_exe().map_err(|e| Error::new(ErrorKind::Io, format!("finding our own executable: {e}")))?;
-    let binary = std::fs::read(&exe).map_err(|e| Error::io("reading", &exe, None, e))?;
-    let hash = blake3::hash(&binary);
-    let exe_hash = hash.as_bytes().to_vec();
-    let build = format!("{}-{}", env!("CARGO_PKG_VERSION"), &hash.to_hex()[..12]);
-    let mut cmd = command(remote, options, &build, binary.len() as u64)?;
+    // The bytes are read only for an upload (issue 13, item 2): size and checksums are remembered.
+    let exe = executable::Executable::current()?;
+    let exe_hash = exe.blake3.to_vec();
+    let mut cmd = command(remote, options, &exe.build(), exe.size)?;
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let program: OsString = cmd.get_program().to_owned();
     let mut child = cmd
@@ -329,7 +328,7 @@ pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
     let _ = rustix::pipe::fcntl_setpipe_size(&stdin, 1 << 20);
     let _ = rustix::pipe::fcntl_setpipe_size(&stdout, 1 << 20);
     // ssh is connecting meanwhile. An error here shows as the connection's end, below.
-    let _ = writeln!(stdin, "{}", posix_cksum(&binary)).and_then(|()| stdin.flush());
+    let _ = writeln!(stdin, "{}", exe.cksum).and_then(|()| stdin.flush());
     let mut stdout = BufReader::with_capacity(1 << 20, stdout);
     let host = remote.destination();
     let fail = |child: &mut Child, stderr: &Arc<Mutex<Vec<String>>>, what: String| {
@@ -356,6 +355,10 @@ pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
         }
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         if text.starts_with("BLKSYNC-UPLOAD ") {
+            let binary = match exe.bytes() {
+                Ok(binary) => binary,
+                Err(e) => return Err(fail(&mut child, &stderr, e.to_string())),
+            };
             if let Err(e) = stdin.write_all(&binary).and_then(|()| stdin.flush()) {
                 return Err(fail(&mut child, &stderr, format!("uploading blksync failed: {e}")));
             }
