@@ -204,6 +204,33 @@ fn a_loop_device_keeps_the_contract() {
     assert_eq!(&bytes[..4096], &pattern(4096, 1)[..], "the first write reached the backing file");
 }
 
+/// An NBD export through the one opener (`nbd+unix://…`), served by nbdkit's memory plugin and
+/// by qemu-nbd over a raw file, started by tests/lab/nbd.
+#[test]
+fn nbd_exports_keep_the_contract() {
+    let tool =
+        |name: &str| std::process::Command::new(name).arg("--version").output().is_ok_and(|o| o.status.success());
+    for (server, args) in [("nbdkit", vec!["--nbdkit", "memory size=1M"]), ("qemu-nbd", vec!["--size", "1M"])] {
+        if !tool(server) {
+            assert!(std::env::var("BLKSYNC_REQUIRE_NBD").as_deref() != Ok("1"), "{server} is not installed");
+            eprintln!("skipping: {server} is not installed");
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let lab = dir.path().join("lab");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/lab/nbd");
+        let out = std::process::Command::new(&script).arg("start").arg("--dir").arg(&lab).args(&args).output().unwrap();
+        assert!(out.status.success(), "{server}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let uri = text.lines().find_map(|l| l.strip_prefix("LAB_NBD_URI=")).unwrap().trim_matches('\'').to_string();
+        let export = blksync::endpoint::open_target(Path::new(&uri), OpenTarget::default()).unwrap();
+        assert!(!export.caps().resizable, "{server}: an export has a fixed size");
+        keeps_the_contract(export.as_ref());
+        export.close().unwrap();
+        let _ = std::process::Command::new(&script).arg("stop").arg("--dir").arg(&lab).status();
+    }
+}
+
 /// The failure injected into an endpoint reaches the caller of the engine with the offset: the
 /// seam works for error paths.
 #[test]
