@@ -366,6 +366,12 @@ pub struct CommonArgs {
     /// at least 1G, at most the volume group's free space). Thin snapshots need none.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub snapshot_size: Option<u64>,
+    /// For an nbd:// or nbd+unix:// source served by qemu: the dirty bitmap NAME
+    /// (`qemu:dirty-bitmap:NAME`, `qemu-nbd -B NAME`). Only the blocks it marks are read and
+    /// compared; the rest is taken to be as the destination holds it, which must be the copy
+    /// made when the bitmap was created.
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
 }
 
 /// How results and progress are shown.

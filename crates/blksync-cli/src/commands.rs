@@ -95,7 +95,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let render = Render::new(&args.common.output, "sync").with_hint(sync_hint);
     let control = Control { observer: &render, cancel };
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
-    let source = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
+    let source = source_options(&args.source, &args.common)?;
     let dest = lvm_option(&args.dest, "lvm", "thin-pool", args.thin_pool.as_ref());
     let remote = RemoteOptions {
         sync: options,
@@ -229,6 +229,21 @@ fn lvm_option(
     format!("{text}{sep}{key}={value}").into()
 }
 
+/// A source address with what its options add to it: `--snapshot-size` for lvm+snapshot://,
+/// `--bitmap` for nbd:// and nbd+unix:// (which no other source takes).
+fn source_options(arg: &std::ffi::OsString, common: &crate::args::CommonArgs) -> Result<std::ffi::OsString> {
+    let arg = lvm_option(arg, "lvm+snapshot", "snapshot-size", common.snapshot_size);
+    let Some(bitmap) = &common.bitmap else { return Ok(arg) };
+    let with = lvm_option(&lvm_option(&arg, "nbd", "bitmap", Some(bitmap)), "nbd+unix", "bitmap", Some(bitmap));
+    if with == arg {
+        anyhow::bail!(blksync::Error::usage(format!(
+            "--bitmap {bitmap}: {} is not an nbd:// or nbd+unix:// source",
+            arg.to_string_lossy()
+        )));
+    }
+    Ok(with)
+}
+
 /// Parses location arguments.
 fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
     Ok(args.iter().map(Location::parse).collect::<blksync::Result<_>>()?)
@@ -238,7 +253,7 @@ fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = diff_options(&args.common, &args.comment)?;
     let render = Render::new(&args.common.output, "diff");
-    let source = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
+    let source = source_options(&args.source, &args.common)?;
     let (source, base) = (Location::parse(&source)?, Location::parse(&args.base)?);
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let (source_side, base_side) = (Side { location: &source, ssh: &s_ssh }, Side { location: &base, ssh: &d_ssh });
@@ -403,7 +418,7 @@ pub fn info(args: &InfoArgs, cancel: &AtomicBool) -> Result<Outcome> {
 pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let render = Render::new(&args.common.output, "backup");
     let control = Control { observer: &render, cancel };
-    let source_arg = lvm_option(&args.source, "lvm+snapshot", "snapshot-size", args.common.snapshot_size);
+    let source_arg = source_options(&args.source, &args.common)?;
     let (source, dest) = (Location::parse(&source_arg)?, Location::parse(&args.dest)?);
     let options = blksync::patch::DiffOptions { force: args.force, ..diff_options(&args.common, &args.comment)? };
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));

@@ -87,3 +87,57 @@ fn refused_nbd_addresses_say_why() {
     assert_eq!(out.code(), 8, "nothing listens there: {}", out.stderr_text());
     assert!(out.stderr_text().contains("nbd://127.0.0.1:1/x"), "{}", out.stderr_text());
 }
+
+/// qemu's changed-block tracking: after a full backup, a dirty bitmap records what the VM writes;
+/// `--bitmap` then reads only those blocks of the export, for the next point and for a sync onto
+/// the old copy, and both end equal to the image.
+#[test]
+fn a_dirty_bitmap_limits_a_backup_and_a_sync_to_the_changed_blocks() {
+    if !have_nbd_tool("qemu-nbd") || !have_nbd_tool("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    write_file(&image, &random_bytes(16 * MIB, 7));
+    let qcow2 = dir.path().join("vm.qcow2");
+    let q = qcow2.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", q, "16M"]);
+    let serve = |args: &[&str]| {
+        let mut all = vec!["--tcp", "--file", q, "--format", "qcow2"];
+        all.extend_from_slice(args);
+        NbdServer::start(dir.path(), &all)
+    };
+    {
+        let vm = serve(&[]);
+        ok(&["sync", image.to_str().unwrap(), &vm.uri]);
+    }
+    let chain = arg(dir.path(), "chain");
+    let old_copy = dir.path().join("copy.img");
+    {
+        let vm = serve(&["--readonly"]);
+        ok(&["backup", &vm.uri, &chain]);
+        ok(&["sync", &vm.uri, old_copy.to_str().unwrap()]);
+    }
+    // The mark: from here the bitmap records every write.
+    qemu_img(&["bitmap", "--add", q, "b0"]);
+    patch(&image, 5 * MIB as u64, &random_bytes(MIB, 8));
+    {
+        let vm = serve(&[]);
+        ok(&["sync", image.to_str().unwrap(), &vm.uri]);
+    }
+    let vm = serve(&["--bitmap", "b0"]);
+    let j = ok(&["backup", "--json", "--bitmap", "b0", &vm.uri, &chain]).json();
+    let read = j["bytes_read_source"].as_u64().unwrap();
+    assert!(read <= 2 * MIB as u64, "only the changed chunk is read: {j}");
+    assert_eq!(j["bytes_written"], MIB as u64, "{j}");
+    let restored = dir.path().join("restored.img");
+    ok(&["restore", &chain, restored.to_str().unwrap()]);
+    assert_same(&image, &restored);
+
+    let j = ok(&["sync", "--json", "--bitmap", "b0", &vm.uri, old_copy.to_str().unwrap()]).json();
+    assert!(j["bytes_read_source"].as_u64().unwrap() <= 2 * MIB as u64, "{j}");
+    assert_same(&image, &old_copy);
+
+    let out = run(&["sync", "--bitmap", "b0", image.to_str().unwrap(), old_copy.to_str().unwrap()]);
+    assert_eq!(out.code(), 2, "a bitmap needs an NBD source: {}", out.stderr_text());
+}

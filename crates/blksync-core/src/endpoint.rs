@@ -181,6 +181,13 @@ pub trait Source: Send + Sync {
     fn mode(&self) -> Option<u32> {
         None
     }
+    /// The parts of `[offset, offset + len)` that changed since the mark this endpoint was opened
+    /// against (a qemu dirty bitmap), ascending, when it tracks changes (`caps().changed_blocks`).
+    /// Everything else is promised to hold what it held at the mark, so a sync onto a copy made
+    /// then skips it unread. Never wrong by default: all of it changed.
+    fn changed(&self, offset: u64, len: u64) -> Result<Vec<crate::extent::Extent>> {
+        Ok(vec![crate::extent::Extent { offset, len }])
+    }
     /// What the user should hear about this source that does not stop the run, one line each:
     /// asked when the run starts (a device mounted read-write, a disk-image format read as raw
     /// bytes) and again after its last read (`after_reading`: a file that changed meanwhile).
@@ -248,6 +255,7 @@ macro_rules! forward {
             fn check_intact(&self) -> Result<()> { (**self).check_intact() }
             fn mode(&self) -> Option<u32> { (**self).mode() }
             fn warnings(&self, after_reading: bool) -> Vec<String> { (**self).warnings(after_reading) }
+            fn changed(&self, offset: u64, len: u64) -> Result<Vec<crate::extent::Extent>> { (**self).changed(offset, len) }
         }
         impl<S: Target + ?Sized> Target for $ty {
             fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> { (**self).write_at(buf, offset) }
@@ -264,6 +272,45 @@ macro_rules! forward {
     )*};
 }
 forward!(&S, std::sync::Arc<S>);
+
+/// Walks a source's changed blocks forwards (see [`Source::changed`]), asking for a large span
+/// at a time rather than once per chunk (one NBD block-status request answers a gigabyte).
+pub struct ChangeCursor<'a> {
+    source: &'a dyn Source,
+    /// `[start, end)` asked so far, and the changed extents in it.
+    asked: (u64, u64),
+    changed: Vec<crate::extent::Extent>,
+}
+
+impl<'a> ChangeCursor<'a> {
+    /// How much is asked at once.
+    const SPAN: u64 = 1 << 30;
+
+    /// A cursor at the start of `source`.
+    #[must_use]
+    pub fn new(source: &'a dyn Source) -> Self {
+        ChangeCursor { source, asked: (0, 0), changed: Vec::new() }
+    }
+
+    /// Whether anything in `[start, end)` changed. Calls must ask for ascending ranges.
+    pub fn any_in(&mut self, start: u64, end: u64) -> Result<bool> {
+        let end = end.min(self.source.size());
+        let mut pos = start;
+        while pos < end {
+            if !(self.asked.0 <= pos && pos < self.asked.1) {
+                let span = (self.source.size() - pos).min(Self::SPAN);
+                self.changed = self.source.changed(pos, span)?;
+                self.asked = (pos, pos + span);
+            }
+            let stop = end.min(self.asked.1);
+            if self.changed.iter().any(|e| e.offset < stop && e.end() > pos) {
+                return Ok(true);
+            }
+            pos = stop;
+        }
+        Ok(false)
+    }
+}
 
 /// Walks an endpoint's allocation map forwards, asking the endpoint once per segment rather than
 /// once per chunk (`SEEK_HOLE` can cost a walk over the extent tree).

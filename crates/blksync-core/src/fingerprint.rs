@@ -208,6 +208,9 @@ impl<S: Source> Source for Reading<S> {
     fn warnings(&self, after_reading: bool) -> Vec<String> {
         self.inner.warnings(after_reading)
     }
+    fn changed(&self, offset: u64, len: u64) -> Result<Vec<crate::extent::Extent>> {
+        self.inner.changed(offset, len)
+    }
 }
 
 /// Reads `buf.len()` bytes of `image` at `offset`; what lies past its end reads as zeros.

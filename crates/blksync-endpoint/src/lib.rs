@@ -25,7 +25,9 @@ pub use local::OpenTarget;
 /// A new kind of endpoint that is not a local file or device (iSCSI) gets its arm here.
 pub fn open_source(address: &Path) -> blksync_core::Result<Box<dyn Source>> {
     if let Some(nbd) = nbd_address(address) {
-        return Ok(Box::new(blksync_nbd::Nbd::open(nbd, false, &blksync_nbd::NbdOptions::default())?));
+        let (nbd, bitmap) = split_bitmap(nbd);
+        let options = blksync_nbd::NbdOptions { bitmap, ..blksync_nbd::NbdOptions::default() };
+        return Ok(Box::new(blksync_nbd::Nbd::open(&nbd, false, &options)?));
     }
     Ok(Box::new(local::Local::open_source(address)?))
 }
@@ -34,13 +36,52 @@ pub fn open_source(address: &Path) -> blksync_core::Result<Box<dyn Source>> {
 /// created: it is there or the server says why not.
 pub fn open_target(address: &Path, how: OpenTarget) -> blksync_core::Result<Box<dyn Target>> {
     if let Some(nbd) = nbd_address(address) {
+        if split_bitmap(nbd).1.is_some() {
+            return Err(blksync_core::Error::usage(format!(
+                "{nbd}: a dirty bitmap says what changed in a source; a destination has none"
+            )));
+        }
         return Ok(Box::new(blksync_nbd::Nbd::open(nbd, !how.read_only, &blksync_nbd::NbdOptions::default())?));
     }
     Ok(Box::new(local::Local::open_target(address, how)?))
+}
+
+/// `bitmap=NAME` in an NBD address's query (blksync's own parameter, which `--bitmap` adds):
+/// the address without it, and the name of the qemu dirty bitmap to read changed blocks from.
+fn split_bitmap(address: &str) -> (String, Option<String>) {
+    let Some((base, query)) = address.split_once('?') else { return (address.to_string(), None) };
+    let mut bitmap = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|p| match p.strip_prefix("bitmap=") {
+            Some(name) => {
+                bitmap = Some(name.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let address = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    (address, bitmap)
 }
 
 /// `address` as an NBD URI, when it is one (`nbd://`, `nbd+unix://`, and the TLS forms, which
 /// the client refuses with the way around).
 fn nbd_address(address: &Path) -> Option<&str> {
     address.to_str().filter(|a| blksync_nbd::address::is_nbd(a))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_bitmap_parameter_is_taken_out_of_an_nbd_address() {
+        let split = |a: &str| super::split_bitmap(a);
+        assert_eq!(split("nbd://h/x"), ("nbd://h/x".into(), None));
+        assert_eq!(split("nbd://h/x?bitmap=b0"), ("nbd://h/x".into(), Some("b0".into())));
+        assert_eq!(
+            split("nbd+unix:///x?socket=/run/s&bitmap=b0"),
+            ("nbd+unix:///x?socket=/run/s".into(), Some("b0".into()))
+        );
+        assert_eq!(split("nbd+unix:///x?bitmap=b1&socket=/s"), ("nbd+unix:///x?socket=/s".into(), Some("b1".into())));
+    }
 }

@@ -324,6 +324,13 @@ impl Source for Nbd {
         self.export.size
     }
 
+    fn changed(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if self.export.bitmap_context.is_none() {
+            return Ok(vec![Extent { offset, len }]);
+        }
+        self.changed_extents(offset, len)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range("reading", offset, len)?;

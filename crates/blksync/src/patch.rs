@@ -103,8 +103,13 @@ pub fn write_delta(
         Header::new([0; 16], options.block_size as u32, &src.name().display().to_string(), &options.comment)?;
     header.source_identity = source_identity(src.name());
     let recorder = Recorder::new(old, out.to_path_buf(), header, true);
+    // A source read by its changed blocks was not read whole: its fingerprint would read the
+    // rest, so the recorder computes the new image's from the base and the records instead.
+    let whole = !src.caps().changed_blocks;
     let adopt = || {
-        recorder.set_after(src.fingerprint()?);
+        if whole {
+            recorder.set_after(src.fingerprint()?);
+        }
         Ok(())
     };
     let mut ends = LocalEnds::new(src, &recorder, false).before_commit(&adopt);

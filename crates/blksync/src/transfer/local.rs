@@ -122,6 +122,7 @@ impl Ends for LocalEnds<'_> {
             action: writer.map_or(Action::Compare, Action::Apply),
             keep_ranges: plan.keep_ranges,
             throttle: plan.throttle,
+            trust_changes: mode != Mode::Verify,
         };
         // A snapshot that overflowed while it was read gave garbage: that is a failure, found
         // before the undo log, the point or the delta claims success.
