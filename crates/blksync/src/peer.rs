@@ -117,6 +117,45 @@ struct ScanState {
     /// Fingerprint the endpoint as it is read (`ScanDone.fingerprint`): only a source's is
     /// used (the client hands it to a recording target), so a target's scan skips the work.
     fingerprint: bool,
+    /// Skip what the source's changed-block map says is as at its mark (`Scan.changes`).
+    changes: bool,
+}
+
+/// What a run of chunks told without reading them is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RunKind {
+    Holes,
+    Clean,
+}
+
+/// A run of chunks not yet reported: `(kind, first, count)`.
+#[derive(Default)]
+struct Run(Option<(RunKind, u64, u64)>);
+
+impl Run {
+    /// Adds `chunk`, reporting the run before it when it cannot grow. False: the client is gone.
+    fn add(&mut self, kind: RunKind, chunk: u64, replies: &Sender<Msg>) -> bool {
+        match &mut self.0 {
+            Some((k, first, count)) if *k == kind && *first + *count == chunk => {
+                *count += 1;
+                true
+            }
+            _ => {
+                let sent = self.report(replies);
+                self.0 = Some((kind, chunk, 1));
+                sent
+            }
+        }
+    }
+
+    /// Sends the pending run, if any. False: the client is gone.
+    fn report(&mut self, replies: &Sender<Msg>) -> bool {
+        match self.0.take() {
+            Some((RunKind::Holes, first, count)) => replies.send(Msg::Holes { first, count }).is_ok(),
+            Some((RunKind::Clean, first, count)) => replies.send(Msg::Clean { first, count }).is_ok(),
+            None => true,
+        }
+    }
 }
 
 impl ScanState {
@@ -127,6 +166,26 @@ impl ScanState {
     fn range(&self, chunk: u64) -> (u64, usize) {
         let start = chunk * self.chunk as u64;
         (start, (self.end - start).min(self.chunk as u64) as usize)
+    }
+
+    /// What `chunk` is without reading it, if anything: as at the changed-block mark, or a hole.
+    /// Otherwise `data` receives its allocated extents.
+    fn told(
+        &self,
+        chunk: u64,
+        changes: Option<&mut crate::endpoint::ChangeCursor<'_>>,
+        map: &mut SegmentCursor<'_>,
+        data: &mut Vec<crate::extent::Extent>,
+    ) -> Result<Option<RunKind>> {
+        let (start, len) = self.range(chunk);
+        let end = start + len as u64;
+        if let Some(changes) = changes
+            && !changes.any_in(start, end)?
+        {
+            return Ok(Some(RunKind::Clean));
+        }
+        map.allocated_in(start, end.min(self.data_len), data)?;
+        Ok(data.is_empty().then_some(RunKind::Holes))
     }
 
     /// Reads and hashes one chunk.
@@ -179,8 +238,8 @@ impl Peer {
                 self.target()?.set_size(size)?;
                 self.reply(Msg::Done);
             }
-            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint } => {
-                self.start_scan(key, block, (end, data_len), threads, (rate, fingerprint))?;
+            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes } => {
+                self.start_scan(key, block, (end, data_len), threads, (rate, fingerprint, changes))?;
             }
             Msg::Ack { chunks } => self.ack(chunks),
             Msg::Groups { chunk } => {
@@ -470,10 +529,17 @@ impl Peer {
         block: u32,
         (end, data_len): (u64, u64),
         threads: u16,
-        (rate, fingerprint): (u64, bool),
+        (rate, fingerprint, changes): (u64, bool, bool),
     ) -> Result<()> {
         let block = crate::sync::check_block_size(u64::from(block))?;
         let endpoint = Arc::clone(self.endpoint()?);
+        // Only a source's map, and only over all of it (the client asks only when the copy has
+        // the source's size).
+        let trusted = changes
+            && self.role == Role::Source
+            && endpoint.caps().changed_blocks
+            && end == endpoint.size()
+            && data_len >= end;
         let state = Arc::new(ScanState {
             hasher: Hasher::new(key, block),
             chunk: chunk_size(block),
@@ -482,7 +548,9 @@ impl Peer {
             trees: Mutex::new(HashMap::new()),
             acked: Mutex::new(0),
             cond: Condvar::new(),
-            fingerprint: fingerprint && self.role == Role::Source,
+            changes: trusted,
+            // A scan that skips unchanged blocks does not read the source whole.
+            fingerprint: fingerprint && !trusted && self.role == Role::Source,
         });
         self.scan = Some(Arc::clone(&state));
         let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
@@ -721,38 +789,31 @@ fn scan(
         }
         drop(rx);
         let mut map = SegmentCursor::new(endpoint);
-        // A run of hole chunks not yet reported: `(first, count)`.
-        let mut holes: Option<(u64, u64)> = None;
-        let report = |holes: &mut Option<(u64, u64)>| match holes.take() {
-            Some((first, count)) => replies.send(Msg::Holes { first, count }).is_ok(),
-            None => true,
-        };
+        // Chunks told without reading them: holes, and what the changed-block map says is as
+        // at its mark (`Clean`). A run of either is one message (a sparse 16 TiB image is mostly
+        // holes); a pending run is reported before the scan waits, so the client can
+        // acknowledge past it.
+        let mut run = Run::default();
+        let mut changes = state.changes.then(|| crate::endpoint::ChangeCursor::new(endpoint));
         for chunk in 0..state.chunks() {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let (start, len) = state.range(chunk);
             let mut data = Vec::new();
-            if let Err(e) = map.allocated_in(start, (start + len as u64).min(state.data_len), &mut data) {
-                fail(&failure, stop, e);
-                break;
-            }
-            if data.is_empty() {
-                // A hole is zeros: nothing to fill, hash or keep for the client's questions, and
-                // one message for a whole run of them (a sparse 16 TiB image is mostly this).
-                match &mut holes {
-                    Some((first, count)) if *first + *count == chunk => *count += 1,
-                    _ => {
-                        if !report(&mut holes) {
-                            break;
-                        }
-                        holes = Some((chunk, 1));
-                    }
+            match state.told(chunk, changes.as_mut(), &mut map, &mut data) {
+                Err(e) => {
+                    fail(&failure, stop, e);
+                    break;
                 }
-                continue;
+                Ok(Some(kind)) => {
+                    if !run.add(kind, chunk, replies) {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
             }
-            // Reported before waiting, so that the client can acknowledge past them.
-            if !report(&mut holes) {
+            if !run.report(replies) {
                 break;
             }
             // Stay within WINDOW chunks of the client's acknowledgements (holes hold nothing).
@@ -775,7 +836,7 @@ fn scan(
             }
         }
         if !stop.load(Ordering::Relaxed) {
-            report(&mut holes);
+            run.report(replies);
         }
         drop(tx);
     });

@@ -276,6 +276,8 @@ impl crate::transfer::Ends for LinkEnds<'_> {
             pause: self.pause.filter(|_| mode.writes()),
             must_flush: plan.must_flush,
             fingerprint: plan.fingerprint,
+            // Only onto a copy of the source's size can a changed-block map be trusted.
+            changes: mode != M::Verify && self.s.size == self.t.size,
         }
         .run(counters, control)
     }

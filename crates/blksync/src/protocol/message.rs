@@ -87,6 +87,9 @@ pub enum Msg {
         /// Fingerprint the endpoint as it is read (`ScanDone.fingerprint`): asked of a source
         /// only when its target records a delta or a backup point, which keeps it.
         fingerprint: bool,
+        /// Skip what the source's changed-block map says is as at its mark (`Clean`): the
+        /// target is the copy made then. Never for a verification.
+        changes: bool,
     },
     Ack {
         chunks: u64,
@@ -201,6 +204,12 @@ pub enum Msg {
         first: u64,
         count: u64,
     },
+    /// Chunks `[first, first + count)` are as at the source's changed-block mark (`Scan.changes`):
+    /// the same as the target's, neither read nor hashed.
+    Clean {
+        first: u64,
+        count: u64,
+    },
     ScanDone {
         chunks: u64,
         /// Bytes the scan read from the endpoint (holes are not read).
@@ -297,6 +306,7 @@ mod tag {
     pub const PATH: u8 = 0x91;
     pub const ALIVE: u8 = 0x92;
     pub const HOLES: u8 = 0x93;
+    pub const CLEAN: u8 = 0x94;
 }
 
 fn chunk(kind: u8, c: &Chunk) -> Vec<u8> {
@@ -356,7 +366,7 @@ impl Msg {
     #[allow(clippy::too_many_lines)] // One arm per message, mirroring the spec's table.
     pub fn encode(&self) -> Vec<u8> {
         use tag::{
-            ACK, ALIVE, BYE, CHECK_INTACT, COPY, DATA, DISCARD, DONE, ERROR, FINGERPRINT, FLUSH, FLUSH_PARTIAL,
+            ACK, ALIVE, BYE, CHECK_INTACT, CLEAN, COPY, DATA, DISCARD, DONE, ERROR, FINGERPRINT, FLUSH, FLUSH_PARTIAL,
             GROUP_HASHES, GROUPS, HELLO, HELLO_REPLY, HOLES, LEAF_HASHES, LEAVES, OPEN, OPENED, READ, READ_DONE, SCAN,
             SCAN_DONE, SET_SIZE, SUMMARY, WRITE, ZERO, ZEROS,
         };
@@ -377,9 +387,10 @@ impl Msg {
                 x.u64(*size);
                 x.finish()
             }
-            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint } => {
+            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes } => {
                 let mut x = e(SCAN);
-                x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads).u64(*rate).u8(u8::from(*fingerprint));
+                x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads).u64(*rate);
+                x.u8(u8::from(*fingerprint)).u8(u8::from(*changes));
                 x.finish()
             }
             Msg::Ack { chunks } => {
@@ -447,6 +458,11 @@ impl Msg {
             }
             Msg::Holes { first, count } => {
                 let mut x = e(HOLES);
+                x.u64(*first).u64(*count);
+                x.finish()
+            }
+            Msg::Clean { first, count } => {
+                let mut x = e(CLEAN);
                 x.u64(*first).u64(*count);
                 x.finish()
             }
@@ -580,6 +596,7 @@ impl Msg {
                 threads: d.u16()?,
                 rate: d.u64()?,
                 fingerprint: flag(d.u8()?)?,
+                changes: flag(d.u8()?)?,
             },
             tag::ACK => Msg::Ack { chunks: d.u64()? },
             tag::GROUPS => Msg::Groups { chunk: d.u64()? },
@@ -615,6 +632,7 @@ impl Msg {
             },
             tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
             tag::HOLES => Msg::Holes { first: d.u64()?, count: d.u64()? },
+            tag::CLEAN => Msg::Clean { first: d.u64()?, count: d.u64()? },
             tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()?, fingerprint: d.fixed()? },
             tag::GROUP_HASHES => {
                 let chunk = d.u64()?;
@@ -731,6 +749,7 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::SUMMARY => "Summary",
         tag::SCAN_DONE => "ScanDone",
         tag::HOLES => "Holes",
+        tag::CLEAN => "Clean",
         tag::GROUP_HASHES => "Groups reply",
         tag::LEAF_HASHES => "Leaves reply",
         tag::DATA => "Data",

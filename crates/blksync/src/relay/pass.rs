@@ -65,6 +65,8 @@ pub(super) struct Pass<'a> {
     pub(super) must_flush: bool,
     /// Ask the source for its fingerprint, for a target that records it (a delta, a point).
     pub(super) fingerprint: bool,
+    /// Let the source skip what its changed-block map marks unchanged (`Scan.changes`).
+    pub(super) changes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,16 +357,12 @@ impl Brain<'_> {
                 // `--bwlimit` limits what is read of the source: its scan reads it all.
                 let rate = p.throttle.map_or(0, Throttle::rate);
                 let (end, source_len, target_len) = (p.scan_len, p.source_len, p.target_len);
-                let fingerprint = p.fingerprint;
-                self.send(
-                    End::Source,
-                    Msg::Scan { key, block, end, data_len: source_len, threads, rate, fingerprint },
-                )?;
-                let fingerprint = false;
-                self.send(
-                    End::Target,
-                    Msg::Scan { key, block, end, data_len: target_len, threads, rate: 0, fingerprint },
-                )?;
+                let (fingerprint, changes) = (p.fingerprint, p.changes);
+                let scan = Msg::Scan { key, block, end, data_len: source_len, threads, rate, fingerprint, changes };
+                self.send(End::Source, scan)?;
+                let (fingerprint, changes) = (false, false);
+                let scan = Msg::Scan { key, block, end, data_len: target_len, threads, rate: 0, fingerprint, changes };
+                self.send(End::Target, scan)?;
             }
         }
         // `--timeout`: the longest the pass may go without a reply from either peer.
@@ -511,6 +509,15 @@ impl Brain<'_> {
                 self.finish_if_done(chunk)?;
             }
             Msg::Holes { first, count } => self.holes(side, first, count)?,
+            Msg::Clean { first, count } if side == End::Source && self.pass.changes => {
+                // The same on both sides, by the source's changed-block map: done, whatever the
+                // target says of them later.
+                let end = first.checked_add(count).filter(|&end| end <= self.total && count > 0).ok_or_else(|| {
+                    Error::protocol(format!("{}: clean chunks {first}+{count} of {}", self.link(side).name, self.total))
+                })?;
+                self.holes[End::Target as usize].remove(first, end);
+                self.finish_range(first, end)?;
+            }
             Msg::ReadDone { offset, len, read } => {
                 let chunk = offset / self.pass.chunk as u64;
                 self.check_chunk(side, chunk)?;

@@ -119,14 +119,15 @@ fn recall(memo: &Path, key: &str, path: &Path, size: u64) -> Option<Executable> 
     Some(Executable { path: path.to_path_buf(), size, cksum, blake3 })
 }
 
-/// Remembers `found` for `key`, atomically (a reader sees the old line or the new one). A cache
-/// that cannot be written costs only the hashing next time.
+/// Remembers `found` for `key`, atomically (a reader sees the old line or the new one), through a
+/// temporary file that nothing planted can redirect. A cache that cannot be written costs only
+/// the hashing next time.
 fn remember(memo: &Path, key: &str, found: &Executable) {
     let Some(dir) = memo.parent() else { return };
     let _ = std::fs::create_dir_all(dir);
     let line = format!("{key}\t{} {} {}\n", found.size, found.cksum, blake3::Hash::from(found.blake3).to_hex());
-    let tmp = dir.join(format!(".executable.tmp-{}", std::process::id()));
-    if std::fs::write(&tmp, line).is_ok() && std::fs::rename(&tmp, memo).is_err() {
+    let Ok((mut file, tmp)) = crate::temp::create(memo, 0o600) else { return };
+    if std::io::Write::write_all(&mut file, line.as_bytes()).is_err() || crate::temp::commit(&tmp, memo).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
 }

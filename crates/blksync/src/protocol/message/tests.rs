@@ -37,15 +37,19 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             }
         ),
         any::<u64>().prop_map(|size| Msg::SetSize { size }),
-        (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u16>(), any::<u64>(), any::<bool>())
-            .prop_map(|(key, block, end, data_len, threads, rate, fingerprint)| Msg::Scan {
+        (
+            (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>()),
+            (any::<u16>(), any::<u64>(), any::<bool>(), any::<bool>())
+        )
+            .prop_map(|((key, block, end, data_len), (threads, rate, fingerprint, changes))| Msg::Scan {
                 key,
                 block,
                 end,
                 data_len,
                 threads,
                 rate,
-                fingerprint
+                fingerprint,
+                changes
             }),
         any::<u64>().prop_map(|chunks| Msg::Ack { chunks }),
         any::<u64>().prop_map(|chunk| Msg::Groups { chunk }),
@@ -73,6 +77,7 @@ fn any_msg() -> impl Strategy<Value = Msg> {
                 Msg::Opened { exists, size, identity_tag, id_a, id_b, created, mode, caps, block_size, path }
             }),
         (any::<u64>(), any::<u64>()).prop_map(|(first, count)| Msg::Holes { first, count }),
+        (any::<u64>(), any::<u64>()).prop_map(|(first, count)| Msg::Clean { first, count }),
         (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
             chunk,
             zero,
