@@ -470,6 +470,11 @@ impl Brain<'_> {
         match msg {
             Msg::Summary { chunk, zero, hash } => {
                 self.check_chunk(side, chunk)?;
+                if chunk < self.prefix || self.finished.contains(chunk) {
+                    // Done already (the source said `Clean`): the target's word changes nothing,
+                    // and keeping it would cost memory per chunk.
+                    return Ok(());
+                }
                 let other = side.other();
                 let hole = self.holes[other as usize].contains(chunk);
                 if hole {
