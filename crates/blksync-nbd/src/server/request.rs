@@ -87,6 +87,13 @@ pub(crate) fn check(r: &Request, limits: &Limits) -> Result<Command, Refusal> {
     if matches!(r.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM) && !limits.writable {
         return Err(read_only());
     }
+    if matches!(r.kind, cmd::READ | cmd::WRITE) && len > limits.max_payload {
+        return Err(refuse(
+            errno::EINVAL,
+            payload,
+            format!("a request of {len} bytes is larger than the maximum payload of {} bytes", limits.max_payload),
+        ));
+    }
     if matches!(r.kind, cmd::READ | cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM | cmd::BLOCK_STATUS) {
         if !aligned {
             return Err(refuse(
@@ -99,13 +106,6 @@ pub(crate) fn check(r: &Request, limits: &Limits) -> Result<Command, Refusal> {
             let value = if matches!(r.kind, cmd::WRITE | cmd::WRITE_ZEROES) { errno::ENOSPC } else { errno::EINVAL };
             return Err(refuse(value, payload, past_end()));
         }
-    }
-    if matches!(r.kind, cmd::READ | cmd::WRITE) && len > limits.max_payload {
-        return Err(refuse(
-            errno::EINVAL,
-            payload,
-            format!("a request of {len} bytes is larger than the maximum payload of {} bytes", limits.max_payload),
-        ));
     }
     let fua = has(cmd_flag::FUA);
     match r.kind {

@@ -319,8 +319,17 @@ fn read(shared: &Shared<'_>, cookie: u64, offset: u64, len: u32, df: bool, buf: 
     buf.clear();
     buf.resize(len as usize, 0);
     let fail = |e: &blksync_core::Error| shared.error(cookie, cmd::READ, errno_of(e), &e.to_string());
+    if len == 0 {
+        // No data: an `OFFSET_DATA` chunk must carry at least one byte.
+        if shared.structured {
+            shared.send(&[&chunk(reply::FLAG_DONE, reply::NONE, cookie, &[])]);
+        } else {
+            shared.simple(cookie, 0, &[]);
+        }
+        return;
+    }
     let parts: Vec<Segment> =
-        if shared.structured && !df && len > 0 { segments(source, offset, end).collect() } else { Vec::new() };
+        if shared.structured && !df { segments(source, offset, end).collect() } else { Vec::new() };
     if parts.len() <= 1 && parts.iter().all(|s| s.allocated) {
         if let Err(e) = source.read_at(buf, offset) {
             return fail(&e);

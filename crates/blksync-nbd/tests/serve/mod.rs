@@ -360,6 +360,12 @@ fn hostile_clients_get_errors_or_are_closed_and_the_others_are_served() {
     assert_eq!(raw.simple_reply(), (6, errno::EINVAL));
     raw.send_len(cmd::WRITE_ZEROES, cmd_flag::FAST_ZERO, 7, 0, 4096);
     assert_eq!(raw.simple_reply(), (7, errno::ENOTSUP), "Memory's zeroing is not offloaded");
+    // A write beyond the maximum payload: its 64 MiB are read past, the stream stays framed.
+    raw.send_len(cmd::WRITE, 0, 8, 0, 64 << 20);
+    raw.write(&vec![0; 64 << 20]);
+    assert_eq!(raw.simple_reply(), (8, errno::EINVAL));
+    raw.send(cmd::READ, 0, 9, 0, &[]);
+    assert_eq!(raw.read_reply(9, 512), Ok(pattern(512, 9)));
     // A bad magic closes the connection.
     raw.write(&[0u8; 28]);
     assert!(raw.closed());
@@ -391,6 +397,8 @@ fn structured_reads_send_holes_as_holes_and_df_as_one_data_chunk() {
     assert_eq!(chunks, ["hole 0+8192", "data 8192+4096", "hole 12288+4096", "none"]);
     raw.send_len(cmd::READ, cmd_flag::DF, 2, 0, 16384);
     assert_eq!(raw.chunks(2), ["data 0+16384 done"]);
+    raw.send_len(cmd::READ, 0, 3, 0, 0);
+    assert_eq!(raw.chunks(3), ["none"], "no data chunk without data");
 }
 
 #[test]
