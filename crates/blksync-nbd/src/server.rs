@@ -45,6 +45,9 @@ use crate::socket::{Socket, io_text};
 /// The protocol's port.
 pub const DEFAULT_PORT: u16 = 10809;
 
+/// After a stop, how long a reply may wait for a client that does not read it.
+const STOP_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How the server runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOptions {
@@ -227,6 +230,8 @@ impl StopHandle {
             c.stopped = true;
             for s in c.live.values() {
                 s.shutdown_read();
+                // A client that reads no replies must not hold the stop for ever.
+                let _ = s.set_write_timeout(Some(STOP_WRITE_TIMEOUT));
             }
         }
         // Wake the accept loop with a connection of our own; it sees the flag and ends.

@@ -79,6 +79,15 @@ impl Socket {
         };
     }
 
+    /// Sets or clears the write timeout (a stopping server's bound on a client that reads no
+    /// replies).
+    pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_write_timeout(timeout),
+            Socket::Unix(s) => s.set_write_timeout(timeout),
+        }
+    }
+
     /// Sets or clears the read timeout (the handshake has one, transmission none).
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
