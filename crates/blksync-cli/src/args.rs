@@ -77,6 +77,13 @@ pub enum Command {
     /// Fold the oldest increments of the chain in DEST into its base, keeping N increments.
     #[command(after_help = EXIT_CODES)]
     Prune(PruneArgs),
+    /// Export ADDRESS over NBD until Ctrl-C: a file, a device, any endpoint address, or a point
+    /// of the backup chain in a directory, read through the chain without restoring it.
+    ///
+    /// Prints the address clients use (`nbd://127.0.0.1:10809/` by default) on stdout. Clients:
+    /// qemu (`-drive file=nbd://…`), nbdcopy, nbdinfo, qemu-img, nbdfuse, nbd-client.
+    #[command(after_help = EXIT_CODES)]
+    Serve(ServeArgs),
     /// Print a completion script for SHELL on stdout (bash, zsh, fish, elvish, powershell).
     ///
     /// bash: `blksync completions bash > /etc/bash_completion.d/blksync`; zsh: into a directory
@@ -111,6 +118,7 @@ impl Command {
             Command::List(_) => "list",
             Command::Restore(_) => "restore",
             Command::Prune(_) => "prune",
+            Command::Serve(_) => "serve",
             Command::Completions(_) => "completions",
             Command::Man => "man",
             Command::Agent(_) => "agent",
@@ -131,7 +139,7 @@ impl Command {
             Command::List(a) => a.json,
             Command::Restore(a) => a.output.json && a.target != "-",
             Command::Prune(a) => a.common.output.json,
-            Command::Completions(_) | Command::Man | Command::Agent(_) => false,
+            Command::Serve(_) | Command::Completions(_) | Command::Man | Command::Agent(_) => false,
         }
     }
 }
@@ -243,6 +251,31 @@ pub struct RestoreArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+/// `blksync serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A file, a block device, an endpoint address (lvm://, nbd://…), or a backup chain's
+    /// directory, on this host.
+    #[arg(value_name = "ADDRESS")]
+    pub address: OsString,
+    /// For a chain: which point (a number from `list`, or a time; default: the newest).
+    #[arg(long, value_name = "N|TIME")]
+    pub at: Option<String>,
+    /// Listen on HOST:PORT (default 127.0.0.1:10809). Naming another address than loopback
+    /// here is what allows it.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "socket")]
+    pub listen: Option<String>,
+    /// Listen on a unix socket at PATH instead.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Let clients write: to a file, a device or an export (not to a chain's point).
+    #[arg(long)]
+    pub writable: bool,
+    /// Print only errors on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// `blksync prune`.

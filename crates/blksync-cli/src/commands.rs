@@ -611,6 +611,48 @@ pub fn man() -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// `blksync serve`.
+pub fn serve(args: &crate::args::ServeArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let address = match Location::parse(&args.address)? {
+        Location::Local(path) => path,
+        Location::Remote(r) => anyhow::bail!(blksync::Error::usage(format!(
+            "{}: serve runs on the host that holds it: ssh {} blksync serve {}",
+            r.display(),
+            r.destination(),
+            r.path.display()
+        ))),
+    };
+    let listen = match (&args.socket, &args.listen) {
+        (Some(path), _) => blksync::serve::Listen::Unix(path.clone()),
+        (None, Some(address)) => blksync::serve::Listen::Tcp { address: address.clone(), explicit: true },
+        (None, None) => blksync::serve::Listen::default(),
+    };
+    let at = match &args.at {
+        Some(text) => Some(parse_at(Some(text))?),
+        None => None,
+    };
+    let options = blksync::serve::ServeOptions { at, writable: args.writable, listen };
+    let quiet = args.quiet;
+    let shown = address.display().to_string();
+    let mut printed = Ok(());
+    blksync::serve::serve(
+        &address,
+        &options,
+        |uri| {
+            printed = console::out(uri);
+            if !quiet {
+                console::err(&format!("blksync: serving {shown} at {uri} until interrupted (Ctrl-C)"));
+            }
+        },
+        Control { observer: &blksync::progress::Silent, cancel },
+    )?;
+    printed?;
+    if !quiet {
+        console::err("blksync: stopped serving");
+    }
+    Ok(Outcome::Success)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

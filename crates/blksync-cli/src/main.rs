@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         Command::List(args) => commands::list(args, &cancel),
         Command::Restore(args) => commands::restore(args, &cancel),
         Command::Prune(args) => commands::prune(args, &cancel),
+        Command::Serve(args) => commands::serve(args, &cancel),
         Command::Completions(args) => commands::completions(args),
         Command::Man => commands::man(),
         Command::Agent(_) => unreachable!("handled above"),

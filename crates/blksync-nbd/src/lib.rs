@@ -20,6 +20,8 @@
 //! length from the server bounded before anything is allocated for it. No TLS: `nbds://` is
 //! refused with the way around it (an ssh tunnel).
 //!
+//! [`server`] is the other direction: an NBD server that exports any `Source` or `Target`.
+//!
 //! Modules: [`address`] (the URI forms), [`wire`] (the protocol's messages in both directions,
 //! for a later server too), `handshake` (negotiation), `connection` (the multiplexed
 //! transmission phase), [`endpoint`] ([`Nbd`]).
@@ -28,9 +30,11 @@ pub mod address;
 mod connection;
 pub mod endpoint;
 mod handshake;
+pub mod server;
 mod socket;
 pub mod wire;
 
 pub use address::{NbdAddress, Transport, parse};
 pub use endpoint::{Nbd, NbdOptions};
 pub use handshake::{BlockSizes, Export};
+pub use server::{Server, ServerOptions, StopHandle};

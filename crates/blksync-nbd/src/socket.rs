@@ -70,6 +70,24 @@ impl Socket {
         };
     }
 
+    /// Shuts the reading half: a thread blocked reading wakes with end of file, while replies can
+    /// still be written (how a server stops a connection cleanly).
+    pub(crate) fn shutdown_read(&self) {
+        let _ = match self {
+            Socket::Tcp(s) => s.shutdown(Shutdown::Read),
+            Socket::Unix(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
+    /// Sets or clears the write timeout (a stopping server's bound on a client that reads no
+    /// replies).
+    pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_write_timeout(timeout),
+            Socket::Unix(s) => s.set_write_timeout(timeout),
+        }
+    }
+
     /// Sets or clears the read timeout (the handshake has one, transmission none).
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {

@@ -354,7 +354,9 @@ pub fn text(bytes: &[u8]) -> String {
 /// changes a message).
 #[doc(hidden)]
 pub fn exercise_decoders(data: &[u8]) {
-    use option::{ExportName, Go, Greeting, Info, MetaContext, MetaContextQuery, OptionHeader, ReplyHeader};
+    use option::{
+        ExportEntry, ExportName, Go, Greeting, Info, MetaContext, MetaContextQuery, OptionHeader, ReplyHeader,
+    };
     use transmission::{BlockStatus, ErrorChunk, OffsetHole, Request};
 
     fn fixed<const N: usize>(data: &[u8]) -> Option<[u8; N]> {
@@ -384,6 +386,9 @@ pub fn exercise_decoders(data: &[u8]) {
     }
     if let Ok(i) = Info::decode(data) {
         assert_eq!(Info::decode(&i.encode()).ok(), Some(i));
+    }
+    if let Ok(e) = ExportEntry::decode(data) {
+        assert_eq!(ExportEntry::decode(&e.encode()).ok(), Some(e));
     }
     if let Ok(m) = MetaContext::decode(data) {
         assert_eq!(MetaContext::decode(&m.encode()).ok(), Some(m));

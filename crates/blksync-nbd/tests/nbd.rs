@@ -5,6 +5,7 @@
 //! No test waits for time: servers are ready when the lab script returns, and tests that need
 //! an event (a request reaching the server) wait for it in the server's log.
 
+mod serve;
 mod support;
 
 use std::path::Path;

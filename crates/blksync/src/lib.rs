@@ -36,6 +36,7 @@ pub mod peer;
 pub mod place;
 pub mod protocol;
 pub mod relay;
+pub mod serve;
 pub mod sizing;
 pub mod ssh;
 pub mod sync;

@@ -324,6 +324,35 @@ impl MetaContext {
     }
 }
 
+/// The data of an `NBD_REP_SERVER` reply (to `NBD_OPT_LIST`): an export's name, then its
+/// description filling the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    /// The export's name.
+    pub name: String,
+    /// For humans (may be empty).
+    pub description: String,
+}
+
+impl ExportEntry {
+    /// The reply's data (for a server); the description is cut to the protocol's 4096 bytes.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.name.len() + self.description.len());
+        put_name(&mut out, &self.name);
+        out.extend_from_slice(super::text(self.description.as_bytes()).as_bytes());
+        out
+    }
+
+    /// Decodes the reply's data.
+    pub fn decode(data: &[u8]) -> Result<ExportEntry> {
+        let mut f = Fields::new(data, "NBD_REP_SERVER");
+        let len = f.u32()? as usize;
+        let name = f.name(len)?;
+        Ok(ExportEntry { name, description: super::text(f.rest()) })
+    }
+}
+
 /// The server's answer to `NBD_OPT_EXPORT_NAME`: size and transmission flags, then 124 zero
 /// bytes unless `NO_ZEROES` was agreed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,6 +432,8 @@ mod tests {
         ] {
             assert_eq!(Info::decode(&i.encode()).unwrap(), i);
         }
+        let entry = ExportEntry { name: "disk".into(), description: "a disk".into() };
+        assert_eq!(ExportEntry::decode(&entry.encode()).unwrap(), entry);
         let m = MetaContext { id: 9, name: "base:allocation".into() };
         assert_eq!(MetaContext::decode(&m.encode()).unwrap(), m);
         let e = ExportName { size: 123_456, flags: 3 };

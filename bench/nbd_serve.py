@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""blksync NBD server benchmark: nbdcopy reading a raw file through blksync's server
+(examples/nbd-serve) next to nbdcopy reading the same file through `qemu-nbd -r`, the
+baseline, in the same run.
+
+Both servers serve the same raw file (data everywhere: every byte crosses the socket) on a unix
+socket; the file is read once first so that both read it from the page cache. nbdcopy runs with
+its defaults (4 connections x 64 requests of 256 KiB) and with --connections=1 --requests=16
+(one connection, as blksync's own client uses), writing to null:.
+
+Usage: bench/nbd_serve.py [--size 1G] [--runs 3] [--bin target/release/examples/nbd-serve]
+Needs: qemu-nbd (qemu-utils), nbdcopy (libnbd-bin), python3; builds the example when --bin is
+missing.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench import parse_size  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def wait_for_socket(path, proc):
+    # The servers print nothing we can wait on (qemu-nbd) or print "ready" (ours); for qemu-nbd
+    # poll for the socket file, bounded, failing if the process died.
+    for _ in range(2000):
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            sys.exit(f"bench: server exited with {proc.returncode}")
+        time.sleep(0.005)
+    sys.exit("bench: the server never listened")
+
+
+def timed(cmd):
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def median(fn, runs):
+    fn()  # warm-up
+    return statistics.median(fn() for _ in range(runs))
+
+
+def machine():
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {model}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "examples", "nbd-serve"))
+    args = ap.parse_args()
+    for tool in ("qemu-nbd", "nbdcopy"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} not found (apt-get install qemu-utils libnbd-bin)")
+    if not os.path.exists(args.bin):
+        subprocess.run(["cargo", "build", "--release", "-p", "blksync-nbd", "--example", "nbd-serve"],
+                       check=True, cwd=ROOT)
+    size = parse_size(args.size)
+    mb = size / 1e6
+    directory = tempfile.mkdtemp(prefix="blksync-bench-serve-")
+    try:
+        image = os.path.join(directory, "disk.img")
+        block = bytes(range(256)) * 4096  # 1 MiB of a pattern: no zeros for anyone to skip
+        with open(image, "wb") as f:
+            for _ in range(size // len(block)):
+                f.write(block)
+        with open(image, "rb") as f:
+            while f.read(1 << 24):
+                pass
+        ours_sock = os.path.join(directory, "ours.sock")
+        qemu_sock = os.path.join(directory, "qemu.sock")
+        ours = subprocess.Popen([args.bin, image, ours_sock], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        assert ours.stdout.readline().strip() == "ready"
+        qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "8", "-f", "raw", "-k", qemu_sock, image])
+        wait_for_socket(qemu_sock, qemu)
+        try:
+            print(f"# blksync NBD server benchmark: nbdcopy of a {size >> 20} MiB raw file (page cache, "
+                  f"unix socket) to null:, median of {args.runs} after a warm-up; {machine()}")
+            print(f"{'server':<30} {'client':<40} {'seconds':>8} {'MB/s':>7}")
+            for client, flags in (("nbdcopy (4 connections x 64)", []),
+                                  ("nbdcopy --connections=1 --requests=16", ["--connections=1", "--requests=16"])):
+                for label, sock in (("blksync-nbd server", ours_sock), ("qemu-nbd -r (baseline)", qemu_sock)):
+                    uri = f"nbd+unix:///?socket={sock}"
+                    seconds = median(lambda: timed(["nbdcopy", *flags, uri, "null:"]), args.runs)
+                    print(f"{label:<30} {client:<40} {seconds:>8.3f} {mb / seconds:>7.0f}", flush=True)
+        finally:
+            ours.stdin.close()
+            ours.wait(timeout=60)
+            qemu.terminate()
+            qemu.wait(timeout=60)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
