@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--size", default="1G")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "examples", "nbd-serve"))
+    ap.add_argument("--blksync", default=os.path.join(ROOT, "target", "release", "blksync"))
     args = ap.parse_args()
     for tool in ("qemu-nbd", "nbdcopy"):
         if shutil.which(tool) is None:
@@ -108,8 +109,54 @@ def main():
             ours.wait(timeout=60)
             qemu.terminate()
             qemu.wait(timeout=60)
+        point(args, directory, image, size)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def point(args, directory, image, size):
+    """Issue 10's target: a backup point read through `blksync serve` (through its chain, base
+    and increment) next to `qemu-nbd -r` serving the same point restored to a raw file."""
+    bs = args.blksync
+    if not os.path.exists(bs):
+        subprocess.run(["cargo", "build", "--release", "-p", "blksync-cli"], check=True, cwd=ROOT)
+    chain = os.path.join(directory, "chain")
+    subprocess.run([bs, "backup", "-q", image, chain], check=True)
+    with open(image, "r+b") as f:  # about 5 % of the blocks change: one 4 KiB block in 20
+        for offset in range(0, size, 80 * 1024):
+            f.seek(offset)
+            f.write(os.urandom(4096))
+    subprocess.run([bs, "backup", "-q", image, chain], check=True)
+    restored = os.path.join(directory, "restored.img")
+    subprocess.run([bs, "restore", "-q", chain, restored], check=True)
+    for path in (restored, image):
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    ours_sock = os.path.join(directory, "point.sock")
+    qemu_sock = os.path.join(directory, "restored.sock")
+    ours = subprocess.Popen([bs, "serve", "-q", "--socket", ours_sock, chain], stdout=subprocess.PIPE, text=True)
+    ours.stdout.readline()
+    qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "8", "-f", "raw", "-k", qemu_sock, restored])
+    wait_for_socket(qemu_sock, qemu)
+    mb = size / 1e6
+    try:
+        print()
+        print(f"# a backup point (base + one increment, 5 % of blocks changed) through `blksync serve`, "
+              f"next to qemu-nbd -r serving the point restored to a raw file")
+        results = {}
+        for label, sock in (("blksync serve CHAIN", ours_sock), ("qemu-nbd -r RESTORED", qemu_sock)):
+            uri = f"nbd+unix:///?socket={sock}"
+            seconds = median(lambda: timed(["nbdcopy", uri, "null:"]), args.runs)
+            results[label] = seconds
+            print(f"{label:<30} {'nbdcopy (defaults)':<40} {seconds:>8.3f} {mb / seconds:>7.0f}", flush=True)
+        ratio = results["blksync serve CHAIN"] / results["qemu-nbd -r RESTORED"]
+        print(f"ratio {ratio:.2f} (target <= 1.5)")
+    finally:
+        ours.send_signal(2)
+        ours.wait(timeout=60)
+        qemu.terminate()
+        qemu.wait(timeout=60)
 
 
 if __name__ == "__main__":
