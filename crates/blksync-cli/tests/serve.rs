@@ -22,7 +22,7 @@ fn start(args: &[&str]) -> (Child, String) {
 }
 
 /// Sends `signal` and returns the exit code and stderr.
-fn stop(mut child: Child, signal: &str) -> (i32, String) {
+fn stop(child: Child, signal: &str) -> (i32, String) {
     let status = Command::new("kill").args(["-s", signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();

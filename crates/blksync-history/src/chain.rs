@@ -393,7 +393,8 @@ impl Chain {
         }
         cut(&mut pieces, size, u64::MAX);
         let name = self.dir.join(format!("@{n}"));
-        Ok(Image { name, base, sums, size, pieces, deltas, chain: Arc::clone(self) })
+        let checked = sums.as_ref().map(crate::sums::Checked::new);
+        Ok(Image { name, base, sums, checked, size, pieces, deltas, chain: Arc::clone(self) })
     }
 }
 
@@ -433,8 +434,10 @@ pub fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
 pub struct Image {
     name: PathBuf,
     base: Local,
-    /// The base's content hashes, checked on every read of the base.
+    /// The base's content hashes, checked on the first read of each block of the base.
     sums: Option<Sums>,
+    /// The blocks of the base this image has checked.
+    checked: Option<crate::sums::Checked>,
     size: u64,
     pieces: BTreeMap<u64, Piece>,
     /// Indices of the increments applied, into `chain.increments`.
@@ -502,7 +505,13 @@ impl Source for Image {
         if offset < base_end {
             let part = &mut buf[..(base_end - offset) as usize];
             match &self.sums {
-                Some(sums) => crate::sums::read_checked(sums, &self.chain.base_image, &self.base, part, offset)?,
+                Some(sums) => crate::sums::read_checked(
+                    sums,
+                    (&self.chain.base_image, self.checked.as_ref()),
+                    &self.base,
+                    part,
+                    offset,
+                )?,
                 None => self.base.read_at(part, offset)?,
             }
         }

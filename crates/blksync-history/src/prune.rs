@@ -105,7 +105,7 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
             let n = (end.min(old_size) - pos).min(PIECE) as usize;
             take(n);
             match &sums {
-                Some(s) => crate::sums::read_checked(s, &chain.base_image, &base, &mut buf[..n], pos)?,
+                Some(s) => crate::sums::read_checked(s, (&chain.base_image, None), &base, &mut buf[..n], pos)?,
                 None => base.read_at(&mut buf[..n], pos)?,
             }
             let kind = if crate::zero::is_zero(&buf[..n]) { Kind::Zeros } else { Kind::Data };
