@@ -1,22 +1,20 @@
 #!/usr/bin/env python3
-"""blksync NBD server benchmark: nbdcopy reading a raw file through blksync's server
-(examples/nbd-serve) next to nbdcopy reading the same file through `qemu-nbd -r`, the
-baseline, in the same run.
+"""blksync NBD server benchmark: nbdcopy reading a raw file through `blksync serve` next to
+nbdcopy reading the same file through `qemu-nbd -r`, the baseline, in the same run; then a
+backup point through `blksync serve` next to qemu-nbd serving the point restored.
 
 Both servers serve the same raw file (data everywhere: every byte crosses the socket) on a unix
 socket; the file is read once first so that both read it from the page cache. nbdcopy runs with
 its defaults (4 connections x 64 requests of 256 KiB) and with --connections=1 --requests=16
 (one connection, as blksync's own client uses), writing to null:.
 
-Usage: bench/nbd_serve.py [--size 1G] [--runs 3] [--bin target/release/examples/nbd-serve]
-Needs: qemu-nbd (qemu-utils), nbdcopy (libnbd-bin), python3; builds the example when --bin is
-missing.
+Usage: bench/nbd_serve.py [--size 1G] [--runs 3] [--blksync target/release/blksync]
+Needs: qemu-nbd (qemu-utils), nbdcopy (libnbd-bin), python3; builds blksync when it is missing.
 """
 
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench import parse_size  # noqa: E402
+from nbd import machine, median, timed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -41,40 +40,17 @@ def wait_for_socket(path, proc):
     sys.exit("bench: the server never listened")
 
 
-def timed(cmd):
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
-
-
-def median(fn, runs):
-    fn()  # warm-up
-    return statistics.median(fn() for _ in range(runs))
-
-
-def machine():
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores, {model}"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1G")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "examples", "nbd-serve"))
     ap.add_argument("--blksync", default=os.path.join(ROOT, "target", "release", "blksync"))
     args = ap.parse_args()
     for tool in ("qemu-nbd", "nbdcopy"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} not found (apt-get install qemu-utils libnbd-bin)")
-    if not os.path.exists(args.bin):
-        subprocess.run(["cargo", "build", "--release", "-p", "blksync-nbd", "--example", "nbd-serve"],
-                       check=True, cwd=ROOT)
+    if not os.path.exists(args.blksync):
+        subprocess.run(["cargo", "build", "--release", "-p", "blksync-cli"], check=True, cwd=ROOT)
     size = parse_size(args.size)
     mb = size / 1e6
     directory = tempfile.mkdtemp(prefix="blksync-bench-serve-")
@@ -89,9 +65,9 @@ def main():
                 pass
         ours_sock = os.path.join(directory, "ours.sock")
         qemu_sock = os.path.join(directory, "qemu.sock")
-        ours = subprocess.Popen([args.bin, image, ours_sock], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        ours = subprocess.Popen([args.blksync, "serve", "-q", "--socket", ours_sock, image], stdout=subprocess.PIPE,
                                 text=True)
-        assert ours.stdout.readline().strip() == "ready"
+        ours.stdout.readline()  # the address, once it listens
         qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "8", "-f", "raw", "-k", qemu_sock, image])
         wait_for_socket(qemu_sock, qemu)
         try:
@@ -100,12 +76,12 @@ def main():
             print(f"{'server':<30} {'client':<40} {'seconds':>8} {'MB/s':>7}")
             for client, flags in (("nbdcopy (4 connections x 64)", []),
                                   ("nbdcopy --connections=1 --requests=16", ["--connections=1", "--requests=16"])):
-                for label, sock in (("blksync-nbd server", ours_sock), ("qemu-nbd -r (baseline)", qemu_sock)):
+                for label, sock in (("blksync serve FILE", ours_sock), ("qemu-nbd -r (baseline)", qemu_sock)):
                     uri = f"nbd+unix:///?socket={sock}"
                     seconds = median(lambda: timed(["nbdcopy", *flags, uri, "null:"]), args.runs)
                     print(f"{label:<30} {client:<40} {seconds:>8.3f} {mb / seconds:>7.0f}", flush=True)
         finally:
-            ours.stdin.close()
+            ours.send_signal(2)
             ours.wait(timeout=60)
             qemu.terminate()
             qemu.wait(timeout=60)
@@ -118,8 +94,6 @@ def point(args, directory, image, size):
     """Issue 10's target: a backup point read through `blksync serve` (through its chain, base
     and increment) next to `qemu-nbd -r` serving the same point restored to a raw file."""
     bs = args.blksync
-    if not os.path.exists(bs):
-        subprocess.run(["cargo", "build", "--release", "-p", "blksync-cli"], check=True, cwd=ROOT)
     chain = os.path.join(directory, "chain")
     subprocess.run([bs, "backup", "-q", image, chain], check=True)
     with open(image, "r+b") as f:  # about 5 % of the blocks change: one 4 KiB block in 20

@@ -280,6 +280,9 @@ pub struct ChangeCursor<'a> {
     /// `[start, end)` asked so far, and the changed extents in it.
     asked: (u64, u64),
     changed: Vec<crate::extent::Extent>,
+    /// The first extent of `changed` that may still matter (the ones before it end earlier than
+    /// the last position asked about): each extent is looked at once, however fragmented.
+    next: usize,
 }
 
 impl<'a> ChangeCursor<'a> {
@@ -289,7 +292,7 @@ impl<'a> ChangeCursor<'a> {
     /// A cursor at the start of `source`.
     #[must_use]
     pub fn new(source: &'a dyn Source) -> Self {
-        ChangeCursor { source, asked: (0, 0), changed: Vec::new() }
+        ChangeCursor { source, asked: (0, 0), changed: Vec::new(), next: 0 }
     }
 
     /// Whether anything in `[start, end)` changed. Calls must ask for ascending ranges.
@@ -301,9 +304,13 @@ impl<'a> ChangeCursor<'a> {
                 let span = (self.source.size() - pos).min(Self::SPAN);
                 self.changed = self.source.changed(pos, span)?;
                 self.asked = (pos, pos + span);
+                self.next = 0;
             }
             let stop = end.min(self.asked.1);
-            if self.changed.iter().any(|e| e.offset < stop && e.end() > pos) {
+            while self.changed.get(self.next).is_some_and(|e| e.end() <= pos) {
+                self.next += 1;
+            }
+            if self.changed[self.next..].iter().take_while(|e| e.offset < stop).any(|e| e.end() > pos) {
                 return Ok(true);
             }
             pos = stop;
@@ -370,5 +377,64 @@ mod tests {
         assert_eq!(Caps::from_bits(0, 0).block_size, 4096);
         assert_eq!(Caps::from_bits(0, 3000).block_size, 4096);
         assert_eq!(Caps::from_bits(u32::MAX, 4096).to_bits(), 0b11_1111, "unknown bits are dropped");
+    }
+}
+
+#[cfg(test)]
+mod change_cursor_tests {
+    use super::{ChangeCursor, Identity, Segment, Source};
+    use crate::extent::Extent;
+    use std::path::Path;
+
+    /// A source whose changed-block map is `changed`, asked through the cursor.
+    struct Marked {
+        size: u64,
+        changed: Vec<Extent>,
+    }
+
+    impl Source for Marked {
+        fn name(&self) -> &Path {
+            Path::new("marked")
+        }
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> crate::Result<()> {
+            unreachable!("a cursor only asks for changes")
+        }
+        fn segment_at(&self, offset: u64) -> crate::Result<Segment> {
+            Ok(Segment { start: offset, end: self.size, allocated: true })
+        }
+        fn drop_cache(&self, _: u64, _: u64) {}
+        fn identity(&self) -> Identity {
+            Identity::None
+        }
+        fn changed(&self, offset: u64, len: u64) -> crate::Result<Vec<Extent>> {
+            let end = offset + len;
+            Ok(self.changed.iter().filter_map(|e| e.intersect(&Extent::between(offset, end))).collect())
+        }
+    }
+
+    /// Ascending chunks see exactly the extents that overlap them, across the cursor's spans,
+    /// and a source that tracks nothing reports every chunk changed.
+    #[test]
+    fn a_forward_walk_sees_exactly_the_overlapping_changes() {
+        let gib = 1u64 << 30;
+        let changed = vec![Extent::between(10, 20), Extent::between(4096, 4097), Extent::between(gib - 1, gib + 5)];
+        let source = Marked { size: 3 * gib, changed: changed.clone() };
+        let mut cursor = ChangeCursor::new(&source);
+        let chunk = 1024;
+        let mut found = Vec::new();
+        let mut start = 0;
+        while start < 2 * gib {
+            if cursor.any_in(start, start + chunk).unwrap() {
+                found.push(start);
+            }
+            start += chunk;
+        }
+        assert_eq!(found, [0, 4096, gib - chunk, gib]);
+        let plain = crate::endpoint::memory::Memory::new("plain", 8192);
+        let mut cursor = ChangeCursor::new(&plain);
+        assert!(cursor.any_in(0, 4096).unwrap() && cursor.any_in(4096, 8192).unwrap());
     }
 }

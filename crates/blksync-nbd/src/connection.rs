@@ -720,13 +720,7 @@ mod tests {
         use crate::wire::transmission::SimpleReply;
         use std::os::unix::net::UnixStream;
 
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::wire::random_stream(0x2545_f491_4f6c_dd1d);
         for round in 0..300 {
             let mut bytes = Vec::new();
             for _ in 0..=next() % 6 {

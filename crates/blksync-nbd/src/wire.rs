@@ -348,6 +348,18 @@ pub fn text(bytes: &[u8]) -> String {
     out
 }
 
+/// A seeded xorshift64 stream, for the random-input tests of this crate's decoders: the same
+/// bytes on every run, so that a failure reproduces.
+#[cfg(test)]
+pub(crate) fn random_stream(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 /// Runs every decoder of this module over `data` and checks that whatever decodes encodes back
 /// to a message that decodes to the same value. For the fuzz target `nbd_decoders` and the
 /// random-input test; it panics only on a bug (a decoder that panics, or a round trip that
@@ -419,13 +431,7 @@ mod tests {
     /// a decoder past its first check.
     #[test]
     fn every_decoder_survives_random_input() {
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::wire::random_stream(0x9e37_79b9_7f4a_7c15);
         let magics: [&[u8]; 6] = [
             &NBDMAGIC.to_be_bytes(),
             &IHAVEOPT.to_be_bytes(),

@@ -360,13 +360,7 @@ mod tests {
     /// panics or allocates beyond its bound.
     #[test]
     fn negotiation_survives_random_input() {
-        let mut seed: u64 = 0x1234_5678_9abc_def1;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::wire::random_stream(0x1234_5678_9abc_def1);
         let options =
             [opt::GO, opt::INFO, opt::LIST, opt::SET_META_CONTEXT, opt::LIST_META_CONTEXT, opt::STRUCTURED_REPLY];
         for _ in 0..5_000 {

@@ -244,13 +244,7 @@ mod tests {
     /// A seeded stream of random headers: every one is a command inside the limits or a refusal.
     #[test]
     fn the_check_survives_random_requests() {
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::wire::random_stream(0x2545_f491_4f6c_dd1d);
         for _ in 0..100_000 {
             let mut data: Vec<u8> = (0..40).map(|_| next() as u8).collect();
             data[28] |= 1;
