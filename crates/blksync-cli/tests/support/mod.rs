@@ -53,10 +53,15 @@ pub fn ok(args: &[&str]) -> Output {
     out
 }
 
-/// Names of the temporary files (`NAME.tmp-PID`) left in `dir`.
+/// Names of the temporary files (`NAME.tmp-PID`) left in `dir`; none if `dir` does not exist
+/// (a first backup killed before it made its chain's directory).
 pub fn temporary_files(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("{}: {e}", dir.display()),
+    };
+    entries
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(".tmp-"))
