@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::extent::{Extent, Runs};
 use crate::progress::{Control, Counters};
 use crate::throttle::Throttle;
+use crate::write_behind;
 use crate::zero::is_zero;
 
 /// Bytes per unit of work: one read per side, at most one write per run.
@@ -92,16 +93,41 @@ struct Work {
 /// borders.
 struct Collector {
     next: u64,
-    pending: BTreeMap<u64, (u64, Vec<Extent>)>,
+    pending: BTreeMap<u64, (u64, bool, Vec<Extent>)>,
     open: Option<Extent>,
     found: Found,
     keep: usize,
+    /// Where the done prefix's part that was read and not yet dropped from the page cache
+    /// starts (none: everything done so far was dropped or never read).
+    cached: Option<u64>,
+    /// The differing ranges are written (not only counted).
+    applying: bool,
+    /// Bytes written in the part of the done prefix not yet dropped.
+    written: u64,
+}
+
+/// What leaves the page cache after a chunk completed.
+#[derive(Default, Clone, Copy)]
+struct Drops {
+    source: Option<Extent>,
+    dest: Option<Extent>,
 }
 
 impl Collector {
-    fn complete(&mut self, offset: u64, len: u64, diffs: Vec<Extent>) {
-        self.pending.insert(offset, (len, diffs));
-        while let Some((len, diffs)) = self.pending.remove(&self.next) {
+    /// Records a completed chunk (`read`: it was read, and so cached). Returns what of the done
+    /// prefix no worker reads again and can leave the cache: the source in ranges of
+    /// `write_behind::WINDOW` or more, the destination likewise unless scattered writes went
+    /// there. Both are behind every chunk in flight, so a drop never evicts what a worker is
+    /// about to read.
+    fn complete(&mut self, offset: u64, len: u64, read: bool, diffs: Vec<Extent>) -> Drops {
+        self.pending.insert(offset, (len, read, diffs));
+        while let Some((len, read, diffs)) = self.pending.remove(&self.next) {
+            if read {
+                self.cached.get_or_insert(self.next);
+            }
+            if self.applying {
+                self.written += diffs.iter().map(|d| d.len).sum::<u64>();
+            }
             for d in diffs {
                 match &mut self.open {
                     Some(open) if open.end() == d.offset => open.len += d.len,
@@ -114,6 +140,20 @@ impl Collector {
             }
             self.next += len;
         }
+        if matches!(self.cached, Some(start) if self.next - start >= write_behind::WINDOW) {
+            return self.take_cached();
+        }
+        Drops::default()
+    }
+
+    /// The read part of the done prefix not yet dropped from the cache, from now on counted as
+    /// dropped. The destination's part stays when scattered writes went there
+    /// (`write_behind::worth_dropping`).
+    fn take_cached(&mut self) -> Drops {
+        let Some(start) = self.cached.take() else { return Drops::default() };
+        let read = Extent { offset: start, len: self.next - start };
+        let written = std::mem::take(&mut self.written);
+        Drops { source: Some(read), dest: write_behind::worth_dropping(read.len, written).then_some(read) }
     }
 
     fn close(&mut self, range: Extent) {
@@ -143,6 +183,9 @@ impl Scan<'_> {
             open: None,
             found: Found::default(),
             keep: self.keep_ranges,
+            cached: None,
+            applying: matches!(self.action, Action::Apply(_)),
+            written: 0,
         });
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let stop = AtomicBool::new(false);
@@ -166,13 +209,14 @@ impl Scan<'_> {
                                 break;
                             }
                         }
-                        let processed = self.process(&work, &mut bufs, counters).map(|diffs| {
-                            collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
-                                work.offset,
-                                work.len as u64,
-                                diffs,
-                            );
-                        });
+                        let processed =
+                            self.process(&work, &mut bufs, counters).map(|diffs| {
+                                let done = collector
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .complete(work.offset, work.len as u64, true, diffs);
+                                self.drop_cache(done);
+                            });
                         match processed {
                             Ok(()) => control.observer.progress(&counters.snapshot()),
                             Err(e) => {
@@ -195,7 +239,10 @@ impl Scan<'_> {
         if let Some(e) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
             return Err(e);
         }
-        let mut found = collector.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).finish();
+        let mut collector = collector.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rest = collector.take_cached();
+        self.drop_cache(rest);
+        let mut found = collector.finish();
         found.cancelled = found.done < self.scan_len && control.cancelled();
         Ok(found)
     }
@@ -230,11 +277,13 @@ impl Scan<'_> {
             {
                 // Unchanged since the mark, and so still what the copy holds: not read.
                 counters.add_scanned(len as u64);
-                collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
+                let done = collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
                     offset,
                     len as u64,
+                    false,
                     Vec::new(),
                 );
+                self.drop_cache(done);
                 offset = end;
                 continue;
             }
@@ -245,11 +294,13 @@ impl Scan<'_> {
             if source_data.is_empty() && dest_data.is_empty() {
                 // Zeros on both sides: nothing to read, nothing to do.
                 counters.add_scanned(len as u64);
-                collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
+                let done = collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
                     offset,
                     len as u64,
+                    false,
                     Vec::new(),
                 );
+                self.drop_cache(done);
                 control.observer.progress(&counters.snapshot());
             } else if tx.send(Work { offset, len, source_data, dest_data }).is_err() {
                 // Every worker stopped (an error or a cancel); they say why.
@@ -329,11 +380,20 @@ impl Scan<'_> {
             }
         }
         counters.add_scanned(len as u64);
-        if !self.keep_cache {
-            self.source.drop_cache(work.offset, len as u64);
-            self.dest.drop_cache(work.offset, len as u64);
-        }
         Ok(diffs)
+    }
+
+    /// Drops what the sides cached of parts of the done prefix, unless asked to keep it.
+    fn drop_cache(&self, drops: Drops) {
+        if self.keep_cache {
+            return;
+        }
+        if let Some(range) = drops.source.filter(|r| r.len > 0) {
+            self.source.drop_cache(range.offset, range.len);
+        }
+        if let Some(range) = drops.dest.filter(|r| r.len > 0) {
+            self.dest.drop_cache(range.offset, range.len);
+        }
     }
 }
 

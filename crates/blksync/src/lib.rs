@@ -41,6 +41,7 @@ pub mod sizing;
 pub mod ssh;
 pub mod sync;
 mod transfer;
+mod write_behind;
 
 pub use blksync_core::{
     buffer, chain_files, error, extent, fingerprint, id, location, progress, size, temp, throttle, zero,

@@ -89,6 +89,8 @@ pub struct Link {
     child: Option<Child>,
     stderr: Option<Arc<Mutex<Vec<String>>>>,
     threads: Vec<JoinHandle<()>>,
+    /// `close` need not wait for the agent to exit (`allow_quick_close`).
+    quick_close: bool,
 }
 
 /// Encodes requests onto the agent's stdin, flushing when the queue is empty so that small frames
@@ -225,6 +227,7 @@ impl Link {
             child: None,
             stderr: None,
             threads: vec![thread],
+            quick_close: false,
         }
     }
 
@@ -323,6 +326,7 @@ impl Link {
             child: Some(conn.child),
             stderr: Some(conn.stderr),
             threads: vec![writer, reader, watchdog],
+            quick_close: false,
         };
         // The Hello goes out now; its reply is read with the first call's, saving a round trip
         // (the bootstrap already checked the protocol version, so a mismatch here is rare).
@@ -439,6 +443,13 @@ impl Link {
         Error::new(ErrorKind::Connection, format!("{}: the connection was lost{tail}", self.name))
     }
 
+    /// Lets `close` return once its `Bye` is on the way, without waiting for the agent to exit:
+    /// for a session whose endpoints were plain files or devices, whose closing cannot fail and
+    /// prints nothing. Waiting would cost a round trip on a slow link (issue 13, item 4).
+    pub fn allow_quick_close(&mut self) {
+        self.quick_close = true;
+    }
+
     /// Says goodbye and waits, a few seconds at most, for the peer to finish. A peer may be
     /// blocked on a full reply queue (the run ended while it was still answering), so replies
     /// are drained all along; for ssh, the agent is given a moment to exit, then ssh is killed.
@@ -446,6 +457,21 @@ impl Link {
         use crossbeam_channel::TrySendError;
         self.closing.store(true, Ordering::Relaxed);
         drop(self.watchdog_stop.take());
+        if self.quick_close && self.child.is_some() {
+            let _ = self.tx.try_send(Msg::Bye);
+            let (tx, _) = bounded(0);
+            drop(std::mem::replace(&mut self.tx, tx));
+            // The writer ends once the `Bye` is in ssh's pipe; ssh delivers it and exits with
+            // the agent, on its own. Dropping the `Child` neither kills nor waits for it.
+            let writer = self.threads.remove(0);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !writer.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.child.take();
+            self.threads.clear();
+            return;
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             match self.tx.try_send(Msg::Bye) {

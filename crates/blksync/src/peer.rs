@@ -23,11 +23,12 @@ use crate::endpoint::OpenTarget;
 use crate::endpoint::{Identity, SegmentCursor, Source, Target};
 use crate::engine::fill;
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::Runs;
+use crate::extent::{Extent, Runs};
 use crate::hash::{Hasher, Tree, chunk_size};
 use crate::protocol::message::{Role, open_flags};
 use crate::protocol::{FEATURES, Msg, VERSION};
 use crate::record::{Append, Recorder, Undo};
+use crate::write_behind::WriteBehind;
 use crate::zero::is_zero;
 
 mod files;
@@ -47,6 +48,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         recorder: None,
         role: Role::Source,
         keep_cache: false,
+        write_behind: WriteBehind::default(),
         scan: None,
         jobs: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
@@ -94,6 +96,8 @@ struct Peer {
     recorder: Option<Arc<Recorder<Arc<dyn Target>>>>,
     role: Role,
     keep_cache: bool,
+    /// When written pages leave the cache.
+    write_behind: WriteBehind,
     scan: Option<Arc<ScanState>>,
     jobs: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -238,8 +242,17 @@ impl Peer {
                 self.target()?.set_size(size)?;
                 self.reply(Msg::Done);
             }
-            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes } => {
-                self.start_scan(key, block, (end, data_len), threads, (rate, fingerprint, changes))?;
+            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes, only_if_size } => {
+                // A speculative scan runs only on an endpoint of the size it was made for; the
+                // client knows from `Opened` (or its error) which it was.
+                let wanted = match (only_if_size, &self.endpoint) {
+                    (None, _) => true,
+                    (Some(size), Some(endpoint)) => endpoint.exists() && endpoint.size() == size,
+                    (Some(_), None) => false,
+                };
+                if wanted {
+                    self.start_scan(key, block, (end, data_len), threads, (rate, fingerprint, changes))?;
+                }
             }
             Msg::Ack { chunks } => self.ack(chunks),
             Msg::Groups { chunk } => {
@@ -260,28 +273,9 @@ impl Peer {
                 self.upload.take().map_or(Ok(()), files::Upload::commit)?;
                 self.reply(Msg::Done);
             }
-            Msg::Write(chunk) => {
-                let data = compress::decode(&chunk)?;
-                let keep_cache = self.keep_cache;
-                let target = self.target()?;
-                target.write_at(&data, chunk.offset)?;
-                if !keep_cache {
-                    // As in the local engine: dropping the range starts its writeback now, so
-                    // the final flush does not have to write everything at once.
-                    target.drop_cache(chunk.offset, data.len() as u64);
-                }
-            }
+            Msg::Write(chunk) => self.write(&chunk)?,
             Msg::Zero { offset, len } => self.target()?.zero(offset, len)?,
-            Msg::Flush => {
-                let keep_cache = self.keep_cache;
-                let size = self.endpoint()?.size();
-                let target = self.target()?;
-                target.flush()?;
-                if !keep_cache {
-                    target.drop_cache(0, size);
-                }
-                self.reply(Msg::Done);
-            }
+            Msg::Flush => self.flush()?,
             Msg::Discard | Msg::FlushPartial => self.end_early(&msg)?,
             Msg::Fingerprint { after } => {
                 if let Some(recorder) = &self.recorder {
@@ -520,6 +514,31 @@ impl Peer {
         let text = String::from_utf8_lossy(comment).into_owned();
         self.serve_target(Arc::new(Undo::new(local, path.clone(), text)));
         self.reply(Msg::Path { path: path.into_os_string().into_vec() });
+        Ok(())
+    }
+
+    /// Writes a data frame to the target.
+    fn write(&mut self, chunk: &crate::protocol::message::Chunk) -> Result<()> {
+        let data = compress::decode(chunk)?;
+        self.target()?.write_at(&data, chunk.offset)?;
+        if !self.keep_cache {
+            // As in the local engine (`crate::write_behind`): scattered writes stay cached,
+            // dense ones leave the cache, which starts their writeback early.
+            let written = Extent { offset: chunk.offset, len: data.len() as u64 };
+            if let Some(range) = self.write_behind.wrote(written) {
+                self.target()?.drop_cache(range.offset, range.len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes what was written durable (a recorder commits), then says `Done`.
+    fn flush(&mut self) -> Result<()> {
+        self.target()?.flush()?;
+        if let Some(range) = self.write_behind.finish().filter(|_| !self.keep_cache) {
+            self.target()?.drop_cache(range.offset, range.len);
+        }
+        self.reply(Msg::Done);
         Ok(())
     }
 

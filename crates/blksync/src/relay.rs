@@ -83,10 +83,17 @@ struct Opened {
     path: Option<std::ffi::OsString>,
 }
 
-/// Sends an `Open` or `OpenChain` and reads what was opened.
-fn opened(link: &mut Link, msg: Msg) -> Result<Opened> {
+/// Sends an `Open` or `OpenChain` (and `then` right behind it, which has no reply of its own
+/// before the opening's) and reads what was opened.
+fn opened(link: &mut Link, msg: Msg, then: Option<Msg>) -> Result<Opened> {
     let mut warnings = Vec::new();
-    let mut reply = link.call(msg)?;
+    let mut reply = match then {
+        None => link.call(msg)?,
+        Some(then) => {
+            link.send(msg)?;
+            link.call(then)?
+        }
+    };
     while let Msg::Warning { text } = reply {
         warnings.push(text);
         reply = link.recv()?;
@@ -107,17 +114,45 @@ fn opened(link: &mut Link, msg: Msg) -> Result<Opened> {
 }
 
 /// Opens `path` on `link`. A target gets the source's permission bits (for a file it creates,
-/// as a local sync does) and size (for a `loop://FILE` it creates) from `like`.
+/// as a local sync does) and size (for a `loop://FILE` it creates) from `like`. `then` goes
+/// right behind the `Open` (a speculative `Scan`).
 fn open(
     link: &mut Link,
     role: Role,
     flags: u32,
     path: &OsStr,
     (name, like): (&[u8], Option<&Opened>),
+    then: Option<Msg>,
 ) -> Result<Opened> {
     let (mode, size) = like.map_or((0, 0), |s| (s.mode, s.size));
     let msg = Msg::Open { role, flags, mode, size, path: path.as_bytes().to_vec(), name: name.to_vec() };
-    opened(link, msg)
+    opened(link, msg, then)
+}
+
+/// Whether `path` names a file or a device, not a managed endpoint (`loop://`, `lvm+snapshot://`,
+/// `nbd://`), whose closing can fail or print.
+fn plain_path(path: &OsStr) -> bool {
+    !path.as_bytes().windows(3).any(|w| w == b"://")
+}
+
+/// The target's scan as the pass will ask for it if the target turns out to have the source's
+/// size (`Scan.only_if_size`): sent behind the target's `Open`, it saves the round trip between
+/// `Opened` and `Scan` on a slow link. None when the pass would not scan (an empty source).
+fn speculative_scan(s: &Opened, o: &crate::sync::SyncOptions) -> Result<Option<Msg>> {
+    if !s.exists || s.size == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Msg::Scan {
+        key: crate::id::random()?,
+        block: o.block_size as u32,
+        end: s.size,
+        data_len: s.size,
+        threads: u16::try_from(o.threads).unwrap_or(u16::MAX),
+        rate: 0,
+        fingerprint: false,
+        changes: false,
+        only_if_size: Some(s.size),
+    }))
 }
 
 fn display(link: &Link, path: &OsStr) -> String {
@@ -140,7 +175,7 @@ fn sync(
 ) -> Result<Summary> {
     let o = &options.sync;
     let cache = if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-    let s = open(source, Role::Source, cache, source_path, (b"", None))?;
+    let s = open(source, Role::Source, cache, source_path, (b"", None), None)?;
     let name = Path::new(source_path).file_name().map(OsStr::as_bytes).unwrap_or_default();
     let mut flags = cache | if o.dry_run { open_flags::READ_ONLY } else { open_flags::CREATE };
     if o.force {
@@ -149,7 +184,15 @@ fn sync(
     if o.discard {
         flags |= open_flags::DISCARD;
     }
-    let t = open(target, Role::Target, flags, target_path, (name, Some(&s)))?;
+    // Behind the `Open`, the target's scan as the pass will want it when both have one size.
+    // Not with an undo log: its request's reply must not meet the scan's.
+    let speculative = match undo {
+        UndoAt::None => speculative_scan(&s, o)?,
+        UndoAt::There(_) | UndoAt::Fetch(_) => None,
+    };
+    let t = open(target, Role::Target, flags, target_path, (name, Some(&s)), speculative.clone())?;
+    // The peer started it exactly when this holds.
+    let started = speculative.filter(|_| t.exists && t.size == s.size);
     let names = (display(source, source_path), display(target, t.path.as_deref().unwrap_or(target_path)));
     let log = match undo {
         UndoAt::None => None,
@@ -164,7 +207,7 @@ fn sync(
     };
     // With an undo log the flush is unconditional: it commits the log, even an empty one.
     let commit = if log.is_some() { Commit::Log } else { Commit::None };
-    let result = transfer(source, s, target, t, names, commit, options, control);
+    let result = transfer(source, (s, t, started), target, names, commit, options, control);
     if let (Some(written), UndoAt::Fetch(local)) = (&log, undo) {
         // A failed or interrupted transfer flushed what reached the target, which commits the
         // log of all of it: fetch it all the same, so the mirror can be rolled back.
@@ -196,6 +239,10 @@ fn sync(
         }
     }
     let mut summary = result?;
+    if matches!(undo, UndoAt::None) && plain_path(source_path) && plain_path(target_path) {
+        source.allow_quick_close();
+        target.allow_quick_close();
+    }
     summary.undo_log = match undo {
         UndoAt::None => None,
         UndoAt::There(path) => Some(display(target, path.as_os_str())),
@@ -211,6 +258,8 @@ struct LinkEnds<'a> {
     s: Opened,
     target: &'a mut Link,
     t: Opened,
+    /// The target's scan, started behind its `Open` (`speculative_scan`), for the first pass.
+    started: Option<Msg>,
     /// As the user wrote them, with the host.
     names: (String, String),
     /// `compress` value for data frames.
@@ -257,6 +306,7 @@ impl crate::transfer::Ends for LinkEnds<'_> {
         control: Control<'_>,
     ) -> Result<crate::engine::Found> {
         use crate::transfer::Mode as M;
+        let started = self.started.take();
         Pass {
             source: self.source,
             target: self.target,
@@ -278,6 +328,7 @@ impl crate::transfer::Ends for LinkEnds<'_> {
             fingerprint: plan.fingerprint,
             // Only onto a copy of the source's size can a changed-block map be trusted.
             changes: mode != M::Verify && self.s.size == self.t.size,
+            started: started.as_ref(),
         }
         .run(counters, control)
     }
@@ -309,15 +360,14 @@ impl crate::transfer::Ends for LinkEnds<'_> {
 #[allow(clippy::too_many_arguments)] // Both ends, as opened, and how to run.
 fn transfer(
     source: &mut Link,
-    s: Opened,
+    (s, t, started): (Opened, Opened, Option<Msg>),
     target: &mut Link,
-    t: Opened,
     names: (String, String),
     commit: Commit,
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    let mut ends = LinkEnds { source, s, target, t, names, compress: options.compress, pause: options.pause };
+    let mut ends = LinkEnds { source, s, target, t, started, names, compress: options.compress, pause: options.pause };
     crate::transfer::sync(&mut ends, commit, &options.sync, control)
 }
 
@@ -538,7 +588,7 @@ fn open_chain(
         block: block as u32,
         source_size,
     };
-    opened(link, msg)
+    opened(link, msg, None)
 }
 
 /// Backs `source` up into the chain at `dest`, either or both remote: the chain's side scans its
@@ -578,7 +628,7 @@ pub fn backup_locations(
     };
     with_links(source, dest, control, |s, s_path, t, t_path| {
         let cache = if options.sync.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-        let so = open(s, Role::Source, cache, s_path, (b"", None))?;
+        let so = open(s, Role::Source, cache, s_path, (b"", None), None)?;
         let source_name = display(s, s_path);
         let to = open_chain(
             t,
@@ -590,7 +640,7 @@ pub fn backup_locations(
             options.sync.block_size,
         )?;
         let names = (source_name, display(t, t_path));
-        transfer(s, so, t, to, names, Commit::Point, &options, control)
+        transfer(s, (so, to, None), t, names, Commit::Point, &options, control)
     })
     .map(|summary| crate::backup::BackupSummary { file: None, number: None, summary })
 }
@@ -607,7 +657,7 @@ pub(crate) fn estimate_backup(
 ) -> Result<(Summary, String, bool)> {
     let ((mut summary, base, new_chain), (sent, received)) =
         with_two_links(source, dest, control, |s, s_path, t, t_path| {
-            let so = open(s, Role::Source, 0, s_path, (b"", None))?;
+            let so = open(s, Role::Source, 0, s_path, (b"", None), None)?;
             let names = (display(s, s_path), display(t, t_path));
             match open_chain(t, t_path, Role::Source, crate::backup::At::Latest, "", ("", 0), o.block_size) {
                 Ok(to) => {
@@ -617,6 +667,7 @@ pub(crate) fn estimate_backup(
                         s: so,
                         target: t,
                         t: to,
+                        started: None,
                         names,
                         compress: crate::compress::OFF,
                         pause: None,
@@ -658,11 +709,19 @@ pub(crate) fn estimate_diff(
     control: Control<'_>,
 ) -> Result<Summary> {
     with_links(source, base, control, |s, s_path, b, b_path| {
-        let so = open(s, Role::Source, 0, s_path, (b"", None))?;
-        let bo = open(b, Role::Source, 0, b_path, (b"", None))?;
+        let so = open(s, Role::Source, 0, s_path, (b"", None), None)?;
+        let bo = open(b, Role::Source, 0, b_path, (b"", None), None)?;
         let names = (display(s, s_path), display(b, b_path));
-        let mut ends =
-            LinkEnds { source: s, s: so, target: b, t: bo, names, compress: crate::compress::OFF, pause: None };
+        let mut ends = LinkEnds {
+            source: s,
+            s: so,
+            target: b,
+            t: bo,
+            started: None,
+            names,
+            compress: crate::compress::OFF,
+            pause: None,
+        };
         crate::transfer::sync(&mut ends, Commit::None, o, control)
     })
 }
@@ -698,9 +757,9 @@ pub fn restore_locations(
         if o.force {
             flags |= open_flags::FORCE;
         }
-        let to = open(t, Role::Target, flags, t_path, (b"", Some(&so)))?;
+        let to = open(t, Role::Target, flags, t_path, (b"", Some(&so)), None)?;
         let names = (display(s, s_path), display(t, t_path));
-        transfer(s, so, t, to, names, Commit::None, options, control)
+        transfer(s, (so, to, None), t, names, Commit::None, options, control)
     })
 }
 
@@ -784,11 +843,19 @@ pub fn compare(
     max_ranges: usize,
     control: Control<'_>,
 ) -> Result<Comparison> {
-    let first = open(a, Role::Source, 0, a_path, (b"", None))?;
-    let second = open(b, Role::Source, 0, b_path, (b"", None))?;
+    let first = open(a, Role::Source, 0, a_path, (b"", None), None)?;
+    let second = open(b, Role::Source, 0, b_path, (b"", None), None)?;
     let names = (display(a, a_path), display(b, b_path));
-    let mut ends =
-        LinkEnds { source: a, s: first, target: b, t: second, names, compress: crate::compress::OFF, pause: None };
+    let mut ends = LinkEnds {
+        source: a,
+        s: first,
+        target: b,
+        t: second,
+        started: None,
+        names,
+        compress: crate::compress::OFF,
+        pause: None,
+    };
     let options = crate::compare::CompareOptions { block_size, keep_cache: false, threads: 0, max_ranges };
     crate::transfer::compare(&mut ends, &options, control)
 }

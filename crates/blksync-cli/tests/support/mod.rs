@@ -61,11 +61,7 @@ pub fn temporary_files(dir: &Path) -> Vec<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => panic!("{}: {e}", dir.display()),
     };
-    entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect()
+    entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-")).collect()
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), incompressible enough for tests.

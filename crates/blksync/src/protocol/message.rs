@@ -90,6 +90,9 @@ pub enum Msg {
         /// Skip what the source's changed-block map says is as at its mark (`Clean`): the
         /// target is the copy made then. Never for a verification.
         changes: bool,
+        /// A speculative scan, sent right behind `Open`: start it only if the endpoint opened
+        /// exists with exactly this size; otherwise ignore it, without a reply.
+        only_if_size: Option<u64>,
     },
     Ack {
         chunks: u64,
@@ -387,10 +390,11 @@ impl Msg {
                 x.u64(*size);
                 x.finish()
             }
-            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes } => {
+            Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes, only_if_size } => {
                 let mut x = e(SCAN);
                 x.raw(key).u32(*block).u64(*end).u64(*data_len).u16(*threads).u64(*rate);
                 x.u8(u8::from(*fingerprint)).u8(u8::from(*changes));
+                x.u8(u8::from(only_if_size.is_some())).u64(only_if_size.unwrap_or(0));
                 x.finish()
             }
             Msg::Ack { chunks } => {
@@ -597,6 +601,11 @@ impl Msg {
                 rate: d.u64()?,
                 fingerprint: flag(d.u8()?)?,
                 changes: flag(d.u8()?)?,
+                only_if_size: {
+                    let only_if = flag(d.u8()?)?;
+                    let size = d.u64()?;
+                    only_if.then_some(size)
+                },
             },
             tag::ACK => Msg::Ack { chunks: d.u64()? },
             tag::GROUPS => Msg::Groups { chunk: d.u64()? },

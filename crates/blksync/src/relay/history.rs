@@ -441,8 +441,8 @@ fn diff_over(
     control: Control<'_>,
 ) -> Result<DiffSummary> {
     let cache = if options.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-    let so = open(s, Role::Source, cache, s_path, (b"", None))?;
-    let mut bo = open(b, Role::Target, cache | open_flags::READ_ONLY, b_path, (b"", None))?;
+    let so = open(s, Role::Source, cache, s_path, (b"", None), None)?;
+    let mut bo = open(b, Role::Target, cache | open_flags::READ_ONLY, b_path, (b"", None), None)?;
     if !bo.exists {
         return Err(Error::new(
             ErrorKind::NotFound,
@@ -470,7 +470,7 @@ fn diff_over(
         undo: None,
     };
     let names = (source_name, shown(base, Path::new(b_path)));
-    let summary = transfer(s, so, b, bo, names, Commit::Point, &remote, control)?;
+    let summary = transfer(s, (so, bo, None), b, names, Commit::Point, &remote, control)?;
     let info: Info = run_job(b, &Job::Info { path: WirePath::new(&written) }, control)?;
     if here.is_none() {
         move_out(b, &written, output, control)?;

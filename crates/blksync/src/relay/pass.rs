@@ -35,6 +35,17 @@ fn random_key() -> Result<[u8; 32]> {
     crate::id::random()
 }
 
+/// Whether two `Scan`s ask for the same scan, speculative or not.
+fn same_scan(a: &Msg, b: &Msg) -> bool {
+    let plain = |m: &Msg| match m.clone() {
+        Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes, .. } => {
+            Some(Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes, only_if_size: None })
+        }
+        _ => None,
+    };
+    plain(a).is_some() && plain(a) == plain(b)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mode {
     /// Target is empty: stream every non-zero source byte, no hashing.
@@ -67,6 +78,8 @@ pub(super) struct Pass<'a> {
     pub(super) fingerprint: bool,
     /// Let the source skip what its changed-block map marks unchanged (`Scan.changes`).
     pub(super) changes: bool,
+    /// The target's `Scan`, already running: it was sent behind the target's `Open`.
+    pub(super) started: Option<&'a Msg>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,18 +364,49 @@ impl Brain<'_> {
                 Msg::Copy { end: p.scan_len, data_len: p.source_len, compress: p.compress, threads: p.threads },
             )?,
             Mode::Apply | Mode::Compare => {
-                let key = random_key()?;
+                let key = match &p.started {
+                    Some(Msg::Scan { key, .. }) => *key,
+                    _ => random_key()?,
+                };
                 let block = p.block as u32;
                 let threads = p.threads;
                 // `--bwlimit` limits what is read of the source: its scan reads it all.
                 let rate = p.throttle.map_or(0, Throttle::rate);
                 let (end, source_len, target_len) = (p.scan_len, p.source_len, p.target_len);
                 let (fingerprint, changes) = (p.fingerprint, p.changes);
-                let scan = Msg::Scan { key, block, end, data_len: source_len, threads, rate, fingerprint, changes };
+                let only_if_size = None;
+                let scan = Msg::Scan {
+                    key,
+                    block,
+                    end,
+                    data_len: source_len,
+                    threads,
+                    rate,
+                    fingerprint,
+                    changes,
+                    only_if_size,
+                };
                 self.send(End::Source, scan)?;
                 let (fingerprint, changes) = (false, false);
-                let scan = Msg::Scan { key, block, end, data_len: target_len, threads, rate: 0, fingerprint, changes };
-                self.send(End::Target, scan)?;
+                let scan = Msg::Scan {
+                    key,
+                    block,
+                    end,
+                    data_len: target_len,
+                    threads,
+                    rate: 0,
+                    fingerprint,
+                    changes,
+                    only_if_size,
+                };
+                match &p.started {
+                    None => self.send(End::Target, scan)?,
+                    // The speculative scan is the one the pass needs whenever the peer started
+                    // it (both ends have one size); anything else is a bug, caught before any
+                    // summary is trusted.
+                    Some(started) if same_scan(started, &scan) => {}
+                    Some(_) => return Err(Error::protocol("the target's early scan is not the one the pass needs")),
+                }
             }
         }
         // `--timeout`: the longest the pass may go without a reply from either peer.

@@ -145,9 +145,8 @@ impl Ends for LocalEnds<'_> {
         if !found.cancelled && mode != Mode::Verify {
             found.warnings = self.src.warnings(true);
         }
-        if !plan.keep_cache && mode != Mode::Verify {
-            dest.drop_cache(0, plan.scan_len);
-        }
+        // The scan dropped what it read of the destination, except stretches with scattered
+        // writes: dropping those costs more than the sync of a few changes (`crate::write_behind`).
         Ok(found)
     }
 

@@ -39,17 +39,11 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         any::<u64>().prop_map(|size| Msg::SetSize { size }),
         (
             (any::<[u8; 32]>(), any::<u32>(), any::<u64>(), any::<u64>()),
-            (any::<u16>(), any::<u64>(), any::<bool>(), any::<bool>())
+            (any::<u16>(), any::<u64>(), any::<bool>(), any::<bool>()),
+            any::<Option<u64>>()
         )
-            .prop_map(|((key, block, end, data_len), (threads, rate, fingerprint, changes))| Msg::Scan {
-                key,
-                block,
-                end,
-                data_len,
-                threads,
-                rate,
-                fingerprint,
-                changes
+            .prop_map(|((key, block, end, data_len), (threads, rate, fingerprint, changes), only_if_size)| {
+                Msg::Scan { key, block, end, data_len, threads, rate, fingerprint, changes, only_if_size }
             }),
         any::<u64>().prop_map(|chunks| Msg::Ack { chunks }),
         any::<u64>().prop_map(|chunk| Msg::Groups { chunk }),
