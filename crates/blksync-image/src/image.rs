@@ -73,6 +73,25 @@ pub struct Stats {
     pub chunks_loaded: u64,
 }
 
+/// Where an open image's file space goes, for reports and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Logical size.
+    pub size: u64,
+    /// Space the current payloads take (each rounded up to 4 KiB).
+    pub live: u64,
+    /// Payload bytes of the current chunks, unrounded.
+    pub stored: u64,
+    /// Chunks stored as zstd frames.
+    pub zstd_chunks: u64,
+    /// Chunks stored raw.
+    pub raw_chunks: u64,
+    /// Chunks that are holes.
+    pub zero_chunks: u64,
+    /// Space of the committed index (rounded up to 4 KiB).
+    pub index: u64,
+}
+
 /// The index, the free space and the committed header.
 #[derive(Debug)]
 struct State {
@@ -384,6 +403,25 @@ impl Image {
             bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
             chunks_loaded: self.chunks_loaded.load(Ordering::Relaxed),
         }
+    }
+
+    /// Where the file's space goes now (chunks still in the cache not counted).
+    #[must_use]
+    pub fn usage(&self) -> Usage {
+        let st = self.state();
+        let mut usage = Usage { size: st.size, index: round_up(st.header.index_len()), ..Usage::default() };
+        for e in &st.entries {
+            match e.kind {
+                Kind::Zero => usage.zero_chunks += 1,
+                Kind::Raw => usage.raw_chunks += 1,
+                Kind::Zstd => usage.zstd_chunks += 1,
+            }
+            if let Some((start, end)) = e.extent() {
+                usage.live += end - start;
+                usage.stored += u64::from(e.stored);
+            }
+        }
+        usage
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -779,6 +817,9 @@ impl Drop for Image {
     /// nothing; a failure can only be reported on stderr (call `flush` to see it).
     fn drop(&mut self) {
         let failed = self.failed.get_mut().unwrap_or_else(PoisonError::into_inner).is_some();
+        // A simulated crash: nothing more reaches the file, as after a real one.
+        #[cfg(test)]
+        let failed = failed || self.file.faults.dead.load(Ordering::SeqCst);
         if self.writable
             && !failed
             && let Err(e) = self.flush()

@@ -57,7 +57,7 @@ use blksync_core::error::IoContext;
 use blksync_core::Result;
 
 pub use header::{MAGIC, sniff};
-pub use image::{Image, Options, Stats, Tuning};
+pub use image::{Image, Options, Stats, Tuning, Usage};
 
 /// Whether the regular file at `path` begins with a compressed image's magic (a missing path is
 /// not one). Only the first 8 bytes are read: this says what the file claims to be; `open`
