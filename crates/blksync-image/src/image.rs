@@ -983,3 +983,6 @@ impl Target for Image {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
