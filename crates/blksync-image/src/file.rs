@@ -69,9 +69,8 @@ impl ImageFile {
     /// Writes `buf` at file offset `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         #[cfg(test)]
-        if let Some(torn) = self.faults.tick(&self.path)? {
+        if self.faults.tick(&self.path)? {
             // The crash hits in the middle of this write: half of it lands.
-            let _ = torn;
             let half = buf.len() / 2;
             self.file.write_all_at(&buf[..half], offset).at("writing", &self.path, offset)?;
             return Err(faults::crashed(&self.path));
@@ -85,7 +84,7 @@ impl ImageFile {
             return Ok(());
         }
         #[cfg(test)]
-        if self.faults.tick(&self.path)?.is_some() {
+        if self.faults.tick(&self.path)? {
             return Err(faults::crashed(&self.path));
         }
         let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
@@ -102,7 +101,7 @@ impl ImageFile {
     /// Makes everything written so far durable (`fdatasync`).
     pub fn sync(&self) -> Result<()> {
         #[cfg(test)]
-        if self.faults.tick(&self.path)?.is_some() {
+        if self.faults.tick(&self.path)? {
             return Err(faults::crashed(&self.path));
         }
         self.file.sync_data().map_err(|e| {
@@ -114,7 +113,7 @@ impl ImageFile {
     /// Cuts the file to `len` bytes.
     pub fn set_len(&self, len: u64) -> Result<()> {
         #[cfg(test)]
-        if self.faults.tick(&self.path)?.is_some() {
+        if self.faults.tick(&self.path)? {
             return Err(faults::crashed(&self.path));
         }
         self.file.set_len(len).on("resizing", &self.path)
@@ -150,22 +149,22 @@ pub(crate) mod faults {
     }
 
     impl Faults {
-        /// Counts one change: `Some` when the crash hits this one, an error after it.
-        pub fn tick(&self, path: &Path) -> Result<Option<()>> {
+        /// Counts one change: true when the crash hits this one, an error after it.
+        pub fn tick(&self, path: &Path) -> Result<bool> {
             if self.dead.load(Ordering::SeqCst) {
                 return Err(crashed(path));
             }
             self.done.fetch_add(1, Ordering::SeqCst);
             let left = self.left.load(Ordering::SeqCst);
             if left == u64::MAX {
-                return Ok(None);
+                return Ok(false);
             }
             if left == 0 {
                 self.dead.store(true, Ordering::SeqCst);
-                return Ok(Some(()));
+                return Ok(true);
             }
             self.left.store(left - 1, Ordering::SeqCst);
-            Ok(None)
+            Ok(false)
         }
     }
 }

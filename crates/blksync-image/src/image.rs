@@ -176,8 +176,9 @@ pub fn read_chunk(
             ),
         )
     };
-    let past_end =
-        |e: Error| if e.kind() == ErrorKind::Corrupt { damaged("its payload ends past the end of the file") } else { e };
+    let past_end = |e: Error| {
+        if e.kind() == ErrorKind::Corrupt { damaged("its payload ends past the end of the file") } else { e }
+    };
     match entry.kind {
         Kind::Zero => {
             dst.fill(0);
@@ -244,10 +245,7 @@ impl Image {
             )));
         }
         if !header::level_ok(options.level) {
-            return Err(Error::usage(format!(
-                "zstd level {} is not one of 1 ..= 19 or -7 ..= -1",
-                options.level
-            )));
+            return Err(Error::usage(format!("zstd level {} is not one of 1 ..= 19 or -7 ..= -1", options.level)));
         }
         let count = header::chunks_for(size, options.chunk_size);
         if size > header::MAX_SIZE || count > header::MAX_COUNT {
@@ -535,7 +533,10 @@ impl Image {
                 }
                 return Err(Error::new(
                     ErrorKind::Io,
-                    format!("{}: chunk {i} is past the end of the image (resized meanwhile)", self.file.path().display()),
+                    format!(
+                        "{}: chunk {i} is past the end of the image (resized meanwhile)",
+                        self.file.path().display()
+                    ),
                 ));
             };
             let old = std::mem::replace(slot, entry);
@@ -859,9 +860,7 @@ impl Source for Image {
         let chunk = u64::from(self.chunk_size);
         let cache = self.cache();
         let st = self.state();
-        let allocated = |i: u64| {
-            cache.holds(i) || st.entries.get(i as usize).is_some_and(|e| e.kind != Kind::Zero)
-        };
+        let allocated = |i: u64| cache.holds(i) || st.entries.get(i as usize).is_some_and(|e| e.kind != Kind::Zero);
         let first = offset / chunk;
         let kind = allocated(first);
         let last = (st.entries.len() as u64).min(first + (1 << 16));

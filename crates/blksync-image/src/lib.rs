@@ -53,8 +53,8 @@ mod space;
 
 use std::path::Path;
 
-use blksync_core::error::IoContext;
 use blksync_core::Result;
+use blksync_core::error::IoContext;
 
 pub use header::{MAGIC, sniff};
 pub use image::{Image, Options, Stats, Tuning, Usage};

@@ -193,7 +193,10 @@ fn zero_chunks_are_holes_and_take_no_space() {
     image.write_at(&data(1, 1, 100), 5 * chunk + 7).unwrap();
     image.write_at(&data(1, 2, chunk as usize), 9 * chunk).unwrap();
     image.write_at(&vec![0; chunk as usize], 10 * chunk).unwrap();
-    assert_eq!(image.segment_at(0).unwrap(), blksync_core::endpoint::Segment { start: 0, end: 5 * chunk, allocated: false });
+    assert_eq!(
+        image.segment_at(0).unwrap(),
+        blksync_core::endpoint::Segment { start: 0, end: 5 * chunk, allocated: false }
+    );
     assert!(image.segment_at(5 * chunk + 3).unwrap().allocated, "a chunk with unstored writes is allocated");
     assert_eq!(image.segment_at(6 * chunk).unwrap().end, 9 * chunk);
     image.zero(9 * chunk, chunk).unwrap();
@@ -289,7 +292,8 @@ fn scattered_small_writes_rewrite_each_chunk_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img.bsz");
     let chunk = 1u32 << 16;
-    let image = Image::create(&path, 32 * u64::from(chunk), Options { chunk_size: chunk, ..Options::default() }).unwrap();
+    let image =
+        Image::create(&path, 32 * u64::from(chunk), Options { chunk_size: chunk, ..Options::default() }).unwrap();
     for i in (0..32u64).step_by(3) {
         for block in (0..16u64).step_by(2) {
             image.write_at(&data(2, i * 100 + block, 4096), i * u64::from(chunk) + block * 4096).unwrap();
@@ -322,7 +326,8 @@ fn damage_is_an_error_naming_where_never_a_wrong_read() {
     let chunk = 1u64 << 16;
     let make = |name: &str| -> PathBuf {
         let path = dir.path().join(name);
-        let image = Image::create(&path, 8 * chunk, Options { chunk_size: chunk as u32, ..Options::default() }).unwrap();
+        let image =
+            Image::create(&path, 8 * chunk, Options { chunk_size: chunk as u32, ..Options::default() }).unwrap();
         for i in 0..8 {
             image.write_at(&data(1 + i % 2, i, chunk as usize), i * chunk).unwrap();
         }
@@ -436,11 +441,12 @@ fn random_and_mutated_files_are_refused_or_read_never_a_panic() {
         } else {
             good.clone()
         };
-        for _ in 0..1 + rng.below(8) {
+        for _ in 0..=rng.below(8) {
             if bytes.is_empty() {
                 break;
             }
-            let at = if rng.below(2) == 0 { rng.below(8192.min(bytes.len() as u64)) } else { rng.below(bytes.len() as u64) };
+            let at =
+                if rng.below(2) == 0 { rng.below(8192.min(bytes.len() as u64)) } else { rng.below(bytes.len() as u64) };
             match rng.below(4) {
                 0 => bytes[at as usize] ^= 1 << rng.below(8),
                 1 => bytes[at as usize] = rng.next() as u8,
@@ -464,8 +470,9 @@ fn sigkill_child() {
     let Ok(spec) = std::env::var("BLKSYNC_IMAGE_CHILD") else { return };
     let (path, seed) = spec.split_once(':').unwrap();
     let plan = Plan::new(seed.parse().unwrap());
-    let image = Image::open(Path::new(path), true).unwrap().tuned(Tuning { commit_every: plan.chunk / 2, cache_bytes: 4 * plan.chunk });
-    use std::io::Write;
+    let image = Image::open(Path::new(path), true)
+        .unwrap()
+        .tuned(Tuning { commit_every: plan.chunk / 2, cache_bytes: 4 * plan.chunk });
     for round in 1..=Plan::ROUNDS {
         for &i in &plan.rounds[round as usize] {
             // Ascending 4 KiB runs within the chunk, as the engine writes.
@@ -476,7 +483,7 @@ fn sigkill_child() {
         }
         image.flush().unwrap();
         println!("committed {round}");
-        std::io::stdout().flush().unwrap();
+        std::io::Write::flush(&mut std::io::stdout()).unwrap();
     }
 }
 
@@ -532,8 +539,12 @@ fn a_writer_killed_with_sigkill_leaves_every_chunk_old_or_new() {
     for seed in 1..=6u64 {
         let plan = Plan::new(seed);
         let path = dir.path().join(format!("kill-{seed}.bsz"));
-        let image = Image::create(&path, plan.chunks * plan.chunk, Options { chunk_size: plan.chunk as u32, ..Options::default() })
-            .unwrap();
+        let image = Image::create(
+            &path,
+            plan.chunks * plan.chunk,
+            Options { chunk_size: plan.chunk as u32, ..Options::default() },
+        )
+        .unwrap();
         for i in 0..plan.chunks {
             image.write_at(&plan.content(0, i), i * plan.chunk).unwrap();
         }
@@ -575,7 +586,9 @@ fn a_writer_killed_with_sigkill_leaves_every_chunk_old_or_new() {
             assert!(round >= floor, "seed {seed}: chunk {i} holds round {round}, older than {floor}");
             newest = newest.max(round);
         }
-        eprintln!("seed {seed}: killed after the commit of round {reported} was reported; newest chunk: round {newest}");
+        eprintln!(
+            "seed {seed}: killed after the commit of round {reported} was reported; newest chunk: round {newest}"
+        );
         // The next sync repairs: a writable open takes new writes.
         image.write_at(&plan.content(0, 1), plan.chunk).unwrap();
         image.flush().unwrap();
@@ -604,7 +617,8 @@ fn the_image_is_at_most_15_percent_larger_than_zstd_of_the_whole_raw_file() {
         }
         let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
         if meta.is_dir() {
-            let mut names: Vec<PathBuf> = std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()).collect();
+            let mut names: Vec<PathBuf> =
+                std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()).collect();
             names.sort();
             todo.extend(names.into_iter().rev());
         } else if meta.is_file()
