@@ -43,6 +43,13 @@ impl Cache {
         Cache { slots: HashMap::new(), clock: 0, capacity: capacity.max(2), chunk_size, spare: Vec::new() }
     }
 
+    /// Keeps at most `capacity` chunks (never fewer than two) from now on; what is cached stays
+    /// until the next eviction.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(2);
+        self.spare.truncate(self.capacity);
+    }
+
     /// The slot of chunk `i`.
     pub fn get_mut(&mut self, i: u64) -> Option<&mut Slot> {
         self.clock += 1;

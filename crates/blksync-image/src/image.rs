@@ -369,8 +369,7 @@ impl Image {
     pub fn tuned(mut self, tuning: Tuning) -> Image {
         let chunk = u64::from(self.chunk_size);
         self.tuning = tuning;
-        *self.cache.get_mut().unwrap_or_else(PoisonError::into_inner) =
-            Cache::new((tuning.cache_bytes / chunk) as usize, self.chunk_size as usize);
+        self.cache.get_mut().unwrap_or_else(PoisonError::into_inner).set_capacity((tuning.cache_bytes / chunk) as usize);
         self
     }
 

@@ -433,6 +433,10 @@ fn random_and_mutated_files_are_refused_or_read_never_a_panic() {
     image.flush().unwrap();
     drop(image);
     let good = std::fs::read(&path).unwrap();
+    // `BLKSYNC_IMAGE_SEEDS=DIR` writes this valid image there, as a seed for the fuzz target.
+    if let Ok(seeds) = std::env::var("BLKSYNC_IMAGE_SEEDS") {
+        std::fs::write(Path::new(&seeds).join("valid.bsz"), &good).unwrap();
+    }
     let mut rng = Rng::new(77);
     for case in 0..10_000 {
         let mut bytes = if case % 10 == 0 {
