@@ -105,9 +105,10 @@ impl Cache {
         self.spare.pop().unwrap_or_else(|| Aligned::new(self.chunk_size))
     }
 
-    /// Keeps `buf` for reuse, up to the capacity.
+    /// Keeps `buf` for reuse while cached and spare buffers together stay within the capacity:
+    /// the cache's memory is its capacity, not twice that.
     pub fn recycle(&mut self, buf: Aligned) {
-        if self.spare.len() < self.capacity {
+        if self.slots.len() + self.spare.len() < self.capacity {
             self.spare.push(buf);
         }
     }

@@ -50,13 +50,14 @@ pub struct Tuning {
     /// 8 × the index's size, so that index writes stay a small part of the data). Default 256 MiB.
     pub commit_every: u64,
     /// Memory for decompressed chunks (dirty and recently read), never fewer than two chunks.
-    /// Default 16 MiB.
+    /// Default 8 MiB: the engine has two chunks per worker in flight, an NBD client reading
+    /// sequentially one.
     pub cache_bytes: u64,
 }
 
 impl Default for Tuning {
     fn default() -> Tuning {
-        Tuning { commit_every: 256 << 20, cache_bytes: 16 << 20 }
+        Tuning { commit_every: 256 << 20, cache_bytes: 8 << 20 }
     }
 }
 
@@ -369,7 +370,10 @@ impl Image {
     pub fn tuned(mut self, tuning: Tuning) -> Image {
         let chunk = u64::from(self.chunk_size);
         self.tuning = tuning;
-        self.cache.get_mut().unwrap_or_else(PoisonError::into_inner).set_capacity((tuning.cache_bytes / chunk) as usize);
+        self.cache
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_capacity((tuning.cache_bytes / chunk) as usize);
         self
     }
 

@@ -675,3 +675,66 @@ fn the_image_is_at_most_15_percent_larger_than_zstd_of_the_whole_raw_file() {
     }
     eprintln!("{} MiB of /usr files:\n{}", total >> 20, lines.join("\n"));
 }
+
+/// The child side of the memory test: runs only when the parent sets the variable, and prints
+/// its peak RSS.
+#[test]
+fn memory_child() {
+    let Ok(path) = std::env::var("BLKSYNC_IMAGE_MEMORY") else { return };
+    let path = Path::new(&path);
+    let gib = 1u64 << 30;
+    let image = Image::create(path, 1 << 40, Options::default()).unwrap();
+    // Two workers: whole chunks every 16 GiB, and scattered 4 KiB writes into 32 more chunks
+    // (the cache full of dirty chunks).
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let image = &image;
+            s.spawn(move || {
+                for k in (t..64).step_by(2) {
+                    image.write_at(&data(2, k, 1 << 20), k * 16 * gib).unwrap();
+                }
+                for k in (t..32).step_by(2) {
+                    for block in (0..256u64).step_by(7) {
+                        image.write_at(&data(1, block, 4096), k * 16 * gib + gib + block * 4096).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    image.flush().unwrap();
+    drop(image);
+    let image = Image::open(path, true).unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    for k in 0..64 {
+        image.read_at(&mut buf, k * 16 * gib + (512 << 10)).unwrap();
+    }
+    image.write_at(&buf[..4096], 5 * gib).unwrap();
+    image.flush().unwrap();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().to_string();
+    println!("hwm {hwm}");
+}
+
+/// A 1 TiB image at 1 MiB chunks (an index of 1M entries), written by two threads, committed,
+/// reopened and updated, stays under the project's 64 MiB RSS ceiling: the index is 24 MiB and
+/// the cache 16 MiB. Measured in a child process, alone.
+#[test]
+fn a_1_tib_image_stays_under_64_mib_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "memory_child", "--nocapture", "--test-threads=1"])
+        .env("BLKSYNC_IMAGE_MEMORY", dir.path().join("tib.bsz"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let kib: u64 = stdout
+        .lines()
+        .find_map(|l| l.split("hwm ").nth(1))
+        .and_then(|v| v.trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no hwm line in {stdout}"));
+    eprintln!("1 TiB image: peak RSS {} MiB", kib >> 10);
+    assert!(kib < 64 << 10, "peak RSS {kib} KiB");
+    let allocated = allocated(&dir.path().join("tib.bsz"));
+    assert!(allocated < 200 << 20, "{allocated} bytes allocated");
+}
