@@ -197,12 +197,13 @@ impl Header {
 pub fn choose(slots: [Result<Header, Invalid>; 2]) -> Result<(usize, Header), Invalid> {
     match slots {
         [Err(Invalid::Magic), _] => Err(Invalid::Magic),
+        // A version or a flag is the more telling reason when neither slot is valid.
         [Err(e @ (Invalid::Version(_) | Invalid::Flags(_))), _]
-        | [_, Err(e @ (Invalid::Version(_) | Invalid::Flags(_)))] => Err(e),
+        | [_, Err(e @ (Invalid::Version(_) | Invalid::Flags(_)))]
+        | [Err(e), Err(_)] => Err(e),
         [Ok(a), Ok(b)] => Ok(if b.generation > a.generation { (1, b) } else { (0, a) }),
         [Ok(a), Err(_)] => Ok((0, a)),
         [Err(_), Ok(b)] => Ok((1, b)),
-        [Err(e), Err(_)] => Err(e),
     }
 }
 
