@@ -202,7 +202,6 @@ fn not_image(path: &Path) -> Error {
 }
 
 /// A compressed image, open for reading or for reading and writing (see the crate docs).
-#[derive(Debug)]
 pub struct Image {
     file: ImageFile,
     identity: Identity,
@@ -223,6 +222,19 @@ pub struct Image {
     chunks_stored: AtomicU64,
     bytes_stored: AtomicU64,
     chunks_loaded: AtomicU64,
+}
+
+impl std::fmt::Debug for Image {
+    /// The path and the shape, not the index (a million entries for a terabyte).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.file.path())
+            .field("size", &self.size())
+            .field("chunk_size", &self.chunk_size)
+            .field("level", &self.level)
+            .field("writable", &self.writable)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A piece of an operation that falls in one chunk.
