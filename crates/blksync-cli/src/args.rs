@@ -473,10 +473,17 @@ pub struct SyncArgs {
     /// (HOST:PATH); it is always written where DST is, which holds the old bytes.
     #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
     pub undo: Option<OsString>,
+    /// Create DST as a compressed image (zstd at LEVEL, default 3; docs/COMPRESSED-IMAGE.md),
+    /// which later syncs update in place: only changed chunks are rewritten. An existing
+    /// compressed DST is recognised by its header and updated without this flag. Written
+    /// `--compress=auto|off`, it sets `--wire-compress` instead (its meaning before images).
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true, default_missing_value = "3",
+          value_parser = parse_image_compress)]
+    pub compress: Option<ImageCompress>,
     /// Compress data sent over ssh: auto (zstd level 1 when it pays, never slowing a fast
     /// link), off, or a zstd level (1-19).
     #[arg(long, value_name = "auto|off|LEVEL", default_value = "auto", value_parser = parse_compress)]
-    pub compress: i32,
+    pub wire_compress: i32,
     /// Sleep this many milliseconds after each data block sent (to spare a busy host or link).
     #[arg(long, value_name = "MS")]
     pub pause: Option<u64>,
@@ -519,6 +526,25 @@ pub enum ProgressMode {
     Plain,
     /// Nothing.
     None,
+}
+
+/// `sync --compress[=LEVEL]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageCompress {
+    /// Create the destination as a compressed image at this zstd level.
+    Image(i32),
+    /// `--compress=auto|off`: the wire's compression, as `--wire-compress` sets it.
+    Wire(i32),
+}
+
+fn parse_image_compress(text: &str) -> Result<ImageCompress, String> {
+    if let Ok(wire @ (blksync::compress::AUTO | blksync::compress::OFF)) = parse_compress(text) {
+        return Ok(ImageCompress::Wire(wire));
+    }
+    match text.parse::<i32>() {
+        Ok(l) if (1..=19).contains(&l) || (-7..=-1).contains(&l) => Ok(ImageCompress::Image(l)),
+        _ => Err(format!("{text:?} is not a zstd level from 1 to 19 (or -7 to -1 for the fast levels)")),
+    }
 }
 
 fn parse_compress(text: &str) -> Result<i32, String> {

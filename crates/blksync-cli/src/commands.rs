@@ -16,8 +16,8 @@ use blksync::relay::{RemoteOptions, Side};
 use blksync::ssh::SshOptions;
 
 use crate::args::{
-    AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, InfoArgs, ListArgs, MergeArgs, PruneArgs,
-    RemoteArgs, RestoreArgs, SyncArgs,
+    AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, ImageCompress, InfoArgs, ListArgs, MergeArgs,
+    PruneArgs, RemoteArgs, RestoreArgs, SyncArgs,
 };
 use crate::console;
 use crate::human::{self, count, size as format_size};
@@ -91,6 +91,10 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         threads: threads(&args.common),
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
         undo: None,
+        compress: match args.compress {
+            Some(ImageCompress::Image(level)) => Some(level),
+            _ => None,
+        },
     };
     let render = Render::new(&args.common.output, "sync").with_hint(sync_hint);
     let control = Control { observer: &render, cancel };
@@ -99,7 +103,10 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let dest = lvm_option(&args.dest, "lvm", "thin-pool", args.thin_pool.as_ref());
     let remote = RemoteOptions {
         sync: options,
-        compress: args.compress,
+        compress: match args.compress {
+            Some(ImageCompress::Wire(wire)) => wire,
+            _ => args.wire_compress,
+        },
         pause: args.pause.map(std::time::Duration::from_millis),
         undo,
     };

@@ -365,10 +365,10 @@ fn pause_and_a_compression_level_still_give_an_identical_copy() {
     // Compressible: text-like data.
     let data: Vec<u8> = b"blksync keeps copies of disks. ".iter().copied().cycle().take(3 * MIB).collect();
     write_file(src.as_ref(), &data);
-    let j = env.ok(&["sync", "--pause", "1", "--compress", "3", &src, &env.remote("dst")]);
+    let j = env.ok(&["sync", "--pause", "1", "--wire-compress", "3", &src, &env.remote("dst")]);
     assert_same(src.as_ref(), env.path("dst").as_ref());
     assert!(j["bytes_sent"].as_u64().unwrap() < MIB as u64 / 4, "compressible data is compressed: {j}");
-    let out = env.run(&["sync", "--compress", "99", &src, &env.remote("dst")]);
+    let out = env.run(&["sync", "--wire-compress", "99", &src, &env.remote("dst")]);
     assert_eq!(out.code(), 2, "{}", out.stderr_text());
 }
 

@@ -6,7 +6,8 @@
 //! `location::SCHEMES`.
 //!
 //! Each implements `Source` and `Target` of `blksync-core`, which is all the engine, the peer and
-//! the recorders see.
+//! the recorders see. A file that holds a compressed image (the `blksync-image` crate) is
+//! recognised by its header and read and written as the disk it holds.
 
 pub(crate) use blksync_core::{endpoint, error, location, size};
 
@@ -29,6 +30,9 @@ pub fn open_source(address: &Path) -> blksync_core::Result<Box<dyn Source>> {
         let options = blksync_nbd::NbdOptions { bitmap, ..blksync_nbd::NbdOptions::default() };
         return Ok(Box::new(blksync_nbd::Nbd::open(&nbd, false, &options)?));
     }
+    if is_image(address)? {
+        return Ok(Box::new(blksync_image::Image::open(address, false)?));
+    }
     Ok(Box::new(local::Local::open_source(address)?))
 }
 
@@ -43,7 +47,34 @@ pub fn open_target(address: &Path, how: OpenTarget) -> blksync_core::Result<Box<
         }
         return Ok(Box::new(blksync_nbd::Nbd::open(nbd, !how.read_only, &blksync_nbd::NbdOptions::default())?));
     }
+    if is_image(address)? {
+        // Recognised by its header: a later sync updates it in place, --compress or not.
+        return Ok(Box::new(blksync_image::Image::open(address, !how.read_only)?));
+    }
+    if let Some(level) = how.compress {
+        let plain = blksync_core::location::scheme_of(address.as_os_str().as_encoded_bytes()).is_none();
+        if !plain || std::fs::symlink_metadata(address).is_ok() {
+            return Err(blksync_core::Error::usage(format!(
+                "{}: a compressed image is created as a new file, and this {} not a compressed image",
+                address.display(),
+                if plain { "exists and is" } else { "is" }
+            )));
+        }
+        if how.create && !how.read_only {
+            let options =
+                blksync_image::Options { level, mode: how.mode.unwrap_or(0o600), ..blksync_image::Options::default() };
+            return Ok(Box::new(blksync_image::Image::create(address, 0, options)?));
+        }
+    }
     Ok(Box::new(local::Local::open_target(address, how)?))
+}
+
+/// Whether `address` is a file that holds a compressed image (its first bytes say so).
+fn is_image(address: &Path) -> blksync_core::Result<bool> {
+    if blksync_core::location::scheme_of(address.as_os_str().as_encoded_bytes()).is_some() {
+        return Ok(false);
+    }
+    blksync_image::is_image(address)
 }
 
 /// `bitmap=NAME` in an NBD address's query (blksync's own parameter, which `--bitmap` adds):

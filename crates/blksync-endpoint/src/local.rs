@@ -85,6 +85,9 @@ pub struct OpenTarget {
     pub mode: Option<u32>,
     /// The source's size, for a target created with it (`loop://FILE`).
     pub size: Option<u64>,
+    /// Create a missing file as a compressed image (docs/COMPRESSED-IMAGE.md) at this zstd
+    /// level (`sync --compress`). An existing image is recognised by its header without it.
+    pub compress: Option<i32>,
 }
 
 /// A local regular file or block device.

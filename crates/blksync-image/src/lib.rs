@@ -63,8 +63,17 @@ pub use image::{Image, Options, Stats, Tuning, Usage};
 /// not one). Only the first 8 bytes are read: this says what the file claims to be; `open`
 /// checks it.
 pub fn is_image(path: &Path) -> Result<bool> {
-    use std::os::unix::fs::FileExt;
-    let file = match std::fs::File::open(path) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    // Only a regular file can be an image; anything else (a FIFO, which an open would block on,
+    // a device, a directory) is left to the opener that refuses or handles it.
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).on("inspecting", path),
+    }
+    // Non-blocking, should the path become a FIFO after the check.
+    let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e).on("opening", path),

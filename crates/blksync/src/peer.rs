@@ -237,7 +237,10 @@ impl Peer {
                     exe_hash,
                 });
             }
-            Msg::Open { role, flags, mode, size, path, name } => self.open(role, flags, (mode, size), &path, &name)?,
+            Msg::Open { role, flags, mode, size, path, name, level } => {
+                let compress = (flags & open_flags::COMPRESS != 0).then_some(level);
+                self.open(role, flags, (mode, size, compress), &path, &name)?;
+            }
             Msg::SetSize { size } => {
                 self.target()?.set_size(size)?;
                 self.reply(Msg::Done);
@@ -337,7 +340,14 @@ impl Peer {
         Ok(())
     }
 
-    fn open(&mut self, role: Role, flags: u32, (mode, size): (u32, u64), path: &[u8], name: &[u8]) -> Result<()> {
+    fn open(
+        &mut self,
+        role: Role,
+        flags: u32,
+        (mode, size, compress): (u32, u64, Option<i32>),
+        path: &[u8],
+        name: &[u8],
+    ) -> Result<()> {
         if self.endpoint.is_some() {
             return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
         }
@@ -361,6 +371,7 @@ impl Peer {
                         discard: flags & open_flags::DISCARD != 0,
                         mode: (mode != 0).then_some(mode),
                         size: (size != 0).then_some(size),
+                        compress,
                     },
                 )?);
                 (Arc::clone(&target) as Arc<dyn Source>, Some(target))

@@ -121,18 +121,18 @@ fn open(
     role: Role,
     flags: u32,
     path: &OsStr,
-    (name, like): (&[u8], Option<&Opened>),
+    (name, like, level): (&[u8], Option<&Opened>, i32),
     then: Option<Msg>,
 ) -> Result<Opened> {
     let (mode, size) = like.map_or((0, 0), |s| (s.mode, s.size));
-    let msg = Msg::Open { role, flags, mode, size, path: path.as_bytes().to_vec(), name: name.to_vec() };
+    let msg = Msg::Open { role, flags, mode, size, path: path.as_bytes().to_vec(), name: name.to_vec(), level };
     opened(link, msg, then)
 }
 
 /// Whether `path` names a file or a device, not a managed endpoint (`loop://`, `lvm+snapshot://`,
 /// `nbd://`), whose closing can fail or print.
 fn plain_path(path: &OsStr) -> bool {
-    !path.as_bytes().windows(3).any(|w| w == b"://")
+    crate::location::scheme_of(path.as_bytes()).is_none()
 }
 
 /// The target's scan as the pass will ask for it if the target turns out to have the source's
@@ -175,7 +175,7 @@ fn sync(
 ) -> Result<Summary> {
     let o = &options.sync;
     let cache = if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-    let s = open(source, Role::Source, cache, source_path, (b"", None), None)?;
+    let s = open(source, Role::Source, cache, source_path, (b"", None, 0), None)?;
     let name = Path::new(source_path).file_name().map(OsStr::as_bytes).unwrap_or_default();
     let mut flags = cache | if o.dry_run { open_flags::READ_ONLY } else { open_flags::CREATE };
     if o.force {
@@ -184,13 +184,17 @@ fn sync(
     if o.discard {
         flags |= open_flags::DISCARD;
     }
+    if o.compress.is_some() {
+        flags |= open_flags::COMPRESS;
+    }
     // Behind the `Open`, the target's scan as the pass will want it when both have one size.
     // Not with an undo log: its request's reply must not meet the scan's.
     let speculative = match undo {
         UndoAt::None => speculative_scan(&s, o)?,
         UndoAt::There(_) | UndoAt::Fetch(_) => None,
     };
-    let t = open(target, Role::Target, flags, target_path, (name, Some(&s)), speculative.clone())?;
+    let like = (name, Some(&s), o.compress.unwrap_or(0));
+    let t = open(target, Role::Target, flags, target_path, like, speculative.clone())?;
     // The peer started it exactly when this holds.
     let started = speculative.filter(|_| t.exists && t.size == s.size);
     let names = (display(source, source_path), display(target, t.path.as_deref().unwrap_or(target_path)));
@@ -628,7 +632,7 @@ pub fn backup_locations(
     };
     with_links(source, dest, control, |s, s_path, t, t_path| {
         let cache = if options.sync.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-        let so = open(s, Role::Source, cache, s_path, (b"", None), None)?;
+        let so = open(s, Role::Source, cache, s_path, (b"", None, 0), None)?;
         let source_name = display(s, s_path);
         let to = open_chain(
             t,
@@ -657,7 +661,7 @@ pub(crate) fn estimate_backup(
 ) -> Result<(Summary, String, bool)> {
     let ((mut summary, base, new_chain), (sent, received)) =
         with_two_links(source, dest, control, |s, s_path, t, t_path| {
-            let so = open(s, Role::Source, 0, s_path, (b"", None), None)?;
+            let so = open(s, Role::Source, 0, s_path, (b"", None, 0), None)?;
             let names = (display(s, s_path), display(t, t_path));
             match open_chain(t, t_path, Role::Source, crate::backup::At::Latest, "", ("", 0), o.block_size) {
                 Ok(to) => {
@@ -709,8 +713,8 @@ pub(crate) fn estimate_diff(
     control: Control<'_>,
 ) -> Result<Summary> {
     with_links(source, base, control, |s, s_path, b, b_path| {
-        let so = open(s, Role::Source, 0, s_path, (b"", None), None)?;
-        let bo = open(b, Role::Source, 0, b_path, (b"", None), None)?;
+        let so = open(s, Role::Source, 0, s_path, (b"", None, 0), None)?;
+        let bo = open(b, Role::Source, 0, b_path, (b"", None, 0), None)?;
         let names = (display(s, s_path), display(b, b_path));
         let mut ends = LinkEnds {
             source: s,
@@ -757,7 +761,7 @@ pub fn restore_locations(
         if o.force {
             flags |= open_flags::FORCE;
         }
-        let to = open(t, Role::Target, flags, t_path, (b"", Some(&so)), None)?;
+        let to = open(t, Role::Target, flags, t_path, (b"", Some(&so), 0), None)?;
         let names = (display(s, s_path), display(t, t_path));
         transfer(s, (so, to, None), t, names, Commit::None, options, control)
     })
@@ -843,8 +847,8 @@ pub fn compare(
     max_ranges: usize,
     control: Control<'_>,
 ) -> Result<Comparison> {
-    let first = open(a, Role::Source, 0, a_path, (b"", None), None)?;
-    let second = open(b, Role::Source, 0, b_path, (b"", None), None)?;
+    let first = open(a, Role::Source, 0, a_path, (b"", None, 0), None)?;
+    let second = open(b, Role::Source, 0, b_path, (b"", None, 0), None)?;
     let names = (display(a, a_path), display(b, b_path));
     let mut ends = LinkEnds {
         source: a,

@@ -41,6 +41,10 @@ pub struct SyncOptions {
     /// serialized: a job carries it as bytes ([`crate::job::Job::Sync`]).
     #[serde(skip)]
     pub undo: Option<std::path::PathBuf>,
+    /// Create a missing destination as a compressed image at this zstd level (`--compress`);
+    /// an existing one is updated in place whatever this says.
+    #[serde(default)]
+    pub compress: Option<i32>,
 }
 
 impl Default for SyncOptions {
@@ -57,6 +61,7 @@ impl Default for SyncOptions {
             threads: default_threads(),
             bwlimit: None,
             undo: None,
+            compress: None,
         }
     }
 }
@@ -139,6 +144,7 @@ pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Co
             discard: options.discard,
             mode: src.mode(),
             size: Some(src.size()),
+            compress: options.compress,
         },
     )?;
     check_storage(src.as_ref(), dst.as_ref())?;

@@ -28,8 +28,10 @@ pub mod open_flags {
     pub const DISCARD: u32 = 8;
     /// Keep read pages in the page cache.
     pub const KEEP_CACHE: u32 = 16;
+    /// Create a missing file as a compressed image at `Open.level` (`sync --compress`).
+    pub const COMPRESS: u32 = 32;
     /// Every defined bit.
-    pub const ALL: u32 = 31;
+    pub const ALL: u32 = 63;
 }
 
 /// `Data` codecs.
@@ -71,6 +73,8 @@ pub enum Msg {
         size: u64,
         path: Vec<u8>,
         name: Vec<u8>,
+        /// The zstd level of a compressed image created (with `COMPRESS`); 0 otherwise.
+        level: i32,
     },
     SetSize {
         size: u64,
@@ -380,9 +384,10 @@ impl Msg {
                 x.u32(*version).u64(*features).u8(u8::from(*want_exe_hash));
                 x.finish()
             }
-            Msg::Open { role, flags, mode, size, path, name } => {
+            Msg::Open { role, flags, mode, size, path, name, level } => {
                 let mut x = e(OPEN);
                 x.u8(u8::from(*role == Role::Target)).u32(*flags).u32(*mode).u64(*size).bytes(path).bytes(name);
+                x.i32(*level);
                 x.finish()
             }
             Msg::SetSize { size } => {
@@ -589,6 +594,7 @@ impl Msg {
                     size: d.u64()?,
                     path: d.bytes()?.to_vec(),
                     name: d.bytes()?.to_vec(),
+                    level: d.i32()?,
                 }
             }
             tag::SET_SIZE => Msg::SetSize { size: d.u64()? },

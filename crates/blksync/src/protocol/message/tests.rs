@@ -31,9 +31,9 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             features,
             want_exe_hash
         }),
-        (any::<bool>(), 0u32..32, any::<u32>(), any::<u64>(), b(), b()).prop_map(
-            |(t, flags, mode, size, path, name)| {
-                Msg::Open { role: if t { Role::Target } else { Role::Source }, flags, mode, size, path, name }
+        (any::<bool>(), 0u32..64, any::<u32>(), any::<u64>(), b(), b(), any::<i32>()).prop_map(
+            |(t, flags, mode, size, path, name, level)| {
+                Msg::Open { role: if t { Role::Target } else { Role::Source }, flags, mode, size, path, name, level }
             }
         ),
         any::<u64>().prop_map(|size| Msg::SetSize { size }),
