@@ -270,9 +270,15 @@ pub struct ServeArgs {
     /// Listen on a unix socket at PATH instead.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<std::path::PathBuf>,
-    /// Let clients write: to a file, a device or an export (not to a chain's point).
+    /// Let clients write: to a file, a device or an export directly; to a chain's point in a
+    /// copy-on-write overlay that never touches the chain and is thrown away at the end.
     #[arg(long)]
     pub writable: bool,
+    /// With --writable on a chain's point: when the server stops, save what clients wrote as a
+    /// delta in FILE (`blksync apply FILE` lays it on a restore of the point). The overlay's
+    /// working file is made, unlinked, in FILE's directory.
+    #[arg(long, value_name = "FILE", requires = "writable")]
+    pub save_overlay: Option<std::path::PathBuf>,
     /// Print only errors on stderr.
     #[arg(short, long)]
     pub quiet: bool,

@@ -638,11 +638,12 @@ pub fn serve(args: &crate::args::ServeArgs, cancel: &AtomicBool) -> Result<Outco
         Some(text) => Some(parse_at(Some(text))?),
         None => None,
     };
-    let options = blksync::serve::ServeOptions { at, writable: args.writable, listen };
+    let options =
+        blksync::serve::ServeOptions { at, writable: args.writable, save_overlay: args.save_overlay.clone(), listen };
     let quiet = args.quiet;
     let shown = address.display().to_string();
     let mut printed = Ok(());
-    blksync::serve::serve(
+    let served = blksync::serve::serve(
         &address,
         &options,
         |uri| {
@@ -656,6 +657,13 @@ pub fn serve(args: &crate::args::ServeArgs, cancel: &AtomicBool) -> Result<Outco
     printed?;
     if !quiet {
         console::err("blksync: stopped serving");
+        if let Some((path, bytes)) = &served.saved {
+            console::err(&format!(
+                "blksync: what clients wrote ({}) is saved in {}; `blksync apply` lays it on a restore of the point",
+                blksync::size::format_size(*bytes),
+                path.display()
+            ));
+        }
     }
     Ok(Outcome::Success)
 }

@@ -31,6 +31,7 @@ pub mod estimate;
 pub mod hash;
 pub mod job;
 pub mod link;
+pub mod overlay;
 pub mod patch;
 pub mod peer;
 pub mod place;
