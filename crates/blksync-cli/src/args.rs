@@ -203,6 +203,12 @@ pub struct BackupArgs {
     /// Say what the next point would record and how large it would be at most; write nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
+    /// A new chain keeps its base as a compressed image (zstd at LEVEL, default 3;
+    /// docs/COMPRESSED-IMAGE.md) instead of a raw copy. Restore, prune and serve read it; a
+    /// prune folds increments into it in place. Later points are deltas either way.
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true, default_missing_value = "3",
+          value_parser = parse_level)]
+    pub compress: Option<i32>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -547,8 +553,13 @@ fn parse_image_compress(text: &str) -> Result<ImageCompress, String> {
     if let Ok(wire @ (blksync::compress::AUTO | blksync::compress::OFF)) = parse_compress(text) {
         return Ok(ImageCompress::Wire(wire));
     }
+    parse_level(text).map(ImageCompress::Image)
+}
+
+/// A compressed image's zstd level.
+fn parse_level(text: &str) -> Result<i32, String> {
     match text.parse::<i32>() {
-        Ok(l) if (1..=19).contains(&l) || (-7..=-1).contains(&l) => Ok(ImageCompress::Image(l)),
+        Ok(l) if (1..=19).contains(&l) || (-7..=-1).contains(&l) => Ok(l),
         _ => Err(format!("{text:?} is not a zstd level from 1 to 19 (or -7 to -1 for the fast levels)")),
     }
 }

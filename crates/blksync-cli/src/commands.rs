@@ -213,6 +213,7 @@ fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::Di
         comment: comment.to_string(),
         bwlimit: common.bwlimit.filter(|&r| r > 0),
         force: false,
+        compress: None,
     })
 }
 
@@ -427,7 +428,11 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &render, cancel };
     let source_arg = source_options(&args.source, &args.common)?;
     let (source, dest) = (Location::parse(&source_arg)?, Location::parse(&args.dest)?);
-    let options = blksync::patch::DiffOptions { force: args.force, ..diff_options(&args.common, &args.comment)? };
+    let options = blksync::patch::DiffOptions {
+        force: args.force,
+        compress: args.compress,
+        ..diff_options(&args.common, &args.comment)?
+    };
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     if args.dry_run {
         let result = blksync::estimate::backup(

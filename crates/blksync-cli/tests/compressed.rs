@@ -122,3 +122,66 @@ fn compressed_images_work_on_either_side_of_ssh() {
     sync(&[&e[..], &[&remote_img, &back]].concat());
     assert_same(src.as_ref(), back.as_ref());
 }
+
+/// The base image of the chain in `dir`.
+fn base_of(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().unwrap().to_string_lossy().starts_with("base-") && p.extension().is_some_and(|x| x == "img")
+        })
+        .expect("a base image")
+}
+
+#[test]
+fn backup_compress_keeps_a_compressed_base_that_restore_prune_and_serve_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, chain) = (dir.path().join("src"), dir.path().join("chain"));
+    let (s, c) = (src.to_str().unwrap(), chain.to_str().unwrap());
+    let mut states = vec![disk(7)];
+    write_file(&src, &states[0]);
+    ok(&["backup", "-q", "--compress", s, c]);
+    assert!(is_image(&base_of(&chain)), "the base is a compressed image");
+    assert!(allocated(&base_of(&chain)) < 4 * MIB as u64, "{}", allocated(&base_of(&chain)));
+    for k in 1..4u64 {
+        let mut next = states.last().unwrap().clone();
+        let at = (k as usize) * MIB + 12_288;
+        next[at..at + 8192].copy_from_slice(&random_bytes(8192, 30 + k));
+        write_file(&src, &next);
+        ok(&["backup", "-q", s, c]);
+        states.push(next);
+    }
+    let restored = dir.path().join("restored");
+    let r = restored.to_str().unwrap();
+    for (n, state) in states.iter().enumerate() {
+        let _ = std::fs::remove_file(&restored);
+        ok(&["restore", "-q", "--at", &n.to_string(), c, r]);
+        assert!(read(&restored) == *state, "point {n}");
+    }
+    // A prune folds two increments into the compressed base, in place.
+    ok(&["prune", "-q", "--keep", "1", c]);
+    assert!(is_image(&base_of(&chain)), "still compressed after the fold");
+    ok(&["list", "--verify", c]);
+    for n in [2, 3] {
+        let _ = std::fs::remove_file(&restored);
+        ok(&["restore", "-q", "--at", &n.to_string(), c, r]);
+        assert!(read(&restored) == states[n], "point {n} after the prune");
+    }
+}
+
+#[test]
+fn backup_compress_works_on_a_remote_chain() {
+    let Some(env) = RemoteDir::new("blksync-compressed-chain") else { return };
+    let src = env.path("src");
+    let data = disk(8);
+    write_file(src.as_ref(), &data);
+    let chain = env.remote("chain");
+    let e = ["-e", env.rsh.as_str()];
+    ok(&[&["backup", "-q"], &e[..], &["--compress", &src, &chain]].concat());
+    assert!(is_image(&base_of(Path::new(&env.path("chain")))), "the remote base is compressed");
+    let back = env.path("back");
+    ok(&[&["restore", "-q"], &e[..], &[&chain, &back]].concat());
+    assert_same(src.as_ref(), back.as_ref());
+}

@@ -306,7 +306,7 @@ impl Chain {
             ));
         };
         let base = self.open_base()?;
-        let found = Sums::compute(&base, sums.id, crate::workers::default_threads())?;
+        let found = Sums::compute(base.as_ref(), sums.id, crate::workers::default_threads())?;
         if let Some(b) = (0..sums.blocks.len()).find(|&b| sums.blocks[b] != found.blocks[b]) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -320,9 +320,10 @@ impl Chain {
         Ok(())
     }
 
-    /// Opens the base image, which must have the size its metadata records.
-    pub fn open_base(&self) -> Result<Local> {
-        let base = Local::open_source(&self.base_image)?;
+    /// Opens the base image, which must have the size its metadata records: a raw file, or a
+    /// compressed image (`backup --compress`), which its header says.
+    pub fn open_base(&self) -> Result<Box<dyn Source>> {
+        let base = open_base_file(&self.base_image)?;
         if base.size() != self.base.header.size_after {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -368,10 +369,21 @@ impl Chain {
 
     /// The image at point `n`: the base plus every increment numbered up to `n`.
     pub fn image(self: &Arc<Self>, n: u64) -> Result<Image> {
+        self.image_over(n, self.open_base()?)
+    }
+
+    /// What the increments up to `n` hold, without opening the base (a prune rewrites it, and a
+    /// compressed base admits one writer only): only [`Image::changed`] and
+    /// [`Image::read_changed`] work; a read of the base is an error.
+    pub fn changes(self: &Arc<Self>, n: u64) -> Result<Image> {
+        let base = Unopened { name: self.base_image.clone(), size: self.base.header.size_after };
+        self.image_over(n, Box::new(base))
+    }
+
+    fn image_over(self: &Arc<Self>, n: u64, base: Box<dyn Source>) -> Result<Image> {
         if self.broken.is_some() && n > self.newest().1 {
             return Err(self.check_whole().err().unwrap_or_else(|| Error::protocol("broken chain")));
         }
-        let base = self.open_base()?;
         let sums = self.sums()?;
         let deltas: Vec<usize> = (0..self.increments.len()).filter(|&i| self.increments[i].seq <= n).collect();
         let mut size = self.base.header.size_after;
@@ -395,6 +407,34 @@ impl Chain {
         let name = self.dir.join(format!("@{n}"));
         let checked = sums.as_ref().map(crate::sums::Checked::new);
         Ok(Image { name, base, sums, checked, size, pieces, deltas, chain: Arc::clone(self) })
+    }
+}
+
+/// The base of [`Chain::changes`]: its size only.
+struct Unopened {
+    name: PathBuf,
+    size: u64,
+}
+
+impl Source for Unopened {
+    fn name(&self) -> &Path {
+        &self.name
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, _buf: &mut [u8], offset: u64) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Io,
+            format!("{}: the base is not open here (offset {offset}): it is being rewritten", self.name.display()),
+        ))
+    }
+    fn segment_at(&self, offset: u64) -> Result<Segment> {
+        Ok(Segment { start: offset, end: self.size.max(offset + 1), allocated: true })
+    }
+    fn drop_cache(&self, _offset: u64, _len: u64) {}
+    fn identity(&self) -> crate::endpoint::Identity {
+        crate::endpoint::Identity::None
     }
 }
 
@@ -430,10 +470,18 @@ pub fn cut(pieces: &mut BTreeMap<u64, Piece>, start: u64, end: u64) {
     }
 }
 
+/// Opens a base image for reading: raw, or compressed (its header says which).
+pub fn open_base_file(path: &Path) -> Result<Box<dyn Source>> {
+    if blksync_image::is_image(path)? {
+        return Ok(Box::new(blksync_image::Image::open(path, false)?));
+    }
+    Ok(Box::new(Local::open_source(path)?))
+}
+
 /// A chain's image at one point, readable as a [`Source`].
 pub struct Image {
     name: PathBuf,
-    base: Local,
+    base: Box<dyn Source>,
     /// The base's content hashes, checked on the first read of each block of the base.
     sums: Option<Sums>,
     /// The blocks of the base this image has checked.
@@ -448,6 +496,7 @@ pub struct Image {
 impl Image {
     /// The ranges where this point differs from the base (what its increments cover), merged
     /// and ascending.
+    #[must_use]
     pub fn changed(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for (&start, piece) in &self.pieces {
@@ -508,7 +557,7 @@ impl Source for Image {
                 Some(sums) => crate::sums::read_checked(
                     sums,
                     (&self.chain.base_image, self.checked.as_ref()),
-                    &self.base,
+                    self.base.as_ref(),
                     part,
                     offset,
                 )?,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use crate::chain::{Chain, base_paths, increment_path};
 use crate::delta::{Delta, Header, Kind, Writer};
 use crate::endpoint::Source;
-use crate::endpoint::local::Local;
+use crate::endpoint::Target;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::progress::{Control, Counters, Phase};
 use crate::record::DiffOptions;
@@ -68,7 +68,8 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
     if chain.sums()?.is_some() {
         chain.verify_base()?;
     }
-    let image = chain.image(last.seq)?;
+    // The increments alone: the base is read on its own below, then rewritten in place.
+    let image = chain.changes(last.seq)?;
     let (old_size, new_size) = (chain.base.header.size_after, image.size());
     let mut ranges = image.changed();
     if new_size < old_size {
@@ -105,7 +106,7 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
             let n = (end.min(old_size) - pos).min(PIECE) as usize;
             take(n);
             match &sums {
-                Some(s) => crate::sums::read_checked(s, (&chain.base_image, None), &base, &mut buf[..n], pos)?,
+                Some(s) => crate::sums::read_checked(s, (&chain.base_image, None), base.as_ref(), &mut buf[..n], pos)?,
                 None => base.read_at(&mut buf[..n], pos)?,
             }
             let kind = if crate::zero::is_zero(&buf[..n]) { Kind::Zeros } else { Kind::Data };
@@ -116,12 +117,14 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
         }
     }
     journal.commit()?;
+    // A compressed base takes one writer and no reader besides.
+    drop(base);
 
     // 2. The new content, in place. From here on the journal is the way back.
     let mut fold_in = || -> Result<()> {
-        let file = std::fs::OpenOptions::new().write(true).open(&chain.base_image).on("opening", &chain.base_image)?;
+        let file = BaseWriter::open(&chain.base_image)?;
         if new_size > old_size {
-            file.set_len(new_size).on("resizing", &chain.base_image)?;
+            file.set_len(&chain.base_image, new_size)?;
         }
         for &(start, end) in ranges.iter().filter(|(s, _)| *s < new_size) {
             let mut pos = start;
@@ -132,7 +135,7 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
                 let n = (end.min(new_size) - pos).min(PIECE) as usize;
                 take(n);
                 image.read_changed(&mut buf[..n], pos)?;
-                write_or_punch(&file, &chain.base_image, &buf[..n], pos)?;
+                file.write(&chain.base_image, &buf[..n], pos)?;
                 counters.add_scanned(n as u64);
                 counters.add_written(n as u64);
                 control.observer.progress(&counters.snapshot());
@@ -140,10 +143,9 @@ pub fn prune(dir: &Path, keep: u64, options: &DiffOptions, control: Control<'_>)
             }
         }
         if new_size < old_size {
-            file.set_len(new_size).on("resizing", &chain.base_image)?;
+            file.set_len(&chain.base_image, new_size)?;
         }
-        file.sync_all().on("flushing", &chain.base_image)?;
-        Ok(())
+        file.sync(&chain.base_image)
     };
     if let Err(e) = fold_in() {
         // Half-folded (an interruption, a full disk, an I/O error): the journal puts the base
@@ -190,22 +192,22 @@ fn commit(
     let (old_size, new_size) = (chain.base.header.size_after, header.size_after);
     let new_id = header.id;
     let (new_image, new_meta) = base_paths(dir, number, &new_id);
-    let reread = Local::open_source(&chain.base_image)?;
+    let reread = crate::chain::open_base_file(&chain.base_image)?;
     let mut sums = match sums {
         Some(mut s) => {
             s.resize(new_size);
             for &(start, end) in ranges {
-                s.update(&reread, start.min(new_size), end.min(new_size))?;
+                s.update(reread.as_ref(), start.min(new_size), end.min(new_size))?;
             }
             // The block that holds the shorter end changed length (verified with the whole base
             // before the fold, so no damage is hashed in).
             if old_size != new_size {
                 let edge = old_size.min(new_size).saturating_sub(1);
-                s.update(&reread, edge, (edge + 1).min(new_size))?;
+                s.update(reread.as_ref(), edge, (edge + 1).min(new_size))?;
             }
             s
         }
-        None => Sums::compute(&reread, new_id, threads.max(1))?,
+        None => Sums::compute(reread.as_ref(), new_id, threads.max(1))?,
     };
     sums.id = new_id;
     sums.store(&crate::sums::path_for(&new_image))?;
@@ -213,6 +215,46 @@ fn commit(
     crate::temp::commit(&chain.base_image, &new_image)?;
     finish(dir, (chain.base_number, &chain.base.header.id), number)?;
     Ok(())
+}
+
+/// The base, opened to be rewritten in place: a raw file, or a compressed image (which keeps
+/// its own crash safety: a commit at a time, each atomic).
+enum BaseWriter {
+    Raw(File),
+    Compressed(Box<blksync_image::Image>),
+}
+
+impl BaseWriter {
+    fn open(path: &Path) -> Result<BaseWriter> {
+        if blksync_image::is_image(path)? {
+            return Ok(BaseWriter::Compressed(Box::new(blksync_image::Image::open(path, true)?)));
+        }
+        Ok(BaseWriter::Raw(std::fs::OpenOptions::new().write(true).open(path).on("opening", path)?))
+    }
+
+    fn set_len(&self, path: &Path, size: u64) -> Result<()> {
+        match self {
+            BaseWriter::Raw(file) => file.set_len(size).on("resizing", path),
+            BaseWriter::Compressed(image) => image.set_size(size),
+        }
+    }
+
+    /// Writes `data` at `offset`; zeros become a hole.
+    fn write(&self, path: &Path, data: &[u8], offset: u64) -> Result<()> {
+        match self {
+            BaseWriter::Raw(file) => write_or_punch(file, path, data, offset),
+            BaseWriter::Compressed(image) if crate::zero::is_zero(data) => image.zero(offset, data.len() as u64),
+            BaseWriter::Compressed(image) => image.write_at(data, offset),
+        }
+    }
+
+    /// Makes it durable (an image commits).
+    fn sync(&self, path: &Path) -> Result<()> {
+        match self {
+            BaseWriter::Raw(file) => file.sync_all().on("flushing", path),
+            BaseWriter::Compressed(image) => image.flush(),
+        }
+    }
 }
 
 /// Writes `data` at `offset` of the base, punching a hole where it is all zeros (the base stays
@@ -263,17 +305,21 @@ pub fn recover(dir: &Path) -> Result<()> {
     let (new_image, new_meta) = base_paths(dir, new, &h.id);
     if old_image.exists() {
         // Died before the commit: put the old content back and forget the new base.
-        let file = std::fs::OpenOptions::new().write(true).open(&old_image).on("opening", &old_image)?;
+        let file = BaseWriter::open(&old_image)?;
+        if let BaseWriter::Compressed(_) = file {
+            // An image takes no write past its end: its old size first.
+            file.set_len(&old_image, h.size_after)?;
+        }
         for entry in &journal.index {
             let record = journal.read(entry)?;
             let data = match entry.kind {
                 Kind::Data => record.data,
                 Kind::Zeros => vec![0; entry.len as usize],
             };
-            write_or_punch(&file, &old_image, &data, entry.offset)?;
+            file.write(&old_image, &data, entry.offset)?;
         }
-        file.set_len(h.size_after).on("resizing", &old_image)?;
-        file.sync_all().on("flushing", &old_image)?;
+        file.set_len(&old_image, h.size_after)?;
+        file.sync(&old_image)?;
         for p in [new_meta, crate::sums::path_for(&new_image)] {
             let _ = std::fs::remove_file(p);
         }

@@ -41,6 +41,9 @@ pub struct DiffOptions {
     /// up (another filesystem UUID, or another path and size).
     #[serde(default)]
     pub force: bool,
+    /// `backup --compress`: a new chain's base is a compressed image at this zstd level.
+    #[serde(default)]
+    pub compress: Option<i32>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -631,17 +634,58 @@ pub struct Append {
 
 enum Point {
     /// No chain yet: the base image, under a temporary name until committed.
-    First { tmp: PathBuf, file: Local, header: Box<Header> },
+    First { tmp: PathBuf, file: BaseFile, header: Box<Header> },
     /// The next increment, recorded against the newest image.
     Next(Recorder<Arc<Image>>),
+}
+
+/// A new chain's base file: raw, or a compressed image (`backup --compress`).
+enum BaseFile {
+    Raw(Local),
+    Compressed(blksync_image::Image),
+}
+
+impl BaseFile {
+    /// Makes it at `tmp`, which `temp::create` reserved (and which an image replaces).
+    fn create(tmp: &Path, compress: Option<i32>) -> Result<BaseFile> {
+        match compress {
+            None => Ok(BaseFile::Raw(Local::open_target(tmp, OpenTarget { create: true, ..OpenTarget::default() })?)),
+            Some(level) => {
+                std::fs::remove_file(tmp).map_err(|e| crate::error::Error::io("replacing", tmp, None, e))?;
+                let options = blksync_image::Options { level, ..blksync_image::Options::default() };
+                Ok(BaseFile::Compressed(blksync_image::Image::create(tmp, 0, options)?))
+            }
+        }
+    }
+
+    fn target(&self) -> &dyn Target {
+        match self {
+            BaseFile::Raw(file) => file,
+            BaseFile::Compressed(image) => image,
+        }
+    }
+
+    fn source(&self) -> &dyn Source {
+        match self {
+            BaseFile::Raw(file) => file,
+            BaseFile::Compressed(image) => image,
+        }
+    }
 }
 
 impl Append {
     /// Opens the chain in `dir` (created if missing) for a new point described by `header`
     /// (its source, comment and block size; the ids and sizes are set here). `check` is given
     /// the header of the chain's newest point and refuses a source that is not the image the
-    /// chain backs up. The chain is locked until the point is committed or given up.
-    pub fn open(dir: &Path, mut header: Header, check: impl FnOnce(&Header) -> Result<()>) -> Result<Append> {
+    /// chain backs up. A new chain's base is a compressed image at level `compress` when given
+    /// (docs/COMPRESSED-IMAGE.md); a chain's later points are deltas either way. The chain is
+    /// locked until the point is committed or given up.
+    pub fn open(
+        dir: &Path,
+        mut header: Header,
+        compress: Option<i32>,
+        check: impl FnOnce(&Header) -> Result<()>,
+    ) -> Result<Append> {
         crate::chain::create_dir(dir)?;
         let lock = crate::chain::lock(dir)?;
         crate::store::clean(dir);
@@ -652,11 +696,9 @@ impl Append {
                 let (image, _) = base_paths(dir, 0, &header.id);
                 let (file, tmp) = crate::temp::create(&image, 0o600)?;
                 drop(file);
-                let file = Local::open_target(&tmp, OpenTarget { create: true, ..OpenTarget::default() }).inspect_err(
-                    |_| {
-                        let _ = std::fs::remove_file(&tmp);
-                    },
-                )?;
+                let file = BaseFile::create(&tmp, compress).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&tmp);
+                })?;
                 (Point::First { tmp, file, header: Box::new(header) }, 0)
             }
             Some(chain) => {
@@ -694,7 +736,7 @@ impl Append {
 
     fn endpoint(&self) -> &dyn Target {
         match &self.point {
-            Point::First { file, .. } => file,
+            Point::First { file, .. } => file.target(),
             Point::Next(record) => record,
         }
     }
@@ -707,9 +749,9 @@ impl Append {
             Status::Open => {}
         }
         let committed = match &self.point {
-            Point::First { tmp, file, header } => file.flush().and_then(|()| {
-                let header = Header { size_after: file.size(), ..(**header).clone() };
-                crate::store::commit_base(&self.dir, 0, file, tmp, &header)
+            Point::First { tmp, file, header } => file.target().flush().and_then(|()| {
+                let header = Header { size_after: file.source().size(), ..(**header).clone() };
+                crate::store::commit_base(&self.dir, 0, file.source(), tmp, &header)
             }),
             Point::Next(record) => record.flush(),
         };

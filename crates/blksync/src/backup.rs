@@ -54,7 +54,7 @@ fn backup_from(
 ) -> Result<BackupSummary> {
     let mut header = Header::new([0; 16], options.block_size as u32, &source.display().to_string(), &options.comment)?;
     header.source_identity = crate::patch::source_identity(source);
-    let point = crate::record::Append::open(dir, header, |last| {
+    let point = crate::record::Append::open(dir, header, options.compress, |last| {
         if options.force { Ok(()) } else { same_image(dir, last, source, src) }
     })?;
     let mut ends = LocalEnds::new(src, &point, point.is_new());

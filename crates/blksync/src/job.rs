@@ -183,6 +183,7 @@ mod tests {
             comment: "c".into(),
             bwlimit: Some(5),
             force: false,
+            compress: Some(3),
         }
     }
 

@@ -293,8 +293,9 @@ impl Peer {
                 }
                 self.reply(Msg::Done);
             }
-            Msg::OpenChain { dir, role, at_kind, at, comment, source, block, source_size } => {
-                self.open_chain(&dir, role, at_kind, at, &comment, (&source, source_size), block)?;
+            Msg::OpenChain { dir, role, at_kind, at, comment, source, block, source_size, level } => {
+                let compress = (level != 0).then_some(level);
+                self.open_chain(&dir, role, (at_kind, at), &comment, (&source, source_size), (block, compress))?;
             }
             Msg::Copy { end, data_len, compress, threads } => self.start_copy(end, data_len, compress, threads)?,
             Msg::Job { request } => {
@@ -417,11 +418,10 @@ impl Peer {
         &mut self,
         dir: &[u8],
         role: Role,
-        at_kind: u8,
-        at: i64,
+        (at_kind, at): (u8, i64),
         comment: &[u8],
         (source, source_size): (&[u8], u64),
-        block: u32,
+        (block, compress): (u32, Option<i32>),
     ) -> Result<()> {
         if self.endpoint.is_some() {
             return Err(Error::protocol("a peer serves one endpoint; Open came twice"));
@@ -444,7 +444,7 @@ impl Peer {
                 let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
                 let source = text(source);
                 let header = crate::delta::Header::new([0; 16], block, &source, &text(comment))?;
-                let point = Arc::new(Append::open(dir, header, |last| {
+                let point = Arc::new(Append::open(dir, header, compress, |last| {
                     // 0 skips the same-image check (`--force`).
                     if source_size == 0 {
                         Ok(())

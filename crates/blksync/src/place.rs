@@ -66,6 +66,7 @@ pub fn backup(
             threads: options.threads,
             bwlimit: options.bwlimit,
             force: options.force,
+            compress: options.compress,
             ..SyncOptions::default()
         },
         compress: crate::compress::AUTO,

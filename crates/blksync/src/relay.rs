@@ -575,7 +575,7 @@ fn open_chain(
     at: crate::backup::At,
     comment: &str,
     (source, source_size): (&str, u64),
-    block: usize,
+    (block, level): (usize, i32),
 ) -> Result<Opened> {
     let (at_kind, at) = match at {
         crate::backup::At::Latest => (0, 0),
@@ -591,6 +591,7 @@ fn open_chain(
         source: source.as_bytes().to_vec(),
         block: block as u32,
         source_size,
+        level,
     };
     opened(link, msg, None)
 }
@@ -616,6 +617,7 @@ pub fn backup_locations(
             comment: comment.to_string(),
             bwlimit: o.bwlimit,
             force: o.force,
+            compress: o.compress,
         };
         let job = Job::Backup { source: WirePath::new(&src.path), dir: WirePath::new(&dir.path), options };
         let (mut b, wire): (crate::backup::BackupSummary, _) = history::job_counted(dest, &job, control)?;
@@ -641,7 +643,7 @@ pub fn backup_locations(
             crate::backup::At::Latest,
             comment,
             (&source_name, if options.sync.force { 0 } else { so.size }),
-            options.sync.block_size,
+            (options.sync.block_size, options.sync.compress.unwrap_or(0)),
         )?;
         let names = (source_name, display(t, t_path));
         transfer(s, (so, to, None), t, names, Commit::Point, &options, control)
@@ -663,7 +665,7 @@ pub(crate) fn estimate_backup(
         with_two_links(source, dest, control, |s, s_path, t, t_path| {
             let so = open(s, Role::Source, 0, s_path, (b"", None, 0), None)?;
             let names = (display(s, s_path), display(t, t_path));
-            match open_chain(t, t_path, Role::Source, crate::backup::At::Latest, "", ("", 0), o.block_size) {
+            match open_chain(t, t_path, Role::Source, crate::backup::At::Latest, "", ("", 0), (o.block_size, 0)) {
                 Ok(to) => {
                     let base = format!("{} (its newest point)", names.1);
                     let mut ends = LinkEnds {
@@ -755,7 +757,7 @@ pub fn restore_locations(
         return Ok(summary);
     }
     with_links(chain, target, control, |s, s_path, t, t_path| {
-        let so = open_chain(s, s_path, Role::Source, at, "", ("", 0), options.sync.block_size)?;
+        let so = open_chain(s, s_path, Role::Source, at, "", ("", 0), (options.sync.block_size, 0))?;
         let o = &options.sync;
         let mut flags = open_flags::CREATE | if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
         if o.force {
@@ -779,7 +781,7 @@ pub fn restore_stream(
     const AHEAD: u64 = 4;
     let stdout = Path::new("standard output");
     with_link(chain, control, |link, path| {
-        let size = open_chain(link, path, Role::Source, at, "", ("", 0), 4096)?.size;
+        let size = open_chain(link, path, Role::Source, at, "", ("", 0), (4096, 0))?.size;
         let counters = Counters::new();
         counters.set_total(size);
         control.observer.phase(Phase::Sync, size);

@@ -152,6 +152,8 @@ pub enum Msg {
         block: u32,
         /// The source's size, for the chain's same-image check; 0 skips it (`backup --force`).
         source_size: u64,
+        /// A new chain's base is a compressed image at this zstd level; 0: raw.
+        level: i32,
     },
     Job {
         request: Vec<u8>,
@@ -544,7 +546,7 @@ impl Msg {
                 x.finish()
             }
             Msg::Cancel => e(tag::CANCEL).finish(),
-            Msg::OpenChain { dir, role, at_kind, at, comment, source, block, source_size } => {
+            Msg::OpenChain { dir, role, at_kind, at, comment, source, block, source_size, level } => {
                 let mut x = e(tag::OPEN_CHAIN);
                 x.bytes(dir)
                     .u8(u8::from(*role == Role::Target))
@@ -554,6 +556,7 @@ impl Msg {
                     .bytes(source)
                     .u32(*block)
                     .u64(*source_size);
+                x.i32(*level);
                 x.finish()
             }
             Msg::Progress { phase, counters } => {
@@ -691,6 +694,7 @@ impl Msg {
                     source: d.bytes()?.to_vec(),
                     block: d.u32()?,
                     source_size: d.u64()?,
+                    level: d.i32()?,
                 }
             }
             tag::PROGRESS => Msg::Progress { phase: d.u8()?, counters: counters(&mut d)? },

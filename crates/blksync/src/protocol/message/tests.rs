@@ -108,8 +108,8 @@ fn any_msg() -> impl Strategy<Value = Msg> {
         b().prop_map(|result| Msg::JobDone { result }),
         b().prop_map(|path| Msg::Path { path }),
         Just(Msg::Cancel),
-        (b(), any::<bool>(), 0u8..3, any::<i64>(), b(), b(), any::<u32>(), any::<u64>()).prop_map(
-            |(dir, t, at_kind, at, comment, source, block, source_size)| Msg::OpenChain {
+        (b(), any::<bool>(), 0u8..3, any::<i64>(), b(), b(), any::<u32>(), any::<u64>(), any::<i32>()).prop_map(
+            |(dir, t, at_kind, at, comment, source, block, source_size, level)| Msg::OpenChain {
                 dir,
                 role: if t { Role::Target } else { Role::Source },
                 at_kind,
@@ -117,7 +117,8 @@ fn any_msg() -> impl Strategy<Value = Msg> {
                 comment,
                 source,
                 block,
-                source_size
+                source_size,
+                level
             }
         ),
         (any::<u8>(), any::<[u64; 7]>()).prop_map(|(phase, counters)| Msg::Progress { phase, counters }),
