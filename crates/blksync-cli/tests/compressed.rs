@@ -169,6 +169,20 @@ fn backup_compress_keeps_a_compressed_base_that_restore_prune_and_serve_read() {
         ok(&["restore", "-q", "--at", &n.to_string(), c, r]);
         assert!(read(&restored) == states[n], "point {n} after the prune");
     }
+    // Served over NBD, read through the compressed base, and compared by blksync as a client.
+    let socket = dir.path().join("nbd.sock");
+    let mut server = blksync()
+        .args(["serve", "--at", "2", "--socket", socket.to_str().unwrap(), c])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut uri = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.as_mut().unwrap()), &mut uri).unwrap();
+    write_file(&restored, &states[2]);
+    assert_eq!(run(&["compare", "-q", r, uri.trim()]).code(), 0, "the served point is point 2");
+    let _ = std::process::Command::new("kill").args(["-INT", &server.id().to_string()]).status();
+    assert!(server.wait().unwrap().success());
 }
 
 #[test]
