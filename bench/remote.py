@@ -298,6 +298,13 @@ def wan(args, bs, base, mirror, agent, size):
         print(f"unchanged over 40 ms RTT with a new ssh connection each run: {t_cold:.3f}s "
               f"-> {t_cold / t_plain:.2f} (ssh's own handshake is several round trips)")
     finally:
+        # A run returns once its goodbye is on the way (a session of plain files does not wait
+        # for the agent to exit): let the last agents exit before the link goes, or they stay,
+        # holding their destination's lock, until ssh gives up on a link that vanished.
+        for _ in range(100):
+            if subprocess.run(["pgrep", "-f", f"{bs} agent"], capture_output=True).returncode != 0:
+                break
+            time.sleep(0.05)
         subprocess.run([lab, "down", "--name", "bkb"], check=False, capture_output=True)
 
 
