@@ -6,9 +6,9 @@
 //! (`blksync_image::fix_checksums`), so mutations reach the header's fields, the index entries,
 //! the overlap checks and the chunk decoder instead of stopping at a hash.
 //!
-//! Run: `cargo +nightly fuzz run image_reader -- -max_len=70000` (from crates/blksync-image; the
-//! seed `BLKSYNC_IMAGE_SEEDS=fuzz/corpus/image_reader cargo test -p blksync-image --test image
-//! random_and` writes is a valid 66 KB image).
+//! Run: `cargo +nightly fuzz run image_reader -- -max_len=70000` (from `fuzz/`; the
+//! seed `BLKSYNC_IMAGE_SEEDS=$PWD/fuzz/corpus/image_reader cargo test -p blksync-image --test
+//! image random_and` writes is a valid 66 KB image).
 
 #![no_main]
 
