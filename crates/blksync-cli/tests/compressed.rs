@@ -80,6 +80,13 @@ fn compress_refuses_an_existing_raw_destination_and_bad_levels() {
     let out = run(&["sync", "--compress=42", src.to_str().unwrap(), dir.path().join("new").to_str().unwrap()]);
     assert_eq!(out.code(), 2, "{}", out.stderr_text());
     assert!(!dir.path().join("new").exists());
+    // The old word forms still name the wire's compression, and make a raw copy.
+    let plain = dir.path().join("plain");
+    ok(&["sync", "-q", "--compress=off", src.to_str().unwrap(), plain.to_str().unwrap()]);
+    assert!(!is_image(&plain) && read(&plain) == read(&src));
+    // A level without `=` is not taken for the old wire level: too many arguments.
+    let out = run(&["sync", "--compress", "19", src.to_str().unwrap(), plain.to_str().unwrap()]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
 }
 
 #[test]
@@ -171,18 +178,12 @@ fn backup_compress_keeps_a_compressed_base_that_restore_prune_and_serve_read() {
     }
     // Served over NBD, read through the compressed base, and compared by blksync as a client.
     let socket = dir.path().join("nbd.sock");
-    let mut server = blksync()
-        .args(["serve", "--at", "2", "--socket", socket.to_str().unwrap(), c])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut uri = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.as_mut().unwrap()), &mut uri).unwrap();
+    let (server, uri) = start_serve(&["--at", "2", "--socket", socket.to_str().unwrap(), c]);
     write_file(&restored, &states[2]);
-    assert_eq!(run(&["compare", "-q", r, uri.trim()]).code(), 0, "the served point is point 2");
+    assert_eq!(run(&["compare", "-q", r, &uri]).code(), 0, "the served point is point 2");
     let _ = std::process::Command::new("kill").args(["-INT", &server.id().to_string()]).status();
-    assert!(server.wait().unwrap().success());
+    let out = server.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

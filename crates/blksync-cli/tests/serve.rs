@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -14,11 +13,7 @@ const MIB: usize = 1 << 20;
 
 /// Starts `blksync serve ARGS…` and returns it with the address it printed, once it listens.
 fn start(args: &[&str]) -> (Child, String) {
-    let mut child = blksync().arg("serve").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(!line.is_empty(), "serve printed no address");
-    (child, line.trim().to_string())
+    start_serve(args)
 }
 
 /// Sends `signal` and returns the exit code and stderr.

@@ -683,17 +683,7 @@ impl Image {
             self.ready.notify_all();
             return done;
         }
-        let mut buf = cache.buffer();
-        drop(cache);
-        let loaded = self.load(i, &entry, &mut buf);
-        let mut cache = self.cache();
-        if let Err(e) = loaded {
-            cache.remove(i);
-            cache.recycle(buf);
-            drop(cache);
-            self.ready.notify_all();
-            return Err(e);
-        }
+        let (mut cache, mut buf) = self.load_busy(i, &entry, cache)?;
         let dst = &mut buf[piece.at..piece.at + piece.len];
         match data {
             Some(d) => dst.copy_from_slice(d),
@@ -702,6 +692,29 @@ impl Image {
         cache.set_ready(i, buf, true);
         self.ready.notify_all();
         self.make_room(cache)
+    }
+
+    /// Loads chunk `i`, which the caller marked busy, into a buffer of the cache, outside its
+    /// lock; returns the lock again with the buffer. On failure the chunk is no longer busy and
+    /// those waiting for it are woken.
+    fn load_busy<'a>(
+        &'a self,
+        i: u64,
+        entry: &Entry,
+        mut cache: MutexGuard<'a, Cache>,
+    ) -> Result<(MutexGuard<'a, Cache>, blksync_core::buffer::Aligned)> {
+        let mut buf = cache.buffer();
+        drop(cache);
+        let loaded = self.load(i, entry, &mut buf);
+        let mut cache = self.cache();
+        if let Err(e) = loaded {
+            cache.remove(i);
+            cache.recycle(buf);
+            drop(cache);
+            self.ready.notify_all();
+            return Err(e);
+        }
+        Ok((cache, buf))
     }
 
     /// Evicts least recently used chunks while the cache holds more than its capacity; a dirty
@@ -795,17 +808,7 @@ impl Image {
             self.ready.notify_all();
             return self.make_room(cache);
         }
-        let mut buf = cache.buffer();
-        drop(cache);
-        let loaded = self.load(i, &entry, &mut buf);
-        let mut cache = self.cache();
-        if let Err(e) = loaded {
-            cache.remove(i);
-            cache.recycle(buf);
-            drop(cache);
-            self.ready.notify_all();
-            return Err(e);
-        }
+        let (mut cache, buf) = self.load_busy(i, &entry, cache)?;
         out.copy_from_slice(&buf[piece.at..piece.at + piece.len]);
         cache.set_ready(i, buf, false);
         self.ready.notify_all();

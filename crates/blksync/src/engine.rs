@@ -265,6 +265,17 @@ impl Scan<'_> {
             && self.source.size() == self.dest.size()
             && self.source_len == self.scan_len)
             .then(|| crate::endpoint::ChangeCursor::new(self.source));
+        // A chunk done without reading it.
+        let skip = |offset: u64, len: u64| {
+            counters.add_scanned(len);
+            let done = collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
+                offset,
+                len,
+                false,
+                Vec::new(),
+            );
+            self.drop_cache(done);
+        };
         let mut offset = 0u64;
         while offset < self.scan_len {
             if stop.load(Ordering::Relaxed) || control.cancelled() {
@@ -276,14 +287,7 @@ impl Scan<'_> {
                 && !changes.any_in(offset, end)?
             {
                 // Unchanged since the mark, and so still what the copy holds: not read.
-                counters.add_scanned(len as u64);
-                let done = collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
-                    offset,
-                    len as u64,
-                    false,
-                    Vec::new(),
-                );
-                self.drop_cache(done);
+                skip(offset, len as u64);
                 offset = end;
                 continue;
             }
@@ -293,14 +297,7 @@ impl Scan<'_> {
             dest_map.allocated_in(offset, end, &mut dest_data)?;
             if source_data.is_empty() && dest_data.is_empty() {
                 // Zeros on both sides: nothing to read, nothing to do.
-                counters.add_scanned(len as u64);
-                let done = collector.lock().unwrap_or_else(std::sync::PoisonError::into_inner).complete(
-                    offset,
-                    len as u64,
-                    false,
-                    Vec::new(),
-                );
-                self.drop_cache(done);
+                skip(offset, len as u64);
                 control.observer.progress(&counters.snapshot());
             } else if tx.send(Work { offset, len, source_data, dest_data }).is_err() {
                 // Every worker stopped (an error or a cancel); they say why.

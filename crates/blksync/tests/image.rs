@@ -5,34 +5,27 @@
 use blksync::endpoint::{Source, Target};
 use blksync_image::{Image, Options};
 
-/// xorshift64*: a failure replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+/// xorshift64* from `seed`: a failure replays exactly.
+fn numbers(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
 
-/// `len` bytes of one kind: 1 random, 2 text-like (compressible).
+/// `len` bytes: random for an odd `kind`, text-like (compressible) for an even one.
 fn data(kind: u64, seed: u64, len: usize) -> Vec<u8> {
     const WORDS: [&[u8]; 8] = [b"block ", b"sync ", b"chunk ", b"zstd ", b"image ", b"hole ", b"disk ", b"\n"];
-    let mut rng = Rng::new(seed);
+    let mut next = numbers(seed);
     if kind % 2 == 1 {
-        return (0..len).map(|_| rng.next() as u8).collect();
+        return (0..len).map(|_| next() as u8).collect();
     }
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        out.extend_from_slice(WORDS[rng.below(8) as usize]);
+        out.extend_from_slice(WORDS[(next() % 8) as usize]);
     }
     out.truncate(len);
     out
@@ -76,11 +69,11 @@ fn the_engine_syncs_into_an_image_and_then_updates_only_changed_chunks() {
     assert_eq!(image.usage().zero_chunks, 4, "the source's holes");
     drop(image);
 
-    let mut rng = Rng::new(3);
+    let mut next = numbers(3);
     let mut touched = std::collections::BTreeSet::new();
     for _ in 0..(size / 4096) / 20 {
-        let block = rng.below(size / 4096);
-        src.write_at(&data(1, rng.next(), 4096), block * 4096).unwrap();
+        let block = next() % (size / 4096);
+        src.write_at(&data(1, next(), 4096), block * 4096).unwrap();
         touched.insert(block * 4096 / mib);
     }
     let image = Image::open(&path, true).unwrap();

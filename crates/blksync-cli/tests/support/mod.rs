@@ -318,3 +318,20 @@ impl Drop for NbdServer {
 pub fn lab_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/lab").join(name)
 }
+
+/// Starts `blksync serve ARGS…` and returns it with the address it printed on stdout, once it
+/// listens (it prints the address only then).
+pub fn start_serve(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = blksync()
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(!line.is_empty(), "serve printed no address");
+    (child, line.trim().to_string())
+}
