@@ -807,3 +807,43 @@ fn an_empty_remote_path_is_the_home_directory() {
     assert_eq!(copied.unwrap(), std::fs::read(&src).unwrap());
     assert!(j["destination"].as_str().unwrap().ends_with(&name), "{j}");
 }
+
+/// Issue 13, item 4: the first requests ride behind the bootstrap's first line instead of
+/// waiting for the banner, and an upload (this test's cache is empty) gets them again after the
+/// binary. What ssh was given on stdin is captured by a wrapper and decoded.
+#[test]
+fn first_requests_ride_with_the_bootstrap_and_survive_an_upload() {
+    use blksync::protocol::Msg;
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    let dst = env.path("dst");
+    write_file(src.as_ref(), &random_bytes(3 * MIB, 21));
+    write_file(dst.as_ref(), &random_bytes(3 * MIB, 22));
+    let capture = env.path("stdin");
+    let rsh = format!("sh -c 'tee {capture} | exec {} \"$@\"' sh", env.rsh.replace('\'', ""));
+    let out = run(&["sync", "-e", &rsh, "--progress=none", &src, &env.remote("dst")]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_text());
+    assert_same(src.as_ref(), dst.as_ref());
+
+    let bytes = read(capture.as_ref());
+    let newline = bytes.iter().position(|&b| b == b'\n').unwrap();
+    let line = std::str::from_utf8(&bytes[..newline]).unwrap();
+    let len: usize = line.split(' ').nth(1).unwrap_or_else(|| panic!("{line:?}")).parse().unwrap();
+    let preface = &bytes[newline + 1..newline + 1 + len];
+    let decode = |mut bytes: &[u8]| {
+        let mut msgs = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(kind) = blksync::protocol::frame::read_frame(&mut bytes, &mut buf).unwrap() {
+            msgs.push(Msg::decode(kind, &buf[1..]).unwrap());
+        }
+        msgs
+    };
+    let msgs = decode(preface);
+    assert!(matches!(msgs[0], Msg::Hello { .. }), "{msgs:?}");
+    assert!(matches!(&msgs[1], Msg::Open { path, .. } if path == dst.as_bytes()), "{msgs:?}");
+    assert!(matches!(msgs[2], Msg::Scan { only_if_size: Some(s), .. } if s == 3 * MIB as u64), "{msgs:?}");
+    // The upload: the binary, then the same frames again.
+    let binary = std::fs::metadata(env!("CARGO_BIN_EXE_blksync")).unwrap().len() as usize;
+    let again = newline + 1 + len + binary;
+    assert_eq!(&bytes[again..again + len], preface);
+}

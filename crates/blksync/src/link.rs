@@ -64,14 +64,14 @@ enum Hello {
 pub struct Link {
     /// `host` for remote peers, `local` otherwise; prefixes error messages.
     pub name: String,
-    /// Requests to the peer.
-    pub tx: Sender<Msg>,
-    /// Replies from the peer.
+    /// Requests to the peer ([`Link::send`]).
+    tx: Sender<Msg>,
+    /// Replies from the peer, to be read directly only after the first [`Link::recv`].
     pub rx: Receiver<Msg>,
     /// Wire counters (stay zero for a local peer).
     pub wire: Arc<Wire>,
-    /// Handshake facts.
-    pub info: PeerInfo,
+    /// Handshake facts, once the first reply came ([`Link::info`]).
+    info: Mutex<PeerInfo>,
     /// `--timeout`: the longest a transfer through this link may go without progress.
     pub timeout: Option<Duration>,
     /// Set when the connection is gone (the reader stopped), so nobody waits for a reply.
@@ -79,18 +79,41 @@ pub struct Link {
     /// Why the watchdog gave the agent up, once it did: whoever next finds the connection gone
     /// says that, not just "lost" (which of them finds it first is a race).
     verdict: Arc<Mutex<Option<String>>>,
-    /// Dropped by `close` to stop the watchdog at once.
-    watchdog_stop: Option<Sender<()>>,
     remote: bool,
     /// Whether the Hello reply is still to be read.
-    hello: Hello,
+    hello: Mutex<Hello>,
     /// Set by `close`: the end of the connection is expected, not an error.
     closing: Arc<std::sync::atomic::AtomicBool>,
-    child: Option<Child>,
+    /// The ssh side: its start, its process and threads.
+    agent: Mutex<Agent>,
     stderr: Option<Arc<Mutex<Vec<String>>>>,
-    threads: Vec<JoinHandle<()>>,
     /// `close` need not wait for the agent to exit (`allow_quick_close`).
     quick_close: bool,
+}
+
+/// The ssh side of a link, or a local peer's thread.
+#[derive(Default)]
+struct Agent {
+    /// Until the first reply is wanted, ssh runs and the bootstrap waits for its first line,
+    /// while requests queue up to ride with it ([`Link::start`]).
+    pending: Option<Box<Pending>>,
+    /// Why the start failed: every later request gets it again.
+    failed: Option<(ErrorKind, String)>,
+    child: Option<Child>,
+    /// Writer first (`close` waits for it alone after a quick close).
+    threads: Vec<JoinHandle<()>>,
+    /// Dropped by `close` to stop the watchdog at once.
+    watchdog_stop: Option<Sender<()>>,
+    /// What the start found that the user should know, until [`Link::report`] passes it on.
+    warnings: Vec<String>,
+}
+
+/// What a remote link's start needs.
+struct Pending {
+    starting: ssh::Starting,
+    requests: Receiver<Msg>,
+    replies: Sender<Msg>,
+    silence: Duration,
 }
 
 /// Encodes requests onto the agent's stdin, flushing when the queue is empty so that small frames
@@ -216,34 +239,91 @@ impl Link {
             tx,
             rx,
             wire: Arc::new(Wire::default()),
-            info: PeerInfo { tool_version: env!("CARGO_PKG_VERSION").into(), boot_id: crate::peer::boot_id() },
+            info: Mutex::new(PeerInfo {
+                tool_version: env!("CARGO_PKG_VERSION").into(),
+                boot_id: crate::peer::boot_id(),
+            }),
             timeout: None,
             ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             verdict: Arc::new(Mutex::new(None)),
-            watchdog_stop: None,
             remote: false,
-            hello: Hello::Done,
+            hello: Mutex::new(Hello::Done),
             closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            child: None,
+            agent: Mutex::new(Agent { threads: vec![thread], ..Agent::default() }),
             stderr: None,
-            threads: vec![thread],
             quick_close: false,
         }
     }
 
-    /// Starts an agent on `remote` over ssh and shakes hands with it; what the start found wrong
-    /// (an unusable `--remote-path`, a replaced cached agent) goes to `observer` as warnings.
-    pub fn ssh(remote: &Remote, options: &SshOptions, observer: &dyn Observer) -> Result<Link> {
-        let conn = ssh::connect(remote, options)?;
-        for warning in &conn.warnings {
-            warn_once(observer, warning);
-        }
-        let name = remote.destination();
-        let wire = Arc::new(Wire::default());
+    /// A link to an agent on `remote` over ssh. ssh starts now; the bootstrap waits until the
+    /// first reply is wanted, and every request sent until then rides with its first line
+    /// ([`Link::start`]), the `Hello` first: a slow link pays no round trip for the banner
+    /// (issue 13, item 4). So a connection that fails shows at the first call, not here.
+    pub fn ssh(remote: &Remote, options: &SshOptions) -> Result<Link> {
+        let starting = ssh::spawn(remote, options)?;
+        let stderr = starting.stderr();
         let (tx, requests) = bounded::<Msg>(QUEUE);
         let (replies, rx) = bounded::<Msg>(QUEUE);
-        let writer = spawn_writer(BufWriter::with_capacity(1 << 20, conn.stdin), requests, Arc::clone(&wire));
-        let reader_wire = Arc::clone(&wire);
+        let silence = options.timeout.unwrap_or(DEFAULT_SILENCE);
+        let pending = Pending { starting, requests, replies, silence };
+        let link = Link {
+            name: remote.destination(),
+            tx,
+            rx,
+            wire: Arc::new(Wire::default()),
+            info: Mutex::new(PeerInfo::default()),
+            timeout: options.timeout,
+            ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            verdict: Arc::new(Mutex::new(None)),
+            remote: true,
+            hello: Mutex::new(Hello::Done),
+            closing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            agent: Mutex::new(Agent { pending: Some(Box::new(pending)), ..Agent::default() }),
+            stderr: Some(stderr),
+            quick_close: false,
+        };
+        // Which build answers is known only once the bootstrap has spoken, so the hash is always
+        // asked for (the agent hashes its executable, a few milliseconds) and compared when the
+        // agent is our own build.
+        link.send(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: true })?;
+        Ok(link)
+    }
+
+    /// Starts a remote link's agent if it waits: the requests queued so far go with the
+    /// bootstrap's first line, then the writer, the reader and the watchdog take over. Called
+    /// for the first reply, and for a request that finds the queue full.
+    fn start(&self) -> Result<()> {
+        let mut agent = self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(pending) = agent.pending.take() else {
+            return match &agent.failed {
+                Some((kind, message)) => Err(Error::new(*kind, message.clone())),
+                None => Ok(()),
+            };
+        };
+        let Pending { starting, requests, replies, silence } = *pending;
+        let mut preface = Vec::new();
+        while let Ok(msg) = requests.try_recv() {
+            msg.write_to(&mut preface).map_err(|e| Error::new(ErrorKind::Io, format!("{}: {e}", self.name)))?;
+        }
+        self.wire.sent.fetch_add(preface.len() as u64, Ordering::Relaxed);
+        let conn = match starting.finish(&preface) {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.ended.store(true, Ordering::Relaxed);
+                agent.failed = Some((e.kind(), e.to_string()));
+                return Err(e);
+            }
+        };
+        agent.warnings = conn.warnings;
+        let ours = if conn.uploaded {
+            Some((conn.exe_hash, "uploaded"))
+        } else if conn.cached {
+            Some((conn.exe_hash, "cached"))
+        } else {
+            None
+        };
+        *self.hello.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Hello::Pending { ours };
+        let writer = spawn_writer(BufWriter::with_capacity(1 << 20, conn.stdin), requests, Arc::clone(&self.wire));
         let stderr = Arc::clone(&conn.stderr);
         // Liveness (docs/PROTOCOL.md): `heard` is when the agent last sent a byte, in ms since
         // `epoch`; while the reader waits for us to take a reply (`delivering`), the silence is
@@ -254,11 +334,10 @@ impl Link {
         let mut stdout = Heard { inner: conn.stdout, heard: Arc::clone(&heard), epoch };
         let (reader_heard, reader_delivering) = (Arc::clone(&heard), Arc::clone(&delivering));
         let watchdog_replies = replies.clone();
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reader_ended = Arc::clone(&ended);
-        let reader_name = name.clone();
-        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reader_closing = Arc::clone(&closing);
+        let reader_ended = Arc::clone(&self.ended);
+        let reader_name = self.name.clone();
+        let reader_closing = Arc::clone(&self.closing);
+        let reader_wire = Arc::clone(&self.wire);
         let reader = std::thread::spawn(move || {
             let mut buf = Vec::new();
             let failure = loop {
@@ -292,62 +371,50 @@ impl Link {
             let message = format!("{reader_name}: {failure}{}", ssh::stderr_tail(&stderr));
             let _ = replies.send(Msg::Error { kind: ErrorKind::Connection, message, hint: None });
         });
-        let silence = options.timeout.unwrap_or(DEFAULT_SILENCE);
         let (watchdog_stop, stop) = bounded::<()>(0);
-        let verdict = Arc::new(Mutex::new(None));
         let watchdog = Watchdog {
-            verdict: Arc::clone(&verdict),
+            verdict: Arc::clone(&self.verdict),
             stop,
-            name: name.clone(),
+            name: self.name.clone(),
             heard,
             delivering,
             epoch,
             silence,
-            closing: Arc::clone(&closing),
-            ended: Arc::clone(&ended),
+            closing: Arc::clone(&self.closing),
+            ended: Arc::clone(&self.ended),
             replies: watchdog_replies,
             pid: conn.child.id(),
             stderr: Arc::clone(&conn.stderr),
         };
         let watchdog = std::thread::spawn(move || watchdog.run());
-        let mut link = Link {
-            name,
-            tx,
-            rx,
-            wire,
-            info: PeerInfo::default(),
-            timeout: options.timeout,
-            ended,
-            verdict,
-            watchdog_stop: Some(watchdog_stop),
-            remote: true,
-            hello: Hello::Done,
-            closing,
-            child: Some(conn.child),
-            stderr: Some(conn.stderr),
-            threads: vec![writer, reader, watchdog],
-            quick_close: false,
-        };
-        // The Hello goes out now; its reply is read with the first call's, saving a round trip
-        // (the bootstrap already checked the protocol version, so a mismatch here is rare).
-        let ours = if conn.uploaded {
-            Some((conn.exe_hash, "uploaded"))
-        } else if conn.cached {
-            Some((conn.exe_hash, "cached"))
-        } else {
-            None
-        };
-        link.send(Msg::Hello { version: VERSION, features: FEATURES, want_exe_hash: ours.is_some() })?;
-        link.hello = Hello::Pending { ours };
-        Ok(link)
+        agent.child = Some(conn.child);
+        agent.threads = vec![writer, reader, watchdog];
+        agent.watchdog_stop = Some(watchdog_stop);
+        Ok(())
+    }
+
+    /// Passes what the start found wrong on the way (an unusable `--remote-path`, a replaced
+    /// cached agent) to `observer`, once per process for each message.
+    pub fn report(&self, observer: &dyn Observer) {
+        let warnings =
+            std::mem::take(&mut self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).warnings);
+        for warning in &warnings {
+            warn_once(observer, warning);
+        }
+    }
+
+    /// What the peer said about itself; defaults until its first reply was read.
+    #[must_use]
+    pub fn info(&self) -> PeerInfo {
+        self.info.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Reads and checks the Hello reply; `ours` is the hash the agent's executable must have when
     /// it is our own build, and where it came from (`uploaded`, `cached`). The agent reports the
     /// hash itself, so this catches a damaged upload or cache entry, never a hostile one (see
     /// docs/PROTOCOL.md, "Trusting the upload cache").
-    fn finish_handshake(&mut self, ours: Option<(&[u8], &str)>) -> Result<()> {
-        match self.recv()? {
+    fn finish_handshake(&self, ours: Option<(&[u8], &str)>) -> Result<()> {
+        match self.next_reply()? {
             Msg::HelloReply { version, tool_version, boot_id, exe_hash, .. } => {
                 let tool_version = String::from_utf8_lossy(&tool_version).into_owned();
                 if version != VERSION {
@@ -371,7 +438,8 @@ impl Link {
                         ),
                     ));
                 }
-                self.info = PeerInfo { tool_version, boot_id };
+                *self.info.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    PeerInfo { tool_version, boot_id };
                 Ok(())
             }
             other => Err(self.unexpected(&other)),
@@ -390,23 +458,40 @@ impl Link {
         self.ended.load(Ordering::Relaxed)
     }
 
-    /// Sends a request.
+    /// Sends a request. One that finds the queue full starts a waiting agent ([`Link::start`]).
     pub fn send(&self, msg: Msg) -> Result<()> {
-        self.tx.send(msg).map_err(|_| self.lost())
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(crossbeam_channel::TrySendError::Full(msg)) => {
+                self.start()?;
+                self.tx.send(msg).map_err(|_| self.lost())
+            }
+            // A start that failed says why; otherwise the connection is gone.
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                Err(self.start().err().unwrap_or_else(|| self.lost()))
+            }
+        }
     }
 
-    /// Sends a request and waits for its reply (completing the handshake first if its reply is
-    /// still outstanding); peer errors become `Err`.
+    /// Sends a request and waits for its reply; peer errors become `Err`.
     pub fn call(&mut self, msg: Msg) -> Result<Msg> {
         self.send(msg)?;
-        if let Hello::Pending { ours } = std::mem::replace(&mut self.hello, Hello::Done) {
-            self.finish_handshake(ours.as_ref().map(|(hash, origin)| (hash.as_slice(), *origin)))?;
-        }
         self.recv()
     }
 
-    /// The next reply; peer errors become `Err`.
+    /// The next reply; peer errors become `Err`. The first one starts a waiting agent and reads
+    /// the `Hello` reply before it. [`Link::rx`] may be read directly only after that.
     pub fn recv(&self) -> Result<Msg> {
+        self.start()?;
+        let hello =
+            std::mem::replace(&mut *self.hello.lock().unwrap_or_else(std::sync::PoisonError::into_inner), Hello::Done);
+        if let Hello::Pending { ours } = hello {
+            self.finish_handshake(ours.as_ref().map(|(hash, origin)| (hash.as_slice(), *origin)))?;
+        }
+        self.next_reply()
+    }
+
+    fn next_reply(&self) -> Result<Msg> {
         match self.rx.recv() {
             Ok(Msg::Error { kind, message, hint }) => Err(self.error(kind, message).with_hint(hint)),
             Ok(msg) => Ok(msg),
@@ -456,20 +541,26 @@ impl Link {
     pub fn close(mut self) {
         use crossbeam_channel::TrySendError;
         self.closing.store(true, Ordering::Relaxed);
-        drop(self.watchdog_stop.take());
-        if self.quick_close && self.child.is_some() {
+        let agent = self.agent.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // An agent that never started has nothing to say goodbye to: ssh goes.
+        if let Some(pending) = agent.pending.take() {
+            pending.starting.abandon();
+            return;
+        }
+        drop(agent.watchdog_stop.take());
+        let mut child = agent.child.take();
+        let mut threads = std::mem::take(&mut agent.threads);
+        if self.quick_close && child.is_some() {
             let _ = self.tx.try_send(Msg::Bye);
             let (tx, _) = bounded(0);
             drop(std::mem::replace(&mut self.tx, tx));
             // The writer ends once the `Bye` is in ssh's pipe; ssh delivers it and exits with
             // the agent, on its own. Dropping the `Child` neither kills nor waits for it.
-            let writer = self.threads.remove(0);
+            let writer = threads.remove(0);
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while !writer.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            self.child.take();
-            self.threads.clear();
             return;
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -485,7 +576,7 @@ impl Link {
         }
         let (tx, _) = bounded(0);
         drop(std::mem::replace(&mut self.tx, tx));
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = child.as_mut() {
             for _ in 0..50 {
                 if matches!(child.try_wait(), Ok(Some(_))) {
                     break;
@@ -505,7 +596,7 @@ impl Link {
         }
         let (_, rx) = bounded(0);
         drop(std::mem::replace(&mut self.rx, rx));
-        for t in self.threads.drain(..) {
+        for t in threads {
             // A thread still stuck after the deadline is left to end with the process.
             if t.is_finished() {
                 let _ = t.join();

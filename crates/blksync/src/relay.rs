@@ -280,7 +280,7 @@ impl crate::transfer::Ends for LinkEnds<'_> {
     fn same_object(&self) -> bool {
         self.s.identity != Identity::None
             && self.s.identity == self.t.identity
-            && self.source.info.boot_id == self.target.info.boot_id
+            && self.source.info().boot_id == self.target.info().boot_id
     }
 
     fn source_size(&self) -> u64 {
@@ -383,12 +383,11 @@ pub struct Side<'a> {
     pub ssh: &'a SshOptions,
 }
 
-fn connect(side: &Side<'_>, control: Control<'_>) -> Result<(Link, std::ffi::OsString)> {
+/// A link to `side` and the path there. A remote agent starts with the link's first call.
+fn connect(side: &Side<'_>) -> Result<(Link, std::ffi::OsString)> {
     match side.location {
         Location::Local(path) => Ok((Link::local(), path.clone().into_os_string())),
-        Location::Remote(remote) => {
-            Ok((Link::ssh(remote, side.ssh, control.observer)?, remote.path.clone().into_os_string()))
-        }
+        Location::Remote(remote) => Ok((Link::ssh(remote, side.ssh)?, remote.path.clone().into_os_string())),
     }
 }
 
@@ -413,9 +412,10 @@ fn with_link<T>(
     control: Control<'_>,
     run: impl FnOnce(&mut Link, &OsStr) -> Result<T>,
 ) -> Result<(T, (u64, u64))> {
-    let (mut link, path) = connect(side, control)?;
+    let (mut link, path) = connect(side)?;
     let result = run(&mut link, &path);
     let wire = wire_of(&[&link]);
+    link.report(control.observer);
     link.close();
     result.map(|r| (r, wire))
 }

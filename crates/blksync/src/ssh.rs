@@ -129,9 +129,12 @@ pub fn shell_quote(s: &str) -> String {
 /// The bootstrap (docs/PROTOCOL.md, "Connection start"): one line with no `!`, so that
 /// csh-family login shells pass it to `sh` intact, and nothing beyond POSIX `sh` but `head -c`
 /// and, where present, `mktemp -d`. Arguments: protocol, build (version and binary hash), remote
-/// path, upload allowed, sudo, arch, binary size. The first line on its stdin is the POSIX
-/// `cksum` CRC of the binary: the client computes it while ssh connects (it takes a while for a
-/// large debug build), and it is read before any agent starts, so no agent ever sees it.
+/// path, upload allowed, sudo, arch, binary size. The first line on its stdin holds the POSIX
+/// `cksum` CRC of the binary and the length of the frames that follow it: the client's first
+/// requests, which ride with the bootstrap instead of waiting a round trip for the banner (issue
+/// 13, item 4). The script reads that line before any agent starts, so no agent ever sees it;
+/// the agent it starts reads the frames. An upload skips them first and gets them again after
+/// the banner.
 ///
 /// The upload cache is the one place where we run a program nobody installed, so it is
 /// checked before anything in it runs (`why`, `safe`): the cache directory must be a directory
@@ -143,7 +146,7 @@ pub fn shell_quote(s: &str) -> String {
 /// goes to a fresh private directory (`mktemp -d`, or `mkdir`, which fails rather than follow
 /// anything planted), is created with `set -C`, then made executable and renamed into place.
 const BOOTSTRAP: &str = concat!(
-    r#"P=$1; V=$2; R=$3; U=$4; A=$6; N=$7; read -r K || exit 0; set -f; "#,
+    r#"P=$1; V=$2; R=$3; U=$4; A=$6; N=$7; read -r K M || exit 0; set -f; "#,
     r#"if [ "$5" = 1 ]; then X="sudo -n"; else X=; fi; "#,
     r#"C="${XDG_CACHE_HOME:-$HOME/.cache}/blksync"; I=$(id -u); "#,
     r#"say() { printf '%s\n' "$*"; }; "#,
@@ -171,7 +174,9 @@ const BOOTSTRAP: &str = concat!(
     r#"[ -z "$W" ] || { say "BLKSYNC-ERROR refusing to store the agent in its cache: $W"; exit 0; }; "#,
     r#"T=$(mktemp -d "$Q/.upload-XXXXXXXX" 2>/dev/null) || { T="$Q/.upload-$$"; mkdir -m 700 -- "$T" 2>/dev/null; } "#,
     r#"|| { say "BLKSYNC-ERROR could not create a private directory in $Q"; exit 0; }; "#,
-    r#"say "BLKSYNC-UPLOAD $A"; set -C; "#,
+    // The client's first frames (M bytes) are on stdin already: the upload must not read them
+    // as its binary. They come again once the uploaded agent has said its banner.
+    r#"[ "${M:-0}" = 0 ] || head -c "$M" > /dev/null; say "BLKSYNC-UPLOAD $A"; set -C; "#,
     r#"head -c "$N" > "$T/blksync" && [ "$(wc -c < "$T/blksync")" -eq "$N" ] && chmod 755 "$T/blksync" "#,
     r#"&& mv -f -- "$T/blksync" "$Q/blksync-$V" && rmdir -- "$T" && exec $X "$Q/blksync-$V" agent; "#,
     r#"rm -rf -- "$T"; say "BLKSYNC-ERROR could not store the uploaded agent in $Q""#,
@@ -304,12 +309,22 @@ pub fn command(remote: &Remote, options: &SshOptions, build: &str, binary_size: 
     Ok(cmd)
 }
 
-/// Starts the agent on `remote`: runs ssh, answers the bootstrap, uploads when asked, and reads
-/// the banner.
-pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
+/// An ssh whose bootstrap waits for its first line ([`Starting::finish`]): the connection is
+/// set up while the client prepares its first requests.
+pub struct Starting {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    exe: executable::Executable,
+    host: String,
+    options: SshOptions,
+}
+
+/// Runs ssh and the bootstrap on `remote`. Nothing is written yet: the bootstrap waits.
+pub fn spawn(remote: &Remote, options: &SshOptions) -> Result<Starting> {
     // The bytes are read only for an upload (issue 13, item 2): size and checksums are remembered.
     let exe = executable::Executable::current()?;
-    let exe_hash = exe.blake3.to_vec();
     let mut cmd = command(remote, options, &exe.build(), exe.size)?;
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let program: OsString = cmd.get_program().to_owned();
@@ -321,93 +336,130 @@ pub fn connect(remote: &Remote, options: &SshOptions) -> Result<Connection> {
         let lines = Arc::clone(&stderr);
         std::thread::spawn(move || collect_stderr(err, &lines));
     }
-    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(Error::new(ErrorKind::Connection, "ssh started without pipes"));
     };
     // 1 MiB pipes, as in the agent: fewer wake-ups per data frame.
     let _ = rustix::pipe::fcntl_setpipe_size(&stdin, 1 << 20);
     let _ = rustix::pipe::fcntl_setpipe_size(&stdout, 1 << 20);
-    // ssh is connecting meanwhile. An error here shows as the connection's end, below.
-    let _ = writeln!(stdin, "{}", exe.cksum).and_then(|()| stdin.flush());
-    let mut stdout = BufReader::with_capacity(1 << 20, stdout);
-    let host = remote.destination();
-    let fail = |child: &mut Child, stderr: &Arc<Mutex<Vec<String>>>, what: String| {
-        let _ = child.kill();
-        let status = child.wait().ok();
-        // Give the stderr thread a moment to collect ssh's last words.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let tail = stderr_tail(stderr);
-        let status = status.and_then(|s| s.code()).map(|c| format!(" (ssh exit status {c})")).unwrap_or_default();
-        Error::new(ErrorKind::Connection, format!("{host}: {what}{status}{tail}"))
-    };
-    let (mut uploaded, mut cached) = (false, false);
-    // What the bootstrap found wrong on the way: the protocol of an unusable --remote-path, a
-    // cached agent that did not match.
-    let (mut remote_path_found, mut stale) = (None, None);
-    loop {
-        let mut line = Vec::new();
-        let n = (&mut stdout).take(4096).read_until(b'\n', &mut line).unwrap_or(0);
-        if n == 0 {
-            return Err(fail(&mut child, &stderr, "the connection closed before the agent started".into()));
-        }
-        if line == BANNER {
-            break;
-        }
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
-        if text.starts_with("BLKSYNC-UPLOAD ") {
-            let binary = match exe.bytes() {
-                Ok(binary) => binary,
-                Err(e) => return Err(fail(&mut child, &stderr, e.to_string())),
-            };
-            if let Err(e) = stdin.write_all(&binary).and_then(|()| stdin.flush()) {
-                return Err(fail(&mut child, &stderr, format!("uploading blksync failed: {e}")));
-            }
-            uploaded = true;
-        } else if text == "BLKSYNC-CACHED" {
-            cached = true;
-        } else if let Some(found) = text.strip_prefix("BLKSYNC-REMOTE-PATH ") {
-            remote_path_found = Some(found.to_string());
-        } else if let Some(path) = text.strip_prefix("BLKSYNC-STALE ") {
-            stale = Some(path.to_string());
-        } else if let Some(found) = text.strip_prefix("BLKSYNC-NO-AGENT ") {
-            let stale = stale
-                .as_ref()
-                .map(|p| format!("; the cached agent {p} does not match this blksync and was not run"))
-                .unwrap_or_default();
-            return Err(fail(
-                &mut child,
-                &stderr,
-                format!(
-                    "no blksync speaking protocol {VERSION} (blksync {}) found there (found: {}{stale}); install it, or allow uploading it (remove --no-upload)",
-                    env!("CARGO_PKG_VERSION"),
-                    if found == "none" { "none".to_string() } else { format!("protocol {found}") }
-                ),
-            ));
-        } else if let Some(arch) = text.strip_prefix("BLKSYNC-ARCH ") {
-            return Err(fail(
-                &mut child,
-                &stderr,
-                format!(
-                    "the host is {arch}, this blksync is built for {}; install blksync there",
-                    std::env::consts::ARCH
-                ),
-            ));
-        } else if let Some(msg) = text.strip_prefix("BLKSYNC-ERROR ") {
-            return Err(fail(&mut child, &stderr, msg.to_string()));
-        } else {
-            let mut junk = text;
-            junk.truncate(200);
-            return Err(fail(
-                &mut child,
-                &stderr,
-                format!(
-                    "unexpected output before the agent started: {junk:?}; a login script (.bashrc, .profile) is probably printing text for non-interactive shells"
-                ),
-            ));
-        }
+    let stdout = BufReader::with_capacity(1 << 20, stdout);
+    Ok(Starting { child, stdin, stdout, stderr, exe, host: remote.destination(), options: options.clone() })
+}
+
+impl Starting {
+    /// The pid of ssh.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
-    let warnings = start_warnings(&host, options, uploaded, stale, remote_path_found);
-    Ok(Connection { child, stdin, stdout, stderr, uploaded, cached, exe_hash, warnings })
+
+    /// What ssh and the bootstrap wrote on stderr so far.
+    #[must_use]
+    pub fn stderr(&self) -> Arc<Mutex<Vec<String>>> {
+        Arc::clone(&self.stderr)
+    }
+
+    /// Ends ssh before the bootstrap was answered: it reads end of file for its first line and
+    /// starts nothing.
+    pub fn abandon(mut self) {
+        drop(self.stdin);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Answers the bootstrap, with `preface` (encoded frames) riding behind its first line,
+    /// uploads when asked, and reads the banner. After an upload the preface is written again,
+    /// for the agent that just started.
+    pub fn finish(self, preface: &[u8]) -> Result<Connection> {
+        let Starting { mut child, mut stdin, mut stdout, stderr, exe, host, options } = self;
+        let exe_hash = exe.blake3.to_vec();
+        // ssh is connecting meanwhile, or done. An error here shows as the connection's end, below.
+        let _ = writeln!(stdin, "{} {}", exe.cksum, preface.len())
+            .and_then(|()| stdin.write_all(preface))
+            .and_then(|()| stdin.flush());
+        let fail = |child: &mut Child, stderr: &Arc<Mutex<Vec<String>>>, what: String| {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            // Give the stderr thread a moment to collect ssh's last words.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let tail = stderr_tail(stderr);
+            let status = status.and_then(|s| s.code()).map(|c| format!(" (ssh exit status {c})")).unwrap_or_default();
+            Error::new(ErrorKind::Connection, format!("{host}: {what}{status}{tail}"))
+        };
+        let (mut uploaded, mut cached) = (false, false);
+        // What the bootstrap found wrong on the way: the protocol of an unusable --remote-path, a
+        // cached agent that did not match.
+        let (mut remote_path_found, mut stale) = (None, None);
+        loop {
+            let mut line = Vec::new();
+            let n = (&mut stdout).take(4096).read_until(b'\n', &mut line).unwrap_or(0);
+            if n == 0 {
+                return Err(fail(&mut child, &stderr, "the connection closed before the agent started".into()));
+            }
+            if line == BANNER {
+                break;
+            }
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            if text.starts_with("BLKSYNC-UPLOAD ") {
+                let binary = match exe.bytes() {
+                    Ok(binary) => binary,
+                    Err(e) => return Err(fail(&mut child, &stderr, e.to_string())),
+                };
+                if let Err(e) = stdin.write_all(&binary).and_then(|()| stdin.flush()) {
+                    return Err(fail(&mut child, &stderr, format!("uploading blksync failed: {e}")));
+                }
+                uploaded = true;
+            } else if text == "BLKSYNC-CACHED" {
+                cached = true;
+            } else if let Some(found) = text.strip_prefix("BLKSYNC-REMOTE-PATH ") {
+                remote_path_found = Some(found.to_string());
+            } else if let Some(path) = text.strip_prefix("BLKSYNC-STALE ") {
+                stale = Some(path.to_string());
+            } else if let Some(found) = text.strip_prefix("BLKSYNC-NO-AGENT ") {
+                let stale = stale
+                    .as_ref()
+                    .map(|p| format!("; the cached agent {p} does not match this blksync and was not run"))
+                    .unwrap_or_default();
+                return Err(fail(
+                    &mut child,
+                    &stderr,
+                    format!(
+                        "no blksync speaking protocol {VERSION} (blksync {}) found there (found: {}{stale}); install it, or allow uploading it (remove --no-upload)",
+                        env!("CARGO_PKG_VERSION"),
+                        if found == "none" { "none".to_string() } else { format!("protocol {found}") }
+                    ),
+                ));
+            } else if let Some(arch) = text.strip_prefix("BLKSYNC-ARCH ") {
+                return Err(fail(
+                    &mut child,
+                    &stderr,
+                    format!(
+                        "the host is {arch}, this blksync is built for {}; install blksync there",
+                        std::env::consts::ARCH
+                    ),
+                ));
+            } else if let Some(msg) = text.strip_prefix("BLKSYNC-ERROR ") {
+                return Err(fail(&mut child, &stderr, msg.to_string()));
+            } else {
+                let mut junk = text;
+                junk.truncate(200);
+                return Err(fail(
+                    &mut child,
+                    &stderr,
+                    format!(
+                        "unexpected output before the agent started: {junk:?}; a login script (.bashrc, .profile) is probably printing text for non-interactive shells"
+                    ),
+                ));
+            }
+        }
+        // The bootstrap skipped the preface to read the upload; the new agent gets it now. (Not
+        // right behind the binary: a `head -c` that reads ahead would take it as binary.)
+        if uploaded && let Err(e) = stdin.write_all(preface).and_then(|()| stdin.flush()) {
+            return Err(fail(&mut child, &stderr, format!("writing to the agent failed: {e}")));
+        }
+        let warnings = start_warnings(&host, &options, uploaded, stale, remote_path_found);
+        Ok(Connection { child, stdin, stdout, stderr, uploaded, cached, exe_hash, warnings })
+    }
 }
 
 /// What the user should know about a start that worked: a cached agent that was replaced

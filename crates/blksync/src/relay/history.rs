@@ -240,7 +240,7 @@ fn local_copies(sides: &[&Side<'_>], temps: &mut Vec<Temp>, control: Control<'_>
             let i = if let Some(i) = links.iter().position(|(s, _)| same_host(s, side)) {
                 i
             } else {
-                links.push((side, connect(side, control)?.0));
+                links.push((side, connect(side)?.0));
                 links.len() - 1
             };
             let link = &mut links[i].1;
@@ -253,6 +253,7 @@ fn local_copies(sides: &[&Side<'_>], temps: &mut Vec<Temp>, control: Control<'_>
     };
     let result = fetch_all();
     for (_, link) in links {
+        link.report(control.observer);
         link.close();
     }
     result.map(|()| copies)
