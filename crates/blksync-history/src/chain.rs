@@ -406,7 +406,8 @@ impl Chain {
         cut(&mut pieces, size, u64::MAX);
         let name = self.dir.join(format!("@{n}"));
         let checked = sums.as_ref().map(crate::sums::Checked::new);
-        Ok(Image { name, base, sums, checked, size, pieces, deltas, chain: Arc::clone(self) })
+        let base_map = std::sync::OnceLock::new();
+        Ok(Image { name, base, sums, checked, size, pieces, deltas, chain: Arc::clone(self), base_map })
     }
 }
 
@@ -491,6 +492,34 @@ pub struct Image {
     /// Indices of the increments applied, into `chain.increments`.
     deltas: Vec<usize>,
     chain: Arc<Chain>,
+    /// The base's data and holes, asked of the file once ([`Image::base_segment`]).
+    base_map: std::sync::OnceLock<Option<Vec<Segment>>>,
+}
+
+/// At most this many segments of a base are remembered; a base more fragmented than that is
+/// asked each time.
+const BASE_MAP_LIMIT: usize = 1 << 16;
+
+/// The segments of `base`, neighbours of one kind merged; `None` if it cannot tell them or has
+/// too many.
+fn map_of(base: &dyn Source) -> Option<Vec<Segment>> {
+    let mut map: Vec<Segment> = Vec::new();
+    let mut pos = 0;
+    while pos < base.size() {
+        let seg = base.segment_at(pos).ok()?;
+        if seg.end <= pos {
+            return None;
+        }
+        let end = seg.end.min(base.size());
+        let full = map.len() == BASE_MAP_LIMIT;
+        match map.last_mut() {
+            Some(last) if last.allocated == seg.allocated => last.end = end,
+            _ if full => return None,
+            _ => map.push(Segment { start: pos, end, allocated: seg.allocated }),
+        }
+        pos = end;
+    }
+    Some(map)
 }
 
 impl Image {
@@ -506,6 +535,21 @@ impl Image {
             }
         }
         out
+    }
+
+    /// The base's segment at `offset` (below its size). The base does not change while the chain
+    /// is held, so its map is asked of the file once: a reader such as `serve` asks for the
+    /// segments of every request, and each question was two `lseek`s walking ext4's extent tree
+    /// (7 % of the time `serve` took to read a point).
+    fn base_segment(&self, offset: u64) -> Result<Segment> {
+        let Some(map) = self.base_map.get_or_init(|| map_of(self.base.as_ref())) else {
+            return self.base.segment_at(offset);
+        };
+        let i = map.partition_point(|s| s.end <= offset);
+        match map.get(i) {
+            Some(s) => Ok(Segment { start: offset, end: s.end, allocated: s.allocated }),
+            None => self.base.segment_at(offset),
+        }
     }
 
     /// Reads what the increments say at `[offset, offset + buf.len())`, which must lie in
@@ -550,9 +594,12 @@ impl Source for Image {
             return Err(Error::new(ErrorKind::Io, format!("reading {} past its end", self.name.display())));
         }
         let base_end = self.base.size().min(end);
-        buf.fill(0);
+        // The base's read fills its part, and the increments' pieces theirs: only what lies past
+        // the base is zeroed up front (a memset of every byte read cost serve 5 % of its time).
+        let in_base = base_end.saturating_sub(offset) as usize;
+        buf[in_base..].fill(0);
         if offset < base_end {
-            let part = &mut buf[..(base_end - offset) as usize];
+            let part = &mut buf[..in_base];
             match &self.sums {
                 Some(sums) => crate::sums::read_checked(
                     sums,
@@ -594,7 +641,7 @@ impl Source for Image {
         if offset >= self.base.size() {
             return Ok(Segment { start: offset, end: next, allocated: false });
         }
-        let base = self.base.segment_at(offset)?;
+        let base = self.base_segment(offset)?;
         let end = base.end.min(next).max(offset + 1);
         if let (false, Some(sums)) = (base.allocated, &self.sums) {
             // A hole in the base must be zeros in its hashes too. A block that should hold data

@@ -993,8 +993,14 @@ impl CopyJob<'_> {
 }
 
 /// BLAKE3 of this process's executable, to check an uploaded agent.
+/// BLAKE3 of our own executable, read in small pieces: the client asks for it on every
+/// connection, and reading the file whole would add its size to the agent's memory.
 fn exe_hash() -> Vec<u8> {
-    std::fs::read("/proc/self/exe").map(|b| blake3::hash(&b).as_bytes().to_vec()).unwrap_or_default()
+    let mut hasher = blake3::Hasher::new();
+    match std::fs::File::open("/proc/self/exe").and_then(|f| hasher.update_reader(f).map(|_| ())) {
+        Ok(()) => hasher.finalize().as_bytes().to_vec(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// This boot of this machine, to recognise that two endpoints are on the same host.

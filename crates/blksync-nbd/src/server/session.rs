@@ -3,6 +3,7 @@
 //! and write whole replies under the socket's lock, a byte budget that bounds what is buffered,
 //! and the write log that makes FLUSH wait for the writes received before it.
 
+use blksync_core::buffer::Aligned;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -200,7 +201,9 @@ pub(crate) fn transmit(socket: &Socket, export: &Export, agreed: Agreed, options
 
 /// A worker: takes jobs in the order they were read until the reader is done.
 fn work(shared: &Shared<'_>, queue: &Mutex<Receiver<Job>>) {
-    let mut buf = Vec::new();
+    // Page-aligned, like every buffer that receives a read (blksync_core::buffer): a `pread`
+    // into a misaligned one copies several times slower.
+    let mut buf = Aligned::new(0);
     loop {
         let job = { lock(queue).recv() };
         let Ok(job) = job else { return };
@@ -210,14 +213,14 @@ fn work(shared: &Shared<'_>, queue: &Mutex<Receiver<Job>>) {
             shared.write_done(job.seq);
         }
         shared.budget.give(charge);
-        if buf.capacity() > 4 << 20 {
+        if buf.len() > 4 << 20 {
             // Keep small buffers for the next read; give a large one back.
-            buf = Vec::new();
+            buf = Aligned::new(0);
         }
     }
 }
 
-fn execute(shared: &Shared<'_>, job: &Job, buf: &mut Vec<u8>) {
+fn execute(shared: &Shared<'_>, job: &Job, buf: &mut Aligned) {
     use crate::wire::cmd;
     let source = shared.export.source();
     let target = shared.export.target();
@@ -273,12 +276,17 @@ fn execute(shared: &Shared<'_>, job: &Job, buf: &mut Vec<u8>) {
     }
 }
 
-/// The segments of `[offset, end)`, clipped to it; a segment that cannot be told counts as
-/// data, as does an endpoint that reports no holes.
+/// The segments of `[offset, end)`, clipped to it, neighbours of one kind merged; a segment
+/// that cannot be told counts as data, as does an endpoint that reports no holes.
+///
+/// Merged, because an endpoint may cut its data where nothing changes for a reader: a backup
+/// point's segments end at every record of its increments, every few KiB. Unmerged, a READ sent
+/// a chunk per piece and read each on its own (`serve` read a point 1.3 × slower than the file
+/// it was restored to, hashing aside).
 fn segments(source: &dyn Source, offset: u64, end: u64) -> impl Iterator<Item = Segment> + '_ {
     let holes = source.caps().holes;
     let mut pos = offset;
-    std::iter::from_fn(move || {
+    let mut next = move || {
         if pos >= end {
             return None;
         }
@@ -289,6 +297,19 @@ fn segments(source: &dyn Source, offset: u64, end: u64) -> impl Iterator<Item = 
             allocated: s.allocated,
         });
         pos = seg.end;
+        Some(seg)
+    };
+    let mut pending = None;
+    std::iter::from_fn(move || {
+        let mut seg: Segment = pending.take().or_else(&mut next)?;
+        while let Some(after) = next() {
+            if after.allocated == seg.allocated {
+                seg.end = after.end;
+            } else {
+                pending = Some(after);
+                break;
+            }
+        }
         Some(seg)
     })
 }
@@ -312,12 +333,16 @@ fn extents(source: &dyn Source, offset: u64, len: u64, max: usize) -> Vec<Extent
 
 /// A READ: one piece of data (simple replies, `DF`, or an endpoint without holes), or a chunk
 /// per segment, data read only where the endpoint has it.
-fn read(shared: &Shared<'_>, cookie: u64, offset: u64, len: u32, df: bool, buf: &mut Vec<u8>) {
+fn read(shared: &Shared<'_>, cookie: u64, offset: u64, len: u32, df: bool, buf: &mut Aligned) {
     use crate::wire::cmd;
     let source = shared.export.source();
     let end = offset + u64::from(len);
-    buf.clear();
-    buf.resize(len as usize, 0);
+    // The worker's buffer grows when needed and is never cleared: every byte that is sent was
+    // read first, so zeroing it for each request (a memset of every byte served) buys nothing.
+    if buf.len() < len as usize {
+        *buf = Aligned::new(len as usize);
+    }
+    let buf = &mut buf[..len as usize];
     let fail = |e: &blksync_core::Error| shared.error(cookie, cmd::READ, errno_of(e), &e.to_string());
     if len == 0 {
         // No data: an `OFFSET_DATA` chunk must carry at least one byte.
@@ -380,5 +405,49 @@ fn read(shared: &Shared<'_>, cookie: u64, offset: u64, len: u32, df: bool, buf: 
     sent = sent.and_then(|()| w.write_all(&chunk(reply::FLAG_DONE, reply::NONE, cookie, &[])));
     if sent.is_err() {
         w.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use blksync_core::endpoint::{Caps, Identity, Segment, Source};
+
+    use super::segments;
+
+    /// Data cut into 4 KiB segments, with a hole at [40 KiB, 48 KiB): as a backup point reports
+    /// its increments' records.
+    struct Pieces;
+
+    impl Source for Pieces {
+        fn name(&self) -> &Path {
+            Path::new("pieces")
+        }
+        fn caps(&self) -> Caps {
+            Caps { holes: true, ..Caps::default() }
+        }
+        fn size(&self) -> u64 {
+            64 << 10
+        }
+        fn read_at(&self, buf: &mut [u8], _: u64) -> blksync_core::Result<()> {
+            buf.fill(1);
+            Ok(())
+        }
+        fn segment_at(&self, offset: u64) -> blksync_core::Result<Segment> {
+            let end = (offset / 4096 + 1) * 4096;
+            Ok(Segment { start: offset, end, allocated: !(40 << 10..48 << 10).contains(&offset) })
+        }
+        fn drop_cache(&self, _: u64, _: u64) {}
+        fn identity(&self) -> Identity {
+            Identity::None
+        }
+    }
+
+    #[test]
+    fn neighbouring_segments_of_one_kind_are_merged() {
+        let got: Vec<(u64, u64, bool)> =
+            segments(&Pieces, 1000, 60 << 10).map(|s| (s.start, s.end, s.allocated)).collect();
+        assert_eq!(got, [(1000, 40 << 10, true), (40 << 10, 48 << 10, false), (48 << 10, 60 << 10, true)]);
     }
 }
