@@ -49,6 +49,10 @@ pub struct Caps {
     pub changed_blocks: bool,
     /// The contents cannot change while it is open (a backup point, an LV snapshot).
     pub stable: bool,
+    /// A write costs CPU, not just a copy (a compressed image compresses the chunk it goes
+    /// into): whoever applies many writes should spread them over its cores. Not on the wire:
+    /// only the endpoint's own host acts on it.
+    pub costly_writes: bool,
     /// Logical block size: what I/O should be aligned to.
     pub block_size: u32,
 }
@@ -68,6 +72,7 @@ impl Caps {
         discard_zeroes: false,
         changed_blocks: false,
         stable: false,
+        costly_writes: false,
         block_size: 4096,
     };
 
@@ -107,6 +112,7 @@ impl Caps {
             discard_zeroes: on(3),
             changed_blocks: on(4),
             stable: on(5),
+            costly_writes: false,
             block_size: if block_size.is_power_of_two() && (512..=1 << 20).contains(&block_size) {
                 block_size
             } else {

@@ -866,7 +866,7 @@ impl Source for Image {
     }
 
     fn caps(&self) -> Caps {
-        Caps { resizable: true, holes: true, zero_offload: true, ..Caps::NEVER_WRONG }
+        Caps { resizable: true, holes: true, zero_offload: true, costly_writes: true, ..Caps::NEVER_WRONG }
     }
 
     fn size(&self) -> u64 {

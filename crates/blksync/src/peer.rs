@@ -32,6 +32,7 @@ use crate::write_behind::WriteBehind;
 use crate::zero::is_zero;
 
 mod files;
+mod writers;
 
 /// How many chunks a scan may run ahead of the last `Ack`.
 pub const WINDOW: u64 = 512;
@@ -49,6 +50,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         role: Role::Source,
         keep_cache: false,
         write_behind: WriteBehind::default(),
+        writers: None,
         scan: None,
         jobs: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
@@ -98,6 +100,8 @@ struct Peer {
     keep_cache: bool,
     /// When written pages leave the cache.
     write_behind: WriteBehind,
+    /// The threads applying writes to a target whose writes cost CPU, and that target.
+    writers: Option<(Arc<dyn Target>, writers::Writers)>,
     scan: Option<Arc<ScanState>>,
     jobs: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -226,6 +230,12 @@ impl Peer {
     }
 
     fn handle(&mut self, msg: Msg) -> Result<()> {
+        // Every request but a write waits for the writes before it (`writers`).
+        if !matches!(msg, Msg::Write(_))
+            && let Some((_, writers)) = &self.writers
+        {
+            writers.drain()?;
+        }
         match msg {
             Msg::Hello { want_exe_hash, .. } => {
                 let exe_hash = if want_exe_hash { exe_hash() } else { Vec::new() };
@@ -276,7 +286,7 @@ impl Peer {
                 self.upload.take().map_or(Ok(()), files::Upload::commit)?;
                 self.reply(Msg::Done);
             }
-            Msg::Write(chunk) => self.write(&chunk)?,
+            Msg::Write(chunk) => self.write(chunk)?,
             Msg::Zero { offset, len } => self.target()?.zero(offset, len)?,
             Msg::Flush => self.flush()?,
             Msg::Discard | Msg::FlushPartial => self.end_early(&msg)?,
@@ -528,14 +538,34 @@ impl Peer {
         Ok(())
     }
 
-    /// Writes a data frame to the target.
-    fn write(&mut self, chunk: &crate::protocol::message::Chunk) -> Result<()> {
-        let data = compress::decode(chunk)?;
-        self.target()?.write_at(&data, chunk.offset)?;
+    /// Writes a data frame to the target: here, or on the pool when the target's writes cost
+    /// CPU (`writers`).
+    fn write(&mut self, chunk: crate::protocol::message::Chunk) -> Result<()> {
+        let target = Arc::clone(self.target()?);
+        let len = if chunk.codec == crate::protocol::message::codec::RAW {
+            chunk.payload.len() as u64
+        } else {
+            u64::from(chunk.raw_len)
+        };
+        let written = Extent { offset: chunk.offset, len };
+        if target.caps().costly_writes {
+            let same =
+                self.writers.as_ref().is_some_and(|(t, _)| std::ptr::addr_eq(Arc::as_ptr(t), Arc::as_ptr(&target)));
+            if !same {
+                // A new target. The old pool holds nothing: the request that changed the
+                // target was a barrier.
+                self.writers = Some((Arc::clone(&target), writers::Writers::new(&target)));
+            }
+            if let Some((_, writers)) = &self.writers {
+                writers.submit(chunk)?;
+            }
+        } else {
+            let data = compress::decode(&chunk)?;
+            target.write_at(&data, chunk.offset)?;
+        }
         if !self.keep_cache {
             // As in the local engine (`crate::write_behind`): scattered writes stay cached,
             // dense ones leave the cache, which starts their writeback early.
-            let written = Extent { offset: chunk.offset, len: data.len() as u64 };
             if let Some(range) = self.write_behind.wrote(written) {
                 self.target()?.drop_cache(range.offset, range.len);
             }
