@@ -255,6 +255,46 @@ pub fn dos_compatible(src: &Table, dst: &Table) -> bool {
         })
 }
 
+/// Reads `data` as a disk every way a caller could (no hint, 512, 4096), as it is and with its
+/// GPT checksums fixed up so mutations reach the fields behind them; relocates every GPT found
+/// to a smaller, the same and a larger size and reads the result back, which must give the same
+/// partitions. Panics on a broken invariant; errors are fine. For the fuzz target and the
+/// random-input test.
+#[doc(hidden)]
+pub fn exercise(data: &[u8]) {
+    let mut fixed = data.to_vec();
+    gpt::fix_checksums(&mut fixed);
+    for bytes in [data, &fixed[..]] {
+        let disk = blksync_core::endpoint::memory::Memory::with_bytes("fuzz.img", bytes.to_vec());
+        for hint in [None, Some(512), Some(4096)] {
+            let Ok(Some(table)) = read(&disk, hint) else { continue };
+            for p in &table.partitions {
+                assert!(p.end() <= table.disk_size, "{p:?}");
+            }
+            let len = bytes.len() as u64;
+            for new_size in [len / 2, len, len + len / 2 + 4096] {
+                let Ok(writes) = table.relocate_gpt(new_size) else { continue };
+                let mut moved = bytes.to_vec();
+                moved.resize(new_size as usize, 0);
+                for (at, w) in &writes {
+                    let at = *at as usize;
+                    assert!(at + w.len() <= moved.len(), "write at {at} past the end");
+                    for p in &table.partitions {
+                        assert!(
+                            at as u64 + w.len() as u64 <= p.start || at as u64 >= p.end(),
+                            "write at {at} over {p:?}"
+                        );
+                    }
+                    moved[at..at + w.len()].copy_from_slice(w);
+                }
+                let moved = blksync_core::endpoint::memory::Memory::with_bytes("moved.img", moved);
+                let again = read(&moved, hint).map(|t| t.map(|t| t.partitions));
+                assert_eq!(again.ok().flatten().as_ref(), Some(&table.partitions), "relocated to {new_size}");
+            }
+        }
+    }
+}
+
 /// An error of kind `Corrupt`: "NAME: WHAT at byte offset AT".
 pub(crate) fn corrupt(name: &Path, at: u64, what: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Corrupt, format!("{}: {what} at byte offset {at}", name.display()))
