@@ -333,7 +333,7 @@ fn gpt_with_a_damaged_primary_header_is_read_from_the_backup_with_a_warning() {
     assert!(msg.contains("primary: bad header CRC32") && msg.contains("offset 528"), "{msg}");
     let array_at = size - 512 - 32 * 512;
     assert!(
-        msg.contains(&format!("backup: bad entry array CRC32 (stored")) && msg.contains(&format!("offset {array_at}")),
+        msg.contains("backup: bad entry array CRC32 (stored") && msg.contains(&format!("offset {array_at}")),
         "{msg}"
     );
 }
