@@ -254,7 +254,11 @@ pub(crate) fn read(source: &dyn Source, hint: Option<u32>) -> Result<Table> {
             ));
         }
     }
-    let backup = read_copy(source, backup_lba, ss, total)?;
+    let backup = if backup_lba > 1 {
+        read_copy(source, backup_lba, ss, total)?
+    } else {
+        Err(format!("no room for a backup header on a disk of {total} sectors"))
+    };
     let (copy, from_backup) = match (primary, backup) {
         (Ok(p), Ok(b)) => {
             if p.array != b.array {
