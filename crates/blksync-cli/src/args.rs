@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// The exit-code table, shown by `--help` and kept in sync with README.md.
-pub const EXIT_CODES: &str = "\
+macro_rules! exit_codes {
+    () => {
+        "\
 Exit codes:
   0    success (compare: identical)
   1    compare: the images differ
@@ -23,12 +25,34 @@ Exit codes:
   8    remote failure: ssh or the agent could not start, the connection broke, protocol error
   9    a delta file is corrupt, truncated or not a delta
   10   a delta does not fit the target (other size or content); nothing of it was written
-  130  interrupted (Ctrl-C, SIGTERM); the destination is flushed and its synced part is correct";
+  130  interrupted (Ctrl-C, SIGTERM); the destination is flushed and its synced part is correct"
+    };
+}
+
+/// The exit codes, after every subcommand's help.
+pub const EXIT_CODES: &str = exit_codes!();
+
+/// What an endpoint address can be, then the exit codes: after the help of the commands that
+/// take addresses.
+pub const ADDRESSES: &str = concat!(
+    "\
+Addresses (SRC, DST, ADDRESS):
+  PATH                                   a file or block device
+  loop://FILE, loop://DEVICE             an image through a loop device
+  lvm://VG/LV, lvm+snapshot://VG/LV      a logical volume; a snapshot of one (source)
+  nbd://HOST[:PORT]/EXPORT               an NBD export; nbd+unix:///EXPORT?socket=PATH
+  ADDRESS#N                              partition N of the disk at ADDRESS (DOS or GPT)
+  ADDRESS#name=NAME, ADDRESS#partuuid=U  a GPT partition by name; any partition by PARTUUID
+  [USER@]HOST:ADDRESS, ssh://[USER@]HOST[:PORT]/ADDRESS   any of these on another host
+
+",
+    exit_codes!()
+);
 
 /// rsync for block devices and disk images: make a destination identical to a source, moving
 /// only what differs.
 #[derive(Debug, Parser)]
-#[command(name = "blksync", version, after_help = EXIT_CODES)]
+#[command(name = "blksync", version, after_help = ADDRESSES)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -43,15 +67,15 @@ pub enum Command {
     /// SRC and DST are regular files or block devices. A missing DST file is created sparse; a
     /// DST that is a directory (or ends in /) receives SRC's file name. Zero blocks become holes
     /// in files and are zeroed (or, with --discard, unmapped) on devices.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADDRESSES)]
     Sync(SyncArgs),
     /// Compare two images like cmp: exit 0 when identical, 1 when different, 2 on error.
     ///
     /// Prints the differing byte count and the first differing ranges (block granularity).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADDRESSES)]
     Compare(CompareArgs),
     /// Write a delta (patch) file that turns BASE into SRC.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADDRESSES)]
     Diff(DiffArgs),
     /// Apply one delta, or a chain in order, to TARGET. Every delta is validated, and the
     /// target's content checked against it, before anything is written.
@@ -65,14 +89,14 @@ pub enum Command {
     Info(InfoArgs),
     /// Back SRC up into the chain in DEST: a full sparse copy the first time, then an increment
     /// holding only what changed since the newest point.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADDRESSES)]
     Backup(BackupArgs),
     /// List the points of the backup chain in DEST.
     #[command(after_help = EXIT_CODES)]
     List(ListArgs),
     /// Restore a point of the backup chain in DEST onto TARGET (a file, a device, or - for
     /// stdout). Only what differs from TARGET is written.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADDRESSES)]
     Restore(RestoreArgs),
     /// Fold the oldest increments of the chain in DEST into its base, keeping N increments.
     #[command(after_help = EXIT_CODES)]
@@ -82,7 +106,7 @@ pub enum Command {
     ///
     /// Prints the address clients use (`nbd://127.0.0.1:10809/` by default) on stdout. Clients:
     /// qemu (`-drive file=nbd://…`), nbdcopy, nbdinfo, qemu-img, nbdfuse, nbd-client.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADDRESSES)]
     Serve(ServeArgs),
     /// Print a completion script for SHELL on stdout (bash, zsh, fish, elvish, powershell).
     ///

@@ -1,6 +1,7 @@
 //! The endpoints of blksync: regular files and block devices ([`local`]), `loop://`
-//! ([`loopdev`]), `lvm://` and `lvm+snapshot://` ([`lvm`]), and `nbd://` and `nbd+unix://`
-//! exports (the `blksync-nbd` crate, which builds against the seam alone). [`open_source`] and [`open_target`]
+//! ([`loopdev`]), `lvm://` and `lvm+snapshot://` ([`lvm`]), `nbd://` and `nbd+unix://`
+//! exports (the `blksync-nbd` crate, which builds against the seam alone), and a partition of
+//! any of them, `ADDRESS#N` ([`partition`]). [`open_source`] and [`open_target`]
 //! are the one opener, keyed by address, and return trait objects: a new endpoint kind is a
 //! module here, an arm in `Address::of` and in the opener, and its scheme in
 //! `location::SCHEMES`.
@@ -15,6 +16,7 @@ pub mod advice;
 pub mod local;
 pub mod loopdev;
 pub mod lvm;
+pub mod partition;
 
 use std::path::Path;
 
@@ -25,6 +27,10 @@ pub use local::OpenTarget;
 /// Opens the endpoint at `address` for reading: the one opener every command and the agent use.
 /// A new kind of endpoint that is not a local file or device (iSCSI) gets its arm here.
 pub fn open_source(address: &Path) -> blksync_core::Result<Box<dyn Source>> {
+    if let Some((disk_address, selector)) = partition::split(address) {
+        let disk = open_source(&disk_address)?;
+        return Ok(Box::new(partition::Window::open(disk, &disk_address, selector, address)?));
+    }
     if let Some(nbd) = nbd_address(address) {
         let (nbd, bitmap) = split_bitmap(nbd);
         let options = blksync_nbd::NbdOptions { bitmap, ..blksync_nbd::NbdOptions::default() };
@@ -39,6 +45,17 @@ pub fn open_source(address: &Path) -> blksync_core::Result<Box<dyn Source>> {
 /// Opens (or creates, as `how` says) the endpoint at `address` for writing. An export is never
 /// created: it is there or the server says why not.
 pub fn open_target(address: &Path, how: OpenTarget) -> blksync_core::Result<Box<dyn Target>> {
+    if let Some((disk_address, selector)) = partition::split(address) {
+        if how.compress.is_some() {
+            return Err(blksync_core::Error::usage(format!(
+                "{}: a partition is written in place; it cannot be a new compressed image",
+                address.display()
+            )));
+        }
+        // The disk must be there: a partition is never created, only its table says where.
+        let disk = open_target(&disk_address, OpenTarget { create: false, ..how })?;
+        return Ok(Box::new(partition::Window::open(disk, &disk_address, selector, address)?));
+    }
     if let Some(nbd) = nbd_address(address) {
         if split_bitmap(nbd).1.is_some() {
             return Err(blksync_core::Error::usage(format!(

@@ -1,0 +1,202 @@
+//! Partitions as endpoints (issue 11, part 1): `DISK#N`, `DISK#name=NAME`, `DISK#partuuid=UUID`
+//! of DOS and GPT disks made by the real tools (sfdisk, sgdisk), as source and target, here and
+//! through the test sshd. Nothing outside the partition may change.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use support::*;
+
+const MIB: usize = 1 << 20;
+
+fn have(tool: &str) -> bool {
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("skipping: {tool} is not installed");
+    }
+    found
+}
+
+fn run_tool(tool: &str, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A 64 MiB GPT disk of junk with partitions `boot` (16 MiB at 1 MiB) and `root` (24 MiB after).
+fn gpt_disk(path: &Path) {
+    write_file(path, &random_bytes(64 * MIB, 3));
+    let p = path.to_str().unwrap();
+    run_tool("sgdisk", &["-o", "-n", "1:2048:+16M", "-c", "1:boot", "-n", "2:0:+24M", "-c", "2:root", p], "");
+}
+
+/// `(start, len)` in bytes of partition `n` of `path`, from `sfdisk -J`, and its PARTUUID.
+fn sfdisk_partition(path: &Path, n: usize) -> (u64, u64, String) {
+    let json: serde_json::Value =
+        serde_json::from_str(&run_tool("sfdisk", &["-J", path.to_str().unwrap()], "")).unwrap();
+    let table = &json["partitiontable"];
+    let sector = table["sectorsize"].as_u64().unwrap_or(512);
+    let part = table["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"].as_str().unwrap().ends_with(&n.to_string()))
+        .unwrap();
+    let uuid = part["uuid"].as_str().unwrap_or_default().to_string();
+    (part["start"].as_u64().unwrap() * sector, part["size"].as_u64().unwrap() * sector, uuid)
+}
+
+/// The bytes of `disk` outside `[start, start + len)`.
+fn outside(disk: &Path, start: u64, len: u64) -> Vec<u8> {
+    let mut bytes = read(disk);
+    bytes.drain(start as usize..(start + len) as usize);
+    bytes
+}
+
+#[test]
+fn a_gpt_partition_is_a_source_and_a_target_by_number_name_and_partuuid() {
+    if !have("sgdisk") || !have("sfdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    gpt_disk(&disk);
+    let (start, len, uuid) = sfdisk_partition(&disk, 2);
+    let before = outside(&disk, start, len);
+    let data = dir.path().join("root.img");
+    write_file(&data, &random_bytes(len as usize, 7));
+    let d = disk.to_str().unwrap();
+
+    ok(&["sync", "-q", data.to_str().unwrap(), &format!("{d}#name=root")]);
+    assert_eq!(read(&disk)[start as usize..(start + len) as usize], read(&data)[..]);
+    assert_eq!(outside(&disk, start, len), before, "bytes outside the partition changed");
+
+    let out = dir.path().join("out.img");
+    ok(&["sync", "-q", &format!("{d}#2"), out.to_str().unwrap()]);
+    assert_same(&out, &data);
+    let cmp = ok(&["compare", data.to_str().unwrap(), &format!("{d}#partuuid={}", uuid.to_lowercase())]);
+    assert!(cmp.stdout_text().contains("identical"), "{}", cmp.stdout_text());
+    // The table itself is untouched: sgdisk finds nothing wrong.
+    let verify = run_tool("sgdisk", &["-v", d], "");
+    assert!(verify.contains("No problems found"), "{verify}");
+}
+
+#[test]
+fn a_logical_dos_partition_is_found_through_the_ebr_chain() {
+    if !have("sfdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("dos.img");
+    write_file(&disk, &random_bytes(64 * MIB, 4));
+    let d = disk.to_str().unwrap();
+    run_tool("sfdisk", &["-q", d], "label: dos\n,8M,83\n,,5\n,4M,83\n,6M,83\n,,83\n");
+    let (start, len, _) = sfdisk_partition(&disk, 6);
+    let before = outside(&disk, start, len);
+    let data = dir.path().join("six.img");
+    write_file(&data, &random_bytes(len as usize, 8));
+    ok(&["sync", "-q", data.to_str().unwrap(), &format!("{d}#6")]);
+    assert_eq!(read(&disk)[start as usize..(start + len) as usize], read(&data)[..]);
+    assert_eq!(outside(&disk, start, len), before, "bytes outside the partition changed");
+    // sfdisk still reads the same table.
+    let (start2, len2, _) = sfdisk_partition(&disk, 6);
+    assert_eq!((start2, len2), (start, len));
+}
+
+#[test]
+fn wrong_partitions_and_damaged_tables_are_clear_errors_that_write_nothing() {
+    if !have("sgdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    gpt_disk(&disk);
+    let d = disk.to_str().unwrap();
+    let data = dir.path().join("data.img");
+    write_file(&data, &random_bytes(20 * MIB, 9));
+    let before = read(&disk);
+
+    // No such partition: the ones there are listed.
+    let out = run(&["sync", "-q", data.to_str().unwrap(), &format!("{d}#7")]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+    assert!(
+        out.stderr_text().contains("name=boot") && out.stderr_text().contains("name=root"),
+        "{}",
+        out.stderr_text()
+    );
+    // Larger than the partition: refused before any write.
+    let out = run(&["sync", "-q", data.to_str().unwrap(), &format!("{d}#1")]);
+    assert_ne!(out.code(), 0, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("too small"), "{}", out.stderr_text());
+    // A disk without a table.
+    let bare = dir.path().join("bare.img");
+    write_file(&bare, &vec![0; 4 * MIB]);
+    let out = run(&["sync", "-q", &format!("{}#1", bare.display()), data.to_str().unwrap()]);
+    assert_eq!(out.code(), 2, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("no partition table"), "{}", out.stderr_text());
+    assert_eq!(read(&disk), before);
+
+    // The primary header damaged: the backup is used, with a warning that says so.
+    let mut damaged = before.clone();
+    damaged[512 + 40] ^= 0xff; // first usable LBA, under the header CRC
+    write_file(&disk, &damaged);
+    let out = run(&["sync", &format!("{d}#2"), dir.path().join("x.img").to_str().unwrap()]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_text());
+    assert!(out.stderr_text().to_lowercase().contains("primary"), "{}", out.stderr_text());
+    // Both headers damaged: an error naming the damage, nothing written.
+    let last = damaged.len() - 512;
+    damaged[last + 40] ^= 0xff;
+    write_file(&disk, &damaged);
+    let out = run(&["sync", "-q", data.to_str().unwrap(), &format!("{d}#2")]);
+    assert_ne!(out.code(), 0, "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("CRC") || out.stderr_text().contains("damaged"), "{}", out.stderr_text());
+    assert_eq!(read(&disk), damaged);
+}
+
+#[test]
+fn a_file_named_like_a_partition_is_that_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("odd#2");
+    write_file(&odd, &random_bytes(MIB, 5));
+    let out = dir.path().join("out.img");
+    ok(&["sync", "-q", odd.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_same(&odd, &out);
+}
+
+#[test]
+fn partitions_work_on_the_far_side_of_ssh() {
+    if !have("sgdisk") {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-partitions") else { return };
+    let disk = env.path("disk.img");
+    gpt_disk(Path::new(&disk));
+    let (start, len, _) = sfdisk_partition(Path::new(&disk), 2);
+    let data = env.path("root.img");
+    write_file(Path::new(&data), &random_bytes(len as usize, 11));
+    ok(&["sync", "-q", "-e", &env.rsh, &data, &format!("{}#name=root", env.remote("disk.img"))]);
+    assert_eq!(read(Path::new(&disk))[start as usize..(start + len) as usize], read(Path::new(&data))[..]);
+    let back = env.path("back.img");
+    ok(&["sync", "-q", "-e", &env.rsh, &format!("{}#2", env.remote("disk.img")), &back]);
+    assert_same(Path::new(&back), Path::new(&data));
+}
+
+#[test]
+fn help_says_how_to_address_a_partition() {
+    for command in [&["--help"][..], &["sync", "--help"], &["backup", "--help"]] {
+        let out = ok(command);
+        assert!(out.stdout_text().contains("ADDRESS#N") && out.stdout_text().contains("#name=NAME"), "{command:?}");
+    }
+}
