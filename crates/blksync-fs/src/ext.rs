@@ -303,7 +303,7 @@ fn parse_super(sb: &[u8], len: u64) -> Result<Verdict<Super>> {
         if crc32c(!0, &sb[..0x3FC]) != stored {
             refuse!("the superblock's checksum is wrong");
         }
-        Some(if incompat & INCOMPAT_CSUM_SEED !=  0 { le32(sb, 0x270) } else { crc32c(!0, &sb[0x68..0x78]) })
+        Some(if incompat & INCOMPAT_CSUM_SEED != 0 { le32(sb, 0x270) } else { crc32c(!0, &sb[0x68..0x78]) })
     } else {
         None
     };
@@ -324,7 +324,10 @@ fn parse_super(sb: &[u8], len: u64) -> Result<Verdict<Super>> {
         _ => refuse!("{blocks} blocks of {block_size} bytes do not fit in {len} bytes"),
     }
     let blocks_per_group = u64::from(le32(sb, 0x20));
-    if blocks_per_group < 8 || blocks_per_group > 8 * block_size || blocks_per_group > 65528 || blocks_per_group % 8 != 0
+    if blocks_per_group < 8
+        || blocks_per_group > 8 * block_size
+        || blocks_per_group > 65528
+        || blocks_per_group % 8 != 0
     {
         refuse!("{blocks_per_group} blocks per group is impossible");
     }
