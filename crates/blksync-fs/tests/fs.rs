@@ -128,3 +128,174 @@ fn ext4_of_512_mib_mostly_empty_has_uninit_groups_and_matches_dumpe2fs() {
     assert!(uninit_groups(&image) > 0);
     check(&image);
 }
+
+fn probe_file(path: &std::path::Path) -> Usage {
+    let source = FileSource::open(path);
+    let len = std::fs::metadata(path).unwrap().len();
+    blksync_fs::probe(&source, 0, len).unwrap()
+}
+
+fn whole_reason(usage: Usage) -> String {
+    match usage {
+        Usage::Whole { reason } => reason,
+        Usage::Known(map) => panic!("expected copy-whole, got a map of {:?}", map.kind()),
+    }
+}
+
+/// Reads, changes and writes back bytes of an image file, then fixes its checksums when asked.
+fn edit(path: &std::path::Path, fix: bool, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut data = std::fs::read(path).unwrap();
+    change(&mut data);
+    if fix {
+        blksync_fs::fix_checksums(&mut data);
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+fn le32(data: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(data[at..at + 4].try_into().unwrap())
+}
+
+/// Where group `g`'s descriptor is in an image with 4 KiB blocks.
+fn desc_at(data: &[u8], g: usize) -> usize {
+    let size = if le32(data, 1024 + 0x60) & 0x80 != 0 {
+        usize::from(u16::from_le_bytes([data[1024 + 0xFE], data[1024 + 0xFF]]))
+    } else {
+        32
+    };
+    4096 + g * size
+}
+
+#[test]
+fn swap_uses_only_its_first_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("swap.img");
+    std::fs::File::create(&path).unwrap().set_len(16 << 20).unwrap();
+    support::run(
+        std::process::Command::new("mkswap")
+            .args(["-q", "-L", "lbl", "-U", "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9"])
+            .arg(&path),
+    );
+    let source = FileSource::open(&path);
+    let Usage::Known(map) = blksync_fs::probe(&source, 0, 16 << 20).unwrap() else { panic!("swap not recognised") };
+    assert_eq!(map.kind(), &Kind::Swap { uuid: "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9".into(), label: "lbl".into() });
+    assert_eq!(support::runs(&map, &source), vec![(0, 4096, true), (4096, 16 << 20, false)]);
+    assert_eq!(map.used_bytes(), 4096);
+}
+
+#[test]
+fn swap_holding_a_hibernation_image_is_copied_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("swap.img");
+    std::fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
+    support::run(std::process::Command::new("mkswap").arg("-q").arg(&path));
+    support::poke(&path, 4096 - 10, b"S1SUSPEND\0");
+    assert!(whole_reason(probe_file(&path)).contains("hibernation"));
+}
+
+#[test]
+fn random_bytes_and_zeros_are_copied_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("random.img");
+    std::fs::write(&path, support::Rng::new(42).bytes(4 << 20)).unwrap();
+    assert_eq!(whole_reason(probe_file(&path)), "no filesystem recognised");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    assert_eq!(whole_reason(probe_file(&path)), "no filesystem recognised");
+    std::fs::write(&path, [0u8; 100]).unwrap();
+    assert_eq!(whole_reason(probe_file(&path)), "no filesystem recognised");
+}
+
+#[test]
+fn ext_superblock_changed_without_its_checksum_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "4096", "-g", "4096"], data: 1 << 20, ..Spec::default() });
+    edit(&image.path, false, |d| d[1024 + 0x78] ^= 1); // the label
+    assert!(whole_reason(probe_file(&image.path)).contains("superblock's checksum"));
+}
+
+#[test]
+fn ext_superblock_with_impossible_geometry_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext2", "-b", "4096", "-g", "4096"], data: 1 << 20, ..Spec::default() });
+    let orig = std::fs::read(&image.path).unwrap();
+    for (at, value) in [(0x20, 5u32), (0x20, 0), (0x18, 9), (0x04, u32::MAX), (0x28, 0), (0x14, 3)] {
+        edit(&image.path, false, |d| {
+            d.copy_from_slice(&orig);
+            d[1024 + at..1024 + at + 4].copy_from_slice(&value.to_le_bytes());
+        });
+        let reason = whole_reason(probe_file(&image.path));
+        assert!(reason.starts_with("ext filesystem: "), "{reason}");
+    }
+}
+
+#[test]
+fn ext_descriptor_with_a_wrong_checksum_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "4096", "-g", "4096"], data: 1 << 20, ..Spec::default() });
+    edit(&image.path, false, |d| {
+        let at = desc_at(d, 1) + 0x0E; // group 1's free inode count
+        d[at] ^= 1;
+    });
+    assert!(whole_reason(probe_file(&image.path)).contains("group 1: the descriptor's checksum is wrong"));
+}
+
+#[test]
+fn ext_descriptor_pointing_outside_the_filesystem_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "4096", "-g", "4096"], data: 1 << 20, ..Spec::default() });
+    // Group 1's block bitmap far past the end, with its checksum made right.
+    edit(&image.path, true, |d| {
+        let at = desc_at(d, 1);
+        d[at..at + 4].copy_from_slice(&0x0FFF_FFF0u32.to_le_bytes());
+    });
+    let reason = whole_reason(probe_file(&image.path));
+    assert!(reason.contains("group 1: block bitmap"), "{reason}");
+}
+
+#[test]
+fn ext_bitmap_failing_its_checksum_makes_its_group_all_used() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "4096", "-g", "4096"], data: 1 << 20, ..Spec::default() });
+    let data = std::fs::read(&image.path).unwrap();
+    let bitmap = u64::from(le32(&data, 4096)) * 4096; // group 0's
+    // A bit of a free block (past the first 2 MiB) set, within the 512 bytes checksummed.
+    support::poke(&image.path, bitmap + 500, &[data[bitmap as usize + 500] ^ 0x10]);
+    let (source, map) = probe_known(&image);
+    let runs = support::runs(&map, &source);
+    assert!(runs[0].2 && runs[0].1 >= 4096 * 4096, "group 0 should be all used: {:?}", runs[0]);
+}
+
+#[test]
+fn ext_needing_journal_recovery_or_marked_with_errors_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext3", "-b", "4096"], data: 1 << 20, ..Spec::default() });
+    let orig = std::fs::read(&image.path).unwrap();
+    edit(&image.path, false, |d| d[1024 + 0x60] |= 0x4);
+    assert!(whole_reason(probe_file(&image.path)).contains("recovery"));
+    edit(&image.path, false, |d| {
+        d.copy_from_slice(&orig);
+        d[1024 + 0x3A] |= 0x2;
+    });
+    assert!(whole_reason(probe_file(&image.path)).contains("errors"));
+    edit(&image.path, false, |d| {
+        d.copy_from_slice(&orig);
+        d[1024 + 0x3A] &= !0x1;
+    });
+    assert!(whole_reason(probe_file(&image.path)).contains("cleanly"));
+}
+
+#[test]
+fn ext_larger_than_the_range_given_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext4"], data: 1 << 20, ..Spec::default() });
+    let source = FileSource::open(&image.path);
+    let reason = whole_reason(blksync_fs::probe(&source, 0, 16 << 20).unwrap());
+    assert!(reason.contains("do not fit"), "{reason}");
+}
+
+#[test]
+fn ext_map_answers_alike_from_several_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<blksync_fs::Map>();
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "1024"], seed: 12, ..Spec::default() });
+    let (source, map) = probe_known(&image);
+    let expected = support::runs(&map, &source);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| assert_eq!(support::runs(&map, &source), expected));
+        }
+    });
+}
