@@ -8,8 +8,8 @@
 //! this reader does not know. `Whole` is never wrong, so every doubt ends there; only an I/O
 //! error is an `Err`.
 //!
-//! Recognised: ext2, ext3 and ext4 (block bitmaps, with BLOCK_UNINIT groups, flex_bg, meta_bg,
-//! sparse_super and sparse_super2, 64bit, descriptor and bitmap checksums) and Linux swap
+//! Recognised: ext2, ext3 and ext4 (block bitmaps, with `BLOCK_UNINIT` groups, `flex_bg`, `meta_bg`,
+//! `sparse_super` and `sparse_super2`, 64bit, descriptor and bitmap checksums) and Linux swap
 //! (only its header page is used).
 //!
 //! Memory stays bounded at any size: the group descriptors are read once (16 bytes kept per
@@ -92,7 +92,7 @@ pub struct Map {
 
 #[derive(Debug)]
 enum Inner {
-    Ext(ext::Ext),
+    Ext(Box<ext::Ext>),
     /// The first `n` bytes are used, the rest is free.
     Prefix(u64),
 }
@@ -129,7 +129,7 @@ pub fn probe(source: &dyn Source, start: u64, len: u64) -> Result<Usage> {
     let reader = Reader { source, start, len };
     let whole = |what: &str, reason: String| Ok(Usage::Whole { reason: format!("{what}: {reason}") });
     match ext::probe(&reader)? {
-        Some(Ok((kind, ext))) => return Ok(Usage::Known(Map { kind, start, len, inner: Inner::Ext(ext) })),
+        Some(Ok((kind, ext))) => return Ok(Usage::Known(Map { kind, start, len, inner: Inner::Ext(Box::new(ext)) })),
         Some(Err(reason)) => return whole("ext filesystem", reason),
         None => {}
     }
@@ -198,12 +198,13 @@ impl Map {
 
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` of 16 bytes.
 fn uuid(b: &[u8]) -> String {
+    use std::fmt::Write;
     let mut s = String::with_capacity(36);
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             s.push('-');
         }
-        s.push_str(&format!("{byte:02x}"));
+        let _ = write!(s, "{byte:02x}");
     }
     s
 }

@@ -1,4 +1,4 @@
-//! The used-block map against real filesystems made by mke2fs, checked against dumpe2fs
+//! The used-block map against real filesystems made by mke2fs, checked against `dumpe2fs`
 //! (`shared/lab/e2used.py`), e2fsck and debugfs.
 
 mod support;

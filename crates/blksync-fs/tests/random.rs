@@ -34,7 +34,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Small ext4 images: 1 KiB blocks with meta_bg and BLOCK_UNINIT groups, and 4 KiB blocks in
+/// Small ext4 images: 1 KiB blocks with `meta_bg` and `BLOCK_UNINIT` groups, and 4 KiB blocks in
 /// four groups of the normal layout.
 fn seeds() -> &'static [Vec<u8>] {
     static SEEDS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();

@@ -1,9 +1,10 @@
-//! Test helpers: a file as a `Source`, images made by mke2fs from random files, the dumpe2fs
+//! Test helpers: a file as a `Source`, images made by mke2fs from random files, the `dumpe2fs`
 //! oracle (`shared/lab/e2used.py`), and a copy of only the used blocks checked by e2fsck and
 //! debugfs.
 
 #![allow(dead_code)]
 
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -153,7 +154,7 @@ pub fn make(spec: &Spec<'_>) -> Image {
     let mut kept = Vec::new();
     for (k, (name, content)) in files.into_iter().enumerate() {
         if k % 3 == 1 {
-            rm.push_str(&format!("rm /{name}\n"));
+            let _ = writeln!(rm, "rm /{name}");
         } else {
             kept.push((name, content));
         }
@@ -325,7 +326,7 @@ fn copy_used(image: &Image, source: &FileSource, runs: &[(u64, u64, bool)]) {
     std::fs::create_dir_all(&dumps).unwrap();
     let mut cmds = String::new();
     for (name, _) in &image.files {
-        cmds.push_str(&format!("dump /{name} {}\n", dumps.join(name).display()));
+        let _ = writeln!(cmds, "dump /{name} {}", dumps.join(name).display());
     }
     debugfs(&copy_path, &cmds, false);
     for (name, content) in &image.files {
@@ -342,7 +343,7 @@ pub fn poke(path: &Path, offset: u64, bytes: &[u8]) {
     let _ = std::io::stdout().flush();
 }
 
-/// dumpe2fs's output.
+/// `dumpe2fs`'s output.
 pub fn dumpe2fs(fs: &Path) -> String {
     run(Command::new("dumpe2fs").arg(fs))
 }
