@@ -593,7 +593,9 @@ pub(crate) fn fix_checksums(data: &mut [u8]) {
         if (32..=1024).contains(&desc_size) && desc_size.is_power_of_two() {
             for g in 0..groups {
                 let at = (fdb + 1).saturating_mul(bs).saturating_add(g * desc_size);
-                let Some(d) = usize::try_from(at).ok().and_then(|at| data.get_mut(at..at + desc_size as usize)) else {
+                let Some(d) =
+                    usize::try_from(at).ok().and_then(|at| data.get_mut(at..at.checked_add(desc_size as usize)?))
+                else {
                     break;
                 };
                 let c = desc_csum(seed, &sb[0x68..0x78], g, d);

@@ -299,3 +299,27 @@ fn ext_map_answers_alike_from_several_threads() {
         }
     });
 }
+
+#[test]
+fn ext4_while_mounted_is_copied_whole_and_known_again_after_unmounting() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "4096"], data: 1 << 20, ..Spec::default() });
+    let mnt = image.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount").arg("-o").arg("loop").arg(&image.path).arg(&mnt).output();
+    if !mounted.is_ok_and(|out| out.status.success()) {
+        eprintln!("skipped: cannot mount a loop device here");
+        return;
+    }
+    std::fs::write(mnt.join("new"), b"written while mounted").unwrap();
+    sync_all_filesystems();
+    let usage = probe_file(&image.path);
+    support::run(std::process::Command::new("umount").arg(&mnt));
+    let reason = whole_reason(usage);
+    assert!(reason.contains("recovery"), "{reason}");
+    assert!(matches!(probe_file(&image.path), Usage::Known(_)));
+}
+
+/// `sync(1)`: the mounted filesystem's superblock reaches the image file.
+fn sync_all_filesystems() {
+    support::run(&mut std::process::Command::new("sync"));
+}
