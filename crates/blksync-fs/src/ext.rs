@@ -18,6 +18,9 @@ const MAGIC: u16 = 0xEF53;
 pub(crate) const MAX_GROUPS: u64 = 1 << 20;
 /// Bitmaps kept in the cache.
 const CACHE_SLOTS: usize = 16;
+/// Groups a run is extended over at most: a caller asking every few MiB of a full 16 TiB
+/// filesystem must not walk all its groups on each call.
+const MERGE_GROUPS: u64 = 64;
 /// Descriptor blocks read at once where they are contiguous.
 const DESC_READ: u64 = 256 << 10;
 
@@ -629,6 +632,7 @@ impl Ext {
             return Ok((sb.first_data_block * bs, true));
         }
         let mut g = sb.group_of(block);
+        let first_group = g;
         let bits = self.bits(reader, g)?;
         let used = bits.get(block - sb.group_first(g));
         let mut bits = Some(bits);
@@ -640,7 +644,7 @@ impl Ext {
                 Some(bits) => bits.run_end(start, n, used),
                 None => start,
             };
-            if end < n || g + 1 >= sb.groups {
+            if end < n || g + 1 >= sb.groups || g >= first_group + MERGE_GROUPS {
                 break sb.group_first(g) + end;
             }
             g += 1;
