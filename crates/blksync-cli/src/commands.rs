@@ -131,10 +131,13 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         human::rate(c.bytes_scanned, c.seconds),
         if summary.verified { ", verified" } else { "" },
     ));
+    for line in &summary.partitions {
+        render.line(&format!("blksync: {line}"));
+    }
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
         let mut body = json::body(&summary)?;
-        json::fill(&mut body, [("undo_log", Value::Null)]);
+        json::fill(&mut body, [("undo_log", Value::Null), ("partitions", Value::Array(Vec::new()))]);
         json::print_summary("sync", body)?;
     }
     Ok(Outcome::Success)

@@ -200,3 +200,67 @@ fn help_says_how_to_address_a_partition() {
         assert!(out.stdout_text().contains("ADDRESS#N") && out.stdout_text().contains("#name=NAME"), "{command:?}");
     }
 }
+
+/// `sgdisk -v` on `path` finds nothing wrong.
+fn assert_gpt_clean(path: &Path) {
+    let verify = run_tool("sgdisk", &["-v", path.to_str().unwrap()], "");
+    assert!(verify.contains("No problems found"), "{verify}");
+}
+
+/// Issue 11, part 2: a GPT disk synced onto a larger or smaller fixed-size disk (a loop device)
+/// gets its backup header and entries at the destination's end; one too small for its
+/// partitions is refused before any write.
+#[test]
+fn a_gpt_disk_synced_onto_a_disk_of_another_size_keeps_a_valid_table() {
+    if !have("sgdisk") || !have("sfdisk") || !can_use_loop_devices() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    gpt_disk(&disk);
+    let (start, len, _) = sfdisk_partition(&disk, 2);
+    let source = read(&disk);
+    for (mib, fits) in [(96, true), (48, true), (40, false)] {
+        let dst = dir.path().join(format!("dst{mib}.img"));
+        write_file(&dst, &random_bytes(mib * MIB, mib as u64));
+        let before = read(&dst);
+        let out =
+            run(&["sync", "--json", "--progress=none", disk.to_str().unwrap(), &format!("loop://{}", dst.display())]);
+        if !fits {
+            assert_eq!(out.code(), 5, "{}", out.stderr_text());
+            assert!(out.stderr_text().contains("too small for the partitions"), "{}", out.stderr_text());
+            assert_eq!(read(&dst), before, "a refused sync wrote");
+            continue;
+        }
+        assert_eq!(out.code(), 0, "{mib} MiB: {}", out.stderr_text());
+        let json = out.json();
+        let partitions = json["partitions"].as_array().unwrap();
+        assert!(partitions.iter().any(|p| p.as_str().unwrap().contains("\"root\"")), "{json}");
+        assert_gpt_clean(&dst);
+        let copy = read(&dst);
+        assert_eq!(copy[start as usize..(start + len) as usize], source[start as usize..(start + len) as usize]);
+        let (start2, len2, _) = sfdisk_partition(&dst, 2);
+        assert_eq!((start2, len2), (start, len));
+        // A rerun rewrites the table's few sectors and leaves a valid table again.
+        let again =
+            run(&["sync", "--json", "--progress=none", disk.to_str().unwrap(), &format!("loop://{}", dst.display())]);
+        assert_eq!(again.code(), 0, "{}", again.stderr_text());
+        assert!(again.json()["bytes_written"].as_u64().unwrap() < 64 * 1024, "{}", again.stdout_text());
+        assert_gpt_clean(&dst);
+    }
+}
+
+/// The same with the source behind ssh: its table is read over the link.
+#[test]
+fn a_remote_gpt_disk_pulled_onto_a_larger_disk_keeps_a_valid_table() {
+    if !have("sgdisk") || !can_use_loop_devices() {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-partitions-pull") else { return };
+    let disk = env.path("disk.img");
+    gpt_disk(Path::new(&disk));
+    let dst = env.path("big.img");
+    write_file(Path::new(&dst), &random_bytes(80 * MIB, 13));
+    ok(&["sync", "-q", "-e", &env.rsh, &env.remote("disk.img"), &format!("loop://{dst}")]);
+    assert_gpt_clean(Path::new(&dst));
+}

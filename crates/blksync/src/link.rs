@@ -95,7 +95,7 @@ pub struct Link {
 #[derive(Default)]
 struct Agent {
     /// Until the first reply is wanted, ssh runs and the bootstrap waits for its first line,
-    /// while requests queue up to ride with it ([`Link::start`]).
+    /// while requests queue up to ride with it (`Link::start`).
     pending: Option<Box<Pending>>,
     /// Why the start failed: every later request gets it again.
     failed: Option<(ErrorKind, String)>,
@@ -257,7 +257,7 @@ impl Link {
 
     /// A link to an agent on `remote` over ssh. ssh starts now; the bootstrap waits until the
     /// first reply is wanted, and every request sent until then rides with its first line
-    /// ([`Link::start`]), the `Hello` first: a slow link pays no round trip for the banner
+    /// (`Link::start`), the `Hello` first: a slow link pays no round trip for the banner
     /// (issue 13, item 4). So a connection that fails shows at the first call, not here.
     pub fn ssh(remote: &Remote, options: &SshOptions) -> Result<Link> {
         let starting = ssh::spawn(remote, options)?;
@@ -458,7 +458,7 @@ impl Link {
         self.ended.load(Ordering::Relaxed)
     }
 
-    /// Sends a request. One that finds the queue full starts a waiting agent ([`Link::start`]).
+    /// Sends a request. One that finds the queue full starts a waiting agent (`Link::start`).
     pub fn send(&self, msg: Msg) -> Result<()> {
         match self.tx.try_send(msg) {
             Ok(()) => Ok(()),

@@ -13,14 +13,14 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
 
 use crate::compare::Comparison;
-use crate::endpoint::{Caps, Identity};
+use crate::endpoint::{Caps, Identity, Source};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hash::chunk_size;
 use crate::job::{Job, WirePath};
@@ -358,6 +358,27 @@ impl crate::transfer::Ends for LinkEnds<'_> {
     fn source_caps(&self) -> Caps {
         self.s.caps
     }
+
+    fn source_table(&mut self) -> Result<Option<blksync_disk::Table>> {
+        let source = LinkSource { link: self.source, size: self.s.size, name: PathBuf::from(&self.names.0) };
+        crate::transfer::table::read(&source, crate::transfer::table::sector_hint(self.s.identity, &self.s.caps))
+    }
+
+    fn write_target(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
+        for (offset, data) in writes {
+            let chunk = crate::protocol::message::Chunk {
+                offset: *offset,
+                codec: crate::protocol::message::codec::RAW,
+                raw_len: data.len() as u32,
+                payload: data.clone(),
+            };
+            self.target.send(Msg::Write(chunk))?;
+        }
+        match self.target.call(Msg::Flush)? {
+            Msg::Done => Ok(()),
+            other => Err(self.target.unexpected(&other)),
+        }
+    }
 }
 
 /// Runs the sync of [`crate::transfer`] between two ends opened on their links.
@@ -373,6 +394,59 @@ fn transfer(
 ) -> Result<Summary> {
     let mut ends = LinkEnds { source, s, target, t, started, names, compress: options.compress, pause: options.pause };
     crate::transfer::sync(&mut ends, commit, &options.sync, control)
+}
+
+/// A source behind a link, read a piece at a time with `Read` (the few sectors of a partition
+/// table, before a pass: not for bulk data, which the hash pass moves).
+struct LinkSource<'a> {
+    link: &'a Link,
+    size: u64,
+    name: PathBuf,
+}
+
+impl Source for LinkSource<'_> {
+    fn name(&self) -> &Path {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        const PIECE: usize = 1 << 20;
+        for (i, piece) in buf.chunks_mut(PIECE).enumerate() {
+            let at = offset + (i * PIECE) as u64;
+            self.link.send(Msg::Read { offset: at, len: piece.len() as u32, compress: crate::compress::AUTO })?;
+            loop {
+                match self.link.recv()? {
+                    Msg::Data(chunk) => {
+                        let data = crate::compress::decode(&chunk)?;
+                        let from = chunk.offset.checked_sub(at).map(|d| d as usize);
+                        match from {
+                            Some(from) if from + data.len() <= piece.len() => {
+                                piece[from..from + data.len()].copy_from_slice(&data);
+                            }
+                            _ => return Err(self.link.unexpected(&Msg::Data(chunk))),
+                        }
+                    }
+                    Msg::ReadDone { .. } => break,
+                    other => return Err(self.link.unexpected(&other)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn segment_at(&self, offset: u64) -> Result<crate::endpoint::Segment> {
+        Ok(crate::endpoint::Segment { start: offset, end: self.size, allocated: true })
+    }
+
+    fn drop_cache(&self, _offset: u64, _len: u64) {}
+
+    fn identity(&self) -> Identity {
+        Identity::None
+    }
 }
 
 /// An endpoint location with the ssh options for reaching it.
@@ -695,6 +769,7 @@ pub(crate) fn estimate_backup(
                         bytes_sent: 0,
                         bytes_received: 0,
                         undo_log: None,
+                        partitions: Vec::new(),
                     };
                     summary.counters.bytes_total = so.size;
                     summary.counters.bytes_written = so.size;

@@ -109,6 +109,10 @@ pub struct Summary {
     /// The undo log written, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub undo_log: Option<String>,
+    /// The source's partitions and what was done with each, when its table was fitted to a
+    /// destination disk of another size (`transfer::table`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
 }
 
 /// The destination path: `dest` itself, or `dest/<source file name>` when `dest` is a directory

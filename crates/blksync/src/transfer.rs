@@ -17,6 +17,7 @@
 //! 4. with `--verify`, a second pass that only compares, reading the target from its medium.
 
 pub(crate) mod local;
+pub(crate) mod table;
 
 use crate::compare::{CompareOptions, Comparison};
 use crate::endpoint::Caps;
@@ -127,6 +128,11 @@ pub(crate) trait Ends {
     fn undo_log(&self) -> Option<String> {
         None
     }
+    /// The source's partition table, for a whole-disk sync onto a disk of another size
+    /// ([`table`]); `None` when it has none, or when the target records its writes.
+    fn source_table(&mut self) -> Result<Option<blksync_disk::Table>>;
+    /// Writes `writes` to the target and flushes it: its table fitted to its size.
+    fn write_target(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()>;
 }
 
 /// Makes the target of `ends` equal to its source (see the module doc for the steps).
@@ -165,8 +171,7 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
         return Err(Error::usage(format!("{source_name} and {target_name} are the same file or device")));
     }
     let t = ends.target();
-    let sizing =
-        sizing::resolve(ends.source_size(), (&t.caps, t.exists), t.size, t.created, o.size_policy, o.zero_tail)?;
+    let (sizing, partitions) = sizes(ends, &t, commit, o, (&source_name, &target_name))?;
     let mut warnings = Vec::new();
     let mut warn = |w: String| {
         control.observer.warn(&w);
@@ -234,12 +239,55 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
         bytes_sent: 0,
         bytes_received: 0,
         undo_log: ends.undo_log(),
+        partitions: Vec::new(),
     };
     if o.verify && !o.dry_run {
         verify(ends, &Plan { throttle: None, keep_ranges: 1, ..plan }, &summary, control)?;
         summary.verified = true;
     }
+    if let Some(tb) = &partitions {
+        // After the verification, which compares the bytes as copied: the table is then fitted.
+        let writes = if o.dry_run { Vec::new() } else { table::fitted(tb, t.size)? };
+        if !writes.is_empty() {
+            ends.write_target(&writes)?;
+        }
+        summary.partitions = table::report(tb, t.size, !writes.is_empty());
+    }
     Ok(summary)
+}
+
+/// How much to sync (`sizing`), and the source's partition table when the destination is a
+/// disk of another size, whose table decides what fits and is fitted after the pass (`table`).
+fn sizes(
+    ends: &mut dyn Ends,
+    t: &End,
+    commit: Commit,
+    o: &SyncOptions,
+    (source_name, target_name): (&str, &str),
+) -> Result<(sizing::Sizing, Option<blksync_disk::Table>)> {
+    let source_size = ends.source_size();
+    let partitions =
+        if table::wanted(source_size, t, commit == Commit::None) && o.size_policy != sizing::SizePolicy::Common {
+            ends.source_table()?
+        } else {
+            None
+        };
+    let sizing = match &partitions {
+        Some(tb) if t.size < source_size => {
+            let n = table::smaller(tb, t.size, &(source_name.to_string(), target_name.to_string()))?;
+            sizing::Sizing {
+                source_len: n,
+                scan_len: n,
+                resize_to: None,
+                warning: Some(format!(
+                    "source is {source_size} bytes, destination is {} bytes: every partition fits, so the first {n} bytes are synced",
+                    t.size
+                )),
+            }
+        }
+        _ => sizing::resolve(source_size, (&t.caps, t.exists), t.size, t.created, o.size_policy, o.zero_tail)?,
+    };
+    Ok((sizing, partitions))
 }
 
 /// Compares both ends again after a sync; any difference is an error.

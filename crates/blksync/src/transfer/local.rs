@@ -164,6 +164,21 @@ impl Ends for LocalEnds<'_> {
         "both ends in this process: bytes are compared directly".to_string()
     }
 
+    fn source_table(&mut self) -> Result<Option<blksync_disk::Table>> {
+        if self.undo_at.is_some() || self.undo.is_some() {
+            return Ok(None);
+        }
+        super::table::read(self.src, super::table::sector_hint(self.src.identity(), &self.src.caps()))
+    }
+
+    fn write_target(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
+        let Some(t) = self.writer() else { return Ok(()) };
+        for (offset, data) in writes {
+            t.write_at(data, *offset)?;
+        }
+        t.flush()
+    }
+
     fn source_caps(&self) -> crate::endpoint::Caps {
         self.src.caps()
     }
