@@ -49,7 +49,11 @@ pub(crate) struct Scan<'a> {
     pub scan_len: u64,
     pub block_size: usize,
     pub threads: usize,
+    /// `--keep-cache`: nothing read or written is dropped from the page cache.
     pub keep_cache: bool,
+    /// Clean pages may stay: the image is small next to memory (`write_behind::cheap_to_keep`).
+    /// Densely written stretches are still dropped, which starts their writeback early.
+    pub keep_clean: bool,
     pub action: Action<'a>,
     /// How many differing ranges to remember (all are counted).
     pub keep_ranges: usize,
@@ -111,6 +115,8 @@ struct Collector {
 struct Drops {
     source: Option<Extent>,
     dest: Option<Extent>,
+    /// The destination's stretch was written (densely), not only read.
+    dest_written: bool,
 }
 
 impl Collector {
@@ -153,7 +159,11 @@ impl Collector {
         let Some(start) = self.cached.take() else { return Drops::default() };
         let read = Extent { offset: start, len: self.next - start };
         let written = std::mem::take(&mut self.written);
-        Drops { source: Some(read), dest: write_behind::worth_dropping(read.len, written).then_some(read) }
+        Drops {
+            source: Some(read),
+            dest: write_behind::worth_dropping(read.len, written).then_some(read),
+            dest_written: written > 0,
+        }
     }
 
     fn close(&mut self, range: Extent) {
@@ -385,10 +395,10 @@ impl Scan<'_> {
         if self.keep_cache {
             return;
         }
-        if let Some(range) = drops.source.filter(|r| r.len > 0) {
+        if let Some(range) = drops.source.filter(|r| r.len > 0 && !self.keep_clean) {
             self.source.drop_cache(range.offset, range.len);
         }
-        if let Some(range) = drops.dest.filter(|r| r.len > 0) {
+        if let Some(range) = drops.dest.filter(|r| r.len > 0 && (drops.dest_written || !self.keep_clean)) {
             self.dest.drop_cache(range.offset, range.len);
         }
     }

@@ -49,6 +49,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         recorder: None,
         role: Role::Source,
         keep_cache: false,
+        keep_clean: false,
         write_behind: WriteBehind::default(),
         writers: None,
         scan: None,
@@ -98,6 +99,8 @@ struct Peer {
     recorder: Option<Arc<Recorder<Arc<dyn Target>>>>,
     role: Role,
     keep_cache: bool,
+    /// Clean pages of a small image stay cached; written ones still leave.
+    keep_clean: bool,
     /// When written pages leave the cache.
     write_behind: WriteBehind,
     /// The threads applying writes to a target whose writes cost CPU, and that target.
@@ -415,6 +418,9 @@ impl Peer {
         });
         self.role = role;
         self.keep_cache = flags & open_flags::KEEP_CACHE != 0;
+        // What a small image read stays cached (`write_behind::cheap_to_keep`); a target is
+        // judged by the size it is synced to, which a fresh one does not have yet.
+        self.keep_clean = crate::write_behind::cheap_to_keep(endpoint.size().max(size));
         self.plain.clone_from(&target);
         self.target = target;
         self.endpoint = Some(endpoint);
@@ -635,7 +641,7 @@ impl Peer {
         };
         scan.cond.notify_all();
         scan.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|&c, _| c >= chunks);
-        if !self.keep_cache
+        if !(self.keep_cache || self.keep_clean)
             && chunks > previous
             && let Some(endpoint) = &self.endpoint
         {

@@ -89,6 +89,8 @@ pub(crate) struct Plan<'a> {
     pub threads: usize,
     /// Leave what was read in the page cache.
     pub keep_cache: bool,
+    /// Leave clean pages in the page cache (a small image: `write_behind::cheap_to_keep`).
+    pub keep_clean: bool,
     /// How many differing ranges to list (all are counted).
     pub keep_ranges: usize,
     /// Limits the rate of source reads.
@@ -197,6 +199,7 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
         block_size: o.block_size,
         threads: o.threads,
         keep_cache: o.keep_cache,
+        keep_clean: crate::write_behind::cheap_to_keep(sizing.scan_len.max(size_after)),
         keep_ranges: 0,
         throttle: throttle.as_ref(),
         must_flush: commit != Commit::None || resize.is_some(),
@@ -331,6 +334,7 @@ pub(crate) fn compare(ends: &mut dyn Ends, o: &CompareOptions, control: Control<
         block_size: o.block_size,
         threads: o.threads,
         keep_cache: o.keep_cache,
+        keep_clean: crate::write_behind::cheap_to_keep(common),
         keep_ranges: o.max_ranges,
         throttle: None,
         must_flush: false,

@@ -15,7 +15,31 @@
 //! goes on. A stretch with scattered writes stays cached, and the kernel reclaims it like any
 //! other written data.
 
+//!
+//! An image small next to the host's memory is not dropped at all ([`cheap_to_keep`]): at most
+//! a sixteenth of the memory (and never more than 1 GiB) per end, which evicts nobody's working
+//! set, and the drops cost more than they save. On the 1 GiB benchmark (24 GiB of memory) the
+//! 1 %-changed sync took 0.12–0.26 s with the drops and a steady 0.12–0.13 s without, on a day
+//! when `fsync` on this VM's disk was slow.
+
 use crate::extent::Extent;
+
+/// Whether an end of `bytes` is small enough to leave in the page cache: at most a sixteenth
+/// of the host's memory, and 1 GiB.
+pub(crate) fn cheap_to_keep(bytes: u64) -> bool {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    bytes <= *LIMIT.get_or_init(|| (memory_total() / 16).min(1 << 30))
+}
+
+/// The host's memory in bytes, from `/proc/meminfo` (0 when unknown: then everything is dropped,
+/// as before).
+fn memory_total() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
 
 /// A stretch written this densely or more is dropped, to start its writeback early.
 const DENSE_PART: u64 = 4;
@@ -67,6 +91,13 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn small_images_stay_cached_large_ones_do_not() {
+        assert!(cheap_to_keep(0));
+        assert!(!cheap_to_keep((1 << 30) + 1), "never more than 1 GiB");
+        assert!(memory_total() > 0, "/proc/meminfo has MemTotal");
+    }
 
     #[test]
     fn clean_and_dense_stretches_are_dropped_scattered_ones_kept() {

@@ -119,6 +119,7 @@ impl Ends for LocalEnds<'_> {
             block_size: plan.block_size,
             threads: plan.threads,
             keep_cache: plan.keep_cache,
+            keep_clean: plan.keep_clean,
             action: writer.map_or(Action::Compare, Action::Apply),
             keep_ranges: plan.keep_ranges,
             throttle: plan.throttle,
