@@ -233,8 +233,11 @@ impl Peer {
     }
 
     fn handle(&mut self, msg: Msg) -> Result<()> {
-        // Every request but a write waits for the writes before it (`writers`).
-        if !matches!(msg, Msg::Write(_))
+        // Every request waits for the writes before it (`writers`), except a write and the hash
+        // pass's questions about its scan (`Ack`, `Groups`, `Leaves`), which read the scan's trees
+        // and the chunks the writes are still to go to: waiting there would stall the pass on
+        // every write.
+        if !matches!(msg, Msg::Write(_) | Msg::Ack { .. } | Msg::Groups { .. } | Msg::Leaves { .. })
             && let Some((_, writers)) = &self.writers
         {
             writers.drain()?;

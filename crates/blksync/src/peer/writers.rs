@@ -7,9 +7,10 @@
 //! 10). So such writes, with the decoding of their wire compression, go to a small pool.
 //!
 //! Order: the pool applies writes in any order, as the local engine's workers do. Within one
-//! pass of a command no two writes overlap, and every other request (a zeroing, a flush, a new
-//! scan) is a barrier: the peer waits for the writes before it (`Writers::drain`), so nothing
-//! after a barrier can overtake a write before it.
+//! pass of a command no two writes overlap, and every other request (a zeroing, a flush, a read,
+//! a new scan) is a barrier: the peer waits for the writes before it (`Writers::drain`), so
+//! nothing after a barrier can overtake a write before it. The hash pass's questions about its
+//! scan are not barriers: they concern chunks the pass has not written yet.
 //!
 //! Errors: a failed write is reported once, on the next write or at the next barrier, which
 //! fails with it; writes queued after a failure are dropped, not applied.
