@@ -847,3 +847,29 @@ fn first_requests_ride_with_the_bootstrap_and_survive_an_upload() {
     let again = newline + 1 + len + binary;
     assert_eq!(&bytes[again..again + len], preface);
 }
+
+/// Issue 13, item 2: a source here starts its scan behind its `Open`, before the remote target
+/// has answered. When the target turns out to have another size (or not to exist), that scan is
+/// not the one the pass needs, and the source is opened afresh: every case still ends equal.
+#[test]
+fn an_early_source_scan_is_used_or_replaced_whatever_the_target_turns_out_to_be() {
+    let Some(env) = Env::new() else { return };
+    let src = env.path("src");
+    write_file(src.as_ref(), &random_bytes(5 * MIB + 4096, 31));
+    for (name, dst) in
+        [("same", Some(5 * MIB + 4096)), ("shorter", Some(3 * MIB)), ("longer", Some(9 * MIB)), ("missing", None)]
+    {
+        let path = env.path(name);
+        if let Some(len) = dst {
+            let mut bytes = read(src.as_ref());
+            bytes.resize(len, 7);
+            bytes[4096..8192].fill(9);
+            write_file(path.as_ref(), &bytes);
+        }
+        let out = env.ok(&["sync", &src, &env.remote(name)]);
+        assert_same(src.as_ref(), path.as_ref());
+        if name == "same" {
+            assert_eq!(out["bytes_written"].as_u64(), Some(4096), "{out}");
+        }
+    }
+}

@@ -89,6 +89,9 @@ pub struct Link {
     stderr: Option<Arc<Mutex<Vec<String>>>>,
     /// `close` need not wait for the agent to exit (`allow_quick_close`).
     quick_close: bool,
+    /// Replies taken off the queue while the client waited on another link
+    /// ([`Link::setting_aside`]), read before the queue's.
+    stash: Mutex<std::collections::VecDeque<Msg>>,
 }
 
 /// The ssh side of a link, or a local peer's thread.
@@ -252,6 +255,7 @@ impl Link {
             agent: Mutex::new(Agent { threads: vec![thread], ..Agent::default() }),
             stderr: None,
             quick_close: false,
+            stash: Mutex::default(),
         }
     }
 
@@ -281,6 +285,7 @@ impl Link {
             agent: Mutex::new(Agent { pending: Some(Box::new(pending)), ..Agent::default() }),
             stderr: Some(stderr),
             quick_close: false,
+            stash: Mutex::default(),
         };
         // Which build answers is known only once the bootstrap has spoken, so the hash is always
         // asked for (the agent hashes its executable, a few milliseconds) and compared when the
@@ -492,11 +497,45 @@ impl Link {
     }
 
     fn next_reply(&self) -> Result<Msg> {
-        match self.rx.recv() {
+        let stashed = self.stash.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front();
+        match stashed.map_or_else(|| self.rx.recv(), Ok) {
             Ok(Msg::Error { kind, message, hint }) => Err(self.error(kind, message).with_hint(hint)),
             Ok(msg) => Ok(msg),
             Err(_) => Err(self.lost()),
         }
+    }
+
+    /// The next reply within `timeout`, as it came (an `Error` too), replies set aside first.
+    /// For the routers of a pass, after the first [`Link::recv`].
+    pub fn recv_timeout(&self, timeout: Duration) -> std::result::Result<Msg, crossbeam_channel::RecvTimeoutError> {
+        if let Some(msg) = self.stash.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop_front() {
+            return Ok(msg);
+        }
+        self.rx.recv_timeout(timeout)
+    }
+
+    /// Runs `f` while a thread takes this link's replies off its bounded queue and sets them
+    /// aside, so that a peer streaming replies (a scan started early) goes on instead of
+    /// waiting for the client, which is busy with another link. Memory stays bounded by what
+    /// the peer may send unasked: a scan's window of summaries.
+    pub fn setting_aside<R>(&self, f: impl FnOnce() -> R) -> R {
+        let (stop, stopped) = bounded::<()>(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                loop {
+                    crossbeam_channel::select! {
+                        recv(self.rx) -> msg => match msg {
+                            Ok(msg) => self.stash.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push_back(msg),
+                            Err(_) => return,
+                        },
+                        recv(stopped) -> _ => return,
+                    }
+                }
+            });
+            let result = f();
+            drop(stop);
+            result
+        })
     }
 
     /// A peer-reported error, prefixed with the host for remote peers.

@@ -135,6 +135,24 @@ fn plain_path(path: &OsStr) -> bool {
     crate::location::scheme_of(path.as_bytes()).is_none()
 }
 
+/// The source's scan as the pass will ask for it when the target has the source's size (the
+/// one case in which the target's early scan runs): the key of `target_scan`, and the plan a
+/// plain sync of equal sizes makes (`transfer::sync`).
+fn source_scan(target_scan: &Msg, o: &crate::sync::SyncOptions) -> Msg {
+    let Msg::Scan { key, block, end, data_len, threads, .. } = target_scan.clone() else { unreachable!() };
+    Msg::Scan {
+        key,
+        block,
+        end,
+        data_len,
+        threads,
+        rate: o.bwlimit.map_or(0, |b| crate::throttle::Throttle::new(b).rate()),
+        fingerprint: false,
+        changes: true,
+        only_if_size: None,
+    }
+}
+
 /// The target's scan as the pass will ask for it if the target turns out to have the source's
 /// size (`Scan.only_if_size`): sent behind the target's `Open`, it saves the round trip between
 /// `Opened` and `Scan` on a slow link. None when the pass would not scan (an empty source).
@@ -193,10 +211,31 @@ fn sync(
         UndoAt::None => speculative_scan(&s, o)?,
         UndoAt::There(_) | UndoAt::Fetch(_) => None,
     };
+    // A source here and a target over ssh: the source's scan starts now, with the target's key,
+    // so that its hashing overlaps ssh's start-up (issue 13, item 2); its replies are set aside
+    // while the target opens.
+    let early =
+        speculative.as_ref().filter(|_| !source.is_remote() && target.is_remote()).map(|scan| source_scan(scan, o));
     let like = (name, Some(&s), o.compress.unwrap_or(0));
-    let t = open(target, Role::Target, flags, target_path, like, speculative.clone())?;
+    let t = match &early {
+        Some(scan) => {
+            source.send(scan.clone())?;
+            source.setting_aside(|| open(target, Role::Target, flags, target_path, like, speculative.clone()))?
+        }
+        None => open(target, Role::Target, flags, target_path, like, speculative.clone())?,
+    };
     // The peer started it exactly when this holds.
     let started = speculative.filter(|_| t.exists && t.size == s.size);
+    let (s, source_started) = match (early, &started) {
+        (Some(scan), Some(_)) => (s, Some(scan)),
+        (Some(_), None) => {
+            // The pass will want another scan, or none: a fresh peer for the source (it is in
+            // this process, so that costs an open), rather than stopping a scan mid-stream.
+            std::mem::replace(source, Link::local()).close();
+            (open(source, Role::Source, cache, source_path, (b"", None, 0), None)?, None)
+        }
+        (None, _) => (s, None),
+    };
     let names = (display(source, source_path), display(target, t.path.as_deref().unwrap_or(target_path)));
     let log = match undo {
         UndoAt::None => None,
@@ -211,7 +250,7 @@ fn sync(
     };
     // With an undo log the flush is unconditional: it commits the log, even an empty one.
     let commit = if log.is_some() { Commit::Log } else { Commit::None };
-    let result = transfer(source, (s, t, started), target, names, commit, options, control);
+    let result = transfer(source, (s, t, (started, source_started)), target, names, commit, options, control);
     if let (Some(written), UndoAt::Fetch(local)) = (&log, undo) {
         // A failed or interrupted transfer flushed what reached the target, which commits the
         // log of all of it: fetch it all the same, so the mirror can be rolled back.
@@ -264,6 +303,8 @@ struct LinkEnds<'a> {
     t: Opened,
     /// The target's scan, started behind its `Open` (`speculative_scan`), for the first pass.
     started: Option<Msg>,
+    /// The source's, started behind its `Open` (`source_scan`), for the first pass.
+    source_started: Option<Msg>,
     /// As the user wrote them, with the host.
     names: (String, String),
     /// `compress` value for data frames.
@@ -311,6 +352,7 @@ impl crate::transfer::Ends for LinkEnds<'_> {
     ) -> Result<crate::engine::Found> {
         use crate::transfer::Mode as M;
         let started = self.started.take();
+        let source_started = self.source_started.take();
         Pass {
             source: self.source,
             target: self.target,
@@ -333,6 +375,7 @@ impl crate::transfer::Ends for LinkEnds<'_> {
             // Only onto a copy of the source's size can a changed-block map be trusted.
             changes: mode != M::Verify && self.s.size == self.t.size,
             started: started.as_ref(),
+            source_started: source_started.as_ref(),
         }
         .run(counters, control)
     }
@@ -385,14 +428,24 @@ impl crate::transfer::Ends for LinkEnds<'_> {
 #[allow(clippy::too_many_arguments)] // Both ends, as opened, and how to run.
 fn transfer(
     source: &mut Link,
-    (s, t, started): (Opened, Opened, Option<Msg>),
+    (s, t, (started, source_started)): (Opened, Opened, (Option<Msg>, Option<Msg>)),
     target: &mut Link,
     names: (String, String),
     commit: Commit,
     options: &RemoteOptions,
     control: Control<'_>,
 ) -> Result<Summary> {
-    let mut ends = LinkEnds { source, s, target, t, started, names, compress: options.compress, pause: options.pause };
+    let mut ends = LinkEnds {
+        source,
+        s,
+        target,
+        t,
+        started,
+        source_started,
+        names,
+        compress: options.compress,
+        pause: options.pause,
+    };
     crate::transfer::sync(&mut ends, commit, &options.sync, control)
 }
 
@@ -592,7 +645,7 @@ fn follow_job(link: &mut Link, request: Msg, control: Control<'_>) -> Result<(Ms
     loop {
         let msg = match next.take() {
             Some(msg) => msg,
-            None => match link.rx.recv_timeout(Duration::from_millis(100)) {
+            None => match link.recv_timeout(Duration::from_millis(100)) {
                 Ok(Msg::Error { kind, message, hint }) => return Err(link.error(kind, message).with_hint(hint)),
                 Ok(msg) => msg,
                 Err(RecvTimeoutError::Timeout) => {
@@ -720,7 +773,7 @@ pub fn backup_locations(
             (options.sync.block_size, options.sync.compress.unwrap_or(0)),
         )?;
         let names = (source_name, display(t, t_path));
-        transfer(s, (so, to, None), t, names, Commit::Point, &options, control)
+        transfer(s, (so, to, (None, None)), t, names, Commit::Point, &options, control)
     })
     .map(|summary| crate::backup::BackupSummary { file: None, number: None, summary })
 }
@@ -748,6 +801,7 @@ pub(crate) fn estimate_backup(
                         target: t,
                         t: to,
                         started: None,
+                        source_started: None,
                         names,
                         compress: crate::compress::OFF,
                         pause: None,
@@ -799,6 +853,7 @@ pub(crate) fn estimate_diff(
             target: b,
             t: bo,
             started: None,
+            source_started: None,
             names,
             compress: crate::compress::OFF,
             pause: None,
@@ -840,7 +895,7 @@ pub fn restore_locations(
         }
         let to = open(t, Role::Target, flags, t_path, (b"", Some(&so), 0), None)?;
         let names = (display(s, s_path), display(t, t_path));
-        transfer(s, (so, to, None), t, names, Commit::None, options, control)
+        transfer(s, (so, to, (None, None)), t, names, Commit::None, options, control)
     })
 }
 
@@ -933,6 +988,7 @@ pub fn compare(
         target: b,
         t: second,
         started: None,
+        source_started: None,
         names,
         compress: crate::compress::OFF,
         pause: None,

@@ -471,7 +471,7 @@ fn diff_over(
         undo: None,
     };
     let names = (source_name, shown(base, Path::new(b_path)));
-    let summary = transfer(s, (so, bo, None), b, names, Commit::Point, &remote, control)?;
+    let summary = transfer(s, (so, bo, (None, None)), b, names, Commit::Point, &remote, control)?;
     let info: Info = run_job(b, &Job::Info { path: WirePath::new(&written) }, control)?;
     if here.is_none() {
         move_out(b, &written, output, control)?;

@@ -80,6 +80,9 @@ pub(super) struct Pass<'a> {
     pub(super) changes: bool,
     /// The target's `Scan`, already running: it was sent behind the target's `Open`.
     pub(super) started: Option<&'a Msg>,
+    /// The source's `Scan`, already running: it was sent behind the source's `Open`, with the
+    /// key of `started`.
+    pub(super) source_started: Option<&'a Msg>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,7 +249,7 @@ impl Pass<'_> {
         requested: &Mutex<BTreeMap<u64, u64>>,
     ) {
         while routing.load(Ordering::Relaxed) {
-            let msg = match self.source.rx.recv_timeout(Duration::from_millis(50)) {
+            let msg = match self.source.recv_timeout(Duration::from_millis(50)) {
                 Ok(msg) => msg,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -332,7 +335,7 @@ impl Pass<'_> {
 
 fn route(link: &Link, side: End, events: &Sender<(End, Msg)>, routing: &AtomicBool) {
     while routing.load(Ordering::Relaxed) {
-        match link.rx.recv_timeout(Duration::from_millis(50)) {
+        match link.recv_timeout(Duration::from_millis(50)) {
             Ok(msg) => {
                 if events.send((side, msg)).is_err() {
                     return;
@@ -386,7 +389,11 @@ impl Brain<'_> {
                     changes,
                     only_if_size,
                 };
-                self.send(End::Source, scan)?;
+                match &p.source_started {
+                    None => self.send(End::Source, scan)?,
+                    Some(started) if same_scan(started, &scan) => {}
+                    Some(_) => return Err(Error::protocol("the source's early scan is not the one the pass needs")),
+                }
                 let (fingerprint, changes) = (false, false);
                 let scan = Msg::Scan {
                     key,
