@@ -264,3 +264,46 @@ fn a_remote_gpt_disk_pulled_onto_a_larger_disk_keeps_a_valid_table() {
     ok(&["sync", "-q", "-e", &env.rsh, &env.remote("disk.img"), &format!("loop://{dst}")]);
     assert_gpt_clean(Path::new(&dst));
 }
+
+/// Issue 11, part 2: the boot code in sector 0, the gap before the first partition (where
+/// GRUB's core.img lives on a DOS disk) and a GPT BIOS-boot partition arrive intact on a disk
+/// of another size, the table fitted around them.
+#[test]
+fn boot_code_boot_gap_and_bios_boot_partition_survive_a_sync_onto_a_larger_disk() {
+    if !have("sgdisk") || !have("sfdisk") || !can_use_loop_devices() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // GPT: a BIOS-boot partition (EF02) at sectors 34-2047 and a data partition after.
+    let gpt = dir.path().join("gpt.img");
+    write_file(&gpt, &vec![0; 32 * MIB]);
+    let g = gpt.to_str().unwrap();
+    run_tool("sgdisk", &["-o", "-a", "1", "-n", "1:34:2047", "-t", "1:EF02", "-n", "2:2048:0", g], "");
+    let boot_code = random_bytes(440, 41);
+    patch(&gpt, 0, &boot_code);
+    let core = random_bytes(2014 * 512, 42);
+    patch(&gpt, 34 * 512, &core);
+    // DOS: the gap between sector 1 and the first partition at 1 MiB.
+    let dos = dir.path().join("dos.img");
+    write_file(&dos, &vec![0; 32 * MIB]);
+    let d = dos.to_str().unwrap();
+    run_tool("sfdisk", &["-q", d], "label: dos\nstart=2048, type=83\n");
+    patch(&dos, 0, &boot_code);
+    let gap = random_bytes(2047 * 512, 43);
+    patch(&dos, 512, &gap);
+
+    for (disk, gap_at, gap_bytes) in [(&gpt, 34 * 512, &core), (&dos, 512, &gap)] {
+        let dst = dir.path().join("big.img");
+        write_file(&dst, &vec![0; 48 * MIB]);
+        ok(&["sync", "-q", disk.to_str().unwrap(), &format!("loop://{}", dst.display())]);
+        let copy = read(&dst);
+        assert_eq!(copy[..440], boot_code[..], "{}: boot code", disk.display());
+        assert_eq!(copy[gap_at..gap_at + gap_bytes.len()], gap_bytes[..], "{}: boot gap", disk.display());
+        if disk == &gpt {
+            assert_gpt_clean(&dst);
+        } else {
+            let (start, len, _) = sfdisk_partition(&dst, 1);
+            assert_eq!((start, len), (MIB as u64, 31 * MIB as u64));
+        }
+    }
+}

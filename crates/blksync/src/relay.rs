@@ -138,9 +138,9 @@ fn plain_path(path: &OsStr) -> bool {
 /// The source's scan as the pass will ask for it when the target has the source's size (the
 /// one case in which the target's early scan runs): the key of `target_scan`, and the plan a
 /// plain sync of equal sizes makes (`transfer::sync`).
-fn source_scan(target_scan: &Msg, o: &crate::sync::SyncOptions) -> Msg {
-    let Msg::Scan { key, block, end, data_len, threads, .. } = target_scan.clone() else { unreachable!() };
-    Msg::Scan {
+fn source_scan(target_scan: &Msg, o: &crate::sync::SyncOptions) -> Option<Msg> {
+    let Msg::Scan { key, block, end, data_len, threads, .. } = target_scan.clone() else { return None };
+    Some(Msg::Scan {
         key,
         block,
         end,
@@ -150,7 +150,7 @@ fn source_scan(target_scan: &Msg, o: &crate::sync::SyncOptions) -> Msg {
         fingerprint: false,
         changes: true,
         only_if_size: None,
-    }
+    })
 }
 
 /// The target's scan as the pass will ask for it if the target turns out to have the source's
@@ -214,8 +214,10 @@ fn sync(
     // A source here and a target over ssh: the source's scan starts now, with the target's key,
     // so that its hashing overlaps ssh's start-up (issue 13, item 2); its replies are set aside
     // while the target opens.
-    let early =
-        speculative.as_ref().filter(|_| !source.is_remote() && target.is_remote()).map(|scan| source_scan(scan, o));
+    let early = speculative
+        .as_ref()
+        .filter(|_| !source.is_remote() && target.is_remote())
+        .and_then(|scan| source_scan(scan, o));
     let like = (name, Some(&s), o.compress.unwrap_or(0));
     let t = match &early {
         Some(scan) => {
@@ -403,6 +405,8 @@ impl crate::transfer::Ends for LinkEnds<'_> {
     }
 
     fn source_table(&mut self) -> Result<Option<blksync_disk::Table>> {
+        // Asked only of a target of another size, for which no early scan runs: the replies
+        // read here are the `Read`s' own.
         let source = LinkSource { link: self.source, size: self.s.size, name: PathBuf::from(&self.names.0) };
         crate::transfer::table::read(&source, crate::transfer::table::sector_hint(self.s.identity, &self.s.caps))
     }
