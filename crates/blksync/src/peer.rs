@@ -103,8 +103,8 @@ struct Peer {
     keep_clean: bool,
     /// When written pages leave the cache.
     write_behind: WriteBehind,
-    /// The threads applying writes to a target whose writes cost CPU, and that target.
-    writers: Option<(Arc<dyn Target>, writers::Writers)>,
+    /// The threads applying writes to the target, when its writes cost CPU.
+    writers: Option<writers::Writers>,
     scan: Option<Arc<ScanState>>,
     jobs: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -224,8 +224,16 @@ impl Peer {
 
     /// Serves `target` (a plain one, or a recorder around it) from now on.
     fn serve_target(&mut self, target: Arc<impl Target + 'static>) {
-        self.target = Some(Arc::clone(&target) as Arc<dyn Target>);
+        self.set_target(Some(Arc::clone(&target) as Arc<dyn Target>));
         self.endpoint = Some(target);
+    }
+
+    /// Writes go to `target` from now on: through a pool of threads when its writes cost CPU
+    /// (`writers`). The request that changes the target was a barrier, so the old pool, if
+    /// any, holds nothing.
+    fn set_target(&mut self, target: Option<Arc<dyn Target>>) {
+        self.writers = target.as_ref().filter(|t| t.caps().costly_writes).map(writers::Writers::new);
+        self.target = target;
     }
 
     fn reply(&self, msg: Msg) {
@@ -238,7 +246,7 @@ impl Peer {
         // and the chunks the writes are still to go to: waiting there would stall the pass on
         // every write.
         if !matches!(msg, Msg::Write(_) | Msg::Ack { .. } | Msg::Groups { .. } | Msg::Leaves { .. })
-            && let Some((_, writers)) = &self.writers
+            && let Some(writers) = &self.writers
         {
             writers.drain()?;
         }
@@ -425,7 +433,7 @@ impl Peer {
         // judged by the size it is synced to, which a fresh one does not have yet.
         self.keep_clean = crate::write_behind::cheap_to_keep(endpoint.size().max(size));
         self.plain.clone_from(&target);
-        self.target = target;
+        self.set_target(target);
         self.endpoint = Some(endpoint);
         Ok(())
     }
@@ -472,7 +480,7 @@ impl Peer {
                     }
                 })?);
                 let created = point.is_new();
-                self.target = Some(Arc::clone(&point) as Arc<dyn Target>);
+                self.set_target(Some(Arc::clone(&point) as Arc<dyn Target>));
                 (point, created)
             }
         };
@@ -557,26 +565,15 @@ impl Peer {
             u64::from(chunk.raw_len)
         };
         let written = Extent { offset: chunk.offset, len };
-        if target.caps().costly_writes {
-            let same =
-                self.writers.as_ref().is_some_and(|(t, _)| std::ptr::addr_eq(Arc::as_ptr(t), Arc::as_ptr(&target)));
-            if !same {
-                // A new target. The old pool holds nothing: the request that changed the
-                // target was a barrier.
-                self.writers = Some((Arc::clone(&target), writers::Writers::new(&target)));
-            }
-            if let Some((_, writers)) = &self.writers {
-                writers.submit(chunk)?;
-            }
-        } else {
-            let data = compress::decode(&chunk)?;
-            target.write_at(&data, chunk.offset)?;
+        match &self.writers {
+            Some(writers) => writers.submit(chunk)?,
+            None => target.write_at(&compress::decode(&chunk)?, chunk.offset)?,
         }
         if !self.keep_cache {
             // As in the local engine (`crate::write_behind`): scattered writes stay cached,
             // dense ones leave the cache, which starts their writeback early.
             if let Some(range) = self.write_behind.wrote(written) {
-                self.target()?.drop_cache(range.offset, range.len);
+                target.drop_cache(range.offset, range.len);
             }
         }
         Ok(())
