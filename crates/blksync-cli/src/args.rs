@@ -187,6 +187,8 @@ pub struct DiffArgs {
     #[arg(short = 'n', long, conflicts_with = "output")]
     pub dry_run: bool,
     #[command(flatten)]
+    pub fs: FsArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub remote: RemoteArgs,
@@ -233,6 +235,8 @@ pub struct BackupArgs {
     #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true, default_missing_value = "3",
           value_parser = parse_level)]
     pub compress: Option<i32>,
+    #[command(flatten)]
+    pub fs: FsArgs,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -411,6 +415,18 @@ pub struct RemoteArgs {
     pub timeout: Option<u64>,
 }
 
+/// `--fs-aware`, for the commands that copy or compare an image's content.
+#[derive(Debug, Args)]
+pub struct FsArgs {
+    /// Read, send and write only the blocks the source's filesystems use: for ext2, ext3 and
+    /// ext4 their allocated blocks, for swap its header; each partition of a disk on its own.
+    /// Free blocks stay holes in a new copy and are left as they are in an existing one.
+    /// Anything not recognised, or damaged, is copied whole (the summary says which).
+    /// --verify and compare then compare used blocks only. docs/FILESYSTEMS.md
+    #[arg(long)]
+    pub fs_aware: bool,
+}
+
 /// Options every long-running command takes.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
@@ -528,6 +544,8 @@ pub struct SyncArgs {
     #[arg(long, value_name = "POOL")]
     pub thin_pool: Option<String>,
     #[command(flatten)]
+    pub fs: FsArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub remote: RemoteArgs,
@@ -545,6 +563,8 @@ pub struct CompareArgs {
     /// How many differing ranges to list.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub max_ranges: usize,
+    #[command(flatten)]
+    pub fs: FsArgs,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]

@@ -16,8 +16,8 @@ use blksync::relay::{RemoteOptions, Side};
 use blksync::ssh::SshOptions;
 
 use crate::args::{
-    AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, ImageCompress, InfoArgs, ListArgs, MergeArgs,
-    PruneArgs, RemoteArgs, RestoreArgs, SyncArgs,
+    AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, FsArgs, ImageCompress, InfoArgs, ListArgs,
+    MergeArgs, PruneArgs, RemoteArgs, RestoreArgs, SyncArgs,
 };
 use crate::console;
 use crate::human::{self, count, size as format_size};
@@ -43,6 +43,24 @@ fn threads(common: &CommonArgs) -> usize {
 fn wire_line(render: &Render, sent: u64, received: u64) {
     if sent + received > 0 {
         render.line(&format!("blksync: over ssh: sent {}, received {}", format_size(sent), format_size(received)));
+    }
+}
+
+/// `--fs-aware`: what each region of the source held, and what of it was copied.
+fn filesystem_lines(render: &Render, regions: &[blksync::endpoint::FsRegion]) {
+    for r in regions {
+        let at = format!("bytes {}..{} ({})", r.start, r.start + r.len, format_size(r.len));
+        let line = match (&r.filesystem, &r.whole) {
+            (_, Some(why)) => format!("{at}: copied whole, {why}"),
+            (Some(fs), None) => format!(
+                "{at}: {fs} ({}): the {} it uses were compared; its {} free were not read or written",
+                r.detail,
+                format_size(r.used),
+                format_size(r.len.saturating_sub(r.used))
+            ),
+            (None, None) => format!("{at}: copied whole"),
+        };
+        render.line(&format!("blksync: fs-aware: {line}"));
     }
 }
 
@@ -91,6 +109,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         threads: threads(&args.common),
         bwlimit: args.common.bwlimit.filter(|&r| r > 0),
         undo: None,
+        fs_aware: args.fs.fs_aware,
         compress: match args.compress {
             Some(ImageCompress::Image(level)) => Some(level),
             _ => None,
@@ -129,11 +148,16 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
         format_size(c.bytes_zeroed),
         c.seconds,
         human::rate(c.bytes_scanned, c.seconds),
-        if summary.verified { ", verified" } else { "" },
+        match (summary.verified, summary.filesystems.is_empty()) {
+            (false, _) => "",
+            (true, true) => ", verified",
+            (true, false) => ", verified (used blocks only)",
+        },
     ));
     for line in &summary.partitions {
         render.line(&format!("blksync: {line}"));
     }
+    filesystem_lines(&render, &summary.filesystems);
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
         let mut body = json::body(&summary)?;
@@ -150,6 +174,7 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         keep_cache: args.common.keep_cache,
         threads: threads(&args.common),
         max_ranges: args.max_ranges,
+        fs_aware: args.fs.fs_aware,
     };
     let render = Render::new(&args.common.output, "compare");
     let control = Control { observer: &render, cancel };
@@ -208,7 +233,7 @@ pub fn agent(args: &AgentArgs) -> u8 {
     blksync::agent::run()
 }
 
-fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::DiffOptions> {
+fn diff_options(common: &CommonArgs, fs: &FsArgs, comment: &str) -> Result<blksync::patch::DiffOptions> {
     Ok(blksync::patch::DiffOptions {
         block_size: check_block_size(common.block_size)?,
         threads: threads(common),
@@ -217,6 +242,7 @@ fn diff_options(common: &CommonArgs, comment: &str) -> Result<blksync::patch::Di
         bwlimit: common.bwlimit.filter(|&r| r > 0),
         force: false,
         compress: None,
+        fs_aware: fs.fs_aware,
     })
 }
 
@@ -262,7 +288,7 @@ fn locations(args: &[std::ffi::OsString]) -> Result<Vec<Location>> {
 
 /// `blksync diff`.
 pub fn diff(args: &DiffArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let options = diff_options(&args.common, &args.comment)?;
+    let options = diff_options(&args.common, &args.fs, &args.comment)?;
     let render = Render::new(&args.common.output, "diff");
     let source = source_options(&args.source, &args.common)?;
     let (source, base) = (Location::parse(&source)?, Location::parse(&args.base)?);
@@ -434,7 +460,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = blksync::patch::DiffOptions {
         force: args.force,
         compress: args.compress,
-        ..diff_options(&args.common, &args.comment)?
+        ..diff_options(&args.common, &args.fs, &args.comment)?
     };
     let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     if args.dry_run {
@@ -583,7 +609,7 @@ pub fn restore(args: &RestoreArgs, cancel: &AtomicBool) -> Result<Outcome> {
 
 /// `blksync prune`.
 pub fn prune(args: &PruneArgs, cancel: &AtomicBool) -> Result<Outcome> {
-    let options = diff_options(&args.common, "")?;
+    let options = diff_options(&args.common, &FsArgs { fs_aware: false }, "")?;
     let render = Render::new(&args.common.output, "prune");
     let location = Location::parse(&args.dest)?;
     let ssh = ssh_options(&args.remote, false);

@@ -49,6 +49,10 @@ pub struct Caps {
     pub changed_blocks: bool,
     /// The contents cannot change while it is open (a backup point, an LV snapshot).
     pub stable: bool,
+    /// Some blocks are unused (`--fs-aware`: a filesystem's free blocks). They read as zeros
+    /// here, and a copy leaves the destination's bytes there as they were, so what was read is
+    /// not what the copy holds: no fingerprint of the copy is taken from the reads.
+    pub unused_blocks: bool,
     /// A write costs CPU, not just a copy (a compressed image compresses the chunk it goes
     /// into): whoever applies many writes should spread them over its cores. Not on the wire:
     /// only the endpoint's own host acts on it.
@@ -72,6 +76,7 @@ impl Caps {
         discard_zeroes: false,
         changed_blocks: false,
         stable: false,
+        unused_blocks: false,
         costly_writes: false,
         block_size: 4096,
     };
@@ -86,6 +91,7 @@ impl Caps {
             (self.discard_zeroes, "discard zeroes"),
             (self.changed_blocks, "changed blocks"),
             (self.stable, "stable"),
+            (self.unused_blocks, "unused blocks"),
         ];
         let mut words: Vec<String> = names.iter().filter(|(on, _)| *on).map(|(_, name)| (*name).to_string()).collect();
         words.push(format!("block {}", self.block_size));
@@ -95,10 +101,18 @@ impl Caps {
     /// Bits on the wire (docs/PROTOCOL.md, `Opened.caps`).
     #[must_use]
     pub fn to_bits(self) -> u32 {
-        [self.resizable, self.holes, self.zero_offload, self.discard_zeroes, self.changed_blocks, self.stable]
-            .iter()
-            .enumerate()
-            .fold(0, |bits, (i, &on)| bits | (u32::from(on) << i))
+        [
+            self.resizable,
+            self.holes,
+            self.zero_offload,
+            self.discard_zeroes,
+            self.changed_blocks,
+            self.stable,
+            self.unused_blocks,
+        ]
+        .iter()
+        .enumerate()
+        .fold(0, |bits, (i, &on)| bits | (u32::from(on) << i))
     }
 
     /// From the wire; unknown bits are ignored (a newer peer's abilities this one cannot use).
@@ -112,6 +126,7 @@ impl Caps {
             discard_zeroes: on(3),
             changed_blocks: on(4),
             stable: on(5),
+            unused_blocks: on(6),
             costly_writes: false,
             block_size: if block_size.is_power_of_two() && (512..=1 << 20).contains(&block_size) {
                 block_size
@@ -131,6 +146,23 @@ pub struct Segment {
     pub end: u64,
     /// False for a hole, which reads as zeros without touching the disk.
     pub allocated: bool,
+}
+
+/// One region of an `--fs-aware` source, as [`Source::filesystems`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsRegion {
+    /// First byte, in the source.
+    pub start: u64,
+    /// Bytes.
+    pub len: u64,
+    /// What is there: `"ext4"`, `"swap"`, or `null` when nothing was recognised.
+    pub filesystem: Option<String>,
+    /// UUID and label of what was recognised, for the summary (`UUID 5f3…, label "root"`).
+    pub detail: String,
+    /// Bytes the filesystem uses, and so copies: all of `len` for a region copied whole.
+    pub used: u64,
+    /// Why the region is copied whole (`null` when only its used blocks are): never wrong.
+    pub whole: Option<String>,
 }
 
 /// Identifies the object behind an endpoint, to refuse syncing something onto itself.
@@ -193,6 +225,19 @@ pub trait Source: Send + Sync {
     /// then skips it unread. Never wrong by default: all of it changed.
     fn changed(&self, offset: u64, len: u64) -> Result<Vec<crate::extent::Extent>> {
         Ok(vec![crate::extent::Extent { offset, len }])
+    }
+    /// The run of bytes at `offset` as a filesystem on this source uses them, `(end, used)` with
+    /// `end > offset`: only a source opened `--fs-aware` has unused runs (a filesystem's free
+    /// blocks). They read as zeros and are reported as holes, and a copy neither reads, sends
+    /// nor writes them: the destination keeps what it holds there. Never wrong by default:
+    /// everything is used.
+    fn usage_at(&self, offset: u64) -> Result<(u64, bool)> {
+        Ok((offset.max(self.size()).max(offset + 1), true))
+    }
+    /// With `--fs-aware`: what was found on this source, region by region, for the summary.
+    /// Empty otherwise.
+    fn filesystems(&self) -> Vec<FsRegion> {
+        Vec::new()
     }
     /// What the user should hear about this source that does not stop the run, one line each:
     /// asked when the run starts (a device mounted read-write, a disk-image format read as raw
@@ -262,6 +307,8 @@ macro_rules! forward {
             fn mode(&self) -> Option<u32> { (**self).mode() }
             fn warnings(&self, after_reading: bool) -> Vec<String> { (**self).warnings(after_reading) }
             fn changed(&self, offset: u64, len: u64) -> Result<Vec<crate::extent::Extent>> { (**self).changed(offset, len) }
+            fn usage_at(&self, offset: u64) -> Result<(u64, bool)> { (**self).usage_at(offset) }
+            fn filesystems(&self) -> Vec<FsRegion> { (**self).filesystems() }
         }
         impl<S: Target + ?Sized> Target for $ty {
             fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> { (**self).write_at(buf, offset) }
@@ -357,6 +404,53 @@ impl<'a> SegmentCursor<'a> {
             let stop = seg.end.min(end);
             if seg.allocated {
                 out.push(crate::extent::Extent::between(pos, stop));
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+}
+
+/// Walks a source's usage ([`Source::usage_at`]) forwards, once per run.
+pub struct UsageCursor<'a> {
+    source: &'a dyn Source,
+    current: Option<(u64, u64, bool)>,
+}
+
+impl<'a> UsageCursor<'a> {
+    /// A cursor at the start of `source`.
+    #[must_use]
+    pub fn new(source: &'a dyn Source) -> Self {
+        UsageCursor { source, current: None }
+    }
+
+    /// The used parts of `[start, end)`, ascending (all of it for a source that is not
+    /// `--fs-aware`). Calls must ask for ascending, non-overlapping ranges.
+    pub fn used_in(&mut self, start: u64, end: u64, out: &mut Vec<crate::extent::Extent>) -> Result<()> {
+        out.clear();
+        let mut pos = start;
+        while pos < end {
+            let (from, to, used) = match self.current {
+                Some(run @ (from, to, _)) if from <= pos && pos < to => run,
+                _ => {
+                    let (to, used) = self.source.usage_at(pos)?;
+                    if to <= pos {
+                        return Err(crate::Error::protocol(format!(
+                            "{}: the usage run at byte offset {pos} ends at {to}",
+                            self.source.name().display()
+                        )));
+                    }
+                    self.current = Some((pos, to, used));
+                    (pos, to, used)
+                }
+            };
+            let _ = from;
+            let stop = to.min(end);
+            if used {
+                match out.last_mut() {
+                    Some(last) if last.end() == pos => last.len += stop - pos,
+                    _ => out.push(crate::extent::Extent::between(pos, stop)),
+                }
             }
             pos = stop;
         }

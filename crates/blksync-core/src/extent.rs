@@ -118,6 +118,24 @@ pub fn gaps(range: Extent, covered: &[Extent]) -> Vec<Extent> {
     out
 }
 
+/// The parts common to `a` and `b` (each ascending and non-overlapping), ascending.
+#[must_use]
+pub fn overlap(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if let Some(x) = a[i].intersect(&b[j]) {
+            out.push(x);
+        }
+        if a[i].end() <= b[j].end() {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +213,28 @@ mod tests {
                 let in_cov = merged.iter().any(|c| c.offset <= b && b < c.end());
                 prop_assert!(in_hole != in_cov, "byte {} hole={} covered={}", b, in_hole, in_cov);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn overlap_is_what_both_cover(a in proptest::collection::vec((0u64..64, 1u64..8), 0..8), b in proptest::collection::vec((0u64..64, 1u64..8), 0..8)) {
+            let list = |v: &[(u64, u64)]| {
+                let mut out: Vec<Extent> = Vec::new();
+                let mut pos = 0;
+                for &(gap, len) in v {
+                    out.push(Extent { offset: pos + gap, len });
+                    pos += gap + len + 1;
+                }
+                out
+            };
+            let (a, b) = (list(&a), list(&b));
+            let both = overlap(&a, &b);
+            for x in 0..700u64 {
+                let inside = |l: &[Extent]| l.iter().any(|e| e.offset <= x && x < e.end());
+                prop_assert_eq!(inside(&both), inside(&a) && inside(&b));
+            }
+            prop_assert!(both.windows(2).all(|w| w[0].end() <= w[1].offset));
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod local;
 pub mod loopdev;
 pub mod lvm;
 pub mod partition;
+pub mod usage;
 
 use std::path::Path;
 

@@ -625,7 +625,9 @@ impl Ext {
         let bs = sb.block_size;
         let fs_end = sb.blocks * bs;
         if offset >= fs_end {
-            return Ok((reader.len, false));
+            // Past the filesystem, inside its partition: an md superblock, or what a shrink
+            // left, may live there. Copying it is never wrong.
+            return Ok((reader.len, true));
         }
         let block = offset / bs;
         if block < sb.first_data_block {
@@ -655,7 +657,7 @@ impl Ext {
             }
         };
         let end = end * bs;
-        Ok(if end >= fs_end && !used { (reader.len, false) } else { (end, used) })
+        Ok((end.min(fs_end), used))
     }
 
     /// Group `g`'s bits if they are known without reading: a full group, or a cached one.

@@ -44,6 +44,9 @@ pub struct DiffOptions {
     /// `backup --compress`: a new chain's base is a compressed image at this zstd level.
     #[serde(default)]
     pub compress: Option<i32>,
+    /// `--fs-aware`: only the blocks the source's filesystems use are read and recorded.
+    #[serde(default)]
+    pub fs_aware: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -316,6 +316,7 @@ impl Source for Nbd {
             discard_zeroes: false,
             changed_blocks: self.export.bitmap_context.is_some(),
             stable: false,
+            unused_blocks: false,
             costly_writes: false,
             block_size: minimum.next_power_of_two().clamp(512, 1 << 20),
         }

@@ -39,7 +39,7 @@ pub struct BackupSummary {
 
 /// Backs `source` up into the chain in `dir` (created if missing).
 pub fn backup(source: &Path, dir: &Path, options: &DiffOptions, control: Control<'_>) -> Result<BackupSummary> {
-    let src = crate::endpoint::open_source(source)?;
+    let src = crate::endpoint::usage::open(source, options.fs_aware)?;
     let result = backup_from(source, src.as_ref(), dir, options, control);
     let closed = src.close();
     crate::endpoint::after_close(result, closed, "the backup point was recorded")

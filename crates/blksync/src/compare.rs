@@ -26,6 +26,9 @@ pub struct CompareOptions {
     pub threads: usize,
     /// How many differing ranges to list.
     pub max_ranges: usize,
+    /// `--fs-aware`: compare only the blocks the first image's filesystems use.
+    #[serde(default)]
+    pub fs_aware: bool,
 }
 
 /// The result of a comparison.
@@ -52,7 +55,7 @@ pub struct Comparison {
 
 /// Compares two local images.
 pub fn compare_paths(a: &Path, b: &Path, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
-    let first = crate::endpoint::open_source(a)?;
+    let first = crate::endpoint::usage::open(a, options.fs_aware)?;
     let second = crate::endpoint::open_target(b, OpenTarget { read_only: true, ..OpenTarget::default() })?;
     let result = if second.exists() {
         compare(first.as_ref(), second.as_ref(), options, control)

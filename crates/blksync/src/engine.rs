@@ -91,6 +91,9 @@ struct Work {
     len: usize,
     source_data: Vec<Extent>,
     dest_data: Vec<Extent>,
+    /// The parts the source's filesystem uses (`--fs-aware`), when not all of the chunk: blocks
+    /// outside them are neither compared nor written.
+    used: Option<Vec<Extent>>,
 }
 
 /// Orders completed chunks to track the done prefix and merge differing ranges across chunk
@@ -269,6 +272,8 @@ impl Scan<'_> {
     ) -> Result<()> {
         let mut source_map = SegmentCursor::new(self.source);
         let mut dest_map = SegmentCursor::new(self.dest);
+        let mut usage = crate::endpoint::UsageCursor::new(self.source);
+        let mut used = Vec::new();
         // Only a copy of the same size can be the one made at the mark.
         let mut changes = (self.trust_changes
             && self.source.caps().changed_blocks
@@ -301,15 +306,29 @@ impl Scan<'_> {
                 offset = end;
                 continue;
             }
+            usage.used_in(offset, end, &mut used)?;
+            if used.is_empty() {
+                // Free blocks of the source's filesystem, all of it (`--fs-aware`): nobody
+                // needs them, so the destination keeps what it holds.
+                skip(offset, len as u64);
+                offset = end;
+                continue;
+            }
+            let partly = !matches!(used.as_slice(), [only] if only.offset == offset && only.end() == end);
             let mut source_data = Vec::new();
             source_map.allocated_in(offset, end.min(self.source_len), &mut source_data)?;
             let mut dest_data = Vec::new();
             dest_map.allocated_in(offset, end, &mut dest_data)?;
+            if partly {
+                // What is unused on the source is not worth reading on the destination either.
+                dest_data = crate::extent::overlap(&dest_data, &used);
+            }
+            let used = partly.then(|| used.clone());
             if source_data.is_empty() && dest_data.is_empty() {
                 // Zeros on both sides: nothing to read, nothing to do.
                 skip(offset, len as u64);
                 control.observer.progress(&counters.snapshot());
-            } else if tx.send(Work { offset, len, source_data, dest_data }).is_err() {
+            } else if tx.send(Work { offset, len, source_data, dest_data, used }).is_err() {
                 // Every worker stopped (an error or a cancel); they say why.
                 break;
             }
@@ -333,9 +352,21 @@ impl Scan<'_> {
 
         let runs = &mut bufs.runs;
         runs.clear();
+        let mut unused = work.used.as_ref().map(|used| {
+            crate::extent::gaps(Extent { offset: work.offset, len: len as u64 }, used).into_iter().peekable()
+        });
         let mut start = 0;
         while start < len {
             let end = (start + self.block_size).min(len);
+            if let Some(gaps) = &mut unused {
+                let (a, b) = (work.offset + start as u64, work.offset + end as u64);
+                while gaps.next_if(|g| g.end() <= a).is_some() {}
+                if gaps.peek().is_some_and(|g| g.offset <= a && b <= g.end()) {
+                    // Free on the source's filesystem: not compared, not written.
+                    start = end;
+                    continue;
+                }
+            }
             let s = &src[start..end];
             let fix = if dest_is_zero {
                 (!is_zero(s)).then_some(Fix::Data)

@@ -87,7 +87,7 @@ fn compare_here(src: &dyn Source, base: &dyn Source, options: &DiffOptions, cont
 pub fn backup(source: &Side<'_>, dest: &Side<'_>, options: &DiffOptions, control: Control<'_>) -> Result<Estimate> {
     match (source.location, dest.location) {
         (Location::Local(src), Location::Local(dir)) => {
-            let src_end = crate::endpoint::open_source(src)?;
+            let src_end = crate::endpoint::usage::open(src, options.fs_aware)?;
             let result = backup_here(src_end.as_ref(), dir, options, control);
             let closed = src_end.close();
             crate::endpoint::after_close(result, closed, "the estimate was made")
@@ -118,7 +118,7 @@ fn backup_here(src: &dyn Source, dir: &Path, options: &DiffOptions, control: Con
 pub fn diff(source: &Side<'_>, base: &Side<'_>, options: &DiffOptions, control: Control<'_>) -> Result<Estimate> {
     match (source.location, base.location) {
         (Location::Local(src), Location::Local(old)) => {
-            let (a, b) = (crate::endpoint::open_source(src)?, crate::endpoint::open_source(old)?);
+            let (a, b) = (crate::endpoint::usage::open(src, options.fs_aware)?, crate::endpoint::open_source(old)?);
             let result = compare_here(a.as_ref(), b.as_ref(), options, control);
             let closed = a.close().and(b.close());
             crate::endpoint::after_close(result, closed, "the estimate was made")

@@ -184,6 +184,7 @@ mod tests {
             bwlimit: Some(5),
             force: false,
             compress: Some(3),
+            fs_aware: true,
         }
     }
 
@@ -213,6 +214,7 @@ mod tests {
                     keep_cache: true,
                     threads: 0,
                     max_ranges: 9,
+                    fs_aware: true,
                 },
             },
         ];

@@ -31,6 +31,7 @@ pub(crate) fn recording(options: &DiffOptions) -> crate::sync::SyncOptions {
         threads: options.threads,
         keep_cache: options.keep_cache,
         bwlimit: options.bwlimit,
+        fs_aware: options.fs_aware,
         ..crate::sync::SyncOptions::default()
     }
 }
@@ -79,7 +80,7 @@ pub fn diff(
     options: &DiffOptions,
     control: Control<'_>,
 ) -> Result<DiffSummary> {
-    let src = crate::endpoint::open_source(source)?;
+    let src = crate::endpoint::usage::open(source, options.fs_aware)?;
     let old = crate::endpoint::open_source(base)?;
     let result = write_delta(src.as_ref(), old.as_ref(), out, options, control);
     let closed = src.close().and(old.close());
@@ -104,8 +105,11 @@ pub fn write_delta(
     header.source_identity = source_identity(src.name());
     let recorder = Recorder::new(old, out.to_path_buf(), header, true);
     // A source read by its changed blocks was not read whole: its fingerprint would read the
-    // rest, so the recorder computes the new image's from the base and the records instead.
-    let whole = !src.caps().changed_blocks;
+    // rest, so the recorder computes the new image's from the base and the records instead. So
+    // does one read without its free blocks (`--fs-aware`), which the new image keeps from the
+    // base.
+    let caps = src.caps();
+    let whole = !caps.changed_blocks && !caps.unused_blocks;
     let adopt = || {
         if whole {
             recorder.set_after(src.fingerprint()?);

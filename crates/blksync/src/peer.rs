@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::compress::{self, Compressor};
 use crate::endpoint::OpenTarget;
-use crate::endpoint::{Identity, SegmentCursor, Source, Target};
+use crate::endpoint::{Identity, SegmentCursor, Source, Target, UsageCursor};
 use crate::engine::fill;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::{Extent, Runs};
@@ -48,6 +48,7 @@ pub fn serve(requests: &Receiver<Msg>, replies: &Sender<Msg>) {
         plain: None,
         recorder: None,
         role: Role::Source,
+        fs_aware: false,
         keep_cache: false,
         keep_clean: false,
         write_behind: WriteBehind::default(),
@@ -98,6 +99,8 @@ struct Peer {
     /// The recorder `Record` made, which takes the new image's fingerprint (`Fingerprint`).
     recorder: Option<Arc<Recorder<Arc<dyn Target>>>>,
     role: Role,
+    /// The source was opened `FS_AWARE`: its scans tell free blocks.
+    fs_aware: bool,
     keep_cache: bool,
     /// Clean pages of a small image stay cached; written ones still leave.
     keep_clean: bool,
@@ -130,6 +133,8 @@ struct ScanState {
     fingerprint: bool,
     /// Skip what the source's changed-block map says is as at its mark (`Scan.changes`).
     changes: bool,
+    /// The endpoint is a source opened `FS_AWARE`: tell its free blocks (`Unused`).
+    unused: bool,
 }
 
 /// What a run of chunks told without reading them is.
@@ -137,6 +142,8 @@ struct ScanState {
 enum RunKind {
     Holes,
     Clean,
+    /// Free blocks of the source's filesystem, whole chunks of them.
+    Unused,
 }
 
 /// A run of chunks not yet reported: `(kind, first, count)`.
@@ -145,14 +152,14 @@ struct Run(Option<(RunKind, u64, u64)>);
 
 impl Run {
     /// Adds `chunk`, reporting the run before it when it cannot grow. False: the client is gone.
-    fn add(&mut self, kind: RunKind, chunk: u64, replies: &Sender<Msg>) -> bool {
+    fn add(&mut self, kind: RunKind, chunk: u64, replies: &Sender<Msg>, state: &ScanState) -> bool {
         match &mut self.0 {
             Some((k, first, count)) if *k == kind && *first + *count == chunk => {
                 *count += 1;
                 true
             }
             _ => {
-                let sent = self.report(replies);
+                let sent = self.report(replies, state);
                 self.0 = Some((kind, chunk, 1));
                 sent
             }
@@ -160,8 +167,13 @@ impl Run {
     }
 
     /// Sends the pending run, if any. False: the client is gone.
-    fn report(&mut self, replies: &Sender<Msg>) -> bool {
+    fn report(&mut self, replies: &Sender<Msg>, state: &ScanState) -> bool {
         match self.0.take() {
+            Some((RunKind::Unused, first, count)) => {
+                let (start, _) = state.range(first);
+                let (last, len) = state.range(first + count - 1);
+                replies.send(Msg::Unused { start, len: last + len as u64 - start }).is_ok()
+            }
             Some((RunKind::Holes, first, count)) => replies.send(Msg::Holes { first, count }).is_ok(),
             Some((RunKind::Clean, first, count)) => replies.send(Msg::Clean { first, count }).is_ok(),
             None => true,
@@ -179,21 +191,30 @@ impl ScanState {
         (start, (self.end - start).min(self.chunk as u64) as usize)
     }
 
-    /// What `chunk` is without reading it, if anything: as at the changed-block mark, or a hole.
-    /// Otherwise `data` receives its allocated extents.
+    /// What `chunk` is without reading it, if anything: as at the changed-block mark, free
+    /// blocks of its filesystem, or a hole. Otherwise `data` receives its allocated extents.
+    /// The free parts of a chunk that is partly used go into `unused`, to be told before it.
     fn told(
         &self,
         chunk: u64,
-        changes: Option<&mut crate::endpoint::ChangeCursor<'_>>,
+        (changes, usage): (Option<&mut crate::endpoint::ChangeCursor<'_>>, Option<&mut UsageCursor<'_>>),
         map: &mut SegmentCursor<'_>,
-        data: &mut Vec<crate::extent::Extent>,
+        (data, unused): (&mut Vec<crate::extent::Extent>, &mut Vec<crate::extent::Extent>),
     ) -> Result<Option<RunKind>> {
         let (start, len) = self.range(chunk);
         let end = start + len as u64;
+        unused.clear();
         if let Some(changes) = changes
             && !changes.any_in(start, end)?
         {
             return Ok(Some(RunKind::Clean));
+        }
+        if let Some(usage) = usage {
+            usage.used_in(start, end, data)?;
+            if data.is_empty() {
+                return Ok(Some(RunKind::Unused));
+            }
+            *unused = crate::extent::gaps(crate::extent::Extent::between(start, end), data);
         }
         map.allocated_in(start, end.min(self.data_len), data)?;
         Ok(data.is_empty().then_some(RunKind::Holes))
@@ -385,6 +406,11 @@ impl Peer {
         let resolved = if path == asked { Vec::new() } else { path.as_os_str().as_encoded_bytes().to_vec() };
         let path = path.as_path();
         let (endpoint, target): (Arc<dyn Source>, Option<Arc<dyn Target>>) = match role {
+            Role::Source if flags & open_flags::FS_AWARE != 0 => {
+                let source = crate::endpoint::usage::FsAware::new(crate::endpoint::open_source(path)?)?;
+                self.fs_aware = true;
+                (Arc::new(source) as Arc<dyn Source>, None)
+            }
             Role::Source => (Arc::from(crate::endpoint::open_source(path)?), None),
             Role::Target => {
                 let target: Arc<dyn Target> = Arc::from(crate::endpoint::open_target(
@@ -413,6 +439,16 @@ impl Peer {
             // Before `Opened`, which the client waits for: docs/PROTOCOL.md, `Open`.
             for text in endpoint.warnings(false) {
                 self.reply(Msg::Warning { text });
+            }
+            for r in endpoint.filesystems() {
+                self.reply(Msg::Filesystem {
+                    start: r.start,
+                    len: r.len,
+                    used: r.used,
+                    filesystem: r.filesystem.unwrap_or_default().into_bytes(),
+                    detail: r.detail.into_bytes(),
+                    whole: r.whole.unwrap_or_default().into_bytes(),
+                });
             }
         }
         self.reply(Msg::Opened {
@@ -615,8 +651,10 @@ impl Peer {
             acked: Mutex::new(0),
             cond: Condvar::new(),
             changes: trusted,
-            // A scan that skips unchanged blocks does not read the source whole.
-            fingerprint: fingerprint && !trusted && self.role == Role::Source,
+            // A scan that skips unchanged blocks does not read the source whole, and one that
+            // skips free blocks leaves the target's bytes there as they were.
+            fingerprint: fingerprint && !trusted && !self.fs_aware && self.role == Role::Source,
+            unused: self.fs_aware && self.role == Role::Source,
         });
         self.scan = Some(Arc::clone(&state));
         let (replies, stop) = (self.replies.clone(), Arc::clone(&self.stop));
@@ -861,25 +899,32 @@ fn scan(
         // acknowledge past it.
         let mut run = Run::default();
         let mut changes = state.changes.then(|| crate::endpoint::ChangeCursor::new(endpoint));
+        let mut usage = state.unused.then(|| UsageCursor::new(endpoint));
+        let mut unused = Vec::new();
         for chunk in 0..state.chunks() {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
             let mut data = Vec::new();
-            match state.told(chunk, changes.as_mut(), &mut map, &mut data) {
+            let told = state.told(chunk, (changes.as_mut(), usage.as_mut()), &mut map, (&mut data, &mut unused));
+            // The free parts of this chunk go before anything else is said of it.
+            if unused.iter().any(|u| replies.send(Msg::Unused { start: u.offset, len: u.len }).is_err()) {
+                break;
+            }
+            match told {
                 Err(e) => {
                     fail(&failure, stop, e);
                     break;
                 }
                 Ok(Some(kind)) => {
-                    if !run.add(kind, chunk, replies) {
+                    if !run.add(kind, chunk, replies, state) {
                         break;
                     }
                     continue;
                 }
                 Ok(None) => {}
             }
-            if !run.report(replies) {
+            if !run.report(replies, state) {
                 break;
             }
             // Stay within WINDOW chunks of the client's acknowledgements (holes hold nothing).
@@ -902,7 +947,7 @@ fn scan(
             }
         }
         if !stop.load(Ordering::Relaxed) {
-            run.report(replies);
+            run.report(replies, state);
         }
         drop(tx);
     });

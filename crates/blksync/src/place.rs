@@ -45,7 +45,7 @@ pub fn sync(source: &Side<'_>, target: &Side<'_>, options: &RemoteOptions, contr
 pub fn compare(a: &Side<'_>, b: &Side<'_>, options: &CompareOptions, control: Control<'_>) -> Result<Comparison> {
     match (a.location, b.location) {
         (Location::Local(x), Location::Local(y)) => crate::compare::compare_paths(x, y, options, control),
-        _ => crate::relay::compare_locations(a, b, options.block_size, options.max_ranges, control),
+        _ => crate::relay::compare_locations(a, b, options, control),
     }
 }
 

@@ -79,6 +79,8 @@ struct Opened {
     caps: Caps,
     /// What a source said as it was opened (`Warning`s before `Opened`).
     warnings: Vec<String>,
+    /// What a source opened `FS_AWARE` found (`Filesystem`s before `Opened`).
+    filesystems: Vec<crate::endpoint::FsRegion>,
     /// The path opened, when not the one asked for (a directory destination).
     path: Option<std::ffi::OsString>,
 }
@@ -87,6 +89,7 @@ struct Opened {
 /// before the opening's) and reads what was opened.
 fn opened(link: &mut Link, msg: Msg, then: Option<Msg>) -> Result<Opened> {
     let mut warnings = Vec::new();
+    let mut filesystems = Vec::new();
     let mut reply = match then {
         None => link.call(msg)?,
         Some(then) => {
@@ -94,8 +97,22 @@ fn opened(link: &mut Link, msg: Msg, then: Option<Msg>) -> Result<Opened> {
             link.call(then)?
         }
     };
-    while let Msg::Warning { text } = reply {
-        warnings.push(text);
+    loop {
+        match reply {
+            Msg::Warning { text } => warnings.push(text),
+            Msg::Filesystem { start, len, used, filesystem, detail, whole } => {
+                let text = |b: Vec<u8>| (!b.is_empty()).then(|| String::from_utf8_lossy(&b).into_owned());
+                filesystems.push(crate::endpoint::FsRegion {
+                    start,
+                    len,
+                    filesystem: text(filesystem),
+                    detail: text(detail).unwrap_or_default(),
+                    used,
+                    whole: text(whole),
+                });
+            }
+            _ => break,
+        }
         reply = link.recv()?;
     }
     match reply {
@@ -107,6 +124,7 @@ fn opened(link: &mut Link, msg: Msg, then: Option<Msg>) -> Result<Opened> {
             mode,
             caps: Caps::from_bits(caps, block_size),
             warnings,
+            filesystems,
             path: (!path.is_empty()).then(|| OsStr::from_bytes(&path).to_os_string()),
         }),
         other => Err(link.unexpected(&other)),
@@ -127,6 +145,11 @@ fn open(
     let (mode, size) = like.map_or((0, 0), |s| (s.mode, s.size));
     let msg = Msg::Open { role, flags, mode, size, path: path.as_bytes().to_vec(), name: name.to_vec(), level };
     opened(link, msg, then)
+}
+
+/// `Open.flags` for a source read `--fs-aware`.
+fn fs_aware(o: &SyncOptions) -> u32 {
+    if o.fs_aware { open_flags::FS_AWARE } else { 0 }
 }
 
 /// Whether `path` names a file or a device, not a managed endpoint (`loop://`, `lvm+snapshot://`,
@@ -193,7 +216,7 @@ fn sync(
 ) -> Result<Summary> {
     let o = &options.sync;
     let cache = if o.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-    let s = open(source, Role::Source, cache, source_path, (b"", None, 0), None)?;
+    let s = open(source, Role::Source, cache | fs_aware(o), source_path, (b"", None, 0), None)?;
     let name = Path::new(source_path).file_name().map(OsStr::as_bytes).unwrap_or_default();
     let mut flags = cache | if o.dry_run { open_flags::READ_ONLY } else { open_flags::CREATE };
     if o.force {
@@ -234,7 +257,7 @@ fn sync(
             // The pass will want another scan, or none: a fresh peer for the source (it is in
             // this process, so that costs an open), rather than stopping a scan mid-stream.
             std::mem::replace(source, Link::local()).close();
-            (open(source, Role::Source, cache, source_path, (b"", None, 0), None)?, None)
+            (open(source, Role::Source, cache | fs_aware(o), source_path, (b"", None, 0), None)?, None)
         }
         (None, _) => (s, None),
     };
@@ -376,6 +399,7 @@ impl crate::transfer::Ends for LinkEnds<'_> {
             fingerprint: plan.fingerprint,
             // Only onto a copy of the source's size can a changed-block map be trusted.
             changes: mode != M::Verify && self.s.size == self.t.size,
+            fs_aware: self.s.caps.unused_blocks,
             started: started.as_ref(),
             source_started: source_started.as_ref(),
         }
@@ -388,6 +412,10 @@ impl crate::transfer::Ends for LinkEnds<'_> {
 
     fn warnings(&self) -> Vec<String> {
         self.s.warnings.clone()
+    }
+
+    fn filesystems(&self) -> Vec<crate::endpoint::FsRegion> {
+        self.s.filesystems.clone()
     }
 
     fn strategy(&self) -> String {
@@ -749,6 +777,7 @@ pub fn backup_locations(
             bwlimit: o.bwlimit,
             force: o.force,
             compress: o.compress,
+            fs_aware: o.fs_aware,
         };
         let job = Job::Backup { source: WirePath::new(&src.path), dir: WirePath::new(&dir.path), options };
         let (mut b, wire): (crate::backup::BackupSummary, _) = history::job_counted(dest, &job, control)?;
@@ -765,7 +794,7 @@ pub fn backup_locations(
     };
     with_links(source, dest, control, |s, s_path, t, t_path| {
         let cache = if options.sync.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-        let so = open(s, Role::Source, cache, s_path, (b"", None, 0), None)?;
+        let so = open(s, Role::Source, cache | fs_aware(&options.sync), s_path, (b"", None, 0), None)?;
         let source_name = display(s, s_path);
         let to = open_chain(
             t,
@@ -794,7 +823,7 @@ pub(crate) fn estimate_backup(
 ) -> Result<(Summary, String, bool)> {
     let ((mut summary, base, new_chain), (sent, received)) =
         with_two_links(source, dest, control, |s, s_path, t, t_path| {
-            let so = open(s, Role::Source, 0, s_path, (b"", None, 0), None)?;
+            let so = open(s, Role::Source, fs_aware(o), s_path, (b"", None, 0), None)?;
             let names = (display(s, s_path), display(t, t_path));
             match open_chain(t, t_path, Role::Source, crate::backup::At::Latest, "", ("", 0), (o.block_size, 0)) {
                 Ok(to) => {
@@ -828,6 +857,7 @@ pub(crate) fn estimate_backup(
                         bytes_received: 0,
                         undo_log: None,
                         partitions: Vec::new(),
+                        filesystems: so.filesystems.clone(),
                     };
                     summary.counters.bytes_total = so.size;
                     summary.counters.bytes_written = so.size;
@@ -848,7 +878,7 @@ pub(crate) fn estimate_diff(
     control: Control<'_>,
 ) -> Result<Summary> {
     with_links(source, base, control, |s, s_path, b, b_path| {
-        let so = open(s, Role::Source, 0, s_path, (b"", None, 0), None)?;
+        let so = open(s, Role::Source, fs_aware(o), s_path, (b"", None, 0), None)?;
         let bo = open(b, Role::Source, 0, b_path, (b"", None, 0), None)?;
         let names = (display(s, s_path), display(b, b_path));
         let mut ends = LinkEnds {
@@ -959,17 +989,16 @@ pub fn restore_stream(
 pub fn compare_locations(
     a: &Side<'_>,
     b: &Side<'_>,
-    block_size: usize,
-    max_ranges: usize,
+    options: &crate::compare::CompareOptions,
     control: Control<'_>,
 ) -> Result<Comparison> {
     if let (Location::Remote(first), Location::Remote(second)) = (a.location, b.location)
         && history::same_host(a, b)
     {
-        let options = crate::compare::CompareOptions { block_size, keep_cache: false, threads: 0, max_ranges };
+        let options = crate::compare::CompareOptions { keep_cache: false, threads: 0, ..options.clone() };
         return compare_on_host(a, first, &second.path, options, control);
     }
-    with_two_links(a, b, control, |x, x_path, y, y_path| compare(x, x_path, y, y_path, block_size, max_ranges, control))
+    with_two_links(a, b, control, |x, x_path, y, y_path| compare(x, x_path, y, y_path, options, control))
         .map(|(comparison, _)| comparison)
 }
 
@@ -979,11 +1008,11 @@ pub fn compare(
     a_path: &OsStr,
     b: &mut Link,
     b_path: &OsStr,
-    block_size: usize,
-    max_ranges: usize,
+    options: &crate::compare::CompareOptions,
     control: Control<'_>,
 ) -> Result<Comparison> {
-    let first = open(a, Role::Source, 0, a_path, (b"", None, 0), None)?;
+    let flags = if options.fs_aware { open_flags::FS_AWARE } else { 0 };
+    let first = open(a, Role::Source, flags, a_path, (b"", None, 0), None)?;
     let second = open(b, Role::Source, 0, b_path, (b"", None, 0), None)?;
     let names = (display(a, a_path), display(b, b_path));
     let mut ends = LinkEnds {
@@ -997,6 +1026,6 @@ pub fn compare(
         compress: crate::compress::OFF,
         pause: None,
     };
-    let options = crate::compare::CompareOptions { block_size, keep_cache: false, threads: 0, max_ranges };
+    let options = crate::compare::CompareOptions { keep_cache: false, threads: 0, ..options.clone() };
     crate::transfer::compare(&mut ends, &options, control)
 }

@@ -45,6 +45,10 @@ pub struct SyncOptions {
     /// an existing one is updated in place whatever this says.
     #[serde(default)]
     pub compress: Option<i32>,
+    /// `--fs-aware`: only the blocks the source's filesystems use are read, compared and
+    /// written ([`crate::endpoint::usage`]).
+    #[serde(default)]
+    pub fs_aware: bool,
 }
 
 impl Default for SyncOptions {
@@ -62,6 +66,7 @@ impl Default for SyncOptions {
             bwlimit: None,
             undo: None,
             compress: None,
+            fs_aware: false,
         }
     }
 }
@@ -113,6 +118,9 @@ pub struct Summary {
     /// destination disk of another size (`transfer::table`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<String>,
+    /// With `--fs-aware`: the source's regions, what each holds and how much of it was copied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filesystems: Vec<crate::endpoint::FsRegion>,
 }
 
 /// The destination path: `dest` itself, or `dest/<source file name>` when `dest` is a directory
@@ -137,7 +145,7 @@ pub fn resolve_destination(source: &Path, dest: &Path) -> Result<PathBuf> {
 
 /// Syncs local `source` onto local `dest` (a path, a directory or a block device).
 pub fn sync_paths(source: &Path, dest: &Path, options: &SyncOptions, control: Control<'_>) -> Result<Summary> {
-    let src = crate::endpoint::open_source(source)?;
+    let src = crate::endpoint::usage::open(source, options.fs_aware)?;
     let dest = resolve_destination(source, dest)?;
     let dst = crate::endpoint::open_target(
         &dest,

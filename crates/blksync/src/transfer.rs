@@ -122,6 +122,8 @@ pub(crate) trait Ends {
     fn discard_created(&mut self);
     /// What the source said when it was opened (mounted read-write, a disk-image format).
     fn warnings(&self) -> Vec<String>;
+    /// What a source read `--fs-aware` found, region by region.
+    fn filesystems(&self) -> Vec<crate::endpoint::FsRegion>;
     /// For `--verbose`: how the pass compares and where each end is.
     fn strategy(&self) -> String;
     /// The source's abilities.
@@ -243,6 +245,7 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
         bytes_received: 0,
         undo_log: ends.undo_log(),
         partitions: Vec::new(),
+        filesystems: ends.filesystems(),
     };
     if o.verify && !o.dry_run {
         verify(ends, &Plan { throttle: None, keep_ranges: 1, ..plan }, &summary, control)?;

@@ -79,7 +79,14 @@ fn compare_through_links(a: &Path, b: &Path, block_size: usize) -> Comparison {
     let control = Control { observer: &Silent, cancel: &cancel };
     let ssh = SshOptions::default();
     let (x, y) = (Location::Local(a.to_path_buf()), Location::Local(b.to_path_buf()));
-    compare_locations(&Side { location: &x, ssh: &ssh }, &Side { location: &y, ssh: &ssh }, block_size, 1000, control)
+    let options = blksync::compare::CompareOptions {
+        block_size,
+        keep_cache: false,
+        threads: 0,
+        max_ranges: 1000,
+        fs_aware: false,
+    };
+    compare_locations(&Side { location: &x, ssh: &ssh }, &Side { location: &y, ssh: &ssh }, &options, control)
         .unwrap_or_else(|e| panic!("compare {} {}: {e}", a.display(), b.display()))
 }
 

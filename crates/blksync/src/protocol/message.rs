@@ -30,8 +30,11 @@ pub mod open_flags {
     pub const KEEP_CACHE: u32 = 16;
     /// Create a missing file as a compressed image at `Open.level` (`sync --compress`).
     pub const COMPRESS: u32 = 32;
+    /// A source seen through its filesystems (`--fs-aware`): their free blocks are unused
+    /// (`Unused`), and `Filesystem` replies before `Opened` say what was found.
+    pub const FS_AWARE: u32 = 64;
     /// Every defined bit.
-    pub const ALL: u32 = 63;
+    pub const ALL: u32 = 127;
 }
 
 /// `Data` codecs.
@@ -219,6 +222,24 @@ pub enum Msg {
         first: u64,
         count: u64,
     },
+    /// Bytes `[start, start + len)` of a source opened `FS_AWARE` are free blocks of its
+    /// filesystem: hashed as zeros, never read, and not to be written on the target. Sent before
+    /// the `Summary` or `Holes` of every chunk it touches; a chunk it covers whole gets nothing
+    /// else.
+    Unused {
+        start: u64,
+        len: u64,
+    },
+    /// One region of a source opened `FS_AWARE`, before `Opened` ([`crate::endpoint::FsRegion`];
+    /// empty `filesystem` and `whole` stand for none).
+    Filesystem {
+        start: u64,
+        len: u64,
+        used: u64,
+        filesystem: Vec<u8>,
+        detail: Vec<u8>,
+        whole: Vec<u8>,
+    },
     ScanDone {
         chunks: u64,
         /// Bytes the scan read from the endpoint (holes are not read).
@@ -316,6 +337,8 @@ mod tag {
     pub const ALIVE: u8 = 0x92;
     pub const HOLES: u8 = 0x93;
     pub const CLEAN: u8 = 0x94;
+    pub const UNUSED: u8 = 0x95;
+    pub const FILESYSTEM: u8 = 0x96;
 }
 
 fn chunk(kind: u8, c: &Chunk) -> Vec<u8> {
@@ -475,6 +498,16 @@ impl Msg {
             Msg::Clean { first, count } => {
                 let mut x = e(CLEAN);
                 x.u64(*first).u64(*count);
+                x.finish()
+            }
+            Msg::Unused { start, len } => {
+                let mut x = e(tag::UNUSED);
+                x.u64(*start).u64(*len);
+                x.finish()
+            }
+            Msg::Filesystem { start, len, used, filesystem, detail, whole } => {
+                let mut x = e(tag::FILESYSTEM);
+                x.u64(*start).u64(*len).u64(*used).bytes(filesystem).bytes(detail).bytes(whole);
                 x.finish()
             }
             Msg::ScanDone { chunks, read, fingerprint } => {
@@ -651,6 +684,15 @@ impl Msg {
             tag::SUMMARY => Msg::Summary { chunk: d.u64()?, zero: flag(d.u8()?)?, hash: d.fixed()? },
             tag::HOLES => Msg::Holes { first: d.u64()?, count: d.u64()? },
             tag::CLEAN => Msg::Clean { first: d.u64()?, count: d.u64()? },
+            tag::UNUSED => Msg::Unused { start: d.u64()?, len: d.u64()? },
+            tag::FILESYSTEM => Msg::Filesystem {
+                start: d.u64()?,
+                len: d.u64()?,
+                used: d.u64()?,
+                filesystem: d.bytes()?.to_vec(),
+                detail: d.bytes()?.to_vec(),
+                whole: d.bytes()?.to_vec(),
+            },
             tag::SCAN_DONE => Msg::ScanDone { chunks: d.u64()?, read: d.u64()?, fingerprint: d.fixed()? },
             tag::GROUP_HASHES => {
                 let chunk = d.u64()?;
@@ -769,6 +811,8 @@ fn name_of(kind: u8) -> Option<&'static str> {
         tag::SCAN_DONE => "ScanDone",
         tag::HOLES => "Holes",
         tag::CLEAN => "Clean",
+        tag::UNUSED => "Unused",
+        tag::FILESYSTEM => "Filesystem",
         tag::GROUP_HASHES => "Groups reply",
         tag::LEAF_HASHES => "Leaves reply",
         tag::DATA => "Data",

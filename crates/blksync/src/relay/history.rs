@@ -442,7 +442,8 @@ fn diff_over(
     control: Control<'_>,
 ) -> Result<DiffSummary> {
     let cache = if options.keep_cache { open_flags::KEEP_CACHE } else { 0 };
-    let so = open(s, Role::Source, cache, s_path, (b"", None, 0), None)?;
+    let fs_aware = if options.fs_aware { open_flags::FS_AWARE } else { 0 };
+    let so = open(s, Role::Source, cache | fs_aware, s_path, (b"", None, 0), None)?;
     let mut bo = open(b, Role::Target, cache | open_flags::READ_ONLY, b_path, (b"", None, 0), None)?;
     if !bo.exists {
         return Err(Error::new(

@@ -78,6 +78,8 @@ pub(super) struct Pass<'a> {
     pub(super) fingerprint: bool,
     /// Let the source skip what its changed-block map marks unchanged (`Scan.changes`).
     pub(super) changes: bool,
+    /// The source was opened `FS_AWARE`: it tells its free blocks (`Unused`).
+    pub(super) fs_aware: bool,
     /// The target's `Scan`, already running: it was sent behind the target's `Open`.
     pub(super) started: Option<&'a Msg>,
     /// The source's `Scan`, already running: it was sent behind the source's `Open`, with the
@@ -150,6 +152,9 @@ struct Brain<'a> {
     finished: ChunkSet,
     /// Hole chunks each side reported (`Holes`) that the other side has not reported yet.
     holes: [ChunkSet; 2],
+    /// Free blocks of the source's filesystem in chunks not done yet (`Unused`), start → end,
+    /// merged: leaves inside them are neither read nor written.
+    unused: BTreeMap<u64, u64>,
     prefix: u64,
     acked: u64,
     total: u64,
@@ -183,6 +188,7 @@ impl Pass<'_> {
             chunks: HashMap::new(),
             finished: ChunkSet::default(),
             holes: [ChunkSet::default(), ChunkSet::default()],
+            unused: BTreeMap::new(),
             prefix: 0,
             acked: 0,
             total: self.scan_len.div_ceil(self.chunk as u64),
@@ -574,6 +580,7 @@ impl Brain<'_> {
                 self.holes[End::Target as usize].remove(first, end);
                 self.finish_range(first, end)?;
             }
+            Msg::Unused { start, len } if side == End::Source && self.pass.fs_aware => self.unused(start, len)?,
             Msg::ReadDone { offset, len, read } => {
                 let chunk = offset / self.pass.chunk as u64;
                 self.check_chunk(side, chunk)?;
@@ -699,6 +706,10 @@ impl Brain<'_> {
             }
             let offset = start + ((first + i) * p.block) as u64;
             let leaf_len = (start + len - offset).min(p.block as u64);
+            if self.is_unused(offset, offset + leaf_len) {
+                // Free on the source's filesystem: the target keeps what it holds.
+                continue;
+            }
             runs.push(if s.zero[i] == 1 { Fix::Zero } else { Fix::Read }, offset, leaf_len);
         }
         for &(fix, run) in runs.iter() {
@@ -764,6 +775,44 @@ impl Brain<'_> {
         Ok(())
     }
 
+    /// `Unused`: bytes `[start, start + len)` are free blocks of the source's filesystem. The
+    /// chunks it covers whole are done; the rest is kept for their leaves.
+    fn unused(&mut self, start: u64, len: u64) -> Result<()> {
+        let p = self.pass;
+        let end = start.checked_add(len).filter(|&end| end <= p.scan_len && len > 0).ok_or_else(|| {
+            Error::protocol(format!("{}: unused bytes {start}+{len} of {}", p.source.name, p.scan_len))
+        })?;
+        let chunk = p.chunk as u64;
+        let (first, last) = (start.div_ceil(chunk), if end == p.scan_len { self.total } else { end / chunk });
+        if first < last {
+            // Whatever the target says of these chunks changes nothing.
+            self.holes[End::Target as usize].remove(first, last);
+            self.chunks.retain(|c, _| !(first..last).contains(c));
+            self.finish_range(first, last)?;
+        }
+        // Merged with its neighbours, so that a leaf across two messages is found.
+        let (mut a, mut b) = (start, end);
+        if let Some((&s, &e)) = self.unused.range(..=a).next_back()
+            && e >= a
+        {
+            a = s;
+            b = b.max(e);
+        }
+        while let Some((&s, &e)) = self.unused.range(a..=b).next() {
+            self.unused.remove(&s);
+            b = b.max(e);
+        }
+        if b > self.prefix * chunk {
+            self.unused.insert(a, b);
+        }
+        Ok(())
+    }
+
+    /// Whether `[a, b)` lies in free blocks of the source's filesystem.
+    fn is_unused(&self, a: u64, b: u64) -> bool {
+        self.unused.range(..=a).next_back().is_some_and(|(_, &end)| b <= end)
+    }
+
     fn finish(&mut self, chunk: u64) -> Result<()> {
         self.chunks.remove(&chunk);
         self.finish_range(chunk, chunk + 1)
@@ -780,6 +829,13 @@ impl Brain<'_> {
         self.counters.add_scanned(if added == b - a { bytes(b) - bytes(a) } else { added * self.pass.chunk as u64 });
         while let Some(end) = self.finished.take_from(self.prefix) {
             self.prefix = end;
+        }
+        // Free blocks below the done prefix are asked about no more.
+        let done = self.prefix * self.pass.chunk as u64;
+        while let Some((&s, &e)) = self.unused.first_key_value()
+            && e <= done
+        {
+            self.unused.remove(&s);
         }
         if self.pass.mode != Mode::Copy && (self.prefix >= self.acked + ACK_EVERY || self.prefix == self.total) {
             self.acked = self.prefix;

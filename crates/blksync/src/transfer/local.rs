@@ -161,6 +161,10 @@ impl Ends for LocalEnds<'_> {
         self.src.warnings(false)
     }
 
+    fn filesystems(&self) -> Vec<crate::endpoint::FsRegion> {
+        self.src.filesystems()
+    }
+
     fn strategy(&self) -> String {
         "both ends in this process: bytes are compared directly".to_string()
     }

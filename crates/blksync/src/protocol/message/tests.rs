@@ -72,6 +72,17 @@ fn any_msg() -> impl Strategy<Value = Msg> {
             }),
         (any::<u64>(), any::<u64>()).prop_map(|(first, count)| Msg::Holes { first, count }),
         (any::<u64>(), any::<u64>()).prop_map(|(first, count)| Msg::Clean { first, count }),
+        (any::<u64>(), any::<u64>()).prop_map(|(start, len)| Msg::Unused { start, len }),
+        (any::<[u64; 3]>(), ".{0,8}", ".{0,40}", ".{0,40}").prop_map(|([start, len, used], f, detail, whole)| {
+            Msg::Filesystem {
+                start,
+                len,
+                used,
+                filesystem: f.into_bytes(),
+                detail: detail.into_bytes(),
+                whole: whole.into_bytes(),
+            }
+        }),
         (any::<u64>(), any::<bool>(), any::<[u8; 16]>()).prop_map(|(chunk, zero, hash)| Msg::Summary {
             chunk,
             zero,
