@@ -468,15 +468,23 @@ mod tests {
         for (i, &resizable) in all.iter().enumerate() {
             for &holes in &all {
                 for &stable in &all {
-                    let caps =
-                        Caps { resizable, holes, stable, discard_zeroes: i == 0, block_size: 512, ..Caps::default() };
+                    let unused_blocks = stable != holes;
+                    let caps = Caps {
+                        resizable,
+                        holes,
+                        stable,
+                        unused_blocks,
+                        discard_zeroes: i == 0,
+                        block_size: 512,
+                        ..Caps::default()
+                    };
                     assert_eq!(Caps::from_bits(caps.to_bits(), 512), caps);
                 }
             }
         }
         assert_eq!(Caps::from_bits(0, 0).block_size, 4096);
         assert_eq!(Caps::from_bits(0, 3000).block_size, 4096);
-        assert_eq!(Caps::from_bits(u32::MAX, 4096).to_bits(), 0b11_1111, "unknown bits are dropped");
+        assert_eq!(Caps::from_bits(u32::MAX, 4096).to_bits(), 0b111_1111, "unknown bits are dropped");
     }
 }
 
