@@ -161,7 +161,14 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     wire_line(&render, summary.bytes_sent, summary.bytes_received);
     if args.common.output.json {
         let mut body = json::body(&summary)?;
-        json::fill(&mut body, [("undo_log", Value::Null), ("partitions", Value::Array(Vec::new()))]);
+        json::fill(
+            &mut body,
+            [
+                ("undo_log", Value::Null),
+                ("partitions", Value::Array(Vec::new())),
+                ("filesystems", Value::Array(Vec::new())),
+            ],
+        );
         json::print_summary("sync", body)?;
     }
     Ok(Outcome::Success)
@@ -184,13 +191,15 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
         place::compare(&Side { location: &a, ssh: &a_ssh }, &Side { location: &b, ssh: &b_ssh }, &options, control);
     render.finish();
     let cmp = result?;
+    filesystem_lines(&render, &cmp.filesystems);
     if args.common.output.json {
         json::print("compare", u8::from(!cmp.identical), json::body(&cmp)?)?;
     } else if cmp.identical {
         console::out(&format!(
-            "{} and {} are identical ({})",
+            "{} and {} are identical{} ({})",
             cmp.source,
             cmp.destination,
+            if cmp.filesystems.is_empty() { "" } else { " in the blocks their filesystems use" },
             count(cmp.source_size, "byte", "bytes")
         ))?;
     } else {
@@ -499,7 +508,7 @@ pub fn backup(args: &BackupArgs, cancel: &AtomicBool) -> Result<Outcome> {
     ));
     if args.common.output.json {
         let mut body = json::body(&b)?;
-        json::fill(&mut body, [("undo_log", Value::Null)]);
+        json::fill(&mut body, [("undo_log", Value::Null), ("filesystems", Value::Array(Vec::new()))]);
         json::print_summary("backup", body)?;
     }
     Ok(Outcome::Success)

@@ -51,6 +51,9 @@ pub struct Comparison {
     pub ranges_differing: u64,
     /// The first differing ranges.
     pub ranges: Vec<Extent>,
+    /// With `--fs-aware`: the first image's regions, of which only used blocks were compared.
+    #[serde(default)]
+    pub filesystems: Vec<crate::endpoint::FsRegion>,
 }
 
 /// Compares two local images.

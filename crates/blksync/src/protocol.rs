@@ -10,7 +10,7 @@ pub mod message;
 pub use message::Msg;
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Feature bits this build announces (none yet).
 pub const FEATURES: u64 = 0;
 /// Bytes the agent writes before the first frame.

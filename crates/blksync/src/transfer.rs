@@ -363,5 +363,6 @@ pub(crate) fn compare(ends: &mut dyn Ends, o: &CompareOptions, control: Control<
         counters,
         ranges_differing: found.range_count,
         ranges: found.ranges,
+        filesystems: ends.filesystems(),
     })
 }
