@@ -47,7 +47,8 @@ fn ext_image(path: &Path, size: usize, args: &[&str], seed: u64) -> Vec<u8> {
     let gone = random_bytes(6 * MIB, seed + 1);
     write_file(&dir.path().join("gone"), &gone);
     let p = path.to_str().unwrap();
-    let mut mkfs = vec!["-q", "-F"];
+    // nodiscard: mke2fs would punch the junk out of a file.
+    let mut mkfs = vec!["-q", "-F", "-E", "nodiscard"];
     mkfs.extend_from_slice(args);
     mkfs.extend_from_slice(&["-d", dir.path().to_str().unwrap(), p]);
     tool("mke2fs", &mkfs);

@@ -207,6 +207,14 @@ pub trait Source: Send + Sync {
     /// Hints that `[offset, offset + len)` will not be read again soon, so its cached pages can
     /// go. Failures are ignored: this is advice.
     fn drop_cache(&self, offset: u64, len: u64);
+    /// Hints that reads will skip much of the endpoint (`--fs-aware` reads only used blocks):
+    /// read-ahead past what is asked would read what nobody wants. Advice, as `drop_cache`.
+    fn read_sparsely(&self) {}
+    /// Hints that `[offset, offset + len)` will be read soon: start reading it now, so that the
+    /// reads of many small runs overlap (`fadvise(WILLNEED)`). Advice, as `drop_cache`.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
     /// What object this is.
     fn identity(&self) -> Identity;
     /// Checks, after the last read and before success is reported, that what was read is what
@@ -302,6 +310,8 @@ macro_rules! forward {
             fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> { (**self).read_at(buf, offset) }
             fn segment_at(&self, offset: u64) -> Result<Segment> { (**self).segment_at(offset) }
             fn drop_cache(&self, offset: u64, len: u64) { (**self).drop_cache(offset, len) }
+            fn read_sparsely(&self) { (**self).read_sparsely() }
+            fn prefetch(&self, offset: u64, len: u64) { (**self).prefetch(offset, len) }
             fn identity(&self) -> Identity { (**self).identity() }
             fn check_intact(&self) -> Result<()> { (**self).check_intact() }
             fn mode(&self) -> Option<u32> { (**self).mode() }

@@ -716,6 +716,19 @@ impl Source for Local {
         Ok(Segment { start: offset, end: hole.max(offset + 1).min(size), allocated: true })
     }
 
+    fn read_sparsely(&self) {
+        // Not even the kernel's default window: the reads asked for are large already.
+        if let Some(f) = &self.file {
+            let _ = rustix::fs::fadvise(f, 0, None, Advice::Random);
+        }
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        if let (Some(f), Some(len)) = (&self.file, std::num::NonZeroU64::new(len)) {
+            let _ = rustix::fs::fadvise(f, offset, Some(len), Advice::WillNeed);
+        }
+    }
+
     fn drop_cache(&self, offset: u64, len: u64) {
         if let (Some(file), Some(len)) = (&self.file, NonZeroU64::new(len)) {
             let _ = rustix::fs::fadvise(file, offset, Some(len), Advice::DontNeed);

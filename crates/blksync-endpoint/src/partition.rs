@@ -116,6 +116,14 @@ impl<E: Source + ?Sized> Source for Window<E> {
         Ok(Segment { start: offset, end, allocated: seg.allocated })
     }
 
+    fn read_sparsely(&self) {
+        self.disk.read_sparsely();
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.disk.prefetch(self.start + offset, len.min(self.len.saturating_sub(offset)));
+    }
+
     fn drop_cache(&self, offset: u64, len: u64) {
         self.disk.drop_cache(self.start + offset, len.min(self.len.saturating_sub(offset)));
     }
