@@ -51,13 +51,13 @@ fn main() {
         }
         i += 2;
     }
-    let (mode, from, to) = match positional.as_slice() {
-        [m, f, t] => (m.as_str(), f.clone(), t.clone()),
-        _ => {
-            eprintln!("usage: iscsi_copy read URL FILE | write FILE URL [--threads N] [--buffer SIZE] [--request SIZE] [--depth N]");
-            std::process::exit(2);
-        }
+    let [mode, from, to] = positional.as_slice() else {
+        eprintln!(
+            "usage: iscsi_copy read URL FILE | write FILE URL [--threads N] [--buffer SIZE] [--request SIZE] [--depth N]"
+        );
+        std::process::exit(2);
     };
+    let (mode, from, to) = (mode.as_str(), from.clone(), to.clone());
     let result = match mode {
         "read" => read(&from, &to, threads, buffer, &options),
         "write" => write(&from, &to, threads, buffer, &options),

@@ -34,7 +34,7 @@ impl fmt::Debug for IscsiAddress {
             .field("lun", &self.lun)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "…"))
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -225,7 +225,8 @@ fn split_host(hostport: &str) -> Option<(String, u16)> {
             None => (hostport, None),
         }
     };
-    if host.is_empty() || host.contains(['[', ']', '@', '/', '%']) || (host.contains(':') && !hostport.starts_with('[')) {
+    if host.is_empty() || host.contains(['[', ']', '@', '/', '%']) || (host.contains(':') && !hostport.starts_with('['))
+    {
         return None;
     }
     let port = match port {
@@ -259,7 +260,10 @@ fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
-            '%' | '/' | '@' | '?' | '#' | ' ' => out.push_str(&format!("%{:02X}", c as u32)),
+            '%' | '/' | '@' | '?' | '#' | ' ' => {
+                use std::fmt::Write;
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
             c => out.push(c),
         }
     }
@@ -338,7 +342,10 @@ mod tests {
             assert_eq!(e.kind(), blksync_core::ErrorKind::Usage, "{bad}");
         }
         let p = parse_portal("127.0.0.1:3261").unwrap();
-        assert_eq!((p.portal(), p.iqn(), p.to_string()), ("127.0.0.1:3261".to_string(), "", "iscsi://127.0.0.1:3261".to_string()));
+        assert_eq!(
+            (p.portal(), p.iqn(), p.to_string()),
+            ("127.0.0.1:3261".to_string(), "", "iscsi://127.0.0.1:3261".to_string())
+        );
         assert_eq!(parse_portal("iscsi://u%p@[::1]/iqn.x/1").unwrap().password(), Some("p"));
         let e = parse("iscsi://joe%topsecret@h:x/iqn/1").unwrap_err();
         assert!(!e.to_string().contains("topsecret"), "{e}");

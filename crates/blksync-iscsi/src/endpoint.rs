@@ -96,7 +96,12 @@ impl Iscsi {
         let stream = login::connect(address.host(), address.port(), &what)?;
         let mut link = Link::new(stream, address.portal(), what.clone());
         let initiator = options.initiator();
-        let who = Login { initiator: &initiator, target: Some(address.iqn()), credentials: &credentials, prefer_digests: options.digests };
+        let who = Login {
+            initiator: &initiator,
+            target: Some(address.iqn()),
+            credentials: &credentials,
+            prefer_digests: options.digests,
+        };
         let terms = match login::login(&mut link, &who) {
             Ok(t) => t,
             Err(e) if e.kind() == ErrorKind::NotFound && e.message().contains("no such target") => {
@@ -136,7 +141,8 @@ impl Iscsi {
         endpoint.lun = scsi::lun_field(lun);
         endpoint.info = endpoint.probe(lun)?;
         let block = endpoint.info.capacity.block_size as usize;
-        let mut piece = if options.request_size == 0 { crate::options::DEFAULT_REQUEST_SIZE } else { options.request_size };
+        let mut piece =
+            if options.request_size == 0 { crate::options::DEFAULT_REQUEST_SIZE } else { options.request_size };
         piece = piece.min(MAX_REQUEST_SIZE);
         if endpoint.info.limits.max_transfer > 0 {
             piece = piece.min(endpoint.info.limits.max_transfer as usize * block);
@@ -180,10 +186,17 @@ impl Iscsi {
     }
 
     fn first_disk_lun(&self) -> Result<u16> {
-        let data = self.command_on(scsi::lun_field(0), "listing the LUNs of", None, &scsi::report_luns(8 + 8 * 4096), Data::In(8 + 8 * 4096))?;
+        let data = self.command_on(
+            scsi::lun_field(0),
+            "listing the LUNs of",
+            None,
+            &scsi::report_luns(8 + 8 * 4096),
+            &Data::In(8 + 8 * 4096),
+        )?;
         let luns = scsi::report_luns_parse(&data.data);
         for &lun in &luns {
-            let r = self.command_on(scsi::lun_field(lun), "asking about", None, &scsi::inquiry(None, 96), Data::In(96));
+            let r =
+                self.command_on(scsi::lun_field(lun), "asking about", None, &scsi::inquiry(None, 96), &Data::In(96));
             if let Ok(inq) = r.map(|r| Inquiry::parse(&r.data)) {
                 if inq.is_some_and(|i| i.qualifier == 0 && i.device_type == 0) {
                     return Ok(lun);
@@ -192,7 +205,11 @@ impl Iscsi {
         }
         Err(Error::new(
             ErrorKind::NotFound,
-            format!("{}: the target has no disk LUN (LUNs {luns:?}); name one as …/{}/LUN", self.address, self.address.iqn()),
+            format!(
+                "{}: the target has no disk LUN (LUNs {luns:?}); name one as …/{}/LUN",
+                self.address,
+                self.address.iqn()
+            ),
         ))
     }
 
@@ -213,11 +230,15 @@ impl Iscsi {
         if inquiry.device_type != 0 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("{what}: LUN {lun} is no disk (peripheral device type {:#04x}; tgtd's LUN 0 is its controller)", inquiry.device_type),
+                format!(
+                    "{what}: LUN {lun} is no disk (peripheral device type {:#04x}; tgtd's LUN 0 is its controller)",
+                    inquiry.device_type
+                ),
             ));
         }
         let r = self.command("reading the capacity of", None, &scsi::read_capacity16(), Data::In(32))?;
-        let capacity = Capacity::parse(&r.data).ok_or_else(|| self.protocol("READ CAPACITY(16) data that make no sense"))?;
+        let capacity =
+            Capacity::parse(&r.data).ok_or_else(|| self.protocol("READ CAPACITY(16) data that make no sense"))?;
         let mut limits = BlockLimits::default();
         let mut provisioning = Provisioning::default();
         if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0), 255), Data::In(255)) {
@@ -235,9 +256,9 @@ impl Iscsi {
         }
         let lba_status = capacity.lbpme
             && capacity.lbprz
-            && self.command("asking about", None, &scsi::get_lba_status(0, STATUS_LEN), Data::In(STATUS_LEN)).is_ok_and(|r| {
-                scsi::lba_status_parse(&r.data, 0).is_ok()
-            });
+            && self
+                .command("asking about", None, &scsi::get_lba_status(0, STATUS_LEN), Data::In(STATUS_LEN))
+                .is_ok_and(|r| scsi::lba_status_parse(&r.data, 0).is_ok());
         let zero = match (capacity.lbprz && capacity.lbpme, provisioning.lbpws, provisioning.lbpu) {
             (true, true, _) => ZeroMethod::WriteSameUnmap,
             (true, false, true) if lba_status => ZeroMethod::Unmap,
@@ -253,12 +274,17 @@ impl Iscsi {
     fn cause_error(&self, verb: &str, offset: Option<u64>, cause: &Cause) -> Error {
         let portal = self.address.portal();
         match cause {
-            Cause::Connection(why) => {
-                Error::new(ErrorKind::Connection, format!("{verb} {}{}: {why} (portal {portal})", self.address, at(offset)))
-            }
+            Cause::Connection(why) => Error::new(
+                ErrorKind::Connection,
+                format!("{verb} {}{}: {why} (portal {portal})", self.address, at(offset)),
+            ),
             Cause::Protocol(why) => Error::new(
                 ErrorKind::Protocol,
-                format!("{verb} {}{}: the target broke the iSCSI protocol: {why} (portal {portal})", self.address, at(offset)),
+                format!(
+                    "{verb} {}{}: the target broke the iSCSI protocol: {why} (portal {portal})",
+                    self.address,
+                    at(offset)
+                ),
             ),
         }
     }
@@ -268,7 +294,10 @@ impl Iscsi {
         let name = scsi::command_name(cdb);
         let place = format!("{verb} {}{}", self.address, at(offset));
         if r.response != 0 {
-            return Error::new(ErrorKind::Io, format!("{place}: {name} failed at the target (iSCSI response {:#04x})", r.response));
+            return Error::new(
+                ErrorKind::Io,
+                format!("{place}: {name} failed at the target (iSCSI response {:#04x})", r.response),
+            );
         }
         let status = match r.status {
             scsi::CHECK_CONDITION => "CHECK CONDITION",
@@ -291,24 +320,21 @@ impl Iscsi {
     fn retry_worthy(r: &Response) -> bool {
         r.response == 0
             && (matches!(r.status, scsi::BUSY | scsi::TASK_SET_FULL)
-                || (r.status == scsi::CHECK_CONDITION && Sense::parse(&r.sense).is_some_and(|s| s.key == scsi::UNIT_ATTENTION)))
+                || (r.status == scsi::CHECK_CONDITION
+                    && Sense::parse(&r.sense).is_some_and(|s| s.key == scsi::UNIT_ATTENTION)))
     }
 
+    #[allow(clippy::needless_pass_by_value)] // Callers build the data in the call: `Data::In(96)`.
     fn command(&self, verb: &str, offset: Option<u64>, cdb: &Cdb, data: Data) -> Result<Response> {
-        self.command_on(self.lun, verb, offset, cdb, data)
+        self.command_on(self.lun, verb, offset, cdb, &data)
     }
 
     /// One command, sent again after UNIT ATTENTION, BUSY or TASK SET FULL (at most 5 times);
     /// anything but GOOD is an error.
-    fn command_on(&self, lun: [u8; 8], verb: &str, offset: Option<u64>, cdb: &Cdb, data: Data) -> Result<Response> {
+    fn command_on(&self, lun: [u8; 8], verb: &str, offset: Option<u64>, cdb: &Cdb, data: &Data) -> Result<Response> {
         let mut tries = 0;
         loop {
-            let again = match &data {
-                Data::None => Data::None,
-                Data::In(n) => Data::In(*n),
-                Data::Out(b, r) => Data::Out(Arc::clone(b), r.clone()),
-            };
-            let rx = self.session.submit(lun, cdb, again).map_err(|c| self.cause_error(verb, offset, &c))?;
+            let rx = self.session.submit(lun, cdb, data.again()).map_err(|c| self.cause_error(verb, offset, &c))?;
             let r = self.session.wait(&rx).map_err(|c| self.cause_error(verb, offset, &c))?;
             if r.response == 0 && r.status == scsi::GOOD {
                 return Ok(r);
@@ -322,16 +348,11 @@ impl Iscsi {
 
     /// Many commands at once: all are sent (as the window allows) before the first answer is
     /// awaited; one that must be sent again goes again alone. Returns the responses in order.
-    fn pipeline(&self, verb: &str, commands: Vec<(u64, Cdb, Data)>) -> Result<Vec<Response>> {
+    fn pipeline(&self, verb: &str, commands: &[(u64, Cdb, Data)]) -> Result<Vec<Response>> {
         let mut waiting = Vec::with_capacity(commands.len());
         let mut first_error: Option<(u64, Error)> = None;
-        for (offset, cdb, data) in &commands {
-            let copy = match data {
-                Data::None => Data::None,
-                Data::In(n) => Data::In(*n),
-                Data::Out(b, r) => Data::Out(Arc::clone(b), r.clone()),
-            };
-            match self.session.submit(self.lun, cdb, copy) {
+        for (offset, cdb, data) in commands {
+            match self.session.submit(self.lun, cdb, data.again()) {
                 Ok(rx) => waiting.push(Some(rx)),
                 Err(c) => {
                     first_error.get_or_insert((*offset, self.cause_error(verb, Some(*offset), &c)));
@@ -345,14 +366,7 @@ impl Iscsi {
             let Some(rx) = rx else { continue };
             let result = match self.session.wait(&rx) {
                 Ok(r) if r.response == 0 && r.status == scsi::GOOD => Ok(r),
-                Ok(r) if Self::retry_worthy(&r) => {
-                    let again = match data {
-                        Data::None => Data::None,
-                        Data::In(n) => Data::In(*n),
-                        Data::Out(b, r) => Data::Out(Arc::clone(b), r.clone()),
-                    };
-                    self.command(verb, Some(*offset), cdb, again)
-                }
+                Ok(r) if Self::retry_worthy(&r) => self.command_on(self.lun, verb, Some(*offset), cdb, data),
                 Ok(r) => Err(self.status_error(verb, Some(*offset), cdb, &r)),
                 Err(c) => Err(self.cause_error(verb, Some(*offset), &c)),
             };
@@ -380,7 +394,11 @@ impl Iscsi {
             Some(end) if end <= self.size() => Ok(()),
             _ => Err(Error::new(
                 ErrorKind::Io,
-                format!("{verb} {} at byte offset {offset}: {len} bytes would pass the end of the LUN ({} bytes)", self.address, self.size()),
+                format!(
+                    "{verb} {} at byte offset {offset}: {len} bytes would pass the end of the LUN ({} bytes)",
+                    self.address,
+                    self.size()
+                ),
             )),
         }
     }
@@ -412,12 +430,16 @@ impl Iscsi {
                 (at, scsi::read16(at / b, (n as u64 / b) as u32), Data::In(n as u32))
             })
             .collect();
-        let responses = self.pipeline("reading", commands)?;
+        let responses = self.pipeline("reading", &commands)?;
         let mut rel = 0;
         for r in responses {
             let n = (out.len() - rel).min(self.piece);
             if r.data.len() != n {
-                return Err(self.protocol(&format!("READ(16) at byte offset {} returned {} of {n} bytes", offset + rel as u64, r.data.len())));
+                return Err(self.protocol(&format!(
+                    "READ(16) at byte offset {} returned {} of {n} bytes",
+                    offset + rel as u64,
+                    r.data.len()
+                )));
             }
             out[rel..rel + n].copy_from_slice(&r.data);
             rel += n;
@@ -425,7 +447,7 @@ impl Iscsi {
         Ok(())
     }
 
-    fn write_aligned(&self, data: Arc<Vec<u8>>, range: std::ops::Range<usize>, offset: u64) -> Result<()> {
+    fn write_aligned(&self, data: &Arc<Vec<u8>>, range: std::ops::Range<usize>, offset: u64) -> Result<()> {
         let b = self.block();
         let commands: Vec<_> = (0..range.len())
             .step_by(self.piece)
@@ -433,10 +455,10 @@ impl Iscsi {
                 let n = (range.len() - rel).min(self.piece);
                 let at = offset + rel as u64;
                 let start = range.start + rel;
-                (at, scsi::write16(at / b, (n as u64 / b) as u32), Data::Out(Arc::clone(&data), start..start + n))
+                (at, scsi::write16(at / b, (n as u64 / b) as u32), Data::Out(Arc::clone(data), start..start + n))
             })
             .collect();
-        self.pipeline("writing", commands).map(|_| ())
+        self.pipeline("writing", &commands).map(|_| ())
     }
 
     fn zero_block(&self) -> Arc<Vec<u8>> {
@@ -460,7 +482,7 @@ impl Iscsi {
                     i = (i + step).min(n);
                 }
                 if i > run_start {
-                    self.write_aligned(Arc::clone(&zeros), 0..i - run_start, at + run_start as u64)?;
+                    self.write_aligned(&zeros, 0..i - run_start, at + run_start as u64)?;
                 }
                 while i < n && buf[i..(i + step).min(n)].iter().all(|&x| x == 0) {
                     i = (i + step).min(n);
@@ -471,7 +493,7 @@ impl Iscsi {
         Ok(())
     }
 
-    fn zero_limit(&self, limit: u64) -> u64 {
+    fn zero_limit(limit: u64) -> u64 {
         let max = if limit == 0 { DEFAULT_ZERO_BLOCKS } else { limit.min(u64::from(u32::MAX)) };
         max.max(1)
     }
@@ -481,7 +503,12 @@ impl Iscsi {
         let b = self.block();
         let size = self.size();
         let lba = offset / b;
-        let r = self.command("reading the allocation map of", Some(offset), &scsi::get_lba_status(lba, STATUS_LEN), Data::In(STATUS_LEN))?;
+        let r = self.command(
+            "reading the allocation map of",
+            Some(offset),
+            &scsi::get_lba_status(lba, STATUS_LEN),
+            Data::In(STATUS_LEN),
+        )?;
         let statuses = scsi::lba_status_parse(&r.data, lba).map_err(|why| self.protocol(&why))?;
         let mut segments: Vec<Segment> = Vec::new();
         for s in statuses {
@@ -590,7 +617,10 @@ impl Source for Iscsi {
         if offset >= size {
             return Err(Error::new(
                 ErrorKind::Io,
-                format!("reading the allocation map of {} at byte offset {offset}: past its end ({size} bytes)", self.address),
+                format!(
+                    "reading the allocation map of {} at byte offset {offset}: past its end ({size} bytes)",
+                    self.address
+                ),
             ));
         }
         if !self.info.lba_status {
@@ -633,7 +663,7 @@ impl Target for Iscsi {
             return Ok(());
         }
         let n = buf.len();
-        self.write_aligned(Arc::new(buf.to_vec()), 0..n, offset)
+        self.write_aligned(&Arc::new(buf.to_vec()), 0..n, offset)
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
@@ -645,25 +675,34 @@ impl Target for Iscsi {
         let end = offset + len;
         match self.info.zero {
             ZeroMethod::WriteSameUnmap => {
-                let max = self.zero_limit(self.info.limits.max_write_same);
+                let max = Self::zero_limit(self.info.limits.max_write_same);
                 let block = Arc::new(vec![0; b as usize]);
                 let mut commands = Vec::new();
                 let mut lba = offset / b;
                 while lba < end / b {
                     let n = (end / b - lba).min(max);
-                    commands.push((lba * b, scsi::write_same16_unmap(lba, n as u32), Data::Out(Arc::clone(&block), 0..b as usize)));
+                    commands.push((
+                        lba * b,
+                        scsi::write_same16_unmap(lba, n as u32),
+                        Data::Out(Arc::clone(&block), 0..b as usize),
+                    ));
                     lba += n;
                 }
-                self.pipeline("zeroing", commands).map(|_| ())
+                self.pipeline("zeroing", &commands).map(|_| ())
             }
             ZeroMethod::Unmap => {
-                let max = self.zero_limit(u64::from(self.info.limits.max_unmap));
+                let max = Self::zero_limit(u64::from(self.info.limits.max_unmap));
                 let mut lba = offset / b;
                 while lba < end / b {
                     let n = (end / b - lba).min(max);
                     let params = scsi::unmap_parameters(&[(lba, n as u32)]);
                     let len = params.len();
-                    self.command("zeroing", Some(lba * b), &scsi::unmap(len as u16), Data::Out(Arc::new(params), 0..len))?;
+                    self.command(
+                        "zeroing",
+                        Some(lba * b),
+                        &scsi::unmap(len as u16),
+                        Data::Out(Arc::new(params), 0..len),
+                    )?;
                     lba += n;
                 }
                 // UNMAP is advice: what is still mapped gets written zeros.
@@ -693,7 +732,10 @@ impl Target for Iscsi {
         if size > have {
             return Err(Error::new(
                 ErrorKind::SizeMismatch,
-                format!("{}: the LUN is {have} bytes, smaller than the {size} bytes needed; grow it on the target", self.address),
+                format!(
+                    "{}: the LUN is {have} bytes, smaller than the {size} bytes needed; grow it on the target",
+                    self.address
+                ),
             ));
         }
         Err(Error::new(
@@ -712,7 +754,10 @@ impl Target for Iscsi {
                     self.sync_kind.store(1, Ordering::Release);
                     return Ok(());
                 }
-                Err(e) if self.sync_kind.load(Ordering::Acquire) == 0 && e.message().contains("invalid command operation code") => {
+                Err(e)
+                    if self.sync_kind.load(Ordering::Acquire) == 0
+                        && e.message().contains("invalid command operation code") =>
+                {
                     self.sync_kind.store(2, Ordering::Release);
                 }
                 Err(e) => return Err(e),
@@ -734,16 +779,19 @@ mod tests {
     fn writes_mark_cached_holes_allocated() {
         let mut s = vec![seg(0, 100, false), seg(100, 200, true)];
         mark_allocated(&mut s, 50, 60);
-        assert_eq!(s, vec![seg(0, 50, false), seg(50, 200, true)].into_iter().fold(Vec::new(), |mut v, x| {
-            if x.start == 50 {
-                v.push(seg(50, 60, true));
-                v.push(seg(60, 100, false));
-                v.push(seg(100, 200, true));
-            } else {
-                v.push(x);
-            }
-            v
-        }));
+        assert_eq!(
+            s,
+            vec![seg(0, 50, false), seg(50, 200, true)].into_iter().fold(Vec::new(), |mut v, x| {
+                if x.start == 50 {
+                    v.push(seg(50, 60, true));
+                    v.push(seg(60, 100, false));
+                    v.push(seg(100, 200, true));
+                } else {
+                    v.push(x);
+                }
+                v
+            })
+        );
         mark_allocated(&mut s, 0, 200);
         assert_eq!(s, vec![seg(0, 200, true)]);
     }

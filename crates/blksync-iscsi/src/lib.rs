@@ -13,9 +13,9 @@
 //! # Ok::<(), blksync_core::Error>(())
 //! ```
 //!
-//! What it speaks and why is in `docs/ISCSI.md`. In short: RFC 7143 at ErrorRecoveryLevel 0 on
+//! What it speaks and why is in `docs/ISCSI.md`. In short: RFC 7143 at `ErrorRecoveryLevel` 0 on
 //! one connection, CHAP (MD5) and mutual CHAP, CRC32C digests when the target insists, many
-//! commands in flight within the CmdSN window, R2T/Data-Out, NOP-In answers, logout on close;
+//! commands in flight within the `CmdSN` window, R2T/Data-Out, NOP-In answers, logout on close;
 //! SBC READ(16)/WRITE(16), SYNCHRONIZE CACHE, UNMAP and WRITE SAME(16) for zeros where LBPRZ
 //! makes them zeros, GET LBA STATUS for the holes of thin LUNs. Every length from the target is
 //! bounded before anything is allocated for it.

@@ -1,5 +1,5 @@
 //! The login phase (RFC 7143 §6, docs/ISCSI.md "Login"): connecting, the security stage with
-//! CHAP and mutual CHAP, the operational stage, and SendTargets discovery in a session of its
+//! CHAP and mutual CHAP, the operational stage, and `SendTargets` discovery in a session of its
 //! own. Everything here runs on the caller's thread, one request and one answer at a time, with
 //! a read timeout; the full feature phase ([`crate::session`]) takes the connection over after.
 
@@ -16,16 +16,16 @@ use crate::text::{self, Pairs};
 
 /// How long connecting to one address, and each answer during login, may take.
 pub(crate) const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// What we declare as MaxRecvDataSegmentLength: the largest Data-In we accept.
+/// What we declare as `MaxRecvDataSegmentLength`: the largest Data-In we accept.
 pub(crate) const OUR_MRDSL: u32 = 256 << 10;
 /// The largest data segment accepted during login and discovery.
 const MAX_LOGIN_SEGMENT: usize = 64 << 10;
-/// Text collected over continuation PDUs: per login stage, and per SendTargets answer.
+/// Text collected over continuation PDUs: per login stage, and per `SendTargets` answer.
 const MAX_LOGIN_TEXT: usize = 64 << 10;
 const MAX_DISCOVERY_TEXT: usize = 1 << 20;
 /// Requests sent in one stage before the target must have moved on.
 const MAX_ROUNDS: usize = 16;
-/// MaxBurstLength and FirstBurstLength we offer.
+/// `MaxBurstLength` and `FirstBurstLength` we offer.
 const OUR_MAX_BURST: u32 = 1 << 20;
 const OUR_FIRST_BURST: u32 = 256 << 10;
 /// Our burst limits are capped here whatever the target says (memory per command).
@@ -36,17 +36,17 @@ const BURST_CAP: u32 = 16 << 20;
 pub struct Negotiated {
     /// CRC32C digests in use.
     pub digests: Digests,
-    /// The target's MaxRecvDataSegmentLength: the largest Data-Out (or immediate data) PDU.
+    /// The target's `MaxRecvDataSegmentLength`: the largest Data-Out (or immediate data) PDU.
     pub target_mrdsl: u32,
-    /// Our MaxRecvDataSegmentLength.
+    /// Our `MaxRecvDataSegmentLength`.
     pub our_mrdsl: u32,
-    /// MaxBurstLength.
+    /// `MaxBurstLength`.
     pub max_burst: u32,
-    /// FirstBurstLength.
+    /// `FirstBurstLength`.
     pub first_burst: u32,
-    /// ImmediateData.
+    /// `ImmediateData`.
     pub immediate_data: bool,
-    /// InitialR2T.
+    /// `InitialR2T`.
     pub initial_r2t: bool,
     /// The session's TSIH, as the target assigned it.
     pub tsih: u16,
@@ -66,7 +66,7 @@ pub(crate) struct Link {
     pub what: String,
 }
 
-/// A target SendTargets discovery found.
+/// A target `SendTargets` discovery found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiscoveredTarget {
     /// Its name (IQN).
@@ -110,7 +110,16 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
 
 impl Link {
     pub(crate) fn new(stream: TcpStream, portal: String, what: String) -> Link {
-        Link { stream, digests: Digests::default(), cmd_sn: 1, exp_stat_sn: 0, max_cmd_sn: 1, next_itt: 1, portal, what }
+        Link {
+            stream,
+            digests: Digests::default(),
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+            max_cmd_sn: 1,
+            next_itt: 1,
+            portal,
+            what,
+        }
     }
 
     fn itt(&mut self) -> u32 {
@@ -154,7 +163,13 @@ impl Link {
     }
 
     /// One login request and its whole answer (continuations joined).
-    fn login_exchange(&mut self, isid: [u8; 6], tsih: u16, stage: (u8, u8, bool), keys: &[(&str, &str)]) -> Result<(Pdu, Pairs)> {
+    fn login_exchange(
+        &mut self,
+        isid: [u8; 6],
+        tsih: u16,
+        stage: (u8, u8, bool),
+        keys: &[(&str, &str)],
+    ) -> Result<(Pdu, Pairs)> {
         let (csg, nsg, transit) = stage;
         let mut data = text::encode(keys.iter().copied());
         let mut collected = Vec::new();
@@ -202,7 +217,10 @@ impl Link {
     }
 
     fn protocol(&self, why: &str) -> Error {
-        Error::new(ErrorKind::Protocol, format!("{} (portal {}): the target broke the iSCSI protocol: {why}", self.what, self.portal))
+        Error::new(
+            ErrorKind::Protocol,
+            format!("{} (portal {}): the target broke the iSCSI protocol: {why}", self.what, self.portal),
+        )
     }
 
     fn status_error(&self, class: u8, detail: u8, data: &[u8]) -> Error {
@@ -213,7 +231,10 @@ impl Link {
                 let moved = text::parse(data).ok().and_then(|p| text::get(&p, "TargetAddress").map(String::from));
                 Error::new(
                     ErrorKind::Unsupported,
-                    format!("{what}: the target moved to {} ({code}); use that portal", moved.as_deref().unwrap_or("another portal")),
+                    format!(
+                        "{what}: the target moved to {} ({code}); use that portal",
+                        moved.as_deref().unwrap_or("another portal")
+                    ),
                 )
             }
             (2, 1) => Error::new(ErrorKind::PermissionDenied, format!("{what}: authentication failed ({code})")),
@@ -221,10 +242,19 @@ impl Link {
                 ErrorKind::PermissionDenied,
                 format!("{what}: the target does not allow this initiator ({code}: authorization failure)"),
             ),
-            (2, 3) => Error::new(ErrorKind::NotFound, format!("{what}: the portal {} has no such target ({code})", self.portal)),
+            (2, 3) => Error::new(
+                ErrorKind::NotFound,
+                format!("{what}: the portal {} has no such target ({code})", self.portal),
+            ),
             (2, 4) => Error::new(ErrorKind::NotFound, format!("{what}: the target was removed ({code})")),
-            (2, _) => Error::new(ErrorKind::Protocol, format!("{what}: the target refused the login ({code}: initiator error)")),
-            (3, _) => Error::new(ErrorKind::Connection, format!("{what}: the target could not log us in ({code}: target error)")),
+            (2, _) => Error::new(
+                ErrorKind::Protocol,
+                format!("{what}: the target refused the login ({code}: initiator error)"),
+            ),
+            (3, _) => Error::new(
+                ErrorKind::Connection,
+                format!("{what}: the target could not log us in ({code}: target error)"),
+            ),
             _ => Error::new(ErrorKind::Protocol, format!("{what}: the login failed ({code})")),
         }
     }
@@ -299,7 +329,8 @@ pub(crate) fn login(link: &mut Link, who: &Login<'_>) -> Result<Negotiated> {
     }
     // Operational stage.
     let digest = if who.prefer_digests { "CRC32C,None" } else { "None,CRC32C" };
-    let (mrdsl, max_burst, first_burst) = (OUR_MRDSL.to_string(), OUR_MAX_BURST.to_string(), OUR_FIRST_BURST.to_string());
+    let (mrdsl, max_burst, first_burst) =
+        (OUR_MRDSL.to_string(), OUR_MAX_BURST.to_string(), OUR_FIRST_BURST.to_string());
     let mut ops: Vec<(&str, &str)> = vec![
         ("HeaderDigest", digest),
         ("DataDigest", digest),
@@ -335,12 +366,18 @@ pub(crate) fn login(link: &mut Link, who: &Login<'_>) -> Result<Negotiated> {
         resp = r;
         ops_answers.extend(p);
     }
-    let negotiated = negotiate(&ops_answers, u16::from_be_bytes([resp.bhs[14], resp.bhs[15]])).map_err(|why| link.protocol(&why))?;
+    let negotiated =
+        negotiate(&ops_answers, u16::from_be_bytes([resp.bhs[14], resp.bhs[15]])).map_err(|why| link.protocol(&why))?;
     link.digests = negotiated.digests;
     Ok(negotiated)
 }
 
-fn chap_exchange(link: &mut Link, isid: [u8; 6], credentials: &Credentials, ours: &crate::options::Secret) -> Result<(Pdu, Pairs)> {
+fn chap_exchange(
+    link: &mut Link,
+    isid: [u8; 6],
+    credentials: &Credentials,
+    ours: &crate::options::Secret,
+) -> Result<(Pdu, Pairs)> {
     let (_, pairs) = link.login_exchange(isid, 0, (0, 1, false), &[("CHAP_A", "5")])?;
     if text::get(&pairs, "CHAP_A") != Some("5") {
         return Err(link.protocol(&format!("CHAP_A answered {:?} to an offer of 5 (MD5)", text::get(&pairs, "CHAP_A"))));
@@ -465,7 +502,7 @@ pub(crate) fn logout(link: &mut Link) -> Result<()> {
     Ok(())
 }
 
-/// SendTargets=All in a discovery session on `link` (logged in), then logout.
+/// `SendTargets`=All in a discovery session on `link` (logged in), then logout.
 pub(crate) fn send_targets(link: &mut Link) -> Result<Vec<DiscoveredTarget>> {
     let mut collected = Vec::new();
     let mut ttt = pdu::RESERVED_TAG;
@@ -513,7 +550,7 @@ pub(crate) fn send_targets(link: &mut Link) -> Result<Vec<DiscoveredTarget>> {
 }
 
 /// Lists the targets of the portal of `address` (`iscsi://[USER@]HOST[:PORT][/…]`, or plain
-/// `HOST[:PORT]`) with SendTargets discovery: for `blksync list-targets`, and for the message
+/// `HOST[:PORT]`) with `SendTargets` discovery: for `blksync list-targets`, and for the message
 /// about a target name the portal does not have.
 pub fn discover(address: &str, options: &IscsiOptions) -> Result<Vec<DiscoveredTarget>> {
     let address = crate::address::parse_portal(address)?;
@@ -522,7 +559,10 @@ pub fn discover(address: &str, options: &IscsiOptions) -> Result<Vec<DiscoveredT
     let stream = connect(address.host(), address.port(), &what)?;
     let mut link = Link::new(stream, address.portal(), what);
     let initiator = options.initiator();
-    login(&mut link, &Login { initiator: &initiator, target: None, credentials: &credentials, prefer_digests: options.digests })?;
+    login(
+        &mut link,
+        &Login { initiator: &initiator, target: None, credentials: &credentials, prefer_digests: options.digests },
+    )?;
     send_targets(&mut link)
 }
 
@@ -538,7 +578,12 @@ mod tests {
     fn unanswered_keys_take_the_rfc_defaults() {
         // What tgtd answers: no MaxRecvDataSegmentLength.
         let n = negotiate(
-            &pairs(&[("HeaderDigest", "None"), ("InitialR2T", "Yes"), ("MaxBurstLength", "262144"), ("FirstBurstLength", "65536")]),
+            &pairs(&[
+                ("HeaderDigest", "None"),
+                ("InitialR2T", "Yes"),
+                ("MaxBurstLength", "262144"),
+                ("FirstBurstLength", "65536"),
+            ]),
             5,
         )
         .unwrap();

@@ -26,7 +26,7 @@ pub struct IscsiOptions {
     pub digests: bool,
     /// Bytes per READ(16)/WRITE(16) command (default 256 KiB; rounded to whole blocks).
     pub request_size: usize,
-    /// Commands in flight at most (default 32), within the target's CmdSN window.
+    /// Commands in flight at most (default 32), within the target's `CmdSN` window.
     pub queue_depth: usize,
     /// Read the environment (`LIBISCSI_CHAP_*`) for secrets; tests turn it off.
     pub use_environment: bool,
@@ -89,7 +89,7 @@ pub struct Credentials {
     pub initiator: Option<Secret>,
     /// The target's, which it must prove to us (mutual CHAP).
     pub target: Option<Secret>,
-    /// Where they came from, for messages ("the address", "LIBISCSI_CHAP_PASSWORD", a file).
+    /// Where they came from, for messages ("the address", "`LIBISCSI_CHAP_PASSWORD`", a file).
     pub source: String,
 }
 
@@ -105,11 +105,10 @@ impl Credentials {
         let mut sources = Vec::new();
         let mut pick = |values: [(Option<String>, &'static str); 3]| {
             values.into_iter().find_map(|(v, from)| {
-                v.filter(|v| !v.is_empty()).map(|v| {
+                v.filter(|v| !v.is_empty()).inspect(|_| {
                     if !sources.contains(&from) {
                         sources.push(from);
                     }
-                    v
                 })
             })
         };
@@ -124,8 +123,11 @@ impl Credentials {
             (env("LIBISCSI_CHAP_PASSWORD"), "LIBISCSI_CHAP_PASSWORD"),
             (file.password.clone(), file_name),
         ]);
-        let target_user =
-            pick([(None, ""), (env("LIBISCSI_CHAP_TARGET_USERNAME"), "LIBISCSI_CHAP_TARGET_USERNAME"), (file.target_user.clone(), file_name)]);
+        let target_user = pick([
+            (None, ""),
+            (env("LIBISCSI_CHAP_TARGET_USERNAME"), "LIBISCSI_CHAP_TARGET_USERNAME"),
+            (file.target_user.clone(), file_name),
+        ]);
         let target_password = pick([
             (None, ""),
             (env("LIBISCSI_CHAP_TARGET_PASSWORD"), "LIBISCSI_CHAP_TARGET_PASSWORD"),
@@ -179,9 +181,7 @@ fn read_secrets_file(path: &std::path::Path) -> Result<SecretsFile> {
             "target_user" => &mut out.target_user,
             "target_password" => &mut out.target_password,
             other => {
-                return Err(bad(&format!(
-                    "unknown key {other:?} (user, password, target_user, target_password)"
-                )));
+                return Err(bad(&format!("unknown key {other:?} (user, password, target_user, target_password)")));
             }
         };
         *slot = Some(value.trim().to_string());

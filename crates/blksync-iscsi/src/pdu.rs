@@ -69,7 +69,7 @@ pub mod flag {
     pub const TRANSIT: u8 = 0x80;
     /// Login and Text: the text continues in the next PDU.
     pub const CONTINUE: u8 = 0x40;
-    /// Data-In: acknowledge (needs ErrorRecoveryLevel ≥ 1).
+    /// Data-In: acknowledge (needs `ErrorRecoveryLevel` ≥ 1).
     pub const ACK: u8 = 0x40;
     /// Data-In and SCSI Response: residual overflow.
     pub const OVERFLOW: u8 = 0x04;
@@ -178,19 +178,19 @@ impl Pdu {
         self.u32_at(20)
     }
 
-    /// StatSN (bytes 24-27 of target PDUs).
+    /// `StatSN` (bytes 24-27 of target PDUs).
     #[must_use]
     pub fn stat_sn(&self) -> u32 {
         self.u32_at(24)
     }
 
-    /// ExpCmdSN and MaxCmdSN (bytes 28-35 of target PDUs).
+    /// `ExpCmdSN` and `MaxCmdSN` (bytes 28-35 of target PDUs).
     #[must_use]
     pub fn cmd_window(&self) -> (u32, u32) {
         (self.u32_at(28), self.u32_at(32))
     }
 
-    /// DataSegmentLength as announced (bytes 5-7).
+    /// `DataSegmentLength` as announced (bytes 5-7).
     #[must_use]
     pub fn announced_data_len(&self) -> usize {
         data_len(&self.bhs)
@@ -206,7 +206,7 @@ impl Pdu {
     }
 }
 
-/// DataSegmentLength of a BHS.
+/// `DataSegmentLength` of a BHS.
 #[must_use]
 pub fn data_len(bhs: &[u8; BHS_LEN]) -> usize {
     usize::from(bhs[5]) << 16 | usize::from(bhs[6]) << 8 | usize::from(bhs[7])
@@ -319,6 +319,9 @@ pub fn sn_after(a: u32, b: u32) -> bool {
 /// Feeds `data` to every decoder: the PDU reader (with and without digests), the text parser
 /// and the SCSI parsers. Any input must give a value or an error, never a panic; what decodes
 /// must encode back to itself. For the fuzz target and the random-input tests.
+///
+/// # Panics
+/// When a decoded PDU or text does not encode back to what was decoded (a bug).
 pub fn exercise_decoders(data: &[u8]) {
     for digests in [Digests::default(), Digests { header: true, data: true }] {
         let mut input = data;

@@ -1,8 +1,8 @@
 //! The full feature phase of one session (docs/ISCSI.md, "Full feature phase"): many SCSI
-//! commands in flight on one connection, within the target's CmdSN window.
+//! commands in flight on one connection, within the target's `CmdSN` window.
 //!
 //! ```text
-//!  callers ──register (state lock: ITT, CmdSN)──▶ outgoing queue ──▶ writer thread ──▶ socket
+//!  callers ──register (state lock: ITT, `CmdSN`)──▶ outgoing queue ──▶ writer thread ──▶ socket
 //!  reader thread ◀── PDUs ──────────────────────────────────────────────────────────── socket
 //!      ├─ Data-In: into the task's buffer (in order, within its length)
 //!      ├─ R2T: queues Data-Out PDUs from the task's data
@@ -13,7 +13,7 @@
 //! Only the writer thread writes to the socket, and the reader never waits for it (the queue is
 //! unbounded; it holds at most the PDUs of the commands in flight), so the reader always drains
 //! the socket and a target blocked on a full send buffer cannot deadlock against us. Commands
-//! are numbered and queued in one step under the state lock, so they reach the target in CmdSN
+//! are numbered and queued in one step under the state lock, so they reach the target in `CmdSN`
 //! order. When the reader stops (end of file, an error, a protocol violation), every task in
 //! flight fails with the cause, and so does every later command: nothing waits forever.
 
@@ -52,6 +52,17 @@ pub(crate) enum Data {
     In(u32),
     /// Data to the target: this range of a shared buffer.
     Out(Arc<Vec<u8>>, Range<usize>),
+}
+
+impl Data {
+    /// The same data again (the buffer is shared, not copied), for a command sent again.
+    pub(crate) fn again(&self) -> Data {
+        match self {
+            Data::None => Data::None,
+            Data::In(n) => Data::In(*n),
+            Data::Out(buf, range) => Data::Out(Arc::clone(buf), range.clone()),
+        }
+    }
 }
 
 /// A completed command: its SCSI status, sense and data.
@@ -130,8 +141,8 @@ impl Shared {
         self.queue(Out::Stop);
     }
 
-    /// Takes ExpCmdSN/MaxCmdSN from a target PDU (RFC 7143 §4.2.2.1: only a sane pair, and
-    /// MaxCmdSN only forwards).
+    /// Takes `ExpCmdSN`/`MaxCmdSN` from a target PDU (RFC 7143 §4.2.2.1: only a sane pair, and
+    /// `MaxCmdSN` only forwards).
     fn window(state: &mut State, pdu: &Pdu) -> bool {
         let (exp, max) = pdu.cmd_window();
         if pdu::sn_after(exp, max.wrapping_add(1)) || !pdu::sn_after(max, state.max_cmd_sn) {
@@ -194,7 +205,7 @@ impl Session {
         &self.shared.terms
     }
 
-    /// Sends a command and returns where its completion will arrive. Waits while the CmdSN
+    /// Sends a command and returns where its completion will arrive. Waits while the `CmdSN`
     /// window is shut or `depth` commands are in flight.
     pub(crate) fn submit(&self, lun: [u8; 8], cdb: &Cdb, data: Data) -> Result<Receiver<Completion>, Cause> {
         let terms = self.shared.terms;
@@ -317,8 +328,15 @@ impl Drop for Session {
 }
 
 /// Queues the Data-Out PDUs of `[rel.start, rel.end)` of a write (relative to its data), each
-/// at most the target's MaxRecvDataSegmentLength, DataSN from 0, F on the last.
-fn data_out(shared: &Shared, state: &State, data: &Arc<Vec<u8>>, base: usize, tags: (u32, u32, [u8; 8]), rel: Range<usize>) {
+/// at most the target's `MaxRecvDataSegmentLength`, `DataSN` from 0, F on the last.
+fn data_out(
+    shared: &Shared,
+    state: &State,
+    data: &Arc<Vec<u8>>,
+    base: usize,
+    tags: (u32, u32, [u8; 8]),
+    rel: Range<usize>,
+) {
     let (itt, ttt, lun) = tags;
     let max = shared.terms.target_mrdsl as usize;
     let mut at = rel.start;
@@ -390,85 +408,9 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
     let itt = pdu.itt();
     match pdu.opcode() {
         opcode::DATA_IN => data_in(shared, input, &pdu, len),
-        opcode::SCSI_RESPONSE => {
-            let data = pdu::read_data(input, len, len, digests).map_err(wire)?;
-            let sense = if data.len() >= 2 {
-                let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
-                if n + 2 > data.len() {
-                    return Err(protocol(format!("SenseLength {n} in a data segment of {} bytes", data.len())));
-                }
-                data[2..2 + n.min(MAX_SENSE)].to_vec()
-            } else {
-                Vec::new()
-            };
-            let mut state = shared.lock();
-            Shared::window(&mut state, &pdu);
-            state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
-            let task = state.tasks.remove(&itt).ok_or_else(|| protocol(format!("a SCSI Response for task {itt:#x}, which is not in flight")))?;
-            let data = match task.kind {
-                Kind::Read { mut buf, received } => {
-                    buf.truncate(received);
-                    buf
-                }
-                _ => Vec::new(),
-            };
-            let _ = task.tx.send(Ok(Response { response: pdu.bhs[2], status: pdu.bhs[3], sense, data }));
-            drop(state);
-            shared.changed.notify_all();
-            Ok(())
-        }
-        opcode::R2T => {
-            if len != 0 {
-                return Err(protocol("an R2T with data"));
-            }
-            let mut state = shared.lock();
-            let moved = Shared::window(&mut state, &pdu);
-            let Some(Task { kind: Kind::Write { data, range }, lun, .. }) = state.tasks.get(&itt) else {
-                return Err(protocol(format!("an R2T for task {itt:#x}, which is no write in flight")));
-            };
-            let (offset, want) = (pdu.u32_at(40) as usize, pdu.u32_at(44) as usize);
-            if want == 0 || want > terms.max_burst as usize || offset.checked_add(want).is_none_or(|e| e > range.len()) {
-                return Err(protocol(format!(
-                    "an R2T for bytes {offset}+{want} of a write of {} (MaxBurstLength {})",
-                    range.len(),
-                    terms.max_burst
-                )));
-            }
-            let (data, base, lun) = (Arc::clone(data), range.start, *lun);
-            data_out(shared, &state, &data, base, (itt, pdu.ttt(), lun), offset..offset + want);
-            drop(state);
-            if moved {
-                shared.changed.notify_all();
-            }
-            Ok(())
-        }
-        opcode::NOP_IN => {
-            let data = pdu::read_data(input, len, len, digests).map_err(wire)?;
-            if itt != RESERVED_TAG {
-                return Err(protocol("a NOP-In answering a NOP-Out we never sent"));
-            }
-            let mut state = shared.lock();
-            let moved = Shared::window(&mut state, &pdu);
-            if pdu.ttt() != RESERVED_TAG {
-                // A ping: answer with the same TTT and LUN, echoing its data.
-                let mut out = Pdu::new(opcode::NOP_OUT);
-                out.set_immediate();
-                out.bhs[1] = flag::FINAL;
-                out.bhs[8..16].copy_from_slice(&pdu.bhs[8..16]);
-                out.set_u32(16, RESERVED_TAG);
-                out.set_u32(20, pdu.ttt());
-                out.set_u32(24, state.cmd_sn);
-                out.set_u32(28, state.exp_stat_sn);
-                let n = data.len();
-                let payload = (n > 0).then(|| (Arc::new(data), 0..n));
-                shared.queue(Out::Pdu { header: pdu::header(&out.bhs, n, digests), data: payload });
-            }
-            drop(state);
-            if moved {
-                shared.changed.notify_all();
-            }
-            Ok(())
-        }
+        opcode::SCSI_RESPONSE => scsi_response(shared, input, &pdu, len),
+        opcode::R2T => r2t(shared, &pdu, len),
+        opcode::NOP_IN => nop_in(shared, input, &pdu, len),
         opcode::LOGOUT_RESPONSE => {
             let _ = pdu::read_data(input, len, len, digests).map_err(wire)?;
             let mut state = shared.lock();
@@ -499,7 +441,8 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
         opcode::REJECT => {
             let data = pdu::read_data(input, len, len, digests).map_err(wire)?;
             let reason = pdu.bhs[2];
-            let rejected = (data.len() >= pdu::BHS_LEN).then(|| u32::from_be_bytes([data[16], data[17], data[18], data[19]]));
+            let rejected =
+                (data.len() >= pdu::BHS_LEN).then(|| u32::from_be_bytes([data[16], data[17], data[18], data[19]]));
             let mut state = shared.lock();
             Shared::window(&mut state, &pdu);
             state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
@@ -516,6 +459,99 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
         }
         other => Err(protocol(format!("a PDU of opcode {other:#04x} in the full feature phase"))),
     }
+}
+
+/// A SCSI Response: status and sense complete the task.
+fn scsi_response(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+    let itt = pdu.itt();
+    let data = pdu::read_data(input, len, len, shared.terms.digests).map_err(wire)?;
+    let sense = if data.len() >= 2 {
+        let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
+        if n + 2 > data.len() {
+            return Err(protocol(format!("SenseLength {n} in a data segment of {} bytes", data.len())));
+        }
+        data[2..2 + n.min(MAX_SENSE)].to_vec()
+    } else {
+        Vec::new()
+    };
+    let mut state = shared.lock();
+    Shared::window(&mut state, pdu);
+    state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
+    let task = state
+        .tasks
+        .remove(&itt)
+        .ok_or_else(|| protocol(format!("a SCSI Response for task {itt:#x}, which is not in flight")))?;
+    let data = match task.kind {
+        Kind::Read { mut buf, received } => {
+            buf.truncate(received);
+            buf
+        }
+        _ => Vec::new(),
+    };
+    let _ = task.tx.send(Ok(Response { response: pdu.bhs[2], status: pdu.bhs[3], sense, data }));
+    drop(state);
+    shared.changed.notify_all();
+    Ok(())
+}
+
+/// An R2T: the Data-Out PDUs of the range it asks for are queued.
+fn r2t(shared: &Shared, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+    let itt = pdu.itt();
+    let terms = shared.terms;
+    if len != 0 {
+        return Err(protocol("an R2T with data"));
+    }
+    let mut state = shared.lock();
+    let moved = Shared::window(&mut state, pdu);
+    let Some(Task { kind: Kind::Write { data, range }, lun, .. }) = state.tasks.get(&itt) else {
+        return Err(protocol(format!("an R2T for task {itt:#x}, which is no write in flight")));
+    };
+    let (offset, want) = (pdu.u32_at(40) as usize, pdu.u32_at(44) as usize);
+    if want == 0 || want > terms.max_burst as usize || offset.checked_add(want).is_none_or(|e| e > range.len()) {
+        return Err(protocol(format!(
+            "an R2T for bytes {offset}+{want} of a write of {} (MaxBurstLength {})",
+            range.len(),
+            terms.max_burst
+        )));
+    }
+    let (data, base, lun) = (Arc::clone(data), range.start, *lun);
+    data_out(shared, &state, &data, base, (itt, pdu.ttt(), lun), offset..offset + want);
+    drop(state);
+    if moved {
+        shared.changed.notify_all();
+    }
+    Ok(())
+}
+
+/// A NOP-In: a ping (a TTT) is answered; either way it may open the window.
+fn nop_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+    let itt = pdu.itt();
+    let digests = shared.terms.digests;
+    let data = pdu::read_data(input, len, len, digests).map_err(wire)?;
+    if itt != RESERVED_TAG {
+        return Err(protocol("a NOP-In answering a NOP-Out we never sent"));
+    }
+    let mut state = shared.lock();
+    let moved = Shared::window(&mut state, pdu);
+    if pdu.ttt() != RESERVED_TAG {
+        // A ping: answer with the same TTT and LUN, echoing its data.
+        let mut out = Pdu::new(opcode::NOP_OUT);
+        out.set_immediate();
+        out.bhs[1] = flag::FINAL;
+        out.bhs[8..16].copy_from_slice(&pdu.bhs[8..16]);
+        out.set_u32(16, RESERVED_TAG);
+        out.set_u32(20, pdu.ttt());
+        out.set_u32(24, state.cmd_sn);
+        out.set_u32(28, state.exp_stat_sn);
+        let n = data.len();
+        let payload = (n > 0).then(|| (Arc::new(data), 0..n));
+        shared.queue(Out::Pdu { header: pdu::header(&out.bhs, n, digests), data: payload });
+    }
+    drop(state);
+    if moved {
+        shared.changed.notify_all();
+    }
+    Ok(())
 }
 
 /// A Data-In PDU: its data straight into the task's buffer, in order and within its length.
@@ -619,7 +655,15 @@ mod tests {
             let (link, mut server) = pair();
             let mut bytes = Vec::new();
             for _ in 0..=next() % 5 {
-                let ops = [opcode::DATA_IN, opcode::SCSI_RESPONSE, opcode::R2T, opcode::NOP_IN, opcode::REJECT, opcode::ASYNC, next() as u8];
+                let ops = [
+                    opcode::DATA_IN,
+                    opcode::SCSI_RESPONSE,
+                    opcode::R2T,
+                    opcode::NOP_IN,
+                    opcode::REJECT,
+                    opcode::ASYNC,
+                    next() as u8,
+                ];
                 let mut p = Pdu::new(ops[(next() % 7) as usize]);
                 p.bhs[1] = next() as u8;
                 p.bhs[3] = (next() % 3) as u8;

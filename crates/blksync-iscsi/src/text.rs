@@ -33,9 +33,12 @@ pub fn parse(data: &[u8]) -> Result<Pairs, String> {
             return Err(format!("more than {MAX_PAIRS} text keys"));
         }
         let text = std::str::from_utf8(pair).map_err(|_| "a text key that is not UTF-8".to_string())?;
-        let (key, value) = text.split_once('=').ok_or_else(|| format!("a text key without '=': {:.64}", text))?;
-        if key.is_empty() || key.len() > MAX_KEY || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b".-+@_".contains(&b)) {
-            return Err(format!("a bad text key name {:.64}", key));
+        let (key, value) = text.split_once('=').ok_or_else(|| format!("a text key without '=': {text:.64}"))?;
+        if key.is_empty()
+            || key.len() > MAX_KEY
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b".-+@_".contains(&b))
+        {
+            return Err(format!("a bad text key name {key:.64}"));
         }
         if value.len() > MAX_VALUE {
             return Err(format!("a value of {} bytes for {key}", value.len()));

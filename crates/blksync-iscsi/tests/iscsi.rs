@@ -152,9 +152,11 @@ fn chap_with_the_right_secret_logs_in_and_the_wrong_one_is_a_clear_error() {
 fn mutual_chap_checks_that_the_target_knows_its_secret() {
     require_tgtd!();
     let dir = tempfile::tempdir().unwrap();
-    let tgtd = Tgtd::start(dir.path(), &["--size", "4M", "--chap", "alice:in-secret-1", "--mutual", "target:out-secret-2"]);
+    let tgtd =
+        Tgtd::start(dir.path(), &["--size", "4M", "--chap", "alice:in-secret-1", "--mutual", "target:out-secret-2"]);
     let secrets = dir.path().join("secrets");
-    std::fs::write(&secrets, "user=alice\npassword=in-secret-1\ntarget_user=target\ntarget_password=out-secret-2\n").unwrap();
+    std::fs::write(&secrets, "user=alice\npassword=in-secret-1\ntarget_user=target\ntarget_password=out-secret-2\n")
+        .unwrap();
     let o = IscsiOptions { secrets_file: Some(secrets.clone()), ..options() };
     let lun = Iscsi::open(&tgtd.url, true, &o).unwrap();
     lun.write_at(&[7; 4096], 0).unwrap();
@@ -227,7 +229,10 @@ fn a_thin_lun_punches_holes_for_zeros_and_reports_them() {
     assert_eq!(read(&lun, 6 * MIB, 4 * MIB as usize), vec![0; 4 * MIB as usize]);
     assert_eq!(read(&lun, 4 * MIB, 4096), pattern(8 * MIB as usize, 5)[..4096]);
     let after = std::fs::metadata(&tgtd.file).unwrap().blocks();
-    assert!(allocated - after >= 4 * MIB / 512, "the zeroed range became a hole in the file: {allocated} -> {after} sectors");
+    assert!(
+        allocated - after >= 4 * MIB / 512,
+        "the zeroed range became a hole in the file: {allocated} -> {after} sectors"
+    );
     Box::new(lun).close().unwrap();
 
     // A new session asks the target afresh.
@@ -284,7 +289,11 @@ fn a_sync_from_a_thin_lun_reads_only_its_data_and_a_sync_onto_it_makes_holes() {
     let lun = open(&tgtd.url, false).unwrap();
     let counting = Counting { inner: &lun, read: std::sync::Mutex::new(Vec::new()) };
     let copy = dir.path().join("copy.img");
-    let target = blksync::endpoint::local::Local::open_target(&copy, blksync::endpoint::OpenTarget { create: true, ..Default::default() }).unwrap();
+    let target = blksync::endpoint::local::Local::open_target(
+        &copy,
+        blksync::endpoint::OpenTarget { create: true, ..Default::default() },
+    )
+    .unwrap();
     let options = blksync::sync::SyncOptions { threads: 2, ..Default::default() };
     let cancel = AtomicBool::new(false);
     let control = blksync::progress::Control { observer: &blksync::progress::Silent, cancel: &cancel };

@@ -58,7 +58,11 @@ impl Tgtd {
     pub fn start(dir: &Path, args: &[&str]) -> Tgtd {
         let lab = dir.join("lab");
         let out = Command::new(script()).arg("start").arg("--dir").arg(&lab).args(args).output().unwrap();
-        assert!(out.status.success(), "tests/lab/iscsi start {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tests/lab/iscsi start {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8(out.stdout).unwrap();
         let var = |name: &str| {
             let line = text
