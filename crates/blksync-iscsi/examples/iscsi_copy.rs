@@ -3,7 +3,7 @@
 //! and trying a target by hand.
 //!
 //! ```text
-//! iscsi_copy read URL FILE [--threads 2] [--buffer 2M] [--request 256K] [--depth 32]
+//! iscsi_copy read URL FILE|- [--threads 2] [--buffer 2M] [--request 256K] [--depth 32]
 //! iscsi_copy write FILE URL [same options]
 //! ```
 //! Secrets: the address, `LIBISCSI_CHAP_PASSWORD`, or `--secrets FILE`.
@@ -71,9 +71,14 @@ fn main() {
 
 fn read(url: &str, path: &str, threads: usize, buffer: usize, options: &IscsiOptions) -> blksync_core::Result<()> {
     let lun = Iscsi::open(url, false, options)?;
-    let file = OpenOptions::new().create(true).write(true).truncate(true).open(path).expect("the output file");
+    // "-": read and discard (what iscsi-perf does), to see the initiator alone. An existing
+    // file is overwritten in place (not truncated), as a sync onto an existing image would.
+    let file = (path != "-")
+        .then(|| OpenOptions::new().create(true).write(true).truncate(false).open(path).expect("the output file"));
     let size = lun.size();
-    file.set_len(size).expect("set_len");
+    if let Some(f) = &file {
+        f.set_len(size).expect("set_len");
+    }
     let next = AtomicU64::new(0);
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1))
@@ -87,7 +92,9 @@ fn read(url: &str, path: &str, threads: usize, buffer: usize, options: &IscsiOpt
                         }
                         let n = (size - at).min(buffer as u64) as usize;
                         lun.read_at(&mut buf[..n], at)?;
-                        file.write_all_at(&buf[..n], at).expect("writing the file");
+                        if let Some(f) = &file {
+                            f.write_all_at(&buf[..n], at).expect("writing the file");
+                        }
                     }
                 })
             })
