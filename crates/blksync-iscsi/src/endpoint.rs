@@ -442,6 +442,7 @@ impl Iscsi {
                 )));
             }
             out[rel..rel + n].copy_from_slice(&r.data);
+            self.session.recycle(r.data);
             rel += n;
         }
         Ok(())

@@ -34,6 +34,13 @@ use crate::scsi::Cdb;
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sense data kept (SPC-4: 252 bytes at most).
 const MAX_SENSE: usize = 252;
+/// Bytes of read buffers kept for reuse: a fresh 256 KiB buffer is an `mmap` and 64 page
+/// faults, which cost more CPU than the network copy on a fast link.
+const POOL_BYTES: usize = 16 << 20;
+/// The reader's buffer: small, so that a large Data-In segment is read from the socket straight
+/// into the task's buffer (`BufReader` bypasses itself for reads larger than it), while the
+/// 48-byte headers still come a few per system call.
+const READ_BUFFER: usize = 16 << 10;
 
 /// Why a command failed without a SCSI status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +121,7 @@ struct Shared {
     out: Mutex<Sender<Out>>,
     socket: TcpStream,
     terms: Negotiated,
+    pool: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shared {
@@ -182,6 +190,7 @@ impl Session {
             out: Mutex::new(tx),
             socket: link.stream,
             terms,
+            pool: Mutex::new(Vec::new()),
         });
         let for_writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -189,7 +198,7 @@ impl Session {
             .spawn(move || write_loop(&for_writer, BufWriter::with_capacity(256 << 10, writing), &rx))?;
         let for_reader = Arc::clone(&shared);
         let reader = std::thread::Builder::new().name("iscsi-reader".into()).spawn(move || {
-            let mut input = BufReader::with_capacity(256 << 10, reading);
+            let mut input = BufReader::with_capacity(READ_BUFFER, reading);
             let cause = loop {
                 if let Err(cause) = read_one(&for_reader, &mut input) {
                     break cause;
@@ -241,7 +250,7 @@ impl Session {
             Data::None => (Kind::None, 0, None, 0..0),
             Data::In(len) => {
                 flags |= flag::READ;
-                (Kind::Read { buf: vec![0; len as usize], received: 0 }, len, None, 0..0)
+                (Kind::Read { buf: self.buffer(len as usize), received: 0 }, len, None, 0..0)
             }
             Data::Out(buf, range) => {
                 flags |= flag::WRITE;
@@ -268,6 +277,28 @@ impl Session {
         }
         state.tasks.insert(itt, Task { kind, lun, tx });
         Ok(rx)
+    }
+
+    /// A buffer of `len` bytes, recycled when one is at hand (its old bytes are overwritten by
+    /// the Data-In before anyone sees them: only what arrived is handed out).
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        match pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = pool.swap_remove(i);
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0; len],
+        }
+    }
+
+    /// Gives a read's buffer back for reuse.
+    pub(crate) fn recycle(&self, buf: Vec<u8>) {
+        let mut pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.iter().map(Vec::capacity).sum::<usize>() + buf.capacity() <= POOL_BYTES {
+            pool.push(buf);
+        }
     }
 
     /// Waits for a completion; a lost channel means the session died.
