@@ -17,7 +17,7 @@ use blksync_core::endpoint::{Segment, Source, Target};
 use blksync_core::{ErrorKind, Result};
 use blksync_iscsi::pdu::{Digests, Pdu, flag, opcode};
 use blksync_iscsi::{Iscsi, IscsiOptions, ZeroMethod};
-use support::{Tgtd, fake_target, next_command, pattern};
+use support::{Lun, Tgtd, fake_target, mini_target, next_command, pattern};
 
 const MIB: u64 = 1 << 20;
 
@@ -498,4 +498,119 @@ fn bad_addresses_are_refused_before_connecting() {
     for bad in ["iscsi://h", "iscsi://h:99999/iqn/1", "iscsi://h/iqn/1?x", "nbd://h/x"] {
         assert_eq!(open(bad, false).unwrap_err().kind(), ErrorKind::Usage, "{bad}");
     }
+}
+
+/// Two threads reading 2 MiB each, as the engine's workers do, keep 16 commands in flight: the
+/// target sees 16 READ(16) before it answers any (it holds them back until then).
+#[test]
+fn sixteen_commands_are_in_flight_at_once() {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&seen);
+    let mut held: Vec<Pdu> = Vec::new();
+    let hook: support::Hook = Box::new(move |p, conn, disk| {
+        if p.opcode() != opcode::SCSI_COMMAND || p.bhs[32] != 0x88 || held.len() >= 16 {
+            return false;
+        }
+        // A guard against a hang if fewer ever come (a failure, not a synchronisation).
+        conn.stream.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+        held.push(p.clone());
+        counter.fetch_max(held.len(), std::sync::atomic::Ordering::SeqCst);
+        if held.len() == 16 {
+            for cmd in &held {
+                let lba = u64::from_be_bytes(cmd.bhs[34..42].try_into().unwrap()) as usize;
+                let n = u32::from_be_bytes(cmd.bhs[42..46].try_into().unwrap()) as usize;
+                let d = disk.lock().unwrap()[lba * 512..(lba + n) * 512].to_vec();
+                conn.data_in(cmd.itt(), &d);
+            }
+        }
+        true
+    });
+    let (url, disk, handle) = mini_target(Lun { blocks: 8192, block_size: 512, thin_unmap: false }, hook);
+    disk.lock().unwrap().copy_from_slice(&pattern(4 * MIB as usize, 11));
+    let lun = open(&url, false).unwrap();
+    assert_eq!(lun.request_size(), 256 << 10);
+    std::thread::scope(|s| {
+        for i in 0..2u64 {
+            let lun = &lun;
+            s.spawn(move || {
+                assert_eq!(
+                    read(lun, i * 2 * MIB, 2 * MIB as usize),
+                    pattern(4 * MIB as usize, 11)[(i * 2 * MIB) as usize..((i + 1) * 2 * MIB) as usize]
+                );
+            });
+        }
+    });
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 16);
+    Box::new(lun).close().unwrap();
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_nop_in_ping_is_answered_and_unit_attention_is_retried() {
+    let pinged = std::sync::Arc::new(AtomicBool::new(false));
+    let flag_ = std::sync::Arc::clone(&pinged);
+    let mut reads = 0;
+    let hook: support::Hook = Box::new(move |p, conn, _| {
+        if p.opcode() != opcode::SCSI_COMMAND || p.bhs[32] != 0x88 {
+            return false;
+        }
+        reads += 1;
+        match reads {
+            1 => {
+                conn.nop_in(0x55);
+                let answer = conn.next().unwrap();
+                let ok = answer.opcode() == opcode::NOP_OUT && answer.ttt() == 0x55 && answer.itt() == 0xFFFF_FFFF;
+                flag_.store(ok, std::sync::atomic::Ordering::SeqCst);
+                conn.respond(p.itt(), 2, Some((6, 0x29, 0)));
+                true
+            }
+            _ => false,
+        }
+    });
+    let (url, disk, handle) = mini_target(Lun { blocks: 2048, block_size: 512, thin_unmap: false }, hook);
+    disk.lock().unwrap()[..4096].fill(5);
+    let lun = open(&url, false).unwrap();
+    assert_eq!(read(&lun, 0, 4096), vec![5; 4096], "read again after UNIT ATTENTION");
+    assert!(pinged.load(std::sync::atomic::Ordering::SeqCst), "the ping was answered with its TTT");
+    Box::new(lun).close().unwrap();
+    handle.join().unwrap();
+}
+
+#[test]
+fn a_target_asking_for_logout_fails_the_command_in_flight_as_connection() {
+    let hook: support::Hook = Box::new(|p, conn, _| {
+        if p.opcode() == opcode::SCSI_COMMAND && p.bhs[32] == 0x88 {
+            conn.async_event(1);
+            return true;
+        }
+        false
+    });
+    let (url, _disk, handle) = mini_target(Lun { blocks: 2048, block_size: 512, thin_unmap: false }, hook);
+    let lun = open(&url, false).unwrap();
+    let mut buf = vec![0; 4096];
+    let e = lun.read_at(&mut buf, 8192).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Connection, "{e}");
+    assert!(e.to_string().contains("asked for a logout") && e.to_string().contains("byte offset 8192"), "{e}");
+    drop(lun);
+    handle.join().unwrap();
+}
+
+/// A target with UNMAP but no WRITE SAME, which ignores UNMAP (it is advice): what it still
+/// reports mapped afterwards is written with zeros.
+#[test]
+fn zero_by_unmap_writes_zeros_where_the_target_kept_blocks_mapped() {
+    let (url, disk, handle) =
+        mini_target(Lun { blocks: 4096, block_size: 512, thin_unmap: true }, Box::new(|_, _, _| false));
+    let lun = open(&url, true).unwrap();
+    assert_eq!(lun.info().zero, ZeroMethod::Unmap);
+    assert!(lun.caps().zero_offload && lun.caps().holes);
+    lun.write_at(&pattern(MIB as usize, 12), 0).unwrap();
+    lun.zero(4096, 512 << 10).unwrap();
+    lun.flush().unwrap();
+    Box::new(lun).close().unwrap();
+    handle.join().unwrap();
+    let disk = disk.lock().unwrap();
+    assert!(disk[4096..4096 + (512 << 10)].iter().all(|&b| b == 0));
+    assert_eq!(disk[..4096], pattern(MIB as usize, 12)[..4096]);
+    assert_eq!(disk[4096 + (512 << 10)..MIB as usize], pattern(MIB as usize, 12)[4096 + (512 << 10)..]);
 }

@@ -183,3 +183,237 @@ pub fn fake_target(login_garbage: Option<Vec<u8>>, after: Script) -> (String, st
 pub fn next_command(s: &mut TcpStream) -> Option<Pdu> {
     pdu::read_pdu(s, Digests::default(), 1 << 20).ok()
 }
+
+/// The connection of the in-test target after login: sends answers with sequence numbers.
+pub struct Conn {
+    pub stream: TcpStream,
+    stat_sn: u32,
+    max_cmd_sn: u32,
+    /// Commands that came while a write's Data-Out was awaited: this target serves one
+    /// command at a time, the initiator sends many.
+    backlog: std::collections::VecDeque<Pdu>,
+}
+
+impl Conn {
+    /// The next PDU from the initiator.
+    pub fn next(&mut self) -> Option<Pdu> {
+        if let Some(p) = self.backlog.pop_front() {
+            return Some(p);
+        }
+        self.read()
+    }
+
+    fn read(&mut self) -> Option<Pdu> {
+        let p = pdu::read_pdu(&mut self.stream, Digests::default(), 1 << 20).ok()?;
+        if p.opcode() == opcode::SCSI_COMMAND {
+            self.max_cmd_sn = p.u32_at(24).wrapping_add(64);
+        }
+        Some(p)
+    }
+
+    fn stamp(&mut self, p: &mut Pdu, status: bool) {
+        p.set_u32(24, self.stat_sn);
+        if status {
+            self.stat_sn += 1;
+        }
+        p.set_u32(28, self.max_cmd_sn.wrapping_sub(63));
+        p.set_u32(32, self.max_cmd_sn);
+    }
+
+    pub fn send(&mut self, p: &Pdu) {
+        let _ = self.stream.write_all(&p.encode(Digests::default()));
+    }
+
+    /// A SCSI Response with `status` and, for CHECK CONDITION, fixed-format sense.
+    pub fn respond(&mut self, itt: u32, status: u8, sense: Option<(u8, u8, u8)>) {
+        let mut r = Pdu::new(opcode::SCSI_RESPONSE);
+        r.bhs[1] = flag::FINAL;
+        r.bhs[3] = status;
+        r.set_u32(16, itt);
+        self.stamp(&mut r, true);
+        if let Some((key, asc, ascq)) = sense {
+            let mut s = vec![0u8; 18];
+            s[0] = 0x70;
+            s[2] = key;
+            s[7] = 10;
+            s[12] = asc;
+            s[13] = ascq;
+            r.data = [(s.len() as u16).to_be_bytes().to_vec(), s].concat();
+        }
+        self.send(&r);
+    }
+
+    /// `data` as one Data-In PDU with GOOD status.
+    pub fn data_in(&mut self, itt: u32, data: &[u8]) {
+        let mut d = Pdu::new(opcode::DATA_IN);
+        d.bhs[1] = flag::FINAL | flag::STATUS;
+        d.set_u32(16, itt);
+        d.set_u32(20, pdu::RESERVED_TAG);
+        self.stamp(&mut d, true);
+        d.data = data.to_vec();
+        self.send(&d);
+    }
+
+    /// An unsolicited NOP-In: a ping when `ttt` is not the reserved tag.
+    pub fn nop_in(&mut self, ttt: u32) {
+        let mut n = Pdu::new(opcode::NOP_IN);
+        n.bhs[1] = flag::FINAL;
+        n.set_u32(16, pdu::RESERVED_TAG);
+        n.set_u32(20, ttt);
+        self.stamp(&mut n, false);
+        self.send(&n);
+    }
+
+    /// An Asynchronous Message with `event`.
+    pub fn async_event(&mut self, event: u8) {
+        let mut a = Pdu::new(opcode::ASYNC);
+        a.bhs[1] = flag::FINAL;
+        a.set_u32(16, pdu::RESERVED_TAG);
+        self.stamp(&mut a, true);
+        a.bhs[36] = event;
+        self.send(&a);
+    }
+
+    /// The data of a write: its immediate data, then R2Ts for the rest (≤ 256 KiB each).
+    pub fn receive_write(&mut self, cmd: &Pdu) -> Option<Vec<u8>> {
+        let total = cmd.u32_at(20) as usize;
+        let mut data = cmd.data.clone();
+        let mut r2t_sn = 0;
+        while data.len() < total {
+            let want = (total - data.len()).min(256 << 10);
+            let mut r = Pdu::new(opcode::R2T);
+            r.bhs[1] = flag::FINAL;
+            r.set_u32(16, cmd.itt());
+            r.set_u32(20, 0x100 + r2t_sn);
+            self.stamp(&mut r, false);
+            r.set_u32(36, r2t_sn);
+            r.set_u32(40, data.len() as u32);
+            r.set_u32(44, want as u32);
+            self.send(&r);
+            r2t_sn += 1;
+            loop {
+                let d = self.read()?;
+                if d.opcode() != opcode::DATA_OUT {
+                    self.backlog.push_back(d);
+                    continue;
+                }
+                assert_eq!(d.itt(), cmd.itt(), "Data-Out of the write asked for");
+                assert_eq!(d.u32_at(40) as usize, data.len(), "Data-Out in order");
+                data.extend_from_slice(&d.data);
+                if d.flags() & flag::FINAL != 0 {
+                    break;
+                }
+            }
+        }
+        Some(data)
+    }
+}
+
+/// How the in-test LUN looks.
+#[derive(Clone, Copy)]
+pub struct Lun {
+    pub blocks: u64,
+    pub block_size: u32,
+    /// READ CAPACITY's LBPME and LBPRZ, and VPD 0xB2's LBPU (UNMAP, no WRITE SAME).
+    pub thin_unmap: bool,
+}
+
+/// What a scripted target does with a PDU: `true` when the hook handled it.
+pub type Hook = Box<dyn FnMut(&Pdu, &mut Conn, &std::sync::Mutex<Vec<u8>>) -> bool + Send>;
+
+/// A fake target that logs in and serves a LUN in memory: TEST UNIT READY, INQUIRY (standard,
+/// VPD 0x00, 0xB2), READ CAPACITY(16), READ(16), WRITE(16), SYNCHRONIZE CACHE(16), UNMAP
+/// (deallocated blocks read as zeros) and GET LBA STATUS (nothing deallocated: every block
+/// "mapped"), one command at a time; `hook` sees every PDU first. Returns the address of LUN 1,
+/// the disk and the thread.
+pub fn mini_target(
+    lun: Lun,
+    mut hook: Hook,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+    let disk = std::sync::Arc::new(std::sync::Mutex::new(vec![0u8; (lun.blocks * u64::from(lun.block_size)) as usize]));
+    let for_thread = std::sync::Arc::clone(&disk);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (portal, handle) = fake_target(
+        None,
+        Box::new(move |s| {
+            let mut conn = Conn {
+                stream: s.try_clone().unwrap(),
+                stat_sn: 100,
+                max_cmd_sn: 64,
+                backlog: std::collections::VecDeque::new(),
+            };
+            let disk = for_thread;
+            let bs = lun.block_size as usize;
+            while let Some(p) = conn.next() {
+                if hook(&p, &mut conn, &disk) {
+                    continue;
+                }
+                match p.opcode() {
+                    opcode::LOGOUT_REQUEST => {
+                        let mut r = Pdu::new(opcode::LOGOUT_RESPONSE);
+                        r.bhs[1] = flag::FINAL;
+                        r.set_u32(16, p.itt());
+                        conn.stamp(&mut r, true);
+                        conn.send(&r);
+                        let _ = tx.send(());
+                        return;
+                    }
+                    opcode::SCSI_COMMAND => {}
+                    _ => continue,
+                }
+                let cdb = &p.bhs[32..48];
+                let itt = p.itt();
+                let lba = u64::from_be_bytes(cdb[2..10].try_into().unwrap()) as usize;
+                let n = u32::from_be_bytes(cdb[10..14].try_into().unwrap()) as usize;
+                match (cdb[0], cdb[1] & 0x1f, cdb[1] & 1, cdb[2]) {
+                    (0x00 | 0x91 | 0x35, ..) => conn.respond(itt, 0, None),
+                    (0x12, _, 0, _) => {
+                        let mut d = vec![0u8; 96];
+                        d[8..16].copy_from_slice(b"FAKE    ");
+                        d[16..32].copy_from_slice(b"MINI-TARGET     ");
+                        conn.data_in(itt, &d);
+                    }
+                    (0x12, _, 1, 0x00) => conn.data_in(itt, &[0, 0, 0, 2, 0x00, 0xB2]),
+                    (0x12, _, 1, 0xB2) => {
+                        let flags = if lun.thin_unmap { 0x80 | 0x04 } else { 0 };
+                        conn.data_in(itt, &[0, 0xB2, 0, 4, 0, flags, 0, 0]);
+                    }
+                    (0x12, ..) => conn.respond(itt, 2, Some((5, 0x24, 0))),
+                    (0x9E, 0x10, ..) => {
+                        let mut d = vec![0u8; 32];
+                        d[..8].copy_from_slice(&(lun.blocks - 1).to_be_bytes());
+                        d[8..12].copy_from_slice(&lun.block_size.to_be_bytes());
+                        if lun.thin_unmap {
+                            d[14] = 0xC0;
+                        }
+                        conn.data_in(itt, &d);
+                    }
+                    (0x9E, 0x12, ..) => {
+                        let mut d = vec![0u8; 24];
+                        d[..4].copy_from_slice(&20u32.to_be_bytes());
+                        d[8..16].copy_from_slice(&(lba as u64).to_be_bytes());
+                        d[16..20].copy_from_slice(&((lun.blocks as usize - lba) as u32).to_be_bytes());
+                        conn.data_in(itt, &d);
+                    }
+                    (0x88, ..) => {
+                        let d = disk.lock().unwrap()[lba * bs..(lba + n) * bs].to_vec();
+                        conn.data_in(itt, &d);
+                    }
+                    (0x8A, ..) => {
+                        let Some(data) = conn.receive_write(&p) else { return };
+                        disk.lock().unwrap()[lba * bs..lba * bs + data.len()].copy_from_slice(&data);
+                        conn.respond(itt, 0, None);
+                    }
+                    (0x42, ..) => {
+                        // UNMAP is advice: this target ignores it (its blocks stay mapped).
+                        let _ = conn.receive_write(&p);
+                        conn.respond(itt, 0, None);
+                    }
+                    _ => conn.respond(itt, 2, Some((5, 0x20, 0))),
+                }
+            }
+        }),
+    );
+    let _ = rx;
+    (format!("iscsi://{portal}/iqn.x:mini/1"), disk, handle)
+}
