@@ -5,6 +5,7 @@
 //! ```text
 //! iscsi_copy read URL FILE|- [--threads 2] [--buffer 2M] [--request 256K] [--depth 32]
 //! iscsi_copy write FILE URL [same options]
+//! iscsi_copy info URL -              (what the login agreed and what the LUN is)
 //! ```
 //! Secrets: the address, `LIBISCSI_CHAP_PASSWORD`, or `--secrets FILE`.
 
@@ -61,6 +62,15 @@ fn main() {
     let result = match mode {
         "read" => read(&from, &to, threads, buffer, &options),
         "write" => write(&from, &to, threads, buffer, &options),
+        "info" => Iscsi::open(&from, false, &options).map(|lun| {
+            println!(
+                "{:#?}\n{:#?}\n{:?}\nrequest size {}",
+                lun.negotiated(),
+                lun.info(),
+                lun.caps(),
+                lun.request_size()
+            );
+        }),
         _ => Err(blksync_core::Error::usage("mode is read or write")),
     };
     if let Err(e) = result {

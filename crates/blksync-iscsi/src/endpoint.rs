@@ -49,6 +49,8 @@ pub struct LunInfo {
     pub provisioning: Provisioning,
     /// GET LBA STATUS answered at LBA 0 (and LBPRZ holds), so holes can be reported.
     pub lba_status: bool,
+    /// MODE SENSE says the LUN is write-protected (false when it could not say).
+    pub write_protected: bool,
     /// How `zero` works.
     pub zero: ZeroMethod,
 }
@@ -122,6 +124,7 @@ impl Iscsi {
                 limits: BlockLimits::default(),
                 provisioning: Provisioning::default(),
                 lba_status: false,
+                write_protected: false,
                 zero: ZeroMethod::Write,
             },
             lun: scsi::lun_field(0),
@@ -140,6 +143,12 @@ impl Iscsi {
         endpoint.name = PathBuf::from(endpoint.address.to_string());
         endpoint.lun = scsi::lun_field(lun);
         endpoint.info = endpoint.probe(lun)?;
+        if writable && endpoint.info.write_protected {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("{}: the LUN is write-protected; refusing to open it as a destination", endpoint.address),
+            ));
+        }
         let block = endpoint.info.capacity.block_size as usize;
         let mut piece =
             if options.request_size == 0 { crate::options::DEFAULT_REQUEST_SIZE } else { options.request_size };
@@ -239,6 +248,10 @@ impl Iscsi {
         let r = self.command("reading the capacity of", None, &scsi::read_capacity16(), Data::In(32))?;
         let capacity =
             Capacity::parse(&r.data).ok_or_else(|| self.protocol("READ CAPACITY(16) data that make no sense"))?;
+        // A target without MODE SENSE says nothing: the first write's DATA PROTECT will.
+        let write_protected = self
+            .command("asking about", None, &scsi::mode_sense6(), Data::In(255))
+            .is_ok_and(|r| scsi::write_protected(&r.data) == Some(true));
         let mut limits = BlockLimits::default();
         let mut provisioning = Provisioning::default();
         if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0), 255), Data::In(255)) {
@@ -264,7 +277,7 @@ impl Iscsi {
             (true, false, true) if lba_status => ZeroMethod::Unmap,
             _ => ZeroMethod::Write,
         };
-        Ok(LunInfo { lun, inquiry, capacity, limits, provisioning, lba_status, zero })
+        Ok(LunInfo { lun, inquiry, capacity, limits, provisioning, lba_status, write_protected, zero })
     }
 
     fn protocol(&self, why: &str) -> Error {
@@ -664,7 +677,15 @@ impl Target for Iscsi {
             return Ok(());
         }
         let n = buf.len();
-        self.write_aligned(&Arc::new(buf.to_vec()), 0..n, offset)
+        // One copy, shared by every command and Data-Out PDU of this write; recycled after.
+        let mut copy = self.session.buffer(n);
+        copy.copy_from_slice(buf);
+        let copy = Arc::new(copy);
+        let result = self.write_aligned(&copy, 0..n, offset);
+        if let Ok(copy) = Arc::try_unwrap(copy) {
+            self.session.recycle(copy);
+        }
+        result
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {

@@ -177,7 +177,10 @@ impl Link {
         loop {
             let mut req = Pdu::new(opcode::LOGIN_REQUEST);
             req.set_immediate();
-            req.bhs[1] = (if transit { flag::TRANSIT } else { 0 }) | (csg << 2) | nsg;
+            // A request fetching the rest of a continued answer is empty and does not transit
+            // (RFC 7143 §11.12.2).
+            let t = transit && rounds == 0;
+            req.bhs[1] = (if t { flag::TRANSIT } else { 0 }) | (csg << 2) | nsg;
             req.bhs[8..14].copy_from_slice(&isid);
             req.bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
             let itt = self.itt();

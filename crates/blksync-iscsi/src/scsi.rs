@@ -56,6 +56,18 @@ pub fn inquiry(page: Option<u8>, len: u16) -> Cdb {
     }
 }
 
+/// MODE SENSE(6) of all pages, 255 bytes at most: only its header's WP bit is read.
+#[must_use]
+pub fn mode_sense6() -> Cdb {
+    cdb(&[0x1A, 0, 0x3F, 0, 0xFF, 0])
+}
+
+/// The WP (write protect) bit of MODE SENSE(6) data (byte 2, bit 7 of its header).
+#[must_use]
+pub fn write_protected(data: &[u8]) -> Option<bool> {
+    (data.len() >= 4).then(|| data[2] & 0x80 != 0)
+}
+
 /// REPORT LUNS (select report 0: all), `len` bytes at most.
 #[must_use]
 pub fn report_luns(len: u32) -> Cdb {
@@ -140,6 +152,7 @@ pub fn command_name(cdb: &Cdb) -> &'static str {
     match (cdb[0], cdb[1] & 0x1f) {
         (0x00, _) => "TEST UNIT READY",
         (0x12, _) => "INQUIRY",
+        (0x1A, _) => "MODE SENSE(6)",
         (0xA0, _) => "REPORT LUNS",
         (0x9E, 0x10) => "READ CAPACITY(16)",
         (0x9E, 0x12) => "GET LBA STATUS",
@@ -452,6 +465,7 @@ pub fn exercise_parsers(data: &[u8]) {
     let _ = Provisioning::parse(data);
     let _ = supported_pages(data);
     let _ = report_luns_parse(data);
+    let _ = write_protected(data);
     let _ = lba_status_parse(data, data.first().map_or(0, |&b| u64::from(b)));
 }
 

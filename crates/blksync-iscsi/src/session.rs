@@ -281,7 +281,7 @@ impl Session {
 
     /// A buffer of `len` bytes, recycled when one is at hand (its old bytes are overwritten by
     /// the Data-In before anyone sees them: only what arrived is handed out).
-    fn buffer(&self, len: usize) -> Vec<u8> {
+    pub(crate) fn buffer(&self, len: usize) -> Vec<u8> {
         let mut pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner);
         match pool.iter().position(|b| b.capacity() >= len) {
             Some(i) => {

@@ -494,6 +494,31 @@ fn a_hostile_target_gets_errors_never_panics_or_huge_allocations() {
 }
 
 #[test]
+fn an_ipv6_portal_in_brackets_works() {
+    require_tgtd!();
+    let dir = tempfile::tempdir().unwrap();
+    let tgtd = Tgtd::start(dir.path(), &["--size", "4M", "--addr", "::1"]);
+    assert!(tgtd.url.starts_with("iscsi://[::1]:"), "{}", tgtd.url);
+    let lun = open(&tgtd.url, true).unwrap();
+    lun.write_at(&[3; 512], 0).unwrap();
+    assert_eq!(read(&lun, 0, 512), vec![3; 512]);
+    assert_eq!(lun.address().host(), "::1");
+}
+
+#[test]
+fn a_write_protected_lun_opens_for_reading_only() {
+    require_tgtd!();
+    let dir = tempfile::tempdir().unwrap();
+    let tgtd = Tgtd::start(dir.path(), &["--size", "4M", "--readonly"]);
+    let lun = open(&tgtd.url, false).unwrap();
+    assert!(lun.info().write_protected);
+    assert_eq!(read(&lun, 0, 512), vec![0; 512]);
+    let e = open(&tgtd.url, true).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("write-protected"), "{e}");
+}
+
+#[test]
 fn bad_addresses_are_refused_before_connecting() {
     for bad in ["iscsi://h", "iscsi://h:99999/iqn/1", "iscsi://h/iqn/1?x", "nbd://h/x"] {
         assert_eq!(open(bad, false).unwrap_err().kind(), ErrorKind::Usage, "{bad}");
