@@ -619,6 +619,12 @@ fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: us
         Ok(())
     })();
     let mut state = shared.lock();
+    if let Some(cause) = &state.dead {
+        // The session died while the data was read (the writer failed): the task missed the
+        // roll call of `die` and fails here.
+        let _ = task.tx.send(Err(cause.clone()));
+        return result;
+    }
     let moved = Shared::window(&mut state, pdu);
     if result.is_err() || flags & flag::STATUS == 0 {
         state.tasks.insert(itt, task);
@@ -728,6 +734,54 @@ mod tests {
             drop(session);
             feeder.join().unwrap();
         }
+    }
+
+    /// With `InitialR2T=No`, unsolicited Data-Out (TTT 0xffffffff) follows the immediate data up
+    /// to `FirstBurstLength`, and the command PDU does not say F; the rest waits for an R2T.
+    #[test]
+    fn unsolicited_data_follows_immediate_data_when_initial_r2t_is_no() {
+        let (link, mut server) = pair();
+        let t = Negotiated { initial_r2t: false, first_burst: 16384, target_mrdsl: 4096, ..terms() };
+        let session = Session::start(link, t, 4).unwrap();
+        let target = std::thread::spawn(move || {
+            let mut input = server.try_clone().unwrap();
+            let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            assert_eq!((cmd.data.len(), cmd.flags() & flag::FINAL), (4096, 0));
+            let mut got = cmd.data.clone();
+            for sn in 0..3 {
+                let d = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+                assert_eq!(
+                    (d.opcode(), d.ttt(), d.u32_at(36), d.u32_at(40) as usize),
+                    (opcode::DATA_OUT, RESERVED_TAG, sn, got.len())
+                );
+                assert_eq!(d.flags() & flag::FINAL != 0, sn == 2);
+                got.extend_from_slice(&d.data);
+            }
+            let mut r2t = Pdu::new(opcode::R2T);
+            r2t.set_u32(16, cmd.itt());
+            r2t.set_u32(20, 9);
+            r2t.set_u32(40, 16384);
+            r2t.set_u32(44, 24576);
+            server.write_all(&r2t.encode(Digests::default())).unwrap();
+            while got.len() < 40960 {
+                let d = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+                assert_eq!((d.ttt(), d.data.len()), (9, 4096));
+                got.extend_from_slice(&d.data);
+            }
+            let mut resp = Pdu::new(opcode::SCSI_RESPONSE);
+            resp.bhs[1] = flag::FINAL;
+            resp.set_u32(16, cmd.itt());
+            server.write_all(&resp.encode(Digests::default())).unwrap();
+            let _ = input.read_to_end(&mut Vec::new());
+            got
+        });
+        let data: Vec<u8> = (0..40960u32).map(|i| (i % 253) as u8).collect();
+        let rx = session
+            .submit(scsi::lun_field(1), &scsi::write16(0, 80), Data::Out(Arc::new(data.clone()), 0..40960))
+            .unwrap();
+        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        drop(session);
+        assert_eq!(target.join().unwrap(), data);
     }
 
     #[test]
