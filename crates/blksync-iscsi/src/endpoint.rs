@@ -1,5 +1,6 @@
 //! [`Iscsi`]: a LUN as a blksync `Source` and `Target` (docs/ISCSI.md, "Commands used",
-//! "Sense and retries", "Zeroing", "Holes", "Alignment and sizes", "Errors").
+//! "Sense and retries", "Zeroing", "Holes", "Alignment and sizes", "Errors"). What open learns
+//! of the LUN is in [`crate::lun`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -10,6 +11,7 @@ use blksync_core::{Error, ErrorKind, Result};
 
 use crate::address::IscsiAddress;
 use crate::login::{self, Link, Login, Negotiated};
+use crate::lun::{LunInfo, ZeroMethod};
 use crate::options::{Credentials, IscsiOptions};
 use crate::scsi::{self, BlockLimits, Capacity, Cdb, Inquiry, Provisioning, Sense};
 use crate::session::{Cause, Data, Response, Session};
@@ -21,39 +23,7 @@ const RETRIES: usize = 5;
 /// Blocks per WRITE SAME or UNMAP when the target reports no limit.
 const DEFAULT_ZERO_BLOCKS: u64 = 1 << 16;
 /// GET LBA STATUS allocation length: header and 64 descriptors.
-const STATUS_LEN: u32 = 8 + 16 * 64;
-
-/// How `zero` works on this LUN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ZeroMethod {
-    /// WRITE SAME(16) with UNMAP and a zero block (LBPRZ and LBPWS).
-    WriteSameUnmap,
-    /// UNMAP, then zeros written where GET LBA STATUS still says mapped (LBPRZ and LBPU).
-    Unmap,
-    /// Zeros written where the LUN is not already zero.
-    Write,
-}
-
-/// What open learnt of the LUN.
-#[derive(Debug, Clone)]
-pub struct LunInfo {
-    /// The LUN number.
-    pub lun: u16,
-    /// Standard INQUIRY data.
-    pub inquiry: Inquiry,
-    /// READ CAPACITY(16).
-    pub capacity: Capacity,
-    /// Block Limits VPD page (zeros when the target has none).
-    pub limits: BlockLimits,
-    /// Logical Block Provisioning VPD page (all false when the target has none).
-    pub provisioning: Provisioning,
-    /// GET LBA STATUS answered at LBA 0 (and LBPRZ holds), so holes can be reported.
-    pub lba_status: bool,
-    /// MODE SENSE says the LUN is write-protected (false when it could not say).
-    pub write_protected: bool,
-    /// How `zero` works.
-    pub zero: ZeroMethod,
-}
+pub(crate) const STATUS_LEN: u32 = 8 + 16 * 64;
 
 /// An open iSCSI LUN.
 pub struct Iscsi {
@@ -194,93 +164,7 @@ impl Iscsi {
         self.session.logout()
     }
 
-    fn first_disk_lun(&self) -> Result<u16> {
-        let data = self.command_on(
-            scsi::lun_field(0),
-            "listing the LUNs of",
-            None,
-            &scsi::report_luns(8 + 8 * 4096),
-            &Data::In(8 + 8 * 4096),
-        )?;
-        let luns = scsi::report_luns_parse(&data.data);
-        for &lun in &luns {
-            let r =
-                self.command_on(scsi::lun_field(lun), "asking about", None, &scsi::inquiry(None, 96), &Data::In(96));
-            if let Ok(inq) = r.map(|r| Inquiry::parse(&r.data)) {
-                if inq.is_some_and(|i| i.qualifier == 0 && i.device_type == 0) {
-                    return Ok(lun);
-                }
-            }
-        }
-        Err(Error::new(
-            ErrorKind::NotFound,
-            format!(
-                "{}: the target has no disk LUN (LUNs {luns:?}); name one as …/{}/LUN",
-                self.address,
-                self.address.iqn()
-            ),
-        ))
-    }
-
-    fn probe(&self, lun: u16) -> Result<LunInfo> {
-        let what = &self.address;
-        self.command("opening", None, &scsi::test_unit_ready(), Data::None).map_err(|e| {
-            if e.message().contains("logical unit not supported") {
-                Error::new(ErrorKind::NotFound, format!("{what}: the target has no LUN {lun}"))
-            } else {
-                e
-            }
-        })?;
-        let r = self.command("asking about", None, &scsi::inquiry(None, 96), Data::In(96))?;
-        let inquiry = Inquiry::parse(&r.data).ok_or_else(|| self.protocol("INQUIRY data shorter than 36 bytes"))?;
-        if inquiry.qualifier != 0 {
-            return Err(Error::new(ErrorKind::NotFound, format!("{what}: the target has no LUN {lun}")));
-        }
-        if inquiry.device_type != 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{what}: LUN {lun} is no disk (peripheral device type {:#04x}; tgtd's LUN 0 is its controller)",
-                    inquiry.device_type
-                ),
-            ));
-        }
-        let r = self.command("reading the capacity of", None, &scsi::read_capacity16(), Data::In(32))?;
-        let capacity =
-            Capacity::parse(&r.data).ok_or_else(|| self.protocol("READ CAPACITY(16) data that make no sense"))?;
-        // A target without MODE SENSE says nothing: the first write's DATA PROTECT will.
-        let write_protected = self
-            .command("asking about", None, &scsi::mode_sense6(), Data::In(255))
-            .is_ok_and(|r| scsi::write_protected(&r.data) == Some(true));
-        let mut limits = BlockLimits::default();
-        let mut provisioning = Provisioning::default();
-        if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0), 255), Data::In(255)) {
-            let pages = scsi::supported_pages(&r.data);
-            if pages.contains(&0xB0) {
-                if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0xB0), 64), Data::In(64)) {
-                    limits = BlockLimits::parse(&r.data).unwrap_or_default();
-                }
-            }
-            if pages.contains(&0xB2) && capacity.lbpme {
-                if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0xB2), 64), Data::In(64)) {
-                    provisioning = Provisioning::parse(&r.data).unwrap_or_default();
-                }
-            }
-        }
-        let lba_status = capacity.lbpme
-            && capacity.lbprz
-            && self
-                .command("asking about", None, &scsi::get_lba_status(0, STATUS_LEN), Data::In(STATUS_LEN))
-                .is_ok_and(|r| scsi::lba_status_parse(&r.data, 0).is_ok());
-        let zero = match (capacity.lbprz && capacity.lbpme, provisioning.lbpws, provisioning.lbpu) {
-            (true, true, _) => ZeroMethod::WriteSameUnmap,
-            (true, false, true) if lba_status => ZeroMethod::Unmap,
-            _ => ZeroMethod::Write,
-        };
-        Ok(LunInfo { lun, inquiry, capacity, limits, provisioning, lba_status, write_protected, zero })
-    }
-
-    fn protocol(&self, why: &str) -> Error {
+    pub(crate) fn protocol(&self, why: &str) -> Error {
         Error::new(ErrorKind::Protocol, format!("{}: the target broke the SCSI protocol: {why}", self.address))
     }
 
@@ -338,13 +222,20 @@ impl Iscsi {
     }
 
     #[allow(clippy::needless_pass_by_value)] // Callers build the data in the call: `Data::In(96)`.
-    fn command(&self, verb: &str, offset: Option<u64>, cdb: &Cdb, data: Data) -> Result<Response> {
+    pub(crate) fn command(&self, verb: &str, offset: Option<u64>, cdb: &Cdb, data: Data) -> Result<Response> {
         self.command_on(self.lun, verb, offset, cdb, &data)
     }
 
     /// One command, sent again after UNIT ATTENTION, BUSY or TASK SET FULL (at most 5 times);
     /// anything but GOOD is an error.
-    fn command_on(&self, lun: [u8; 8], verb: &str, offset: Option<u64>, cdb: &Cdb, data: &Data) -> Result<Response> {
+    pub(crate) fn command_on(
+        &self,
+        lun: [u8; 8],
+        verb: &str,
+        offset: Option<u64>,
+        cdb: &Cdb,
+        data: &Data,
+    ) -> Result<Response> {
         let mut tries = 0;
         loop {
             let rx = self.session.submit(lun, cdb, data.again()).map_err(|c| self.cause_error(verb, offset, &c))?;
@@ -398,7 +289,7 @@ impl Iscsi {
         }
     }
 
-    fn block(&self) -> u64 {
+    pub(crate) fn block(&self) -> u64 {
         u64::from(self.info.capacity.block_size)
     }
 

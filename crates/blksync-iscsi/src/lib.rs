@@ -23,13 +23,14 @@
 //! Modules: [`address`] (the URI forms), [`options`] (options and CHAP secrets), [`pdu`] (the
 //! PDU codec), [`text`] (login keys), [`scsi`] (CDBs, parsers, sense), `digest` (CRC32C),
 //! `chap` (MD5), `login` (login and discovery), `session` (the full feature phase),
-//! [`endpoint`] ([`Iscsi`]).
+//! [`lun`] (what open learns of the LUN), [`endpoint`] ([`Iscsi`]).
 
 pub mod address;
 mod chap;
 mod digest;
 pub mod endpoint;
 mod login;
+pub mod lun;
 pub mod options;
 pub mod pdu;
 pub mod scsi;
@@ -37,6 +38,7 @@ mod session;
 pub mod text;
 
 pub use address::{IscsiAddress, parse};
-pub use endpoint::{Iscsi, LunInfo, ZeroMethod};
+pub use endpoint::Iscsi;
 pub use login::{DiscoveredTarget, Negotiated, discover};
+pub use lun::{LunInfo, ZeroMethod};
 pub use options::{Credentials, IscsiOptions, Secret};
