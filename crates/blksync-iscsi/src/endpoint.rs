@@ -488,6 +488,7 @@ impl Source for Iscsi {
             discard_zeroes: offload,
             changed_blocks: false,
             stable: false,
+            unused_blocks: false,
             costly_writes: false,
             block_size: self.info.capacity.block_size,
         }
