@@ -108,6 +108,10 @@ pub enum Command {
     /// qemu (`-drive file=nbd://…`), nbdcopy, nbdinfo, qemu-img, nbdfuse, nbd-client.
     #[command(after_help = ADDRESSES)]
     Serve(ServeArgs),
+    /// List the targets of an iSCSI portal (SendTargets discovery), with the addresses to sync
+    /// to or from: iscsi://[USER@]HOST[:PORT]. Credentials as for iscsi:// endpoints.
+    #[command(after_help = EXIT_CODES)]
+    ListTargets(ListTargetsArgs),
     /// Print a completion script for SHELL on stdout (bash, zsh, fish, elvish, powershell).
     ///
     /// bash: `blksync completions bash > /etc/bash_completion.d/blksync`; zsh: into a directory
@@ -118,6 +122,23 @@ pub enum Command {
     /// The far end of a remote sync, speaking the protocol on stdin/stdout (started over ssh).
     #[command(hide = true)]
     Agent(AgentArgs),
+}
+
+/// `blksync list-targets`.
+#[derive(Debug, Args)]
+pub struct ListTargetsArgs {
+    /// The portal: iscsi://[USER@]HOST[:PORT] (or HOST[:PORT]).
+    #[arg(value_name = "PORTAL")]
+    pub portal: String,
+    /// The initiator name to log in with (default iqn.2024-01.org.blksync:HOSTNAME).
+    #[arg(long, value_name = "IQN")]
+    pub initiator_name: Option<String>,
+    /// A file of CHAP secrets, as for iscsi:// endpoints (`--iscsi-secrets`).
+    #[arg(long, value_name = "FILE")]
+    pub iscsi_secrets: Option<std::path::PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blksync completions`.
@@ -143,6 +164,7 @@ impl Command {
             Command::Restore(_) => "restore",
             Command::Prune(_) => "prune",
             Command::Serve(_) => "serve",
+            Command::ListTargets(_) => "list-targets",
             Command::Completions(_) => "completions",
             Command::Man => "man",
             Command::Agent(_) => "agent",
@@ -163,6 +185,7 @@ impl Command {
             Command::List(a) => a.json,
             Command::Restore(a) => a.output.json && a.target != "-",
             Command::Prune(a) => a.common.output.json,
+            Command::ListTargets(a) => a.json,
             Command::Serve(_) | Command::Completions(_) | Command::Man | Command::Agent(_) => false,
         }
     }
@@ -457,6 +480,16 @@ pub struct CommonArgs {
     /// made when the bitmap was created.
     #[arg(long, value_name = "NAME")]
     pub bitmap: Option<String>,
+    /// For iscsi:// endpoints: the initiator name to log in with (default
+    /// iqn.2024-01.org.blksync:HOSTNAME), for targets whose ACLs name initiators.
+    #[arg(long, value_name = "IQN")]
+    pub initiator_name: Option<String>,
+    /// For iscsi:// endpoints: a file of CHAP secrets (`user=`, `password=`, and for mutual CHAP
+    /// `target_user=`, `target_password=`), read on the host that opens the LUN. Secrets may also
+    /// come from LIBISCSI_CHAP_PASSWORD and LIBISCSI_CHAP_TARGET_PASSWORD; never put them on the
+    /// command line, where ps shows them. docs/ISCSI.md
+    #[arg(long, value_name = "FILE")]
+    pub iscsi_secrets: Option<std::path::PathBuf>,
 }
 
 /// How results and progress are shown.

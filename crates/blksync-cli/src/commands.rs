@@ -17,7 +17,7 @@ use blksync::ssh::SshOptions;
 
 use crate::args::{
     AgentArgs, ApplyArgs, BackupArgs, CommonArgs, CompareArgs, DiffArgs, FsArgs, ImageCompress, InfoArgs, ListArgs,
-    MergeArgs, PruneArgs, RemoteArgs, RestoreArgs, SyncArgs,
+    ListTargetsArgs, MergeArgs, PruneArgs, RemoteArgs, RestoreArgs, SyncArgs,
 };
 use crate::console;
 use crate::human::{self, count, size as format_size};
@@ -119,7 +119,7 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let control = Control { observer: &render, cancel };
     let undo = args.undo.as_ref().map(Location::parse).transpose()?;
     let source = source_options(&args.source, &args.common)?;
-    let dest = lvm_option(&args.dest, "lvm", "thin-pool", args.thin_pool.as_ref());
+    let dest = iscsi_options(&lvm_option(&args.dest, "lvm", "thin-pool", args.thin_pool.as_ref()), &args.common)?;
     let remote = RemoteOptions {
         sync: options,
         compress: match args.compress {
@@ -185,7 +185,8 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     };
     let render = Render::new(&args.common.output, "compare");
     let control = Control { observer: &render, cancel };
-    let (a, b) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
+    let (a, b) = (iscsi_options(&args.source, &args.common)?, iscsi_options(&args.dest, &args.common)?);
+    let (a, b) = (Location::parse(&a)?, Location::parse(&b)?);
     let (a_ssh, b_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
     let result =
         place::compare(&Side { location: &a, ssh: &a_ssh }, &Side { location: &b, ssh: &b_ssh }, &options, control);
@@ -234,6 +235,39 @@ pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(if cmp.identical { Outcome::Success } else { Outcome::Different })
 }
 
+/// `blksync list-targets`: the targets of an iSCSI portal, one address per line.
+pub fn list_targets(args: &ListTargetsArgs) -> Result<Outcome> {
+    let options = blksync::endpoint::iscsi::IscsiOptions {
+        initiator_name: args.initiator_name.clone(),
+        secrets_file: args.iscsi_secrets.clone(),
+        ..blksync::endpoint::iscsi::IscsiOptions::default()
+    };
+    let portal = if blksync::endpoint::iscsi::address::is_iscsi(&args.portal) {
+        args.portal.clone()
+    } else {
+        format!("iscsi://{}", args.portal)
+    };
+    let targets = blksync::endpoint::iscsi::discover(&portal, &options)?;
+    // The address to give blksync: the portal as asked (it answered), each target's name.
+    let base = blksync::endpoint::iscsi::address::redact(&portal);
+    let base = base.trim_end_matches('/');
+    if args.json {
+        let list: Vec<Value> = targets
+            .iter()
+            .map(|t| serde_json::json!({ "name": t.name, "addresses": t.addresses, "url": format!("{base}/{}", t.name) }))
+            .collect();
+        let mut body = json::Body::new();
+        body.insert("portal".into(), Value::String(base.to_string()));
+        body.insert("targets".into(), Value::Array(list));
+        json::print_summary("list-targets", body)?;
+    } else {
+        for t in &targets {
+            console::out(&format!("{base}/{}\t{}", t.name, t.addresses.join(" ")))?;
+        }
+    }
+    Ok(Outcome::Success)
+}
+
 /// `blksync agent`: never prints anything on stdout but the protocol.
 pub fn agent(args: &AgentArgs) -> u8 {
     if args.protocol {
@@ -278,7 +312,7 @@ fn lvm_option(
 /// A source address with what its options add to it: `--snapshot-size` for lvm+snapshot://,
 /// `--bitmap` for nbd:// and nbd+unix:// (which no other source takes).
 fn source_options(arg: &std::ffi::OsString, common: &crate::args::CommonArgs) -> Result<std::ffi::OsString> {
-    let arg = lvm_option(arg, "lvm+snapshot", "snapshot-size", common.snapshot_size);
+    let arg = iscsi_options(&lvm_option(arg, "lvm+snapshot", "snapshot-size", common.snapshot_size), common)?;
     let Some(bitmap) = &common.bitmap else { return Ok(arg) };
     let with = lvm_option(&lvm_option(&arg, "nbd", "bitmap", Some(bitmap)), "nbd+unix", "bitmap", Some(bitmap));
     if with == arg {
@@ -288,6 +322,17 @@ fn source_options(arg: &std::ffi::OsString, common: &crate::args::CommonArgs) ->
         )));
     }
     Ok(with)
+}
+
+/// An iscsi:// address with `--initiator-name` and `--iscsi-secrets` (as an absolute path: it is
+/// read on the host that opens the LUN), so that they reach whichever host that is.
+fn iscsi_options(arg: &std::ffi::OsString, common: &crate::args::CommonArgs) -> Result<std::ffi::OsString> {
+    let secrets = match &common.iscsi_secrets {
+        Some(path) if path.is_relative() => Some(std::env::current_dir()?.join(path)),
+        other => other.clone(),
+    };
+    let arg = lvm_option(arg, "iscsi", "initiator", common.initiator_name.as_ref());
+    Ok(lvm_option(&arg, "iscsi", "secrets", secrets.as_ref().map(|p| p.display())))
 }
 
 /// Parses location arguments.

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => commands::restore(args, &cancel),
         Command::Prune(args) => commands::prune(args, &cancel),
         Command::Serve(args) => commands::serve(args, &cancel),
+        Command::ListTargets(args) => commands::list_targets(args),
         Command::Completions(args) => commands::completions(args),
         Command::Man => commands::man(),
         Command::Agent(_) => unreachable!("handled above"),

@@ -1,6 +1,7 @@
 //! The endpoints of blksync: regular files and block devices ([`local`]), `loop://`
 //! ([`loopdev`]), `lvm://` and `lvm+snapshot://` ([`lvm`]), `nbd://` and `nbd+unix://`
-//! exports (the `blksync-nbd` crate, which builds against the seam alone), and a partition of
+//! exports (the `blksync-nbd` crate, which builds against the seam alone), iSCSI LUNs
+//! (`iscsi://`, the `blksync-iscsi` crate, likewise), and a partition of
 //! any of them, `ADDRESS#N` ([`partition`]). [`open_source`] and [`open_target`]
 //! are the one opener, keyed by address, and return trait objects: a new endpoint kind is a
 //! module here, an arm in `Address::of` and in the opener, and its scheme in
@@ -23,11 +24,17 @@ use std::path::Path;
 
 use blksync_core::endpoint::{Source, Target};
 
+/// The iSCSI initiator, for what is not an endpoint: discovery (`blksync list-targets`).
+pub use blksync_iscsi as iscsi;
 pub use local::OpenTarget;
 
 /// Opens the endpoint at `address` for reading: the one opener every command and the agent use.
-/// A new kind of endpoint that is not a local file or device (iSCSI) gets its arm here.
+/// A new kind of endpoint that is not a local file or device gets its arm here.
 pub fn open_source(address: &Path) -> blksync_core::Result<Box<dyn Source>> {
+    if let Some(iscsi) = iscsi_address(address) {
+        let (iscsi, options) = iscsi_options(iscsi)?;
+        return Ok(Box::new(blksync_iscsi::Iscsi::open(&iscsi, false, &options)?));
+    }
     if let Some((disk_address, selector)) = partition::split(address) {
         let disk = open_source(&disk_address)?;
         return Ok(Box::new(partition::Window::open(disk, &disk_address, selector, address)?));
@@ -46,6 +53,16 @@ pub fn open_source(address: &Path) -> blksync_core::Result<Box<dyn Source>> {
 /// Opens (or creates, as `how` says) the endpoint at `address` for writing. An export is never
 /// created: it is there or the server says why not.
 pub fn open_target(address: &Path, how: OpenTarget) -> blksync_core::Result<Box<dyn Target>> {
+    if let Some(iscsi) = iscsi_address(address) {
+        if how.compress.is_some() {
+            return Err(blksync_core::Error::usage(format!(
+                "{}: a LUN is written in place; it cannot be a new compressed image",
+                blksync_iscsi::address::redact(iscsi)
+            )));
+        }
+        let (iscsi, options) = iscsi_options(iscsi)?;
+        return Ok(Box::new(blksync_iscsi::Iscsi::open(&iscsi, !how.read_only, &options)?));
+    }
     if let Some((disk_address, selector)) = partition::split(address) {
         if how.compress.is_some() {
             return Err(blksync_core::Error::usage(format!(
@@ -112,6 +129,34 @@ fn split_bitmap(address: &str) -> (String, Option<String>) {
         .collect();
     let address = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
     (address, bitmap)
+}
+
+/// `address` as an `iscsi://` address, when it is one.
+fn iscsi_address(address: &Path) -> Option<&str> {
+    address.to_str().filter(|a| blksync_iscsi::address::is_iscsi(a))
+}
+
+/// blksync's own parameters of an iSCSI address, which `--initiator-name` and `--iscsi-secrets`
+/// add so that they reach whichever host opens it (`iscsi://…/1?initiator=IQN&secrets=FILE`,
+/// `digests=1`): the address without them, and the options they give.
+fn iscsi_options(address: &str) -> blksync_core::Result<(String, blksync_iscsi::IscsiOptions)> {
+    let mut options = blksync_iscsi::IscsiOptions::default();
+    let Some((base, query)) = address.split_once('?') else { return Ok((address.to_string(), options)) };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "initiator" => options.initiator_name = Some(value.to_string()),
+            "secrets" => options.secrets_file = Some(value.into()),
+            "digests" => options.digests = value != "0",
+            _ => {
+                return Err(blksync_core::Error::usage(format!(
+                    "{}: unknown parameter {key:?} (initiator=, secrets=, digests=)",
+                    blksync_iscsi::address::redact(address)
+                )));
+            }
+        }
+    }
+    Ok((base.to_string(), options))
 }
 
 /// `address` as an NBD URI, when it is one (`nbd://`, `nbd+unix://`, and the TLS forms, which

@@ -272,7 +272,8 @@ fn escape(s: &str) -> String {
 
 /// The address with anything between `://` and `@` after the first `%` replaced, for messages
 /// about an address that did not parse.
-fn redact(address: &str) -> String {
+#[must_use]
+pub fn redact(address: &str) -> String {
     let Some(start) = address.find("://").map(|i| i + 3) else { return address.to_string() };
     let end = address[start..].find('/').map_or(address.len(), |i| start + i);
     match address[start..end].rfind('@') {

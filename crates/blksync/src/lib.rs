@@ -54,5 +54,5 @@ pub use error::{Error, ErrorKind, Hint, Result};
 /// (from `blksync-endpoint`), under one name.
 pub mod endpoint {
     pub use blksync_core::endpoint::*;
-    pub use blksync_endpoint::{OpenTarget, local, loopdev, lvm, open_source, open_target, usage};
+    pub use blksync_endpoint::{OpenTarget, iscsi, local, loopdev, lvm, open_source, open_target, usage};
 }

@@ -1,0 +1,186 @@
+//! `iscsi://` endpoints through the binary (issue 12): against real tgtd started by
+//! `tests/lab/iscsi`, here and through the test sshd, with bsync's own examples; credentials from
+//! the environment and from a secrets file; `list-targets`. The initiator itself is tested in
+//! crates/blksync-iscsi/tests.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+
+const MIB: usize = 1 << 20;
+
+fn have_tgtd() -> bool {
+    let found = Command::new("tgtadm").arg("--help").output().is_ok_and(|o| o.status.success())
+        && Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if !found {
+        assert!(
+            std::env::var("BLKSYNC_REQUIRE_ISCSI").as_deref() != Ok("1"),
+            "tgtd (Debian package tgt) is not installed or this is not root (BLKSYNC_REQUIRE_ISCSI=1)"
+        );
+        eprintln!("skipping: tgtd is not installed or this is not root");
+    }
+    found
+}
+
+/// A tgtd of `tests/lab/iscsi`, stopped on drop.
+struct Tgtd {
+    url: String,
+    portal: String,
+    file: PathBuf,
+    lab: PathBuf,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/lab/iscsi")
+}
+
+impl Tgtd {
+    fn start(dir: &Path, name: &str, args: &[&str]) -> Tgtd {
+        let lab = dir.join(name);
+        let out = Command::new(script()).arg("start").arg("--dir").arg(&lab).args(args).output().unwrap();
+        assert!(out.status.success(), "tests/lab/iscsi start {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let var = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("no {key} in {text}"))
+                .trim_matches('\'')
+                .to_string()
+        };
+        Tgtd { url: var("LAB_ISCSI_URL"), portal: var("LAB_ISCSI_PORTAL"), file: var("LAB_ISCSI_FILE").into(), lab }
+    }
+}
+
+impl Drop for Tgtd {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("stop").arg("--dir").arg(&self.lab).status();
+    }
+}
+
+#[test]
+fn a_file_goes_onto_a_lun_and_back_into_a_loop_image_created_for_it() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lun = Tgtd::start(dir.path(), "t1", &["--size", "32M"]);
+    let src = dir.path().join("system.img");
+    write_file(&src, &random_bytes(32 * MIB, 1));
+    let s = src.to_str().unwrap();
+    ok(&["sync", "-q", s, &lun.url]);
+    assert_same(&src, &lun.file);
+    let cmp = ok(&["compare", s, &lun.url]);
+    assert!(cmp.stdout_text().contains("identical"), "{}", cmp.stdout_text());
+    // bsync's example: a LUN into loop:///srv/system.img, with no need to create the file first,
+    // and bsync's address form (no LUN: the first disk LUN).
+    let image = dir.path().join("copy.img");
+    let bsync_form = lun.url.trim_end_matches("/1");
+    ok(&["sync", "-q", bsync_form, &format!("loop://{}", image.display())]);
+    assert_same(&image, &src);
+    // A rerun writes nothing.
+    let again = ok(&["sync", "--json", "--progress=none", s, &lun.url]).json();
+    assert_eq!(again["bytes_written"], 0);
+}
+
+#[test]
+fn a_lun_goes_onto_another_lun_and_a_loop_source_onto_a_lun() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Tgtd::start(dir.path(), "a", &["--size", "16M"]), Tgtd::start(dir.path(), "b", &["--size", "16M"]));
+    let src = dir.path().join("src.img");
+    write_file(&src, &random_bytes(16 * MIB, 2));
+    // bsync's example with a loop source.
+    ok(&["sync", "-q", &format!("loop://{}", src.display()), &a.url]);
+    assert_same(&a.file, &src);
+    ok(&["sync", "-q", &a.url, &b.url]);
+    assert_same(&b.file, &src);
+}
+
+#[test]
+fn a_lun_smaller_than_the_source_is_refused_before_any_write() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lun = Tgtd::start(dir.path(), "small", &["--size", "8M"]);
+    let before = read(&lun.file);
+    let src = dir.path().join("big.img");
+    write_file(&src, &random_bytes(9 * MIB, 3));
+    let out = run(&["sync", src.to_str().unwrap(), &lun.url]);
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr_text().contains("too small"), "{}", out.stderr_text());
+    assert_eq!(read(&lun.file), before, "a refused sync wrote");
+}
+
+#[test]
+fn chap_secrets_come_from_a_file_or_the_environment_never_the_command_line() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lun = Tgtd::start(dir.path(), "chap", &["--size", "8M", "--chap", "alice:s3cret-secret"]);
+    let src = dir.path().join("src.img");
+    write_file(&src, &random_bytes(8 * MIB, 4));
+    let s = src.to_str().unwrap();
+    let user_url = lun.url.replacen("iscsi://", "iscsi://alice@", 1);
+    // Without the secret: a clear refusal, nothing written.
+    let out = blksync().args(["sync", s, &user_url]).env_remove("LIBISCSI_CHAP_PASSWORD").output().unwrap();
+    assert_ne!(out.code(), 0);
+    // The wrong one, from a file.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "user=alice\npassword=not-the-secret\n").unwrap();
+    let out = run(&["sync", "--iscsi-secrets", wrong.to_str().unwrap(), s, &lun.url]);
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr_text().to_lowercase().contains("auth"), "{}", out.stderr_text());
+    assert!(!out.stderr_text().contains("not-the-secret"), "the secret was printed: {}", out.stderr_text());
+    // The right one from the environment, as libiscsi and qemu users know it.
+    let out =
+        blksync().args(["sync", "-q", s, &user_url]).env("LIBISCSI_CHAP_PASSWORD", "s3cret-secret").output().unwrap();
+    assert_eq!(out.code(), 0, "{}", out.stderr_text());
+    assert_same(&lun.file, &src);
+    // And from a file.
+    let right = dir.path().join("right");
+    std::fs::write(&right, "user=alice\npassword=s3cret-secret\n").unwrap();
+    ok(&["compare", "-q", "--iscsi-secrets", right.to_str().unwrap(), s, &lun.url]);
+}
+
+#[test]
+fn list_targets_prints_the_addresses_to_use() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lun = Tgtd::start(dir.path(), "list", &["--size", "8M"]);
+    let out = ok(&["list-targets", &lun.portal]);
+    let target = lun.url.trim_end_matches("/1");
+    assert!(out.stdout_text().starts_with(target), "{}", out.stdout_text());
+    let json = ok(&["list-targets", "--json", &format!("iscsi://{}", lun.portal)]).json();
+    assert_eq!(json["targets"][0]["url"], target);
+    // A wrong IQN names the portal's targets.
+    let wrong = format!("iscsi://{}/iqn.2024-01.nowhere:none/1", lun.portal);
+    let out = run(&["sync", "-n", &wrong, dir.path().join("x").to_str().unwrap()]);
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr_text().contains("iqn.2024-01.lab.test:disk"), "{}", out.stderr_text());
+}
+
+#[test]
+fn an_iscsi_lun_is_reached_on_the_far_side_of_ssh() {
+    if !have_tgtd() {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-iscsi") else { return };
+    let lun = Tgtd::start(env.dir.path(), "remote", &["--size", "16M"]);
+    let src = env.path("src.img");
+    write_file(Path::new(&src), &random_bytes(16 * MIB, 5));
+    let remote = format!("root@127.0.0.1:{}", lun.url);
+    ok(&["sync", "-q", "-e", &env.rsh, &src, &remote]);
+    assert_same(&lun.file, Path::new(&src));
+    let back = env.path("back.img");
+    ok(&["sync", "-q", "-e", &env.rsh, &remote, &back]);
+    assert_same(Path::new(&back), Path::new(&src));
+}
