@@ -108,7 +108,7 @@ pub enum Command {
     /// qemu (`-drive file=nbd://…`), nbdcopy, nbdinfo, qemu-img, nbdfuse, nbd-client.
     #[command(after_help = ADDRESSES)]
     Serve(ServeArgs),
-    /// List the targets of an iSCSI portal (SendTargets discovery), with the addresses to sync
+    /// List the targets of an iSCSI portal (`SendTargets` discovery), with the addresses to sync
     /// to or from: iscsi://[USER@]HOST[:PORT]. Credentials as for iscsi:// endpoints.
     #[command(after_help = EXIT_CODES)]
     ListTargets(ListTargetsArgs),
@@ -486,7 +486,7 @@ pub struct CommonArgs {
     pub initiator_name: Option<String>,
     /// For iscsi:// endpoints: a file of CHAP secrets (`user=`, `password=`, and for mutual CHAP
     /// `target_user=`, `target_password=`), read on the host that opens the LUN. Secrets may also
-    /// come from LIBISCSI_CHAP_PASSWORD and LIBISCSI_CHAP_TARGET_PASSWORD; never put them on the
+    /// come from `LIBISCSI_CHAP_PASSWORD` and `LIBISCSI_CHAP_TARGET_PASSWORD`; never put them on the
     /// command line, where ps shows them. docs/ISCSI.md
     #[arg(long, value_name = "FILE")]
     pub iscsi_secrets: Option<std::path::PathBuf>,
