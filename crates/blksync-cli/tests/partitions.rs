@@ -307,3 +307,70 @@ fn boot_code_boot_gap_and_bios_boot_partition_survive_a_sync_onto_a_larger_disk(
         }
     }
 }
+
+/// The partitions of `path` by `sfdisk -J`: `(number, start, size)` in sectors.
+fn sfdisk_layout(path: &Path) -> Vec<(u64, u64, u64)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&run_tool("sfdisk", &["-J", path.to_str().unwrap()], "")).unwrap();
+    json["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let node = p["node"].as_str().unwrap();
+            let digits = node.len() - node.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+            let number: u64 = node[node.len() - digits..].parse().unwrap();
+            (number, p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// Issue 11, part 2, bsync's 446/512 rule: onto a disk whose DOS table already holds the
+/// source's partitions (each at least as large), that table is kept and only the boot code (with
+/// the source's disk signature) is copied; onto one with another layout, the whole table is.
+#[test]
+fn a_dos_disk_onto_a_compatible_table_keeps_it_and_takes_only_the_boot_code() {
+    if !have("sfdisk") || !can_use_loop_devices() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("dos.img");
+    write_file(&disk, &random_bytes(48 * MIB, 41));
+    let d = disk.to_str().unwrap();
+    let layout = "label: dos\nlabel-id: 0x11223344\nstart=2048, size=16M, type=83\ntype=5\nsize=8M, type=83\nsize=8M, type=82\n";
+    run_tool("sfdisk", &["-q", d], layout);
+    let source = read(&disk);
+    for (compatible, seed) in [(true, 42), (false, 43)] {
+        let dst = dir.path().join(format!("dst-{compatible}.img"));
+        write_file(&dst, &random_bytes(80 * MIB, seed));
+        let theirs = if compatible {
+            // The same partitions, the last logical larger, another disk signature.
+            "label: dos\nlabel-id: 0x55667788\nstart=2048, size=16M, type=83\ntype=5\nsize=8M, type=83\nsize=40M, type=82\n"
+        } else {
+            "label: dos\nlabel-id: 0x55667788\nstart=4096, size=30M, type=83\n"
+        };
+        run_tool("sfdisk", &["-q", dst.to_str().unwrap()], theirs);
+        let before = sfdisk_layout(&dst);
+        let out = run(&["sync", "--json", "--progress=none", d, &format!("loop://{}", dst.display())]);
+        assert_eq!(out.code(), 0, "{}", out.stderr_text());
+        let lines = out.json()["partitions"].to_string();
+        let copy = read(&dst);
+        // The boot code and the disk signature are the source's either way.
+        assert_eq!(copy[..446], source[..446]);
+        if compatible {
+            assert!(lines.contains("was kept"), "{lines}");
+            assert_eq!(sfdisk_layout(&dst), before, "the destination's table changed");
+        } else {
+            assert!(!lines.contains("was kept"), "{lines}");
+            assert_eq!(sfdisk_layout(&dst), sfdisk_layout(&disk));
+        }
+        // Every partition's content arrived.
+        for (number, start, size) in sfdisk_layout(&disk) {
+            if number == 2 {
+                continue; // the extended partition holds the logicals and their EBRs
+            }
+            let (a, b) = ((start * 512) as usize, ((start + size) * 512) as usize);
+            assert!(copy[a..b] == source[a..b], "partition {number} differs");
+        }
+    }
+}

@@ -309,6 +309,7 @@ pub(crate) fn read(source: &dyn Source, hint: Option<u32>) -> Result<Table> {
             from_backup,
             old_backup_lba,
         }),
+        ebrs: Vec::new(),
         name: PathBuf::from(name),
     })
 }

@@ -73,6 +73,8 @@ pub struct Table {
     pub(crate) mbr: Vec<u8>,
     /// For GPT: the good header and entry array, for relocation.
     pub(crate) gpt: Option<gpt::Raw>,
+    /// For DOS: every EBR of the chain as read, at its byte offset.
+    pub(crate) ebrs: Vec<(u64, Vec<u8>)>,
     name: PathBuf,
 }
 
@@ -191,6 +193,20 @@ impl Table {
             Scheme::Dos { .. } => "dos",
             Scheme::Gpt { .. } => "gpt",
         }
+    }
+
+    /// The bytes that hold a DOS table, as read (byte offset, bytes): the partition entries and
+    /// the `55 AA` of sector 0 (bytes 446..512) and every EBR of the chain, whole. Writing them
+    /// back onto the disk restores this table and leaves the boot code, bytes 0..446 with the
+    /// disk signature, as it is then. Empty for GPT.
+    #[must_use]
+    pub fn dos_table_sectors(&self) -> Vec<(u64, Vec<u8>)> {
+        if !matches!(self.scheme, Scheme::Dos { .. }) || self.mbr.len() < 512 {
+            return Vec::new();
+        }
+        let mut out = vec![(446, self.mbr[446..512].to_vec())];
+        out.extend(self.ebrs.iter().cloned());
+        out
     }
 
     /// The writes (byte offset, bytes) that put this GPT on a disk of `new_size` bytes: see

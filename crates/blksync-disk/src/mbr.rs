@@ -80,6 +80,7 @@ pub(crate) fn read(source: &dyn Source, sector0: &[u8], entries: &[Entry; 4], se
         disk_size: source.size(),
         mbr: Vec::new(),
         gpt: None,
+        ebrs: Vec::new(),
         name: PathBuf::from(name),
     };
     let part = |number: u32, e: &Entry, start_lba: u64| partition(signature, ss, number, e, start_lba);
@@ -154,6 +155,7 @@ fn logicals(source: &dyn Source, ext: &Partition, signature: u32, table: &mut Ta
             ));
             break;
         }
+        table.ebrs.push((at, sector.clone()));
         let this = Entry::decode(&sector, ENTRIES_AT);
         let next = Entry::decode(&sector, ENTRIES_AT + 16);
         if !this.is_empty() {

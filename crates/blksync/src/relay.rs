@@ -439,6 +439,14 @@ impl crate::transfer::Ends for LinkEnds<'_> {
         crate::transfer::table::read(&source, crate::transfer::table::sector_hint(self.s.identity, &self.s.caps))
     }
 
+    fn target_table(&mut self) -> Option<blksync_disk::Table> {
+        // As `source_table`: no early scan runs on a target of another size.
+        let target = LinkSource { link: self.target, size: self.t.size, name: PathBuf::from(&self.names.1) };
+        crate::transfer::table::read(&target, crate::transfer::table::sector_hint(self.t.identity, &self.t.caps))
+            .ok()
+            .flatten()
+    }
+
     fn write_target(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
         for (offset, data) in writes {
             let chunk = crate::protocol::message::Chunk {

@@ -135,6 +135,9 @@ pub(crate) trait Ends {
     /// The source's partition table, for a whole-disk sync onto a disk of another size
     /// ([`table`]); `None` when it has none, or when the target records its writes.
     fn source_table(&mut self) -> Result<Option<blksync_disk::Table>>;
+    /// The target's partition table as it is before the pass, for the DOS rule of [`table`]
+    /// (a compatible one is kept); `None` when it has none or it cannot be read.
+    fn target_table(&mut self) -> Option<blksync_disk::Table>;
     /// Writes `writes` to the target and flushes it: its table fitted to its size.
     fn write_target(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()>;
 }
@@ -176,6 +179,9 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
     }
     let t = ends.target();
     let (sizing, partitions) = sizes(ends, &t, commit, o, (&source_name, &target_name))?;
+    // Read before the pass overwrites it: a DOS table there that holds the source's partitions
+    // is kept (`table::kept`).
+    let kept = partitions.as_ref().and_then(|tb| table::kept(tb, ends.target_table()));
     let mut warnings = Vec::new();
     let mut warn = |w: String| {
         control.observer.warn(&w);
@@ -253,11 +259,15 @@ fn run(ends: &mut dyn Ends, commit: Commit, o: &SyncOptions, control: Control<'_
     }
     if let Some(tb) = &partitions {
         // After the verification, which compares the bytes as copied: the table is then fitted.
-        let writes = if o.dry_run { Vec::new() } else { table::fitted(tb, t.size)? };
+        let writes = match (&kept, o.dry_run) {
+            (_, true) => Vec::new(),
+            (Some(dest), false) => dest.dos_table_sectors(),
+            (None, false) => table::fitted(tb, t.size)?,
+        };
         if !writes.is_empty() {
             ends.write_target(&writes)?;
         }
-        summary.partitions = table::report(tb, t.size, !writes.is_empty());
+        summary.partitions = table::report(tb, t.size, !writes.is_empty(), kept.as_ref());
     }
     Ok(summary)
 }

@@ -176,6 +176,15 @@ impl Ends for LocalEnds<'_> {
         super::table::read(self.src, super::table::sector_hint(self.src.identity(), &self.src.caps()))
     }
 
+    fn target_table(&mut self) -> Option<blksync_disk::Table> {
+        let dest: &dyn Source = match &self.dest {
+            Dest::Write(t) => t,
+            Dest::Read(s) => s,
+        };
+        let hint = super::table::sector_hint(dest.identity(), &dest.caps());
+        super::table::read(&dest, hint).ok().flatten()
+    }
+
     fn write_target(&mut self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
         let Some(t) = self.writer() else { return Ok(()) };
         for (offset, data) in writes {

@@ -14,7 +14,16 @@
 //!   usable LBA, CRC), the entries and the backup header go to the destination's last LBAs,
 //!   the protective MBR's size is fixed, and a stale backup header in what is now free space is
 //!   zeroed. `sgdisk -v` is clean afterwards.
-//! - **DOS**: nothing to move (a DOS table has no backup); the partitions are copied as they are.
+//! - **DOS**: nothing to move (a DOS table has no backup). bsync's 446/512 rule: when the
+//!   destination already holds a DOS table with the source's partitions (the same numbers,
+//!   starts and types, each at least as large: `blksync_disk::dos_compatible`), that table is
+//!   kept: its sector 0 entries and its EBRs are written back after the pass, so only the boot
+//!   code (bytes 0..446) came from the source. Otherwise the source's whole table is copied.
+//!   Either way the disk signature (bytes 440..443) is the source's, as it is in the boot code:
+//!   PARTUUIDs (`SSSSSSSS-NN`) derive from it, and the copy's fstab and GRUB find their
+//!   partitions by them, as a GPT copy keeps its disk GUID and partition GUIDs. Two disks with
+//!   one signature should not be attached to one machine at once; `sfdisk --disk-id` gives
+//!   either a new one.
 //!
 //! Equal sizes, resizable files, backups and deltas are byte copies, untouched by this: a sync
 //! stays byte-identical unless the destination's size forces otherwise. A rerun compares the
@@ -87,8 +96,14 @@ pub(crate) fn fitted(table: &Table, dest_size: u64) -> Result<Vec<(u64, Vec<u8>)
     }
 }
 
+/// The destination's DOS table `dest`, when it is to be kept for the DOS source `table`: it
+/// holds the source's partitions, each at least as large.
+pub(crate) fn kept(table: &Table, dest: Option<Table>) -> Option<Table> {
+    dest.filter(|d| blksync_disk::dos_compatible(table, d))
+}
+
 /// What the summary says about the table: one line per partition, and what was done.
-pub(crate) fn report(table: &Table, dest_size: u64, moved: bool) -> Vec<String> {
+pub(crate) fn report(table: &Table, dest_size: u64, moved: bool, kept: Option<&Table>) -> Vec<String> {
     let mut lines = Vec::new();
     for p in &table.partitions {
         let name = p.name.as_deref().map(|n| format!(" {n:?}")).unwrap_or_default();
@@ -99,7 +114,18 @@ pub(crate) fn report(table: &Table, dest_size: u64, moved: bool) -> Vec<String> 
             p.start
         ));
     }
-    if moved {
+    if let Some(dest) = kept {
+        let larger = table
+            .partitions
+            .iter()
+            .filter(|p| dest.partitions.iter().any(|d| d.number == p.number && d.len > p.len))
+            .map(|p| p.number.to_string())
+            .collect::<Vec<_>>();
+        let larger = if larger.is_empty() { String::new() } else { format!("; larger there: {}", larger.join(", ")) };
+        lines.push(format!(
+            "the destination's DOS table holds these partitions, each at least as large, and was kept: only the boot code and the disk signature came from the source{larger}"
+        ));
+    } else if moved {
         lines.push(format!(
             "{} table fitted to the destination's {}: the backup header and entries are at its end",
             table.label().to_uppercase(),
