@@ -70,7 +70,8 @@ fn allocated(path: &Path) -> u64 {
 }
 
 fn small_tuning(chunk: u32) -> Tuning {
-    Tuning { commit_every: 4 * u64::from(chunk), cache_bytes: 3 * u64::from(chunk) }
+    // Patches as large as the format allows: a chunk of 8 KiB and more gets them.
+    Tuning { commit_every: 4 * u64::from(chunk), cache_bytes: 3 * u64::from(chunk), patch_blocks: Some(u32::MAX) }
 }
 
 #[derive(Debug, Clone)]
@@ -203,7 +204,9 @@ fn zero_chunks_are_holes_and_take_no_space() {
     image.flush().unwrap();
     assert_eq!(image.segment_at(6 * chunk).unwrap().end, 1 << 30, "9 is a hole again, and 10 (zeros) never was data");
     let usage = image.usage();
-    assert_eq!((usage.raw_chunks, usage.zstd_chunks), (0, 1));
+    // Chunk 5 (100 bytes written into a zero chunk) is a patch on a zero base: data, not a hole.
+    assert_eq!((usage.raw_chunks, usage.zstd_chunks, usage.patched_chunks), (0, 0, 1));
+    assert!(image.segment_at(5 * chunk).unwrap().allocated);
     // 1 GiB logical: 16384 entries of index (384 KiB) and one small chunk.
     assert!(allocated(&path) < 600 << 10, "{} bytes allocated", allocated(&path));
 }
@@ -476,7 +479,7 @@ fn sigkill_child() {
     let plan = Plan::new(seed.parse().unwrap());
     let image = Image::open(Path::new(path), true)
         .unwrap()
-        .tuned(Tuning { commit_every: plan.chunk / 2, cache_bytes: 4 * plan.chunk });
+        .tuned(Tuning { commit_every: plan.chunk / 2, cache_bytes: 4 * plan.chunk, patch_blocks: None });
     for round in 1..=Plan::ROUNDS {
         for &i in &plan.rounds[round as usize] {
             // Ascending 4 KiB runs within the chunk, as the engine writes.

@@ -29,7 +29,7 @@ fn content(generation: u64, i: u64) -> Vec<u8> {
 
 fn tuning() -> Tuning {
     // Commits every chunk or two, a cache of two chunks: many commits and evictions.
-    Tuning { commit_every: CHUNK, cache_bytes: 2 * CHUNK }
+    Tuning { commit_every: CHUNK, cache_bytes: 2 * CHUNK, patch_blocks: None }
 }
 
 /// An image of `chunks` chunks of generation 0 (its last one cut short), committed.
