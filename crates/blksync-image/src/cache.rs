@@ -128,9 +128,20 @@ impl Cache {
         Some(slot)
     }
 
-    /// Whether chunk `i` is cached or busy (so that it may hold data the index does not show).
+    /// Whether chunk `i` has a slot.
+    #[cfg(test)]
     pub fn holds(&self, i: u64) -> bool {
         self.slots.contains_key(&i)
+    }
+
+    /// Whether chunk `i` may hold data the index and the patch table do not show: busy, or
+    /// dirty.
+    pub fn unstored(&self, i: u64) -> bool {
+        match self.slots.get(&i) {
+            Some(Slot::Busy) => true,
+            Some(Slot::Ready { held, .. }) => !held.dirty.is_empty(),
+            None => false,
+        }
     }
 
     /// Marks chunk `i` busy (it must have no slot).

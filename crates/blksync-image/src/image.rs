@@ -1229,7 +1229,7 @@ impl Source for Image {
         let cache = self.cache();
         let st = self.state();
         let allocated = |i: u64| {
-            cache.holds(i)
+            cache.unstored(i)
                 || st.entries.get(i as usize).is_some_and(|e| e.kind != Kind::Zero)
                 || st.patches.contains_key(&i)
         };
