@@ -435,10 +435,24 @@ fn random_and_mutated_files_are_refused_or_read_never_a_panic() {
     }
     image.flush().unwrap();
     drop(image);
-    let good = std::fs::read(&path).unwrap();
-    // `BLKSYNC_IMAGE_SEEDS=DIR` writes this valid image there, as a seed for the fuzz target.
+    // With patches: 16 KiB chunks, records of one and two blocks over payloads and a zero chunk.
+    let patched = dir.path().join("patched.bsz");
+    let image = Image::create(&patched, 5 * 16384 - 100, Options { chunk_size: 16384, ..Options::default() })
+        .unwrap()
+        .tuned(Tuning { patch_blocks: Some(2), ..Tuning::default() });
+    image.write_at(&data(2, 1, 3 * 16384), 0).unwrap();
+    image.flush().unwrap();
+    for (at, kind) in [(4096u64, 1), (16384 + 8192, 2), (16384 + 12288, 2), (3 * 16384, 1)] {
+        image.write_at(&data(kind, at, 4096), at).unwrap();
+    }
+    image.flush().unwrap();
+    drop(image);
+    let goods = [std::fs::read(&path).unwrap(), std::fs::read(&patched).unwrap()];
+    assert_eq!(patch_table(&goods[1]).len(), 3);
+    // `BLKSYNC_IMAGE_SEEDS=DIR` writes these valid images there, as seeds for the fuzz target.
     if let Ok(seeds) = std::env::var("BLKSYNC_IMAGE_SEEDS") {
-        std::fs::write(Path::new(&seeds).join("valid.bsz"), &good).unwrap();
+        std::fs::write(Path::new(&seeds).join("valid.bsz"), &goods[0]).unwrap();
+        std::fs::write(Path::new(&seeds).join("patched.bsz"), &goods[1]).unwrap();
     }
     let mut rng = Rng::new(77);
     for case in 0..10_000 {
@@ -446,7 +460,7 @@ fn random_and_mutated_files_are_refused_or_read_never_a_panic() {
             let len = rng.below(9000) as usize;
             (0..len).map(|_| rng.next() as u8).collect()
         } else {
-            good.clone()
+            goods[case % 2].clone()
         };
         for _ in 0..=rng.below(8) {
             if bytes.is_empty() {
@@ -1053,4 +1067,103 @@ fn an_image_from_before_patches_opens_reads_and_updates() {
     assert!(file[slot + 12..slot + 16] == [0; 4] && file[slot + 72..slot + 104].iter().all(|&b| b == 0));
     let image = Image::open(&path, false).unwrap();
     assert!(read_all(&image) == model);
+}
+
+/// Damage to patches is found: a flipped byte in a record is a read error naming the chunk's
+/// logical offset and the record's file offset (the other chunks still read); in the table, an
+/// open error; a record referenced for another chunk (the table entries swapped, every hash
+/// fixed up) fails its seeded checksum; a hostile patch count or table offset is refused before
+/// anything is allocated for it.
+#[test]
+fn damaged_patches_are_errors_naming_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = 64u64 << 10; // patches of up to 2 blocks
+    let make = |name: &str| -> (PathBuf, Vec<u8>) {
+        let path = dir.path().join(name);
+        let image =
+            Image::create(&path, 8 * chunk, Options { chunk_size: chunk as u32, ..Options::default() }).unwrap();
+        let mut model = data(2, 1, 8 * chunk as usize);
+        image.write_at(&model, 0).unwrap();
+        image.flush().unwrap();
+        for (i, b) in [(2u64, 3u64), (5, 0)] {
+            let at = i * chunk + b * 4096;
+            let bytes = data(1, i, 4096);
+            image.write_at(&bytes, at).unwrap();
+            model[at as usize..at as usize + 4096].copy_from_slice(&bytes);
+        }
+        image.flush().unwrap();
+        (path, model)
+    };
+    let patch_of = |path: &Path, chunk_no: u64| {
+        patch_table(&std::fs::read(path).unwrap()).into_iter().find(|(i, _, _)| *i == chunk_no).unwrap()
+    };
+    let edit = |path: &Path, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = std::fs::read(path).unwrap();
+        f(&mut bytes);
+        std::fs::write(path, bytes).unwrap();
+    };
+
+    // A record.
+    let (path, model) = make("record.bsz");
+    let (_, patch, _) = patch_of(&path, 5);
+    edit(&path, &|b| b[patch.offset as usize + 10] ^= 0x40);
+    let image = Image::open(&path, false).unwrap();
+    let mut buf = vec![0; chunk as usize];
+    let e = image.read_at(&mut buf, 5 * chunk).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    let text = e.to_string();
+    assert!(text.contains("patch record") && text.contains("record.bsz"), "{text}");
+    assert!(text.contains(&format!("byte offset {}", 5 * chunk)), "{text}");
+    assert!(text.contains(&format!("file offset {}", patch.offset)), "{text}");
+    for i in [2, 4] {
+        image.read_at(&mut buf, i * chunk).unwrap();
+        assert!(buf == model[(i * chunk) as usize..((i + 1) * chunk) as usize]);
+    }
+    drop(image);
+
+    // The table.
+    let (path, _) = make("table.bsz");
+    let (_, _, at) = patch_of(&path, 2);
+    edit(&path, &|b| b[at + 5] ^= 1);
+    let e = Image::open(&path, false).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("damaged patch table"), "{e}");
+
+    // A record referenced for another chunk: everything but the chunk numbers swapped.
+    let (path, _) = make("moved.bsz");
+    let ((_, _, a), (_, _, b)) = (patch_of(&path, 2), patch_of(&path, 5));
+    edit(&path, &|bytes| {
+        let (x, y) = (bytes[a + 4..a + 32].to_vec(), bytes[b + 4..b + 32].to_vec());
+        bytes[a + 4..a + 32].copy_from_slice(&y);
+        bytes[b + 4..b + 32].copy_from_slice(&x);
+        blksync_image::fix_checksums(bytes);
+    });
+    let image = Image::open(&path, false).unwrap();
+    let e = image.read_at(&mut buf, 2 * chunk).unwrap_err();
+    assert!(e.to_string().contains("checksum mismatch") && e.to_string().contains("patch record"), "{e}");
+    drop(image);
+
+    // Hostile counts and offsets, with every hash right.
+    let (path, _) = make("hostile.bsz");
+    let good = std::fs::read(&path).unwrap();
+    let len = good.len() as u64;
+    for (count, offset) in [(1u64 << 40, None), (u64::MAX, None), (8, Some(len.div_ceil(4096) * 4096)), (8, Some(1 << 50))] {
+        let mut bytes = good.clone();
+        // Both slots (the older one had no patches: the flag set there too), or open takes the
+        // other.
+        for slot in [0, 4096] {
+            bytes[slot + 12] |= 1;
+            bytes[slot + 80..slot + 88].copy_from_slice(&count.to_le_bytes());
+            if let Some(offset) = offset {
+                bytes[slot + 72..slot + 80].copy_from_slice(&offset.to_le_bytes());
+            }
+        }
+        blksync_image::fix_checksums(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Image::open(&path, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        if offset.is_some() {
+            assert!(e.to_string().contains("past the end of the file"), "{e}");
+        }
+    }
 }
