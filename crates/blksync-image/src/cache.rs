@@ -56,7 +56,10 @@ impl Blocks {
 
     /// The blocks in, ascending.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(k, &w)| (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| k * 64 + b))
+        self.0
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &w)| (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| k * 64 + b))
     }
 }
 
@@ -288,7 +291,7 @@ mod tests {
     #[test]
     fn block_sets_count_cover_and_list() {
         let mut b = Blocks::default();
-        assert!(b.is_empty() && b.len() == 0 && !b.contains(3));
+        assert!(b.is_empty() && !b.contains(3));
         b.insert(3, 5);
         b.insert(63, 66);
         b.insert(255, 256);

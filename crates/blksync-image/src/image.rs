@@ -311,6 +311,7 @@ impl Stored {
 }
 
 /// What a store changes in the index and the patch table.
+#[derive(Debug, Clone, Copy)]
 enum Change {
     /// A new base; the patch goes.
     Base(Entry),
@@ -864,8 +865,7 @@ impl Image {
         // Committed: what only the old index and table referenced is free now.
         let old = st.header;
         let old_index = (old.count > 0).then(|| (old.index_offset, old.index_offset + round_up(old.index_len())));
-        let old_table =
-            (old.patch_count > 0).then(|| (old.patch_offset, old.patch_offset + round_up(old.patch_len())));
+        let old_table = (old.patch_count > 0).then(|| (old.patch_offset, old.patch_offset + round_up(old.patch_len())));
         st.slot = 1 - st.slot;
         st.header = new_header;
         st.since_commit = 0;

@@ -182,6 +182,9 @@ fn corrupt_table(path: &Path, at: u64, what: &str) -> Error {
     Error::new(ErrorKind::Corrupt, format!("{}: damaged patch table at file offset {at}: {what}", path.display()))
 }
 
+/// Bytes of the patch table read at once: a whole number of entries, about 1 MiB.
+const TABLE_PIECE: usize = (1 << 20) / PATCH_LEN as usize * PATCH_LEN as usize;
+
 /// Reads, hashes and decodes the patch table `header` names (none without the flag), in pieces
 /// of about 1 MiB; the table lies inside the file (`file_len`), which bounds the map's size.
 pub fn load_patches(
@@ -202,7 +205,6 @@ pub fn load_patches(
             &format!("{len} bytes of patch table past the end of the file ({file_len} bytes)"),
         ));
     }
-    const TABLE_PIECE: usize = (1 << 20) / PATCH_LEN as usize * PATCH_LEN as usize;
     let mut hasher = Xxh3::new();
     let mut piece = vec![0u8; TABLE_PIECE.min(len as usize)];
     let mut done = 0u64;
@@ -505,8 +507,13 @@ mod tests {
         let free = free_space(&entries, &Patches::new(), &h, 10 * u + 5, path).unwrap();
         assert_eq!(free, [(3 * u, 4 * u), (6 * u, 8 * u), (9 * u, 10 * u)]);
         // Overlapping payloads, a payload inside the index, one past the end.
-        assert!(free_space(&[at(2 * u, 100), at(2 * u, 100), at(10 * u, 5)], &Patches::new(), &h, 11 * u, path).is_err());
-        assert!(free_space(&[at(2 * u, u as u32 + 1), at(3 * u, 1), at(10 * u, 5)], &Patches::new(), &h, 11 * u, path).is_err());
+        assert!(
+            free_space(&[at(2 * u, 100), at(2 * u, 100), at(10 * u, 5)], &Patches::new(), &h, 11 * u, path).is_err()
+        );
+        assert!(
+            free_space(&[at(2 * u, u as u32 + 1), at(3 * u, 1), at(10 * u, 5)], &Patches::new(), &h, 11 * u, path)
+                .is_err()
+        );
         assert!(free_space(&[at(8 * u, 100), at(2 * u, 1), at(10 * u, 5)], &Patches::new(), &h, 11 * u, path).is_err());
         assert!(free_space(&entries, &Patches::new(), &h, 10 * u + 4, path).is_err());
         // Nothing but headers: all free.

@@ -491,9 +491,11 @@ fn sigkill_child() {
     let Ok(spec) = std::env::var("BLKSYNC_IMAGE_CHILD") else { return };
     let (path, seed) = spec.split_once(':').unwrap();
     let plan = Plan::new(seed.parse().unwrap());
-    let image = Image::open(Path::new(path), true)
-        .unwrap()
-        .tuned(Tuning { commit_every: plan.chunk / 2, cache_bytes: 4 * plan.chunk, patch_blocks: None });
+    let image = Image::open(Path::new(path), true).unwrap().tuned(Tuning {
+        commit_every: plan.chunk / 2,
+        cache_bytes: 4 * plan.chunk,
+        patch_blocks: None,
+    });
     for round in 1..=Plan::ROUNDS {
         for &i in &plan.rounds[round as usize] {
             // Ascending 4 KiB runs within the chunk, as the engine writes.
@@ -779,13 +781,34 @@ fn patch_table(bytes: &[u8]) -> Vec<(u64, blksync_image::index::Patch, usize)> {
 #[derive(Debug, Clone)]
 enum BlockOp {
     /// `n` whole 4 KiB blocks from block `block` on.
-    Blocks { block: u64, n: u64, kind: u64, seed: u64 },
+    Blocks {
+        block: u64,
+        n: u64,
+        kind: u64,
+        seed: u64,
+    },
     /// A write that is not whole blocks.
-    Small { at: u64, len: usize, seed: u64 },
-    ZeroBlocks { block: u64, n: u64 },
-    Chunk { i: u64, kind: u64, seed: u64 },
-    ZeroChunk { i: u64 },
-    Read { at: u64, len: usize },
+    Small {
+        at: u64,
+        len: usize,
+        seed: u64,
+    },
+    ZeroBlocks {
+        block: u64,
+        n: u64,
+    },
+    Chunk {
+        i: u64,
+        kind: u64,
+        seed: u64,
+    },
+    ZeroChunk {
+        i: u64,
+    },
+    Read {
+        at: u64,
+        len: usize,
+    },
     Flush,
     Reopen,
 }
@@ -1131,11 +1154,11 @@ fn damaged_patches_are_errors_naming_where() {
 
     // A record referenced for another chunk: everything but the chunk numbers swapped.
     let (path, _) = make("moved.bsz");
-    let ((_, _, a), (_, _, b)) = (patch_of(&path, 2), patch_of(&path, 5));
+    let ((_, _, first), (_, _, second)) = (patch_of(&path, 2), patch_of(&path, 5));
     edit(&path, &|bytes| {
-        let (x, y) = (bytes[a + 4..a + 32].to_vec(), bytes[b + 4..b + 32].to_vec());
-        bytes[a + 4..a + 32].copy_from_slice(&y);
-        bytes[b + 4..b + 32].copy_from_slice(&x);
+        let (x, y) = (bytes[first + 4..first + 32].to_vec(), bytes[second + 4..second + 32].to_vec());
+        bytes[first + 4..first + 32].copy_from_slice(&y);
+        bytes[second + 4..second + 32].copy_from_slice(&x);
         blksync_image::fix_checksums(bytes);
     });
     let image = Image::open(&path, false).unwrap();
@@ -1147,7 +1170,9 @@ fn damaged_patches_are_errors_naming_where() {
     let (path, _) = make("hostile.bsz");
     let good = std::fs::read(&path).unwrap();
     let len = good.len() as u64;
-    for (count, offset) in [(1u64 << 40, None), (u64::MAX, None), (8, Some(len.div_ceil(4096) * 4096)), (8, Some(1 << 50))] {
+    for (count, offset) in
+        [(1u64 << 40, None), (u64::MAX, None), (8, Some(len.div_ceil(4096) * 4096)), (8, Some(1 << 50))]
+    {
         let mut bytes = good.clone();
         // Both slots (the older one had no patches: the flag set there too), or open takes the
         // other.

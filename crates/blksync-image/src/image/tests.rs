@@ -209,9 +209,8 @@ fn a_crash_at_any_change_leaves_each_chunk_old_or_new_with_patches() {
     let tuning = Tuning { commit_every: chunk, cache_bytes: 2 * chunk, patch_blocks: Some(2) };
     let path = dir.path().join("base.bsz");
     let size = 12 * chunk - 100;
-    let image = Image::create(&path, size, Options { chunk_size: chunk as u32, ..Options::default() })
-        .unwrap()
-        .tuned(tuning);
+    let image =
+        Image::create(&path, size, Options { chunk_size: chunk as u32, ..Options::default() }).unwrap().tuned(tuning);
     let mut old: Vec<u8> = (0..12).flat_map(|i| content(0, i).repeat(2)).collect();
     old.truncate(size as usize);
     image.write_at(&old, 0).unwrap();
@@ -248,9 +247,8 @@ fn a_crash_at_any_change_leaves_each_chunk_old_or_new_with_patches() {
     let dry = dir.path().join("dry.bsz");
     std::fs::copy(&path, &dry).unwrap();
     update(&Image::open(&dry, true).unwrap().tuned(tuning), &mut new).unwrap();
-    let points = crash_everywhere_with(dir.path(), &path, &old, &new, chunk, tuning, &|image| {
-        update(image, &mut old.clone())
-    });
+    let points =
+        crash_everywhere_with(dir.path(), &path, &old, &new, chunk, tuning, &|image| update(image, &mut old.clone()));
     assert!(points >= 20, "only {points} changes to the file");
     let image = Image::open(&dry, false).unwrap();
     assert!(image.usage().patched_chunks >= 4, "{:?}", image.usage());
