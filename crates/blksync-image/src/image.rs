@@ -106,7 +106,8 @@ pub struct Usage {
     pub zstd_chunks: u64,
     /// Chunks stored raw.
     pub raw_chunks: u64,
-    /// Chunks that are holes.
+    /// Chunks that are holes: a zero base without a patch (a zero base with one is counted in
+    /// none of the three kinds, only in `patched_chunks`).
     pub zero_chunks: u64,
     /// Space of the committed index and patch table (each rounded up to 4 KiB).
     pub index: u64,
@@ -575,8 +576,9 @@ impl Image {
             usage.stored += u64::from(p.stored);
             usage.live += p.extent().1 - p.extent().0;
         }
-        for e in &st.entries {
+        for (i, e) in st.entries.iter().enumerate() {
             match e.kind {
+                Kind::Zero if st.patches.contains_key(&(i as u64)) => {}
                 Kind::Zero => usage.zero_chunks += 1,
                 Kind::Raw => usage.raw_chunks += 1,
                 Kind::Zstd => usage.zstd_chunks += 1,
