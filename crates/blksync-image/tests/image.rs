@@ -494,14 +494,16 @@ fn sigkill_child() {
     let image = Image::open(Path::new(path), true).unwrap().tuned(Tuning {
         commit_every: plan.chunk / 2,
         cache_bytes: 4 * plan.chunk,
-        patch_blocks: None,
+        patch_blocks: Some(2),
     });
     for round in 1..=Plan::ROUNDS {
         for &i in &plan.rounds[round as usize] {
-            // Ascending 4 KiB runs within the chunk, as the engine writes.
+            // Ascending 4 KiB runs within the chunk, as the engine writes: all of them (a new
+            // payload) or one or two (a patch record, new or merged, or past the limit of two).
             let content = plan.content(round, i);
-            for block in (0..plan.chunk).step_by(4096) {
-                image.write_at(&content[block as usize..block as usize + 4096], i * plan.chunk + block).unwrap();
+            for block in plan.blocks(round, i) {
+                let at = (block * 4096) as usize;
+                image.write_at(&content[at..at + 4096], i * plan.chunk + block * 4096).unwrap();
             }
         }
         image.flush().unwrap();
@@ -511,7 +513,8 @@ fn sigkill_child() {
 }
 
 /// What the SIGKILL test's child writes: in each round, a seeded set of chunks, each with
-/// content that names the round and the chunk in every 4 KiB block (so a mix is seen).
+/// content that names the round and the chunk in every 4 KiB block (so a mix is seen). Every
+/// third round writes the chunks whole; the others one or two seeded blocks of each (patches).
 struct Plan {
     chunk: u64,
     chunks: u64,
@@ -543,18 +546,46 @@ impl Plan {
         out
     }
 
-    /// The round whose content chunk `i` holds, if any.
-    fn round_of(&self, i: u64, got: &[u8]) -> Option<u64> {
-        let round = u64::from_le_bytes(got[..8].try_into().unwrap());
-        (round <= Plan::ROUNDS && self.rounds[round as usize].contains(&i) && self.content(round, i) == got)
-            .then_some(round)
+    /// The blocks of chunk `i` that round `round` writes.
+    fn blocks(&self, round: u64, i: u64) -> Vec<u64> {
+        let all = self.chunk / 4096;
+        if round % 3 == 0 {
+            return (0..all).collect();
+        }
+        let mut rng = Rng::new(round * 7777 + i);
+        let mut set: Vec<u64> = (0..1 + rng.below(2)).map(|_| rng.below(all)).collect();
+        set.sort_unstable();
+        set.dedup();
+        set
+    }
+
+    /// The newest round up to `last` after which chunk `i` held exactly `got` (its content
+    /// replayed round by round), if any.
+    fn round_of(&self, i: u64, got: &[u8], last: u64) -> Option<u64> {
+        let mut state = self.content(0, i);
+        let mut found = (state == got).then_some(0);
+        for round in 1..=last.min(Plan::ROUNDS) {
+            if !self.rounds[round as usize].contains(&i) {
+                continue;
+            }
+            let content = self.content(round, i);
+            for block in self.blocks(round, i) {
+                let at = (block * 4096) as usize;
+                state[at..at + 4096].copy_from_slice(&content[at..at + 4096]);
+            }
+            if state == got {
+                found = Some(round);
+            }
+        }
+        found
     }
 }
 
 /// A child updating an image in rounds, each ending in a flush that it reports, is killed with
 /// SIGKILL at seeded moments (after a seeded number of reported commits, then a seeded delay,
-/// mid-round): the image opens, every chunk holds the content of one round whole, never older
-/// than the last reported commit, and a writable open and a new round work.
+/// mid-round): the image opens, every chunk holds its content after one round whole (base and
+/// patch record together), never older than the last reported commit, and a writable open and
+/// a new round work.
 #[test]
 fn a_writer_killed_with_sigkill_leaves_every_chunk_old_or_new() {
     use std::io::BufRead;
@@ -604,13 +635,17 @@ fn a_writer_killed_with_sigkill_leaves_every_chunk_old_or_new() {
         let mut newest = 0;
         for i in 0..plan.chunks {
             let got = &all[(i * plan.chunk) as usize..((i + 1) * plan.chunk) as usize];
-            let round = plan.round_of(i, got).unwrap_or_else(|| panic!("seed {seed}: chunk {i} is no round's content"));
+            let round = plan
+                .round_of(i, got, reported + 1)
+                .unwrap_or_else(|| panic!("seed {seed}: chunk {i} is no round's content"));
             let floor = (0..=reported).rev().find(|&r| plan.rounds[r as usize].contains(&i)).unwrap();
             assert!(round >= floor, "seed {seed}: chunk {i} holds round {round}, older than {floor}");
             newest = newest.max(round);
         }
         eprintln!(
-            "seed {seed}: killed after the commit of round {reported} was reported; newest chunk: round {newest}"
+            "seed {seed}: killed after the commit of round {reported} was reported; newest chunk: round {newest}; \
+             {} chunks with a patch",
+            image.usage().patched_chunks
         );
         // The next sync repairs: a writable open takes new writes.
         image.write_at(&plan.content(0, 1), plan.chunk).unwrap();
