@@ -553,7 +553,7 @@ impl Plan {
             return (0..all).collect();
         }
         let mut rng = Rng::new(round * 7777 + i);
-        let mut set: Vec<u64> = (0..1 + rng.below(2)).map(|_| rng.below(all)).collect();
+        let mut set: Vec<u64> = (0..=rng.below(2)).map(|_| rng.below(all)).collect();
         set.sort_unstable();
         set.dedup();
         set
