@@ -9,8 +9,10 @@ whole raw image, in the same run.
   removed): bytes the sync wrote to storage (`ru_oublock` of the process) against the
   compressed size of the chunks that changed.
 
-Usage: bench/compressed.py [--runs 3] [--dir bench/work] [--ssh]   (root: it loop-mounts the image)
-With --ssh, also diskrsync's anchor: a 1 %-changed update of a 4 GiB image over ssh.
+Usage: bench/compressed.py [--runs 3] [--dir bench/work] [--bin target/release/blksync] [--ssh [--ssh-runs 1]]
+(root: it loop-mounts the image). The binary is --bin, else $BLKSYNC_BIN, else target/release/blksync
+(built when missing).
+With --ssh, also diskrsync's anchor: a 1 %-changed update of a 4 GiB image over ssh, --ssh-runs times.
 Needs: e2fsprogs, zstd, python3; builds blksync when it is missing.
 """
 
@@ -132,8 +134,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=os.path.join(HERE, "work"))
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "blksync"))
+    ap.add_argument("--bin", default=os.environ.get("BLKSYNC_BIN", os.path.join(ROOT, "target", "release", "blksync")))
     ap.add_argument("--ssh", action="store_true", help="also diskrsync's anchor: 4 GiB over ssh")
+    ap.add_argument("--ssh-runs", type=int, default=1, help="runs of the anchor (each a fresh copy, then the update)")
+    ap.add_argument("--ssh-only", action="store_true", help="only the anchor (implies --ssh)")
     args = ap.parse_args()
     bs = os.path.abspath(args.bin)
     if not os.path.exists(bs):
@@ -149,6 +153,9 @@ def main():
         sh(f"truncate -s {size} {raw} && mkfs.ext4 -q -F {raw}")
         fill(raw, int(size * 0.7))
     sh(f"cat {raw} > /dev/null")
+    if args.ssh_only:
+        args.ssh = True
+        return report_anchor(args, bs, raw)
     cpus = os.cpu_count()
     print(f"# compressed image benchmark: 1 GiB ext4 of real files, {cpus} cores, median of {args.runs}")
 
@@ -193,10 +200,17 @@ def main():
     print(f"compare after the update: exit {check.returncode} (0: identical)")
     os.unlink(new)
     if args.ssh:
-        anchor(args, bs, raw)
+        report_anchor(args, bs, raw)
 
 
-def anchor(args, bs, raw):
+def report_anchor(args, bs, raw):
+    updates = [anchor(args, bs, raw, run) for run in range(args.ssh_runs)]
+    if len(updates) > 1:
+        print(f"4 GiB over ssh, 1 % changed update: median {statistics.median(updates):.2f}s, "
+              f"range {min(updates):.2f}-{max(updates):.2f}s over {len(updates)} runs")
+
+
+def anchor(args, bs, raw, run=0):
     """diskrsync's anchor: a 1 %-changed update of a 4 GiB compressed image over ssh (loopback
     sshd started here, aes128-gcm), the image on the remote side."""
     sys.path.insert(0, HERE)
@@ -216,7 +230,7 @@ def anchor(args, bs, raw):
     t_fresh, _ = run_io(f"{bs} sync -q -e '{rsh}' --compress {big} {dst}")
     # 1 % of 4 KiB blocks, scattered.
     import random
-    rnd = random.Random(4)
+    rnd = random.Random(4 + run)
     size = os.path.getsize(big)
     with open(big, "r+b") as f:
         for b in rnd.sample(range(size // 4096), size // 4096 // 100):
@@ -228,6 +242,7 @@ def anchor(args, bs, raw):
           f"(diskrsync anchor: about 6-7 s); image {allocated(img) / 1e6:.0f} MB")
     os.unlink(big)
     os.unlink(img)
+    return t_up
 
 
 if __name__ == "__main__":

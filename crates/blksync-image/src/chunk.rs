@@ -17,11 +17,30 @@ pub fn checksum(content: &[u8], chunk: u64) -> u64 {
     xxh3_64_with_seed(content, chunk)
 }
 
+/// The checksum of chunk `chunk`'s patch record content: seeded apart from every chunk's (chunk
+/// numbers are below 2^32).
+#[must_use]
+pub fn record_checksum(content: &[u8], chunk: u64) -> u64 {
+    xxh3_64_with_seed(content, (1 << 63) | chunk)
+}
+
 thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     static OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static RECORD: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with this thread's record buffer of `len` bytes (for a patch record's content; at
+/// most half a chunk and its block numbers).
+pub fn with_record<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    RECORD.with_borrow_mut(|record| {
+        if record.len() < len {
+            record.resize(len, 0);
+        }
+        f(&mut record[..len])
+    })
 }
 
 /// Calls `f` with this thread's scratch buffer of `len` bytes (for a payload read from the file).
@@ -41,9 +60,20 @@ pub fn encode<R>(content: &[u8], level: i32, store: impl FnOnce(Kind, &[u8]) -> 
     if blksync_core::zero::is_zero(content) {
         return Ok(store(Kind::Zero, &[]));
     }
-    // A frame must end at least one unit before a raw chunk would: capacity for that and no more,
-    // so that an incompressible chunk fails fast instead of being compressed in full.
-    let limit = content.len().saturating_sub(UNIT as usize);
+    // A frame must end at least one unit before a raw chunk would.
+    compress(content, level, content.len().saturating_sub(UNIT as usize), store)
+}
+
+/// Calls `store` with `content` as one zstd frame when it takes at most `limit` bytes, else
+/// raw (a patch record, which is never a zero payload, or a chunk).
+pub fn compress<R>(
+    content: &[u8],
+    level: i32,
+    limit: usize,
+    store: impl FnOnce(Kind, &[u8]) -> R,
+) -> std::io::Result<R> {
+    // Capacity for `limit` and no more, so that incompressible content fails fast instead of
+    // being compressed in full.
     OUT.with_borrow_mut(|out| {
         out.clear();
         out.reserve(limit);

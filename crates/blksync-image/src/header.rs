@@ -9,8 +9,13 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const MAGIC: [u8; 8] = *b"BLKSYNCZ";
 /// The format version written and read.
 pub const VERSION: u32 = 1;
-/// Bytes of a slot that carry fields (the rest of its 4096 are zeros).
-pub const LEN: usize = 72;
+/// Bytes of a slot that carry fields (the rest of its 4096 are zeros): 72, and 32 more with
+/// the [`PATCHES`] flag.
+pub const LEN: usize = 104;
+/// Bytes of a slot without the [`PATCHES`] flag: the format before patches.
+pub const BASE_LEN: usize = 72;
+/// Flag bit 0: the slot carries the patch table's fields.
+pub const PATCHES: u32 = 1;
 /// Bytes reserved for each slot.
 pub const SLOT: u64 = 4096;
 /// Where the data area starts: after both slots.
@@ -19,6 +24,8 @@ pub const DATA_START: u64 = 2 * SLOT;
 pub const UNIT: u64 = 4096;
 /// Bytes of one index entry.
 pub const ENTRY_LEN: u64 = 24;
+/// Bytes of one patch table entry.
+pub const PATCH_LEN: u64 = 32;
 
 /// Smallest and largest chunk size.
 pub const MIN_CHUNK: u32 = 4096;
@@ -73,6 +80,19 @@ pub struct Header {
     pub count: u64,
     /// XXH3-64 of the index bytes.
     pub index_hash: u64,
+    /// File offset of the patch table (0 when `patch_count` is 0).
+    pub patch_offset: u64,
+    /// Entries in the patch table; the [`PATCHES`] flag is set exactly when it is not 0.
+    pub patch_count: u64,
+    /// XXH3-64 of the patch table bytes (0 when `patch_count` is 0).
+    pub patch_hash: u64,
+}
+
+/// Most blocks a patch record of an image with chunks of `chunk_size` may hold: half the
+/// chunk's (0 for 4 KiB chunks, which have no patches).
+#[must_use]
+pub fn max_record_blocks(chunk_size: u32) -> u32 {
+    chunk_size / 8192
 }
 
 /// Whether `level` is a zstd level this format accepts.
@@ -106,7 +126,8 @@ impl Header {
         let mut out = [0u8; LEN];
         out[..8].copy_from_slice(&MAGIC);
         out[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        out[12..16].copy_from_slice(&0u32.to_le_bytes());
+        let flags = if self.patch_count > 0 { PATCHES } else { 0 };
+        out[12..16].copy_from_slice(&flags.to_le_bytes());
         out[16..20].copy_from_slice(&self.chunk_size.to_le_bytes());
         out[20..24].copy_from_slice(&self.level.to_le_bytes());
         out[24..32].copy_from_slice(&self.generation.to_le_bytes());
@@ -116,21 +137,28 @@ impl Header {
         out[56..64].copy_from_slice(&self.index_hash.to_le_bytes());
         let hash = xxh3_64(&out[..64]);
         out[64..72].copy_from_slice(&hash.to_le_bytes());
+        if flags & PATCHES != 0 {
+            out[72..80].copy_from_slice(&self.patch_offset.to_le_bytes());
+            out[80..88].copy_from_slice(&self.patch_count.to_le_bytes());
+            out[88..96].copy_from_slice(&self.patch_hash.to_le_bytes());
+            let hash = xxh3_64(&out[..96]);
+            out[96..104].copy_from_slice(&hash.to_le_bytes());
+        }
         out
     }
 
-    /// Decodes a slot (at least [`LEN`] bytes; fewer is a bad magic or a torn slot) and checks
-    /// every field against the limits that do not depend on the file. Checks in the spec's order:
-    /// magic, version, flags, hash, fields.
+    /// Decodes a slot (at least [`BASE_LEN`] bytes, [`LEN`] with the [`PATCHES`] flag; fewer is
+    /// a bad magic or a torn slot) and checks every field against the limits that do not depend
+    /// on the file. Checks in the spec's order: magic, version, hash, flags, tail hash, fields.
     pub fn decode(bytes: &[u8]) -> Result<Header, Invalid> {
         if bytes.len() < 8 || bytes[..8] != MAGIC {
             return Err(Invalid::Magic);
         }
-        if bytes.len() < LEN {
+        if bytes.len() < BASE_LEN {
             return Err(Invalid::Hash);
         }
         let field = |e: blksync_core::Error| Invalid::Field(e.to_string());
-        let mut d = Decoder::new(&bytes[8..LEN], "header");
+        let mut d = Decoder::new(&bytes[8..BASE_LEN], "header");
         let version = d.u32().map_err(field)?;
         if version != VERSION {
             return Err(Invalid::Version(version));
@@ -141,8 +169,20 @@ impl Header {
         if xxh3_64(&bytes[..64]) != stored_hash {
             return Err(Invalid::Hash);
         }
-        if flags != 0 {
+        if flags & !PATCHES != 0 {
             return Err(Invalid::Flags(flags));
+        }
+        let (mut patch_offset, mut patch_count, mut patch_hash) = (0, 0, 0);
+        if flags & PATCHES != 0 {
+            let tail = bytes.get(..LEN).ok_or(Invalid::Hash)?;
+            let word = |at: usize| u64::from_le_bytes(tail[at..at + 8].try_into().unwrap_or_default());
+            if xxh3_64(&tail[..96]) != word(96) {
+                return Err(Invalid::Hash);
+            }
+            (patch_offset, patch_count, patch_hash) = (word(72), word(80), word(88));
+            if patch_count == 0 {
+                return Err(Invalid::Field("the patches flag with an empty patch table".into()));
+            }
         }
         let header = Header {
             chunk_size: d.u32().map_err(field)?,
@@ -152,6 +192,9 @@ impl Header {
             index_offset: d.u64().map_err(field)?,
             count: d.u64().map_err(field)?,
             index_hash: d.u64().map_err(field)?,
+            patch_offset,
+            patch_count,
+            patch_hash,
         };
         header.check().map_err(Invalid::Field)?;
         Ok(header)
@@ -181,7 +224,28 @@ impl Header {
         if self.count > 0 && (self.index_offset < DATA_START || self.index_offset % UNIT != 0) {
             return Err(format!("index at file offset {} (not an aligned offset in the data area)", self.index_offset));
         }
+        if self.patch_count > self.count {
+            return Err(format!("patch table of {} entries for {} chunks", self.patch_count, self.count));
+        }
+        if self.patch_count > 0 && max_record_blocks(self.chunk_size) == 0 {
+            return Err(format!("a patch table in an image of {}-byte chunks", self.chunk_size));
+        }
+        if self.patch_count == 0 && (self.patch_offset != 0 || self.patch_hash != 0) {
+            return Err("an empty patch table with an offset".into());
+        }
+        if self.patch_count > 0 && (self.patch_offset < DATA_START || self.patch_offset % UNIT != 0) {
+            return Err(format!(
+                "patch table at file offset {} (not an aligned offset in the data area)",
+                self.patch_offset
+            ));
+        }
         Ok(())
+    }
+
+    /// Bytes of the patch table.
+    #[must_use]
+    pub fn patch_len(&self) -> u64 {
+        self.patch_count * PATCH_LEN
     }
 
     /// Bytes of the index.
@@ -227,41 +291,69 @@ mod tests {
             index_offset: DATA_START,
             count: 6,
             index_hash: 42,
+            patch_offset: 0,
+            patch_count: 0,
+            patch_hash: 0,
         }
+    }
+
+    fn patched() -> Header {
+        Header { patch_offset: 3 * DATA_START, patch_count: 2, patch_hash: 77, ..header() }
     }
 
     proptest! {
         #[test]
         fn every_valid_header_round_trips(
             shift in 12u32..=24, level in -7i32..=19, generation in 1u64.., size in any::<u64>(),
-            at in 2u64..1 << 40, index_hash in any::<u64>(),
+            at in 2u64..1 << 40, index_hash in any::<u64>(), patches in any::<u64>(), patch_at in 2u64..1 << 40,
+            patch_hash in any::<u64>(),
         ) {
             let chunk_size = 1u32 << shift;
             let level = if level == 0 { 1 } else { level };
             let size = size % (MAX_COUNT * u64::from(chunk_size)).min(MAX_SIZE);
             let count = chunks_for(size, chunk_size);
             let index_offset = if count == 0 { 0 } else { at * UNIT };
-            let h = Header { chunk_size, level, generation, size, index_offset, count, index_hash };
-            prop_assert_eq!(Header::decode(&h.encode()), Ok(h));
+            let patch_count = if chunk_size < 8192 { 0 } else { patches % (count + 1) };
+            let (patch_offset, patch_hash) = if patch_count == 0 { (0, 0) } else { (patch_at * UNIT, patch_hash) };
+            let h = Header {
+                chunk_size, level, generation, size, index_offset, count, index_hash, patch_offset, patch_count, patch_hash,
+            };
+            let bytes = h.encode();
+            prop_assert_eq!(Header::decode(&bytes), Ok(h));
+            if patch_count == 0 {
+                prop_assert!(bytes[BASE_LEN..].iter().all(|&b| b == 0), "no flag: the format before patches");
+                prop_assert_eq!(Header::decode(&bytes[..BASE_LEN]), Ok(h));
+            }
         }
     }
 
     #[test]
     fn a_flipped_bit_anywhere_is_a_bad_magic_version_or_hash() {
-        let good = header().encode();
-        for byte in 0..LEN {
-            for bit in 0..8 {
-                let mut bad = good;
-                bad[byte] ^= 1 << bit;
-                let e = Header::decode(&bad).unwrap_err();
-                let expected = match byte {
-                    0..8 => Invalid::Magic,
-                    8..12 => Invalid::Version(VERSION ^ (1 << (8 * (byte - 8) + bit))),
-                    _ => Invalid::Hash,
-                };
-                assert_eq!(e, expected, "byte {byte} bit {bit}");
+        for (good, len) in [(header().encode(), BASE_LEN), (patched().encode(), LEN)] {
+            for byte in 0..len {
+                for bit in 0..8 {
+                    let mut bad = good;
+                    bad[byte] ^= 1 << bit;
+                    let e = Header::decode(&bad).unwrap_err();
+                    let expected = match byte {
+                        0..8 => Invalid::Magic,
+                        8..12 => Invalid::Version(VERSION ^ (1 << (8 * (byte - 8) + bit))),
+                        _ => Invalid::Hash,
+                    };
+                    assert_eq!(e, expected, "byte {byte} bit {bit}");
+                }
             }
+            // Without the flag, what follows the 72 bytes is not read.
+            let mut tail = header().encode();
+            tail[80] = 1;
+            assert_eq!(Header::decode(&tail), Ok(header()));
         }
+        // A slot torn after the first hash: the old patch fields fail the tail hash.
+        let mut torn = patched().encode();
+        let older = Header { generation: 6, patch_count: 1, ..patched() };
+        torn[BASE_LEN..].copy_from_slice(&older.encode()[BASE_LEN..]);
+        assert_eq!(Header::decode(&torn), Err(Invalid::Hash));
+        assert_eq!(Header::decode(&patched().encode()[..BASE_LEN]), Err(Invalid::Hash), "a flagged slot cut short");
     }
 
     #[test]
@@ -279,15 +371,27 @@ mod tests {
             Header { index_offset: DATA_START + 1, ..header() },
             Header { size: 0, count: 0, ..header() },
             Header { size: 1 << 52, count: 1 << 32, chunk_size: 4096, ..header() },
+            Header { patch_count: 7, ..patched() },
+            Header { patch_offset: 4096, ..patched() },
+            Header { patch_offset: DATA_START + 8, ..patched() },
+            Header { chunk_size: 4096, size: 6 * 4096, ..patched() },
         ];
         for h in bad {
             assert!(matches!(Header::decode(&h.encode()), Err(Invalid::Field(_))), "{h:?}");
         }
         let mut flagged = header().encode();
-        flagged[12] = 1;
+        flagged[12] = 2;
         let hash = xxh3_64(&flagged[..64]);
         flagged[64..72].copy_from_slice(&hash.to_le_bytes());
-        assert_eq!(Header::decode(&flagged), Err(Invalid::Flags(1)));
+        assert_eq!(Header::decode(&flagged), Err(Invalid::Flags(2)));
+        // The patches flag with an empty table (the tail hash right).
+        let mut empty = header().encode();
+        empty[12] = 1;
+        let hash = xxh3_64(&empty[..64]);
+        empty[64..72].copy_from_slice(&hash.to_le_bytes());
+        let hash = xxh3_64(&empty[..96]);
+        empty[96..104].copy_from_slice(&hash.to_le_bytes());
+        assert!(matches!(Header::decode(&empty), Err(Invalid::Field(_))));
     }
 
     #[test]

@@ -18,12 +18,18 @@ use blksync_core::error::IoContext;
 use blksync_core::{Error, ErrorKind, Result};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::cache::{Cache, Slot};
+use blksync_core::buffer::Aligned;
+
+use crate::cache::{Blocks, Cache, Held, Slot};
 use crate::chunk;
 use crate::file::ImageFile;
-use crate::header::{self, DATA_START, Header, Invalid, SLOT, round_up};
-use crate::index::{self, Entry, Kind};
+use crate::header::{self, DATA_START, Header, Invalid, PATCH_LEN, SLOT, UNIT, max_record_blocks, round_up};
+use crate::index::{self, BLOCK, Entry, Kind, Patch, Patches, record_len};
 use crate::space::Space;
+
+/// Most patched chunks a writer makes (docs/COMPRESSED-IMAGE.md, "Limits"): past it, a chunk that
+/// has no patch is rewritten whole instead of getting one, which bounds the patch map's memory.
+pub const MAX_PATCHES: usize = 1 << 18;
 
 /// The choices recorded in a new image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,11 +59,15 @@ pub struct Tuning {
     /// Default 8 MiB: the engine has two chunks per worker in flight, an NBD client reading
     /// sequentially one.
     pub cache_bytes: u64,
+    /// Most blocks a patch record holds; past it a chunk is rewritten whole. `Some(0)` turns
+    /// patches off; it is capped at half a chunk's blocks (the format's limit). Default `None`:
+    /// an eighth of the chunk (32 blocks of 1 MiB), no patches below 64 KiB chunks.
+    pub patch_blocks: Option<u32>,
 }
 
 impl Default for Tuning {
     fn default() -> Tuning {
-        Tuning { commit_every: 256 << 20, cache_bytes: 8 << 20 }
+        Tuning { commit_every: 256 << 20, cache_bytes: 8 << 20, patch_blocks: None }
     }
 }
 
@@ -66,12 +76,17 @@ impl Default for Tuning {
 pub struct Stats {
     /// Commits made since it was opened.
     pub commits: u64,
-    /// Chunks compressed and written (zero chunks included, which write nothing).
+    /// Chunks stored: as a new payload (zero chunks included, which write nothing) or as a
+    /// patch record.
     pub chunks_stored: u64,
-    /// Payload bytes written.
+    /// Of those, the patch records written.
+    pub patches_stored: u64,
+    /// Payload and record bytes written.
     pub bytes_stored: u64,
-    /// Chunks read from the file and checked.
+    /// Chunks read from the file (decompressed) and checked.
     pub chunks_loaded: u64,
+    /// Patch records read and checked (with their chunk, or to merge them into a new record).
+    pub patches_loaded: u64,
 }
 
 /// Where an open image's file space goes, for reports and tests.
@@ -79,17 +94,22 @@ pub struct Stats {
 pub struct Usage {
     /// Logical size.
     pub size: u64,
-    /// Space the current payloads take (each rounded up to 4 KiB).
+    /// Space the current payloads and patch records take (each rounded up to 4 KiB).
     pub live: u64,
-    /// Payload bytes of the current chunks, unrounded.
+    /// Payload and record bytes of the current chunks, unrounded.
     pub stored: u64,
+    /// Chunks with a patch record.
+    pub patched_chunks: u64,
+    /// Record bytes, unrounded (a part of `stored`).
+    pub patch_bytes: u64,
     /// Chunks stored as zstd frames.
     pub zstd_chunks: u64,
     /// Chunks stored raw.
     pub raw_chunks: u64,
-    /// Chunks that are holes.
+    /// Chunks that are holes: a zero base without a patch (a zero base with one is counted in
+    /// none of the three kinds, only in `patched_chunks`).
     pub zero_chunks: u64,
-    /// Space of the committed index (rounded up to 4 KiB).
+    /// Space of the committed index and patch table (each rounded up to 4 KiB).
     pub index: u64,
 }
 
@@ -97,10 +117,11 @@ pub struct Usage {
 #[derive(Debug)]
 struct State {
     entries: Vec<Entry>,
+    patches: Patches,
     size: u64,
     space: Space,
-    /// Payloads the committed index references but the current one does not: free after the
-    /// next commit.
+    /// Payloads and records the committed index and table reference but the current ones do
+    /// not: free after the next commit.
     pending: Vec<(u64, u64)>,
     /// The last committed header and its slot.
     header: Header,
@@ -120,7 +141,9 @@ pub struct Loaded {
     pub slot: usize,
     /// One entry per chunk.
     pub entries: Vec<Entry>,
-    /// What the index does not reference, ascending.
+    /// The patch table.
+    pub patches: Patches,
+    /// What the index and the table do not reference, ascending.
     pub free: Vec<(u64, u64)>,
 }
 
@@ -153,8 +176,9 @@ pub fn load(read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>, file_len: u64, p
         _ => Error::new(ErrorKind::Corrupt, format!("{name}: no valid header in either slot (slot 0: {why})")),
     })?;
     let entries = index::load(read, &header, file_len, path)?;
-    let free = index::free_space(&entries, &header, file_len, path)?;
-    Ok(Loaded { header, slot, entries, free })
+    let patches = index::load_patches(read, &header, file_len, path)?;
+    let free = index::free_space(&entries, &patches, &header, file_len, path)?;
+    Ok(Loaded { header, slot, entries, patches, free })
 }
 
 /// Reads chunk `i`, stored as `entry`, through `read` into `dst` (one chunk) and checks its
@@ -197,6 +221,113 @@ pub fn read_chunk(
     Ok(())
 }
 
+/// Reads chunk `i`'s patch record, stored as `patch`, through `read` and checks it (checksum,
+/// frame, block numbers); then calls `each` with every block number and its 4096 bytes,
+/// ascending. Any damage is an error naming the chunk's logical offset and the record's file
+/// offset.
+pub fn read_record(
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    i: u64,
+    patch: &Patch,
+    chunk_size: u32,
+    path: &Path,
+    each: &mut dyn FnMut(usize, &[u8]),
+) -> Result<()> {
+    let logical = i * u64::from(chunk_size);
+    let damaged = |what: &str| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{}: damaged patch record of the chunk at byte offset {logical} (stored at file offset {}): {what}",
+                path.display(),
+                patch.offset
+            ),
+        )
+    };
+    let past_end =
+        |e: Error| if e.kind() == ErrorKind::Corrupt { damaged("it ends past the end of the file") } else { e };
+    let n = usize::from(patch.blocks);
+    if n == 0 || n > max_record_blocks(chunk_size) as usize {
+        return Err(damaged(&format!("{n} blocks")));
+    }
+    chunk::with_record(record_len(u32::from(patch.blocks)) as usize, |content| {
+        match patch.kind {
+            Kind::Raw => read(content, patch.offset).map_err(past_end)?,
+            Kind::Zstd => chunk::with_scratch(patch.stored as usize, |payload| {
+                read(payload, patch.offset).map_err(past_end)?;
+                chunk::decompress(payload, content).map_err(|what| damaged(&what))
+            })?,
+            Kind::Zero => return Err(damaged("a record of kind zero")),
+        }
+        if chunk::record_checksum(content, i) != patch.checksum {
+            return Err(damaged("checksum mismatch"));
+        }
+        let (numbers, data) = content.split_at(2 * n);
+        let per_chunk = (u64::from(chunk_size) / BLOCK) as usize;
+        let mut next = 0;
+        for (k, pair) in numbers.chunks_exact(2).enumerate() {
+            let b = usize::from(u16::from_le_bytes([pair[0], pair[1]]));
+            if b < next || b >= per_chunk {
+                return Err(damaged(&format!("block number {b} out of order or past the chunk's {per_chunk}")));
+            }
+            next = b + 1;
+            each(b, &data[k * BLOCK as usize..(k + 1) * BLOCK as usize]);
+        }
+        Ok(())
+    })
+}
+
+/// Reads chunk `i`'s content into `dst` (one chunk): its base, stored as `entry`, with the
+/// blocks of its patch record over it, each checked.
+pub fn read_content(
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    i: u64,
+    entry: &Entry,
+    patch: Option<&Patch>,
+    dst: &mut [u8],
+    path: &Path,
+) -> Result<()> {
+    read_chunk(read, i, entry, dst, path)?;
+    if let Some(patch) = patch {
+        let chunk_size = dst.len() as u32;
+        read_record(read, i, patch, chunk_size, path, &mut |b, data| {
+            dst[b * BLOCK as usize..(b + 1) * BLOCK as usize].copy_from_slice(data);
+        })?;
+    }
+    Ok(())
+}
+
+/// A chunk as the file stores it now: its base and its patch.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    entry: Entry,
+    patch: Option<Patch>,
+}
+
+impl Stored {
+    /// Reads as zeros without a read: a zero base and no patch.
+    fn is_hole(&self) -> bool {
+        self.entry.kind == Kind::Zero && self.patch.is_none()
+    }
+}
+
+/// What a store changes in the index and the patch table.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// A new base; the patch goes.
+    Base(Entry),
+    /// A new patch on the same base.
+    Patch(Patch),
+}
+
+/// Copies `held`'s dirty blocks over `dst`, a whole chunk.
+fn overlay(dst: &mut [u8], held: &Held) {
+    for b in held.dirty.iter() {
+        let range = b * BLOCK as usize..(b + 1) * BLOCK as usize;
+        dst[range.clone()].copy_from_slice(&held.buf[range]);
+    }
+}
+
 fn not_image(path: &Path) -> Error {
     Error::new(ErrorKind::Corrupt, format!("{}: not a blksync compressed image (bad magic)", path.display()))
 }
@@ -220,8 +351,10 @@ pub struct Image {
     failed: Mutex<Option<String>>,
     commits: AtomicU64,
     chunks_stored: AtomicU64,
+    patches_stored: AtomicU64,
     bytes_stored: AtomicU64,
     chunks_loaded: AtomicU64,
+    patches_loaded: AtomicU64,
 }
 
 impl std::fmt::Debug for Image {
@@ -294,6 +427,9 @@ impl Image {
                 index_offset,
                 count,
                 index_hash: hasher.digest(),
+                patch_offset: 0,
+                patch_count: 0,
+                patch_hash: 0,
             };
             let image = ImageFile::new(path, file);
             image.write_at(&header.encode(), 0)?;
@@ -331,7 +467,9 @@ impl Image {
             // What a killed run wrote and never committed is still allocated: punch it out,
             // when the allocated size says there is something to punch.
             let used: u64 = loaded.entries.iter().filter_map(Entry::extent).map(|(s, e)| e - s).sum::<u64>()
+                + loaded.patches.values().map(|p| p.extent().1 - p.extent().0).sum::<u64>()
                 + round_up(loaded.header.index_len())
+                + round_up(loaded.header.patch_len())
                 + DATA_START;
             if meta.blocks() * 512 > used + (1 << 20) {
                 for &(start, end) in &loaded.free {
@@ -360,6 +498,7 @@ impl Image {
             commit: Mutex::new(()),
             state: Mutex::new(State {
                 entries: loaded.entries,
+                patches: loaded.patches,
                 size: header.size,
                 space: Space::new(&loaded.free, meta.len()),
                 pending: Vec::new(),
@@ -372,8 +511,10 @@ impl Image {
             file,
             commits: AtomicU64::new(0),
             chunks_stored: AtomicU64::new(0),
+            patches_stored: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
             chunks_loaded: AtomicU64::new(0),
+            patches_loaded: AtomicU64::new(0),
         })
     }
 
@@ -413,8 +554,10 @@ impl Image {
         Stats {
             commits: self.commits.load(Ordering::Relaxed),
             chunks_stored: self.chunks_stored.load(Ordering::Relaxed),
+            patches_stored: self.patches_stored.load(Ordering::Relaxed),
             bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
             chunks_loaded: self.chunks_loaded.load(Ordering::Relaxed),
+            patches_loaded: self.patches_loaded.load(Ordering::Relaxed),
         }
     }
 
@@ -422,9 +565,20 @@ impl Image {
     #[must_use]
     pub fn usage(&self) -> Usage {
         let st = self.state();
-        let mut usage = Usage { size: st.size, index: round_up(st.header.index_len()), ..Usage::default() };
-        for e in &st.entries {
+        let mut usage = Usage {
+            size: st.size,
+            index: round_up(st.header.index_len()) + round_up(st.header.patch_len()),
+            ..Usage::default()
+        };
+        for p in st.patches.values() {
+            usage.patched_chunks += 1;
+            usage.patch_bytes += u64::from(p.stored);
+            usage.stored += u64::from(p.stored);
+            usage.live += p.extent().1 - p.extent().0;
+        }
+        for (i, e) in st.entries.iter().enumerate() {
             match e.kind {
+                Kind::Zero if st.patches.contains_key(&(i as u64)) => {}
                 Kind::Zero => usage.zero_chunks += 1,
                 Kind::Raw => usage.raw_chunks += 1,
                 Kind::Zstd => usage.zstd_chunks += 1,
@@ -502,22 +656,34 @@ impl Image {
         }))
     }
 
-    fn entry(&self, i: u64) -> Entry {
-        self.state().entries.get(i as usize).copied().unwrap_or(Entry::ZERO)
+    /// Chunk `i` as the file stores it now.
+    fn stored(&self, i: u64) -> Stored {
+        let st = self.state();
+        Stored { entry: st.entries.get(i as usize).copied().unwrap_or(Entry::ZERO), patch: st.patches.get(&i).copied() }
     }
 
-    /// Reads and checks chunk `i` as `entry` stores it into `dst`. The caller holds the chunk
-    /// (busy), so that the entry's payload cannot be freed and reused meanwhile.
-    fn load(&self, i: u64, entry: &Entry, dst: &mut [u8]) -> Result<()> {
-        if entry.kind != Kind::Zero {
+    /// Most blocks a new patch record may hold; 0 when patches are off.
+    fn patch_limit(&self) -> usize {
+        let default = if self.chunk_size >= 64 << 10 { self.chunk_size / 32768 } else { 0 };
+        self.tuning.patch_blocks.unwrap_or(default).min(max_record_blocks(self.chunk_size)) as usize
+    }
+
+    /// Reads and checks chunk `i` as `stored` says into `dst`: its base, then its patch. The
+    /// caller holds the chunk (busy), so that neither can be freed and reused meanwhile.
+    fn load(&self, i: u64, stored: &Stored, dst: &mut [u8]) -> Result<()> {
+        if !stored.is_hole() {
             self.chunks_loaded.fetch_add(1, Ordering::Relaxed);
         }
+        if stored.patch.is_some() {
+            self.patches_loaded.fetch_add(1, Ordering::Relaxed);
+        }
         let mut read = |buf: &mut [u8], at: u64| self.file.read_at(buf, at);
-        read_chunk(&mut read, i, entry, dst, self.file.path())
+        read_content(&mut read, i, &stored.entry, stored.patch.as_ref(), dst, self.file.path())
     }
 
-    /// Compresses `content` (a whole chunk) and makes it chunk `i`'s new payload; commits when
-    /// enough was written since the last commit. The caller holds the chunk (busy or ready).
+    /// Compresses `content` (a whole chunk) and makes it chunk `i`'s new payload, without a
+    /// patch; commits when enough was written since the last commit. The caller holds the chunk
+    /// (busy or ready).
     fn store(&self, i: u64, content: &[u8]) -> Result<()> {
         self.check_writable()?;
         let path = self.file.path();
@@ -526,24 +692,114 @@ impl Image {
                 return Ok(Entry::ZERO);
             }
             let len = payload.len() as u64;
-            let offset = self.state().space.alloc(len);
-            if let Err(e) = self.file.write_at(payload, offset) {
-                self.state().space.release(offset, offset + round_up(len));
-                return Err(e);
-            }
+            let offset = self.write_new(payload)?;
             Ok(Entry { offset, checksum: chunk::checksum(content, i), stored: len as u32, kind, fresh: true })
         })
         .on("compressing a chunk for", path)??;
-        self.replace(i, entry)
+        self.replace(i, Change::Base(entry))
     }
 
-    /// Points chunk `i` at `entry` (freeing what it replaces) and commits when due.
-    fn replace(&self, i: u64, entry: Entry) -> Result<()> {
+    /// Writes `payload` to newly allocated free space and returns where.
+    fn write_new(&self, payload: &[u8]) -> Result<u64> {
+        let len = payload.len() as u64;
+        let offset = self.state().space.alloc(len);
+        if let Err(e) = self.file.write_at(payload, offset) {
+            self.state().space.release(offset, offset + round_up(len));
+            return Err(e);
+        }
+        Ok(offset)
+    }
+
+    /// Stores what a holder of dirty chunk `i` holds: as a patch record when that fits
+    /// ([`Image::store_patch`]), else as a new payload, the whole content read first when the
+    /// buffer is sparse (the buffer is then full). Afterwards it is clean.
+    fn store_held(&self, i: u64, held: &mut Held) -> Result<()> {
+        self.check_writable()?;
+        let stored = self.stored(i);
+        if !self.store_patch(i, held, &stored)? {
+            if !held.full {
+                let mut buf = Aligned::new(self.chunk_size as usize);
+                self.load(i, &stored, &mut buf)?;
+                overlay(&mut buf, held);
+                held.buf = buf;
+                held.full = true;
+            }
+            self.store(i, &held.buf)?;
+        }
+        held.dirty = Blocks::default();
+        Ok(())
+    }
+
+    /// Stores chunk `i`'s dirty blocks, merged with the blocks of its current patch that they do
+    /// not replace, as a new record, when patches are on and the merged record holds at most
+    /// their limit. False (and nothing written) when it would not, or when the content is in
+    /// memory and all zeros (a hole, stored as such).
+    fn store_patch(&self, i: u64, held: &Held, stored: &Stored) -> Result<bool> {
+        let limit = self.patch_limit();
+        let dirty = held.dirty.len();
+        if limit == 0 || dirty == 0 || dirty > limit {
+            return Ok(false);
+        }
+        if held.full && blksync_core::zero::is_zero(&held.buf) {
+            return Ok(false);
+        }
+        if stored.patch.is_none() && self.state().patches.len() >= MAX_PATCHES {
+            return Ok(false);
+        }
+        let path = self.file.path();
+        let (mut kept, mut kept_data) = (Vec::new(), Vec::new());
+        if let Some(patch) = &stored.patch {
+            self.patches_loaded.fetch_add(1, Ordering::Relaxed);
+            let mut read = |buf: &mut [u8], at: u64| self.file.read_at(buf, at);
+            read_record(&mut read, i, patch, self.chunk_size, path, &mut |b, data| {
+                if !held.dirty.contains(b) && kept.len() + dirty <= limit {
+                    kept.push(b);
+                    kept_data.extend_from_slice(data);
+                }
+            })?;
+            if kept.len() + dirty > limit {
+                return Ok(false);
+            }
+        }
+        // Both lists ascend and are disjoint: merge them.
+        let mut order: Vec<(usize, Option<usize>)> =
+            held.dirty.iter().map(|b| (b, None)).chain(kept.iter().enumerate().map(|(k, &b)| (b, Some(k)))).collect();
+        order.sort_unstable_by_key(|&(b, _)| b);
+        let n = order.len();
+        let mut content = Vec::with_capacity(record_len(n as u32) as usize);
+        for &(b, _) in &order {
+            content.extend_from_slice(&(b as u16).to_le_bytes());
+        }
+        let block = BLOCK as usize;
+        for &(b, from) in &order {
+            match from {
+                None => content.extend_from_slice(&held.buf[b * block..(b + 1) * block]),
+                Some(k) => content.extend_from_slice(&kept_data[k * block..(k + 1) * block]),
+            }
+        }
+        let checksum = chunk::record_checksum(&content, i);
+        // zstd when it saves a unit of the raw record's space.
+        let limit = round_up(content.len() as u64).saturating_sub(UNIT) as usize;
+        let patch = chunk::compress(&content, self.level, limit, |kind, payload| -> Result<Patch> {
+            let offset = self.write_new(payload)?;
+            Ok(Patch { offset, checksum, stored: payload.len() as u32, blocks: n as u16, kind, fresh: true })
+        })
+        .on("compressing a patch record for", path)??;
+        self.replace(i, Change::Patch(patch))?;
+        Ok(true)
+    }
+
+    /// Makes `change` chunk `i`'s (freeing what it replaces) and commits when due.
+    fn replace(&self, i: u64, change: Change) -> Result<()> {
         let due = {
             let mut st = self.state();
-            let Some(slot) = st.entries.get_mut(i as usize) else {
+            let (extent, stored) = match &change {
+                Change::Base(e) => (e.extent(), e.stored),
+                Change::Patch(p) => (Some(p.extent()), p.stored),
+            };
+            if i >= st.entries.len() as u64 {
                 // Shrunk meanwhile (a resize concurrent with a write): the write is past the end.
-                if let Some((s, e)) = entry.extent() {
+                if let Some((s, e)) = extent {
                     st.space.release(s, e);
                 }
                 return Err(Error::new(
@@ -553,24 +809,37 @@ impl Image {
                         self.file.path().display()
                     ),
                 ));
-            };
-            let old = std::mem::replace(slot, entry);
-            self.free(&mut st, &old)?;
-            st.since_commit += u64::from(entry.stored);
+            }
+            match change {
+                Change::Base(entry) => {
+                    let old = std::mem::replace(&mut st.entries[i as usize], entry);
+                    self.free(&mut st, old.extent(), old.fresh)?;
+                    if let Some(old) = st.patches.remove(&i) {
+                        self.free(&mut st, Some(old.extent()), old.fresh)?;
+                    }
+                }
+                Change::Patch(patch) => {
+                    if let Some(old) = st.patches.insert(i, patch) {
+                        self.free(&mut st, Some(old.extent()), old.fresh)?;
+                    }
+                    self.patches_stored.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            st.since_commit += u64::from(stored);
             st.changed = true;
             self.chunks_stored.fetch_add(1, Ordering::Relaxed);
-            self.bytes_stored.fetch_add(u64::from(entry.stored), Ordering::Relaxed);
-            let index = st.entries.len() as u64 * header::ENTRY_LEN;
-            st.since_commit >= self.tuning.commit_every.max(8 * index)
+            self.bytes_stored.fetch_add(u64::from(stored), Ordering::Relaxed);
+            let tables = st.entries.len() as u64 * header::ENTRY_LEN + st.patches.len() as u64 * PATCH_LEN;
+            st.since_commit >= self.tuning.commit_every.max(8 * tables)
         };
         if due { self.commit() } else { Ok(()) }
     }
 
-    /// Frees an entry's payload: at once when no committed index references it, else at the
-    /// next commit.
-    fn free(&self, st: &mut State, old: &Entry) -> Result<()> {
-        let Some((start, end)) = old.extent() else { return Ok(()) };
-        if old.fresh {
+    /// Frees a payload's or record's space: at once when no committed index or table references
+    /// it (`fresh`), else at the next commit.
+    fn free(&self, st: &mut State, extent: Option<(u64, u64)>, fresh: bool) -> Result<()> {
+        let Some((start, end)) = extent else { return Ok(()) };
+        if fresh {
             st.space.release(start, end);
             self.file.punch(start, end - start)
         } else {
@@ -579,8 +848,8 @@ impl Image {
         }
     }
 
-    /// Writes the index and the header (docs/COMPRESSED-IMAGE.md, "Commit"), when anything
-    /// changed since the last commit.
+    /// Writes the index, the patch table and the header (docs/COMPRESSED-IMAGE.md, "Commit"),
+    /// when anything changed since the last commit.
     pub fn commit(&self) -> Result<()> {
         self.check_writable()?;
         if !self.state().changed {
@@ -595,9 +864,10 @@ impl Image {
             return Ok(());
         }
         let new_header = self.write_index(&mut st).inspect_err(|e| self.fail(e))?;
-        // Committed: what only the old index referenced is free now.
-        let old_index = (st.header.count > 0)
-            .then(|| (st.header.index_offset, st.header.index_offset + round_up(st.header.index_len())));
+        // Committed: what only the old index and table referenced is free now.
+        let old = st.header;
+        let old_index = (old.count > 0).then(|| (old.index_offset, old.index_offset + round_up(old.index_len())));
+        let old_table = (old.patch_count > 0).then(|| (old.patch_offset, old.patch_offset + round_up(old.patch_len())));
         st.slot = 1 - st.slot;
         st.header = new_header;
         st.since_commit = 0;
@@ -605,8 +875,12 @@ impl Image {
         for e in &mut st.entries {
             e.fresh = false;
         }
+        for p in st.patches.values_mut() {
+            p.fresh = false;
+        }
         self.commits.fetch_add(1, Ordering::Relaxed);
-        let freed: Vec<(u64, u64)> = std::mem::take(&mut st.pending).into_iter().chain(old_index).collect();
+        let freed: Vec<(u64, u64)> =
+            std::mem::take(&mut st.pending).into_iter().chain(old_index).chain(old_table).collect();
         for (start, end) in freed {
             let (start, end) = st.space.release(start, end);
             self.file.punch(start, end - start)?;
@@ -617,8 +891,8 @@ impl Image {
         Ok(())
     }
 
-    /// Steps 2 and 3 of a commit: the index to free space, synced, then the header to the
-    /// inactive slot, synced. Returns the header written.
+    /// Steps 2 and 3 of a commit: the index and the patch table to free space, synced, then the
+    /// header to the inactive slot, synced. Returns the header written.
     fn write_index(&self, st: &mut State) -> Result<Header> {
         let count = st.entries.len() as u64;
         let len = count * header::ENTRY_LEN;
@@ -631,6 +905,20 @@ impl Image {
             pos += piece.len() as u64;
             Ok(())
         })?;
+        let patch_count = st.patches.len() as u64;
+        let (mut patch_offset, mut patch_hash) = (0, 0);
+        if patch_count > 0 {
+            patch_offset = st.space.alloc(patch_count * PATCH_LEN);
+            let mut hasher = Xxh3::new();
+            let mut pos = patch_offset;
+            index::encode_patches(&st.patches, &mut |piece| {
+                hasher.update(piece);
+                self.file.write_at(piece, pos)?;
+                pos += piece.len() as u64;
+                Ok(())
+            })?;
+            patch_hash = hasher.digest();
+        }
         self.file.sync()?;
         let header = Header {
             chunk_size: self.chunk_size,
@@ -640,34 +928,50 @@ impl Image {
             index_offset,
             count,
             index_hash: hasher.digest(),
+            patch_offset,
+            patch_count,
+            patch_hash,
         };
         self.file.write_at(&header.encode(), (1 - st.slot) as u64 * SLOT)?;
         self.file.sync()?;
         Ok(header)
     }
 
-    /// Applies a write (`Some`) or a zeroing (`None`) of one piece to its chunk.
+    /// Applies a write (`Some`) or a zeroing (`None`) of one piece to its chunk. Whole aligned
+    /// blocks need nothing from the file (the chunk is cached sparse); part of a block needs
+    /// the chunk's content first.
     fn apply(&self, piece: &Piece, data: Option<&[u8]>) -> Result<()> {
         let i = piece.chunk;
         let whole = piece.at == 0 && piece.len == self.chunk_size as usize;
+        let block = BLOCK as usize;
+        let (first, end) = (piece.at / block, (piece.at + piece.len).div_ceil(block));
+        let aligned = piece.at % block == 0 && piece.len % block == 0;
+        let write = |held: &mut Held| {
+            let dst = &mut held.buf[piece.at..piece.at + piece.len];
+            match data {
+                Some(d) => dst.copy_from_slice(d),
+                None => dst.fill(0),
+            }
+            held.dirty.insert(first, end);
+            held.full |= whole;
+        };
         let mut cache = self.cache();
         loop {
             match cache.get_mut(i) {
                 Some(Slot::Busy) => cache = self.wait(cache),
-                Some(Slot::Ready { buf, dirty, .. }) => {
-                    let dst = &mut buf[piece.at..piece.at + piece.len];
-                    match data {
-                        Some(d) => dst.copy_from_slice(d),
-                        None => dst.fill(0),
+                Some(Slot::Ready { held, .. }) => {
+                    if aligned || held.knows(first, end) {
+                        write(held);
+                        return Ok(());
                     }
-                    *dirty = true;
-                    return Ok(());
+                    // Part of a block the buffer does not know: the chunk's content first.
+                    cache = self.complete(i, cache)?;
                 }
                 None => break,
             }
         }
-        let entry = self.entry(i);
-        if data.is_none() && entry.kind == Kind::Zero {
+        let stored = self.stored(i);
+        if data.is_none() && stored.is_hole() {
             return Ok(());
         }
         cache.set_busy(i);
@@ -675,7 +979,7 @@ impl Image {
             drop(cache);
             let done = match data {
                 Some(d) => self.store(i, d),
-                None => self.check_writable().and_then(|()| self.replace(i, Entry::ZERO)),
+                None => self.check_writable().and_then(|()| self.replace(i, Change::Base(Entry::ZERO))),
             };
             let mut cache = self.cache();
             cache.remove(i);
@@ -683,15 +987,46 @@ impl Image {
             self.ready.notify_all();
             return done;
         }
-        let (mut cache, mut buf) = self.load_busy(i, &entry, cache)?;
-        let dst = &mut buf[piece.at..piece.at + piece.len];
-        match data {
-            Some(d) => dst.copy_from_slice(d),
-            None => dst.fill(0),
-        }
-        cache.set_ready(i, buf, true);
+        let mut held = if aligned {
+            Held { buf: cache.buffer(), dirty: Blocks::default(), full: false }
+        } else {
+            let (again, buf) = self.load_busy(i, &stored, cache)?;
+            cache = again;
+            Held { buf, dirty: Blocks::default(), full: true }
+        };
+        write(&mut held);
+        cache.set_ready(i, held);
         self.ready.notify_all();
         self.make_room(cache)
+    }
+
+    /// Makes ready chunk `i`'s slot full: reads its stored content (outside the lock, the chunk
+    /// busy meanwhile) and lays its dirty blocks over it. On failure the slot is as it was.
+    fn complete<'a>(&'a self, i: u64, mut cache: MutexGuard<'a, Cache>) -> Result<MutexGuard<'a, Cache>> {
+        let Some(mut held) = cache.take(i) else { return Ok(cache) };
+        let mut buf = cache.buffer();
+        drop(cache);
+        let stored = self.stored(i);
+        let loaded = self.load(i, &stored, &mut buf);
+        let mut cache = self.cache();
+        match loaded {
+            Ok(()) => {
+                overlay(&mut buf, &held);
+                let sparse = std::mem::replace(&mut held.buf, buf);
+                held.full = true;
+                cache.set_ready(i, held);
+                cache.recycle(sparse);
+                self.ready.notify_all();
+                Ok(cache)
+            }
+            Err(e) => {
+                cache.recycle(buf);
+                cache.set_ready(i, held);
+                drop(cache);
+                self.ready.notify_all();
+                Err(e)
+            }
+        }
     }
 
     /// Loads chunk `i`, which the caller marked busy, into a buffer of the cache, outside its
@@ -700,12 +1035,12 @@ impl Image {
     fn load_busy<'a>(
         &'a self,
         i: u64,
-        entry: &Entry,
+        stored: &Stored,
         mut cache: MutexGuard<'a, Cache>,
-    ) -> Result<(MutexGuard<'a, Cache>, blksync_core::buffer::Aligned)> {
+    ) -> Result<(MutexGuard<'a, Cache>, Aligned)> {
         let mut buf = cache.buffer();
         drop(cache);
-        let loaded = self.load(i, entry, &mut buf);
+        let loaded = self.load(i, stored, &mut buf);
         let mut cache = self.cache();
         if let Err(e) = loaded {
             cache.remove(i);
@@ -718,24 +1053,24 @@ impl Image {
     }
 
     /// Evicts least recently used chunks while the cache holds more than its capacity; a dirty
-    /// one is compressed and written first (with the lock released).
+    /// one is stored first (with the lock released).
     fn make_room<'a>(&'a self, mut cache: MutexGuard<'a, Cache>) -> Result<()> {
         while let Some((i, dirty)) = cache.over_capacity() {
             if !dirty {
                 cache.remove(i);
                 continue;
             }
-            let Some((buf, _)) = cache.take(i) else { continue };
+            let Some(mut held) = cache.take(i) else { continue };
             drop(cache);
-            let stored = self.store(i, &buf);
+            let stored = self.store_held(i, &mut held);
             cache = self.cache();
             match stored {
                 Ok(()) => {
                     cache.remove(i);
-                    cache.recycle(buf);
+                    cache.recycle(held.buf);
                 }
                 Err(e) => {
-                    cache.set_ready(i, buf, true);
+                    cache.set_ready(i, held);
                     drop(cache);
                     self.ready.notify_all();
                     return Err(e);
@@ -746,18 +1081,18 @@ impl Image {
         Ok(())
     }
 
-    /// Stores every dirty chunk, keeping it cached as clean, and waits for chunks other threads
-    /// are writing out: afterwards, every write that returned before the call is in the index.
+    /// Stores every dirty chunk, keeping it cached as clean (when its buffer is full), and waits
+    /// for chunks other threads are writing out: afterwards, every write that returned before
+    /// the call is in the index or the patch table.
     fn write_back(&self) -> Result<()> {
         let mut cache = self.cache();
         loop {
             if let Some(i) = cache.dirty() {
-                let Some((buf, _)) = cache.take(i) else { continue };
+                let Some(mut held) = cache.take(i) else { continue };
                 drop(cache);
-                let stored = self.store(i, &buf);
+                let stored = self.store_held(i, &mut held);
                 cache = self.cache();
-                let failed = stored.is_err();
-                cache.set_ready(i, buf, failed);
+                cache.set_ready(i, held);
                 self.ready.notify_all();
                 stored?;
             } else if cache.any_busy() {
@@ -770,19 +1105,24 @@ impl Image {
 
     fn read_piece(&self, piece: &Piece, out: &mut [u8]) -> Result<()> {
         let i = piece.chunk;
+        let block = BLOCK as usize;
+        let (first, end) = (piece.at / block, (piece.at + piece.len).div_ceil(block));
         let mut cache = self.cache();
         loop {
             match cache.get_mut(i) {
                 Some(Slot::Busy) => cache = self.wait(cache),
-                Some(Slot::Ready { buf, .. }) => {
-                    out.copy_from_slice(&buf[piece.at..piece.at + piece.len]);
-                    return Ok(());
+                Some(Slot::Ready { held, .. }) => {
+                    if held.knows(first, end) {
+                        out.copy_from_slice(&held.buf[piece.at..piece.at + piece.len]);
+                        return Ok(());
+                    }
+                    cache = self.complete(i, cache)?;
                 }
                 None => break,
             }
         }
-        let entry = self.entry(i);
-        if entry.kind == Kind::Zero {
+        let stored = self.stored(i);
+        if stored.is_hole() {
             out.fill(0);
             return Ok(());
         }
@@ -791,7 +1131,7 @@ impl Image {
             // A whole chunk goes straight into the caller's buffer: the engine reads whole
             // chunks once.
             drop(cache);
-            let loaded = self.load(i, &entry, out);
+            let loaded = self.load(i, &stored, out);
             let mut cache = self.cache();
             if loaded.is_err() || !self.writable {
                 cache.remove(i);
@@ -804,13 +1144,13 @@ impl Image {
             // (2.7 of the 12.4 CPU-seconds of a 1 %-changed 4 GiB update).
             let mut buf = cache.buffer();
             buf.copy_from_slice(out);
-            cache.set_ready(i, buf, false);
+            cache.set_ready(i, Held { buf, dirty: Blocks::default(), full: true });
             self.ready.notify_all();
             return self.make_room(cache);
         }
-        let (mut cache, buf) = self.load_busy(i, &entry, cache)?;
+        let (mut cache, buf) = self.load_busy(i, &stored, cache)?;
         out.copy_from_slice(&buf[piece.at..piece.at + piece.len]);
-        cache.set_ready(i, buf, false);
+        cache.set_ready(i, Held { buf, dirty: Blocks::default(), full: true });
         self.ready.notify_all();
         self.make_room(cache)
     }
@@ -880,8 +1220,8 @@ impl Source for Image {
         Ok(())
     }
 
-    /// Zero chunks are holes, at chunk granularity; a chunk with writes not yet stored is
-    /// allocated. The segment reaches at most 65536 chunks on (the cursor asks again).
+    /// Zero chunks without a patch are holes, at chunk granularity; a chunk with writes not yet
+    /// stored is allocated. The segment reaches at most 65536 chunks on (the cursor asks again).
     fn segment_at(&self, offset: u64) -> Result<Segment> {
         let size = self.size();
         if offset >= size {
@@ -890,7 +1230,11 @@ impl Source for Image {
         let chunk = u64::from(self.chunk_size);
         let cache = self.cache();
         let st = self.state();
-        let allocated = |i: u64| cache.holds(i) || st.entries.get(i as usize).is_some_and(|e| e.kind != Kind::Zero);
+        let allocated = |i: u64| {
+            cache.unstored(i)
+                || st.entries.get(i as usize).is_some_and(|e| e.kind != Kind::Zero)
+                || st.patches.contains_key(&i)
+        };
         let first = offset / chunk;
         let kind = allocated(first);
         let last = (st.entries.len() as u64).min(first + (1 << 16));
@@ -911,6 +1255,11 @@ impl Source for Image {
         for e in st.entries.iter().skip(first as usize).take((last - first + 1).min(1 << 12) as usize) {
             if let (Some((start, _)), Some(n)) = (e.extent(), std::num::NonZeroU64::new(u64::from(e.stored))) {
                 let _ = rustix::fs::fadvise(self.file.file(), start, Some(n), rustix::fs::Advice::DontNeed);
+            }
+        }
+        for p in st.patches.range(first..=last).map(|(_, p)| p).take(1 << 12) {
+            if let Some(n) = std::num::NonZeroU64::new(u64::from(p.stored)) {
+                let _ = rustix::fs::fadvise(self.file.file(), p.offset, Some(n), rustix::fs::Advice::DontNeed);
             }
         }
     }
@@ -973,9 +1322,9 @@ impl Target for Image {
         }
         // Holding the cache: no other thread can start on a chunk until the resize is done.
         while let Some(i) = cache.dirty() {
-            let Some((buf, _)) = cache.take(i) else { break };
-            let stored = self.store(i, &buf);
-            cache.set_ready(i, buf, stored.is_err());
+            let Some(mut held) = cache.take(i) else { break };
+            let stored = self.store_held(i, &mut held);
+            cache.set_ready(i, held);
             stored?;
         }
         cache.clear();
@@ -983,9 +1332,13 @@ impl Target for Image {
         if count < st.entries.len() as u64 {
             let cut: Vec<Entry> = st.entries.drain(count as usize..).collect();
             for old in &cut {
-                self.free(&mut st, old)?;
+                self.free(&mut st, old.extent(), old.fresh)?;
             }
             st.entries.shrink_to_fit();
+            let cut = st.patches.split_off(&count);
+            for old in cut.values() {
+                self.free(&mut st, Some(old.extent()), old.fresh)?;
+            }
         } else {
             st.entries.resize(count as usize, Entry::ZERO);
         }

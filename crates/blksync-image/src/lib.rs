@@ -14,8 +14,11 @@
 //! of new data. Space a commit frees is punched out and reused, so the file stays about the size
 //! of its live data.
 //!
-//! Every header, the index and every chunk are checksummed: damage is an error naming the file
-//! and the offset, never a wrong read; every length read from the file is checked against its
+//! A chunk with a few changed 4 KiB blocks can instead keep its payload and carry a small patch
+//! record of those blocks, so that scattered small changes do not recompress whole chunks.
+//!
+//! Every header, the index, the patch table, every chunk and every record are checksummed:
+//! damage is an error naming the file and the offset, never a wrong read; every length read from the file is checked against its
 //! size before anything is allocated.
 //!
 //! ```no_run
@@ -92,27 +95,40 @@ pub fn is_image(path: &Path) -> Result<bool> {
     Ok(sniff(&head[..n]))
 }
 
-/// Rewrites the checksums of both header slots of `bytes` (and the index hash each names, where
-/// its index lies inside `bytes`), so that random or mutated inputs reach the index and chunk
-/// checks instead of stopping at a hash. For the fuzz target and the random-input tests.
+/// Rewrites the checksums of both header slots of `bytes` (and the index and patch table hashes
+/// each names, where they lie inside `bytes`), so that random or mutated inputs reach the index,
+/// table, chunk and record checks instead of stopping at a hash. For the fuzz target and the
+/// random-input tests.
 #[doc(hidden)]
 pub fn fix_checksums(bytes: &mut [u8]) {
     for slot in [0, header::SLOT as usize] {
         let Some(h) = bytes.get(slot..slot + header::LEN) else { continue };
         let field = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap_or_default());
-        let (offset, count) = (field(40), field(48));
-        let end = count.checked_mul(header::ENTRY_LEN).and_then(|len| offset.checked_add(len));
-        if let Some(index) = end.and_then(|end| bytes.get(offset as usize..usize::try_from(end).ok()?)) {
-            let hash = xxhash_rust::xxh3::xxh3_64(index);
+        let flags = u32::from_le_bytes(h[12..16].try_into().unwrap_or_default());
+        let table = |offset: u64, count: u64, len: u64| {
+            let end = count.checked_mul(len).and_then(|len| offset.checked_add(len))?;
+            Some(xxhash_rust::xxh3::xxh3_64(bytes.get(offset as usize..usize::try_from(end).ok()?)?))
+        };
+        let index_hash = table(field(40), field(48), header::ENTRY_LEN);
+        let patch_hash = table(field(72), field(80), header::PATCH_LEN);
+        if let Some(hash) = index_hash {
             bytes[slot + 56..slot + 64].copy_from_slice(&hash.to_le_bytes());
         }
         let hash = xxhash_rust::xxh3::xxh3_64(&bytes[slot..slot + 64]);
         bytes[slot + 64..slot + 72].copy_from_slice(&hash.to_le_bytes());
+        if flags & header::PATCHES != 0 {
+            if let Some(hash) = patch_hash {
+                bytes[slot + 88..slot + 96].copy_from_slice(&hash.to_le_bytes());
+            }
+            let hash = xxhash_rust::xxh3::xxh3_64(&bytes[slot..slot + 96]);
+            bytes[slot + 96..slot + 104].copy_from_slice(&hash.to_le_bytes());
+        }
     }
 }
 
 /// Runs every decoder on `data` as an image file, as is and with its checksums fixed up: the
-/// header slots, the index, the free-space check, and the first chunks. Any input must give a
+/// header slots, the index, the patch table, the free-space check, and the first chunks with
+/// their patch records. Any input must give a
 /// value or an error, never a panic or an allocation beyond the limits of the spec. For the fuzz
 /// target and the random-input tests.
 #[doc(hidden)]
@@ -132,12 +148,15 @@ pub fn exercise(data: &[u8]) {
         let path = Path::new("fuzz.bsz");
         let Ok(loaded) = image::load(&mut read, bytes.len() as u64, path) else { continue };
         assert_eq!(loaded.entries.len() as u64, loaded.header.count);
-        if loaded.entries.iter().all(|e| e.kind == index::Kind::Zero) {
+        assert_eq!(loaded.patches.len() as u64, loaded.header.patch_count);
+        if loaded.entries.iter().all(|e| e.kind == index::Kind::Zero) && loaded.patches.is_empty() {
             continue;
         }
         let mut dst = vec![0u8; loaded.header.chunk_size as usize];
-        for (i, entry) in loaded.entries.iter().enumerate().take(16) {
-            let _ = image::read_chunk(&mut read, i as u64, entry, &mut dst, path);
+        let patched = loaded.patches.keys().take(8).map(|&i| i as usize);
+        for i in (0..loaded.entries.len().min(16)).chain(patched) {
+            let patch = loaded.patches.get(&(i as u64));
+            let _ = image::read_content(&mut read, i as u64, &loaded.entries[i], patch, &mut dst, path);
         }
     }
 }

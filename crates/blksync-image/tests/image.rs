@@ -70,7 +70,8 @@ fn allocated(path: &Path) -> u64 {
 }
 
 fn small_tuning(chunk: u32) -> Tuning {
-    Tuning { commit_every: 4 * u64::from(chunk), cache_bytes: 3 * u64::from(chunk) }
+    // Patches as large as the format allows: a chunk of 8 KiB and more gets them.
+    Tuning { commit_every: 4 * u64::from(chunk), cache_bytes: 3 * u64::from(chunk), patch_blocks: Some(u32::MAX) }
 }
 
 #[derive(Debug, Clone)]
@@ -203,7 +204,9 @@ fn zero_chunks_are_holes_and_take_no_space() {
     image.flush().unwrap();
     assert_eq!(image.segment_at(6 * chunk).unwrap().end, 1 << 30, "9 is a hole again, and 10 (zeros) never was data");
     let usage = image.usage();
-    assert_eq!((usage.raw_chunks, usage.zstd_chunks), (0, 1));
+    // Chunk 5 (100 bytes written into a zero chunk) is a patch on a zero base: data, not a hole.
+    assert_eq!((usage.raw_chunks, usage.zstd_chunks, usage.patched_chunks), (0, 0, 1));
+    assert!(image.segment_at(5 * chunk).unwrap().allocated);
     // 1 GiB logical: 16384 entries of index (384 KiB) and one small chunk.
     assert!(allocated(&path) < 600 << 10, "{} bytes allocated", allocated(&path));
 }
@@ -432,10 +435,24 @@ fn random_and_mutated_files_are_refused_or_read_never_a_panic() {
     }
     image.flush().unwrap();
     drop(image);
-    let good = std::fs::read(&path).unwrap();
-    // `BLKSYNC_IMAGE_SEEDS=DIR` writes this valid image there, as a seed for the fuzz target.
+    // With patches: 16 KiB chunks, records of one and two blocks over payloads and a zero chunk.
+    let patched = dir.path().join("patched.bsz");
+    let image = Image::create(&patched, 5 * 16384 - 100, Options { chunk_size: 16384, ..Options::default() })
+        .unwrap()
+        .tuned(Tuning { patch_blocks: Some(2), ..Tuning::default() });
+    image.write_at(&data(2, 1, 3 * 16384), 0).unwrap();
+    image.flush().unwrap();
+    for (at, kind) in [(4096u64, 1), (16384 + 8192, 2), (16384 + 12288, 2), (3 * 16384, 1)] {
+        image.write_at(&data(kind, at, 4096), at).unwrap();
+    }
+    image.flush().unwrap();
+    drop(image);
+    let goods = [std::fs::read(&path).unwrap(), std::fs::read(&patched).unwrap()];
+    assert_eq!(patch_table(&goods[1]).len(), 3);
+    // `BLKSYNC_IMAGE_SEEDS=DIR` writes these valid images there, as seeds for the fuzz target.
     if let Ok(seeds) = std::env::var("BLKSYNC_IMAGE_SEEDS") {
-        std::fs::write(Path::new(&seeds).join("valid.bsz"), &good).unwrap();
+        std::fs::write(Path::new(&seeds).join("valid.bsz"), &goods[0]).unwrap();
+        std::fs::write(Path::new(&seeds).join("patched.bsz"), &goods[1]).unwrap();
     }
     let mut rng = Rng::new(77);
     for case in 0..10_000 {
@@ -443,7 +460,7 @@ fn random_and_mutated_files_are_refused_or_read_never_a_panic() {
             let len = rng.below(9000) as usize;
             (0..len).map(|_| rng.next() as u8).collect()
         } else {
-            good.clone()
+            goods[case % 2].clone()
         };
         for _ in 0..=rng.below(8) {
             if bytes.is_empty() {
@@ -474,15 +491,19 @@ fn sigkill_child() {
     let Ok(spec) = std::env::var("BLKSYNC_IMAGE_CHILD") else { return };
     let (path, seed) = spec.split_once(':').unwrap();
     let plan = Plan::new(seed.parse().unwrap());
-    let image = Image::open(Path::new(path), true)
-        .unwrap()
-        .tuned(Tuning { commit_every: plan.chunk / 2, cache_bytes: 4 * plan.chunk });
+    let image = Image::open(Path::new(path), true).unwrap().tuned(Tuning {
+        commit_every: plan.chunk / 2,
+        cache_bytes: 4 * plan.chunk,
+        patch_blocks: Some(2),
+    });
     for round in 1..=Plan::ROUNDS {
         for &i in &plan.rounds[round as usize] {
-            // Ascending 4 KiB runs within the chunk, as the engine writes.
+            // Ascending 4 KiB runs within the chunk, as the engine writes: all of them (a new
+            // payload) or one or two (a patch record, new or merged, or past the limit of two).
             let content = plan.content(round, i);
-            for block in (0..plan.chunk).step_by(4096) {
-                image.write_at(&content[block as usize..block as usize + 4096], i * plan.chunk + block).unwrap();
+            for block in plan.blocks(round, i) {
+                let at = (block * 4096) as usize;
+                image.write_at(&content[at..at + 4096], i * plan.chunk + block * 4096).unwrap();
             }
         }
         image.flush().unwrap();
@@ -492,7 +513,8 @@ fn sigkill_child() {
 }
 
 /// What the SIGKILL test's child writes: in each round, a seeded set of chunks, each with
-/// content that names the round and the chunk in every 4 KiB block (so a mix is seen).
+/// content that names the round and the chunk in every 4 KiB block (so a mix is seen). Every
+/// third round writes the chunks whole; the others one or two seeded blocks of each (patches).
 struct Plan {
     chunk: u64,
     chunks: u64,
@@ -524,18 +546,46 @@ impl Plan {
         out
     }
 
-    /// The round whose content chunk `i` holds, if any.
-    fn round_of(&self, i: u64, got: &[u8]) -> Option<u64> {
-        let round = u64::from_le_bytes(got[..8].try_into().unwrap());
-        (round <= Plan::ROUNDS && self.rounds[round as usize].contains(&i) && self.content(round, i) == got)
-            .then_some(round)
+    /// The blocks of chunk `i` that round `round` writes.
+    fn blocks(&self, round: u64, i: u64) -> Vec<u64> {
+        let all = self.chunk / 4096;
+        if round % 3 == 0 {
+            return (0..all).collect();
+        }
+        let mut rng = Rng::new(round * 7777 + i);
+        let mut set: Vec<u64> = (0..=rng.below(2)).map(|_| rng.below(all)).collect();
+        set.sort_unstable();
+        set.dedup();
+        set
+    }
+
+    /// The newest round up to `last` after which chunk `i` held exactly `got` (its content
+    /// replayed round by round), if any.
+    fn round_of(&self, i: u64, got: &[u8], last: u64) -> Option<u64> {
+        let mut state = self.content(0, i);
+        let mut found = (state == got).then_some(0);
+        for round in 1..=last.min(Plan::ROUNDS) {
+            if !self.rounds[round as usize].contains(&i) {
+                continue;
+            }
+            let content = self.content(round, i);
+            for block in self.blocks(round, i) {
+                let at = (block * 4096) as usize;
+                state[at..at + 4096].copy_from_slice(&content[at..at + 4096]);
+            }
+            if state == got {
+                found = Some(round);
+            }
+        }
+        found
     }
 }
 
 /// A child updating an image in rounds, each ending in a flush that it reports, is killed with
 /// SIGKILL at seeded moments (after a seeded number of reported commits, then a seeded delay,
-/// mid-round): the image opens, every chunk holds the content of one round whole, never older
-/// than the last reported commit, and a writable open and a new round work.
+/// mid-round): the image opens, every chunk holds its content after one round whole (base and
+/// patch record together), never older than the last reported commit, and a writable open and
+/// a new round work.
 #[test]
 fn a_writer_killed_with_sigkill_leaves_every_chunk_old_or_new() {
     use std::io::BufRead;
@@ -585,13 +635,17 @@ fn a_writer_killed_with_sigkill_leaves_every_chunk_old_or_new() {
         let mut newest = 0;
         for i in 0..plan.chunks {
             let got = &all[(i * plan.chunk) as usize..((i + 1) * plan.chunk) as usize];
-            let round = plan.round_of(i, got).unwrap_or_else(|| panic!("seed {seed}: chunk {i} is no round's content"));
+            let round = plan
+                .round_of(i, got, reported + 1)
+                .unwrap_or_else(|| panic!("seed {seed}: chunk {i} is no round's content"));
             let floor = (0..=reported).rev().find(|&r| plan.rounds[r as usize].contains(&i)).unwrap();
             assert!(round >= floor, "seed {seed}: chunk {i} holds round {round}, older than {floor}");
             newest = newest.max(round);
         }
         eprintln!(
-            "seed {seed}: killed after the commit of round {reported} was reported; newest chunk: round {newest}"
+            "seed {seed}: killed after the commit of round {reported} was reported; newest chunk: round {newest}; \
+             {} chunks with a patch",
+            image.usage().patched_chunks
         );
         // The next sync repairs: a writable open takes new writes.
         image.write_at(&plan.content(0, 1), plan.chunk).unwrap();
@@ -737,4 +791,440 @@ fn a_1_tib_image_stays_under_64_mib_of_memory() {
     assert!(kib < 64 << 10, "peak RSS {kib} KiB");
     let allocated = allocated(&dir.path().join("tib.bsz"));
     assert!(allocated < 200 << 20, "{allocated} bytes allocated");
+}
+
+/// The newest valid header slot of the image at `path`.
+fn newest_header(bytes: &[u8]) -> blksync_image::header::Header {
+    let h = |slot: usize| blksync_image::header::Header::decode(&bytes[slot * 4096..]).ok();
+    [h(0), h(1)].into_iter().flatten().max_by_key(|h| h.generation).unwrap()
+}
+
+/// The committed patch table of the image in `bytes`: (chunk, patch, file offset of the entry).
+fn patch_table(bytes: &[u8]) -> Vec<(u64, blksync_image::index::Patch, usize)> {
+    let h = newest_header(bytes);
+    (0..h.patch_count as usize)
+        .map(|k| {
+            let at = h.patch_offset as usize + 32 * k;
+            let (chunk, patch) =
+                blksync_image::index::Patch::decode(bytes[at..at + 32].try_into().unwrap(), h.chunk_size, h.count)
+                    .unwrap();
+            (chunk, patch, at)
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+enum BlockOp {
+    /// `n` whole 4 KiB blocks from block `block` on.
+    Blocks {
+        block: u64,
+        n: u64,
+        kind: u64,
+        seed: u64,
+    },
+    /// A write that is not whole blocks.
+    Small {
+        at: u64,
+        len: usize,
+        seed: u64,
+    },
+    ZeroBlocks {
+        block: u64,
+        n: u64,
+    },
+    Chunk {
+        i: u64,
+        kind: u64,
+        seed: u64,
+    },
+    ZeroChunk {
+        i: u64,
+    },
+    Read {
+        at: u64,
+        len: usize,
+    },
+    Flush,
+    Reopen,
+}
+
+fn block_op() -> impl Strategy<Value = BlockOp> {
+    prop_oneof![
+        8 => (any::<u64>(), 1u64..4, any::<u64>(), any::<u64>())
+            .prop_map(|(block, n, kind, seed)| BlockOp::Blocks { block, n, kind, seed }),
+        2 => (any::<u64>(), 1usize..6000, any::<u64>()).prop_map(|(at, len, seed)| BlockOp::Small { at, len, seed }),
+        2 => (any::<u64>(), 1u64..3).prop_map(|(block, n)| BlockOp::ZeroBlocks { block, n }),
+        1 => (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(i, kind, seed)| BlockOp::Chunk { i, kind, seed }),
+        1 => any::<u64>().prop_map(|i| BlockOp::ZeroChunk { i }),
+        3 => (any::<u64>(), 1usize..40_000).prop_map(|(at, len)| BlockOp::Read { at, len }),
+        1 => Just(BlockOp::Flush),
+        1 => Just(BlockOp::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Scattered whole-block writes (which become patches without reading their chunk), small
+    /// unaligned writes, zeroed blocks and chunks, whole chunks, reads, flushes and reopens read
+    /// back as the same operations on a byte vector, with patches of 1 to 8 blocks, a last chunk
+    /// cut short, and a cache that evicts all the time.
+    #[test]
+    fn block_writes_with_patches_read_back_as_the_model(
+        shift in 14u32..=16, chunks in 2u64..8, tail in 0u64..20_000, limit in 1u32..=8,
+        ops in proptest::collection::vec(block_op(), 1..60),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.bsz");
+        let chunk = 1u32 << shift;
+        let size = (chunks * u64::from(chunk)).saturating_sub(tail % u64::from(chunk));
+        let tuning = Tuning { patch_blocks: Some(limit), ..small_tuning(chunk) };
+        let options = Options { chunk_size: chunk, level: 1, ..Options::default() };
+        let mut image = Image::create(&path, size, options).unwrap().tuned(tuning);
+        // A base of data, committed, so that patches lie over payloads.
+        let mut model = data(2, 1, size as usize);
+        image.write_at(&model, 0).unwrap();
+        image.flush().unwrap();
+        let blocks = size / 4096;
+        let whole = size / u64::from(chunk);
+        for op in ops {
+            match op {
+                BlockOp::Blocks { block, n, kind, seed } if blocks > 0 => {
+                    let block = block % blocks;
+                    let n = n.min(blocks - block);
+                    let bytes = data(kind, seed, (n * 4096) as usize);
+                    image.write_at(&bytes, block * 4096).unwrap();
+                    model[(block * 4096) as usize..((block + n) * 4096) as usize].copy_from_slice(&bytes);
+                }
+                BlockOp::ZeroBlocks { block, n } if blocks > 0 => {
+                    let block = block % blocks;
+                    let n = n.min(blocks - block);
+                    image.zero(block * 4096, n * 4096).unwrap();
+                    model[(block * 4096) as usize..((block + n) * 4096) as usize].fill(0);
+                }
+                BlockOp::Small { at, len, seed } => {
+                    let at = at % (size + 1);
+                    let len = len.min((size - at) as usize);
+                    let bytes = data(2, seed, len);
+                    image.write_at(&bytes, at).unwrap();
+                    model[at as usize..at as usize + len].copy_from_slice(&bytes);
+                }
+                BlockOp::Chunk { i, kind, seed } if whole > 0 => {
+                    let at = (i % whole) * u64::from(chunk);
+                    let bytes = data(kind, seed, chunk as usize);
+                    image.write_at(&bytes, at).unwrap();
+                    model[at as usize..at as usize + chunk as usize].copy_from_slice(&bytes);
+                }
+                BlockOp::ZeroChunk { i } if whole > 0 => {
+                    let at = (i % whole) * u64::from(chunk);
+                    image.zero(at, u64::from(chunk)).unwrap();
+                    model[at as usize..at as usize + chunk as usize].fill(0);
+                }
+                BlockOp::Read { at, len } => {
+                    let at = at % (size + 1);
+                    let len = len.min((size - at) as usize);
+                    let mut buf = vec![0xa5; len];
+                    image.read_at(&mut buf, at).unwrap();
+                    prop_assert!(buf == model[at as usize..at as usize + len], "read {len} at {at}");
+                }
+                BlockOp::Flush => image.flush().unwrap(),
+                BlockOp::Reopen => {
+                    drop(image);
+                    image = Image::open(&path, true).unwrap().tuned(tuning);
+                }
+                _ => {}
+            }
+        }
+        prop_assert!(read_all(&image) == model);
+        check_segments(&image, &model);
+        image.flush().unwrap();
+        drop(image);
+        let image = Image::open(&path, false).unwrap();
+        prop_assert!(read_all(&image) == model, "after reopening read-only");
+        check_segments(&image, &model);
+        for (_, patch, _) in patch_table(&std::fs::read(&path).unwrap()) {
+            prop_assert!(u32::from(patch.blocks) <= limit.min(chunk / 8192));
+        }
+    }
+}
+
+/// A chunk's few changed blocks become a patch record (its payload untouched, nothing
+/// decompressed), more changes merge into a new record, and past the limit the chunk is
+/// rewritten whole without one; a whole-chunk write or zeroing drops the patch, a zero chunk
+/// with a patch is data, and the header carries the patches flag exactly while there are
+/// patches.
+#[test]
+fn patches_are_made_merged_and_given_up_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.bsz");
+    let chunk = 256u64 << 10; // a limit of 8 blocks
+    let size = 8 * chunk - 5000;
+    let image = Image::create(&path, size, Options { chunk_size: chunk as u32, ..Options::default() }).unwrap();
+    let mut model = data(2, 7, size as usize);
+    model[(6 * chunk) as usize..(7 * chunk) as usize].fill(0); // chunk 6 stays a zero chunk
+    image.write_at(&model, 0).unwrap();
+    image.flush().unwrap();
+    let flags = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        let h = newest_header(&bytes);
+        let slot = if blksync_image::header::Header::decode(&bytes[..]).ok() == Some(h) { 0 } else { 4096 };
+        u32::from_le_bytes(bytes[slot + 12..slot + 16].try_into().unwrap())
+    };
+    assert_eq!(flags(&path), 0, "no patches: the format before them");
+    drop(image);
+    let mut image = Image::open(&path, true).unwrap();
+    let write = |image: &Image, model: &mut Vec<u8>, at: u64, len: usize, seed: u64| {
+        let bytes = data(1, seed, len);
+        image.write_at(&bytes, at).unwrap();
+        model[at as usize..at as usize + len].copy_from_slice(&bytes);
+    };
+    let table = |path: &Path| patch_table(&std::fs::read(path).unwrap());
+    // Three blocks of chunk 1: a record of 3.
+    for b in [3, 9, 40] {
+        write(&image, &mut model, chunk + b * 4096, 4096, b);
+    }
+    image.flush().unwrap();
+    let s = image.stats();
+    assert_eq!((s.chunks_stored, s.patches_stored, s.chunks_loaded, s.patches_loaded), (1, 1, 0, 0));
+    assert_eq!(table(&path).iter().map(|(i, p, _)| (*i, p.blocks)).collect::<Vec<_>>(), [(1, 3)]);
+    assert_eq!(flags(&path), 1);
+    // Three more and one again: merged into a record of 6, the old one read, no chunk.
+    for b in [0, 9, 41, 63] {
+        write(&image, &mut model, chunk + b * 4096, 4096, 100 + b);
+    }
+    image.flush().unwrap();
+    let s = image.stats();
+    assert_eq!((s.patches_stored, s.chunks_loaded, s.patches_loaded), (2, 0, 1));
+    assert_eq!(table(&path).iter().map(|(i, p, _)| (*i, p.blocks)).collect::<Vec<_>>(), [(1, 6)]);
+    assert!(read_all(&image) == model);
+    // Three more: 9 blocks, past the limit of 8: the chunk is rewritten whole.
+    for b in [1, 2, 50] {
+        write(&image, &mut model, chunk + b * 4096, 4096, 200 + b);
+    }
+    image.flush().unwrap();
+    assert!(table(&path).is_empty());
+    assert_eq!(flags(&path), 0, "the last patch gone: the flag too");
+    assert_eq!(image.usage().patched_chunks, 0);
+    // A zero chunk with a patch is data; a part-block write reads its block first.
+    write(&image, &mut model, 6 * chunk + 5 * 4096 + 100, 300, 300);
+    image.flush().unwrap();
+    assert!(image.segment_at(6 * chunk).unwrap().allocated);
+    assert_eq!(table(&path).iter().map(|(i, p, _)| (*i, p.blocks)).collect::<Vec<_>>(), [(6, 1)]);
+    let usage = image.usage();
+    assert_eq!((usage.zero_chunks, usage.patched_chunks), (0, 1), "a zero base with a patch is no hole");
+    // The last chunk, cut short: its last whole block and the part block after it.
+    let last_block = (size / 4096 - 1) * 4096;
+    write(&image, &mut model, last_block, 4096, 400);
+    write(&image, &mut model, size - 900, 900, 401);
+    // A whole-chunk write drops chunk 6's patch; chunk 2 gets one, then is zeroed whole.
+    write(&image, &mut model, 6 * chunk, chunk as usize, 402);
+    write(&image, &mut model, 2 * chunk + 4096, 4096, 403);
+    image.flush().unwrap();
+    assert_eq!(table(&path).iter().map(|(i, _, _)| *i).collect::<Vec<_>>(), [2, 7]);
+    image.zero(2 * chunk, chunk).unwrap();
+    model[(2 * chunk) as usize..(3 * chunk) as usize].fill(0);
+    image.flush().unwrap();
+    assert_eq!(table(&path).iter().map(|(i, _, _)| *i).collect::<Vec<_>>(), [7]);
+    assert!(!image.segment_at(2 * chunk).unwrap().allocated, "zeroed whole: a hole again");
+    assert!(read_all(&image) == model);
+    check_segments(&image, &model);
+    drop(image);
+    image = Image::open(&path, false).unwrap();
+    assert!(read_all(&image) == model);
+    check_segments(&image, &model);
+}
+
+/// The effect patches exist for: 1 % of a multi-chunk image's 4 KiB blocks, scattered, changed
+/// in place (as a sync over ssh writes them, long after the scan read the chunks) decompress no
+/// chunk and store about the changed blocks, not the chunks they touch.
+#[test]
+fn a_one_percent_scattered_update_decompresses_no_chunk_and_stores_little() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.bsz");
+    let chunk = 1u64 << 20;
+    let chunks = 16;
+    let image = Image::create(&path, chunks * chunk, Options::default()).unwrap();
+    let mut model = data(2, 3, (chunks * chunk) as usize);
+    image.write_at(&model, 0).unwrap();
+    image.flush().unwrap();
+    drop(image);
+    let image = Image::open(&path, true).unwrap();
+    let blocks = chunks * chunk / 4096;
+    let mut rng = Rng::new(11);
+    let mut touched = std::collections::BTreeSet::new();
+    let mut changed = std::collections::BTreeSet::new();
+    while changed.len() < (blocks / 100) as usize {
+        let b = rng.below(blocks);
+        if changed.insert(b) {
+            touched.insert(b * 4096 / chunk);
+        }
+    }
+    for &b in &changed {
+        let bytes = data(1, b, 4096);
+        image.write_at(&bytes, b * 4096).unwrap();
+        model[(b * 4096) as usize..((b + 1) * 4096) as usize].copy_from_slice(&bytes);
+    }
+    image.flush().unwrap();
+    let s = image.stats();
+    let n = touched.len() as u64;
+    eprintln!("{} blocks changed in {n} chunks: {s:?}", changed.len());
+    assert_eq!(s.chunks_loaded, 0, "no chunk decompressed for writing");
+    assert_eq!((s.chunks_stored, s.patches_stored), (n, n));
+    // Each record: its blocks (noise does not compress) and their numbers, no chunk.
+    assert!(s.bytes_stored <= changed.len() as u64 * 4098 + n * 64, "{} bytes stored", s.bytes_stored);
+    assert!(s.bytes_stored * 16 < n * chunk);
+    assert!(read_all(&image) == model);
+    drop(image);
+    let image = Image::open(&path, false).unwrap();
+    assert!(read_all(&image) == model);
+}
+
+/// The content of the image `tests/fixtures/before-patches.bsz` holds, written by blksync before
+/// patches existed (`blksync sync --compress` of these 3 MiB - 1000 bytes).
+fn before_patches_content() -> Vec<u8> {
+    let mib = 1usize << 20;
+    let mut out: Vec<u8> = (0..mib).map(|k| ((k * 7 + k / 4096) % 251) as u8).collect();
+    out.resize(2 * mib, 0);
+    let line = b"blksync old format\n";
+    out.extend(line.iter().cycle().take(mib - 1000));
+    out
+}
+
+/// An image written before patches existed (no flag) opens, reads and takes updates: without
+/// patches it stays in that format; the first patch sets the flag, and rewriting the patched
+/// chunk whole clears it again.
+#[test]
+fn an_image_from_before_patches_opens_reads_and_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.bsz");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/before-patches.bsz"), &path).unwrap();
+    let mut model = before_patches_content();
+    let image = Image::open(&path, false).unwrap();
+    assert!(read_all(&image) == model);
+    check_segments(&image, &model);
+    assert!(!image.segment_at(1 << 20).unwrap().allocated, "its zero chunk is a hole");
+    drop(image);
+    let image = Image::open(&path, true).unwrap();
+    let bytes = data(1, 5, 4096);
+    image.write_at(&bytes, (2 << 20) + 8192).unwrap();
+    model[(2 << 20) + 8192..(2 << 20) + 12288].copy_from_slice(&bytes);
+    image.flush().unwrap();
+    assert_eq!(image.stats().patches_stored, 1);
+    assert!(read_all(&image) == model);
+    assert_ne!(newest_header(&std::fs::read(&path).unwrap()).patch_count, 0);
+    // The last chunk (cut short) rewritten: more blocks than a patch holds, so no patch left.
+    let rest = data(2, 6, (1 << 20) - 1000);
+    image.write_at(&rest, 2 << 20).unwrap();
+    model[2 << 20..].copy_from_slice(&rest);
+    image.flush().unwrap();
+    assert_eq!(image.usage().patched_chunks, 0);
+    drop(image);
+    let file = std::fs::read(&path).unwrap();
+    let h = newest_header(&file);
+    let slot = if blksync_image::header::Header::decode(&file[..]).ok() == Some(h) { 0 } else { 4096 };
+    assert_eq!(h.patch_count, 0);
+    assert!(file[slot + 12..slot + 16] == [0; 4] && file[slot + 72..slot + 104].iter().all(|&b| b == 0));
+    let image = Image::open(&path, false).unwrap();
+    assert!(read_all(&image) == model);
+}
+
+/// Damage to patches is found: a flipped byte in a record is a read error naming the chunk's
+/// logical offset and the record's file offset (the other chunks still read); in the table, an
+/// open error; a record referenced for another chunk (the table entries swapped, every hash
+/// fixed up) fails its seeded checksum; a hostile patch count or table offset is refused before
+/// anything is allocated for it.
+#[test]
+fn damaged_patches_are_errors_naming_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = 64u64 << 10; // patches of up to 2 blocks
+    let make = |name: &str| -> (PathBuf, Vec<u8>) {
+        let path = dir.path().join(name);
+        let image =
+            Image::create(&path, 8 * chunk, Options { chunk_size: chunk as u32, ..Options::default() }).unwrap();
+        let mut model = data(2, 1, 8 * chunk as usize);
+        image.write_at(&model, 0).unwrap();
+        image.flush().unwrap();
+        for (i, b) in [(2u64, 3u64), (5, 0)] {
+            let at = i * chunk + b * 4096;
+            let bytes = data(1, i, 4096);
+            image.write_at(&bytes, at).unwrap();
+            model[at as usize..at as usize + 4096].copy_from_slice(&bytes);
+        }
+        image.flush().unwrap();
+        (path, model)
+    };
+    let patch_of = |path: &Path, chunk_no: u64| {
+        patch_table(&std::fs::read(path).unwrap()).into_iter().find(|(i, _, _)| *i == chunk_no).unwrap()
+    };
+    let edit = |path: &Path, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = std::fs::read(path).unwrap();
+        f(&mut bytes);
+        std::fs::write(path, bytes).unwrap();
+    };
+
+    // A record.
+    let (path, model) = make("record.bsz");
+    let (_, patch, _) = patch_of(&path, 5);
+    edit(&path, &|b| b[patch.offset as usize + 10] ^= 0x40);
+    let image = Image::open(&path, false).unwrap();
+    let mut buf = vec![0; chunk as usize];
+    let e = image.read_at(&mut buf, 5 * chunk).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    let text = e.to_string();
+    assert!(text.contains("patch record") && text.contains("record.bsz"), "{text}");
+    assert!(text.contains(&format!("byte offset {}", 5 * chunk)), "{text}");
+    assert!(text.contains(&format!("file offset {}", patch.offset)), "{text}");
+    for i in [2, 4] {
+        image.read_at(&mut buf, i * chunk).unwrap();
+        assert!(buf == model[(i * chunk) as usize..((i + 1) * chunk) as usize]);
+    }
+    drop(image);
+
+    // The table.
+    let (path, _) = make("table.bsz");
+    let (_, _, at) = patch_of(&path, 2);
+    edit(&path, &|b| b[at + 5] ^= 1);
+    let e = Image::open(&path, false).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("damaged patch table"), "{e}");
+
+    // A record referenced for another chunk: everything but the chunk numbers swapped.
+    let (path, _) = make("moved.bsz");
+    let ((_, _, first), (_, _, second)) = (patch_of(&path, 2), patch_of(&path, 5));
+    edit(&path, &|bytes| {
+        let (x, y) = (bytes[first + 4..first + 32].to_vec(), bytes[second + 4..second + 32].to_vec());
+        bytes[first + 4..first + 32].copy_from_slice(&y);
+        bytes[second + 4..second + 32].copy_from_slice(&x);
+        blksync_image::fix_checksums(bytes);
+    });
+    let image = Image::open(&path, false).unwrap();
+    let e = image.read_at(&mut buf, 2 * chunk).unwrap_err();
+    assert!(e.to_string().contains("checksum mismatch") && e.to_string().contains("patch record"), "{e}");
+    drop(image);
+
+    // Hostile counts and offsets, with every hash right.
+    let (path, _) = make("hostile.bsz");
+    let good = std::fs::read(&path).unwrap();
+    let len = good.len() as u64;
+    for (count, offset) in
+        [(1u64 << 40, None), (u64::MAX, None), (8, Some(len.div_ceil(4096) * 4096)), (8, Some(1 << 50))]
+    {
+        let mut bytes = good.clone();
+        // Both slots (the older one had no patches: the flag set there too), or open takes the
+        // other.
+        for slot in [0, 4096] {
+            bytes[slot + 12] |= 1;
+            bytes[slot + 80..slot + 88].copy_from_slice(&count.to_le_bytes());
+            if let Some(offset) = offset {
+                bytes[slot + 72..slot + 80].copy_from_slice(&offset.to_le_bytes());
+            }
+        }
+        blksync_image::fix_checksums(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Image::open(&path, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        if offset.is_some() {
+            assert!(e.to_string().contains("past the end of the file"), "{e}");
+        }
+    }
 }

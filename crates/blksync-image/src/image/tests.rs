@@ -29,7 +29,7 @@ fn content(generation: u64, i: u64) -> Vec<u8> {
 
 fn tuning() -> Tuning {
     // Commits every chunk or two, a cache of two chunks: many commits and evictions.
-    Tuning { commit_every: CHUNK, cache_bytes: 2 * CHUNK }
+    Tuning { commit_every: CHUNK, cache_bytes: 2 * CHUNK, patch_blocks: None }
 }
 
 /// An image of `chunks` chunks of generation 0 (its last one cut short), committed.
@@ -57,10 +57,23 @@ fn crash_everywhere(
     new: &[u8],
     update: &dyn Fn(&Image) -> blksync_core::Result<()>,
 ) -> u64 {
+    crash_everywhere_with(dir, base, old, new, CHUNK, tuning(), update)
+}
+
+/// [`crash_everywhere`] for images of `chunk`-byte chunks, opened with `tuning`.
+fn crash_everywhere_with(
+    dir: &Path,
+    base: &Path,
+    old: &[u8],
+    new: &[u8],
+    chunk: u64,
+    tuning: Tuning,
+    update: &dyn Fn(&Image) -> blksync_core::Result<()>,
+) -> u64 {
     let case = dir.join("case.bsz");
     for n in 0.. {
         std::fs::copy(base, &case).unwrap();
-        let image = Image::open(&case, true).unwrap().tuned(tuning());
+        let image = Image::open(&case, true).unwrap().tuned(tuning);
         image.faults().left.store(n, Ordering::SeqCst);
         let result = update(&image);
         let crashed = image.faults().dead.load(Ordering::SeqCst);
@@ -70,8 +83,8 @@ fn crash_everywhere(
         assert!(size == old.len() || size == new.len(), "crash at change {n}: size {size}");
         let mut got = vec![0; size];
         image.read_at(&mut got, 0).unwrap_or_else(|e| panic!("crash at change {n}: {e}"));
-        for (i, piece) in got.chunks(CHUNK as usize).enumerate() {
-            let range = i * CHUNK as usize..i * CHUNK as usize + piece.len();
+        for (i, piece) in got.chunks(chunk as usize).enumerate() {
+            let range = i * chunk as usize..i * chunk as usize + piece.len();
             let of = |model: &[u8]| {
                 let mut want = vec![0; piece.len()];
                 let end = range.end.min(model.len());
@@ -182,4 +195,61 @@ fn uncommitted_space_is_reclaimed_at_the_next_writable_open() {
     let mut back = vec![0; 8 * chunk as usize];
     image.read_at(&mut back, 0).unwrap();
     assert!(back == noise[..8 * chunk as usize]);
+}
+
+/// The same with patches (16 KiB chunks, records of up to two blocks) over a base that has
+/// some: a crash at any change to the file (records, the patch table, the index, headers, each
+/// write torn) leaves every chunk with its old content (base and old record) or its new one,
+/// whether the update makes a new record, merges one, replaces a block of one, outgrows the
+/// limit into a whole rewrite, or drops a record by a whole-chunk write or zeroing.
+#[test]
+fn a_crash_at_any_change_leaves_each_chunk_old_or_new_with_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = 16384u64;
+    let tuning = Tuning { commit_every: chunk, cache_bytes: 2 * chunk, patch_blocks: Some(2) };
+    let path = dir.path().join("base.bsz");
+    let size = 12 * chunk - 100;
+    let image =
+        Image::create(&path, size, Options { chunk_size: chunk as u32, ..Options::default() }).unwrap().tuned(tuning);
+    let mut old: Vec<u8> = (0..12).flat_map(|i| content(0, i).repeat(2)).collect();
+    old.truncate(size as usize);
+    image.write_at(&old, 0).unwrap();
+    image.flush().unwrap();
+    let block = |model: &mut Vec<u8>, image: &Image, at: u64, len: usize, generation: u64| {
+        let bytes: Vec<u8> = content(generation, at).repeat(2)[..len].to_vec();
+        model[at as usize..at as usize + len].copy_from_slice(&bytes);
+        image.write_at(&bytes, at)
+    };
+    // Committed records in the base: one block each in chunks 1, 3, 5, 7, 9.
+    for i in [1u64, 3, 5, 7, 9] {
+        block(&mut old, &image, i * chunk + 4096, 4096, 1).unwrap();
+    }
+    image.flush().unwrap();
+    drop(image);
+    let image = Image::open(&path, false).unwrap();
+    assert_eq!(image.usage().patched_chunks, 5);
+    drop(image);
+    // The update, each chunk's writes together (so each chunk is stored once).
+    let update = |image: &Image, model: &mut Vec<u8>| -> blksync_core::Result<()> {
+        block(model, image, chunk, 4096, 2)?; // 1: merged into a record of 2
+        block(model, image, 3 * chunk, 4096, 2)?; // 3: 3 blocks, past the limit: rewritten
+        block(model, image, 3 * chunk + 8192, 4096, 2)?;
+        block(model, image, 4 * chunk + 12288, 4096, 2)?; // 4: a new record
+        block(model, image, 5 * chunk + 4096, 4096, 2)?; // 5: its block replaced
+        block(model, image, 7 * chunk, chunk as usize, 2)?; // 7: whole: the record goes
+        image.zero(9 * chunk, chunk)?; // 9: zeroed whole: a hole
+        model[(9 * chunk) as usize..(10 * chunk) as usize].fill(0);
+        block(model, image, 10 * chunk + 5000, 100, 2)?; // 10: part of a block, read first
+        block(model, image, 11 * chunk + 4096, 4096, 2)?; // 11: the last chunk, cut short
+        image.flush()
+    };
+    let mut new = old.clone();
+    let dry = dir.path().join("dry.bsz");
+    std::fs::copy(&path, &dry).unwrap();
+    update(&Image::open(&dry, true).unwrap().tuned(tuning), &mut new).unwrap();
+    let points =
+        crash_everywhere_with(dir.path(), &path, &old, &new, chunk, tuning, &|image| update(image, &mut old.clone()));
+    assert!(points >= 20, "only {points} changes to the file");
+    let image = Image::open(&dry, false).unwrap();
+    assert!(image.usage().patched_chunks >= 4, "{:?}", image.usage());
 }
