@@ -337,7 +337,8 @@ fn a_dos_disk_onto_a_compatible_table_keeps_it_and_takes_only_the_boot_code() {
     let disk = dir.path().join("dos.img");
     write_file(&disk, &random_bytes(48 * MIB, 41));
     let d = disk.to_str().unwrap();
-    let layout = "label: dos\nlabel-id: 0x11223344\nstart=2048, size=16M, type=83\ntype=5\nsize=8M, type=83\nsize=8M, type=82\n";
+    let layout =
+        "label: dos\nlabel-id: 0x11223344\nstart=2048, size=16M, type=83\ntype=5\nsize=8M, type=83\nsize=8M, type=82\n";
     run_tool("sfdisk", &["-q", d], layout);
     let source = read(&disk);
     for (compatible, seed) in [(true, 42), (false, 43)] {
