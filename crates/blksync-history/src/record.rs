@@ -635,6 +635,7 @@ pub struct Append {
     _lock: std::fs::File,
 }
 
+#[allow(clippy::large_enum_variant)] // One per backup, made once and never moved in a loop.
 enum Point {
     /// No chain yet: the base image, under a temporary name until committed.
     First { tmp: PathBuf, file: BaseFile, header: Box<Header> },
