@@ -69,6 +69,19 @@ pub enum Command {
     /// in files and are zeroed (or, with --discard, unmapped) on devices.
     #[command(after_help = ADDRESSES)]
     Sync(SyncArgs),
+    /// Copy a disk, a partition or a filesystem onto a destination of another size,
+    /// filesystem by filesystem (docs/CLONE.md).
+    ///
+    /// SRC DST: a disk onto a disk (the table copied, fitted, and the last partition, or the one
+    /// --grow names, resized to fill the destination), a partition onto a partition (DISK#N),
+    /// or a filesystem image onto a partition. Only the used blocks of ext2/3/4 and swap are
+    /// read and written; ext filesystems are grown or shrunk with resize2fs (a shrink works on
+    /// a temporary sparse copy, never on SRC), swap areas of another size are made anew with
+    /// mkswap keeping UUID and label, anything else is copied whole. Refused before any write
+    /// (exit 5) when the used data does not fit, saying how much room it needs. Both ends are
+    /// on this host.
+    #[command(after_help = CLONE_EXAMPLES)]
+    Clone(CloneArgs),
     /// Compare two images like cmp: exit 0 when identical, 1 when different, 2 on error.
     ///
     /// Prints the differing byte count and the first differing ranges (block granularity).
@@ -154,6 +167,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Sync(_) => "sync",
+            Command::Clone(_) => "clone",
             Command::Compare(_) => "compare",
             Command::Diff(_) => "diff",
             Command::Apply(_) => "apply",
@@ -176,6 +190,7 @@ impl Command {
     pub fn json(&self) -> bool {
         match self {
             Command::Sync(a) => a.common.output.json,
+            Command::Clone(a) => a.common.output.json,
             Command::Compare(a) => a.common.output.json,
             Command::Diff(a) => a.common.output.json,
             Command::Apply(a) => a.output.json,
@@ -582,6 +597,38 @@ pub struct SyncArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+/// Examples under `blksync clone --help`.
+const CLONE_EXAMPLES: &str = "Examples:
+  blksync clone /dev/sda /dev/sdb            a disk onto a bigger or smaller one
+  blksync clone --grow 2 /dev/sda vm.img     partition 2 takes the room (the rest move to the end)
+  blksync clone disk.img#2 /dev/sdb#3        one partition onto another
+  blksync clone root.ext4 /dev/sdb#1         a filesystem image onto a partition";
+
+/// `blksync clone`.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The disk, partition (DISK#N, DISK#name=NAME, DISK#partuuid=UUID) or filesystem image
+    /// (never written).
+    #[arg(value_name = "SRC")]
+    pub source: OsString,
+    /// The disk or partition to write; it must exist (a file of the new size, a device).
+    #[arg(value_name = "DST")]
+    pub dest: OsString,
+    /// The partition number that grows or shrinks to fill the destination (default: the last
+    /// one on the disk). Partitions after it keep their size and move to the end.
+    #[arg(long, value_name = "N")]
+    pub grow: Option<u32>,
+    /// Where a shrunk filesystem's temporary sparse copy is built (default: DST's directory
+    /// when DST is a file, else $TMPDIR). It needs room for the used blocks.
+    #[arg(long, value_name = "DIR")]
+    pub temp_dir: Option<std::path::PathBuf>,
+    /// Write to a block device even when it is mounted or in use.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// `blksync compare`.

@@ -174,6 +174,58 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// `blksync clone`.
+pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let options = blksync::clone::CloneOptions {
+        grow: args.grow,
+        temp_dir: args.temp_dir.clone(),
+        block_size: check_block_size(args.common.block_size)?,
+        threads: threads(&args.common),
+        force: args.force,
+    };
+    let render = Render::new(&args.common.output, "clone");
+    let control = Control { observer: &render, cancel };
+    let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
+    let result = blksync::clone::clone(&source, &dest, &options, control);
+    render.finish();
+    let summary = result?;
+    for w in &summary.warnings {
+        render.line(&format!("blksync: warning: {w}"));
+    }
+    render.line(&format!(
+        "blksync: {} -> {}: wrote {}{}",
+        summary.source,
+        summary.destination,
+        format_size(summary.bytes_written),
+        match (summary.table, summary.table_written) {
+            (Some(t), true) => format!("; {} table and boot gap written", t.to_uppercase()),
+            (Some(t), false) => format!("; {} table and boot gap already in place", t.to_uppercase()),
+            (None, _) => String::new(),
+        }
+    ));
+    if let Some(dir) = &summary.temp_dir {
+        render.line(&format!("blksync: temporary copies were built in {dir} (removed)"));
+    }
+    for p in &summary.partitions {
+        let what = p.number.map_or_else(|| "filesystem".to_string(), |n| format!("partition {n}"));
+        let id = match (&p.uuid, &p.label) {
+            (Some(u), Some(l)) if !l.is_empty() => format!(" UUID={u} LABEL={l}"),
+            (Some(u), _) => format!(" UUID={u}"),
+            _ => String::new(),
+        };
+        render.line(&format!(
+            "blksync: {what} ({}{id}): {}; wrote {}",
+            p.filesystem,
+            p.detail,
+            format_size(p.bytes_written)
+        ));
+    }
+    if args.common.output.json {
+        json::print_summary("clone", json::body(&summary)?)?;
+    }
+    Ok(Outcome::Success)
+}
+
 /// `blksync compare`.
 pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = CompareOptions {

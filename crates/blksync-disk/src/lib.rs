@@ -34,6 +34,7 @@
 pub mod crc32;
 pub mod gpt;
 pub mod guid;
+pub mod layout;
 pub mod mbr;
 mod select;
 

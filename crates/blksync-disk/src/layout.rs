@@ -1,0 +1,196 @@
+//! A table for a disk of another size with partitions moved or resized (`blksync clone`,
+//! issue 11 part 4; docs/CLONE.md is the specification).
+//!
+//! [`plan`] decides where each partition goes: those that start before the one that grows
+//! keep their place and size; those after it keep their size and order and are packed against
+//! the end of the new disk (each start aligned down to 1 MiB); the one that grows keeps its
+//! start and fills the room between. [`Table::rebuilt`] turns the plan into the writes: for GPT
+//! the entry array with its CRC and both headers (through [`crate::gpt::relocate`]), for DOS the
+//! primary entries of sector 0. Logical DOS partitions and the extended one are not moved or
+//! resized (their EBR chain would have to be rewritten): a plan that needs it is refused.
+
+use blksync_core::{Error, ErrorKind, Result};
+
+use crate::{Partition, Scheme, Table};
+
+/// Where partitions are aligned when they move.
+pub const ALIGN: u64 = 1 << 20;
+
+/// One partition's place on the new disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// Its number (unchanged).
+    pub number: u32,
+    /// Its first byte on the new disk.
+    pub start: u64,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+/// The last byte + 1 a partition may end at on a disk of `disk_size` bytes with `table`'s
+/// scheme: for GPT before the backup entries (as [`crate::gpt::relocate`] puts them), for DOS
+/// the end of the disk (at most 2^32 sectors).
+#[must_use]
+pub fn usable_end(table: &Table, disk_size: u64) -> u64 {
+    let ss = u64::from(table.sector_size);
+    match &table.scheme {
+        Scheme::Gpt { entry_count, entry_size, .. } => {
+            let array = (u64::from(*entry_count) * u64::from(*entry_size)).div_ceil(ss);
+            (disk_size / ss).saturating_sub(array + 1) * ss
+        }
+        Scheme::Dos { .. } => (disk_size / ss).min(u64::from(u32::MAX)) * ss,
+    }
+}
+
+/// The partition that grows by default: the one that ends last (not an extended one).
+#[must_use]
+pub fn default_grow(table: &Table) -> Option<u32> {
+    table.partitions.iter().filter(|p| !p.is_extended()).max_by_key(|p| p.end()).map(|p| p.number)
+}
+
+/// Where every partition of `table` goes on a disk of `disk_size` bytes when partition `grow`
+/// takes the room that is left (see the module doc), in the table's order.
+///
+/// Errors: `Usage` when `grow` is not a partition of the table or is an extended one;
+/// `Unsupported` when a logical or extended DOS partition would have to move or change size;
+/// `SizeMismatch` when the partitions that keep their size leave no room.
+pub fn plan(table: &Table, disk_size: u64, grow: u32) -> Result<Vec<Place>> {
+    let name = table.name().display();
+    let Some(g) = table.partitions.iter().find(|p| p.number == grow) else {
+        let numbers: Vec<String> = table.partitions.iter().map(|p| p.number.to_string()).collect();
+        return Err(Error::usage(format!(
+            "{name}: no partition {grow} to grow (the partitions are {})",
+            numbers.join(", ")
+        )));
+    };
+    if g.is_extended() {
+        return Err(Error::usage(format!("{name}: partition {grow} is the extended partition; name a logical or primary one")));
+    }
+    let ss = u64::from(table.sector_size);
+    let end = usable_end(table, disk_size);
+    let dos = matches!(table.scheme, Scheme::Dos { .. });
+    let unsupported = |number: u32| {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{name}: partition {number} would have to move or change size, and moving a logical or extended DOS partition needs its EBR chain rewritten (not supported yet); name a primary partition with --grow that comes after them"
+            ),
+        )
+    };
+    let mut after: Vec<&Partition> = table.partitions.iter().filter(|p| p.start > g.start).collect();
+    after.sort_by_key(|p| std::cmp::Reverse(p.start));
+    let mut places = Vec::new();
+    let mut limit = end;
+    for p in after {
+        if p.is_extended() || (dos && p.number > 4) {
+            return Err(unsupported(p.number));
+        }
+        // Packed against the end, in order, each start aligned down (which keeps whole sectors).
+        let Some(start) = limit.checked_sub(p.len).map(|s| s / ALIGN * ALIGN).filter(|&s| s > g.start) else {
+            return Err(no_room(table, disk_size, grow));
+        };
+        places.push(Place { number: p.number, start, len: p.len });
+        limit = start;
+    }
+    if limit <= g.start {
+        return Err(no_room(table, disk_size, grow));
+    }
+    let grown = Place { number: g.number, start: g.start, len: (limit - g.start) / ss * ss };
+    if dos && g.number > 4 && grown.len != g.len {
+        return Err(unsupported(g.number));
+    }
+    places.push(grown);
+    places.extend(table.partitions.iter().filter(|p| p.start < g.start).map(|p| Place {
+        number: p.number,
+        start: p.start,
+        len: p.len,
+    }));
+    let order = |n: u32| table.partitions.iter().position(|p| p.number == n).unwrap_or(usize::MAX);
+    places.sort_by_key(|q| order(q.number));
+    Ok(places)
+}
+
+fn no_room(table: &Table, disk_size: u64, grow: u32) -> Error {
+    let g = table.partitions.iter().find(|p| p.number == grow).map_or(0, |p| p.start);
+    let need: u64 = table.partitions.iter().filter(|p| p.start > g && !p.is_extended()).map(|p| p.len).sum();
+    Error::new(
+        ErrorKind::SizeMismatch,
+        format!(
+            "{}: partition {grow} starts at byte {g} and the partitions after it need {need} bytes: no room for them on a disk of {disk_size} bytes",
+            table.name().display()
+        ),
+    )
+}
+
+impl Table {
+    /// The writes (byte offset, bytes) that put this table on a disk of `disk_size` bytes with
+    /// its partitions where `places` says (partitions not named stay). GPT: the entries changed
+    /// with the array's CRC, then relocated ([`crate::gpt::relocate`]); DOS: sector 0 with its
+    /// primary entries changed (the boot code and disk signature kept).
+    ///
+    /// Errors: `Unsupported` for a moved logical DOS partition, `SizeMismatch` when a partition
+    /// would not fit, `Usage` for a number that is not in the table.
+    pub fn rebuilt(&self, disk_size: u64, places: &[Place]) -> Result<Vec<(u64, Vec<u8>)>> {
+        let ss = u64::from(self.sector_size);
+        let mut new = self.clone();
+        for place in places {
+            let Some(p) = new.partitions.iter_mut().find(|p| p.number == place.number) else {
+                return Err(Error::usage(format!("{}: no partition {}", self.name().display(), place.number)));
+            };
+            if place.start % ss != 0 || place.len % ss != 0 || place.len == 0 {
+                return Err(Error::usage(format!(
+                    "partition {}: {} bytes at {} is not whole sectors of {ss} bytes",
+                    place.number, place.len, place.start
+                )));
+            }
+            if p.start == place.start && p.len == place.len {
+                continue;
+            }
+            p.start = place.start;
+            p.len = place.len;
+            match &mut new.gpt {
+                Some(raw) => {
+                    raw.set_extent(place.number, place.start / ss, (place.start + place.len) / ss - 1)
+                        .ok_or_else(|| Error::usage(format!("no GPT entry {}", place.number)))?;
+                }
+                None => {
+                    if place.number > 4 {
+                        return Err(Error::new(
+                            ErrorKind::Unsupported,
+                            format!("logical partition {}: moving or resizing it is not supported yet", place.number),
+                        ));
+                    }
+                    let (Ok(lba), Ok(sectors)) = (u32::try_from(place.start / ss), u32::try_from(place.len / ss))
+                    else {
+                        return Err(Error::new(
+                            ErrorKind::SizeMismatch,
+                            format!("partition {}: past the 2^32 sectors a DOS table can address", place.number),
+                        ));
+                    };
+                    let at = crate::mbr::ENTRIES_AT + 16 * (place.number as usize - 1);
+                    let e = &mut new.mbr[at..at + 16];
+                    // CHS "beyond CHS" (FE FF FF), as sfdisk writes past cylinder 1023.
+                    e[1..4].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+                    e[5..8].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+                    e[8..12].copy_from_slice(&lba.to_le_bytes());
+                    e[12..16].copy_from_slice(&sectors.to_le_bytes());
+                }
+            }
+        }
+        let end = usable_end(self, disk_size);
+        if let Some(p) = new.partitions.iter().find(|p| p.end() > end) {
+            return Err(Error::new(
+                ErrorKind::SizeMismatch,
+                format!("partition {} would end at byte {}, past the last usable byte {end}", p.number, p.end()),
+            ));
+        }
+        match new.scheme {
+            Scheme::Gpt { .. } => new.relocate_gpt(disk_size),
+            Scheme::Dos { .. } => {
+                let mut sector = new.mbr.clone();
+                sector.resize(512, 0);
+                Ok(vec![(0, sector)])
+            }
+        }
+    }
+}
