@@ -59,7 +59,22 @@ fn ext4(path: &Path, size: usize, label: &str) {
     for (name, data) in files() {
         write_file(&dir.path().join(name), &data);
     }
-    tool("mke2fs", &["-q", "-F", "-t", "ext4", "-E", "nodiscard", "-L", label, "-d", dir.path().to_str().unwrap(), path.to_str().unwrap()]);
+    tool(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-E",
+            "nodiscard",
+            "-L",
+            label,
+            "-d",
+            dir.path().to_str().unwrap(),
+            path.to_str().unwrap(),
+        ],
+    );
 }
 
 /// Partition `n` of `disk`: (start, len, PARTUUID) from `sfdisk -J`.
@@ -72,7 +87,11 @@ fn part(disk: &Path, n: u32) -> (u64, u64, String) {
         .iter()
         .find(|p| p["node"].as_str().unwrap().ends_with(&n.to_string()))
         .unwrap_or_else(|| panic!("no partition {n} in {json}"));
-    (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512, p["uuid"].as_str().unwrap_or_default().to_lowercase())
+    (
+        p["start"].as_u64().unwrap() * 512,
+        p["size"].as_u64().unwrap() * 512,
+        p["uuid"].as_str().unwrap_or_default().to_lowercase(),
+    )
 }
 
 /// `blkid -p` of a file: (TYPE, UUID, LABEL).
@@ -97,9 +116,7 @@ fn assert_fs(image: &Path, size: u64) {
     let fsck = Command::new("e2fsck").args(["-fn", p]).output().unwrap();
     assert!(fsck.status.success(), "e2fsck -fn {p}: {}", String::from_utf8_lossy(&fsck.stdout));
     let dumpe2fs = tool("dumpe2fs", &["-h", p]);
-    let field = |k: &str| -> u64 {
-        dumpe2fs.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim().parse().unwrap()
-    };
+    let field = |k: &str| -> u64 { dumpe2fs.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim().parse().unwrap() };
     let fs_size = field("Block count:") * field("Block size:");
     assert!(fs_size <= size && fs_size + 4 * 4096 > size, "filesystem is {fs_size} bytes, partition {size}");
     let dir = tempfile::tempdir().unwrap();
@@ -121,7 +138,10 @@ fn sgdisk_clean(disk: &Path) {
 fn gpt_disk(disk: &Path, dir: &Path) -> Vec<u8> {
     write_file(disk, &random_bytes(64 * MIB, 1));
     let d = disk.to_str().unwrap();
-    tool("sgdisk", &["-o", "-n", "1:2048:+1M", "-t", "1:ef02", "-n", "2:0:+40M", "-c", "2:root", "-n", "3:0:0", "-t", "3:8200", d]);
+    tool(
+        "sgdisk",
+        &["-o", "-n", "1:2048:+1M", "-t", "1:ef02", "-n", "2:0:+40M", "-c", "2:root", "-n", "3:0:0", "-t", "3:8200", d],
+    );
     let gap = random_bytes(2048 * 512 - 34 * 512, 2);
     patch(disk, 34 * 512, &gap);
     let (_, len2, _) = part(disk, 2);
@@ -244,7 +264,11 @@ fn data_that_cannot_fit_is_refused_before_any_write_saying_how_much_room_it_need
     let before = read(&dst);
     let out = run(&["clone", "--grow", "2", src.to_str().unwrap(), dst.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(5), "{}", out.stderr_text());
-    assert!(out.stderr_text().contains("needs at least") && out.stderr_text().contains("resize2fs -P"), "{}", out.stderr_text());
+    assert!(
+        out.stderr_text().contains("needs at least") && out.stderr_text().contains("resize2fs -P"),
+        "{}",
+        out.stderr_text()
+    );
     assert_eq!(read(&dst), before, "the destination was written");
     assert!(temporary_files(dir.path()).is_empty());
 }

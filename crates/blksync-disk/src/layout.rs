@@ -64,7 +64,9 @@ pub fn plan(table: &Table, disk_size: u64, grow: u32) -> Result<Vec<Place>> {
         )));
     };
     if g.is_extended() {
-        return Err(Error::usage(format!("{name}: partition {grow} is the extended partition; name a logical or primary one")));
+        return Err(Error::usage(format!(
+            "{name}: partition {grow} is the extended partition; name a logical or primary one"
+        )));
     }
     let ss = u64::from(table.sector_size);
     let end = usable_end(table, disk_size);
@@ -148,12 +150,11 @@ impl Table {
             }
             p.start = place.start;
             p.len = place.len;
-            match &mut new.gpt {
-                Some(raw) => {
-                    raw.set_extent(place.number, place.start / ss, (place.start + place.len) / ss - 1)
-                        .ok_or_else(|| Error::usage(format!("no GPT entry {}", place.number)))?;
-                }
-                None => {
+            if let Some(raw) = &mut new.gpt {
+                raw.set_extent(place.number, place.start / ss, (place.start + place.len) / ss - 1)
+                    .ok_or_else(|| Error::usage(format!("no GPT entry {}", place.number)))?;
+            } else {
+                {
                     if place.number > 4 {
                         return Err(Error::new(
                             ErrorKind::Unsupported,

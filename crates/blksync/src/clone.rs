@@ -5,11 +5,11 @@
 //! Two phases, so that nothing is written to the destination before everything that can be
 //! refused has been: **prepare** reads the source's table, plans the destination's
 //! ([`blksync_disk::layout::plan`]), probes every filesystem and builds, in a temporary
-//! directory, what is copied instead of a source partition that must shrink (a sparse
-//! fs-aware copy shrunk with `resize2fs`) or a swap area of another size (`mkswap` with the
-//! source's UUID and label); **commit** writes the boot gap and the table, syncs each
-//! partition fs-aware (only used blocks read and written), then grows what must grow with
-//! `resize2fs`, run where the destination is (this host: `clone` over ssh is refused).
+//! directory, what is copied instead of an ext filesystem of another size (a sparse fs-aware
+//! copy grown or shrunk with `resize2fs`) or a swap area of another size (`mkswap` with the
+//! source's UUID and label); **commit** writes the boot gap and the table, then syncs each
+//! partition fs-aware (only used blocks read and written) from the source or from its
+//! resized copy. Both ends are on this host: `clone` over ssh is refused for now.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -123,7 +123,9 @@ pub fn temp_dir(dest: &Path, given: Option<&Path>) -> PathBuf {
     }
     let disk = blksync_endpoint_split(dest).unwrap_or_else(|| dest.to_path_buf());
     match std::fs::metadata(&disk) {
-        Ok(m) if m.is_file() => disk.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        Ok(m) if m.is_file() => {
+            disk.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        }
         _ => std::env::temp_dir(),
     }
 }
@@ -142,7 +144,8 @@ pub fn clone(source: &Location, dest: &Location, o: &CloneOptions, control: Cont
     };
     let src_disk = crate::endpoint::open_source(src)?;
     let hint = crate::transfer::table::sector_hint(src_disk.identity(), &src_disk.caps());
-    let src_table = if blksync_endpoint::partition::split(src).is_none() { blksync_disk::read(&*src_disk, hint)? } else { None };
+    let src_table =
+        if blksync_endpoint::partition::split(src).is_none() { blksync_disk::read(&*src_disk, hint)? } else { None };
     let temp = temp_dir(dst, o.temp_dir.as_deref());
     let mut temps = Vec::new();
     let mut warnings = Vec::new();
@@ -163,59 +166,19 @@ pub fn clone(source: &Location, dest: &Location, o: &CloneOptions, control: Cont
         temp_dir: None,
         warnings: Vec::new(),
     };
-    let jobs = match &src_table {
-        Some(table) => {
-            if blksync_endpoint::partition::split(dst).is_some() {
-                return Err(Error::usage(format!(
-                    "{} is a whole disk and {} a partition: clone a disk onto a disk, or name a partition of the source too (SRC#N)",
-                    src.display(),
-                    dst.display()
-                )));
-            }
-            warnings.extend(table.warnings.iter().cloned());
-            let dst_size = target_size(dst)?;
-            let grow = match o.grow {
-                Some(n) => n,
-                None => layout::default_grow(table).ok_or_else(|| Error::usage(format!("{}: the table has no partition", src.display())))?,
-            };
-            let places = layout::plan(table, dst_size, grow)?;
-            let writes = table.rebuilt(dst_size, &places)?;
-            let mut jobs = Vec::new();
-            for p in table.partitions.iter().filter(|p| !p.is_extended()) {
-                let place = places.iter().find(|q| q.number == p.number).copied().unwrap_or(Place { number: p.number, start: p.start, len: p.len });
-                let from = PathBuf::from(format!("{}#{}", src.display(), p.number));
-                let to = PathBuf::from(format!("{}#{}", dst.display(), p.number));
-                let probed = probe(&*src_disk, p.start, p.len)?;
-                jobs.push(prepare(&probed, Some(p), p.len, (&from, &to, dst, place), &temp, &mut temps, &sync_options, control)?);
-            }
-            // Commit: the boot gap (sector 0's boot code, GRUB's core.img after it) and the table.
-            let head = table.first_partition_start().unwrap_or(0);
-            let target = open_dest(dst, o.force)?;
-            // Sector 0 (boot code included) and the GPT's array are in `writes`; the gap after them.
-            let table_end = match table.scheme {
-                blksync_disk::Scheme::Gpt { entry_lba, entry_count, entry_size, .. } => {
-                    let ss = u64::from(table.sector_size);
-                    (entry_lba + (u64::from(entry_count) * u64::from(entry_size)).div_ceil(ss)) * ss
-                }
-                blksync_disk::Scheme::Dos { .. } => u64::from(table.sector_size),
-            };
-            let mut written = copy_differing(&*src_disk, &*target, table_end.min(head), head)?;
-            for (at, bytes) in &writes {
-                written += write_differing(&*target, *at, bytes)?;
-            }
-            target.flush()?;
-            drop(target);
-            summary.table_written = written > 0;
-            summary.bytes_written += written;
-            jobs
-        }
-        None => {
-            // A partition or a filesystem image onto a partition (or onto a disk without table).
-            let (disk, start, len) = dest_region(dst)?;
-            let probed = probe(&*src_disk, 0, src_disk.size())?;
-            let place = Place { number: 0, start, len };
-            vec![prepare(&probed, None, src_disk.size(), (src, dst, &disk, place), &temp, &mut temps, &sync_options, control)?]
-        }
+    let mut ctx = Ctx { temp: &temp, temps: &mut temps, sync: &sync_options, control };
+    let jobs = if let Some(table) = &src_table {
+        warnings.extend(table.warnings.iter().cloned());
+        let (jobs, written) = disk_jobs(table, &*src_disk, (src, dst), o, &mut ctx)?;
+        summary.table_written = written > 0;
+        summary.bytes_written += written;
+        jobs
+    } else {
+        // A partition or a filesystem image onto a partition (or onto a disk without table).
+        let (disk, start, len) = dest_region(dst)?;
+        let probed = probe(&*src_disk, 0, src_disk.size())?;
+        let place = Place { number: 0, start, len };
+        vec![prepare(&probed, None, src_disk.size(), (src, dst, &disk, place), &mut ctx)?]
     };
     drop(src_disk);
     if !temps.is_empty() {
@@ -233,23 +196,88 @@ pub fn clone(source: &Location, dest: &Location, o: &CloneOptions, control: Cont
     Ok(summary)
 }
 
-/// Decides (and, for a shrink or a swap of another size, builds) one partition's copy.
-#[allow(clippy::too_many_arguments)]
+/// What preparing the copies needs.
+struct Ctx<'a> {
+    temp: &'a Path,
+    temps: &'a mut Vec<Temp>,
+    sync: &'a SyncOptions,
+    control: Control<'a>,
+}
+
+/// A whole disk: plans the destination's table, prepares every partition's copy, then (the
+/// commit begins) writes the boot gap and the table. Returns the jobs and the bytes written.
+fn disk_jobs(
+    table: &Table,
+    src_disk: &dyn Source,
+    (src, dst): (&Path, &Path),
+    o: &CloneOptions,
+    ctx: &mut Ctx<'_>,
+) -> Result<(Vec<Job>, u64)> {
+    if blksync_endpoint::partition::split(dst).is_some() {
+        return Err(Error::usage(format!(
+            "{} is a whole disk and {} a partition: clone a disk onto a disk, or name a partition of the source too (SRC#N)",
+            src.display(),
+            dst.display()
+        )));
+    }
+    if std::fs::canonicalize(src).ok().is_some_and(|s| std::fs::canonicalize(dst).ok() == Some(s)) {
+        return Err(Error::usage(format!("{} and {} are the same disk", src.display(), dst.display())));
+    }
+    let dst_size = target_size(dst)?;
+    let grow = match o.grow {
+        Some(n) => n,
+        None => layout::default_grow(table)
+            .ok_or_else(|| Error::usage(format!("{}: the table has no partition", src.display())))?,
+    };
+    let places = layout::plan(table, dst_size, grow)?;
+    let writes = table.rebuilt(dst_size, &places)?;
+    let mut jobs = Vec::new();
+    for p in table.partitions.iter().filter(|p| !p.is_extended()) {
+        let place = places.iter().find(|q| q.number == p.number).copied().unwrap_or(Place {
+            number: p.number,
+            start: p.start,
+            len: p.len,
+        });
+        let from = PathBuf::from(format!("{}#{}", src.display(), p.number));
+        let to = PathBuf::from(format!("{}#{}", dst.display(), p.number));
+        let probed = probe(src_disk, p.start, p.len)?;
+        jobs.push(prepare(&probed, Some(p), p.len, (&from, &to, dst, place), ctx)?);
+    }
+    // The commit begins: the boot gap (GRUB's core.img on a DOS disk, whatever a GPT disk
+    // keeps before its first partition) and the table. Sector 0, with its boot code, and the
+    // GPT's array are in `writes`; the gap is what follows them.
+    let head = table.first_partition_start().unwrap_or(0);
+    let table_end = match table.scheme {
+        blksync_disk::Scheme::Gpt { entry_lba, entry_count, entry_size, .. } => {
+            let ss = u64::from(table.sector_size);
+            (entry_lba + (u64::from(entry_count) * u64::from(entry_size)).div_ceil(ss)) * ss
+        }
+        blksync_disk::Scheme::Dos { .. } => u64::from(table.sector_size),
+    };
+    let target = open_dest(dst, o.force)?;
+    let mut written = copy_differing(src_disk, &*target, table_end.min(head), head)?;
+    for (at, bytes) in &writes {
+        written += write_differing(&*target, *at, bytes)?;
+    }
+    target.flush()?;
+    Ok((jobs, written))
+}
+
+/// Decides (and, for a filesystem or swap area of another size, builds) one partition's copy.
 fn prepare(
     probed: &Probed,
     part: Option<&Partition>,
     size_before: u64,
     (from, to, dst_disk, place): (&Path, &Path, &Path, Place),
-    temp: &Path,
-    temps: &mut Vec<Temp>,
-    sync_options: &SyncOptions,
-    control: Control<'_>,
+    ctx: &mut Ctx<'_>,
 ) -> Result<Job> {
     let number = part.map(|p| p.number);
     let what = number.map_or_else(|| from.display().to_string(), |n| format!("partition {n}"));
     let size_after = place.len;
     let (filesystem, uuid, label) = match &probed.kind {
-        Some(Kind::Ext { version, uuid, label, .. }) => (format!("ext{version}"), Some(uuid.clone()), Some(label.clone())),
+        Some(Kind::Ext { version, uuid, label, .. }) => {
+            (format!("ext{version}"), Some(uuid.clone()), Some(label.clone()))
+        }
         Some(Kind::Swap { uuid, label }) => ("swap".to_string(), Some(uuid.clone()), Some(label.clone())),
         None => ("unknown".to_string(), None, None),
     };
@@ -275,32 +303,15 @@ fn prepare(
             };
         }
         Some(Kind::Ext { block_size, .. }) => {
-            // Grown or shrunk on a sparse temporary copy, never on the source, and not on the
-            // destination either: resize2fs truncates a regular file to the filesystem's size
-            // whatever `?offset=` says, which would cut off the partitions after this one. The
-            // destination then receives only what differs from the resized copy.
-            need_tool("resize2fs")?;
-            need_tool("e2fsck")?;
-            let copy = temp_file(temp, &what, probed.used, temps)?;
-            crate::sync::sync_paths(from, &copy, sync_options, control)?;
-            let min = min_size(&copy)? * u64::from(*block_size);
-            if min > size_after {
-                return Err(Error::new(
-                    ErrorKind::SizeMismatch,
-                    format!(
-                        "{what} ({}) holds an ext filesystem whose used data needs at least {min} bytes ({}, resize2fs -P), and its place on {} has {size_after} bytes ({}); nothing was written to {}",
-                        from.display(),
-                        format_size(min),
-                        dst_disk.display(),
-                        format_size(size_after),
-                        dst_disk.display()
-                    ),
-                ));
-            }
-            set_len(&copy, size_after.max(size_before))?;
-            fsck(&copy)?;
-            run(Command::new("resize2fs").arg(&copy).arg(format!("{}s", size_after / 512)), "resize2fs")?;
-            set_len(&copy, size_after)?;
+            let (copy, min) = resized_ext(
+                from,
+                &what,
+                probed.used,
+                u64::from(*block_size),
+                (size_before, size_after),
+                dst_disk,
+                ctx,
+            )?;
             if size_after > size_before {
                 report.action = "grown";
                 report.detail = format!("filesystem grown from {sizes} with resize2fs");
@@ -315,7 +326,7 @@ fn prepare(
         }
         Some(Kind::Swap { uuid, label }) => {
             need_tool("mkswap")?;
-            let copy = temp_file(temp, &what, 1 << 20, temps)?;
+            let copy = temp_file(ctx.temp, &what, 1 << 20, ctx.temps)?;
             set_len(&copy, size_after)?;
             let mut cmd = Command::new("mkswap");
             cmd.arg("-U").arg(uuid);
@@ -357,9 +368,51 @@ fn prepare(
     Ok(job)
 }
 
+/// A sparse temporary copy of the ext filesystem at `from`, resized to `size_after` bytes, and
+/// the minimum size `resize2fs -P` gave (an error before any write when it does not fit).
+///
+/// Resized on a copy, never on the source, and not on the destination either: resize2fs
+/// truncates a regular file to the filesystem's size whatever `?offset=` says, which would cut
+/// off the partitions after this one. The destination receives only what differs.
+fn resized_ext(
+    from: &Path,
+    what: &str,
+    used: u64,
+    block_size: u64,
+    (size_before, size_after): (u64, u64),
+    dst_disk: &Path,
+    ctx: &mut Ctx<'_>,
+) -> Result<(PathBuf, u64)> {
+    need_tool("resize2fs")?;
+    need_tool("e2fsck")?;
+    let copy = temp_file(ctx.temp, what, used, ctx.temps)?;
+    crate::sync::sync_paths(from, &copy, ctx.sync, ctx.control)?;
+    let min = min_size(&copy)? * block_size;
+    if min > size_after {
+        return Err(Error::new(
+            ErrorKind::SizeMismatch,
+            format!(
+                "{what} ({}) holds an ext filesystem whose used data needs at least {min} bytes ({}, resize2fs -P), and its place on {} has {size_after} bytes ({}); nothing was written to {}",
+                from.display(),
+                format_size(min),
+                dst_disk.display(),
+                format_size(size_after),
+                dst_disk.display()
+            ),
+        ));
+    }
+    set_len(&copy, size_after.max(size_before))?;
+    fsck(&copy)?;
+    run(Command::new("resize2fs").arg(&copy).arg(format!("{}s", size_after / 512)), "resize2fs")?;
+    set_len(&copy, size_after)?;
+    Ok((copy, min))
+}
+
 fn probe(source: &dyn Source, start: u64, len: u64) -> Result<Probed> {
     Ok(match blksync_fs::probe(source, start, len)? {
-        Usage::Known(map) => Probed { kind: Some(map.kind().clone()), used: map.used_bytes().min(len), why_whole: None },
+        Usage::Known(map) => {
+            Probed { kind: Some(map.kind().clone()), used: map.used_bytes().min(len), why_whole: None }
+        }
         Usage::Whole { reason } => Probed { kind: None, used: len, why_whole: Some(reason) },
     })
 }
@@ -392,7 +445,8 @@ fn temp_file(dir: &Path, what: &str, need: u64, temps: &mut Vec<Temp>) -> Result
 
 /// Creates `path` if need be and sets its length (sparse).
 fn set_len(path: &Path, len: u64) -> Result<()> {
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| io(path, &e))?;
+    let f =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| io(path, &e))?;
     f.set_len(len).map_err(|e| io(path, &e))
 }
 
@@ -428,12 +482,22 @@ fn min_size(fs: &Path) -> Result<u64> {
 
 /// `e2fsck -f -p`, which resize2fs wants after a mount: exit 0 and 1 (fixed) are fine.
 fn fsck(fs: &Path) -> Result<()> {
-    let out = Command::new("e2fsck").arg("-f").arg("-p").arg(fs).output().map_err(|e| Error::new(ErrorKind::Io, format!("e2fsck: {e}")))?;
+    let out = Command::new("e2fsck")
+        .arg("-f")
+        .arg("-p")
+        .arg(fs)
+        .output()
+        .map_err(|e| Error::new(ErrorKind::Io, format!("e2fsck: {e}")))?;
     match out.status.code() {
         Some(0 | 1) => Ok(()),
         _ => Err(Error::new(
             ErrorKind::Corrupt,
-            format!("e2fsck -f -p {} failed ({}): {}", fs.display(), out.status, String::from_utf8_lossy(&out.stdout).trim()),
+            format!(
+                "e2fsck -f -p {} failed ({}): {}",
+                fs.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
         )),
     }
 }
@@ -445,34 +509,33 @@ fn open_dest(dst: &Path, force: bool) -> Result<Box<dyn Target>> {
 fn target_size(dst: &Path) -> Result<u64> {
     let t = crate::endpoint::open_target(dst, OpenTarget { read_only: true, ..OpenTarget::default() })?;
     if !t.exists() {
-        return Err(Error::new(ErrorKind::NotFound, format!("{}: no such destination (clone writes onto a disk that is there)", dst.display())));
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{}: no such destination (clone writes onto a disk that is there)", dst.display()),
+        ));
     }
     Ok(t.size())
 }
 
 /// The disk, start and length of the destination of a partition or filesystem clone.
 fn dest_region(dst: &Path) -> Result<(PathBuf, u64, u64)> {
-    match blksync_endpoint::partition::split(dst) {
-        Some((disk, selector)) => {
-            let d = crate::endpoint::open_source(&disk)?;
-            let hint = crate::transfer::table::sector_hint(d.identity(), &d.caps());
-            let table = blksync_disk::read(&*d, hint)?
-                .ok_or_else(|| Error::usage(format!("{}: no partition table", disk.display())))?;
-            let p = table.find(&blksync_disk::Selector::parse(selector)?)?;
-            Ok((disk, p.start, p.len))
-        }
-        None => {
-            let size = target_size(dst)?;
-            let d = crate::endpoint::open_source(dst)?;
-            if blksync_disk::read(&*d, None)?.is_some() {
-                return Err(Error::usage(format!(
-                    "{} holds a partition table: name the partition to clone onto (DST#N)",
-                    dst.display()
-                )));
-            }
-            Ok((dst.to_path_buf(), 0, size))
-        }
+    if let Some((disk, selector)) = blksync_endpoint::partition::split(dst) {
+        let d = crate::endpoint::open_source(&disk)?;
+        let hint = crate::transfer::table::sector_hint(d.identity(), &d.caps());
+        let table = blksync_disk::read(&*d, hint)?
+            .ok_or_else(|| Error::usage(format!("{}: no partition table", disk.display())))?;
+        let p = table.find(&blksync_disk::Selector::parse(selector)?)?;
+        return Ok((disk, p.start, p.len));
     }
+    let size = target_size(dst)?;
+    let d = crate::endpoint::open_source(dst)?;
+    if blksync_disk::read(&*d, None)?.is_some() {
+        return Err(Error::usage(format!(
+            "{} holds a partition table: name the partition to clone onto (DST#N), or clone a whole disk",
+            dst.display()
+        )));
+    }
+    Ok((dst.to_path_buf(), 0, size))
 }
 
 const CHUNK: usize = 1 << 20;
