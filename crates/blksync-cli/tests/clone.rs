@@ -238,7 +238,7 @@ fn a_gpt_disk_onto_a_smaller_disk_shrinks_root_and_swap_follows_it() {
     let parts = json["partitions"].as_array().unwrap();
     assert_eq!(parts[1]["action"], "shrunk", "{json}");
     assert!(json["temp_dir"].is_string(), "{json}");
-    assert!(temporary_files(dir.path()).is_empty(), "{:?}", temporary_files(dir.path()));
+    assert!(no_clone_temps(dir.path()), "a temporary copy was left");
     sgdisk_clean(&dst);
     let (_, dl2, du2) = part(&dst, 2);
     let (ds3, dl3, du3) = part(&dst, 3);
@@ -270,7 +270,7 @@ fn data_that_cannot_fit_is_refused_before_any_write_saying_how_much_room_it_need
         out.stderr_text()
     );
     assert_eq!(read(&dst), before, "the destination was written");
-    assert!(temporary_files(dir.path()).is_empty());
+    assert!(no_clone_temps(dir.path()), "a temporary copy was left");
 }
 
 /// A 64 MiB DOS disk: 1 ext4 (16 MiB), 2 ext4 root (the rest), boot code and gap of known bytes.
@@ -401,4 +401,83 @@ fn a_filesystem_image_and_a_partition_clone_onto_partitions_of_other_sizes() {
     assert_eq!(blkid(&p2).1, blkid(&fs).1);
     assert_eq!(read(&disk)[..34 * 512], table[..], "the table changed");
     sgdisk_clean(&disk);
+}
+
+/// No temporary copy of `clone` is left in `dir`.
+fn no_clone_temps(dir: &Path) -> bool {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".blksync-clone-"))
+        .collect();
+    left.is_empty() && temporary_files(dir).is_empty()
+}
+
+#[test]
+fn a_logical_dos_partition_that_would_have_to_move_is_refused_before_any_write() {
+    if !have_all(&["sfdisk"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    write_file(&src, &random_bytes(32 * MIB, 15));
+    tool_in("sfdisk", &["-q", src.to_str().unwrap()], "label: dos\n,8M,83\n,,5\n,,82\n");
+    write_file(&dst, &random_bytes(48 * MIB, 16));
+    let before = read(&dst);
+    for args in [vec![], vec!["--grow", "1"]] {
+        let mut all = vec!["clone"];
+        all.extend_from_slice(&args);
+        all.extend_from_slice(&[src.to_str().unwrap(), dst.to_str().unwrap()]);
+        let out = run(&all);
+        assert_eq!(out.status.code(), Some(2), "{}", out.stderr_text());
+        assert!(out.stderr_text().contains("EBR chain"), "{}", out.stderr_text());
+        assert_eq!(read(&dst), before, "the destination was written");
+    }
+}
+
+#[test]
+fn clone_over_ssh_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_file(&src, &random_bytes(MIB, 17));
+    let out = run(&["clone", src.to_str().unwrap(), "somehost:/dev/sdb"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("one host"), "{}", out.stderr_text());
+}
+
+#[test]
+fn a_gpt_disk_onto_an_offset_loop_device_grows_root() {
+    if !can_use_loop_devices()
+        || !have_all(&["sgdisk", "sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"])
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    gpt_disk(&src, dir.path());
+    // The destination disk: 96 MiB at byte offset 4 MiB of a larger host file.
+    let host = dir.path().join("host.img");
+    write_file(&host, &random_bytes(104 * MIB, 18));
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--offset", &(4 * MIB).to_string(), "--sizelimit", &(96 * MIB).to_string()])
+        .arg(&host)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = Loop { dev: String::from_utf8(out.stdout).unwrap().trim().into() };
+    let json = clone_json(&["--grow", "2", src.to_str().unwrap(), dev.path()]);
+    assert_eq!(json["partitions"][1]["action"], "grown", "{json}");
+    drop(dev);
+    let disk = dir.path().join("disk.img");
+    write_file(&disk, &read(&host)[4 * MIB..100 * MIB]);
+    sgdisk_clean(&disk);
+    let (_, l2, u2) = part(&disk, 2);
+    assert_eq!(u2, part(&src, 2).2);
+    let root = extract(&disk, 2, dir.path());
+    assert_fs(&root, l2);
+    assert_eq!(blkid(&root).2, "rootfs");
+    // Nothing outside the loop device's window changed.
+    let (before, after) = (random_bytes(104 * MIB, 18), read(&host));
+    assert_eq!(before[..4 * MIB], after[..4 * MIB]);
+    assert_eq!(before[100 * MIB..], after[100 * MIB..]);
 }

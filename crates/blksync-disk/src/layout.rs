@@ -195,3 +195,79 @@ impl Table {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Guid;
+    use crate::gpt::{NewEntry, encode};
+    use blksync_core::endpoint::memory::Memory;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A GPT disk of `size` bytes with partitions (first LBA, last LBA), read back.
+    fn gpt(size: u64, parts: &[(u64, u64)]) -> (Table, Vec<u8>) {
+        let entries: Vec<NewEntry> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(first_lba, last_lba))| NewEntry {
+                type_guid: Guid([1; 16]),
+                unique_guid: Guid([i as u8 + 2; 16]),
+                first_lba,
+                last_lba,
+                attributes: 0,
+                name: format!("p{i}"),
+            })
+            .collect();
+        let mut disk = vec![0u8; size as usize];
+        for (at, w) in encode(512, size, Guid([9; 16]), &entries).unwrap() {
+            disk[at as usize..at as usize + w.len()].copy_from_slice(&w);
+        }
+        let table = crate::read(&Memory::with_bytes("d.img", disk.clone()), None).unwrap().unwrap();
+        (table, disk)
+    }
+
+    fn apply(size: u64, disk: &[u8], writes: &[(u64, Vec<u8>)]) -> Table {
+        let mut new = disk.to_vec();
+        new.resize(size as usize, 0);
+        for (at, w) in writes {
+            new[*at as usize..*at as usize + w.len()].copy_from_slice(w);
+        }
+        crate::read(&Memory::with_bytes("n.img", new), None).unwrap().unwrap()
+    }
+
+    #[test]
+    fn the_last_partition_grows_to_the_last_usable_byte() {
+        let (t, disk) = gpt(32 * MIB, &[(2048, 4095), (4096, 20479)]);
+        let places = plan(&t, 64 * MIB, 2).unwrap();
+        assert_eq!(places[0], Place { number: 1, start: MIB, len: MIB });
+        assert_eq!(places[1].start, 2 * MIB);
+        assert_eq!(places[1].start + places[1].len, usable_end(&t, 64 * MIB));
+        let new = apply(64 * MIB, &disk, &t.rebuilt(64 * MIB, &places).unwrap());
+        assert!(new.warnings.is_empty(), "{:?}", new.warnings);
+        assert_eq!(new.partitions[1].end(), usable_end(&t, 64 * MIB));
+        assert_eq!(new.partitions[1].partuuid, t.partitions[1].partuuid);
+    }
+
+    #[test]
+    fn partitions_after_the_grown_one_keep_their_size_and_move_to_the_end_aligned() {
+        let (t, disk) = gpt(32 * MIB, &[(2048, 20479), (20480, 40959)]);
+        for size in [64 * MIB, 24 * MIB] {
+            let places = plan(&t, size, 1).unwrap();
+            assert_eq!(places[1].len, t.partitions[1].len);
+            assert_eq!(places[1].start % ALIGN, 0);
+            assert!(places[1].start + places[1].len <= usable_end(&t, size));
+            assert_eq!(places[0].start + places[0].len, places[1].start);
+            let new = apply(size, &disk, &t.rebuilt(size, &places).unwrap());
+            assert_eq!(new.partitions[1].start, places[1].start);
+        }
+    }
+
+    #[test]
+    fn no_room_for_the_partitions_that_keep_their_size_is_a_size_mismatch() {
+        let (t, _) = gpt(32 * MIB, &[(2048, 4095), (4096, 40959), (40960, 61439)]);
+        let e = plan(&t, 11 * MIB, 2).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::SizeMismatch, "{e}");
+        assert!(plan(&t, 64 * MIB, 7).is_err());
+    }
+}
