@@ -182,7 +182,7 @@ pub fn clone(source: &Location, dest: &Location, o: &CloneOptions, control: Cont
     };
     drop(src_disk);
     if !temps.is_empty() {
-        summary.temp_dir = Some(temp.display().to_string());
+        summary.temp_dir = Some(std::fs::canonicalize(&temp).unwrap_or_else(|_| temp.clone()).display().to_string());
     }
     for mut job in jobs {
         let s = crate::sync::sync_paths(&job.from, &job.to, &sync_options, control)?;
