@@ -74,12 +74,12 @@ pub enum Command {
     ///
     /// SRC DST: a disk onto a disk (the table copied, fitted, and the last partition, or the one
     /// --grow names, resized to fill the destination), a partition onto a partition (DISK#N),
-    /// or a filesystem image onto a partition. Only the used blocks of ext2/3/4 and swap are
-    /// read and written; ext filesystems are grown or shrunk with resize2fs (a shrink works on
-    /// a temporary sparse copy, never on SRC), swap areas of another size are made anew with
+    /// or a filesystem image onto a partition. Both ends are local, or both on one remote host
+    /// (HOST:DISK HOST:DISK), where the clone then runs. Only the used blocks of ext2/3/4 and
+    /// swap are read and written; ext filesystems are grown or shrunk with resize2fs on a
+    /// temporary sparse copy (never on SRC), swap areas of another size are made anew with
     /// mkswap keeping UUID and label, anything else is copied whole. Refused before any write
-    /// (exit 5) when the used data does not fit, saying how much room it needs. Both ends are
-    /// on this host.
+    /// (exit 5) when the used data does not fit, saying how much room it needs.
     #[command(after_help = CLONE_EXAMPLES)]
     Clone(CloneArgs),
     /// Compare two images like cmp: exit 0 when identical, 1 when different, 2 on error.
@@ -604,7 +604,8 @@ const CLONE_EXAMPLES: &str = "Examples:
   blksync clone /dev/sda /dev/sdb            a disk onto a bigger or smaller one
   blksync clone --grow 2 /dev/sda vm.img     partition 2 takes the room (the rest move to the end)
   blksync clone disk.img#2 /dev/sdb#3        one partition onto another
-  blksync clone root.ext4 /dev/sdb#1         a filesystem image onto a partition";
+  blksync clone root.ext4 /dev/sdb#1         a filesystem image onto a partition
+  blksync clone host:/dev/sda host:/dev/sdb  both disks on one remote host: it runs there";
 
 /// `blksync clone`.
 #[derive(Debug, Args)]
@@ -629,6 +630,8 @@ pub struct CloneArgs {
     pub force: bool,
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `blksync compare`.

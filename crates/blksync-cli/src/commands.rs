@@ -186,7 +186,13 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
     let render = Render::new(&args.common.output, "clone");
     let control = Control { observer: &render, cancel };
     let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
-    let result = blksync::clone::clone(&source, &dest, &options, control);
+    let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let result = blksync::clone::clone(
+        &Side { location: &source, ssh: &s_ssh },
+        &Side { location: &dest, ssh: &d_ssh },
+        &options,
+        control,
+    );
     render.finish();
     let summary = result?;
     for w in &summary.warnings {
@@ -197,7 +203,7 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
         summary.source,
         summary.destination,
         format_size(summary.bytes_written),
-        match (summary.table, summary.table_written) {
+        match (summary.table.as_deref(), summary.table_written) {
             (Some(t), true) => format!("; {} table and boot gap written", t.to_uppercase()),
             (Some(t), false) => format!("; {} table and boot gap already in place", t.to_uppercase()),
             (None, _) => String::new(),

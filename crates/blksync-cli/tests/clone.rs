@@ -442,13 +442,44 @@ fn a_logical_dos_partition_that_would_have_to_move_is_refused_before_any_write()
 }
 
 #[test]
-fn clone_over_ssh_is_refused_with_a_clear_error() {
+fn a_clone_between_two_hosts_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.img");
     write_file(&src, &random_bytes(MIB, 17));
     let out = run(&["clone", src.to_str().unwrap(), "somehost:/dev/sdb"]);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr_text());
     assert!(out.stderr_text().contains("one host"), "{}", out.stderr_text());
+}
+
+#[test]
+fn a_clone_with_both_disks_on_one_remote_host_runs_there() {
+    if !have_all(&["sgdisk", "sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-clone") else { return };
+    let (src, dst) = (Path::new(&env.path("src.img")).to_path_buf(), Path::new(&env.path("dst.img")).to_path_buf());
+    gpt_disk(&src, env.dir.path());
+    write_file(&dst, &random_bytes(96 * MIB, 19));
+    let out = ok(&[
+        "clone",
+        "--json",
+        "--progress=none",
+        "--grow",
+        "2",
+        "-e",
+        &env.rsh,
+        &env.remote("src.img"),
+        &env.remote("dst.img"),
+    ]);
+    let json = out.json();
+    assert_eq!(json["partitions"][1]["action"], "grown", "{json}");
+    assert!(json["destination"].as_str().unwrap().starts_with("root@127.0.0.1:"), "{json}");
+    sgdisk_clean(&dst);
+    let (_, l2, u2) = part(&dst, 2);
+    assert_eq!(u2, part(&src, 2).2);
+    let root = extract(&dst, 2, env.dir.path());
+    assert_fs(&root, l2);
+    assert_eq!(blkid(&root).2, "rootfs");
 }
 
 #[test]

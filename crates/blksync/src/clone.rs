@@ -21,17 +21,21 @@ use blksync_fs::{Kind, Usage};
 
 use crate::endpoint::OpenTarget;
 use crate::error::{Error, ErrorKind, Result};
+use crate::job::WirePath;
 use crate::location::Location;
 use crate::progress::Control;
+use crate::relay::Side;
 use crate::size::format_size;
 use crate::sync::SyncOptions;
 
 /// How `clone` runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CloneOptions {
     /// The partition that takes the room left (`--grow N`); the last one when `None`.
     pub grow: Option<u32>,
-    /// Where shrunk copies are built (`--temp-dir`); see [`temp_dir`] for the default.
+    /// Where resized copies are built (`--temp-dir`); see [`temp_dir`] for the default. In a
+    /// job it travels beside the options, as bytes.
+    #[serde(skip)]
     pub temp_dir: Option<PathBuf>,
     /// Comparison granularity of each partition's sync.
     pub block_size: usize,
@@ -42,7 +46,7 @@ pub struct CloneOptions {
 }
 
 /// What was done with one partition (or with the one filesystem of a partition clone).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PartReport {
     /// Its number, `None` for a partition or filesystem image cloned on its own.
     pub number: Option<u32>,
@@ -59,7 +63,7 @@ pub struct PartReport {
     /// Its size on the destination.
     pub size_after: u64,
     /// "copied", "grown", "shrunk", "mkswap", "copied-whole".
-    pub action: &'static str,
+    pub action: String,
     /// The bytes the sync of this partition wrote.
     pub bytes_written: u64,
     /// One sentence for the human summary.
@@ -67,14 +71,14 @@ pub struct PartReport {
 }
 
 /// The result of [`clone`].
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CloneSummary {
     /// The source as given.
     pub source: String,
     /// The destination as given.
     pub destination: String,
     /// "gpt", "dos", or `None` for a partition or filesystem clone.
-    pub table: Option<&'static str>,
+    pub table: Option<String>,
     /// Whether the table and boot gap were written (they differed).
     pub table_written: bool,
     /// One entry per partition, in table order.
@@ -134,14 +138,33 @@ fn blksync_endpoint_split(address: &Path) -> Option<PathBuf> {
     blksync_endpoint::partition::split(address).map(|(disk, _)| disk)
 }
 
-/// Clones `source` onto `dest` (both local; see the module doc).
-pub fn clone(source: &Location, dest: &Location, o: &CloneOptions, control: Control<'_>) -> Result<CloneSummary> {
-    let (Location::Local(src), Location::Local(dst)) = (source, dest) else {
-        return Err(Error::new(
+/// Clones `source` onto `dest`: both local, or both on one remote host, where it runs as a job
+/// (only progress and the result cross the network).
+pub fn clone(source: &Side<'_>, dest: &Side<'_>, o: &CloneOptions, control: Control<'_>) -> Result<CloneSummary> {
+    match (source.location, dest.location) {
+        (Location::Local(src), Location::Local(dst)) => clone_paths(src, dst, o, control),
+        (Location::Remote(a), Location::Remote(b)) if crate::relay::same_remote_host(source, dest) => {
+            let job = crate::job::Job::Clone {
+                source: WirePath::new(&a.path),
+                target: WirePath::new(&b.path),
+                temp_dir: o.temp_dir.as_deref().map(WirePath::new),
+                options: CloneOptions { temp_dir: None, ..o.clone() },
+            };
+            let (mut summary, _): (CloneSummary, _) = crate::relay::job_on_host(source, &job, control)?;
+            let host = a.destination();
+            summary.source = format!("{host}:{}", summary.source);
+            summary.destination = format!("{host}:{}", summary.destination);
+            Ok(summary)
+        }
+        _ => Err(Error::new(
             ErrorKind::Unsupported,
-            "clone runs on one host for now: run it where both disks are (over ssh, run `ssh HOST blksync clone …`)",
-        ));
-    };
+            "clone runs on one host: both ends local, or both on the same remote host (HOST:DISK HOST:DISK); a clone from one host to another is not supported yet",
+        )),
+    }
+}
+
+/// Clones local `src` onto local `dst` (see the module doc).
+pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_>) -> Result<CloneSummary> {
     let src_disk = crate::endpoint::open_source(src)?;
     let hint = crate::transfer::table::sector_hint(src_disk.identity(), &src_disk.caps());
     let src_table =
@@ -159,7 +182,7 @@ pub fn clone(source: &Location, dest: &Location, o: &CloneOptions, control: Cont
     let mut summary = CloneSummary {
         source: src.display().to_string(),
         destination: dst.display().to_string(),
-        table: src_table.as_ref().map(Table::label),
+        table: src_table.as_ref().map(|t| t.label().to_string()),
         table_written: false,
         partitions: Vec::new(),
         bytes_written: 0,
@@ -289,7 +312,7 @@ fn prepare(
         start: place.start,
         size_before,
         size_after,
-        action: "copied",
+        action: "copied".into(),
         bytes_written: 0,
         detail: String::new(),
     };
@@ -313,10 +336,10 @@ fn prepare(
                 ctx,
             )?;
             if size_after > size_before {
-                report.action = "grown";
+                report.action = "grown".into();
                 report.detail = format!("filesystem grown from {sizes} with resize2fs");
             } else {
-                report.action = "shrunk";
+                report.action = "shrunk".into();
                 report.detail = format!(
                     "filesystem shrunk from {sizes} with resize2fs (its data needs at least {})",
                     format_size(min)
@@ -334,12 +357,12 @@ fn prepare(
                 cmd.arg("-L").arg(label);
             }
             run(cmd.arg(&copy), "mkswap")?;
-            report.action = "mkswap";
+            report.action = "mkswap".into();
             report.detail = format!("swap area made anew for {sizes} with mkswap, UUID and label kept");
             job.from = copy;
         }
         None if size_after > size_before => {
-            report.action = "copied-whole";
+            report.action = "copied-whole".into();
             report.detail = format!(
                 "{} copied whole ({}); the partition is {} and the rest of it is left as it is",
                 format_size(size_before),
@@ -362,7 +385,7 @@ fn prepare(
         }
     }
     if size_after == size_before && probed.why_whole.is_some() {
-        report.action = "copied-whole";
+        report.action = "copied-whole".into();
     }
     job.report = report;
     Ok(job)
