@@ -518,3 +518,42 @@ fn a_gpt_disk_onto_an_offset_loop_device_grows_root() {
     assert_eq!(before[..4 * MIB], after[..4 * MIB]);
     assert_eq!(before[100 * MIB..], after[100 * MIB..]);
 }
+
+#[test]
+fn a_dos_disk_with_logical_partitions_keeps_them_and_grows_its_last_primary() {
+    if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    write_file(&src, &random_bytes(64 * MIB, 20));
+    let s = src.to_str().unwrap();
+    // 1 primary, 2 extended (5 ext4, 6 swap), 3 primary root after it.
+    tool_in("sfdisk", &["-q", s], "label: dos\n,8M,83\n,30M,5\n,,83\n,16M,83\n,,82\n");
+    for (n, label) in [(1, "one"), (5, "five"), (3, "root")] {
+        let (_, len, _) = part(&src, n);
+        let fs = dir.path().join(format!("p{n}.fs"));
+        ext4(&fs, len as usize, label);
+        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+    }
+    let (_, len6, _) = part(&src, 6);
+    let swap = dir.path().join("swap.fs");
+    write_file(&swap, &vec![0; len6 as usize]);
+    tool("mkswap", &["-q", "-L", "six", swap.to_str().unwrap()]);
+    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{s}#6")]);
+    write_file(&dst, &random_bytes(100 * MIB, 21));
+    let json = clone_json(&[s, dst.to_str().unwrap()]);
+    let actions: Vec<&str> =
+        json["partitions"].as_array().unwrap().iter().map(|p| p["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["copied", "grown", "copied", "copied"], "{json}");
+    for n in [1, 2, 5, 6] {
+        assert_eq!(part(&dst, n), part(&src, n), "partition {n}");
+    }
+    let (s3, l3, u3) = part(&dst, 3);
+    assert_eq!((s3, u3), (part(&src, 3).0, part(&src, 3).2));
+    assert_eq!(s3 + l3, 100 * MIB as u64);
+    for (n, size) in [(1, part(&dst, 1).1), (5, part(&dst, 5).1), (3, l3)] {
+        assert_fs(&extract(&dst, n, dir.path()), size);
+    }
+    assert_eq!(blkid(&extract(&dst, 6, dir.path())), blkid(&extract(&src, 6, dir.path())));
+}

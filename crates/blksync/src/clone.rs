@@ -279,6 +279,21 @@ fn disk_jobs(
     };
     let target = open_dest(dst, o.force)?;
     let mut written = copy_differing(src_disk, &*target, table_end.min(head), head)?;
+    // A DOS extended partition never moves (the plan refuses it): its EBR chain, outside the
+    // logical partitions, is copied in place, so that DST#5 and on are found before their sync.
+    for ext in table.partitions.iter().filter(|p| p.is_extended()) {
+        let mut logicals: Vec<&Partition> = table
+            .partitions
+            .iter()
+            .filter(|p| !p.is_extended() && p.start >= ext.start && p.end() <= ext.end())
+            .collect();
+        logicals.sort_by_key(|p| p.start);
+        let mut at = ext.start;
+        for p in logicals.iter().map(|p| (p.start, p.end())).chain([(ext.end(), ext.end())]) {
+            written += copy_differing(src_disk, &*target, at, p.0)?;
+            at = at.max(p.1);
+        }
+    }
     for (at, bytes) in &writes {
         written += write_differing(&*target, *at, bytes)?;
     }
