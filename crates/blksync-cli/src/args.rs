@@ -628,6 +628,10 @@ pub struct CloneArgs {
     /// Write to a block device even when it is mounted or in use.
     #[arg(long)]
     pub force: bool,
+    /// Plan and prepare everything (the new table, each filesystem's resize on its temporary
+    /// copy, every refusal), report what would be done, and write nothing to DST.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]

@@ -182,6 +182,7 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
         block_size: check_block_size(args.common.block_size)?,
         threads: threads(&args.common),
         force: args.force,
+        dry_run: args.dry_run,
     };
     let render = Render::new(&args.common.output, "clone");
     let control = Control { observer: &render, cancel };
@@ -198,17 +199,24 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
     for w in &summary.warnings {
         render.line(&format!("blksync: warning: {w}"));
     }
-    render.line(&format!(
-        "blksync: {} -> {}: wrote {}{}",
-        summary.source,
-        summary.destination,
-        format_size(summary.bytes_written),
-        match (summary.table.as_deref(), summary.table_written) {
-            (Some(t), true) => format!("; {} table and boot gap written", t.to_uppercase()),
-            (Some(t), false) => format!("; {} table and boot gap already in place", t.to_uppercase()),
-            (None, _) => String::new(),
-        }
-    ));
+    if summary.dry_run {
+        render.line(&format!(
+            "blksync: {} -> {}: dry run, nothing written; this is what a clone would do",
+            summary.source, summary.destination
+        ));
+    } else {
+        render.line(&format!(
+            "blksync: {} -> {}: wrote {}{}",
+            summary.source,
+            summary.destination,
+            format_size(summary.bytes_written),
+            match (summary.table.as_deref(), summary.table_written) {
+                (Some(t), true) => format!("; {} table and boot gap written", t.to_uppercase()),
+                (Some(t), false) => format!("; {} table and boot gap already in place", t.to_uppercase()),
+                (None, _) => String::new(),
+            }
+        ));
+    }
     if let Some(dir) = &summary.temp_dir {
         render.line(&format!("blksync: temporary copies were built in {dir} (removed)"));
     }
@@ -219,12 +227,9 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
             (Some(u), _) => format!(" UUID={u}"),
             _ => String::new(),
         };
-        render.line(&format!(
-            "blksync: {what} ({}{id}): {}; wrote {}",
-            p.filesystem,
-            p.detail,
-            format_size(p.bytes_written)
-        ));
+        let wrote = if summary.dry_run { String::new() } else { format!("; wrote {}", format_size(p.bytes_written)) };
+        render
+            .line(&format!("blksync: {what} ({}{id}): {}, at byte offset {}{wrote}", p.filesystem, p.detail, p.start));
     }
     if args.common.output.json {
         json::print_summary("clone", json::body(&summary)?)?;

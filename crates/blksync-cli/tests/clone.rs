@@ -233,6 +233,15 @@ fn a_gpt_disk_onto_a_smaller_disk_shrinks_root_and_swap_follows_it() {
     write_file(&dst, &random_bytes(40 * MIB, 4));
     let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
     let before = read(&src);
+    // A dry run says what would be done and writes nothing.
+    let untouched = read(&dst);
+    let plan = clone_json(&["-n", "--grow", "2", s, d]);
+    assert_eq!(
+        (plan["dry_run"].clone(), plan["partitions"][1]["action"].clone()),
+        (true.into(), "shrunk".into()),
+        "{plan}"
+    );
+    assert_eq!(read(&dst), untouched, "a dry run wrote");
     let json = clone_json(&["--grow", "2", s, d]);
     assert_eq!(read(&src), before, "the source changed");
     let parts = json["partitions"].as_array().unwrap();

@@ -43,6 +43,10 @@ pub struct CloneOptions {
     pub threads: usize,
     /// Open a destination device even when it is in use.
     pub force: bool,
+    /// `-n`: prepare (plan, probe, build and resize the temporary copies, so that every refusal
+    /// is real) and report, but write nothing to the destination.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// What was done with one partition (or with the one filesystem of a partition clone).
@@ -79,6 +83,8 @@ pub struct CloneSummary {
     pub destination: String,
     /// "gpt", "dos", or `None` for a partition or filesystem clone.
     pub table: Option<String>,
+    /// `-n`: nothing was written; `partitions` says what would be done.
+    pub dry_run: bool,
     /// Whether the table and boot gap were written (they differed).
     pub table_written: bool,
     /// One entry per partition, in table order.
@@ -183,6 +189,7 @@ pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_
         source: src.display().to_string(),
         destination: dst.display().to_string(),
         table: src_table.as_ref().map(|t| t.label().to_string()),
+        dry_run: o.dry_run,
         table_written: false,
         partitions: Vec::new(),
         bytes_written: 0,
@@ -206,6 +213,11 @@ pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_
     drop(src_disk);
     if !temps.is_empty() {
         summary.temp_dir = Some(std::fs::canonicalize(&temp).unwrap_or_else(|_| temp.clone()).display().to_string());
+    }
+    if o.dry_run {
+        summary.partitions = jobs.into_iter().map(|j| j.report).collect();
+        summary.warnings = warnings;
+        return Ok(summary);
     }
     for mut job in jobs {
         let s = crate::sync::sync_paths(&job.from, &job.to, &sync_options, control)?;
@@ -277,6 +289,9 @@ fn disk_jobs(
         }
         blksync_disk::Scheme::Dos { .. } => u64::from(table.sector_size),
     };
+    if o.dry_run {
+        return Ok((jobs, 0));
+    }
     let target = open_dest(dst, o.force)?;
     let mut written = copy_differing(src_disk, &*target, table_end.min(head), head)?;
     // A DOS extended partition never moves (the plan refuses it): its EBR chain, outside the
