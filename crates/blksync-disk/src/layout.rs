@@ -270,4 +270,41 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::SizeMismatch, "{e}");
         assert!(plan(&t, 64 * MIB, 7).is_err());
     }
+
+    proptest::proptest! {
+        // Each case builds disks of tens of MiB: fewer cases than the default 256.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Any GPT of up to 4 partitions, any partition grown into any size: an accepted plan
+        /// reads back as planned, without overlaps, inside the usable bytes and with the
+        /// PARTUUIDs kept; a refused one is a size mismatch.
+        #[test]
+        fn plans_read_back_as_planned(
+            lens in proptest::collection::vec(1u64..8, 1..5),
+            grow in 0usize..4,
+            new_mib in 4u64..48,
+        ) {
+            let mut parts = Vec::new();
+            let mut lba = 2048;
+            for l in &lens {
+                parts.push((lba, lba + l * 2048 - 1));
+                lba += l * 2048 + 2048;
+            }
+            let size = (lba + 2048) * 512;
+            let (t, disk) = gpt(size, &parts);
+            let grow = t.partitions[grow % t.partitions.len()].number;
+            let new_size = new_mib * MIB;
+            match plan(&t, new_size, grow) {
+                Ok(places) => {
+                    let new = apply(new_size, &disk, &t.rebuilt(new_size, &places).unwrap());
+                    for (p, q) in new.partitions.iter().zip(&places) {
+                        proptest::prop_assert_eq!((p.number, p.start, p.len), (q.number, q.start, q.len));
+                        proptest::prop_assert!(p.end() <= usable_end(&t, new_size));
+                    }
+                    let uuids: Vec<_> = new.partitions.iter().map(|p| &p.partuuid).collect();
+                    proptest::prop_assert_eq!(uuids, t.partitions.iter().map(|p| &p.partuuid).collect::<Vec<_>>());
+                }
+                Err(e) => proptest::prop_assert_eq!(e.kind(), ErrorKind::SizeMismatch, "{}", e),
+            }
+        }
+    }
 }
