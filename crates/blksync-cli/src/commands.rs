@@ -196,9 +196,6 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
     );
     render.finish();
     let summary = result?;
-    for w in &summary.warnings {
-        render.line(&format!("blksync: warning: {w}"));
-    }
     if summary.dry_run {
         render.line(&format!(
             "blksync: {} -> {}: dry run, nothing written; this is what a clone would do",

@@ -94,7 +94,8 @@ pub struct CloneSummary {
     pub bytes_written: u64,
     /// Where temporary copies were built, when any was.
     pub temp_dir: Option<String>,
-    /// Warnings.
+    /// What was wrong but did not stop the clone (a damaged GPT copy of the source, a source
+    /// mounted read-write), as shown on stderr when it happened.
     pub warnings: Vec<String>,
 }
 
@@ -198,7 +199,10 @@ pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_
     };
     let mut ctx = Ctx { temp: &temp, temps: &mut temps, sync: &sync_options, control };
     let jobs = if let Some(table) = &src_table {
-        warnings.extend(table.warnings.iter().cloned());
+        for w in &table.warnings {
+            control.observer.warn(w);
+            warnings.push(w.clone());
+        }
         let (jobs, written) = disk_jobs(table, &*src_disk, (src, dst), o, &mut ctx)?;
         summary.table_written = written > 0;
         summary.bytes_written += written;
@@ -223,7 +227,8 @@ pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_
         let s = crate::sync::sync_paths(&job.from, &job.to, &sync_options, control)?;
         job.report.bytes_written = s.counters.bytes_written;
         summary.bytes_written += s.counters.bytes_written;
-        warnings.extend(s.warnings.into_iter().filter(|w| !w.contains("are left as they are")));
+        // Already shown as they happened, by the sync.
+        warnings.extend(s.warnings);
         summary.partitions.push(job.report);
     }
     summary.warnings = warnings;
@@ -388,7 +393,8 @@ fn prepare(
             }
             run(cmd.arg(&copy), "mkswap")?;
             report.action = "mkswap".into();
-            report.detail = format!("swap area made anew for {sizes} with mkswap, UUID and label kept");
+            let how = if size_after > size_before { "grown" } else { "shrunk" };
+            report.detail = format!("swap area {how} from {sizes}: made anew by mkswap, UUID and label kept");
             job.from = copy;
         }
         None if size_after > size_before => {
