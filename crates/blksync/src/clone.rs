@@ -125,7 +125,7 @@ impl Drop for Temp {
     }
 }
 
-/// Where shrunk copies go when `--temp-dir` is not given: the destination's directory when it
+/// Where resized copies go when `--temp-dir` is not given: the destination's directory when it
 /// is a regular file (the same filesystem, usually with the room), else `$TMPDIR` (`/tmp`).
 #[must_use]
 pub fn temp_dir(dest: &Path, given: Option<&Path>) -> PathBuf {
@@ -264,6 +264,21 @@ fn disk_jobs(
         return Err(Error::usage(format!("{} and {} are the same disk", src.display(), dst.display())));
     }
     let dst_size = target_size(dst)?;
+    let dst_sector = {
+        let t = crate::endpoint::open_source(dst)?;
+        crate::transfer::table::sector_hint(t.identity(), &t.caps())
+    };
+    if let Some(ss) = dst_sector.filter(|&ss| ss != table.sector_size) {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} counts its table in sectors of {} bytes and {} has sectors of {ss} bytes: a table cannot be translated (not supported)",
+                src.display(),
+                table.sector_size,
+                dst.display()
+            ),
+        ));
+    }
     let grow = match o.grow {
         Some(n) => n,
         None => layout::default_grow(table)
