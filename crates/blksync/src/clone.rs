@@ -459,7 +459,10 @@ fn resized_ext(
 ) -> Result<(PathBuf, u64)> {
     need_tool("resize2fs")?;
     need_tool("e2fsck")?;
-    let copy = temp_file(ctx.temp, what, used, ctx.temps)?;
+    // Room for the used blocks, and for the group metadata a grow adds (inode tables of 256
+    // bytes per 16 KiB at mke2fs's defaults: 1/64 of the new space, if resize2fs writes them).
+    let grown = size_after.saturating_sub(size_before);
+    let copy = temp_file(ctx.temp, what, used + grown / 64, ctx.temps)?;
     crate::sync::sync_paths(from, &copy, ctx.sync, ctx.control)?;
     let min = min_size(&copy)? * block_size;
     if min > size_after {
