@@ -407,9 +407,13 @@ fn a_filesystem_image_and_a_partition_clone_onto_partitions_of_other_sizes() {
     let p1 = extract(&disk, 1, dir.path());
     assert_fs(&p1, l1);
     assert_eq!(blkid(&p1).1, blkid(&fs).1);
-    // That partition onto the smaller partition 2: shrunk.
-    let json = clone_json(&[&format!("{d}#1"), &format!("{d}#2")]);
+    // That partition onto the smaller partition 2: shrunk, its copy built in --temp-dir.
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let json = clone_json(&["--temp-dir", scratch.to_str().unwrap(), &format!("{d}#1"), &format!("{d}#2")]);
     assert_eq!(json["partitions"][0]["action"], "shrunk", "{json}");
+    assert_eq!(json["temp_dir"], scratch.canonicalize().unwrap().to_str().unwrap(), "{json}");
+    assert!(no_clone_temps(&scratch), "a temporary copy was left");
     let (_, l2, _) = part(&disk, 2);
     let p2 = extract(&disk, 2, dir.path());
     assert_fs(&p2, l2);
