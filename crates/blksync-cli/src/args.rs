@@ -74,8 +74,9 @@ pub enum Command {
     ///
     /// SRC DST: a disk onto a disk (the table copied, fitted, and the last partition, or the one
     /// --grow names, resized to fill the destination), a partition onto a partition (DISK#N),
-    /// or a filesystem image onto a partition. Both ends are local, or both on one remote host
-    /// (HOST:DISK HOST:DISK), where the clone then runs. Only the used blocks of ext2/3/4 and
+    /// or a filesystem image onto a partition. Both ends are local, both on one remote host
+    /// (HOST:DISK HOST:DISK, where the clone then runs), or a local disk onto a remote disk
+    /// (built here in a sparse staging image in --temp-dir, then synced). Only the used blocks of ext2/3/4 and
     /// swap are read and written; ext filesystems are grown or shrunk with resize2fs on a
     /// temporary sparse copy (never on SRC), swap areas of another size are made anew with
     /// mkswap keeping UUID and label, anything else is copied whole. Refused before any write
@@ -605,7 +606,8 @@ const CLONE_EXAMPLES: &str = "Examples:
   blksync clone --grow 2 /dev/sda vm.img     partition 2 takes the room (the rest move to the end)
   blksync clone disk.img#2 /dev/sdb#3        one partition onto another
   blksync clone root.ext4 /dev/sdb#1         a filesystem image onto a partition
-  blksync clone host:/dev/sda host:/dev/sdb  both disks on one remote host: it runs there";
+  blksync clone host:/dev/sda host:/dev/sdb  both disks on one remote host: it runs there
+  blksync clone /dev/sda vmhost:/srv/vm.img  p2v onto a remote image of the new size";
 
 /// `blksync clone`.
 #[derive(Debug, Args)]
@@ -621,8 +623,9 @@ pub struct CloneArgs {
     /// one on the disk). Partitions after it keep their size and move to the end.
     #[arg(long, value_name = "N")]
     pub grow: Option<u32>,
-    /// Where a shrunk filesystem's temporary sparse copy is built (default: DST's directory
-    /// when DST is a file, else $TMPDIR). It needs room for the used blocks.
+    /// Where a resized filesystem's temporary sparse copy (and, for a remote DST, the staging
+    /// image) is built (default: DST's directory when DST is a local file, else $TMPDIR). It
+    /// needs room for the used blocks.
     #[arg(long, value_name = "DIR")]
     pub temp_dir: Option<std::path::PathBuf>,
     /// Write to a block device even when it is mounted or in use.

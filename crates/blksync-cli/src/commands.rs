@@ -224,7 +224,10 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
             (Some(u), _) => format!(" UUID={u}"),
             _ => String::new(),
         };
-        let wrote = if summary.dry_run { String::new() } else { format!("; wrote {}", format_size(p.bytes_written)) };
+        let wrote = match p.bytes_written {
+            Some(n) if !summary.dry_run => format!("; wrote {}", format_size(n)),
+            _ => String::new(),
+        };
         render
             .line(&format!("blksync: {what} ({}{id}): {}, at byte offset {}{wrote}", p.filesystem, p.detail, p.start));
     }

@@ -455,13 +455,14 @@ fn a_logical_dos_partition_that_would_have_to_move_is_refused_before_any_write()
 }
 
 #[test]
-fn a_clone_between_two_hosts_is_refused_with_a_clear_error() {
+fn a_remote_source_onto_this_host_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.img");
     write_file(&src, &random_bytes(MIB, 17));
-    let out = run(&["clone", src.to_str().unwrap(), "somehost:/dev/sdb"]);
+    // A remote source onto this host: refused before any connection is tried.
+    let out = run(&["clone", "somehost:/dev/sda", src.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr_text());
-    assert!(out.stderr_text().contains("one host"), "{}", out.stderr_text());
+    assert!(out.stderr_text().contains("not supported yet"), "{}", out.stderr_text());
 }
 
 #[test]
@@ -569,4 +570,46 @@ fn a_dos_disk_with_logical_partitions_keeps_them_and_grows_its_last_primary() {
         assert_fs(&extract(&dst, n, dir.path()), size);
     }
     assert_eq!(blkid(&extract(&dst, 6, dir.path())), blkid(&extract(&src, 6, dir.path())));
+}
+
+#[test]
+fn a_local_disk_onto_a_remote_disk_sends_only_used_blocks_and_a_rerun_what_changed() {
+    if !have_all(&["sgdisk", "sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-clone-push") else { return };
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src.img");
+    gpt_disk(&src, local.path());
+    let dst = Path::new(&env.path("vm.img")).to_path_buf();
+    write_file(&dst, &random_bytes(96 * MIB, 22));
+    let s = src.to_str().unwrap();
+    let scratch = local.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let t = scratch.to_str().unwrap();
+    let args = ["clone", "--json", "--progress=none", "--grow", "2", "--temp-dir", t, "-e", &env.rsh, s];
+    let first = ok(&[&args[..], &[&env.remote("vm.img")]].concat()).json();
+    assert_eq!(first["partitions"][1]["action"], "grown", "{first}");
+    // About the used blocks (the files: 4 MiB), not the disk's 96 MiB.
+    assert!(first["bytes_written"].as_u64().unwrap() < 16 * MIB as u64, "{first}");
+    sgdisk_clean(&dst);
+    let (_, l2, u2) = part(&dst, 2);
+    assert_eq!(u2, part(&src, 2).2);
+    let root = extract(&dst, 2, env.dir.path());
+    assert_fs(&root, l2);
+    assert_eq!(blkid(&root).2, "rootfs");
+    assert!(no_clone_temps(&scratch), "a temporary copy was left");
+
+    // A 1 MiB change: the rerun writes about that much on the remote disk.
+    let fs = local.path().join("root.fs");
+    ok(&["sync", "-q", &format!("{s}#2"), fs.to_str().unwrap()]);
+    let new = local.path().join("new");
+    write_file(&new, &random_bytes(MIB, 78));
+    tool("debugfs", &["-w", "-R", &format!("write {} new", new.display()), fs.to_str().unwrap()]);
+    ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#2")]);
+    let again = ok(&[&args[..], &[&env.remote("vm.img")]].concat()).json();
+    let written = again["bytes_written"].as_u64().unwrap();
+    eprintln!("remote rerun after a 1 MiB change wrote {written} bytes");
+    assert!(written >= MIB as u64 && written < 3 * MIB as u64, "{again}");
+    assert_fs(&extract(&dst, 2, env.dir.path()), l2);
 }

@@ -9,7 +9,8 @@
 //! copy grown or shrunk with `resize2fs`) or a swap area of another size (`mkswap` with the
 //! source's UUID and label); **commit** writes the boot gap and the table, then syncs each
 //! partition fs-aware (only used blocks read and written) from the source or from its
-//! resized copy. Both ends are on this host: `clone` over ssh is refused for now.
+//! resized copy. Both ends here; both on one remote host (a job there); or a local source
+//! onto a remote disk (built here in a staging image, then synced fs-aware).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,8 +69,9 @@ pub struct PartReport {
     pub size_after: u64,
     /// "copied", "grown", "shrunk", "mkswap", "copied-whole".
     pub action: String,
-    /// The bytes the sync of this partition wrote.
-    pub bytes_written: u64,
+    /// The bytes the sync of this partition wrote; `None` for a remote disk, which receives
+    /// the whole clone in one sync (the summary's `bytes_written`).
+    pub bytes_written: Option<u64>,
     /// One sentence for the human summary.
     pub detail: String,
 }
@@ -163,11 +165,75 @@ pub fn clone(source: &Side<'_>, dest: &Side<'_>, o: &CloneOptions, control: Cont
             summary.destination = format!("{host}:{}", summary.destination);
             Ok(summary)
         }
+        (Location::Local(src), Location::Remote(r)) if blksync_endpoint::partition::split(&r.path).is_none() => {
+            clone_to_remote(src, dest, &r.display(), o, control)
+        }
         _ => Err(Error::new(
             ErrorKind::Unsupported,
-            "clone runs on one host: both ends local, or both on the same remote host (HOST:DISK HOST:DISK); a clone from one host to another is not supported yet",
+            "clone runs here, on one remote host (HOST:DISK HOST:DISK), or from a local disk onto a remote disk (DISK HOST:DISK); a remote source onto another host, or onto a remote partition, is not supported yet",
         )),
     }
+}
+
+/// A local source onto a whole remote disk: the clone is built here, in a sparse staging image
+/// of the remote disk's size (holding only the used blocks), which an fs-aware sync then sends:
+/// only the used blocks that differ cross the network, so a rerun moves what changed.
+fn clone_to_remote(
+    src: &Path,
+    dest: &Side<'_>,
+    name: &str,
+    o: &CloneOptions,
+    control: Control<'_>,
+) -> Result<CloneSummary> {
+    let dir = o.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let mut temps = Vec::new();
+    let empty = temp_file(&dir, "an empty probe", 0, &mut temps)?;
+    set_len(&empty, 0)?;
+    // A comparison of an empty file reads nothing and says the remote disk's size.
+    let compare = crate::compare::CompareOptions {
+        block_size: o.block_size,
+        keep_cache: false,
+        threads: o.threads,
+        max_ranges: 0,
+        fs_aware: false,
+    };
+    let probe_side = Side { location: &Location::Local(empty.clone()), ssh: dest.ssh };
+    let size = crate::relay::compare_locations(&probe_side, dest, &compare, control)?.destination_size;
+    let src_disk = crate::endpoint::open_source(src)?;
+    let used: u64 = crate::endpoint::usage::FsAware::new(src_disk)?.filesystems().iter().map(|r| r.used).sum();
+    let staging = temp_file(&dir, "the staging image", used, &mut temps)?;
+    set_len(&staging, size)?;
+    let local = CloneOptions { temp_dir: Some(dir.clone()), ..o.clone() };
+    let mut summary = clone_paths(src, &staging, &local, control)?;
+    if o.dry_run {
+        summary.destination = name.to_string();
+        return Ok(summary);
+    }
+    let remote = crate::relay::RemoteOptions {
+        sync: SyncOptions {
+            block_size: o.block_size,
+            threads: o.threads,
+            force: o.force,
+            fs_aware: true,
+            ..SyncOptions::default()
+        },
+        compress: crate::compress::AUTO,
+        pause: None,
+        undo: None,
+    };
+    let staged = Side { location: &Location::Local(staging.clone()), ssh: dest.ssh };
+    let sent = crate::place::sync(&staged, dest, &remote, control)?;
+    summary.destination = sent.destination;
+    summary.bytes_written = sent.counters.bytes_written;
+    summary.table_written = false;
+    for p in &mut summary.partitions {
+        // What each partition's sync wrote was written to the staging image, not to the disk.
+        p.bytes_written = None;
+    }
+    summary.temp_dir = Some(std::fs::canonicalize(&dir).unwrap_or(dir).display().to_string());
+    summary.warnings.extend(sent.warnings);
+    drop(temps);
+    Ok(summary)
 }
 
 /// Clones local `src` onto local `dst` (see the module doc).
@@ -225,7 +291,7 @@ pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_
     }
     for mut job in jobs {
         let s = crate::sync::sync_paths(&job.from, &job.to, &sync_options, control)?;
-        job.report.bytes_written = s.counters.bytes_written;
+        job.report.bytes_written = Some(s.counters.bytes_written);
         summary.bytes_written += s.counters.bytes_written;
         // Already shown as they happened, by the sync.
         warnings.extend(s.warnings);
@@ -363,7 +429,7 @@ fn prepare(
         size_before,
         size_after,
         action: "copied".into(),
-        bytes_written: 0,
+        bytes_written: Some(0),
         detail: String::new(),
     };
     let sizes = format!("{} to {}", format_size(size_before), format_size(size_after));
