@@ -69,6 +69,20 @@ pub enum Command {
     /// in files and are zeroed (or, with --discard, unmapped) on devices.
     #[command(after_help = ADDRESSES)]
     Sync(SyncArgs),
+    /// Copy a disk, a partition or a filesystem onto a destination of another size,
+    /// filesystem by filesystem (docs/CLONE.md).
+    ///
+    /// SRC DST: a disk onto a disk (the table copied, fitted, and the last partition, or the one
+    /// --grow names, resized to fill the destination), a partition onto a partition (DISK#N),
+    /// or a filesystem image onto a partition. Both ends are local, both on one remote host
+    /// (HOST:DISK HOST:DISK, where the clone then runs), or a local disk onto a remote disk
+    /// (built here in a sparse staging image in --temp-dir, then synced). Only the used blocks of ext2/3/4 and
+    /// swap are read and written; ext filesystems are grown or shrunk with resize2fs on a
+    /// temporary sparse copy (never on SRC), swap areas of another size are made anew with
+    /// mkswap keeping UUID and label, anything else is copied whole. Refused before any write
+    /// (exit 5) when the used data does not fit, saying how much room it needs.
+    #[command(after_help = CLONE_EXAMPLES)]
+    Clone(CloneArgs),
     /// Compare two images like cmp: exit 0 when identical, 1 when different, 2 on error.
     ///
     /// Prints the differing byte count and the first differing ranges (block granularity).
@@ -154,6 +168,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Sync(_) => "sync",
+            Command::Clone(_) => "clone",
             Command::Compare(_) => "compare",
             Command::Diff(_) => "diff",
             Command::Apply(_) => "apply",
@@ -176,6 +191,7 @@ impl Command {
     pub fn json(&self) -> bool {
         match self {
             Command::Sync(a) => a.common.output.json,
+            Command::Clone(a) => a.common.output.json,
             Command::Compare(a) => a.common.output.json,
             Command::Diff(a) => a.common.output.json,
             Command::Apply(a) => a.output.json,
@@ -578,6 +594,47 @@ pub struct SyncArgs {
     pub thin_pool: Option<String>,
     #[command(flatten)]
     pub fs: FsArgs,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// Examples under `blksync clone --help`.
+const CLONE_EXAMPLES: &str = "Examples:
+  blksync clone /dev/sda /dev/sdb            a disk onto a bigger or smaller one
+  blksync clone --grow 2 /dev/sda vm.img     partition 2 takes the room (the rest move to the end)
+  blksync clone disk.img#2 /dev/sdb#3        one partition onto another
+  blksync clone root.ext4 /dev/sdb#1         a filesystem image onto a partition
+  blksync clone host:/dev/sda host:/dev/sdb  both disks on one remote host: it runs there
+  blksync clone /dev/sda vmhost:/srv/vm.img  p2v onto a remote image of the new size";
+
+/// `blksync clone`.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The disk, partition (DISK#N, DISK#name=NAME, DISK#partuuid=UUID) or filesystem image
+    /// (never written).
+    #[arg(value_name = "SRC")]
+    pub source: OsString,
+    /// The disk or partition to write; it must exist (a file of the new size, a device).
+    #[arg(value_name = "DST")]
+    pub dest: OsString,
+    /// The partition number that grows or shrinks to fill the destination (default: the last
+    /// one on the disk). Partitions after it keep their size and move to the end.
+    #[arg(long, value_name = "N")]
+    pub grow: Option<u32>,
+    /// Where a resized filesystem's temporary sparse copy (and, for a remote DST, the staging
+    /// image) is built (default: DST's directory when DST is a local file, else $TMPDIR). It
+    /// needs room for the used blocks.
+    #[arg(long, value_name = "DIR")]
+    pub temp_dir: Option<std::path::PathBuf>,
+    /// Write to a block device even when it is mounted or in use.
+    #[arg(long)]
+    pub force: bool,
+    /// Plan and prepare everything (the new table, each filesystem's resize on its temporary
+    /// copy, every refusal), report what would be done, and write nothing to DST.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]

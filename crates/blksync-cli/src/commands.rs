@@ -174,6 +174,69 @@ pub fn sync(args: &SyncArgs, cancel: &AtomicBool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// `blksync clone`.
+pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outcome> {
+    let options = blksync::clone::CloneOptions {
+        grow: args.grow,
+        temp_dir: args.temp_dir.clone(),
+        block_size: check_block_size(args.common.block_size)?,
+        threads: threads(&args.common),
+        force: args.force,
+        dry_run: args.dry_run,
+    };
+    let render = Render::new(&args.common.output, "clone");
+    let control = Control { observer: &render, cancel };
+    let (source, dest) = (Location::parse(&args.source)?, Location::parse(&args.dest)?);
+    let (s_ssh, d_ssh) = (ssh_options(&args.remote, true), ssh_options(&args.remote, false));
+    let result = blksync::clone::clone(
+        &Side { location: &source, ssh: &s_ssh },
+        &Side { location: &dest, ssh: &d_ssh },
+        &options,
+        control,
+    );
+    render.finish();
+    let summary = result?;
+    if summary.dry_run {
+        render.line(&format!(
+            "blksync: {} -> {}: dry run, nothing written; this is what a clone would do",
+            summary.source, summary.destination
+        ));
+    } else {
+        render.line(&format!(
+            "blksync: {} -> {}: wrote {}{}",
+            summary.source,
+            summary.destination,
+            format_size(summary.bytes_written),
+            match (summary.table.as_deref(), summary.table_written) {
+                (Some(t), true) => format!("; {} table and boot gap written", t.to_uppercase()),
+                (Some(t), false) => format!("; {} table and boot gap already in place", t.to_uppercase()),
+                (None, _) => String::new(),
+            }
+        ));
+    }
+    if let Some(dir) = &summary.temp_dir {
+        render.line(&format!("blksync: temporary copies were built in {dir} (removed)"));
+    }
+    for p in &summary.partitions {
+        let what = p.number.map_or_else(|| "filesystem".to_string(), |n| format!("partition {n}"));
+        let id = match (&p.uuid, &p.label) {
+            (Some(u), Some(l)) if !l.is_empty() => format!(" UUID={u} LABEL={l}"),
+            (Some(u), _) => format!(" UUID={u}"),
+            _ => String::new(),
+        };
+        let wrote = match p.bytes_written {
+            Some(n) if !summary.dry_run => format!("; wrote {}", format_size(n)),
+            _ => String::new(),
+        };
+        render
+            .line(&format!("blksync: {what} ({}{id}): {}, at byte offset {}{wrote}", p.filesystem, p.detail, p.start));
+    }
+    if args.common.output.json {
+        json::print_summary("clone", json::body(&summary)?)?;
+    }
+    Ok(Outcome::Success)
+}
+
 /// `blksync compare`.
 pub fn compare(args: &CompareArgs, cancel: &AtomicBool) -> Result<Outcome> {
     let options = CompareOptions {

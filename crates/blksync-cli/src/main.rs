@@ -42,6 +42,7 @@ fn main() -> ExitCode {
     let is_compare = matches!(cli.command, Command::Compare(_));
     let result = match &cli.command {
         Command::Sync(args) => commands::sync(args, &cancel),
+        Command::Clone(args) => commands::clone(args, &cancel),
         Command::Compare(args) => commands::compare(args, &cancel),
         Command::Diff(args) => commands::diff(args, &cancel),
         Command::Apply(args) => commands::apply(args, &cancel),

@@ -571,3 +571,19 @@ pub fn fix_checksums(data: &mut [u8]) {
         }
     }
 }
+
+impl Raw {
+    /// Sets the first and last LBA of entry `number` (from 1) and fixes the header's array CRC;
+    /// `None` when there is no such entry. For [`crate::layout`].
+    pub(crate) fn set_extent(&mut self, number: u32, first: u64, last: u64) -> Option<()> {
+        let size = self.header.entry_size as usize;
+        let at = (number as usize).checked_sub(1)? * size;
+        let e = self.array.get_mut(at..at + size)?;
+        e[32..40].copy_from_slice(&first.to_le_bytes());
+        e[40..48].copy_from_slice(&last.to_le_bytes());
+        let crc = crc32(&self.array);
+        self.header.array_crc = crc;
+        self.header_bytes[88..92].copy_from_slice(&crc.to_le_bytes());
+        Some(())
+    }
+}

@@ -99,6 +99,13 @@ pub enum Job {
         second: WirePath,
         options: crate::compare::CompareOptions,
     },
+    Clone {
+        source: WirePath,
+        target: WirePath,
+        /// `options.temp_dir`, which travels here (paths are bytes on the wire).
+        temp_dir: Option<WirePath>,
+        options: crate::clone::CloneOptions,
+    },
 }
 
 impl Job {
@@ -157,6 +164,11 @@ impl Job {
                 crate::sync::check_block_size(options.block_size as u64)?;
                 json(&crate::compare::compare_paths(&first.0, &second.0, &options, control)?)
             }
+            Job::Clone { source, target, temp_dir, options } => {
+                crate::sync::check_block_size(options.block_size as u64)?;
+                let options = crate::clone::CloneOptions { temp_dir: temp_dir.map(|t| t.0), ..options };
+                json(&crate::clone::clone_paths(&source.0, &target.0, &options, control)?)
+            }
         }
     }
 }
@@ -205,6 +217,12 @@ mod tests {
                 target: odd.clone(),
                 undo: Some(odd.clone()),
                 options: crate::sync::SyncOptions { undo: None, ..crate::sync::SyncOptions::default() },
+            },
+            Job::Clone {
+                source: odd.clone(),
+                target: odd.clone(),
+                temp_dir: Some(odd.clone()),
+                options: crate::clone::CloneOptions { grow: Some(2), block_size: 4096, ..Default::default() },
             },
             Job::Compare {
                 first: odd.clone(),

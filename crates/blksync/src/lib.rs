@@ -24,6 +24,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod clone;
 pub mod compare;
 pub mod compress;
 mod engine;

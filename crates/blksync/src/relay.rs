@@ -652,6 +652,21 @@ pub fn sync_locations(
     with_links(source, target, control, |s, s_path, t, t_path| sync(s, s_path, t, t_path, options, undo, control))
 }
 
+/// Runs `job` on `side`'s host, where every path it names is (`clone` on one remote host):
+/// its result and the bytes sent and received.
+pub(crate) fn job_on_host<T: serde::de::DeserializeOwned>(
+    side: &Side<'_>,
+    job: &Job,
+    control: Control<'_>,
+) -> Result<(T, (u64, u64))> {
+    history::job_counted(side, job, control)
+}
+
+/// Whether two sides are on one remote host (the same user, host, port and ssh options).
+pub(crate) fn same_remote_host(a: &Side<'_>, b: &Side<'_>) -> bool {
+    history::same_host(a, b)
+}
+
 /// Runs a sync between two paths of one remote host on that host, as a job: no image data
 /// crosses the network.
 fn sync_on_host(
