@@ -13,40 +13,6 @@ use support::*;
 
 const MIB: usize = 1 << 20;
 
-fn have_all(tools: &[&str]) -> bool {
-    for tool in tools {
-        let found =
-            Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-        if !found {
-            eprintln!("skipping: {tool} is not installed");
-            return false;
-        }
-    }
-    true
-}
-
-#[track_caller]
-fn tool(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn tool_in(cmd: &str, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The files of every filesystem made here.
 fn files() -> Vec<(String, Vec<u8>)> {
     (0..6).map(|i| (format!("f{i}"), random_bytes(700_000 + i * 1000, 50 + i as u64))).collect()

@@ -14,22 +14,6 @@ use support::*;
 
 const MIB: usize = 1 << 20;
 
-fn have(tool: &str) -> bool {
-    let found =
-        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
-
-#[track_caller]
-fn tool(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The files put into every image, by name.
 fn files() -> Vec<(&'static str, Vec<u8>)> {
     vec![("small", random_bytes(300_000, 21)), ("hi", b"hello\n".to_vec()), ("mid", random_bytes(3 * MIB, 22))]

@@ -5,47 +5,22 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use support::*;
 
 const MIB: usize = 1 << 20;
 
-fn have(tool: &str) -> bool {
-    let found =
-        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
-
-fn run_tool(tool: &str, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// A 64 MiB GPT disk of junk with partitions `boot` (16 MiB at 1 MiB) and `root` (24 MiB after).
 fn gpt_disk(path: &Path) {
     write_file(path, &random_bytes(64 * MIB, 3));
     let p = path.to_str().unwrap();
-    run_tool("sgdisk", &["-o", "-n", "1:2048:+16M", "-c", "1:boot", "-n", "2:0:+24M", "-c", "2:root", p], "");
+    tool_in("sgdisk", &["-o", "-n", "1:2048:+16M", "-c", "1:boot", "-n", "2:0:+24M", "-c", "2:root", p], "");
 }
 
 /// `(start, len)` in bytes of partition `n` of `path`, from `sfdisk -J`, and its PARTUUID.
 fn sfdisk_partition(path: &Path, n: usize) -> (u64, u64, String) {
     let json: serde_json::Value =
-        serde_json::from_str(&run_tool("sfdisk", &["-J", path.to_str().unwrap()], "")).unwrap();
+        serde_json::from_str(&tool_in("sfdisk", &["-J", path.to_str().unwrap()], "")).unwrap();
     let table = &json["partitiontable"];
     let sector = table["sectorsize"].as_u64().unwrap_or(512);
     let part = table["partitions"]
@@ -89,7 +64,7 @@ fn a_gpt_partition_is_a_source_and_a_target_by_number_name_and_partuuid() {
     let cmp = ok(&["compare", data.to_str().unwrap(), &format!("{d}#partuuid={}", uuid.to_lowercase())]);
     assert!(cmp.stdout_text().contains("identical"), "{}", cmp.stdout_text());
     // The table itself is untouched: sgdisk finds nothing wrong.
-    let verify = run_tool("sgdisk", &["-v", d], "");
+    let verify = tool_in("sgdisk", &["-v", d], "");
     assert!(verify.contains("No problems found"), "{verify}");
 }
 
@@ -102,7 +77,7 @@ fn a_logical_dos_partition_is_found_through_the_ebr_chain() {
     let disk = dir.path().join("dos.img");
     write_file(&disk, &random_bytes(64 * MIB, 4));
     let d = disk.to_str().unwrap();
-    run_tool("sfdisk", &["-q", d], "label: dos\n,8M,83\n,,5\n,4M,83\n,6M,83\n,,83\n");
+    tool_in("sfdisk", &["-q", d], "label: dos\n,8M,83\n,,5\n,4M,83\n,6M,83\n,,83\n");
     let (start, len, _) = sfdisk_partition(&disk, 6);
     let before = outside(&disk, start, len);
     let data = dir.path().join("six.img");
@@ -203,7 +178,7 @@ fn help_says_how_to_address_a_partition() {
 
 /// `sgdisk -v` on `path` finds nothing wrong.
 fn assert_gpt_clean(path: &Path) {
-    let verify = run_tool("sgdisk", &["-v", path.to_str().unwrap()], "");
+    let verify = tool_in("sgdisk", &["-v", path.to_str().unwrap()], "");
     assert!(verify.contains("No problems found"), "{verify}");
 }
 
@@ -278,7 +253,7 @@ fn boot_code_boot_gap_and_bios_boot_partition_survive_a_sync_onto_a_larger_disk(
     let gpt = dir.path().join("gpt.img");
     write_file(&gpt, &vec![0; 32 * MIB]);
     let g = gpt.to_str().unwrap();
-    run_tool("sgdisk", &["-o", "-a", "1", "-n", "1:34:2047", "-t", "1:EF02", "-n", "2:2048:0", g], "");
+    tool_in("sgdisk", &["-o", "-a", "1", "-n", "1:34:2047", "-t", "1:EF02", "-n", "2:2048:0", g], "");
     let boot_code = random_bytes(440, 41);
     patch(&gpt, 0, &boot_code);
     let core = random_bytes(2014 * 512, 42);
@@ -287,7 +262,7 @@ fn boot_code_boot_gap_and_bios_boot_partition_survive_a_sync_onto_a_larger_disk(
     let dos = dir.path().join("dos.img");
     write_file(&dos, &vec![0; 32 * MIB]);
     let d = dos.to_str().unwrap();
-    run_tool("sfdisk", &["-q", d], "label: dos\nstart=2048, type=83\n");
+    tool_in("sfdisk", &["-q", d], "label: dos\nstart=2048, type=83\n");
     patch(&dos, 0, &boot_code);
     let gap = random_bytes(2047 * 512, 43);
     patch(&dos, 512, &gap);
@@ -311,7 +286,7 @@ fn boot_code_boot_gap_and_bios_boot_partition_survive_a_sync_onto_a_larger_disk(
 /// The partitions of `path` by `sfdisk -J`: `(number, start, size)` in sectors.
 fn sfdisk_layout(path: &Path) -> Vec<(u64, u64, u64)> {
     let json: serde_json::Value =
-        serde_json::from_str(&run_tool("sfdisk", &["-J", path.to_str().unwrap()], "")).unwrap();
+        serde_json::from_str(&tool_in("sfdisk", &["-J", path.to_str().unwrap()], "")).unwrap();
     json["partitiontable"]["partitions"]
         .as_array()
         .unwrap()
@@ -339,7 +314,7 @@ fn a_dos_disk_onto_a_compatible_table_keeps_it_and_takes_only_the_boot_code() {
     let d = disk.to_str().unwrap();
     let layout =
         "label: dos\nlabel-id: 0x11223344\nstart=2048, size=16M, type=83\ntype=5\nsize=8M, type=83\nsize=8M, type=82\n";
-    run_tool("sfdisk", &["-q", d], layout);
+    tool_in("sfdisk", &["-q", d], layout);
     let source = read(&disk);
     for (compatible, seed) in [(true, 42), (false, 43)] {
         let dst = dir.path().join(format!("dst-{compatible}.img"));
@@ -350,7 +325,7 @@ fn a_dos_disk_onto_a_compatible_table_keeps_it_and_takes_only_the_boot_code() {
         } else {
             "label: dos\nlabel-id: 0x55667788\nstart=4096, size=30M, type=83\n"
         };
-        run_tool("sfdisk", &["-q", dst.to_str().unwrap()], theirs);
+        tool_in("sfdisk", &["-q", dst.to_str().unwrap()], theirs);
         let before = sfdisk_layout(&dst);
         let out = run(&["sync", "--json", "--progress=none", d, &format!("loop://{}", dst.display())]);
         assert_eq!(out.code(), 0, "{}", out.stderr_text());

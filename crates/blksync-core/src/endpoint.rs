@@ -440,7 +440,7 @@ impl<'a> UsageCursor<'a> {
         out.clear();
         let mut pos = start;
         while pos < end {
-            let (from, to, used) = match self.current {
+            let (_, to, used) = match self.current {
                 Some(run @ (from, to, _)) if from <= pos && pos < to => run,
                 _ => {
                     let (to, used) = self.source.usage_at(pos)?;
@@ -454,7 +454,6 @@ impl<'a> UsageCursor<'a> {
                     (pos, to, used)
                 }
             };
-            let _ = from;
             let stop = to.min(end);
             if used {
                 match out.last_mut() {
