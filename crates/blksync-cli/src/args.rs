@@ -74,9 +74,10 @@ pub enum Command {
     ///
     /// SRC DST: a disk onto a disk (the table copied, fitted, and the last partition, or the one
     /// --grow names, resized to fill the destination), a partition onto a partition (DISK#N),
-    /// or a filesystem image onto a partition. Both ends are local, both on one remote host
-    /// (HOST:DISK HOST:DISK, where the clone then runs), or a local disk onto a remote disk
-    /// (built here in a sparse staging image in --temp-dir, then synced). Only the used blocks of ext2/3/4 and
+    /// or a filesystem image onto a partition. Either end may be remote: both on one host
+    /// (HOST:DISK HOST:DISK, where the clone then runs), a local source onto a remote disk or
+    /// partition (built here in a sparse staging image in --temp-dir, then synced), or a remote
+    /// source (its used blocks pulled into a staging copy here). Only the used blocks of ext2/3/4 and
     /// swap are read and written; ext filesystems are grown or shrunk with resize2fs on a
     /// temporary sparse copy (never on SRC), swap areas of another size are made anew with
     /// mkswap keeping UUID and label, anything else is copied whole. Refused before any write
@@ -607,7 +608,8 @@ const CLONE_EXAMPLES: &str = "Examples:
   blksync clone disk.img#2 /dev/sdb#3        one partition onto another
   blksync clone root.ext4 /dev/sdb#1         a filesystem image onto a partition
   blksync clone host:/dev/sda host:/dev/sdb  both disks on one remote host: it runs there
-  blksync clone /dev/sda vmhost:/srv/vm.img  p2v onto a remote image of the new size";
+  blksync clone /dev/sda vmhost:/srv/vm.img  p2v onto a remote image of the new size
+  blksync clone oldbox:/dev/sda vm.img       a remote disk here (only used blocks cross)";
 
 /// `blksync clone`.
 #[derive(Debug, Args)]

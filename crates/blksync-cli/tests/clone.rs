@@ -420,15 +420,108 @@ fn a_logical_dos_partition_that_would_have_to_move_is_refused_before_any_write()
     }
 }
 
+const CLONE_TOOLS: [&str; 9] =
+    ["sgdisk", "sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"];
+
 #[test]
-fn a_remote_source_onto_this_host_is_refused_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src.img");
-    write_file(&src, &random_bytes(MIB, 17));
-    // A remote source onto this host: refused before any connection is tried.
-    let out = run(&["clone", "somehost:/dev/sda", src.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2), "{}", out.stderr_text());
-    assert!(out.stderr_text().contains("not supported yet"), "{}", out.stderr_text());
+fn a_remote_disk_onto_a_local_disk_is_pulled_into_staging_and_grown_here() {
+    if !have_all(&CLONE_TOOLS) {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-clone-pull") else { return };
+    let src = Path::new(&env.path("src.img")).to_path_buf();
+    let gap = gpt_disk(&src, env.dir.path());
+    let before = read(&src);
+    let local = tempfile::tempdir().unwrap();
+    let dst = local.path().join("dst.img");
+    write_file(&dst, &random_bytes(128 * MIB, 23));
+    let scratch = local.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let json = ok(&[
+        "clone",
+        "--json",
+        "--progress=none",
+        "--grow",
+        "2",
+        "--temp-dir",
+        scratch.to_str().unwrap(),
+        "-e",
+        &env.rsh,
+        &env.remote("src.img"),
+        dst.to_str().unwrap(),
+    ])
+    .json();
+    assert!(json["source"].as_str().unwrap().starts_with("root@127.0.0.1:"), "{json}");
+    assert_eq!(json["partitions"][1]["action"], "grown", "{json}");
+    assert_eq!(read(&src), before, "the source changed");
+    assert!(no_clone_temps(&scratch), "a staging copy was left");
+    sgdisk_clean(&dst);
+    // The boot gap came across although no filesystem holds it.
+    assert_eq!(read(&dst)[34 * 512..2048 * 512], gap[..]);
+    let (_, l2, u2) = part(&dst, 2);
+    assert_eq!(u2, part(&src, 2).2);
+    let root = extract(&dst, 2, local.path());
+    assert_fs(&root, l2);
+    assert_eq!(blkid(&root).2, "rootfs");
+    assert_eq!(blkid(&extract(&dst, 3, local.path())), blkid(&extract(&src, 3, local.path())));
+}
+
+#[test]
+fn a_remote_disk_onto_a_third_host_goes_through_staging_here() {
+    if !have_all(&CLONE_TOOLS) {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-clone-relay") else { return };
+    let src = Path::new(&env.path("src.img")).to_path_buf();
+    gpt_disk(&src, env.dir.path());
+    let dst = Path::new(&env.path("dst.img")).to_path_buf();
+    write_file(&dst, &random_bytes(96 * MIB, 24));
+    // Another name for the test sshd: not the same host to blksync, so nothing runs as a job.
+    let third = format!("root@localhost:{}", env.path("dst.img"));
+    let json =
+        ok(&["clone", "--json", "--progress=none", "--grow", "2", "-e", &env.rsh, &env.remote("src.img"), &third])
+            .json();
+    assert_eq!(json["destination"], third, "{json}");
+    assert_eq!(json["partitions"][1]["action"], "grown", "{json}");
+    sgdisk_clean(&dst);
+    let (_, l2, u2) = part(&dst, 2);
+    assert_eq!(u2, part(&src, 2).2);
+    assert_fs(&extract(&dst, 2, env.dir.path()), l2);
+}
+
+#[test]
+fn a_filesystem_image_onto_a_remote_partition_grows_into_it_and_leaves_the_rest() {
+    if !have_all(&CLONE_TOOLS) {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-clone-part") else { return };
+    let local = tempfile::tempdir().unwrap();
+    let fs = local.path().join("root.fs");
+    ext4(&fs, 24 * MIB, "small");
+    let disk = Path::new(&env.path("disk.img")).to_path_buf();
+    write_file(&disk, &random_bytes(64 * MIB, 25));
+    tool("sgdisk", &["-o", "-n", "1:2048:+40M", "-n", "2:0:0", disk.to_str().unwrap()]);
+    let (start2, _, _) = part(&disk, 2);
+    let (start1, len1, _) = part(&disk, 1);
+    let before = read(&disk);
+    let json = ok(&[
+        "clone",
+        "--json",
+        "--progress=none",
+        "-e",
+        &env.rsh,
+        fs.to_str().unwrap(),
+        &format!("{}#1", env.remote("disk.img")),
+    ])
+    .json();
+    assert_eq!(json["partitions"][0]["action"], "grown", "{json}");
+    let after = read(&disk);
+    // Only partition 1 changed: the table, the gap before it and partition 2 are as they were.
+    assert_eq!(after[..start1 as usize], before[..start1 as usize]);
+    assert_eq!(after[start2 as usize..], before[start2 as usize..]);
+    let root = extract(&disk, 1, env.dir.path());
+    assert_fs(&root, len1);
+    assert_eq!(blkid(&root).2, "small");
 }
 
 #[test]

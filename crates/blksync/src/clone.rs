@@ -9,8 +9,9 @@
 //! copy grown or shrunk with `resize2fs`) or a swap area of another size (`mkswap` with the
 //! source's UUID and label); **commit** writes the boot gap and the table, then syncs each
 //! partition fs-aware (only used blocks read and written) from the source or from its
-//! resized copy. Both ends here; both on one remote host (a job there); or a local source
-//! onto a remote disk (built here in a staging image, then synced fs-aware).
+//! resized copy. Both ends here; both on one remote host (a job there); a local source onto a
+//! remote disk or partition (built here in a staging image, then synced fs-aware); or a remote
+//! source (its used blocks pulled into a staging copy here, which is then cloned).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -147,8 +148,9 @@ fn blksync_endpoint_split(address: &Path) -> Option<PathBuf> {
     blksync_endpoint::partition::split(address).map(|(disk, _)| disk)
 }
 
-/// Clones `source` onto `dest`: both local, or both on one remote host, where it runs as a job
-/// (only progress and the result cross the network).
+/// Clones `source` onto `dest`: both local; both on one remote host, where it runs as a job
+/// (only progress and the result cross the network); or through a staging image here when
+/// only one end, or each end on another host, is remote.
 pub fn clone(source: &Side<'_>, dest: &Side<'_>, o: &CloneOptions, control: Control<'_>) -> Result<CloneSummary> {
     match (source.location, dest.location) {
         (Location::Local(src), Location::Local(dst)) => clone_paths(src, dst, o, control),
@@ -165,14 +167,59 @@ pub fn clone(source: &Side<'_>, dest: &Side<'_>, o: &CloneOptions, control: Cont
             summary.destination = format!("{host}:{}", summary.destination);
             Ok(summary)
         }
-        (Location::Local(src), Location::Remote(r)) if blksync_endpoint::partition::split(&r.path).is_none() => {
-            clone_to_remote(src, dest, &r.display(), o, control)
-        }
-        _ => Err(Error::new(
-            ErrorKind::Unsupported,
-            "clone runs here, on one remote host (HOST:DISK HOST:DISK), or from a local disk onto a remote disk (DISK HOST:DISK); a remote source onto another host, or onto a remote partition, is not supported yet",
-        )),
+        (Location::Local(src), Location::Remote(r)) => clone_to_remote(src, dest, &r.display(), o, control),
+        (Location::Remote(r), _) => clone_from_remote(source, dest, &r.display(), o, control),
     }
+}
+
+/// A remote source onto this host or another one: its used blocks are pulled, fs-aware, into
+/// a sparse staging copy here (only they cross the network; free blocks stay holes), and the
+/// staging copy is cloned onto `dest` as a local source. The source is only read.
+fn clone_from_remote(
+    source: &Side<'_>,
+    dest: &Side<'_>,
+    name: &str,
+    o: &CloneOptions,
+    control: Control<'_>,
+) -> Result<CloneSummary> {
+    let dir = o.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let mut temps = Vec::new();
+    let empty = temp_file(&dir, "an empty probe", 0, &mut temps)?;
+    set_len(&empty, 0)?;
+    // An fs-aware comparison with an empty file reads nothing: the remote end probes the
+    // source's filesystems and says what they use and how large the source is.
+    let compare = crate::compare::CompareOptions {
+        block_size: o.block_size,
+        keep_cache: false,
+        threads: o.threads,
+        max_ranges: 0,
+        fs_aware: true,
+    };
+    let probe_side = Side { location: &Location::Local(empty.clone()), ssh: dest.ssh };
+    let probed = crate::relay::compare_locations(source, &probe_side, &compare, control)?;
+    let used: u64 = probed.filesystems.iter().map(|r| r.used).sum();
+    let outside = probed.source_size.saturating_sub(probed.filesystems.iter().map(|r| r.len).sum());
+    let staging = temp_file(&dir, "the staging copy of the source", used + outside, &mut temps)?;
+    set_len(&staging, probed.source_size)?;
+    let pull = crate::relay::RemoteOptions {
+        sync: SyncOptions { block_size: o.block_size, threads: o.threads, fs_aware: true, ..SyncOptions::default() },
+        compress: crate::compress::AUTO,
+        pause: None,
+        undo: None,
+    };
+    let staged = Location::Local(staging.clone());
+    let staged_side = Side { location: &staged, ssh: source.ssh };
+    let pulled = crate::place::sync(source, &staged_side, &pull, control)?;
+    let local = CloneOptions { temp_dir: Some(dir.clone()), ..o.clone() };
+    let mut summary = match dest.location {
+        Location::Local(dst) => clone_paths(&staging, dst, &local, control)?,
+        Location::Remote(r) => clone_to_remote(&staging, dest, &r.display(), &local, control)?,
+    };
+    summary.source = name.to_string();
+    summary.temp_dir = Some(std::fs::canonicalize(&dir).unwrap_or(dir).display().to_string());
+    summary.warnings.splice(0..0, pulled.warnings);
+    drop(temps);
+    Ok(summary)
 }
 
 /// A local source onto a whole remote disk: the clone is built here, in a sparse staging image
@@ -580,7 +627,11 @@ fn temp_file(dir: &Path, what: &str, need: u64, temps: &mut Vec<Temp>) -> Result
             ),
         ));
     }
-    let path = dir.join(format!(".blksync-clone-{}-{}.tmp", std::process::id(), temps.len()));
+    // Unique in the process: nested steps (a staging copy, then the resized copies of its
+    // partitions) each keep their own list.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(".blksync-clone-{}-{n}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&path);
     temps.push(Temp(path.clone()));
     Ok(path)
