@@ -611,6 +611,10 @@ fn io(path: &Path, e: &std::io::Error) -> Error {
     Error::new(ErrorKind::Io, format!("{}: {e}", path.display()))
 }
 
+/// Numbers temporary files: unique in the process, since nested steps (a staging copy, then
+/// the resized copies of its partitions) each keep their own list.
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A new temporary file in `dir`, after checking that `dir` has room for `need` bytes.
 fn temp_file(dir: &Path, what: &str, need: u64, temps: &mut Vec<Temp>) -> Result<PathBuf> {
     let st = rustix::fs::statvfs(dir).map_err(|e| io(dir, &e.into()))?;
@@ -627,9 +631,6 @@ fn temp_file(dir: &Path, what: &str, need: u64, temps: &mut Vec<Temp>) -> Result
             ),
         ));
     }
-    // Unique in the process: nested steps (a staging copy, then the resized copies of its
-    // partitions) each keep their own list.
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(format!(".blksync-clone-{}-{n}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&path);
