@@ -4,7 +4,11 @@ real files used and 100 MiB of deleted data in its free blocks (and junk in the 
 fresh by `blksync sync --fs-aware` next to `e2image -ra` (which copies only the used blocks
 too), in the same run, runs interleaved:
 
-- time of a fresh fs-aware copy against `e2image -ra SRC DST` (target: at most 1.0 x);
+- time of a fresh fs-aware copy against `e2image -ra SRC DST` (target: at most 1.0 x). A
+  blksync sync returns when its copy is on the disk (`fsync`); e2image returns with the copy
+  still in the page cache (400 MiB dirty), written later by the next `sync`. So the target is
+  checked against `e2image -ra SRC DST && sync DST`, the time to a copy as durable as
+  blksync's; bare e2image is printed too;
 - bytes read from storage (the process's `ru_inblock`, readahead included) against the used
   bytes dumpe2fs reports (target: at most
   1.05 x);
@@ -133,7 +137,7 @@ def main():
     print(f"image: 1 GiB ext4, {kept / MIB:.0f} MiB of files, {used / MIB:.1f} MiB used by dumpe2fs, 100 MiB deleted")
 
     dst = os.path.join(args.dir, "fs-aware-dst.img")
-    times = {"e2image -ra": [], "blksync --fs-aware": [], "blksync (plain)": []}
+    times = {"e2image -ra": [], "e2image -ra && sync": [], "blksync --fs-aware": [], "blksync (plain)": []}
     read = {name: [] for name in times}
     for _ in range(args.runs):
         for name in times:
@@ -141,6 +145,8 @@ def main():
                 os.unlink(dst)
             if name == "e2image -ra":
                 t, n = timed(["e2image", "-ra", src, dst])
+            elif name == "e2image -ra && sync":
+                t, n = timed(["sh", "-c", f"e2image -ra {src} {dst} && sync {dst}"])
             elif name == "blksync --fs-aware":
                 t, n = timed([args.bin, "sync", "--fs-aware", "-q", src, dst])
             else:
@@ -149,14 +155,16 @@ def main():
             times[name].append(t)
             read[name].append(n)
     os.unlink(dst)
-    base = statistics.median(times["e2image -ra"])
-    print(f"{'':22} {'median':>8} {'min':>8} {'max':>8} {'/ e2image':>10} {'read from disk':>15}")
+    base = statistics.median(times["e2image -ra && sync"])
+    print(f"{'':22} {'median':>8} {'min':>8} {'max':>8} {'/ durable':>10} {'read from disk':>15}")
     for name, values in times.items():
         med = statistics.median(values)
         disk = statistics.median(read[name]) / MIB
         print(f"{name:22} {med:7.3f}s {min(values):7.3f}s {max(values):7.3f}s {med / base:9.2f}x {disk:11.1f} MiB")
-    ratios = sorted(t / e for t, e in zip(times["blksync --fs-aware"], times["e2image -ra"]))
-    print(f"fs-aware / e2image per round: {', '.join(f'{r:.2f}' for r in ratios)} (target <= 1.0)")
+    ratios = sorted(t / e for t, e in zip(times["blksync --fs-aware"], times["e2image -ra && sync"]))
+    print(f"fs-aware / (e2image -ra && sync) per round: {', '.join(f'{r:.2f}' for r in ratios)} (target <= 1.0)")
+    bare = sorted(t / e for t, e in zip(times["blksync --fs-aware"], times["e2image -ra"]))
+    print(f"fs-aware / bare e2image -ra (copy not yet on disk) per round: {', '.join(f'{r:.2f}' for r in bare)}")
     r = statistics.median(read["blksync --fs-aware"])
     print(f"bytes read from storage (ru_inblock, readahead included): {r / MIB:.1f} MiB of {used / MIB:.1f} MiB used = {r / used:.3f} x (target <= 1.05)")
     os.unlink(src)
