@@ -213,7 +213,7 @@ fn no_room(table: &Table, disk_size: u64, grow: u32) -> Error {
     Error::new(
         ErrorKind::SizeMismatch,
         format!(
-            "{}: partition {grow} starts at byte {g} and the partitions after it need {need} bytes (with their EBRs, each aligned to {ALIGN}): no room for them on a disk of {disk_size} bytes, whose last usable byte is {}",
+            "{}: partition {grow} starts at byte {g} and the partitions after it need {need} bytes with their EBRs, each start aligned to 1 MiB: no room for them on a disk of {disk_size} bytes, whose partitions must end by byte {}",
             table.name().display(),
             usable_end(table, disk_size)
         ),
