@@ -449,7 +449,8 @@ fn sfdisk_region(disk: &Path, n: u32, dir: &Path) -> std::path::PathBuf {
 }
 
 /// `dst` holds a DOS table with exactly `want` (number, start, size in bytes, type) as
-/// `sfdisk -J` reads it, the disk signature of `src` as `sfdisk` and `blkid` read it (so every
+/// `sfdisk -J` reads it, the boot flags and the disk signature of `src` as `sfdisk` and `blkid`
+/// read it (so every
 /// PARTUUID, `SIGNATURE-NN`, is the source's), and `sfdisk -V` finds no error.
 #[track_caller]
 fn assert_dos(src: &Path, dst: &Path, want: &[(u32, u64, u64, &str)]) {
@@ -476,6 +477,11 @@ fn assert_dos(src: &Path, dst: &Path, want: &[(u32, u64, u64, &str)]) {
         .collect();
     let want: Vec<(u32, u64, u64, String)> = want.iter().map(|&(n, a, l, t)| (n, a, l, t.to_string())).collect();
     assert_eq!(got, want, "sfdisk -J {}", dst.display());
+    let boot = |j: &serde_json::Value| -> Vec<bool> {
+        let parts = j["partitiontable"]["partitions"].as_array().unwrap();
+        parts.iter().map(|p| p["bootable"].as_bool().unwrap_or(false)).collect()
+    };
+    assert_eq!(boot(&d), boot(&s), "boot flags");
     let ptuuid = |d: &Path| tool("blkid", &["-p", "-o", "value", "-s", "PTUUID", d.to_str().unwrap()]);
     assert_eq!(ptuuid(dst), ptuuid(src));
     let v = tool("sfdisk", &["-V", dst.to_str().unwrap()]);

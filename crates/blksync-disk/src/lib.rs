@@ -26,8 +26,9 @@
 //! ```
 //!
 //! Modules: [`mbr`] (DOS tables and the EBR chain), [`gpt`] (headers, entries, relocation and
-//! an encoder), [`crc32`], [`guid`], `select` (choosing a partition by number, name or
-//! PARTUUID).
+//! an encoder), [`layout`] (a table with partitions moved or resized for `clone`, logical DOS
+//! partitions with a new EBR chain), [`crc32`], [`guid`], `select` (choosing a partition by
+//! number, name or PARTUUID).
 //!
 //! [`Source`]: blksync_core::endpoint::Source
 
