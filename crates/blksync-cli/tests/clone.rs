@@ -807,3 +807,35 @@ fn a_local_disk_onto_a_remote_disk_sends_only_used_blocks_and_a_rerun_what_chang
     assert!(written >= MIB as u64 && written < 3 * MIB as u64, "{again}");
     assert_fs(&extract(&dst, 2, env.dir.path()), l2);
 }
+
+#[test]
+fn the_debian_dos_layout_onto_a_remote_disk_with_a_grown_root_moves_the_swap_and_its_ebr_there() {
+    if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-clone-ebr") else { return };
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src.img");
+    debian_disk(&src, local.path());
+    let dst = Path::new(&env.path("vm.img")).to_path_buf();
+    let size = 96 * MIB as u64;
+    write_file(&dst, &random_bytes(size as usize, 60));
+    let scratch = local.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let (s, t) = (src.to_str().unwrap(), scratch.to_str().unwrap());
+    let args = ["clone", "--json", "--progress=none", "--grow", "1", "--temp-dir", t, "-e", &env.rsh, s];
+    let json = ok(&[&args[..], &[&env.remote("vm.img")]].concat()).json();
+    assert_eq!(json["partitions"][0]["action"], "grown", "{json}");
+    // The swap at the end with its size, its EBR 1 MiB before it as sfdisk put it; root
+    // fills the disk up to the extended partition, which starts at that EBR.
+    let (s1, _, _) = part(&src, 1);
+    let (s2, _, _) = part(&src, 2);
+    let (s5, l5, _) = part(&src, 5);
+    let d5 = (size - l5) / MIB as u64 * MIB as u64;
+    let d2 = d5 - (s5 - s2);
+    assert_dos(&src, &dst, &[(1, s1, d2 - s1, "83"), (2, d2, d5 + l5 - d2, "5"), (5, d5, l5, "82")]);
+    assert_fs(&sfdisk_region(&dst, 1, env.dir.path()), d2 - s1);
+    let swap = blkid(&sfdisk_region(&dst, 5, env.dir.path()));
+    assert_eq!(swap, ("swap".into(), "0b5e55ed-0000-4000-8000-000000000005".into(), "swap5".into()));
+    assert!(no_clone_temps(&scratch), "a temporary copy was left");
+}
