@@ -622,7 +622,8 @@ pub struct CloneArgs {
     #[arg(value_name = "DST")]
     pub dest: OsString,
     /// The partition number that grows or shrinks to fill the destination (default: the last
-    /// one on the disk). Partitions after it keep their size and move to the end.
+    /// one on the disk, which may be a logical DOS partition). Partitions after it keep their
+    /// size and move to the end, logical ones with their EBRs.
     #[arg(long, value_name = "N")]
     pub grow: Option<u32>,
     /// Where a resized filesystem's temporary sparse copy (and, for a remote DST, the staging

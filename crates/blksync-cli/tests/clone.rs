@@ -399,24 +399,252 @@ fn no_clone_temps(dir: &Path) -> bool {
 }
 
 #[test]
-fn a_logical_dos_partition_that_would_have_to_move_is_refused_before_any_write() {
+fn logical_dos_partitions_of_unknown_content_move_and_grow_and_refusals_come_before_any_write() {
     if !have_all(&["sfdisk"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
     write_file(&src, &random_bytes(32 * MIB, 15));
-    tool_in("sfdisk", &["-q", src.to_str().unwrap()], "label: dos\n,8M,83\n,,5\n,,82\n");
+    let s = src.to_str().unwrap();
+    tool_in("sfdisk", &["-q", s], "label: dos\n,8M,83\n,,5\n,,82\n");
+    let (s5, l5, _) = part(&src, 5);
+    // The default grows 5, which ends last: copied whole into the larger logical partition.
     write_file(&dst, &random_bytes(48 * MIB, 16));
-    let before = read(&dst);
-    for args in [vec![], vec!["--grow", "1"]] {
-        let mut all = vec!["clone"];
-        all.extend_from_slice(&args);
-        all.extend_from_slice(&[src.to_str().unwrap(), dst.to_str().unwrap()]);
-        let out = run(&all);
-        assert_eq!(out.status.code(), Some(2), "{}", out.stderr_text());
-        assert!(out.stderr_text().contains("EBR chain"), "{}", out.stderr_text());
-        assert_eq!(read(&dst), before, "the destination was written");
+    let json = clone_json(&[s, dst.to_str().unwrap()]);
+    assert_eq!(json["partitions"][1]["action"], "copied-whole", "{json}");
+    assert_dos(
+        &src,
+        &dst,
+        &[
+            (1, MIB as u64, 8 * MIB as u64, "83"),
+            (2, s5 - MIB as u64, 48 * MIB as u64 - (s5 - MIB as u64), "5"),
+            (5, s5, 48 * MIB as u64 - s5, "82"),
+        ],
+    );
+    let (copied, source) = (read(&dst), read(&src));
+    assert_eq!(copied[s5 as usize..(s5 + l5) as usize], source[s5 as usize..(s5 + l5) as usize]);
+    // Growing 1 onto a disk without room for 5 after it, and shrinking 5, are refused (exit 5)
+    // with the numbers, before any write.
+    let small = dir.path().join("small.img");
+    write_file(&small, &random_bytes(20 * MIB, 17));
+    let before = read(&small);
+    let room = format!("partitions after it need {} bytes", l5 + MIB as u64);
+    for (args, says) in [(vec!["--grow", "1"], room.as_str()), (vec![], "is copied whole")] {
+        let out = run(&[&["clone"][..], &args, &[s, small.to_str().unwrap()]].concat());
+        assert_eq!(out.status.code(), Some(5), "{}", out.stderr_text());
+        let err = out.stderr_text();
+        assert!(err.contains(says), "{err}");
+        assert_eq!(read(&small), before, "the destination was written");
+    }
+}
+
+/// Partition `n` of `disk` as `sfdisk -J` places it, copied out to a file: what the table
+/// says is there, whatever blksync reads.
+fn sfdisk_region(disk: &Path, n: u32, dir: &Path) -> std::path::PathBuf {
+    let (start, len, _) = part(disk, n);
+    let out = dir.join(format!("region{n}.img"));
+    write_file(&out, &read(disk)[start as usize..(start + len) as usize]);
+    out
+}
+
+/// `dst` holds a DOS table with exactly `want` (number, start, size in bytes, type) as
+/// `sfdisk -J` reads it, the boot flags and the disk signature of `src` as `sfdisk` and `blkid`
+/// read it (so every
+/// PARTUUID, `SIGNATURE-NN`, is the source's), and `sfdisk -V` finds no error.
+#[track_caller]
+fn assert_dos(src: &Path, dst: &Path, want: &[(u32, u64, u64, &str)]) {
+    let json = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&tool("sfdisk", &["-J", d.to_str().unwrap()])).unwrap()
+    };
+    let (s, d) = (json(src), json(dst));
+    assert_eq!(d["partitiontable"]["label"], "dos", "{d}");
+    assert_eq!(d["partitiontable"]["id"], s["partitiontable"]["id"], "disk signature");
+    let got: Vec<(u32, u64, u64, String)> = d["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let node = p["node"].as_str().unwrap();
+            let n = node.strip_prefix(dst.to_str().unwrap()).unwrap().parse().unwrap();
+            (
+                n,
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+                p["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(u32, u64, u64, String)> = want.iter().map(|&(n, a, l, t)| (n, a, l, t.to_string())).collect();
+    assert_eq!(got, want, "sfdisk -J {}", dst.display());
+    let boot = |j: &serde_json::Value| -> Vec<bool> {
+        let parts = j["partitiontable"]["partitions"].as_array().unwrap();
+        parts.iter().map(|p| p["bootable"].as_bool().unwrap_or(false)).collect()
+    };
+    assert_eq!(boot(&d), boot(&s), "boot flags");
+    let ptuuid = |d: &Path| tool("blkid", &["-p", "-o", "value", "-s", "PTUUID", d.to_str().unwrap()]);
+    assert_eq!(ptuuid(dst), ptuuid(src));
+    let v = tool("sfdisk", &["-V", dst.to_str().unwrap()]);
+    assert!(v.contains("No errors detected"), "{v}");
+}
+
+/// Debian's installer default on a 64 MiB DOS disk: 1 ext4 root (40 MiB, bootable, with
+/// [`files`]), 2 extended, 5 swap (the rest, ending last) with a UUID and label; boot code and
+/// gap of known bytes.
+fn debian_disk(disk: &Path, dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    write_file(disk, &random_bytes(64 * MIB, 30));
+    let d = disk.to_str().unwrap();
+    tool_in("sfdisk", &["-q", d], "label: dos\nlabel-id: 0x5eed1234\n,40M,83,*\n,,5\n,,82\n");
+    let boot = random_bytes(440, 31);
+    patch(disk, 0, &boot);
+    let gap = random_bytes(2047 * 512, 32);
+    patch(disk, 512, &gap);
+    let (_, len1, _) = part(disk, 1);
+    let fs = dir.join("root.fs");
+    ext4(&fs, len1 as usize, "root");
+    ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{d}#1")]);
+    let (_, len5, _) = part(disk, 5);
+    let swap = dir.join("swap.fs");
+    write_file(&swap, &vec![0; len5 as usize]);
+    tool("mkswap", &["-q", "-U", "0b5e55ed-0000-4000-8000-000000000005", "-L", "swap5", swap.to_str().unwrap()]);
+    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{d}#5")]);
+    (boot, gap)
+}
+
+#[test]
+fn the_debian_dos_layout_grows_or_shrinks_its_logical_swap_keeping_root_ids_and_boot_code() {
+    if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let (boot, gap) = debian_disk(&src, dir.path());
+    let (s1, l1, _) = part(&src, 1);
+    let (s2, _, _) = part(&src, 2);
+    let (s5, _, _) = part(&src, 5);
+    let before = read(&src);
+    for size in [128 * MIB as u64, 52 * MIB as u64] {
+        let dst = dir.path().join(format!("dst{size}.img"));
+        write_file(&dst, &random_bytes(size as usize, 33));
+        let json = clone_json(&[src.to_str().unwrap(), dst.to_str().unwrap()]);
+        assert_eq!(read(&src), before, "the source changed");
+        let actions: Vec<&str> =
+            json["partitions"].as_array().unwrap().iter().map(|p| p["action"].as_str().unwrap()).collect();
+        assert_eq!(actions, ["copied", "mkswap"], "{json}");
+        assert_eq!(json["table_written"], true, "{json}");
+        // The swap grows or shrinks to the end of the disk, the extended partition with it.
+        assert_dos(&src, &dst, &[(1, s1, l1, "83"), (2, s2, size - s2, "5"), (5, s5, size - s5, "82")]);
+        let copied = read(&dst);
+        assert_eq!(&copied[..440], &boot[..], "boot code");
+        assert_eq!(&copied[512..2048 * 512], &gap[..], "boot gap");
+        assert_fs(&sfdisk_region(&dst, 1, dir.path()), l1);
+        assert_eq!(blkid(&sfdisk_region(&dst, 1, dir.path())), blkid(&sfdisk_region(&src, 1, dir.path())));
+        let swap = blkid(&sfdisk_region(&dst, 5, dir.path()));
+        assert_eq!(swap, ("swap".into(), "0b5e55ed-0000-4000-8000-000000000005".into(), "swap5".into()));
+        // A second clone onto it writes nothing: the table, the chain and every block are there.
+        let again = clone_json(&[src.to_str().unwrap(), dst.to_str().unwrap()]);
+        eprintln!("rerun of the Debian layout onto {size} bytes wrote {}", again["bytes_written"]);
+        assert_eq!(again["table_written"], false, "{again}");
+        assert!(again["bytes_written"].as_u64().unwrap() < 64 * 1024, "{again}");
+    }
+}
+
+#[test]
+fn a_grown_primary_moves_two_logical_partitions_to_the_end_with_their_ebrs() {
+    if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_file(&src, &random_bytes(64 * MIB, 40));
+    let s = src.to_str().unwrap();
+    // 1 root, 2 extended (5 ext4 of 12 MiB, 6 swap: the rest).
+    tool_in("sfdisk", &["-q", s], "label: dos\nlabel-id: 0xabcd0001\n,24M,83\n,,5\n,12M,83\n,,82\n");
+    for (n, label) in [(1, "root"), (5, "five")] {
+        let (_, len, _) = part(&src, n);
+        let fs = dir.path().join(format!("p{n}.fs"));
+        ext4(&fs, len as usize, label);
+        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+    }
+    let (_, len6, _) = part(&src, 6);
+    let swap = dir.path().join("swap.fs");
+    write_file(&swap, &vec![0; len6 as usize]);
+    tool("mkswap", &["-q", "-L", "six", swap.to_str().unwrap()]);
+    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{s}#6")]);
+    let (s1, _, _) = part(&src, 1);
+    let (s2, _, _) = part(&src, 2);
+    let (s5, l5, _) = part(&src, 5);
+    let (s6, l6, _) = part(&src, 6);
+    // Where sfdisk put 6's EBR: the link in 5's EBR, relative to the extended partition.
+    let link = &read(&src)[s2 as usize + 462..s2 as usize + 478];
+    let ebr6 = s2 + u64::from(u32::from_le_bytes(link[8..12].try_into().unwrap())) * 512;
+    for (size, action) in [(100 * MIB as u64, "grown"), (56 * MIB as u64, "shrunk")] {
+        let dst = dir.path().join(format!("dst{size}.img"));
+        write_file(&dst, &random_bytes(size as usize, 41));
+        let json = clone_json(&["--grow", "1", s, dst.to_str().unwrap()]);
+        let actions: Vec<&str> =
+            json["partitions"].as_array().unwrap().iter().map(|p| p["action"].as_str().unwrap()).collect();
+        assert_eq!(actions, [action, "copied", "copied"], "{json}");
+        // 6 at the end (aligned down to 1 MiB), 5 before it as far from 6's EBR, each EBR as
+        // far before its partition as in the source; 1 fills up to the extended partition.
+        let d6 = (size - l6) / MIB as u64 * MIB as u64;
+        let d5 = (d6 - (s6 - ebr6) - l5) / MIB as u64 * MIB as u64;
+        let d2 = d5 - (s5 - s2);
+        assert_dos(
+            &src,
+            &dst,
+            &[(1, s1, d2 - s1, "83"), (2, d2, d6 + l6 - d2, "5"), (5, d5, l5, "83"), (6, d6, l6, "82")],
+        );
+        let link = &read(&dst)[d2 as usize + 462..d2 as usize + 478];
+        assert_eq!(link[4], 0x05, "the link type");
+        assert_eq!(d2 + u64::from(u32::from_le_bytes(link[8..12].try_into().unwrap())) * 512, d6 - (s6 - ebr6));
+        assert_fs(&sfdisk_region(&dst, 1, dir.path()), d2 - s1);
+        assert_fs(&sfdisk_region(&dst, 5, dir.path()), l5);
+        for n in [1, 5, 6] {
+            assert_eq!(blkid(&sfdisk_region(&dst, n, dir.path())), blkid(&sfdisk_region(&src, n, dir.path())), "{n}");
+        }
+    }
+}
+
+#[test]
+fn a_middle_logical_ext4_grows_or_shrinks_and_the_last_logical_moves_to_the_end() {
+    if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_file(&src, &random_bytes(64 * MIB, 50));
+    let s = src.to_str().unwrap();
+    tool_in("sfdisk", &["-q", s], "label: dos\n,8M,83\n,,5\n,16M,83\n,,83\n");
+    for (n, label) in [(1, "one"), (5, "five"), (6, "six")] {
+        let (_, len, _) = part(&src, n);
+        let fs = dir.path().join(format!("p{n}.fs"));
+        ext4(&fs, len as usize, label);
+        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+    }
+    let (s1, l1, _) = part(&src, 1);
+    let (s2, _, _) = part(&src, 2);
+    let (s5, _, _) = part(&src, 5);
+    let (s6, l6, _) = part(&src, 6);
+    let gap6 = s6 - (s5 + part(&src, 5).1);
+    for (size, action) in [(100 * MIB as u64, "grown"), (60 * MIB as u64, "shrunk")] {
+        let dst = dir.path().join(format!("dst{size}.img"));
+        write_file(&dst, &random_bytes(size as usize, 51));
+        let json = clone_json(&["--grow", "5", s, dst.to_str().unwrap()]);
+        let actions: Vec<&str> =
+            json["partitions"].as_array().unwrap().iter().map(|p| p["action"].as_str().unwrap()).collect();
+        assert_eq!(actions, ["copied", action, "copied"], "{json}");
+        let d6 = (size - l6) / MIB as u64 * MIB as u64;
+        assert_dos(
+            &src,
+            &dst,
+            &[(1, s1, l1, "83"), (2, s2, d6 + l6 - s2, "5"), (5, s5, d6 - gap6 - s5, "83"), (6, d6, l6, "83")],
+        );
+        for (n, len) in [(1, l1), (5, d6 - gap6 - s5), (6, l6)] {
+            let fs = sfdisk_region(&dst, n, dir.path());
+            assert_fs(&fs, len);
+            assert_eq!(blkid(&fs), blkid(&sfdisk_region(&src, n, dir.path())), "{n}");
+        }
     }
 }
 
@@ -671,4 +899,36 @@ fn a_local_disk_onto_a_remote_disk_sends_only_used_blocks_and_a_rerun_what_chang
     eprintln!("remote rerun after a 1 MiB change wrote {written} bytes");
     assert!(written >= MIB as u64 && written < 3 * MIB as u64, "{again}");
     assert_fs(&extract(&dst, 2, env.dir.path()), l2);
+}
+
+#[test]
+fn the_debian_dos_layout_onto_a_remote_disk_with_a_grown_root_moves_the_swap_and_its_ebr_there() {
+    if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "mkswap", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let Some(env) = RemoteDir::new("blksync-clone-ebr") else { return };
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src.img");
+    debian_disk(&src, local.path());
+    let dst = Path::new(&env.path("vm.img")).to_path_buf();
+    let size = 96 * MIB as u64;
+    write_file(&dst, &random_bytes(size as usize, 60));
+    let scratch = local.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let (s, t) = (src.to_str().unwrap(), scratch.to_str().unwrap());
+    let args = ["clone", "--json", "--progress=none", "--grow", "1", "--temp-dir", t, "-e", &env.rsh, s];
+    let json = ok(&[&args[..], &[&env.remote("vm.img")]].concat()).json();
+    assert_eq!(json["partitions"][0]["action"], "grown", "{json}");
+    // The swap at the end with its size, its EBR 1 MiB before it as sfdisk put it; root
+    // fills the disk up to the extended partition, which starts at that EBR.
+    let (s1, _, _) = part(&src, 1);
+    let (s2, _, _) = part(&src, 2);
+    let (s5, l5, _) = part(&src, 5);
+    let d5 = (size - l5) / MIB as u64 * MIB as u64;
+    let d2 = d5 - (s5 - s2);
+    assert_dos(&src, &dst, &[(1, s1, d2 - s1, "83"), (2, d2, d5 + l5 - d2, "5"), (5, d5, l5, "82")]);
+    assert_fs(&sfdisk_region(&dst, 1, env.dir.path()), d2 - s1);
+    let swap = blkid(&sfdisk_region(&dst, 5, env.dir.path()));
+    assert_eq!(swap, ("swap".into(), "0b5e55ed-0000-4000-8000-000000000005".into(), "swap5".into()));
+    assert!(no_clone_temps(&scratch), "a temporary copy was left");
 }

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use blksync_core::Result;
 use blksync_core::endpoint::Source;
+use blksync_core::{Error, ErrorKind, Result};
 
 use crate::{PartKind, Partition, Scheme, Table, corrupt};
 
@@ -38,7 +38,7 @@ pub struct Entry {
 
 impl Entry {
     /// Decodes the entry at `at` of a 512-byte sector.
-    fn decode(sector: &[u8], at: usize) -> Entry {
+    pub(crate) fn decode(sector: &[u8], at: usize) -> Entry {
         let u32_at = |o: usize| u32::from_le_bytes([sector[o], sector[o + 1], sector[o + 2], sector[o + 3]]);
         Entry { boot: sector[at], kind: sector[at + 4], start: u32_at(at + 8), sectors: u32_at(at + 12) }
     }
@@ -48,6 +48,46 @@ impl Entry {
     pub fn is_empty(&self) -> bool {
         self.kind == 0 || self.sectors == 0
     }
+
+    /// The 16 bytes of this entry, with both CHS fields "beyond CHS" (`FE FF FF`), as sfdisk
+    /// writes them past cylinder 1023: nothing reads CHS any more, and it cannot say where a
+    /// partition of a large disk is.
+    #[must_use]
+    pub fn encode(&self) -> [u8; 16] {
+        let mut e = [0u8; 16];
+        e[0] = self.boot;
+        e[1..4].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+        e[4] = self.kind;
+        e[5..8].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+        e[8..12].copy_from_slice(&self.start.to_le_bytes());
+        e[12..16].copy_from_slice(&self.sectors.to_le_bytes());
+        e
+    }
+}
+
+/// One EBR of a table's chain as it was read.
+pub(crate) struct Ebr<'a> {
+    /// Its byte offset on the disk.
+    pub(crate) at: u64,
+    /// Its 512 bytes.
+    pub(crate) sector: &'a [u8],
+    /// The logical partition it holds; `None` for an EBR whose first entry is empty.
+    pub(crate) logical: Option<&'a Partition>,
+}
+
+/// The EBR chain of a DOS `table` as read, in chain order, each with its logical partition
+/// (empty for GPT, or a DOS table without an extended partition).
+pub(crate) fn chain(table: &Table) -> Vec<Ebr<'_>> {
+    // The reader numbers logicals in chain order, skipping EBRs without one: the same walk.
+    let mut logicals = table.partitions.iter().filter(|p| p.number > 4 && !p.is_extended());
+    table
+        .ebrs
+        .iter()
+        .map(|(at, sector)| {
+            let holds = !Entry::decode(sector, ENTRIES_AT).is_empty();
+            Ebr { at: *at, sector, logical: if holds { logicals.next() } else { None } }
+        })
+        .collect()
 }
 
 /// Whether a 512-byte sector ends in `55 AA`.
@@ -191,4 +231,142 @@ fn logicals(source: &dyn Source, ext: &Partition, signature: u32, table: &mut Ta
         ebr_lba = next_lba;
     }
     Ok(())
+}
+
+/// The EBR chain of `new`, which is `old` with its extended and logical partitions moved or
+/// resized (docs/CLONE.md, "The new table"), as writes (byte offset, 512 bytes) in chain order.
+///
+/// One EBR per logical partition, as far before it as its EBR was in `old` (its *lead*: the
+/// gap is the source's, whatever it was), and an empty EBR at the extended partition's start
+/// when no logical's EBR is there. Each EBR keeps the boot-code area (bytes 0..446) of the
+/// source EBR it replaces; entry 1 is the logical partition, its start relative to the EBR;
+/// entry 2 the link to the next EBR, its start relative to the extended partition's, covering
+/// the next EBR through the end of its logical (as fdisk writes it), of the type the source's
+/// links had (`0x05` when it had none); entries 3 and 4 empty; `55 AA`. An entry that says what
+/// the source's said at the same place keeps its bytes, CHS included; any other is written
+/// with CHS `FE FF FF`.
+///
+/// Errors: `Usage` when an EBR or a logical partition would lie out of order, outside the
+/// extended partition or over another partition, or a primary partition inside the extended
+/// one; `SizeMismatch` for a value past the 2^32 sectors a DOS table can address.
+pub(crate) fn write_chain(old: &Table, new: &Table) -> Result<Vec<(u64, Vec<u8>)>> {
+    let name = old.name().display();
+    let ss = u64::from(old.sector_size);
+    let (Some(old_ext), Some(ext)) =
+        (old.partitions.iter().find(|p| p.is_extended()), new.partitions.iter().find(|p| p.is_extended()))
+    else {
+        return Ok(Vec::new());
+    };
+    let source = chain(old);
+    let link_kind = source
+        .iter()
+        .map(|e| Entry::decode(e.sector, ENTRIES_AT + 16))
+        .find(|e| !e.is_empty() && is_extended_type(e.kind))
+        .map_or(0x05, |e| e.kind);
+    let ebrs = placed(&source, new, ext)?;
+    let sectors = |bytes: u64| {
+        u32::try_from(bytes / ss).map_err(|_| {
+            Error::new(
+                ErrorKind::SizeMismatch,
+                format!("{name}: the EBR chain reaches past the 2^32 sectors a DOS table can address"),
+            )
+        })
+    };
+    let mut out = Vec::with_capacity(ebrs.len());
+    for (i, (at, from, p)) in ebrs.iter().enumerate() {
+        let mut sector = vec![0u8; 512];
+        if let Some(from) = from {
+            sector[..ENTRIES_AT].copy_from_slice(&from.sector[..ENTRIES_AT]);
+        }
+        let logical = match p {
+            Some(p) => {
+                let PartKind::Dos(kind) = p.kind else {
+                    return Err(Error::usage(format!("{name}: {} is not a DOS partition", p.describe())));
+                };
+                let boot = from.map_or(0, |f| Entry::decode(f.sector, ENTRIES_AT).boot);
+                Some(Entry { boot, kind, start: sectors(p.start - at)?, sectors: sectors(p.len)? })
+            }
+            None => None,
+        };
+        let link = match ebrs.get(i + 1) {
+            Some((next, _, next_logical)) => Some(Entry {
+                boot: 0,
+                kind: link_kind,
+                start: sectors(next - ext.start)?,
+                sectors: sectors(next_logical.map_or(next + ss, Partition::end) - next)?,
+            }),
+            None => None,
+        };
+        // An EBR where it was, in an extended partition that starts where it did: its entries
+        // that did not change keep their bytes (the CHS of a small disk's table stays right).
+        let kept = from.filter(|f| f.at == *at && ext.start == old_ext.start);
+        for (slot, entry) in [(0, logical), (1, link)] {
+            let Some(entry) = entry else { continue };
+            let off = ENTRIES_AT + 16 * slot;
+            match kept {
+                Some(f) if Entry::decode(f.sector, off) == entry => {
+                    sector[off..off + 16].copy_from_slice(&f.sector[off..off + 16]);
+                }
+                _ => sector[off..off + 16].copy_from_slice(&entry.encode()),
+            }
+        }
+        sector[510] = 0x55;
+        sector[511] = 0xAA;
+        out.push((*at, sector));
+    }
+    Ok(out)
+}
+
+/// One EBR of a new chain: its byte offset, the source EBR it replaces, its logical partition
+/// on the new disk.
+type Placed<'a> = (u64, Option<&'a Ebr<'a>>, Option<&'a Partition>);
+
+/// Where the EBRs of `new` go (see [`write_chain`]), checked: in order, inside the extended
+/// partition `ext`, each before its logical partition, none over another partition.
+fn placed<'a>(source: &'a [Ebr<'a>], new: &'a Table, ext: &Partition) -> Result<Vec<Placed<'a>>> {
+    let name = new.name().display();
+    let ss = u64::from(new.sector_size);
+    let mut ebrs: Vec<Placed<'a>> = Vec::new();
+    for e in source {
+        let Some(was) = e.logical else { continue };
+        let Some(p) = new.partitions.iter().find(|p| p.number == was.number) else { continue };
+        let at = p
+            .start
+            .checked_sub(was.start.saturating_sub(e.at))
+            .ok_or_else(|| Error::usage(format!("{name}: no room for the EBR of {} before it", p.describe())))?;
+        ebrs.push((at, Some(e), Some(p)));
+    }
+    if ebrs.first().is_none_or(|first| first.0 != ext.start) {
+        ebrs.insert(0, (ext.start, source.first(), None));
+    }
+    let mut free = ext.start;
+    for (at, _, p) in &ebrs {
+        if *at < free || at + ss > ext.end() {
+            return Err(Error::usage(format!(
+                "{name}: an EBR at byte offset {at} would lie outside extended {} or over the partition before it",
+                ext.describe()
+            )));
+        }
+        free = at + ss;
+        if let Some(p) = p {
+            if p.start < free || p.end() > ext.end() {
+                return Err(Error::usage(format!(
+                    "{name}: logical {} would not lie inside extended {} after its EBR at byte offset {at}",
+                    p.describe(),
+                    ext.describe()
+                )));
+            }
+            free = p.end();
+        }
+    }
+    if let Some(p) =
+        new.partitions.iter().find(|p| p.number <= 4 && !p.is_extended() && p.start < ext.end() && p.end() > ext.start)
+    {
+        return Err(Error::usage(format!(
+            "{name}: primary {} would lie inside extended {}",
+            p.describe(),
+            ext.describe()
+        )));
+    }
+    Ok(ebrs)
 }

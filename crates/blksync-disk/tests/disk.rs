@@ -484,3 +484,95 @@ proptest! {
         blksync_disk::exercise(&bytes);
     }
 }
+
+/// An 8 MiB DOS disk laid out at MiB boundaries, so that plans onto other sizes move its
+/// logical partitions: 1 [1, 2) MiB; 2 extended [2, 7) MiB holding 5 (1 sector after its EBR),
+/// 6 (63 sectors after it, linked with type 0x0F), 7 (1 MiB after it); 3 [7, 8) MiB. Its bytes
+/// and the byte offsets of sector 0 and the three EBRs.
+fn moving_dos_disk() -> (Vec<u8>, [usize; 4]) {
+    const S: u32 = 2048;
+    let mut bytes = vec![0u8; 8 * MIB as usize];
+    let sectors = [
+        (0, dos_sector(&[(0, 0x83, S, S), (0, 0x05, 2 * S, 5 * S), (0, 0x83, 7 * S, S)])),
+        (2 * S, dos_sector(&[(0, 0x83, 1, S - 1), (0, 0x05, S, S)])),
+        (3 * S, dos_sector(&[(0, 0x82, 63, S - 63), (0, 0x0F, 2 * S, 3 * S)])),
+        (4 * S, dos_sector(&[(0, 0x07, S, 2 * S)])),
+    ];
+    for (lba, sector) in &sectors {
+        let at = *lba as usize * 512;
+        bytes[at..at + 512].copy_from_slice(sector);
+    }
+    (bytes, sectors.map(|(lba, _)| lba as usize * 512))
+}
+
+/// Every partition of `table` (read from `bytes`) grown onto disks of `sizes`: each accepted
+/// plan is written into a file, and `sfdisk -J` must show the planned partitions (numbers,
+/// types, starts, sizes, the disk signature) and `sfdisk -V` find no error. The plans made.
+fn plans_checked_by_sfdisk(dir: &Path, table: &Table, bytes: &[u8], sizes: &[u64]) -> usize {
+    let mut made = 0;
+    for grow in table.partitions.iter().filter(|p| !p.is_extended()).map(|p| p.number) {
+        for &size in sizes {
+            let Ok(places) = blksync_disk::layout::plan(table, size, grow) else { continue };
+            let path = image(dir, &format!("g{grow}-{size}.img"), size);
+            let writes = table.rebuilt(size, &places).unwrap();
+            let n = bytes.len().min(size as usize);
+            apply(&path, &[(0, bytes[..n].to_vec())]);
+            apply(&path, &writes);
+            let new = read_path(&path, None);
+            assert!(new.warnings.is_empty(), "{:?}", new.warnings);
+            assert_matches_sfdisk(&new, &path);
+            for q in &places {
+                let p = new.partitions.iter().find(|p| p.number == q.number).unwrap();
+                assert_eq!((p.start, p.len), (q.start, q.len), "grow {grow} onto {size}: partition {}", q.number);
+            }
+            assert_eq!(new.partitions.len(), table.partitions.len());
+            assert_eq!(new.scheme, table.scheme, "disk signature");
+            let verify = run("sfdisk", &["-V", path.to_str().unwrap()], "");
+            assert!(verify.contains("No errors detected"), "grow {grow} onto {size}: {verify}");
+            made += 1;
+        }
+    }
+    made
+}
+
+#[test]
+fn dos_plans_that_move_logical_partitions_are_read_by_sfdisk_as_planned() {
+    if !have("sfdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, _) = moving_dos_disk();
+    let table = read(&Memory::with_bytes("moving.img", bytes.clone()), None).unwrap().unwrap();
+    let numbers: Vec<u32> = table.partitions.iter().map(|p| p.number).collect();
+    assert_eq!(numbers, [1, 2, 3, 5, 6, 7]);
+    let made = plans_checked_by_sfdisk(dir.path(), &table, &bytes, &[7 * MIB, 8 * MIB, 16 * MIB, 64 * MIB]);
+    assert!(made >= 12, "{made} plans");
+    // As sfdisk lays out Debian's default (1 root, 2 extended, 5 swap), and with two logicals.
+    for script in
+        ["label: dos\nlabel-id: 0x1234abcd\n,40M,83,*\n,,5\n,,82\n", "label: dos\n,8M,83\n,,5\n,16M,83\n,,82\n"]
+    {
+        let path = image(dir.path(), "sfdisk.img", 64 * MIB);
+        run("sfdisk", &["-q", path.to_str().unwrap()], script);
+        let table = read_path(&path, None);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(plans_checked_by_sfdisk(dir.path(), &table, &bytes, &[48 * MIB, 64 * MIB, 256 * MIB]) >= 5);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// [`moving_dos_disk`] with random bytes in the entries of sector 0 and of the EBRs: an
+    /// error or a table, never a panic; every accepted plan reads back as planned with no
+    /// write on a partition (`blksync_disk::exercise`).
+    #[test]
+    fn mutated_dos_chains_that_move_never_panic(
+        flips in proptest::collection::vec((0usize..4, 446usize..512, any::<u8>()), 0..6),
+    ) {
+        let (mut bytes, sectors) = moving_dos_disk();
+        for (which, offset, value) in flips {
+            bytes[sectors[which] + offset] = value;
+        }
+        blksync_disk::exercise(&bytes);
+    }
+}

@@ -427,9 +427,11 @@ fn disk_jobs(
     }
     let target = open_dest(dst, o.force)?;
     let mut written = copy_differing(src_disk, &*target, table_end.min(head), head)?;
-    // A DOS extended partition never moves (the plan refuses it): its EBR chain, outside the
-    // logical partitions, is copied in place, so that DST#5 and on are found before their sync.
-    for ext in table.partitions.iter().filter(|p| p.is_extended()) {
+    // A DOS extended partition that stays as it is, with its logicals: its EBR chain (all of it
+    // outside the logical partitions) is copied in place, so that DST#5 and on are found before
+    // their sync. One that moves or changes size gets a new chain, which is in `writes`.
+    let chain_moves = layout::moves_ebr_chain(table, &places);
+    for ext in table.partitions.iter().filter(|p| p.is_extended() && !chain_moves) {
         let mut logicals: Vec<&Partition> = table
             .partitions
             .iter()
@@ -442,6 +444,8 @@ fn disk_jobs(
             at = at.max(p.1);
         }
     }
+    // The new EBRs before sector 0 (`rebuilt` puts it last), so that an interrupted commit
+    // never leaves sector 0 pointing at a chain that is not there yet.
     for (at, bytes) in &writes {
         written += write_differing(&*target, *at, bytes)?;
     }
