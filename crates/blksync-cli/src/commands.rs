@@ -208,6 +208,7 @@ pub fn clone(args: &crate::args::CloneArgs, cancel: &AtomicBool) -> Result<Outco
             summary.destination,
             format_size(summary.bytes_written),
             match (summary.table.as_deref(), summary.table_written) {
+                (Some(_), _) if summary.table_kept => "; the destination's DOS table holds the source's partitions, each at least as large, and was kept: only the boot code came from the source".to_string(),
                 (Some(t), true) => format!("; {} table and boot gap written", t.to_uppercase()),
                 (Some(t), false) => format!("; {} table and boot gap already in place", t.to_uppercase()),
                 (None, _) => String::new(),

@@ -272,6 +272,79 @@ fn dos_disk(disk: &Path, dir: &Path) -> (Vec<u8>, Vec<u8>) {
     (boot, gap)
 }
 
+/// bsync's 446/512 rule: a destination whose DOS table already holds the source's partitions
+/// (same numbers, starts, types, each at least as large) keeps it, and each partition fills the
+/// destination's; one without such a table gets the source's, fitted. Either way the gap
+/// between two partitions that keep their place is copied.
+#[test]
+fn a_dos_destination_with_a_compatible_table_keeps_it_and_gaps_between_partitions_are_copied() {
+    if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "blkid", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    write_file(&src, &random_bytes(64 * MIB, 30));
+    let s = src.to_str().unwrap();
+    // 1 at 1 MiB (16 MiB), a 1 MiB gap of known bytes, 2 at 18 MiB to the end.
+    tool_in(
+        "sfdisk",
+        &["-q", s],
+        "label: dos\nlabel-id: 0x12345678\nstart=2048,size=32768,type=83\nstart=36864,type=83\n",
+    );
+    let boot = random_bytes(440, 31);
+    patch(&src, 0, &boot);
+    let gap = random_bytes(MIB, 32);
+    patch(&src, 17 * MIB as u64, &gap);
+    for (n, label) in [(1, "boot"), (2, "root")] {
+        let (_, len, _) = part(&src, n);
+        let fs = dir.path().join(format!("p{n}.fs"));
+        ext4(&fs, len as usize, label);
+        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+    }
+
+    // A destination partitioned by hand: the same starts, 2 larger (70 MiB) but not to the
+    // end of the disk, another signature.
+    let kept = dir.path().join("kept.img");
+    write_file(&kept, &random_bytes(100 * MIB, 33));
+    let k = kept.to_str().unwrap();
+    tool_in(
+        "sfdisk",
+        &["-q", k],
+        "label: dos\nlabel-id: 0xdeadbeef\nstart=2048,size=32768,type=83\nstart=36864,size=143360,type=83\n",
+    );
+    let json = clone_json(&[s, k]);
+    assert_eq!(json["table_kept"], true, "{json}");
+    let actions: Vec<&str> =
+        json["partitions"].as_array().unwrap().iter().map(|p| p["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["copied", "grown"], "{json}");
+    let (start2, len2, uuid2) = part(&kept, 2);
+    assert_eq!((start2, len2), (18 * MIB as u64, 70 * MIB as u64), "the destination's table was not kept");
+    // The source's boot code and signature: PARTUUIDs are the source's.
+    assert_eq!(uuid2, part(&src, 2).2);
+    let head = read(&kept);
+    assert_eq!(head[..440], boot[..]);
+    assert_eq!(head[17 * MIB..18 * MIB], gap[..], "the gap between the partitions");
+    let root = extract(&kept, 2, dir.path());
+    assert_fs(&root, len2);
+    assert_eq!(blkid(&root).2, "root");
+    // A rerun writes only the few blocks resize2fs stamps anew (superblocks, descriptors).
+    let again = clone_json(&[s, k]);
+    assert!(again["bytes_written"].as_u64().unwrap() < MIB as u64, "{again}");
+    assert_eq!(again["table_kept"], true, "{again}");
+
+    // Junk instead of a table: the source's table, fitted, the last partition grown to the end;
+    // the gap still copied.
+    let fitted = dir.path().join("fitted.img");
+    write_file(&fitted, &random_bytes(100 * MIB, 34));
+    let f = fitted.to_str().unwrap();
+    let json = clone_json(&[s, f]);
+    assert_eq!(json["table_kept"], false, "{json}");
+    let (start2, len2, _) = part(&fitted, 2);
+    assert_eq!(start2 + len2, 100 * MIB as u64);
+    assert_eq!(read(&fitted)[17 * MIB..18 * MIB], gap[..], "the gap between the partitions");
+    assert_fs(&extract(&fitted, 2, dir.path()), len2);
+}
+
 #[test]
 fn a_dos_disk_grows_and_shrinks_its_last_partition_keeping_boot_code_gap_and_partuuids() {
     if !have_all(&["sfdisk", "mke2fs", "debugfs", "e2fsck", "resize2fs", "blkid", "dumpe2fs"]) {

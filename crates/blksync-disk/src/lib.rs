@@ -197,6 +197,13 @@ impl Table {
         }
     }
 
+    /// Bytes 0..446 of sector 0 as read: a DOS disk's boot code, with the disk signature at
+    /// 440..444 (shorter only for a disk smaller than a sector).
+    #[must_use]
+    pub fn boot_code(&self) -> &[u8] {
+        &self.mbr[..self.mbr.len().min(crate::mbr::ENTRIES_AT)]
+    }
+
     /// The bytes that hold a DOS table, as read (byte offset, bytes): the partition entries and
     /// the `55 AA` of sector 0 (bytes 446..512) and every EBR of the chain, whole. Writing them
     /// back onto the disk restores this table and leaves the boot code, bytes 0..446 with the

@@ -90,6 +90,11 @@ pub struct CloneSummary {
     pub dry_run: bool,
     /// Whether the table and boot gap were written (they differed).
     pub table_written: bool,
+    /// bsync's 446/512 rule: the destination's DOS table already held the source's partitions
+    /// (the same numbers, starts and types, each at least as large) and was kept; each partition
+    /// was cloned into the destination's, and only the boot code came from the source.
+    #[serde(default)]
+    pub table_kept: bool,
     /// One entry per partition, in table order.
     pub partitions: Vec<PartReport>,
     /// Bytes written to the destination in all (table, boot gap and every partition's sync;
@@ -305,6 +310,7 @@ pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_
         table: src_table.as_ref().map(|t| t.label().to_string()),
         dry_run: o.dry_run,
         table_written: false,
+        table_kept: false,
         partitions: Vec::new(),
         bytes_written: 0,
         temp_dir: None,
@@ -316,8 +322,9 @@ pub fn clone_paths(src: &Path, dst: &Path, o: &CloneOptions, control: Control<'_
             control.observer.warn(w);
             warnings.push(w.clone());
         }
-        let (jobs, written) = disk_jobs(table, &*src_disk, (src, dst), o, &mut ctx)?;
+        let (jobs, written, kept) = disk_jobs(table, &*src_disk, (src, dst), o, &mut ctx)?;
         summary.table_written = written > 0;
+        summary.table_kept = kept;
         summary.bytes_written += written;
         jobs
     } else {
@@ -357,15 +364,17 @@ struct Ctx<'a> {
     control: Control<'a>,
 }
 
-/// A whole disk: plans the destination's table, prepares every partition's copy, then (the
-/// commit begins) writes the boot gap and the table. Returns the jobs and the bytes written.
+/// A whole disk: plans the destination's table (or keeps the destination's, by the 446/512
+/// rule), prepares every partition's copy, then (the commit begins) writes the boot gap, the
+/// gaps between partitions that keep their place, and the table. Returns the jobs, the bytes
+/// written, and whether the destination's table was kept.
 fn disk_jobs(
     table: &Table,
     src_disk: &dyn Source,
     (src, dst): (&Path, &Path),
     o: &CloneOptions,
     ctx: &mut Ctx<'_>,
-) -> Result<(Vec<Job>, u64)> {
+) -> Result<(Vec<Job>, u64, bool)> {
     if blksync_endpoint::partition::split(dst).is_some() {
         return Err(Error::usage(format!(
             "{} is a whole disk and {} a partition: clone a disk onto a disk, or name a partition of the source too (SRC#N)",
@@ -392,13 +401,30 @@ fn disk_jobs(
             ),
         ));
     }
-    let grow = match o.grow {
-        Some(n) => n,
-        None => layout::default_grow(table)
-            .ok_or_else(|| Error::usage(format!("{}: the table has no partition", src.display())))?,
+    // bsync's 446/512 rule: a DOS destination whose table already holds the source's
+    // partitions, each at least as large, keeps it (unless --grow asks for a new layout); each
+    // partition fills the destination's, and only the boot code (with the disk signature, so
+    // PARTUUIDs stay) is written to sector 0.
+    let kept = match (&table.scheme, o.grow) {
+        (blksync_disk::Scheme::Dos { .. }, None) => {
+            let d = crate::endpoint::open_source(dst)?;
+            blksync_disk::read(&*d, dst_sector).ok().flatten().filter(|t| blksync_disk::dos_compatible(table, t))
+        }
+        _ => None,
     };
-    let places = layout::plan(table, dst_size, grow)?;
-    let writes = table.rebuilt(dst_size, &places)?;
+    let (places, writes) = if let Some(dest) = &kept {
+        let places = dest.partitions.iter().map(|p| Place { number: p.number, start: p.start, len: p.len }).collect();
+        (places, vec![(0, table.boot_code().to_vec())])
+    } else {
+        let grow = match o.grow {
+            Some(n) => n,
+            None => layout::default_grow(table)
+                .ok_or_else(|| Error::usage(format!("{}: the table has no partition", src.display())))?,
+        };
+        let places = layout::plan(table, dst_size, grow)?;
+        let writes = table.rebuilt(dst_size, &places)?;
+        (places, writes)
+    };
     let mut jobs = Vec::new();
     for p in table.partitions.iter().filter(|p| !p.is_extended()) {
         let place = places.iter().find(|q| q.number == p.number).copied().unwrap_or(Place {
@@ -423,14 +449,18 @@ fn disk_jobs(
         blksync_disk::Scheme::Dos { .. } => u64::from(table.sector_size),
     };
     if o.dry_run {
-        return Ok((jobs, 0));
+        return Ok((jobs, 0, kept.is_some()));
     }
     let target = open_dest(dst, o.force)?;
     let mut written = copy_differing(src_disk, &*target, table_end.min(head), head)?;
+    for (from, to) in kept_gaps(table, &places, layout::usable_end(table, dst_size)) {
+        written += copy_differing(src_disk, &*target, from, to)?;
+    }
     // A DOS extended partition that stays as it is, with its logicals: its EBR chain (all of it
     // outside the logical partitions) is copied in place, so that DST#5 and on are found before
-    // their sync. One that moves or changes size gets a new chain, which is in `writes`.
-    let chain_moves = layout::moves_ebr_chain(table, &places);
+    // their sync. One that moves or changes size gets a new chain, which is in `writes`; a kept
+    // destination table keeps its own.
+    let chain_moves = kept.is_some() || layout::moves_ebr_chain(table, &places);
     for ext in table.partitions.iter().filter(|p| p.is_extended() && !chain_moves) {
         let mut logicals: Vec<&Partition> = table
             .partitions
@@ -450,7 +480,33 @@ fn disk_jobs(
         written += write_differing(&*target, *at, bytes)?;
     }
     target.flush()?;
-    Ok((jobs, written))
+    Ok((jobs, written, kept.is_some()))
+}
+
+/// The gaps between top-level partitions (primaries, and a DOS extended partition as a whole)
+/// that stay where they were: those whose neighbours both keep their place, the one before
+/// ending where it did and the one after starting where it did. They are copied like the boot
+/// gap; a gap next to a partition that moved or grew has no place to go. Nothing past
+/// `usable_end` (a GPT's backup entries) is a gap.
+fn kept_gaps(table: &Table, places: &[Place], usable_end: u64) -> Vec<(u64, u64)> {
+    let place = |p: &Partition| places.iter().find(|q| q.number == p.number);
+    let mut top: Vec<&Partition> = table
+        .partitions
+        .iter()
+        .filter(|p| {
+            p.is_extended()
+                || !table.partitions.iter().any(|e| e.is_extended() && e.start <= p.start && p.end() <= e.end())
+        })
+        .collect();
+    top.sort_by_key(|p| p.start);
+    top.windows(2)
+        .filter(|w| w[0].end() < w[1].start && w[1].start <= usable_end)
+        .filter(|w| {
+            place(w[0]).is_some_and(|q| q.start + q.len == w[0].end())
+                && place(w[1]).is_some_and(|q| q.start == w[1].start)
+        })
+        .map(|w| (w[0].end(), w[1].start))
+        .collect()
 }
 
 /// Decides (and, for a filesystem or swap area of another size, builds) one partition's copy.
