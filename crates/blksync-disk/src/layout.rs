@@ -210,12 +210,21 @@ fn no_room(table: &Table, disk_size: u64, grow: u32) -> Error {
     let lead = |n: u32| Extended::of(table).map_or(0, |x| x.lead(n));
     let need: u64 =
         table.partitions.iter().filter(|p| p.start > g && !p.is_extended()).map(|p| p.len + lead(p.number)).sum();
+    let end = usable_end(table, disk_size);
+    if g >= end {
+        return Error::new(
+            ErrorKind::SizeMismatch,
+            format!(
+                "{}: partition {grow}, the one that takes the room (with --grow, or by default the one that ends last), starts at byte {g}, and a disk of {disk_size} bytes must hold its partitions before byte {end}: name one that starts earlier with --grow N",
+                table.name().display()
+            ),
+        );
+    }
     Error::new(
         ErrorKind::SizeMismatch,
         format!(
-            "{}: partition {grow} starts at byte {g} and the partitions after it need {need} bytes with their EBRs, each start aligned to 1 MiB: no room for them on a disk of {disk_size} bytes, whose partitions must end by byte {}",
-            table.name().display(),
-            usable_end(table, disk_size)
+            "{}: partition {grow} starts at byte {g} and the partitions after it need {need} bytes with their EBRs, each start aligned to 1 MiB: no room for them on a disk of {disk_size} bytes, whose partitions must end by byte {end}",
+            table.name().display()
         ),
     )
 }
