@@ -639,3 +639,52 @@ fn zero_by_unmap_writes_zeros_where_the_target_kept_blocks_mapped() {
     assert_eq!(disk[..4096], pattern(MIB as usize, 12)[..4096]);
     assert_eq!(disk[4096 + (512 << 10)..MIB as usize], pattern(MIB as usize, 12)[4096 + (512 << 10)..]);
 }
+
+/// Ctrl-C during a sync onto a LUN (the engine's cancel flag): what was written is made durable
+/// with SYNCHRONIZE CACHE after the last write, and closing logs out; nothing is sent after.
+#[test]
+fn an_interrupted_sync_onto_a_lun_synchronizes_its_cache_then_logs_out() {
+    let cancel = std::sync::Arc::new(AtomicBool::new(false));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let (stop, seen) = (std::sync::Arc::clone(&cancel), std::sync::Arc::clone(&log));
+    let mut writes = 0;
+    let hook: support::Hook = Box::new(move |p, _, _| {
+        // What the initiator sent, in order: a CDB's opcode, or 0x46 for a Logout Request.
+        match p.opcode() {
+            opcode::SCSI_COMMAND => seen.lock().unwrap().push(p.bhs[32]),
+            opcode::LOGOUT_REQUEST => seen.lock().unwrap().push(0x46),
+            _ => {}
+        }
+        if p.opcode() == opcode::SCSI_COMMAND && p.bhs[32] == 0x8A {
+            writes += 1;
+            // The event: the sync is under way (4 commands of 256 KiB arrived).
+            if writes == 4 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        false
+    });
+    let (url, disk, handle) = mini_target(Lun { blocks: 32768, block_size: 512, thin_unmap: false }, hook);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let data = pattern(16 * MIB as usize, 13);
+    std::fs::write(&src, &data).unwrap();
+    let source = blksync::endpoint::local::Local::open_source(&src).unwrap();
+    let lun = open(&url, true).unwrap();
+    let options = blksync::sync::SyncOptions { threads: 2, ..Default::default() };
+    let control = blksync::progress::Control { observer: &blksync::progress::Silent, cancel: &cancel };
+    let e = blksync::sync::sync(&source, &lun, false, &options, control).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+    assert!(lun.logout(), "the target confirmed the logout");
+    Box::new(lun).close().unwrap();
+    handle.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    let last_write = log.iter().rposition(|&op| op == 0x8A).unwrap();
+    let flush = log.iter().rposition(|&op| op == 0x91).expect("a SYNCHRONIZE CACHE(16)");
+    assert!(flush > last_write, "the cache is synchronised after the last write: {log:x?}");
+    assert_eq!(log.last(), Some(&0x46), "the logout comes last: {log:x?}");
+    // What the engine says is done is on the LUN.
+    let text = e.to_string();
+    let done: usize = text.split("the first ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    assert!(disk.lock().unwrap()[..done] == data[..done], "{text}");
+}
