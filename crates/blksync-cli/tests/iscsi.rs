@@ -94,6 +94,14 @@ impl Tgtd {
     }
 }
 
+impl Tgtd {
+    /// Sends `signal` to tgtd (`STOP`, `CONT`).
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid.to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal} tgtd");
+    }
+}
+
 impl Drop for Tgtd {
     fn drop(&mut self) {
         // A test that failed while tgtd was stopped must not leave the lab's tgtadm hanging.
@@ -106,6 +114,21 @@ impl Drop for Tgtd {
 fn interrupt(child: std::process::Child) -> std::process::Output {
     let status = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
     assert!(status.success());
+    child.wait_with_output().unwrap()
+}
+
+/// Waits for `child` to end by itself; a child still running after `limit` is killed and the
+/// test fails (a hang, not a slow machine: the limit is generous).
+#[track_caller]
+fn wait_for(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after {limit:?}: {:?}", child.wait_with_output().map(|o| o.stderr_text()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     child.wait_with_output().unwrap()
 }
 
@@ -310,4 +333,78 @@ fn ctrl_c_during_a_sync_onto_a_lun_logs_out_and_a_rerun_completes_it() {
     ok(&["sync", "-q", s, &lun.url]);
     assert_same(&lun.file, &src);
     ok(&["compare", "-q", s, &lun.url]);
+}
+
+/// tgtd stopped (SIGSTOP) mid-transfer: with `?timeout=2` the sync gives up on it, pinging it
+/// first, and fails naming the portal, the target and the offset; once tgtd runs again, a rerun
+/// completes the copy.
+#[test]
+fn a_target_that_stops_answering_times_out_naming_portal_target_and_offset() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun.img");
+    write_file(&image, &random_bytes(64 * MIB, 8));
+    let lun = Tgtd::start(dir.path(), "stopped-source", &["--file", image.to_str().unwrap()]);
+    let copy = dir.path().join("copy.img");
+    let url = format!("{}?timeout=2", lun.url);
+    let mut child = blksync()
+        .args(["sync", "--bwlimit", "16M", "--progress=none", &url, copy.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(&mut child, "a session and 4 MiB copied", || {
+        lun.has_session() && copy.exists() && allocated(&copy) >= 4 * MIB as u64
+    });
+    lun.signal("STOP");
+    let out = wait_for(child, Duration::from_secs(120));
+    lun.signal("CONT");
+    let err = out.stderr_text();
+    assert_eq!(out.code(), 8, "{err}");
+    assert!(err.contains("no answer from the target for 2 s"), "{err}");
+    assert!(
+        err.contains(&lun.portal) && err.contains("iqn.2024-01.lab.test:disk") && err.contains("at byte offset"),
+        "{err}"
+    );
+    lun.wait_until_no_session();
+    ok(&["sync", "-q", &url, copy.to_str().unwrap()]);
+    assert_same(&copy, &image);
+}
+
+/// The same onto a LUN, where the initiator may be blocked sending (tgtd reads nothing while
+/// stopped): the silence of the target still ends the run.
+#[test]
+fn a_target_that_stops_answering_during_writes_times_out() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lun = Tgtd::start(dir.path(), "stopped-target", &["--size", "64M"]);
+    let src = dir.path().join("src.img");
+    write_file(&src, &random_bytes(64 * MIB, 9));
+    let s = src.to_str().unwrap();
+    let url = format!("{}?timeout=2", lun.url);
+    let mut child = blksync()
+        .args(["sync", "--bwlimit", "16M", "--progress=none", s, &url])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(&mut child, "a session and 4 MiB on the LUN", || {
+        lun.has_session() && allocated(&lun.file) >= 4 * MIB as u64
+    });
+    lun.signal("STOP");
+    let out = wait_for(child, Duration::from_secs(120));
+    lun.signal("CONT");
+    let err = out.stderr_text();
+    assert_eq!(out.code(), 8, "{err}");
+    assert!(
+        err.contains("no answer from the target for 2 s")
+            && err.contains(&lun.portal)
+            && err.contains("at byte offset"),
+        "{err}"
+    );
+    lun.wait_until_no_session();
+    ok(&["sync", "-q", s, &url]);
+    assert_same(&lun.file, &src);
 }

@@ -65,8 +65,8 @@ impl Iscsi {
         let address = crate::address::parse(address)?;
         let credentials = Credentials::gather(&address, options)?;
         let what = address.to_string();
-        let stream = login::connect(address.host(), address.port(), &what)?;
-        let mut link = Link::new(stream, address.portal(), what.clone());
+        let stream = login::connect(address.host(), address.port(), &what, options.timeout)?;
+        let mut link = Link::new(stream, address.portal(), what.clone(), options.timeout);
         let initiator = options.initiator();
         let who = Login {
             initiator: &initiator,
@@ -81,7 +81,7 @@ impl Iscsi {
             }
             Err(e) => return Err(e),
         };
-        let session = Session::start(link, terms, options.queue_depth)
+        let session = Session::start(link, terms, options.queue_depth, options.timeout)
             .map_err(|e| Error::io("starting the threads of the iSCSI session with", Path::new(&what), None, e))?;
         let mut endpoint = Iscsi {
             name: PathBuf::from(&what),

@@ -15,18 +15,24 @@
 //! the socket and a target blocked on a full send buffer cannot deadlock against us. Commands
 //! are numbered and queued in one step under the state lock, so they reach the target in `CmdSN`
 //! order. When the reader stops (end of file, an error, a protocol violation), every task in
-//! flight fails with the cause, and so does every later command: nothing waits forever.
+//! flight fails with the cause, and so does every later command.
+//!
+//! Nothing waits forever on a target that stops answering either: the reader wakes every tick
+//! (a socket read timeout) while the socket is silent; with commands outstanding and nothing
+//! heard for half the session's timeout it sends a NOP-Out ping (ITT ≠ 0xffffffff, which the
+//! target must answer with a NOP-In), and after the whole timeout it ends the session.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::login::{Link, Negotiated};
+use crate::login::{Link, Negotiated, seconds};
 use crate::pdu::{self, Digests, Pdu, RESERVED_TAG, WireError, flag, opcode};
 use crate::scsi::Cdb;
 
@@ -37,6 +43,8 @@ const MAX_SENSE: usize = 252;
 /// Bytes of read buffers kept for reuse: a fresh 256 KiB buffer is an `mmap` and 64 page
 /// faults, which cost more CPU than the network copy on a fast link.
 const POOL_BYTES: usize = 16 << 20;
+/// The longest the reader sleeps on a silent socket before it looks at the clock.
+const MAX_TICK: Duration = Duration::from_secs(1);
 /// The reader's buffer: small, so that a large Data-In segment is read from the socket straight
 /// into the task's buffer (`BufReader` bypasses itself for reads larger than it), while the
 /// 48-byte headers still come a few per system call.
@@ -113,6 +121,28 @@ struct State {
     tasks: HashMap<u32, Task>,
     dead: Option<Cause>,
     logout: Option<(u32, Sender<bool>)>,
+    /// The ITT of our NOP-Out ping while its NOP-In is awaited.
+    ping: Option<u32>,
+    /// The reader holds a task out of the table while it reads its Data-In.
+    receiving: bool,
+}
+
+impl State {
+    /// A free Initiator Task Tag (never the reserved one, never one in flight).
+    fn new_itt(&mut self) -> u32 {
+        loop {
+            let itt = self.next_itt;
+            self.next_itt = self.next_itt.wrapping_add(1);
+            if itt != RESERVED_TAG && !self.tasks.contains_key(&itt) && self.ping != Some(itt) {
+                break itt;
+            }
+        }
+    }
+
+    /// Whether the target owes us an answer.
+    fn outstanding(&self) -> bool {
+        !self.tasks.is_empty() || self.logout.is_some() || self.receiving
+    }
 }
 
 struct Shared {
@@ -122,6 +152,13 @@ struct Shared {
     socket: TcpStream,
     terms: Negotiated,
     pool: Mutex<Vec<Vec<u8>>>,
+    /// How long the target may be silent while it owes us an answer.
+    timeout: Duration,
+    /// The clock of `heard`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` when bytes last came from the target, or when it began to owe
+    /// us an answer after a quiet spell.
+    heard: AtomicU64,
 }
 
 impl Shared {
@@ -149,6 +186,52 @@ impl Shared {
         self.queue(Out::Stop);
     }
 
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Something came from the target (or the silence starts counting from now).
+    fn heard(&self) {
+        self.heard.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The socket has been silent for a tick: with answers owed, a ping after half the timeout,
+    /// and after all of it the cause that ends the session.
+    fn silence(&self) -> Option<Cause> {
+        let mut state = self.lock();
+        if state.dead.is_some() {
+            return None;
+        }
+        if !state.outstanding() {
+            // Idle is not silence: the engine may be busy elsewhere for as long as it likes.
+            self.heard();
+            return None;
+        }
+        let quiet = self.now().saturating_sub(self.heard.load(Ordering::Relaxed));
+        let timeout = self.timeout.as_millis() as u64;
+        if quiet >= timeout {
+            return Some(Cause::Connection(format!(
+                "no answer from the target for {}, not even to a NOP-Out ping; ?timeout=SECONDS in the address waits longer",
+                seconds(self.timeout)
+            )));
+        }
+        if quiet >= timeout / 2 && state.ping.is_none() {
+            // RFC 7143 §11.18: a NOP-Out with a task tag asks for a NOP-In with the same tag;
+            // immediate, so that a closed CmdSN window does not hold it back.
+            let itt = state.new_itt();
+            let mut ping = Pdu::new(opcode::NOP_OUT);
+            ping.set_immediate();
+            ping.bhs[1] = flag::FINAL;
+            ping.set_u32(16, itt);
+            ping.set_u32(20, RESERVED_TAG);
+            ping.set_u32(24, state.cmd_sn);
+            ping.set_u32(28, state.exp_stat_sn);
+            state.ping = Some(itt);
+            self.queue(Out::Pdu { header: pdu::header(&ping.bhs, 0, self.terms.digests), data: None });
+        }
+        None
+    }
+
     /// Takes `ExpCmdSN`/`MaxCmdSN` from a target PDU (RFC 7143 §4.2.2.1: only a sane pair, and
     /// `MaxCmdSN` only forwards).
     fn window(state: &mut State, pdu: &Pdu) -> bool {
@@ -161,6 +244,39 @@ impl Shared {
     }
 }
 
+/// The reader's side of the socket: notes when bytes arrive, and while none do, wakes every
+/// tick to ping the target or give up on it ([`Shared::silence`]). A tick never reaches the
+/// PDU decoder, so a timeout in the middle of a PDU does not lose its place.
+struct Watched {
+    stream: TcpStream,
+    shared: Arc<Shared>,
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.shared.heard();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if let Some(cause) = self.shared.silence() {
+                        self.shared.die(cause);
+                        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the target went silent"));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+type Input = BufReader<Watched>;
+
 /// One session in the full feature phase.
 pub(crate) struct Session {
     shared: Arc<Shared>,
@@ -169,9 +285,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Starts the reader and writer threads on a logged-in link.
-    pub(crate) fn start(link: Link, terms: Negotiated, depth: usize) -> std::io::Result<Session> {
-        link.stream.set_read_timeout(None)?;
+    /// Starts the reader and writer threads on a logged-in link. `timeout`: how long the
+    /// target may be silent while it owes an answer.
+    pub(crate) fn start(link: Link, terms: Negotiated, depth: usize, timeout: Duration) -> std::io::Result<Session> {
+        let timeout = timeout.max(Duration::from_millis(4));
+        link.stream.set_read_timeout(Some((timeout / 4).min(MAX_TICK)))?;
         let reading = link.stream.try_clone()?;
         let writing = link.stream.try_clone()?;
         let (tx, rx) = channel();
@@ -183,6 +301,8 @@ impl Session {
             tasks: HashMap::new(),
             dead: None,
             logout: None,
+            ping: None,
+            receiving: false,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -191,6 +311,9 @@ impl Session {
             socket: link.stream,
             terms,
             pool: Mutex::new(Vec::new()),
+            timeout,
+            epoch: Instant::now(),
+            heard: AtomicU64::new(0),
         });
         let for_writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -198,7 +321,8 @@ impl Session {
             .spawn(move || write_loop(&for_writer, BufWriter::with_capacity(256 << 10, writing), &rx))?;
         let for_reader = Arc::clone(&shared);
         let reader = std::thread::Builder::new().name("iscsi-reader".into()).spawn(move || {
-            let mut input = BufReader::with_capacity(READ_BUFFER, reading);
+            let watched = Watched { stream: reading, shared: Arc::clone(&for_reader) };
+            let mut input = BufReader::with_capacity(READ_BUFFER, watched);
             let cause = loop {
                 if let Err(cause) = read_one(&for_reader, &mut input) {
                     break cause;
@@ -230,13 +354,11 @@ impl Session {
             }
             state = self.shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
-        let itt = loop {
-            let itt = state.next_itt;
-            state.next_itt = state.next_itt.wrapping_add(1);
-            if itt != RESERVED_TAG && !state.tasks.contains_key(&itt) {
-                break itt;
-            }
-        };
+        if !state.outstanding() {
+            // The silence that counts starts now, not at the last answer before an idle spell.
+            self.shared.heard();
+        }
+        let itt = state.new_itt();
         let cmd_sn = state.cmd_sn;
         state.cmd_sn = state.cmd_sn.wrapping_add(1);
         let mut pdu = Pdu::new(opcode::SCSI_COMMAND);
@@ -325,8 +447,8 @@ impl Session {
         let mut confirmed = false;
         if state.dead.is_none() && state.logout.is_none() {
             let (tx, rx) = channel();
-            let itt = state.next_itt;
-            state.next_itt = state.next_itt.wrapping_add(1);
+            let itt = state.new_itt();
+            self.shared.heard();
             let mut req = Pdu::new(opcode::LOGOUT_REQUEST);
             req.set_immediate();
             req.bhs[1] = flag::FINAL;
@@ -425,7 +547,7 @@ fn wire(e: WireError) -> Cause {
 }
 
 /// Reads one PDU from the target and acts on it.
-fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cause> {
+fn read_one(shared: &Shared, input: &mut Input) -> Result<(), Cause> {
     let terms = shared.terms;
     let digests: Digests = terms.digests;
     let pdu = pdu::read_header(input, digests).map_err(wire)?;
@@ -478,6 +600,11 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
             Shared::window(&mut state, &pdu);
             state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
             let why = format!("the target rejected a PDU (reason {reason:#04x})");
+            if rejected.is_some() && rejected == state.ping {
+                // A target that refuses pings still answered: it is alive.
+                state.ping = None;
+                return Ok(());
+            }
             match rejected.and_then(|itt| state.tasks.remove(&itt)) {
                 Some(task) => {
                     let _ = task.tx.send(Err(Cause::Protocol(why)));
@@ -493,7 +620,7 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
 }
 
 /// A SCSI Response: status and sense complete the task.
-fn scsi_response(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+fn scsi_response(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     let itt = pdu.itt();
     let data = pdu::read_data(input, len, len, shared.terms.digests).map_err(wire)?;
     let sense = if data.len() >= 2 {
@@ -555,14 +682,23 @@ fn r2t(shared: &Shared, pdu: &Pdu, len: usize) -> Result<(), Cause> {
 }
 
 /// A NOP-In: a ping (a TTT) is answered; either way it may open the window.
-fn nop_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+fn nop_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     let itt = pdu.itt();
     let digests = shared.terms.digests;
     let data = pdu::read_data(input, len, len, digests).map_err(wire)?;
-    if itt != RESERVED_TAG {
-        return Err(protocol("a NOP-In answering a NOP-Out we never sent"));
-    }
     let mut state = shared.lock();
+    if itt != RESERVED_TAG {
+        // The answer to our ping (RFC 7143 §11.19: it carries, and advances, StatSN).
+        if state.ping != Some(itt) {
+            return Err(protocol("a NOP-In answering a NOP-Out we never sent"));
+        }
+        state.ping = None;
+        Shared::window(&mut state, pdu);
+        state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
+        drop(state);
+        shared.changed.notify_all();
+        return Ok(());
+    }
     let moved = Shared::window(&mut state, pdu);
     if pdu.ttt() != RESERVED_TAG {
         // A ping: answer with the same TTT and LUN, echoing its data.
@@ -586,7 +722,7 @@ fn nop_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usi
 }
 
 /// A Data-In PDU: its data straight into the task's buffer, in order and within its length.
-fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+fn data_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     let itt = pdu.itt();
     let flags = pdu.flags();
     if flags & flag::ACK != 0 {
@@ -597,11 +733,16 @@ fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: us
     }
     // The task is out of the table while its data is read (no lock held during I/O); on any
     // error it goes back, so that dying fails it with the others.
-    let mut task = shared
-        .lock()
-        .tasks
-        .remove(&itt)
-        .ok_or_else(|| protocol(format!("a Data-In for task {itt:#x}, which is not in flight")))?;
+    let mut task = {
+        let mut state = shared.lock();
+        let task = state
+            .tasks
+            .remove(&itt)
+            .ok_or_else(|| protocol(format!("a Data-In for task {itt:#x}, which is not in flight")))?;
+        // Still owed while it is out of the table: a target that stops mid-PDU times out.
+        state.receiving = true;
+        task
+    };
     let result = (|| {
         let Kind::Read { buf, received } = &mut task.kind else {
             return Err(protocol(format!("a Data-In for task {itt:#x}, which is no read")));
@@ -619,6 +760,7 @@ fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: us
         Ok(())
     })();
     let mut state = shared.lock();
+    state.receiving = false;
     if let Some(cause) = &state.dead {
         // The session died while the data was read (the writer failed): the task missed the
         // roll call of `die` and fails here.
@@ -672,7 +814,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let mut link = Link::new(client, "test".into(), "test".into());
+        let mut link = Link::new(client, "test".into(), "test".into(), Duration::from_secs(30));
         link.max_cmd_sn = 64;
         (link, server)
     }
@@ -716,7 +858,7 @@ mod tests {
                 }
                 bytes.extend(wire);
             }
-            let session = Session::start(link, terms(), 4).unwrap();
+            let session = Session::start(link, terms(), 4, Duration::from_secs(30)).unwrap();
             let feeder = std::thread::spawn(move || {
                 let _ = server.write_all(&bytes);
                 let _ = server.shutdown(Shutdown::Write);
@@ -742,7 +884,7 @@ mod tests {
     fn unsolicited_data_follows_immediate_data_when_initial_r2t_is_no() {
         let (link, mut server) = pair();
         let t = Negotiated { initial_r2t: false, first_burst: 16384, target_mrdsl: 4096, ..terms() };
-        let session = Session::start(link, t, 4).unwrap();
+        let session = Session::start(link, t, 4, Duration::from_secs(30)).unwrap();
         let target = std::thread::spawn(move || {
             let mut input = server.try_clone().unwrap();
             let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
@@ -787,7 +929,7 @@ mod tests {
     #[test]
     fn a_read_assembles_data_in_and_a_write_answers_r2t() {
         let (link, mut server) = pair();
-        let session = Session::start(link, terms(), 4).unwrap();
+        let session = Session::start(link, terms(), 4, Duration::from_secs(30)).unwrap();
         let target = std::thread::spawn(move || {
             let mut input = server.try_clone().unwrap();
             // The read: two Data-In, the second with status.
@@ -841,5 +983,92 @@ mod tests {
         assert_eq!(session.wait(&rx).unwrap().status, 0);
         drop(session);
         assert_eq!(target.join().unwrap(), data);
+    }
+
+    /// A target that takes a command and then says nothing: a NOP-Out ping (ITT ≠ 0xffffffff,
+    /// immediate, TTT 0xffffffff) goes out after half the timeout, and after the timeout the
+    /// command fails as a connection error that says so.
+    #[test]
+    fn a_silent_target_is_pinged_then_given_up_on() {
+        let (link, server) = pair();
+        let session = Session::start(link, terms(), 4, Duration::from_millis(200)).unwrap();
+        let target = std::thread::spawn(move || {
+            let mut input = server.try_clone().unwrap();
+            let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let ping = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let _ = input.read_to_end(&mut Vec::new());
+            (cmd, ping)
+        });
+        let rx = session.submit(scsi::lun_field(1), &scsi::read16(0, 8), Data::In(4096)).unwrap();
+        let Err(Cause::Connection(why)) = session.wait(&rx) else { panic!("the command did not time out") };
+        assert!(why.contains("no answer from the target for 0.2 s"), "{why}");
+        assert!(session.dead().is_some());
+        drop(session);
+        let (cmd, ping) = target.join().unwrap();
+        assert_eq!(ping.opcode(), opcode::NOP_OUT);
+        assert!(ping.bhs[0] & 0x40 != 0 && ping.flags() & flag::FINAL != 0, "immediate, final");
+        assert!(ping.itt() != RESERVED_TAG && ping.itt() != cmd.itt(), "a task tag of its own");
+        assert_eq!(ping.ttt(), RESERVED_TAG);
+    }
+
+    /// A target that answers every ping is alive, however long a command takes: the command
+    /// completes after three pings (each NOP-In advances `StatSN`, which the next PDU acknowledges).
+    #[test]
+    fn a_target_that_answers_pings_keeps_a_slow_command_alive() {
+        let (link, mut server) = pair();
+        let session = Session::start(link, terms(), 4, Duration::from_millis(100)).unwrap();
+        let target = std::thread::spawn(move || {
+            let mut input = server.try_clone().unwrap();
+            let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let mut acknowledged = Vec::new();
+            for stat_sn in 10..13u32 {
+                let ping = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+                assert_eq!(ping.opcode(), opcode::NOP_OUT);
+                acknowledged.push(ping.u32_at(28));
+                let mut pong = Pdu::new(opcode::NOP_IN);
+                pong.bhs[1] = flag::FINAL;
+                pong.set_u32(16, ping.itt());
+                pong.set_u32(20, RESERVED_TAG);
+                pong.set_u32(24, stat_sn);
+                pong.set_u32(28, 1);
+                pong.set_u32(32, 64);
+                server.write_all(&pong.encode(Digests::default())).unwrap();
+            }
+            let mut resp = Pdu::new(opcode::SCSI_RESPONSE);
+            resp.bhs[1] = flag::FINAL;
+            resp.set_u32(16, cmd.itt());
+            resp.set_u32(24, 13);
+            server.write_all(&resp.encode(Digests::default())).unwrap();
+            let _ = input.read_to_end(&mut Vec::new());
+            acknowledged
+        });
+        let rx = session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap();
+        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        drop(session);
+        let acknowledged = target.join().unwrap();
+        assert_eq!(acknowledged[1..], [11, 12], "ExpStatSN follows the NOP-Ins");
+    }
+
+    /// An idle session (nothing outstanding) is not a silent target, however long it lasts.
+    #[test]
+    fn an_idle_session_does_not_time_out() {
+        let (link, mut server) = pair();
+        let session = Session::start(link, terms(), 4, Duration::from_millis(40)).unwrap();
+        let target = std::thread::spawn(move || {
+            let mut input = server.try_clone().unwrap();
+            let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let mut resp = Pdu::new(opcode::SCSI_RESPONSE);
+            resp.bhs[1] = flag::FINAL;
+            resp.set_u32(16, cmd.itt());
+            server.write_all(&resp.encode(Digests::default())).unwrap();
+            let _ = input.read_to_end(&mut Vec::new());
+        });
+        // Idle for several timeouts: the engine busy elsewhere.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(session.dead().is_none());
+        let rx = session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap();
+        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        drop(session);
+        target.join().unwrap();
     }
 }
