@@ -408,3 +408,47 @@ fn a_target_that_stops_answering_during_writes_times_out() {
     ok(&["sync", "-q", s, &url]);
     assert_same(&lun.file, &src);
 }
+
+/// A thick LUN (no UNMAP, no WRITE SAME) of a target that wants every byte of a write on R2T
+/// (`InitialR2T=Yes`, `ImmediateData=No`) in small bursts: a sync onto it over old data, zeros
+/// included, leaves its backing file equal to the source, and back.
+#[test]
+fn a_sync_onto_a_thick_lun_that_takes_data_only_on_r2t_equals_the_source() {
+    if !have_tgtd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun.img");
+    write_file(&image, &random_bytes(32 * MIB, 10));
+    let lun = Tgtd::start(
+        dir.path(),
+        "r2t-only",
+        &[
+            "--file",
+            image.to_str().unwrap(),
+            "--param",
+            "InitialR2T=Yes",
+            "--param",
+            "ImmediateData=No",
+            "--param",
+            "MaxBurstLength=65536",
+            "--param",
+            "MaxRecvDataSegmentLength=16384",
+            "--lun-params",
+            "thin_provisioning=0",
+        ],
+    );
+    let src = dir.path().join("src.img");
+    let mut data = random_bytes(32 * MIB, 11);
+    data[4 * MIB..9 * MIB].fill(0);
+    write_file(&src, &data);
+    let s = src.to_str().unwrap();
+    let j = ok(&["sync", "--json", "--progress=none", s, &lun.url]).json();
+    assert_eq!(j["bytes_zeroed"], 5 * MIB as u64, "{j}");
+    assert_same(&image, &src);
+    let back = dir.path().join("back.img");
+    ok(&["sync", "-q", &lun.url, back.to_str().unwrap()]);
+    assert_same(&back, &src);
+    let again = ok(&["sync", "--json", "--progress=none", s, &lun.url]).json();
+    assert_eq!((again["bytes_written"].as_u64(), again["bytes_zeroed"].as_u64()), (Some(0), Some(0)), "{again}");
+}

@@ -188,6 +188,57 @@ fn digests_the_target_insists_on_are_used() {
     }
 }
 
+/// Every way tgtd can be told to take a write's data, against its backing file: all of it on
+/// R2T (`InitialR2T=Yes`, `ImmediateData=No`), unsolicited Data-Out without immediate data
+/// (`InitialR2T=No`, `ImmediateData=No`), and immediate plus unsolicited data
+/// (`InitialR2T=No`, `ImmediateData=Yes`); small bursts and PDUs, so that a command takes several
+/// R2Ts and each R2T several Data-Out PDUs; a thick LUN (`thin_provisioning=0`: no UNMAP, no
+/// WRITE SAME), so that zeros are written too.
+#[test]
+fn writes_reach_the_backing_file_however_tgtd_takes_their_data() {
+    require_tgtd!();
+    let small = [
+        "--param",
+        "MaxRecvDataSegmentLength=4096",
+        "--param",
+        "FirstBurstLength=16384",
+        "--param",
+        "MaxBurstLength=65536",
+        "--lun-params",
+        "thin_provisioning=0",
+    ];
+    for (initial_r2t, immediate_data) in [(true, false), (false, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lun.img");
+        let old = pattern(16 * MIB as usize, 20);
+        std::fs::write(&file, &old).unwrap();
+        let yes = |b: bool| if b { "Yes" } else { "No" };
+        let (r2t, imm) = (format!("InitialR2T={}", yes(initial_r2t)), format!("ImmediateData={}", yes(immediate_data)));
+        let mut args = vec!["--file", file.to_str().unwrap(), "--param", &r2t, "--param", &imm];
+        args.extend(small);
+        let tgtd = Tgtd::start(dir.path(), &args);
+        let lun = open(&tgtd.url, true).unwrap();
+        let n = *lun.negotiated();
+        let what = format!("{r2t} {imm}: {n:?}");
+        assert_eq!((n.initial_r2t, n.immediate_data), (initial_r2t, immediate_data), "{what}");
+        assert_eq!((n.target_mrdsl, n.first_burst, n.max_burst), (4096, 16384, 65536), "{what}");
+        assert_eq!(lun.info().zero, ZeroMethod::Write, "{what}");
+        assert!(!lun.caps().zero_offload && !lun.caps().holes, "{what}");
+        let data = pattern(5 * MIB as usize + 4096, 21);
+        lun.write_at(&data, MIB + 512).unwrap();
+        // Shorter than the immediate data, the first burst and one PDU.
+        lun.write_at(&data[..512], 15 * MIB).unwrap();
+        lun.zero(8 * MIB, 2 * MIB).unwrap();
+        lun.flush().unwrap();
+        Box::new(lun).close().unwrap();
+        let mut expect = old.clone();
+        expect[MIB as usize + 512..][..data.len()].copy_from_slice(&data);
+        expect[15 * MIB as usize..][..512].copy_from_slice(&data[..512]);
+        expect[8 * MIB as usize..10 * MIB as usize].fill(0);
+        assert!(std::fs::read(&file).unwrap() == expect, "the backing file differs: {what}");
+    }
+}
+
 #[test]
 fn blocks_of_4096_bytes_align_writes_and_widen_reads() {
     require_tgtd!();
