@@ -14,7 +14,7 @@ use crate::login::{self, Link, Login, Negotiated};
 use crate::lun::{LunInfo, ZeroMethod};
 use crate::options::{Credentials, IscsiOptions};
 use crate::scsi::{self, BlockLimits, Capacity, Cdb, Inquiry, Provisioning, Sense};
-use crate::session::{Cause, Data, Response, Session};
+use crate::session::{Batch, Cause, Data, Response, Session};
 
 /// The largest command this initiator sends, whatever the options say.
 const MAX_REQUEST_SIZE: usize = 32 << 20;
@@ -238,8 +238,7 @@ impl Iscsi {
     ) -> Result<Response> {
         let mut tries = 0;
         loop {
-            let rx = self.session.submit(lun, cdb, data.again()).map_err(|c| self.cause_error(verb, offset, &c))?;
-            let r = self.session.wait(&rx).map_err(|c| self.cause_error(verb, offset, &c))?;
+            let r = self.session.run(lun, cdb, data.again()).map_err(|c| self.cause_error(verb, offset, &c))?;
             if r.response == 0 && r.status == scsi::GOOD {
                 return Ok(r);
             }
@@ -250,25 +249,22 @@ impl Iscsi {
         }
     }
 
-    /// Many commands at once: all are sent (as the window allows) before the first answer is
-    /// awaited; one that must be sent again goes again alone. Returns the responses in order.
+    /// Many commands at once: all are sent (as the window allows) before the answers are
+    /// awaited, together; one that must be sent again goes again alone. Returns the responses
+    /// in order.
     fn pipeline(&self, verb: &str, commands: &[(u64, Cdb, Data)]) -> Result<Vec<Response>> {
-        let mut waiting = Vec::with_capacity(commands.len());
+        let batch = Batch::new();
         let mut first_error: Option<(u64, Error)> = None;
         for (offset, cdb, data) in commands {
-            match self.session.submit(self.lun, cdb, data.again()) {
-                Ok(rx) => waiting.push(Some(rx)),
-                Err(c) => {
-                    first_error.get_or_insert((*offset, self.cause_error(verb, Some(*offset), &c)));
-                    break;
-                }
+            if let Err(c) = self.session.submit(self.lun, cdb, data.again(), &batch) {
+                first_error.get_or_insert((*offset, self.cause_error(verb, Some(*offset), &c)));
+                break;
             }
         }
         let mut out = Vec::with_capacity(commands.len());
-        for (i, rx) in waiting.into_iter().enumerate() {
+        for (i, completion) in batch.wait().into_iter().enumerate() {
             let (offset, cdb, data) = &commands[i];
-            let Some(rx) = rx else { continue };
-            let result = match self.session.wait(&rx) {
+            let result = match completion {
                 Ok(r) if r.response == 0 && r.status == scsi::GOOD => Ok(r),
                 Ok(r) if Self::retry_worthy(&r) => self.command_on(self.lun, verb, Some(*offset), cdb, data),
                 Ok(r) => Err(self.status_error(verb, Some(*offset), cdb, &r)),

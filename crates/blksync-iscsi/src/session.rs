@@ -93,7 +93,86 @@ pub(crate) struct Response {
     pub data: Vec<u8>,
 }
 
-type Completion = Result<Response, Cause>;
+pub(crate) type Completion = Result<Response, Cause>;
+
+/// Where the completions of a group of commands arrive: their caller sleeps once, until the
+/// last one is in, instead of waking for each (a 2 MiB read is eight commands).
+#[derive(Default)]
+pub(crate) struct Batch {
+    state: Mutex<BatchState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct BatchState {
+    results: Vec<Option<Completion>>,
+    pending: usize,
+}
+
+impl Batch {
+    pub(crate) fn new() -> Arc<Batch> {
+        Arc::new(Batch::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for one more completion.
+    fn add(&self) -> usize {
+        let mut b = self.lock();
+        b.results.push(None);
+        b.pending += 1;
+        b.results.len() - 1
+    }
+
+    fn complete(&self, slot: usize, completion: Completion) {
+        let mut b = self.lock();
+        if b.results[slot].is_none() {
+            b.results[slot] = Some(completion);
+            b.pending -= 1;
+            if b.pending == 0 {
+                self.done.notify_one();
+            }
+        }
+    }
+
+    /// Waits for every command submitted with this batch; their completions, in submission
+    /// order.
+    pub(crate) fn wait(&self) -> Vec<Completion> {
+        let mut b = self.lock();
+        while b.pending > 0 {
+            b = self.done.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+        std::mem::take(&mut b.results)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Cause::Connection("the session ended".into()))))
+            .collect()
+    }
+}
+
+/// A task's place in its batch. A task dropped unanswered (it cannot be, but a caller must
+/// never sleep for ever on a bug) fails as a lost connection.
+struct Reply {
+    batch: Arc<Batch>,
+    slot: usize,
+    sent: bool,
+}
+
+impl Reply {
+    fn send(mut self, completion: Completion) {
+        self.sent = true;
+        self.batch.complete(self.slot, completion);
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.batch.complete(self.slot, Err(Cause::Connection("the session ended".into())));
+        }
+    }
+}
 
 enum Kind {
     None,
@@ -104,7 +183,7 @@ enum Kind {
 struct Task {
     kind: Kind,
     lun: [u8; 8],
-    tx: Sender<Completion>,
+    reply: Reply,
 }
 
 /// What the writer thread sends: a header, then maybe data from a shared buffer.
@@ -125,6 +204,9 @@ struct State {
     ping: Option<u32>,
     /// The reader holds a task out of the table while it reads its Data-In.
     receiving: bool,
+    /// Threads waiting on `Shared::changed` (a notification costs a system call even when
+    /// nobody waits, so it is sent only when somebody does).
+    waiters: usize,
 }
 
 impl State {
@@ -177,13 +259,31 @@ impl Shared {
         let mut state = self.lock();
         let cause = state.dead.get_or_insert(cause).clone();
         for (_, task) in state.tasks.drain() {
-            let _ = task.tx.send(Err(cause.clone()));
+            task.reply.send(Err(cause.clone()));
         }
         state.logout = None;
         drop(state);
         self.changed.notify_all();
         let _ = self.socket.shutdown(Shutdown::Both);
         self.queue(Out::Stop);
+    }
+
+    /// Unlocks the state and wakes whoever waits for it to change (a window that opened, a
+    /// task that completed).
+    fn release(&self, state: MutexGuard<'_, State>) {
+        let wake = state.waiters > 0;
+        drop(state);
+        if wake {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits for the state to change.
+    fn wait_changed<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.waiters += 1;
+        let mut state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        state.waiters -= 1;
+        state
     }
 
     fn now(&self) -> u64 {
@@ -303,6 +403,7 @@ impl Session {
             logout: None,
             ping: None,
             receiving: false,
+            waiters: 0,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -338,11 +439,10 @@ impl Session {
         &self.shared.terms
     }
 
-    /// Sends a command and returns where its completion will arrive. Waits while the `CmdSN`
-    /// window is shut or `depth` commands are in flight.
-    pub(crate) fn submit(&self, lun: [u8; 8], cdb: &Cdb, data: Data) -> Result<Receiver<Completion>, Cause> {
+    /// Sends a command whose completion will arrive in `batch`. Waits while the `CmdSN` window
+    /// is shut or `depth` commands are in flight.
+    pub(crate) fn submit(&self, lun: [u8; 8], cdb: &Cdb, data: Data, batch: &Arc<Batch>) -> Result<(), Cause> {
         let terms = self.shared.terms;
-        let (tx, rx) = channel();
         let mut state = self.shared.lock();
         loop {
             if let Some(cause) = &state.dead {
@@ -352,7 +452,7 @@ impl Session {
             if window_open && state.tasks.len() < self.depth && state.logout.is_none() {
                 break;
             }
-            state = self.shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state = self.shared.wait_changed(state);
         }
         if !state.outstanding() {
             // The silence that counts starts now, not at the last answer before an idle spell.
@@ -397,8 +497,16 @@ impl Session {
                 data_out(&self.shared, &state, data, base, (itt, RESERVED_TAG, lun), unsolicited);
             }
         }
-        state.tasks.insert(itt, Task { kind, lun, tx });
-        Ok(rx)
+        let reply = Reply { batch: Arc::clone(batch), slot: batch.add(), sent: false };
+        state.tasks.insert(itt, Task { kind, lun, reply });
+        Ok(())
+    }
+
+    /// One command, waited for.
+    pub(crate) fn run(&self, lun: [u8; 8], cdb: &Cdb, data: Data) -> Completion {
+        let batch = Batch::new();
+        self.submit(lun, cdb, data, &batch)?;
+        batch.wait().pop().unwrap_or_else(|| Err(self.dead_cause()))
     }
 
     /// A buffer of `len` bytes, recycled when one is at hand (its old bytes are overwritten by
@@ -423,11 +531,6 @@ impl Session {
         }
     }
 
-    /// Waits for a completion; a lost channel means the session died.
-    pub(crate) fn wait(&self, rx: &Receiver<Completion>) -> Completion {
-        rx.recv().unwrap_or_else(|_| Err(self.dead_cause()))
-    }
-
     fn dead_cause(&self) -> Cause {
         self.shared.lock().dead.clone().unwrap_or_else(|| Cause::Connection("the session ended".into()))
     }
@@ -442,7 +545,7 @@ impl Session {
     pub(crate) fn logout(&self) -> bool {
         let mut state = self.shared.lock();
         while !state.tasks.is_empty() && state.dead.is_none() {
-            state = self.shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state = self.shared.wait_changed(state);
         }
         let mut confirmed = false;
         if state.dead.is_none() && state.logout.is_none() {
@@ -581,8 +684,7 @@ fn read_one(shared: &Shared, input: &mut Input) -> Result<(), Cause> {
             let mut state = shared.lock();
             Shared::window(&mut state, &pdu);
             state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
-            drop(state);
-            shared.changed.notify_all();
+            shared.release(state);
             match pdu.bhs[36] {
                 0 | 255 => Ok(()),
                 1 => Err(Cause::Connection("the target asked for a logout (asynchronous event 1)".into())),
@@ -607,9 +709,8 @@ fn read_one(shared: &Shared, input: &mut Input) -> Result<(), Cause> {
             }
             match rejected.and_then(|itt| state.tasks.remove(&itt)) {
                 Some(task) => {
-                    let _ = task.tx.send(Err(Cause::Protocol(why)));
-                    drop(state);
-                    shared.changed.notify_all();
+                    task.reply.send(Err(Cause::Protocol(why)));
+                    shared.release(state);
                     Ok(())
                 }
                 None => Err(Cause::Protocol(why)),
@@ -646,9 +747,8 @@ fn scsi_response(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> R
         }
         _ => Vec::new(),
     };
-    let _ = task.tx.send(Ok(Response { response: pdu.bhs[2], status: pdu.bhs[3], sense, data }));
-    drop(state);
-    shared.changed.notify_all();
+    task.reply.send(Ok(Response { response: pdu.bhs[2], status: pdu.bhs[3], sense, data }));
+    shared.release(state);
     Ok(())
 }
 
@@ -674,9 +774,8 @@ fn r2t(shared: &Shared, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     }
     let (data, base, lun) = (Arc::clone(data), range.start, *lun);
     data_out(shared, &state, &data, base, (itt, pdu.ttt(), lun), offset..offset + want);
-    drop(state);
     if moved {
-        shared.changed.notify_all();
+        shared.release(state);
     }
     Ok(())
 }
@@ -695,8 +794,7 @@ fn nop_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(
         state.ping = None;
         Shared::window(&mut state, pdu);
         state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
-        drop(state);
-        shared.changed.notify_all();
+        shared.release(state);
         return Ok(());
     }
     let moved = Shared::window(&mut state, pdu);
@@ -714,9 +812,8 @@ fn nop_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(
         let payload = (n > 0).then(|| (Arc::new(data), 0..n));
         shared.queue(Out::Pdu { header: pdu::header(&out.bhs, n, digests), data: payload });
     }
-    drop(state);
     if moved {
-        shared.changed.notify_all();
+        shared.release(state);
     }
     Ok(())
 }
@@ -764,15 +861,15 @@ fn data_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<
     if let Some(cause) = &state.dead {
         // The session died while the data was read (the writer failed): the task missed the
         // roll call of `die` and fails here.
-        let _ = task.tx.send(Err(cause.clone()));
+        let cause = cause.clone();
+        task.reply.send(Err(cause));
         return result;
     }
     let moved = Shared::window(&mut state, pdu);
     if result.is_err() || flags & flag::STATUS == 0 {
         state.tasks.insert(itt, task);
-        drop(state);
         if moved {
-            shared.changed.notify_all();
+            shared.release(state);
         }
         return result;
     }
@@ -784,9 +881,8 @@ fn data_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<
         }
         _ => Vec::new(),
     };
-    let _ = task.tx.send(Ok(Response { response: 0, status: pdu.bhs[3], sense: Vec::new(), data }));
-    drop(state);
-    shared.changed.notify_all();
+    task.reply.send(Ok(Response { response: 0, status: pdu.bhs[3], sense: Vec::new(), data }));
+    shared.release(state);
     Ok(())
 }
 
@@ -865,14 +961,11 @@ mod tests {
                 let _ = std::io::copy(&mut server, &mut std::io::sink());
             });
             let write = Arc::new(vec![7u8; 4096]);
-            let rxs = [
-                session.submit(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024)),
-                session.submit(scsi::lun_field(1), &scsi::write16(0, 8), Data::Out(write, 0..4096)),
-                session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None),
-            ];
-            for rx in rxs.into_iter().flatten() {
-                let _ = session.wait(&rx);
-            }
+            let batch = Batch::new();
+            let _ = session.submit(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024), &batch);
+            let _ = session.submit(scsi::lun_field(1), &scsi::write16(0, 8), Data::Out(write, 0..4096), &batch);
+            let _ = session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None, &batch);
+            let _ = batch.wait();
             drop(session);
             feeder.join().unwrap();
         }
@@ -918,10 +1011,8 @@ mod tests {
             got
         });
         let data: Vec<u8> = (0..40960u32).map(|i| (i % 253) as u8).collect();
-        let rx = session
-            .submit(scsi::lun_field(1), &scsi::write16(0, 80), Data::Out(Arc::new(data.clone()), 0..40960))
-            .unwrap();
-        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        let r = session.run(scsi::lun_field(1), &scsi::write16(0, 80), Data::Out(Arc::new(data.clone()), 0..40960));
+        assert_eq!(r.unwrap().status, 0);
         drop(session);
         assert_eq!(target.join().unwrap(), data);
     }
@@ -972,15 +1063,14 @@ mod tests {
             let _ = input.read_to_end(&mut rest);
             got
         });
-        let rx = session.submit(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024)).unwrap();
-        let r = session.wait(&rx).unwrap();
+        let r = session.run(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024)).unwrap();
         assert_eq!(r.status, 0);
         assert_eq!(&r.data[..512], &[1; 512]);
         assert_eq!(&r.data[512..], &[2; 512]);
         let data: Vec<u8> = (0..20480u32).map(|i| (i % 251) as u8).collect();
         let shared = Arc::new(data.clone());
-        let rx = session.submit(scsi::lun_field(1), &scsi::write16(0, 40), Data::Out(shared, 0..20480)).unwrap();
-        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        let r = session.run(scsi::lun_field(1), &scsi::write16(0, 40), Data::Out(shared, 0..20480));
+        assert_eq!(r.unwrap().status, 0);
         drop(session);
         assert_eq!(target.join().unwrap(), data);
     }
@@ -999,8 +1089,8 @@ mod tests {
             let _ = input.read_to_end(&mut Vec::new());
             (cmd, ping)
         });
-        let rx = session.submit(scsi::lun_field(1), &scsi::read16(0, 8), Data::In(4096)).unwrap();
-        let Err(Cause::Connection(why)) = session.wait(&rx) else { panic!("the command did not time out") };
+        let r = session.run(scsi::lun_field(1), &scsi::read16(0, 8), Data::In(4096));
+        let Err(Cause::Connection(why)) = r else { panic!("the command did not time out") };
         assert!(why.contains("no answer from the target for 0.2 s"), "{why}");
         assert!(session.dead().is_some());
         drop(session);
@@ -1042,8 +1132,7 @@ mod tests {
             let _ = input.read_to_end(&mut Vec::new());
             acknowledged
         });
-        let rx = session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap();
-        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        assert_eq!(session.run(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap().status, 0);
         drop(session);
         let acknowledged = target.join().unwrap();
         assert_eq!(acknowledged[1..], [11, 12], "ExpStatSN follows the NOP-Ins");
@@ -1066,8 +1155,7 @@ mod tests {
         // Idle for several timeouts: the engine busy elsewhere.
         std::thread::sleep(Duration::from_millis(200));
         assert!(session.dead().is_none());
-        let rx = session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap();
-        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        assert_eq!(session.run(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap().status, 0);
         drop(session);
         target.join().unwrap();
     }
