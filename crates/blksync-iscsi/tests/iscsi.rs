@@ -739,3 +739,48 @@ fn an_interrupted_sync_onto_a_lun_synchronizes_its_cache_then_logs_out() {
     let done: usize = text.split("the first ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
     assert!(disk.lock().unwrap()[..done] == data[..done], "{text}");
 }
+
+/// A LUN opened for reading reads ahead of a sequential reader: after the first 2 MiB, the
+/// next two reads of 2 MiB are already asked for, and the reads that follow take them (each
+/// block crosses the wire once). A LUN opened for writing reads nothing ahead.
+#[test]
+fn a_sequential_reader_finds_the_next_reads_asked_for_ahead() {
+    for writable in [false, true] {
+        let reads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+        let seen = std::sync::Arc::clone(&reads);
+        let hook: support::Hook = Box::new(move |p, _, _| {
+            if p.opcode() == opcode::SCSI_COMMAND && p.bhs[32] == 0x88 {
+                seen.lock().unwrap().push(u64::from_be_bytes(p.bhs[34..42].try_into().unwrap()) * 512);
+            }
+            false
+        });
+        let (url, disk, handle) = mini_target(Lun { blocks: 32768, block_size: 512, thin_unmap: false }, hook);
+        let data = pattern(16 * MIB as usize, 14);
+        disk.lock().unwrap().copy_from_slice(&data);
+        let lun = open(&url, writable).unwrap();
+        let piece = lun.request_size() as u64;
+        let chunk = 2 * MIB;
+        assert_eq!(read(&lun, 0, chunk as usize), data[..chunk as usize]);
+        // Commands reach the target in CmdSN order: once the flush is answered, every READ sent
+        // before it has been seen.
+        lun.flush().unwrap();
+        let expect = if writable { chunk } else { 3 * chunk };
+        assert_eq!(
+            *reads.lock().unwrap(),
+            (0..expect).step_by(piece as usize).collect::<Vec<_>>(),
+            "writable {writable}"
+        );
+        for k in 1..8 {
+            assert_eq!(read(&lun, k * chunk, chunk as usize), data[(k * chunk) as usize..((k + 1) * chunk) as usize]);
+        }
+        lun.flush().unwrap();
+        let mut all = reads.lock().unwrap().clone();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "a block was read twice (writable {writable})");
+        assert!(all.iter().take_while(|&&o| o < 8 * chunk).count() as u64 == 8 * chunk / piece, "{all:?}");
+        Box::new(lun).close().unwrap();
+        handle.join().unwrap();
+    }
+}
