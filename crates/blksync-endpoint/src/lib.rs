@@ -131,6 +131,9 @@ fn split_bitmap(address: &str) -> (String, Option<String>) {
     (address, bitmap)
 }
 
+/// The longest `timeout=` of an iSCSI address: a day (a target silent longer is gone).
+const MAX_ISCSI_TIMEOUT: f64 = 86_400.0;
+
 /// `address` as an `iscsi://` address, when it is one.
 fn iscsi_address(address: &Path) -> Option<&str> {
     address.to_str().filter(|a| blksync_iscsi::address::is_iscsi(a))
@@ -138,7 +141,7 @@ fn iscsi_address(address: &Path) -> Option<&str> {
 
 /// blksync's own parameters of an iSCSI address, which `--initiator-name` and `--iscsi-secrets`
 /// add so that they reach whichever host opens it (`iscsi://…/1?initiator=IQN&secrets=FILE`,
-/// `digests=1`): the address without them, and the options they give.
+/// `digests=1`, `timeout=SECONDS`): the address without them, and the options they give.
 fn iscsi_options(address: &str) -> blksync_core::Result<(String, blksync_iscsi::IscsiOptions)> {
     let mut options = blksync_iscsi::IscsiOptions::default();
     let Some((base, query)) = address.split_once('?') else { return Ok((address.to_string(), options)) };
@@ -148,9 +151,22 @@ fn iscsi_options(address: &str) -> blksync_core::Result<(String, blksync_iscsi::
             "initiator" => options.initiator_name = Some(value.to_string()),
             "secrets" => options.secrets_file = Some(value.into()),
             "digests" => options.digests = value != "0",
+            "timeout" => {
+                options.timeout = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| *s > 0.0 && *s <= MAX_ISCSI_TIMEOUT)
+                    .map(std::time::Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        blksync_core::Error::usage(format!(
+                            "{}: timeout={value}: a number of seconds, more than 0 and at most {MAX_ISCSI_TIMEOUT}",
+                            blksync_iscsi::address::redact(address)
+                        ))
+                    })?;
+            }
             _ => {
                 return Err(blksync_core::Error::usage(format!(
-                    "{}: unknown parameter {key:?} (initiator=, secrets=, digests=)",
+                    "{}: unknown parameter {key:?} (initiator=, secrets=, digests=, timeout=)",
                     blksync_iscsi::address::redact(address)
                 )));
             }
@@ -167,6 +183,21 @@ fn nbd_address(address: &Path) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn iscsi_parameters_are_taken_out_of_the_address() {
+        let (address, o) = super::iscsi_options("iscsi://h/iqn.x:y/1?digests=1&timeout=2.5").unwrap();
+        assert_eq!(address, "iscsi://h/iqn.x:y/1");
+        assert!(o.digests);
+        assert_eq!(o.timeout, std::time::Duration::from_millis(2500));
+        let (_, o) = super::iscsi_options("iscsi://h/iqn.x:y/1").unwrap();
+        assert_eq!(o.timeout, blksync_iscsi::options::DEFAULT_TIMEOUT);
+        for bad in ["timeout=0", "timeout=-1", "timeout=x", "timeout=", "timeout=1e9", "timeout=NaN", "what=1"] {
+            let e = super::iscsi_options(&format!("iscsi://u%hunter2@h/iqn.x:y/1?{bad}")).unwrap_err();
+            assert_eq!(e.kind(), blksync_core::ErrorKind::Usage, "{bad}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
     #[test]
     fn the_bitmap_parameter_is_taken_out_of_an_nbd_address() {
         let split = |a: &str| super::split_bitmap(a);

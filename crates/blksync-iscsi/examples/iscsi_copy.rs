@@ -33,24 +33,18 @@ fn main() {
     let mut positional = Vec::new();
     let (mut threads, mut buffer) = (2usize, 2usize << 20);
     let mut options = IscsiOptions::default();
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--threads" => threads = args[i + 1].parse().expect("a number"),
-            "--buffer" => buffer = size(&args[i + 1]),
-            "--request" => options.request_size = size(&args[i + 1]),
-            "--depth" => options.queue_depth = args[i + 1].parse().expect("a number"),
-            "--secrets" => options.secrets_file = Some(args[i + 1].clone().into()),
-            "--digests" => {
-                options.digests = true;
-                i -= 1;
-            }
-            other => {
-                positional.push(other.to_string());
-                i -= 1;
-            }
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let mut value = || rest.next().expect("a value after the option").clone();
+        match arg.as_str() {
+            "--threads" => threads = value().parse().expect("a number"),
+            "--buffer" => buffer = size(&value()),
+            "--request" => options.request_size = size(&value()),
+            "--depth" => options.queue_depth = value().parse().expect("a number"),
+            "--secrets" => options.secrets_file = Some(value().into()),
+            "--digests" => options.digests = true,
+            other => positional.push(other.to_string()),
         }
-        i += 2;
     }
     let [mode, from, to] = positional.as_slice() else {
         eprintln!(

@@ -10,11 +10,12 @@ use blksync_core::endpoint::{Caps, Identity, Segment, Source, Target};
 use blksync_core::{Error, ErrorKind, Result};
 
 use crate::address::IscsiAddress;
+use crate::ahead::Ahead;
 use crate::login::{self, Link, Login, Negotiated};
 use crate::lun::{LunInfo, ZeroMethod};
 use crate::options::{Credentials, IscsiOptions};
 use crate::scsi::{self, BlockLimits, Capacity, Cdb, Inquiry, Provisioning, Sense};
-use crate::session::{Cause, Data, Response, Session};
+use crate::session::{Batch, Cause, Data, Response, Session};
 
 /// The largest command this initiator sends, whatever the options say.
 const MAX_REQUEST_SIZE: usize = 32 << 20;
@@ -39,6 +40,16 @@ pub struct Iscsi {
     sync_kind: AtomicU8,
     zeros: OnceLock<Arc<Vec<u8>>>,
     closed: AtomicBool,
+    /// Read-ahead, for a LUN opened for reading ([`crate::ahead`]).
+    ahead: Option<Mutex<Ahead<Pending>>>,
+}
+
+/// Commands sent together, whose answers are awaited together ([`Iscsi::collect`]).
+struct Pending {
+    commands: Vec<(u64, Cdb, Data)>,
+    batch: Arc<Batch>,
+    /// The first command that could not be sent (the session died), and why.
+    failed: Option<(u64, Error)>,
 }
 
 impl std::fmt::Debug for Iscsi {
@@ -65,8 +76,8 @@ impl Iscsi {
         let address = crate::address::parse(address)?;
         let credentials = Credentials::gather(&address, options)?;
         let what = address.to_string();
-        let stream = login::connect(address.host(), address.port(), &what)?;
-        let mut link = Link::new(stream, address.portal(), what.clone());
+        let stream = login::connect(address.host(), address.port(), &what, options.timeout)?;
+        let mut link = Link::new(stream, address.portal(), what.clone(), options.timeout);
         let initiator = options.initiator();
         let who = Login {
             initiator: &initiator,
@@ -81,7 +92,7 @@ impl Iscsi {
             }
             Err(e) => return Err(e),
         };
-        let session = Session::start(link, terms, options.queue_depth)
+        let session = Session::start(link, terms, options.queue_depth, options.timeout)
             .map_err(|e| Error::io("starting the threads of the iSCSI session with", Path::new(&what), None, e))?;
         let mut endpoint = Iscsi {
             name: PathBuf::from(&what),
@@ -104,6 +115,9 @@ impl Iscsi {
             sync_kind: AtomicU8::new(0),
             zeros: OnceLock::new(),
             closed: AtomicBool::new(false),
+            // A LUN being written is read only to compare with what will be written there:
+            // nothing is read ahead of its writes.
+            ahead: (!writable).then(|| Mutex::new(Ahead::default())),
         };
         let lun = match address.lun() {
             Some(l) => l,
@@ -238,8 +252,7 @@ impl Iscsi {
     ) -> Result<Response> {
         let mut tries = 0;
         loop {
-            let rx = self.session.submit(lun, cdb, data.again()).map_err(|c| self.cause_error(verb, offset, &c))?;
-            let r = self.session.wait(&rx).map_err(|c| self.cause_error(verb, offset, &c))?;
+            let r = self.session.run(lun, cdb, data.again()).map_err(|c| self.cause_error(verb, offset, &c))?;
             if r.response == 0 && r.status == scsi::GOOD {
                 return Ok(r);
             }
@@ -250,25 +263,37 @@ impl Iscsi {
         }
     }
 
-    /// Many commands at once: all are sent (as the window allows) before the first answer is
-    /// awaited; one that must be sent again goes again alone. Returns the responses in order.
-    fn pipeline(&self, verb: &str, commands: &[(u64, Cdb, Data)]) -> Result<Vec<Response>> {
-        let mut waiting = Vec::with_capacity(commands.len());
-        let mut first_error: Option<(u64, Error)> = None;
-        for (offset, cdb, data) in commands {
-            match self.session.submit(self.lun, cdb, data.again()) {
-                Ok(rx) => waiting.push(Some(rx)),
-                Err(c) => {
-                    first_error.get_or_insert((*offset, self.cause_error(verb, Some(*offset), &c)));
-                    break;
-                }
+    /// Many commands at once: all are sent (as the window allows) before the answers are
+    /// awaited, together; one that must be sent again goes again alone. Returns the responses
+    /// in order.
+    fn pipeline(&self, verb: &str, commands: Vec<(u64, Cdb, Data)>) -> Result<Vec<Response>> {
+        let pending = self.send(verb, commands);
+        self.collect(verb, pending)
+    }
+
+    /// Sends commands (as the window allows), without waiting for their answers.
+    fn send(&self, verb: &str, commands: Vec<(u64, Cdb, Data)>) -> Pending {
+        let batch = Batch::new();
+        let mut failed = None;
+        for (offset, cdb, data) in &commands {
+            if let Err(c) = self.session.submit(self.lun, cdb, data.again(), &batch) {
+                failed = Some((*offset, c));
+                break;
             }
         }
+        let failed = failed.map(|(offset, c)| (offset, self.cause_error(verb, Some(offset), &c)));
+        Pending { commands, batch, failed }
+    }
+
+    /// Waits for commands sent together; the responses in order, or the error at the lowest
+    /// offset.
+    fn collect(&self, verb: &str, pending: Pending) -> Result<Vec<Response>> {
+        let Pending { commands, batch, failed } = pending;
+        let mut first_error = failed;
         let mut out = Vec::with_capacity(commands.len());
-        for (i, rx) in waiting.into_iter().enumerate() {
+        for (i, completion) in batch.wait().into_iter().enumerate() {
             let (offset, cdb, data) = &commands[i];
-            let Some(rx) = rx else { continue };
-            let result = match self.session.wait(&rx) {
+            let result = match completion {
                 Ok(r) if r.response == 0 && r.status == scsi::GOOD => Ok(r),
                 Ok(r) if Self::retry_worthy(&r) => self.command_on(self.lun, verb, Some(*offset), cdb, data),
                 Ok(r) => Err(self.status_error(verb, Some(*offset), cdb, &r)),
@@ -323,18 +348,57 @@ impl Iscsi {
         Ok(())
     }
 
-    /// Reads an aligned range into `out`, in pieces all sent at once.
-    fn read_aligned(&self, out: &mut [u8], offset: u64) -> Result<()> {
+    /// The READ(16) commands of an aligned range: pieces of the request size.
+    fn read_commands(&self, offset: u64, len: u64) -> Vec<(u64, Cdb, Data)> {
         let b = self.block();
-        let commands: Vec<_> = (0..out.len())
+        (0..len)
             .step_by(self.piece)
             .map(|rel| {
-                let n = (out.len() - rel).min(self.piece);
-                let at = offset + rel as u64;
-                (at, scsi::read16(at / b, (n as u64 / b) as u32), Data::In(n as u32))
+                let n = (len - rel).min(self.piece as u64);
+                let at = offset + rel;
+                (at, scsi::read16(at / b, (n / b) as u32), Data::In(n as u32))
             })
-            .collect();
-        let responses = self.pipeline("reading", &commands)?;
+            .collect()
+    }
+
+    /// Whether `[offset, offset + len)` holds data as far as is known (no holes reported, or
+    /// the cached allocation map says allocated): worth reading ahead.
+    fn known_data(&self, offset: u64, len: u64) -> bool {
+        if !self.info.lba_status {
+            return true;
+        }
+        let Ok(cache) = self.segments.try_lock() else { return false };
+        let mut at = offset;
+        while at < offset + len {
+            match cache.iter().find(|s| s.start <= at && at < s.end) {
+                Some(s) if s.allocated => at = s.end,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Reads an aligned range into `out`, in pieces all sent at once, or takes what was read
+    /// ahead for it; a sequential read asks for the next ones ahead ([`crate::ahead`]).
+    fn read_aligned(&self, out: &mut [u8], offset: u64) -> Result<()> {
+        let len = out.len() as u64;
+        let pending = match &self.ahead {
+            None => self.send("reading", self.read_commands(offset, len)),
+            Some(ahead) => {
+                let mut ahead = ahead.lock().unwrap_or_else(PoisonError::into_inner);
+                let (hit, sequential) = ahead.take(offset, len);
+                // What the reader waits for goes first, then what is read ahead.
+                let pending = hit.unwrap_or_else(|| self.send("reading", self.read_commands(offset, len)));
+                if sequential && len >= self.piece as u64 {
+                    for (at, n) in ahead.plan(len, self.size(), |at, n| self.known_data(at, n)) {
+                        let group = self.send("reading", self.read_commands(at, n));
+                        ahead.add(at, n, group);
+                    }
+                }
+                pending
+            }
+        };
+        let responses = self.collect("reading", pending)?;
         let mut rel = 0;
         for r in responses {
             let n = (out.len() - rel).min(self.piece);
@@ -363,7 +427,7 @@ impl Iscsi {
                 (at, scsi::write16(at / b, (n as u64 / b) as u32), Data::Out(Arc::clone(data), start..start + n))
             })
             .collect();
-        self.pipeline("writing", &commands).map(|_| ())
+        self.pipeline("writing", commands).map(|_| ())
     }
 
     fn zero_block(&self) -> Arc<Vec<u8>> {
@@ -602,7 +666,7 @@ impl Target for Iscsi {
                     ));
                     lba += n;
                 }
-                self.pipeline("zeroing", &commands).map(|_| ())
+                self.pipeline("zeroing", commands).map(|_| ())
             }
             ZeroMethod::Unmap => {
                 let max = Self::zero_limit(u64::from(self.info.limits.max_unmap));

@@ -22,10 +22,12 @@
 //!
 //! Modules: [`address`] (the URI forms), [`options`] (options and CHAP secrets), [`pdu`] (the
 //! PDU codec), [`text`] (login keys), [`scsi`] (CDBs, parsers, sense), `digest` (CRC32C),
-//! `chap` (MD5), `login` (login and discovery), `session` (the full feature phase),
+//! `chap` (MD5), `login` (login and discovery), `session` (the full feature phase), `ahead`
+//! (read-ahead),
 //! [`lun`] (what open learns of the LUN), [`endpoint`] ([`Iscsi`]).
 
 pub mod address;
+mod ahead;
 mod chap;
 mod digest;
 pub mod endpoint;

@@ -14,8 +14,6 @@ use crate::options::{Credentials, IscsiOptions};
 use crate::pdu::{self, Digests, Pdu, WireError, flag, opcode};
 use crate::text::{self, Pairs};
 
-/// How long connecting to one address, and each answer during login, may take.
-pub(crate) const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// What we declare as `MaxRecvDataSegmentLength`: the largest Data-In we accept.
 pub(crate) const OUR_MRDSL: u32 = 256 << 10;
 /// The largest data segment accepted during login and discovery.
@@ -64,6 +62,8 @@ pub(crate) struct Link {
     pub portal: String,
     /// What messages name (the address without password).
     pub what: String,
+    /// How long each answer may take (`IscsiOptions::timeout`).
+    pub timeout: Duration,
 }
 
 /// A target `SendTargets` discovery found.
@@ -75,23 +75,28 @@ pub struct DiscoveredTarget {
     pub addresses: Vec<String>,
 }
 
-/// Connects to `host:port`, trying each of its addresses for at most 30 s.
-pub(crate) fn connect(host: &str, port: u16, what: &str) -> Result<TcpStream> {
+/// Connects to `host:port`, trying each of its addresses for at most `timeout`.
+pub(crate) fn connect(host: &str, port: u16, what: &str, timeout: Duration) -> Result<TcpStream> {
     let portal = crate::address::portal(host, port);
     let fail = |why: String| Error::new(ErrorKind::Connection, format!("connecting to {portal} for {what}: {why}"));
     let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(|e| fail(e.to_string()))?.collect();
     let mut last = None;
     for a in &addrs {
-        match TcpStream::connect_timeout(a, LOGIN_TIMEOUT) {
+        match TcpStream::connect_timeout(a, timeout) {
             Ok(s) => {
                 s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
-                s.set_read_timeout(Some(LOGIN_TIMEOUT)).map_err(|e| fail(e.to_string()))?;
+                s.set_read_timeout(Some(timeout)).map_err(|e| fail(e.to_string()))?;
                 return Ok(s);
             }
             Err(e) => last = Some(e),
         }
     }
     Err(fail(last.map_or_else(|| "the name has no address".to_string(), |e| e.to_string())))
+}
+
+/// A duration for messages: `30 s`, `2.5 s`.
+pub(crate) fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
 }
 
 /// 6 random bytes of `/dev/urandom` (for the ISID and CHAP challenges); the clock when it is
@@ -109,7 +114,7 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 impl Link {
-    pub(crate) fn new(stream: TcpStream, portal: String, what: String) -> Link {
+    pub(crate) fn new(stream: TcpStream, portal: String, what: String, timeout: Duration) -> Link {
         Link {
             stream,
             digests: Digests::default(),
@@ -119,6 +124,7 @@ impl Link {
             next_itt: 1,
             portal,
             what,
+            timeout,
         }
     }
 
@@ -153,7 +159,7 @@ impl Link {
             WireError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return Error::new(
                     ErrorKind::Connection,
-                    format!("{}: {} did not answer within {} s", self.what, self.portal, LOGIN_TIMEOUT.as_secs()),
+                    format!("{}: {} did not answer within {}", self.what, self.portal, seconds(self.timeout)),
                 );
             }
             _ => ErrorKind::Connection,
@@ -559,8 +565,8 @@ pub fn discover(address: &str, options: &IscsiOptions) -> Result<Vec<DiscoveredT
     let address = crate::address::parse_portal(address)?;
     let what = address.to_string();
     let credentials = Credentials::gather(&address, options)?;
-    let stream = connect(address.host(), address.port(), &what)?;
-    let mut link = Link::new(stream, address.portal(), what);
+    let stream = connect(address.host(), address.port(), &what, options.timeout)?;
+    let mut link = Link::new(stream, address.portal(), what, options.timeout);
     let initiator = options.initiator();
     login(
         &mut link,

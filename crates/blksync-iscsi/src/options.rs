@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use blksync_core::{Error, Result};
 
@@ -12,6 +13,8 @@ use crate::address::IscsiAddress;
 pub const DEFAULT_REQUEST_SIZE: usize = 256 << 10;
 /// Default number of commands in flight.
 pub const DEFAULT_QUEUE_DEPTH: usize = 32;
+/// How long a target may leave us waiting by default (docs/ISCSI.md, "Timeouts").
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How to open a LUN.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +33,10 @@ pub struct IscsiOptions {
     pub queue_depth: usize,
     /// Read the environment (`LIBISCSI_CHAP_*`) for secrets; tests turn it off.
     pub use_environment: bool,
+    /// How long the target may leave us waiting (default 30 s): for the connection, for each
+    /// login answer, and in the full feature phase while commands are outstanding; a NOP-Out
+    /// ping goes out after half of it. The address's `?timeout=SECONDS` sets it.
+    pub timeout: Duration,
 }
 
 impl Default for IscsiOptions {
@@ -41,6 +48,7 @@ impl Default for IscsiOptions {
             request_size: DEFAULT_REQUEST_SIZE,
             queue_depth: DEFAULT_QUEUE_DEPTH,
             use_environment: true,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }

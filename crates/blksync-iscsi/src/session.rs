@@ -15,18 +15,24 @@
 //! the socket and a target blocked on a full send buffer cannot deadlock against us. Commands
 //! are numbered and queued in one step under the state lock, so they reach the target in `CmdSN`
 //! order. When the reader stops (end of file, an error, a protocol violation), every task in
-//! flight fails with the cause, and so does every later command: nothing waits forever.
+//! flight fails with the cause, and so does every later command.
+//!
+//! Nothing waits forever on a target that stops answering either: the reader wakes every tick
+//! (a socket read timeout) while the socket is silent; with commands outstanding and nothing
+//! heard for half the session's timeout it sends a NOP-Out ping (ITT ≠ 0xffffffff, which the
+//! target must answer with a NOP-In), and after the whole timeout it ends the session.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::login::{Link, Negotiated};
+use crate::login::{Link, Negotiated, seconds};
 use crate::pdu::{self, Digests, Pdu, RESERVED_TAG, WireError, flag, opcode};
 use crate::scsi::Cdb;
 
@@ -37,6 +43,8 @@ const MAX_SENSE: usize = 252;
 /// Bytes of read buffers kept for reuse: a fresh 256 KiB buffer is an `mmap` and 64 page
 /// faults, which cost more CPU than the network copy on a fast link.
 const POOL_BYTES: usize = 16 << 20;
+/// The longest the reader sleeps on a silent socket before it looks at the clock.
+const MAX_TICK: Duration = Duration::from_secs(1);
 /// The reader's buffer: small, so that a large Data-In segment is read from the socket straight
 /// into the task's buffer (`BufReader` bypasses itself for reads larger than it), while the
 /// 48-byte headers still come a few per system call.
@@ -85,7 +93,86 @@ pub(crate) struct Response {
     pub data: Vec<u8>,
 }
 
-type Completion = Result<Response, Cause>;
+pub(crate) type Completion = Result<Response, Cause>;
+
+/// Where the completions of a group of commands arrive: their caller sleeps once, until the
+/// last one is in, instead of waking for each (a 2 MiB read is eight commands).
+#[derive(Default)]
+pub(crate) struct Batch {
+    state: Mutex<BatchState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct BatchState {
+    results: Vec<Option<Completion>>,
+    pending: usize,
+}
+
+impl Batch {
+    pub(crate) fn new() -> Arc<Batch> {
+        Arc::new(Batch::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for one more completion.
+    fn add(&self) -> usize {
+        let mut b = self.lock();
+        b.results.push(None);
+        b.pending += 1;
+        b.results.len() - 1
+    }
+
+    fn complete(&self, slot: usize, completion: Completion) {
+        let mut b = self.lock();
+        if b.results[slot].is_none() {
+            b.results[slot] = Some(completion);
+            b.pending -= 1;
+            if b.pending == 0 {
+                self.done.notify_one();
+            }
+        }
+    }
+
+    /// Waits for every command submitted with this batch; their completions, in submission
+    /// order.
+    pub(crate) fn wait(&self) -> Vec<Completion> {
+        let mut b = self.lock();
+        while b.pending > 0 {
+            b = self.done.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+        std::mem::take(&mut b.results)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Cause::Connection("the session ended".into()))))
+            .collect()
+    }
+}
+
+/// A task's place in its batch. A task dropped unanswered (it cannot be, but a caller must
+/// never sleep for ever on a bug) fails as a lost connection.
+struct Reply {
+    batch: Arc<Batch>,
+    slot: usize,
+    sent: bool,
+}
+
+impl Reply {
+    fn send(mut self, completion: Completion) {
+        self.sent = true;
+        self.batch.complete(self.slot, completion);
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.batch.complete(self.slot, Err(Cause::Connection("the session ended".into())));
+        }
+    }
+}
 
 enum Kind {
     None,
@@ -96,7 +183,7 @@ enum Kind {
 struct Task {
     kind: Kind,
     lun: [u8; 8],
-    tx: Sender<Completion>,
+    reply: Reply,
 }
 
 /// What the writer thread sends: a header, then maybe data from a shared buffer.
@@ -113,6 +200,31 @@ struct State {
     tasks: HashMap<u32, Task>,
     dead: Option<Cause>,
     logout: Option<(u32, Sender<bool>)>,
+    /// The ITT of our NOP-Out ping while its NOP-In is awaited.
+    ping: Option<u32>,
+    /// The reader holds a task out of the table while it reads its Data-In.
+    receiving: bool,
+    /// Threads waiting on `Shared::changed` (a notification costs a system call even when
+    /// nobody waits, so it is sent only when somebody does).
+    waiters: usize,
+}
+
+impl State {
+    /// A free Initiator Task Tag (never the reserved one, never one in flight).
+    fn new_itt(&mut self) -> u32 {
+        loop {
+            let itt = self.next_itt;
+            self.next_itt = self.next_itt.wrapping_add(1);
+            if itt != RESERVED_TAG && !self.tasks.contains_key(&itt) && self.ping != Some(itt) {
+                break itt;
+            }
+        }
+    }
+
+    /// Whether the target owes us an answer.
+    fn outstanding(&self) -> bool {
+        !self.tasks.is_empty() || self.logout.is_some() || self.receiving
+    }
 }
 
 struct Shared {
@@ -122,6 +234,13 @@ struct Shared {
     socket: TcpStream,
     terms: Negotiated,
     pool: Mutex<Vec<Vec<u8>>>,
+    /// How long the target may be silent while it owes us an answer.
+    timeout: Duration,
+    /// The clock of `heard`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` when bytes last came from the target, or when it began to owe
+    /// us an answer after a quiet spell.
+    heard: AtomicU64,
 }
 
 impl Shared {
@@ -140,13 +259,77 @@ impl Shared {
         let mut state = self.lock();
         let cause = state.dead.get_or_insert(cause).clone();
         for (_, task) in state.tasks.drain() {
-            let _ = task.tx.send(Err(cause.clone()));
+            task.reply.send(Err(cause.clone()));
         }
         state.logout = None;
         drop(state);
         self.changed.notify_all();
         let _ = self.socket.shutdown(Shutdown::Both);
         self.queue(Out::Stop);
+    }
+
+    /// Unlocks the state and wakes whoever waits for it to change (a window that opened, a
+    /// task that completed).
+    fn release(&self, state: MutexGuard<'_, State>) {
+        let wake = state.waiters > 0;
+        drop(state);
+        if wake {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits for the state to change.
+    fn wait_changed<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.waiters += 1;
+        let mut state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        state.waiters -= 1;
+        state
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Something came from the target (or the silence starts counting from now).
+    fn heard(&self) {
+        self.heard.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// The socket has been silent for a tick: with answers owed, a ping after half the timeout,
+    /// and after all of it the cause that ends the session.
+    fn silence(&self) -> Option<Cause> {
+        let mut state = self.lock();
+        if state.dead.is_some() {
+            return None;
+        }
+        if !state.outstanding() {
+            // Idle is not silence: the engine may be busy elsewhere for as long as it likes.
+            self.heard();
+            return None;
+        }
+        let quiet = self.now().saturating_sub(self.heard.load(Ordering::Relaxed));
+        let timeout = self.timeout.as_millis() as u64;
+        if quiet >= timeout {
+            return Some(Cause::Connection(format!(
+                "no answer from the target for {}, not even to a NOP-Out ping; ?timeout=SECONDS in the address waits longer",
+                seconds(self.timeout)
+            )));
+        }
+        if quiet >= timeout / 2 && state.ping.is_none() {
+            // RFC 7143 §11.18: a NOP-Out with a task tag asks for a NOP-In with the same tag;
+            // immediate, so that a closed CmdSN window does not hold it back.
+            let itt = state.new_itt();
+            let mut ping = Pdu::new(opcode::NOP_OUT);
+            ping.set_immediate();
+            ping.bhs[1] = flag::FINAL;
+            ping.set_u32(16, itt);
+            ping.set_u32(20, RESERVED_TAG);
+            ping.set_u32(24, state.cmd_sn);
+            ping.set_u32(28, state.exp_stat_sn);
+            state.ping = Some(itt);
+            self.queue(Out::Pdu { header: pdu::header(&ping.bhs, 0, self.terms.digests), data: None });
+        }
+        None
     }
 
     /// Takes `ExpCmdSN`/`MaxCmdSN` from a target PDU (RFC 7143 §4.2.2.1: only a sane pair, and
@@ -161,6 +344,39 @@ impl Shared {
     }
 }
 
+/// The reader's side of the socket: notes when bytes arrive, and while none do, wakes every
+/// tick to ping the target or give up on it ([`Shared::silence`]). A tick never reaches the
+/// PDU decoder, so a timeout in the middle of a PDU does not lose its place.
+struct Watched {
+    stream: TcpStream,
+    shared: Arc<Shared>,
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.shared.heard();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if let Some(cause) = self.shared.silence() {
+                        self.shared.die(cause);
+                        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the target went silent"));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+type Input = BufReader<Watched>;
+
 /// One session in the full feature phase.
 pub(crate) struct Session {
     shared: Arc<Shared>,
@@ -169,9 +385,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Starts the reader and writer threads on a logged-in link.
-    pub(crate) fn start(link: Link, terms: Negotiated, depth: usize) -> std::io::Result<Session> {
-        link.stream.set_read_timeout(None)?;
+    /// Starts the reader and writer threads on a logged-in link. `timeout`: how long the
+    /// target may be silent while it owes an answer.
+    pub(crate) fn start(link: Link, terms: Negotiated, depth: usize, timeout: Duration) -> std::io::Result<Session> {
+        let timeout = timeout.max(Duration::from_millis(4));
+        link.stream.set_read_timeout(Some((timeout / 4).min(MAX_TICK)))?;
         let reading = link.stream.try_clone()?;
         let writing = link.stream.try_clone()?;
         let (tx, rx) = channel();
@@ -183,6 +401,9 @@ impl Session {
             tasks: HashMap::new(),
             dead: None,
             logout: None,
+            ping: None,
+            receiving: false,
+            waiters: 0,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -191,6 +412,9 @@ impl Session {
             socket: link.stream,
             terms,
             pool: Mutex::new(Vec::new()),
+            timeout,
+            epoch: Instant::now(),
+            heard: AtomicU64::new(0),
         });
         let for_writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -198,7 +422,8 @@ impl Session {
             .spawn(move || write_loop(&for_writer, BufWriter::with_capacity(256 << 10, writing), &rx))?;
         let for_reader = Arc::clone(&shared);
         let reader = std::thread::Builder::new().name("iscsi-reader".into()).spawn(move || {
-            let mut input = BufReader::with_capacity(READ_BUFFER, reading);
+            let watched = Watched { stream: reading, shared: Arc::clone(&for_reader) };
+            let mut input = BufReader::with_capacity(READ_BUFFER, watched);
             let cause = loop {
                 if let Err(cause) = read_one(&for_reader, &mut input) {
                     break cause;
@@ -214,11 +439,10 @@ impl Session {
         &self.shared.terms
     }
 
-    /// Sends a command and returns where its completion will arrive. Waits while the `CmdSN`
-    /// window is shut or `depth` commands are in flight.
-    pub(crate) fn submit(&self, lun: [u8; 8], cdb: &Cdb, data: Data) -> Result<Receiver<Completion>, Cause> {
+    /// Sends a command whose completion will arrive in `batch`. Waits while the `CmdSN` window
+    /// is shut or `depth` commands are in flight.
+    pub(crate) fn submit(&self, lun: [u8; 8], cdb: &Cdb, data: Data, batch: &Arc<Batch>) -> Result<(), Cause> {
         let terms = self.shared.terms;
-        let (tx, rx) = channel();
         let mut state = self.shared.lock();
         loop {
             if let Some(cause) = &state.dead {
@@ -228,15 +452,13 @@ impl Session {
             if window_open && state.tasks.len() < self.depth && state.logout.is_none() {
                 break;
             }
-            state = self.shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state = self.shared.wait_changed(state);
         }
-        let itt = loop {
-            let itt = state.next_itt;
-            state.next_itt = state.next_itt.wrapping_add(1);
-            if itt != RESERVED_TAG && !state.tasks.contains_key(&itt) {
-                break itt;
-            }
-        };
+        if !state.outstanding() {
+            // The silence that counts starts now, not at the last answer before an idle spell.
+            self.shared.heard();
+        }
+        let itt = state.new_itt();
         let cmd_sn = state.cmd_sn;
         state.cmd_sn = state.cmd_sn.wrapping_add(1);
         let mut pdu = Pdu::new(opcode::SCSI_COMMAND);
@@ -275,8 +497,16 @@ impl Session {
                 data_out(&self.shared, &state, data, base, (itt, RESERVED_TAG, lun), unsolicited);
             }
         }
-        state.tasks.insert(itt, Task { kind, lun, tx });
-        Ok(rx)
+        let reply = Reply { batch: Arc::clone(batch), slot: batch.add(), sent: false };
+        state.tasks.insert(itt, Task { kind, lun, reply });
+        Ok(())
+    }
+
+    /// One command, waited for.
+    pub(crate) fn run(&self, lun: [u8; 8], cdb: &Cdb, data: Data) -> Completion {
+        let batch = Batch::new();
+        self.submit(lun, cdb, data, &batch)?;
+        batch.wait().pop().unwrap_or_else(|| Err(self.dead_cause()))
     }
 
     /// A buffer of `len` bytes, recycled when one is at hand (its old bytes are overwritten by
@@ -301,11 +531,6 @@ impl Session {
         }
     }
 
-    /// Waits for a completion; a lost channel means the session died.
-    pub(crate) fn wait(&self, rx: &Receiver<Completion>) -> Completion {
-        rx.recv().unwrap_or_else(|_| Err(self.dead_cause()))
-    }
-
     fn dead_cause(&self) -> Cause {
         self.shared.lock().dead.clone().unwrap_or_else(|| Cause::Connection("the session ended".into()))
     }
@@ -320,13 +545,13 @@ impl Session {
     pub(crate) fn logout(&self) -> bool {
         let mut state = self.shared.lock();
         while !state.tasks.is_empty() && state.dead.is_none() {
-            state = self.shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state = self.shared.wait_changed(state);
         }
         let mut confirmed = false;
         if state.dead.is_none() && state.logout.is_none() {
             let (tx, rx) = channel();
-            let itt = state.next_itt;
-            state.next_itt = state.next_itt.wrapping_add(1);
+            let itt = state.new_itt();
+            self.shared.heard();
             let mut req = Pdu::new(opcode::LOGOUT_REQUEST);
             req.set_immediate();
             req.bhs[1] = flag::FINAL;
@@ -425,7 +650,7 @@ fn wire(e: WireError) -> Cause {
 }
 
 /// Reads one PDU from the target and acts on it.
-fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cause> {
+fn read_one(shared: &Shared, input: &mut Input) -> Result<(), Cause> {
     let terms = shared.terms;
     let digests: Digests = terms.digests;
     let pdu = pdu::read_header(input, digests).map_err(wire)?;
@@ -459,8 +684,7 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
             let mut state = shared.lock();
             Shared::window(&mut state, &pdu);
             state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
-            drop(state);
-            shared.changed.notify_all();
+            shared.release(state);
             match pdu.bhs[36] {
                 0 | 255 => Ok(()),
                 1 => Err(Cause::Connection("the target asked for a logout (asynchronous event 1)".into())),
@@ -478,11 +702,15 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
             Shared::window(&mut state, &pdu);
             state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
             let why = format!("the target rejected a PDU (reason {reason:#04x})");
+            if rejected.is_some() && rejected == state.ping {
+                // A target that refuses pings still answered: it is alive.
+                state.ping = None;
+                return Ok(());
+            }
             match rejected.and_then(|itt| state.tasks.remove(&itt)) {
                 Some(task) => {
-                    let _ = task.tx.send(Err(Cause::Protocol(why)));
-                    drop(state);
-                    shared.changed.notify_all();
+                    task.reply.send(Err(Cause::Protocol(why)));
+                    shared.release(state);
                     Ok(())
                 }
                 None => Err(Cause::Protocol(why)),
@@ -493,7 +721,7 @@ fn read_one(shared: &Shared, input: &mut BufReader<TcpStream>) -> Result<(), Cau
 }
 
 /// A SCSI Response: status and sense complete the task.
-fn scsi_response(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+fn scsi_response(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     let itt = pdu.itt();
     let data = pdu::read_data(input, len, len, shared.terms.digests).map_err(wire)?;
     let sense = if data.len() >= 2 {
@@ -519,9 +747,8 @@ fn scsi_response(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, l
         }
         _ => Vec::new(),
     };
-    let _ = task.tx.send(Ok(Response { response: pdu.bhs[2], status: pdu.bhs[3], sense, data }));
-    drop(state);
-    shared.changed.notify_all();
+    task.reply.send(Ok(Response { response: pdu.bhs[2], status: pdu.bhs[3], sense, data }));
+    shared.release(state);
     Ok(())
 }
 
@@ -547,22 +774,29 @@ fn r2t(shared: &Shared, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     }
     let (data, base, lun) = (Arc::clone(data), range.start, *lun);
     data_out(shared, &state, &data, base, (itt, pdu.ttt(), lun), offset..offset + want);
-    drop(state);
     if moved {
-        shared.changed.notify_all();
+        shared.release(state);
     }
     Ok(())
 }
 
 /// A NOP-In: a ping (a TTT) is answered; either way it may open the window.
-fn nop_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+fn nop_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     let itt = pdu.itt();
     let digests = shared.terms.digests;
     let data = pdu::read_data(input, len, len, digests).map_err(wire)?;
-    if itt != RESERVED_TAG {
-        return Err(protocol("a NOP-In answering a NOP-Out we never sent"));
-    }
     let mut state = shared.lock();
+    if itt != RESERVED_TAG {
+        // The answer to our ping (RFC 7143 §11.19: it carries, and advances, StatSN).
+        if state.ping != Some(itt) {
+            return Err(protocol("a NOP-In answering a NOP-Out we never sent"));
+        }
+        state.ping = None;
+        Shared::window(&mut state, pdu);
+        state.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
+        shared.release(state);
+        return Ok(());
+    }
     let moved = Shared::window(&mut state, pdu);
     if pdu.ttt() != RESERVED_TAG {
         // A ping: answer with the same TTT and LUN, echoing its data.
@@ -578,15 +812,14 @@ fn nop_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usi
         let payload = (n > 0).then(|| (Arc::new(data), 0..n));
         shared.queue(Out::Pdu { header: pdu::header(&out.bhs, n, digests), data: payload });
     }
-    drop(state);
     if moved {
-        shared.changed.notify_all();
+        shared.release(state);
     }
     Ok(())
 }
 
 /// A Data-In PDU: its data straight into the task's buffer, in order and within its length.
-fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: usize) -> Result<(), Cause> {
+fn data_in(shared: &Shared, input: &mut Input, pdu: &Pdu, len: usize) -> Result<(), Cause> {
     let itt = pdu.itt();
     let flags = pdu.flags();
     if flags & flag::ACK != 0 {
@@ -597,11 +830,16 @@ fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: us
     }
     // The task is out of the table while its data is read (no lock held during I/O); on any
     // error it goes back, so that dying fails it with the others.
-    let mut task = shared
-        .lock()
-        .tasks
-        .remove(&itt)
-        .ok_or_else(|| protocol(format!("a Data-In for task {itt:#x}, which is not in flight")))?;
+    let mut task = {
+        let mut state = shared.lock();
+        let task = state
+            .tasks
+            .remove(&itt)
+            .ok_or_else(|| protocol(format!("a Data-In for task {itt:#x}, which is not in flight")))?;
+        // Still owed while it is out of the table: a target that stops mid-PDU times out.
+        state.receiving = true;
+        task
+    };
     let result = (|| {
         let Kind::Read { buf, received } = &mut task.kind else {
             return Err(protocol(format!("a Data-In for task {itt:#x}, which is no read")));
@@ -619,18 +857,19 @@ fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: us
         Ok(())
     })();
     let mut state = shared.lock();
+    state.receiving = false;
     if let Some(cause) = &state.dead {
         // The session died while the data was read (the writer failed): the task missed the
         // roll call of `die` and fails here.
-        let _ = task.tx.send(Err(cause.clone()));
+        let cause = cause.clone();
+        task.reply.send(Err(cause));
         return result;
     }
     let moved = Shared::window(&mut state, pdu);
     if result.is_err() || flags & flag::STATUS == 0 {
         state.tasks.insert(itt, task);
-        drop(state);
         if moved {
-            shared.changed.notify_all();
+            shared.release(state);
         }
         return result;
     }
@@ -642,9 +881,8 @@ fn data_in(shared: &Shared, input: &mut BufReader<TcpStream>, pdu: &Pdu, len: us
         }
         _ => Vec::new(),
     };
-    let _ = task.tx.send(Ok(Response { response: 0, status: pdu.bhs[3], sense: Vec::new(), data }));
-    drop(state);
-    shared.changed.notify_all();
+    task.reply.send(Ok(Response { response: 0, status: pdu.bhs[3], sense: Vec::new(), data }));
+    shared.release(state);
     Ok(())
 }
 
@@ -672,7 +910,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let mut link = Link::new(client, "test".into(), "test".into());
+        let mut link = Link::new(client, "test".into(), "test".into(), Duration::from_secs(30));
         link.max_cmd_sn = 64;
         (link, server)
     }
@@ -716,21 +954,18 @@ mod tests {
                 }
                 bytes.extend(wire);
             }
-            let session = Session::start(link, terms(), 4).unwrap();
+            let session = Session::start(link, terms(), 4, Duration::from_secs(30)).unwrap();
             let feeder = std::thread::spawn(move || {
                 let _ = server.write_all(&bytes);
                 let _ = server.shutdown(Shutdown::Write);
                 let _ = std::io::copy(&mut server, &mut std::io::sink());
             });
             let write = Arc::new(vec![7u8; 4096]);
-            let rxs = [
-                session.submit(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024)),
-                session.submit(scsi::lun_field(1), &scsi::write16(0, 8), Data::Out(write, 0..4096)),
-                session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None),
-            ];
-            for rx in rxs.into_iter().flatten() {
-                let _ = session.wait(&rx);
-            }
+            let batch = Batch::new();
+            let _ = session.submit(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024), &batch);
+            let _ = session.submit(scsi::lun_field(1), &scsi::write16(0, 8), Data::Out(write, 0..4096), &batch);
+            let _ = session.submit(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None, &batch);
+            let _ = batch.wait();
             drop(session);
             feeder.join().unwrap();
         }
@@ -742,7 +977,7 @@ mod tests {
     fn unsolicited_data_follows_immediate_data_when_initial_r2t_is_no() {
         let (link, mut server) = pair();
         let t = Negotiated { initial_r2t: false, first_burst: 16384, target_mrdsl: 4096, ..terms() };
-        let session = Session::start(link, t, 4).unwrap();
+        let session = Session::start(link, t, 4, Duration::from_secs(30)).unwrap();
         let target = std::thread::spawn(move || {
             let mut input = server.try_clone().unwrap();
             let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
@@ -776,10 +1011,8 @@ mod tests {
             got
         });
         let data: Vec<u8> = (0..40960u32).map(|i| (i % 253) as u8).collect();
-        let rx = session
-            .submit(scsi::lun_field(1), &scsi::write16(0, 80), Data::Out(Arc::new(data.clone()), 0..40960))
-            .unwrap();
-        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        let r = session.run(scsi::lun_field(1), &scsi::write16(0, 80), Data::Out(Arc::new(data.clone()), 0..40960));
+        assert_eq!(r.unwrap().status, 0);
         drop(session);
         assert_eq!(target.join().unwrap(), data);
     }
@@ -787,7 +1020,7 @@ mod tests {
     #[test]
     fn a_read_assembles_data_in_and_a_write_answers_r2t() {
         let (link, mut server) = pair();
-        let session = Session::start(link, terms(), 4).unwrap();
+        let session = Session::start(link, terms(), 4, Duration::from_secs(30)).unwrap();
         let target = std::thread::spawn(move || {
             let mut input = server.try_clone().unwrap();
             // The read: two Data-In, the second with status.
@@ -830,16 +1063,101 @@ mod tests {
             let _ = input.read_to_end(&mut rest);
             got
         });
-        let rx = session.submit(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024)).unwrap();
-        let r = session.wait(&rx).unwrap();
+        let r = session.run(scsi::lun_field(1), &scsi::read16(0, 2), Data::In(1024)).unwrap();
         assert_eq!(r.status, 0);
         assert_eq!(&r.data[..512], &[1; 512]);
         assert_eq!(&r.data[512..], &[2; 512]);
         let data: Vec<u8> = (0..20480u32).map(|i| (i % 251) as u8).collect();
         let shared = Arc::new(data.clone());
-        let rx = session.submit(scsi::lun_field(1), &scsi::write16(0, 40), Data::Out(shared, 0..20480)).unwrap();
-        assert_eq!(session.wait(&rx).unwrap().status, 0);
+        let r = session.run(scsi::lun_field(1), &scsi::write16(0, 40), Data::Out(shared, 0..20480));
+        assert_eq!(r.unwrap().status, 0);
         drop(session);
         assert_eq!(target.join().unwrap(), data);
+    }
+
+    /// A target that takes a command and then says nothing: a NOP-Out ping (ITT ≠ 0xffffffff,
+    /// immediate, TTT 0xffffffff) goes out after half the timeout, and after the timeout the
+    /// command fails as a connection error that says so.
+    #[test]
+    fn a_silent_target_is_pinged_then_given_up_on() {
+        let (link, server) = pair();
+        let session = Session::start(link, terms(), 4, Duration::from_millis(200)).unwrap();
+        let target = std::thread::spawn(move || {
+            let mut input = server.try_clone().unwrap();
+            let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let ping = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let _ = input.read_to_end(&mut Vec::new());
+            (cmd, ping)
+        });
+        let r = session.run(scsi::lun_field(1), &scsi::read16(0, 8), Data::In(4096));
+        let Err(Cause::Connection(why)) = r else { panic!("the command did not time out") };
+        assert!(why.contains("no answer from the target for 0.2 s"), "{why}");
+        assert!(session.dead().is_some());
+        drop(session);
+        let (cmd, ping) = target.join().unwrap();
+        assert_eq!(ping.opcode(), opcode::NOP_OUT);
+        assert!(ping.bhs[0] & 0x40 != 0 && ping.flags() & flag::FINAL != 0, "immediate, final");
+        assert!(ping.itt() != RESERVED_TAG && ping.itt() != cmd.itt(), "a task tag of its own");
+        assert_eq!(ping.ttt(), RESERVED_TAG);
+    }
+
+    /// A target that answers every ping is alive, however long a command takes: the command
+    /// completes after three pings (each NOP-In advances `StatSN`, which the next PDU acknowledges).
+    #[test]
+    fn a_target_that_answers_pings_keeps_a_slow_command_alive() {
+        let (link, mut server) = pair();
+        // Generous: each pong must come within half of it, on a loaded machine.
+        let session = Session::start(link, terms(), 4, Duration::from_secs(1)).unwrap();
+        let target = std::thread::spawn(move || {
+            let mut input = server.try_clone().unwrap();
+            let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let mut acknowledged = Vec::new();
+            for stat_sn in 10..13u32 {
+                let ping = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+                assert_eq!(ping.opcode(), opcode::NOP_OUT);
+                acknowledged.push(ping.u32_at(28));
+                let mut pong = Pdu::new(opcode::NOP_IN);
+                pong.bhs[1] = flag::FINAL;
+                pong.set_u32(16, ping.itt());
+                pong.set_u32(20, RESERVED_TAG);
+                pong.set_u32(24, stat_sn);
+                pong.set_u32(28, 1);
+                pong.set_u32(32, 64);
+                server.write_all(&pong.encode(Digests::default())).unwrap();
+            }
+            let mut resp = Pdu::new(opcode::SCSI_RESPONSE);
+            resp.bhs[1] = flag::FINAL;
+            resp.set_u32(16, cmd.itt());
+            resp.set_u32(24, 13);
+            server.write_all(&resp.encode(Digests::default())).unwrap();
+            let _ = input.read_to_end(&mut Vec::new());
+            acknowledged
+        });
+        assert_eq!(session.run(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap().status, 0);
+        drop(session);
+        let acknowledged = target.join().unwrap();
+        assert_eq!(acknowledged[1..], [11, 12], "ExpStatSN follows the NOP-Ins");
+    }
+
+    /// An idle session (nothing outstanding) is not a silent target, however long it lasts.
+    #[test]
+    fn an_idle_session_does_not_time_out() {
+        let (link, mut server) = pair();
+        let session = Session::start(link, terms(), 4, Duration::from_millis(500)).unwrap();
+        let target = std::thread::spawn(move || {
+            let mut input = server.try_clone().unwrap();
+            let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();
+            let mut resp = Pdu::new(opcode::SCSI_RESPONSE);
+            resp.bhs[1] = flag::FINAL;
+            resp.set_u32(16, cmd.itt());
+            server.write_all(&resp.encode(Digests::default())).unwrap();
+            let _ = input.read_to_end(&mut Vec::new());
+        });
+        // Idle for three timeouts: the engine busy elsewhere.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(session.dead().is_none());
+        assert_eq!(session.run(scsi::lun_field(1), &scsi::test_unit_ready(), Data::None).unwrap().status, 0);
+        drop(session);
+        target.join().unwrap();
     }
 }

@@ -188,6 +188,57 @@ fn digests_the_target_insists_on_are_used() {
     }
 }
 
+/// Every way tgtd can be told to take a write's data, against its backing file: all of it on
+/// R2T (`InitialR2T=Yes`, `ImmediateData=No`), unsolicited Data-Out without immediate data
+/// (`InitialR2T=No`, `ImmediateData=No`), and immediate plus unsolicited data
+/// (`InitialR2T=No`, `ImmediateData=Yes`); small bursts and PDUs, so that a command takes several
+/// R2Ts and each R2T several Data-Out PDUs; a thick LUN (`thin_provisioning=0`: no UNMAP, no
+/// WRITE SAME), so that zeros are written too.
+#[test]
+fn writes_reach_the_backing_file_however_tgtd_takes_their_data() {
+    require_tgtd!();
+    let small = [
+        "--param",
+        "MaxRecvDataSegmentLength=4096",
+        "--param",
+        "FirstBurstLength=16384",
+        "--param",
+        "MaxBurstLength=65536",
+        "--lun-params",
+        "thin_provisioning=0",
+    ];
+    for (initial_r2t, immediate_data) in [(true, false), (false, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lun.img");
+        let old = pattern(16 * MIB as usize, 20);
+        std::fs::write(&file, &old).unwrap();
+        let yes = |b: bool| if b { "Yes" } else { "No" };
+        let (r2t, imm) = (format!("InitialR2T={}", yes(initial_r2t)), format!("ImmediateData={}", yes(immediate_data)));
+        let mut args = vec!["--file", file.to_str().unwrap(), "--param", &r2t, "--param", &imm];
+        args.extend(small);
+        let tgtd = Tgtd::start(dir.path(), &args);
+        let lun = open(&tgtd.url, true).unwrap();
+        let n = *lun.negotiated();
+        let what = format!("{r2t} {imm}: {n:?}");
+        assert_eq!((n.initial_r2t, n.immediate_data), (initial_r2t, immediate_data), "{what}");
+        assert_eq!((n.target_mrdsl, n.first_burst, n.max_burst), (4096, 16384, 65536), "{what}");
+        assert_eq!(lun.info().zero, ZeroMethod::Write, "{what}");
+        assert!(!lun.caps().zero_offload && !lun.caps().holes, "{what}");
+        let data = pattern(5 * MIB as usize + 4096, 21);
+        lun.write_at(&data, MIB + 512).unwrap();
+        // Shorter than the immediate data, the first burst and one PDU.
+        lun.write_at(&data[..512], 15 * MIB).unwrap();
+        lun.zero(8 * MIB, 2 * MIB).unwrap();
+        lun.flush().unwrap();
+        Box::new(lun).close().unwrap();
+        let mut expect = old.clone();
+        expect[MIB as usize + 512..][..data.len()].copy_from_slice(&data);
+        expect[15 * MIB as usize..][..512].copy_from_slice(&data[..512]);
+        expect[8 * MIB as usize..10 * MIB as usize].fill(0);
+        assert!(std::fs::read(&file).unwrap() == expect, "the backing file differs: {what}");
+    }
+}
+
 #[test]
 fn blocks_of_4096_bytes_align_writes_and_widen_reads() {
     require_tgtd!();
@@ -638,4 +689,98 @@ fn zero_by_unmap_writes_zeros_where_the_target_kept_blocks_mapped() {
     assert!(disk[4096..4096 + (512 << 10)].iter().all(|&b| b == 0));
     assert_eq!(disk[..4096], pattern(MIB as usize, 12)[..4096]);
     assert_eq!(disk[4096 + (512 << 10)..MIB as usize], pattern(MIB as usize, 12)[4096 + (512 << 10)..]);
+}
+
+/// Ctrl-C during a sync onto a LUN (the engine's cancel flag): what was written is made durable
+/// with SYNCHRONIZE CACHE after the last write, and closing logs out; nothing is sent after.
+#[test]
+fn an_interrupted_sync_onto_a_lun_synchronizes_its_cache_then_logs_out() {
+    let cancel = std::sync::Arc::new(AtomicBool::new(false));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let (stop, seen) = (std::sync::Arc::clone(&cancel), std::sync::Arc::clone(&log));
+    let mut writes = 0;
+    let hook: support::Hook = Box::new(move |p, _, _| {
+        // What the initiator sent, in order: a CDB's opcode, or 0x46 for a Logout Request.
+        match p.opcode() {
+            opcode::SCSI_COMMAND => seen.lock().unwrap().push(p.bhs[32]),
+            opcode::LOGOUT_REQUEST => seen.lock().unwrap().push(0x46),
+            _ => {}
+        }
+        if p.opcode() == opcode::SCSI_COMMAND && p.bhs[32] == 0x8A {
+            writes += 1;
+            // The event: the sync is under way (4 commands of 256 KiB arrived).
+            if writes == 4 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        false
+    });
+    let (url, disk, handle) = mini_target(Lun { blocks: 32768, block_size: 512, thin_unmap: false }, hook);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let data = pattern(16 * MIB as usize, 13);
+    std::fs::write(&src, &data).unwrap();
+    let source = blksync::endpoint::local::Local::open_source(&src).unwrap();
+    let lun = open(&url, true).unwrap();
+    let options = blksync::sync::SyncOptions { threads: 2, ..Default::default() };
+    let control = blksync::progress::Control { observer: &blksync::progress::Silent, cancel: &cancel };
+    let e = blksync::sync::sync(&source, &lun, false, &options, control).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+    assert!(lun.logout(), "the target confirmed the logout");
+    Box::new(lun).close().unwrap();
+    handle.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    let last_write = log.iter().rposition(|&op| op == 0x8A).unwrap();
+    let flush = log.iter().rposition(|&op| op == 0x91).expect("a SYNCHRONIZE CACHE(16)");
+    assert!(flush > last_write, "the cache is synchronised after the last write: {log:x?}");
+    assert_eq!(log.last(), Some(&0x46), "the logout comes last: {log:x?}");
+    // What the engine says is done is on the LUN.
+    let text = e.to_string();
+    let done: usize = text.split("the first ").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    assert!(disk.lock().unwrap()[..done] == data[..done], "{text}");
+}
+
+/// A LUN opened for reading reads ahead of a sequential reader: after the first 2 MiB, the
+/// next two reads of 2 MiB are already asked for, and the reads that follow take them (each
+/// block crosses the wire once). A LUN opened for writing reads nothing ahead.
+#[test]
+fn a_sequential_reader_finds_the_next_reads_asked_for_ahead() {
+    for writable in [false, true] {
+        let reads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+        let seen = std::sync::Arc::clone(&reads);
+        let hook: support::Hook = Box::new(move |p, _, _| {
+            if p.opcode() == opcode::SCSI_COMMAND && p.bhs[32] == 0x88 {
+                seen.lock().unwrap().push(u64::from_be_bytes(p.bhs[34..42].try_into().unwrap()) * 512);
+            }
+            false
+        });
+        let (url, disk, handle) = mini_target(Lun { blocks: 32768, block_size: 512, thin_unmap: false }, hook);
+        let data = pattern(16 * MIB as usize, 14);
+        disk.lock().unwrap().copy_from_slice(&data);
+        let lun = open(&url, writable).unwrap();
+        let piece = lun.request_size() as u64;
+        let chunk = 2 * MIB;
+        assert_eq!(read(&lun, 0, chunk as usize), data[..chunk as usize]);
+        // Commands reach the target in CmdSN order: once the flush is answered, every READ sent
+        // before it has been seen.
+        lun.flush().unwrap();
+        let expect = if writable { chunk } else { 3 * chunk };
+        assert_eq!(
+            *reads.lock().unwrap(),
+            (0..expect).step_by(piece as usize).collect::<Vec<_>>(),
+            "writable {writable}"
+        );
+        for k in 1..8 {
+            assert_eq!(read(&lun, k * chunk, chunk as usize), data[(k * chunk) as usize..((k + 1) * chunk) as usize]);
+        }
+        lun.flush().unwrap();
+        let mut all = reads.lock().unwrap().clone();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "a block was read twice (writable {writable})");
+        assert!(all.iter().take_while(|&&o| o < 8 * chunk).count() as u64 == 8 * chunk / piece, "{all:?}");
+        Box::new(lun).close().unwrap();
+        handle.join().unwrap();
+    }
 }
