@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::fmt::Write as _;
+
 use blksync_fs::{Kind, Usage};
 use support::{FileSource, Spec, check, dumpe2fs, journal_start, make, partition, probe_known};
 
@@ -332,4 +334,311 @@ fn ext4_while_mounted_is_read_through_its_journal_and_known_after_unmounting() {
 /// `sync(1)`: the mounted filesystem's superblock reaches the image file.
 fn sync_all_filesystems() {
     support::run(&mut std::process::Command::new("sync"));
+}
+
+// The journal (docs/FILESYSTEMS.md, "The journal"). debugfs writes transactions into the
+// journal of an unmounted image (`jo`, `jw`, `jc`), replays them (`jr`), and is the oracle:
+// the map must equal dumpe2fs's after debugfs's replay, block for block.
+
+/// Filesystem block size of an image, from its superblock.
+fn block_size(data: &[u8]) -> usize {
+    1024 << le32(data, 1024 + 0x18)
+}
+
+/// The blocks where `b` differs from `a`, as debugfs block list ranges (`3-5,9`).
+fn differing(a: &[u8], b: &[u8], bs: usize) -> (Vec<u64>, String) {
+    let blocks: Vec<u64> =
+        a.chunks(bs).zip(b.chunks(bs)).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i as u64).collect();
+    let mut list = String::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut j = i;
+        while j + 1 < blocks.len() && blocks[j + 1] == blocks[j] + 1 {
+            j += 1;
+        }
+        if !list.is_empty() {
+            list.push(',');
+        }
+        if i == j {
+            let _ = write!(list, "{}", blocks[i]);
+        } else {
+            let _ = write!(list, "{}-{}", blocks[i], blocks[j]);
+        }
+        i = j + 1;
+    }
+    (blocks, list)
+}
+
+/// Writes into the journal of `image` (not needing recovery) one committed transaction that
+/// replays into what the debugfs commands `change` do to a copy of it: every block that
+/// differs. The journal is opened with `open` (`jo`, `jo -c`, `jo -c -v 2`); `more` are
+/// journal commands after it (more transactions). Returns the blocks of the transaction.
+fn journal_change(image: &support::Image, open: &str, change: &str, more: &str) -> Vec<u64> {
+    let dir = image.dir.path();
+    let target = support::copy_of(&image.path, dir, "target.img");
+    support::debugfs(&target, change, true);
+    let (a, b) = (std::fs::read(&image.path).unwrap(), std::fs::read(&target).unwrap());
+    let bs = block_size(&a);
+    let (blocks, list) = differing(&a, &b, bs);
+    assert!(!blocks.is_empty(), "{change} changed nothing");
+    let data: Vec<u8> = blocks.iter().flat_map(|&n| b[n as usize * bs..(n as usize + 1) * bs].to_vec()).collect();
+    let dat = dir.join("blocks.dat");
+    std::fs::write(&dat, data).unwrap();
+    let out = support::debugfs(&image.path, &format!("{open}\njw -b {list} {}\n{more}jc\n", dat.display()), true);
+    assert!(!out.contains("rror"), "debugfs: {out}");
+    assert!(dumpe2fs(&image.path).contains("needs_recovery"));
+    assert_ne!(journal_start(&image.path), 0);
+    blocks
+}
+
+/// A debugfs script that writes a new file, makes a directory and removes two files: blocks
+/// allocated and freed, an inode, a directory, bitmaps, descriptors and the superblock.
+fn some_changes(image: &support::Image) -> String {
+    let new = image.dir.path().join("new.dat");
+    std::fs::write(&new, support::Rng::new(5).bytes(300_000)).unwrap();
+    let (a, b) = (&image.files[0].0, &image.files[1].0);
+    format!("write {} new\nmkdir newdir\nrm {a}\nrm {b}\n", new.display())
+}
+
+/// Group 0's block bitmap, from its descriptor (first descriptor block, either size).
+fn bitmap_of_group_0(data: &[u8]) -> u64 {
+    let bs = block_size(data);
+    let at = if bs == 1024 { 2048 } else { bs };
+    u64::from(le32(data, at))
+}
+
+#[test]
+fn journalled_changes_read_as_replay_leaves_them_without_checksums_or_with_v2_or_v3() {
+    let variants: [(&str, &[&str], &str); 6] = [
+        ("ext4 4K, checksum v3", &["-t", "ext4", "-b", "4096"], "jo -c"),
+        ("ext4 4K, checksum v2", &["-t", "ext4", "-b", "4096"], "jo -c -v 2"),
+        ("ext4 1K, no checksums", &["-t", "ext4", "-b", "1024", "-O", "^metadata_csum"], "jo"),
+        ("ext4 1K 32-bit, checksum v3", &["-t", "ext4", "-b", "1024", "-O", "^64bit"], "jo -c"),
+        ("ext3 4K, block-mapped journal", &["-t", "ext3", "-b", "4096"], "jo"),
+        ("ext3 1K", &["-t", "ext3", "-b", "1024"], "jo"),
+    ];
+    for (i, (what, args, open)) in variants.into_iter().enumerate() {
+        let image = make(&Spec { args, seed: 30 + i as u64, ..Spec::default() });
+        let change = some_changes(&image);
+        let blocks = journal_change(&image, open, &change, "");
+        let report = support::check_journalled(&image, true);
+        eprintln!("{what}: {} blocks journalled: {report:?}", blocks.len());
+        assert!(report.missed_on_disk > 0, "{what}: the journal changes no allocation: {report:?}");
+    }
+}
+
+#[test]
+fn a_revoke_record_cancels_copies_up_to_its_transaction_and_not_after() {
+    // Without bitmap checksums: the revoked bitmap would fail the journalled descriptor's.
+    let args = &["-t", "ext4", "-b", "4096", "-O", "^metadata_csum"];
+    let image = make(&Spec { args, seed: 40, ..Spec::default() });
+    let bitmap = bitmap_of_group_0(&std::fs::read(&image.path).unwrap());
+    let change = some_changes(&image);
+    // The first transaction's copy of group 0's bitmap is revoked by the second.
+    journal_change(&image, "jo", &change, &format!("jw -r {bitmap}\n"));
+    let revoked = support::check_journalled(&image, false);
+    eprintln!("revoked: {revoked:?}");
+    // A revoke followed by a new copy in a later transaction: the copy counts.
+    let image = make(&Spec { args, seed: 40, ..Spec::default() });
+    let change = some_changes(&image);
+    let dir = image.dir.path();
+    let copy = dir.join("bitmap.dat");
+    let mut ones = vec![0u8; 4096];
+    ones[..512].fill(0xFF); // the first 4096 blocks used
+    std::fs::write(&copy, &ones).unwrap();
+    journal_change(&image, "jo", &change, &format!("jw -r {bitmap}\njw -b {bitmap} {}\n", copy.display()));
+    let recopied = support::check_journalled(&image, false);
+    eprintln!("revoked, then copied again: {recopied:?}");
+    assert!(revoked.added_by_replay == 0 && recopied.added_by_replay > 1000, "{revoked:?} {recopied:?}");
+}
+
+#[test]
+fn an_uncommitted_transaction_is_not_replayed() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "1024"], seed: 41, ..Spec::default() });
+    let data = std::fs::read(&image.path).unwrap();
+    let bitmap = bitmap_of_group_0(&data);
+    let change = some_changes(&image);
+    let ones = image.dir.path().join("ones.dat");
+    std::fs::write(&ones, vec![0xFFu8; 1024]).unwrap();
+    // An all-used bitmap for group 0 in a transaction without its commit block.
+    journal_change(&image, "jo -c", &change, &format!("jw -c -b {bitmap} {}\n", ones.display()));
+    let report = support::check_journalled(&image, true);
+    assert!(report.missed_on_disk > 0, "{report:?}");
+}
+
+#[test]
+fn an_escaped_copy_gets_its_magic_back() {
+    // Group 2 (no superblock backup, its metadata elsewhere with flex_bg) with the blocks
+    // allocated whose bits spell the journal magic C0 3B 39 98 in its bitmap's first bytes:
+    // debugfs escapes the copy, and the map reads those blocks as used.
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "1024", "-g", "1024"], seed: 42, ..Spec::default() });
+    let first = 1 + 2 * 1024;
+    let (oracle, _) = support::oracle(&image.path);
+    let used = support::block_set(&oracle);
+    assert!((first..first + 32).all(|b| !used.contains(&b)), "group 2 starts with used blocks");
+    let mut change = String::new();
+    for (i, byte) in [0xC0u8, 0x3B, 0x39, 0x98].into_iter().enumerate() {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                let _ = writeln!(change, "setb {}", first + 8 * i as u64 + bit);
+            }
+        }
+    }
+    journal_change(&image, "jo -c", &change, "");
+    // The transaction's descriptor (log block 1) has a tag flagged ESCAPE (v3 tags: 16 bytes,
+    // flags in the low half of the word at 4, a UUID after the first).
+    let journal = image.dir.path().join("journal.dat");
+    support::debugfs(&image.path, &format!("dump <8> {}\n", journal.display()), false);
+    let log = std::fs::read(&journal).unwrap();
+    let descriptor = &log[1024..2048];
+    assert_eq!(descriptor[..8], [0xC0, 0x3B, 0x39, 0x98, 0, 0, 0, 1]);
+    let mut escaped = false;
+    let mut p = 12;
+    while p + 16 <= 1024 - 4 {
+        let flags = u16::from_be_bytes([descriptor[p + 6], descriptor[p + 7]]);
+        escaped |= flags & 0x1 != 0;
+        p += if flags & 0x2 != 0 { 16 } else { 32 };
+        if flags & 0x8 != 0 {
+            break;
+        }
+    }
+    assert!(escaped, "debugfs escaped no copy");
+    let report = support::check_journalled(&image, true);
+    assert!(report.added_by_replay >= 14, "{report:?}");
+}
+
+// Snapshots of mounted filesystems, as of a running machine's disk: the kernel writes the
+// journal, and the map must agree with debugfs's replay of it and cover e2fsck's result.
+
+/// Unmounts on drop.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mounts `image` (with `options`) on a loop device and works on it: small files and a larger
+/// one written, a file deleted while held open (an orphan), directories made and removed,
+/// files of the image removed; then commits the journal with fsync, which writes no metadata
+/// home, and copies the image while it is still mounted: a crash-consistent snapshot. Rounds
+/// go on until the copy's journal is not empty. `None` where mounting is not possible.
+fn snapshot_while_mounted(image: &support::Image, options: &str) -> Option<std::path::PathBuf> {
+    let dir = image.dir.path();
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .arg("-o")
+        .arg(format!("loop,noatime,{options}"))
+        .arg(&image.path)
+        .arg(&mnt)
+        .output();
+    if !mounted.is_ok_and(|out| out.status.success()) {
+        eprintln!("skipped: cannot mount a loop device here");
+        return None;
+    }
+    let _mounted = Mounted(mnt.clone());
+    let mut rng = support::Rng::new(image.len);
+    let snap = dir.join("snap.img");
+    for round in 0..8 {
+        let work = mnt.join(format!("r{round}"));
+        std::fs::create_dir(&work).unwrap();
+        let mut written = Vec::new();
+        for i in 0..48 {
+            let path = work.join(format!("s{i}"));
+            let n = 100 + (rng.next() % 6000) as usize;
+            std::fs::write(&path, rng.bytes(n)).unwrap();
+            written.push(path);
+        }
+        let big = work.join("big");
+        std::fs::write(&big, rng.bytes(700_000)).unwrap();
+        written.push(big);
+        for i in 0..12 {
+            std::fs::create_dir(work.join(format!("d{i}"))).unwrap();
+        }
+        for i in (0..12).step_by(2) {
+            std::fs::remove_dir(work.join(format!("d{i}"))).unwrap();
+        }
+        for path in written.iter().step_by(3) {
+            std::fs::remove_file(path).unwrap();
+        }
+        if let Some((name, _)) = image.files.get(round) {
+            std::fs::remove_file(mnt.join(name)).unwrap();
+        }
+        let orphan_path = work.join("orphan");
+        std::fs::write(&orphan_path, rng.bytes(200_000)).unwrap();
+        let orphan = std::fs::File::open(&orphan_path).unwrap();
+        orphan.sync_all().unwrap();
+        std::fs::remove_file(&orphan_path).unwrap();
+        // fsync commits the running transaction (all of the above) to the journal.
+        for path in written.iter().filter(|p| p.exists()) {
+            std::fs::File::open(path).unwrap().sync_all().unwrap();
+        }
+        support::run(std::process::Command::new("cp").arg("--sparse=always").arg(&image.path).arg(&snap));
+        drop(orphan);
+        if journal_start(&snap) != 0 && dumpe2fs(&snap).contains("needs_recovery") {
+            eprintln!("snapshot after round {round}");
+            return Some(snap);
+        }
+    }
+    panic!("no copy in 8 rounds had transactions in its journal");
+}
+
+/// Snapshots `spec`'s image while mounted with `options` and checks the map of the snapshot,
+/// whose journal has `features` (dumpe2fs's words).
+fn check_snapshot(spec: &Spec<'_>, options: &str, features: &str) {
+    let image = make(spec);
+    let Some(snap) = snapshot_while_mounted(&image, options) else { return };
+    let header = support::run(std::process::Command::new("dumpe2fs").arg("-h").arg(&snap));
+    let line = header.lines().find(|l| l.starts_with("Journal features:")).unwrap();
+    assert_eq!(line.split_once(':').unwrap().1.trim(), features);
+    let snapshot = support::Image {
+        path: snap,
+        start: 0,
+        len: image.len,
+        files: Vec::new(),
+        dir: tempfile::tempdir_in(image.dir.path()).unwrap(),
+    };
+    let report = support::check_journalled(&snapshot, true);
+    let bs = report.block_size;
+    eprintln!(
+        "{:?} mounted {options}: {report:?}; used by the map {} KiB, after e2fsck {} KiB, on disk unreplayed {} KiB",
+        spec.args,
+        report.ours * bs / 1024,
+        report.fsck * bs / 1024,
+        report.on_disk * bs / 1024
+    );
+    assert!(report.missed_on_disk > 0, "the journal held no allocation the disk did not: {report:?}");
+    // Only the orphan's blocks (and what else e2fsck frees) more than e2fsck.
+    assert!((report.ours - report.fsck) * bs <= 4 << 20, "{report:?}");
+}
+
+#[test]
+fn ext4_copied_while_mounted_reads_as_its_journal_replays() {
+    check_snapshot(
+        &Spec { args: &["-t", "ext4", "-b", "4096"], size: 64 << 20, seed: 50, ..Spec::default() },
+        "",
+        "journal_incompat_revoke journal_64bit journal_checksum_v3",
+    );
+}
+
+#[test]
+fn ext3_copied_while_mounted_reads_as_its_journal_replays() {
+    check_snapshot(
+        &Spec { args: &["-t", "ext3", "-b", "4096"], size: 64 << 20, seed: 51, ..Spec::default() },
+        "",
+        "journal_incompat_revoke",
+    );
+}
+
+#[test]
+fn ext4_without_metadata_csum_with_journal_checksum_v1_copied_while_mounted_reads_as_it_replays() {
+    // journal_checksum on a filesystem without metadata_csum: jbd2's checksum v1 (crc32_be).
+    let args = &["-t", "ext4", "-b", "1024", "-O", "^metadata_csum,^64bit"];
+    check_snapshot(
+        &Spec { args, size: 48 << 20, seed: 52, ..Spec::default() },
+        "journal_checksum",
+        "journal_checksum journal_incompat_revoke",
+    );
 }
