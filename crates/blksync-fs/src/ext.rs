@@ -87,6 +87,16 @@ macro_rules! refuse {
     ($($arg:tt)*) => { return Ok(Err(format!($($arg)*))) };
 }
 
+/// The value of a [`Verdict`], or its reason to copy whole returned as the caller's.
+macro_rules! accept {
+    ($verdict:expr) => {
+        match $verdict {
+            Ok(value) => value,
+            Err(reason) => return Ok(Err(reason)),
+        }
+    };
+}
+
 mod inode;
 mod journal;
 
@@ -455,7 +465,7 @@ pub(crate) fn probe(reader: &Reader<'_>) -> Result<Option<Verdict<(Kind, Ext)>>>
     // replaying; then everything is read as replay would leave it.
     let overlay = match journal::read(reader, &disk, &sb)? {
         Ok(overlay) => overlay,
-        Err(reason) => return Ok(Some(Err(format!("the journal needs recovery, and {reason}")))),
+        Err(reason) => return Ok(Some(Err(format!("the journal needs recovery: {reason}")))),
     };
     if overlay.is_empty() {
         return Ok(Some(load(reader, disk, overlay)?));
@@ -468,6 +478,9 @@ pub(crate) fn probe(reader: &Reader<'_>) -> Result<Option<Verdict<(Kind, Ext)>>>
         Ok(replayed) => replayed,
         Err(reason) => return Ok(Some(Err(format!("the journal's copy of the superblock: {reason}")))),
     };
+    if replayed.block_size != disk.block_size {
+        return Ok(Some(Err("the journal's copy of the superblock has another block size".into())));
+    }
     Ok(Some(load(reader, replayed, overlay)?))
 }
 

@@ -642,3 +642,82 @@ fn ext4_without_metadata_csum_with_journal_checksum_v1_copied_while_mounted_read
         "journal_checksum journal_incompat_revoke",
     );
 }
+
+/// Where block `l` of the journal (inode 8) is in the image.
+fn journal_block(image: &std::path::Path, l: u64) -> u64 {
+    let out = support::debugfs(image, &format!("bmap <8> {l}\n"), false);
+    out.lines().filter_map(|line| line.trim().parse().ok()).next_back().unwrap()
+}
+
+/// Byte offset of inode 8 in an image (group 0's inode table, in the first descriptor).
+fn journal_inode_at(data: &[u8]) -> usize {
+    let bs = block_size(data);
+    let desc = if bs == 1024 { 2048 } else { bs };
+    let inode_size = usize::from(u16::from_le_bytes([data[1024 + 0x58], data[1024 + 0x59]]));
+    le32(data, desc + 8) as usize * bs + 7 * inode_size
+}
+
+#[test]
+fn a_journal_failing_a_checksum_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "4096"], seed: 60, ..Spec::default() });
+    let change = some_changes(&image);
+    // One transaction: its descriptor at log block 1, the copies, the commit block.
+    let copies = journal_change(&image, "jo -c", &change, "").len() as u64;
+    assert!(copies < 250, "one descriptor block");
+    let orig = std::fs::read(&image.path).unwrap();
+    let cases = [
+        ("a copy", 2, 100, "the copy of block"),
+        ("the descriptor", 1, 40, "the descriptor at log block 1"),
+        ("the commit block", 2 + copies, 0x30, "the commit block at log block"),
+        ("the journal superblock", 0, 0x60, "journal superblock"),
+    ];
+    for (what, l, offset, expected) in cases {
+        let at = journal_block(&image.path, l) * 4096 + offset;
+        edit(&image.path, false, |d| {
+            d.copy_from_slice(&orig);
+            d[at as usize] ^= 0x10;
+        });
+        let reason = whole_reason(probe_file(&image.path));
+        eprintln!("{what}: {reason}");
+        assert!(reason.contains(expected) && reason.contains("checksum"), "{what}: {reason}");
+    }
+}
+
+/// A change to an image's bytes.
+type Change = Box<dyn Fn(&mut Vec<u8>)>;
+
+#[test]
+fn a_journal_with_fast_commits_elsewhere_or_damaged_is_copied_whole() {
+    let image = make(&Spec { args: &["-t", "ext4", "-b", "4096"], seed: 61, ..Spec::default() });
+    let change = some_changes(&image);
+    journal_change(&image, "jo", &change, "");
+    let orig = std::fs::read(&image.path).unwrap();
+    let jsb = journal_block(&image.path, 0) as usize * 4096;
+    let inode = journal_inode_at(&orig);
+    let set_be32 = |d: &mut Vec<u8>, at: usize, value: u32| d[at..at + 4].copy_from_slice(&value.to_be_bytes());
+    let cases: Vec<(&str, Change, &str)> = vec![
+        ("ext4 fast_commit", Box::new(|d| d[1024 + 0x5C + 1] |= 0x4), "fast commits"),
+        ("an external journal", Box::new(|d| d[1024 + 0xD0] = 1), "another device"),
+        ("the backup of the inode", Box::new(|d| d[1024 + 0x10C] ^= 1), "s_jnl_blocks"),
+        ("the inode's checksum", Box::new(move |d| d[inode + 0x28] ^= 1), "journal inode 8: its checksum is wrong"),
+        ("no journal magic", Box::new(move |d| d[jsb] = 0), "no journal superblock"),
+        ("superblock type", Box::new(move |d| set_be32(d, jsb + 4, 7)), "type 7"),
+        ("block size", Box::new(move |d| set_be32(d, jsb + 0x0C, 1024)), "block size"),
+        ("s_errno", Box::new(move |d| set_be32(d, jsb + 0x20, 5)), "recorded error 5"),
+        ("jbd2 fast commits", Box::new(move |d| d[jsb + 0x2B] |= 0x20), "fast commits"),
+        ("unknown incompat", Box::new(move |d| d[jsb + 0x2A] |= 0x1), "incompatible features 0x100"),
+        ("ro_compat", Box::new(move |d| d[jsb + 0x2F] |= 0x1), "read-only-compatible"),
+        ("two checksums", Box::new(move |d| d[jsb + 0x2B] |= 0x18), "more than one kind"),
+        ("a start past the end", Box::new(move |d| set_be32(d, jsb + 0x1C, 1 << 20)), "start"),
+        ("a block type", Box::new(move |d| set_be32(d, jsb + 4096 + 4, 9)), "of type 9"),
+    ];
+    for (what, change, expected) in cases {
+        edit(&image.path, true, |d| {
+            d.copy_from_slice(&orig);
+            change(d);
+        });
+        let reason = whole_reason(probe_file(&image.path));
+        eprintln!("{what}: {reason}");
+        assert!(reason.contains("journal needs recovery") && reason.contains(expected), "{what}: {reason}");
+    }
+}

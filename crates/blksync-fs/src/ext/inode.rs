@@ -101,7 +101,7 @@ pub(super) fn read(reader: &Reader<'_>, sb: &Super, ino: u64) -> Result<Verdict<
     let inode = Inode { raw };
     if let Some(seed) = sb.csum_seed {
         if !csum_ok(seed, ino, &inode.raw) {
-            refuse!("fails its checksum (byte {})", table * sb.block_size + index * sb.inode_size);
+            refuse!("its checksum is wrong (byte {})", table * sb.block_size + index * sb.inode_size);
         }
     }
     Ok(Ok(inode))
@@ -136,7 +136,7 @@ fn csum_ok(seed: u32, ino: u64, raw: &[u8]) -> bool {
 pub(super) fn map(reader: &Reader<'_>, sb: &Super, ino: u64, inode: &Inode, n: u64) -> Result<Verdict<FileMap>> {
     let flags = inode.flags();
     if flags & (ENCRYPT_FL | INLINE_DATA_FL) != 0 {
-        refuse!("encrypted, or holding inline data");
+        refuse!("it is encrypted or holds inline data");
     }
     let mut walk = Walk { reader, sb, n, runs: Vec::new(), nodes: 0 };
     let walked = if flags & EXTENTS_FL != 0 {
@@ -145,9 +145,7 @@ pub(super) fn map(reader: &Reader<'_>, sb: &Super, ino: u64, inode: &Inode, n: u
     } else {
         walk.indirect_root(inode.block())?
     };
-    if let Err(reason) = walked {
-        refuse!("{reason}");
-    }
+    accept!(walked);
     let mut expect = 0;
     for run in &walk.runs {
         if run.logical != expect {
@@ -156,7 +154,7 @@ pub(super) fn map(reader: &Reader<'_>, sb: &Super, ino: u64, inode: &Inode, n: u
         expect = run.logical + run.len;
     }
     if expect < n {
-        refuse!("no block {expect} (a hole)");
+        refuse!("its block {expect} is a hole");
     }
     Ok(Ok(FileMap { runs: walk.runs }))
 }
@@ -240,21 +238,14 @@ impl Walk<'_, '_> {
                     refuse!("extent at block {logical} is empty or unwritten");
                 }
                 let start = u64::from(le16(e, 6)) << 32 | u64::from(le32(e, 8));
-                if let Err(reason) = self.push(logical, start, len) {
-                    refuse!("{reason}");
-                }
+                accept!(self.push(logical, start, len));
             } else {
                 if self.nodes >= MAX_NODES {
                     refuse!("more than {MAX_NODES} extent blocks");
                 }
                 let child = u64::from(le16(e, 8)) << 32 | u64::from(le32(e, 4));
-                let node = match self.node(child)? {
-                    Ok(node) => node,
-                    Err(reason) => refuse!("{reason}"),
-                };
-                if let Err(reason) = self.extents(&node, Some(d - 1), seed)? {
-                    refuse!("{reason}");
-                }
+                let node = accept!(self.node(child)?);
+                accept!(self.extents(&node, Some(d - 1), seed)?);
             }
         }
         Ok(Ok(()))
@@ -268,9 +259,7 @@ impl Walk<'_, '_> {
             if logical >= self.n {
                 return Ok(Ok(()));
             }
-            if let Err(reason) = self.entry(u64::from(le32(word, 0)), 0, logical)? {
-                refuse!("{reason}");
-            }
+            accept!(self.entry(u64::from(le32(word, 0)), 0, logical)?);
         }
         let mut logical = 12;
         let mut span = per;
@@ -278,9 +267,7 @@ impl Walk<'_, '_> {
             if logical >= self.n {
                 break;
             }
-            if let Err(reason) = self.entry(u64::from(le32(block, 44 + 4 * level as usize)), level, logical)? {
-                refuse!("{reason}");
-            }
+            accept!(self.entry(u64::from(le32(block, 44 + 4 * level as usize)), level, logical)?);
             logical += span;
             span *= per;
         }
@@ -296,10 +283,7 @@ impl Walk<'_, '_> {
         if level == 0 {
             return Ok(self.push(logical, target, 1));
         }
-        let node = match self.node(target)? {
-            Ok(node) => node,
-            Err(reason) => refuse!("{reason}"),
-        };
+        let node = accept!(self.node(target)?);
         let per = self.sb.block_size / 4;
         let span = per.pow(level - 1);
         for (i, word) in node.chunks_exact(4).enumerate() {
@@ -307,9 +291,7 @@ impl Walk<'_, '_> {
             if at >= self.n {
                 break;
             }
-            if let Err(reason) = self.entry(u64::from(le32(word, 0)), level - 1, at)? {
-                refuse!("{reason}");
-            }
+            accept!(self.entry(u64::from(le32(word, 0)), level - 1, at)?);
         }
         Ok(Ok(()))
     }

@@ -157,10 +157,8 @@ pub(super) fn read(reader: &Reader<'_>, sb: &Super, raw: &[u8]) -> Result<Verdic
         Ok(map) => map,
         Err(reason) => refuse!("journal inode {ino}: {reason}"),
     };
-    let log = match Log::open(reader, map, n, sb.block_size)? {
-        Ok(Some(log)) => log,
-        Ok(None) => return Ok(Ok(Overlay::default())),
-        Err(reason) => refuse!("{reason}"),
+    let Some(log) = accept!(Log::open(reader, map, n, sb.block_size)?) else {
+        return Ok(Ok(Overlay::default()));
     };
     log.scan(reader.len / sb.block_size)
 }
@@ -169,14 +167,14 @@ pub(super) fn read(reader: &Reader<'_>, sb: &Super, raw: &[u8]) -> Result<Verdic
 /// the superblock's backup of it.
 fn check_inode(sb: &Super, raw: &[u8], inode: &Inode) -> Verdict<()> {
     if inode.mode() & 0xF000 != 0x8000 || inode.links() == 0 {
-        return Err("not a regular file in use".into());
+        return Err("it is not a regular file in use".into());
     }
     if raw[0xFD] == JNL_BACKUP_BLOCKS
         && (raw[0x10C..0x148] != *inode.block()
             || le32(raw, 0x148) != le32(&inode.raw, 0x6C)
             || le32(raw, 0x14C) != le32(&inode.raw, 0x04))
     {
-        return Err("differs from the superblock's backup of it (s_jnl_blocks)".into());
+        return Err("it differs from the superblock's backup of it (s_jnl_blocks)".into());
     }
     let n = inode.size() / sb.block_size;
     if !(MIN_BLOCKS..=MAX_BLOCKS).contains(&n) || n > sb.blocks {
@@ -360,10 +358,7 @@ impl<'a, 'r> Log<'a, 'r> {
                 refuse!("the log does not end within the journal's {} blocks", self.maxlen);
             }
             let here = next;
-            let at = match self.read(here, &mut block)? {
-                Ok(at) => at,
-                Err(reason) => refuse!("{reason}"),
-            };
+            let at = accept!(self.read(here, &mut block)?);
             walked += 1;
             next = self.next(next);
             // The end of the log: a block never written, or left from an older transaction.
@@ -400,10 +395,7 @@ impl<'a, 'r> Log<'a, 'r> {
                                 None => refuse!("the journal has no block {copy_l}"),
                             }
                         } else {
-                            let copy_at = match self.read(copy_l, &mut data)? {
-                                Ok(copy_at) => copy_at,
-                                Err(reason) => refuse!("{reason}"),
-                            };
+                            let copy_at = accept!(self.read(copy_l, &mut data)?);
                             if !self.copy_ok(tag, seq, &data, &mut crc_v1) && bad_copy.is_none() {
                                 bad_copy = Some(format!(
                                     "the copy of block {home} at log block {copy_l} (byte {}) of transaction {seq} fails its checksum",
