@@ -200,7 +200,7 @@ fn unmutated_journal_seeds_are_read_and_cover_their_replay() {
 /// e2fsprogs can). Whether the map was given.
 fn covers_replay(make: impl FnOnce() -> Vec<u8>) -> bool {
     let _one = ONE.lock().unwrap_or_else(PoisonError::into_inner);
-    let data = &make();
+    let data: &[u8] = &make();
     let source = blksync_core::endpoint::memory::Memory::with_bytes("journal.img", data.to_vec());
     let Ok(blksync_fs::Usage::Known(map)) = blksync_fs::probe(&source, 0, data.len() as u64) else { return false };
     let runs = support::runs(&map, &source);
