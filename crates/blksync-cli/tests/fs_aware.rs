@@ -296,15 +296,11 @@ fn fs_aware_over_ssh_pushes_and_pulls_only_used_blocks() {
     }
 }
 
-/// `image` (an ext filesystem) mounted on a loop device and worked on (files written and
-/// removed, directories made and removed, a file removed while held open), its journal
-/// committed by fsync (which writes no metadata home), then copied sparsely while still
-/// mounted: a snapshot whose journal needs recovery, as of a running machine's disk.
-fn snapshot_while_mounted(image: &Path, snap: &Path) {
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    let mount = Mount::new(&mnt, &["-o", "loop,noatime", image.to_str().unwrap()]);
-    let work = mount.dir.join("work");
+/// Work on a mounted filesystem: files written and removed (one of [`files`] too), directories
+/// made and removed, a file removed while held open (an orphan, held until the snapshot is
+/// taken: the file handle is returned).
+fn work(mnt: &Path) -> std::fs::File {
+    let work = mnt.join("work");
     std::fs::create_dir(&work).unwrap();
     let mut written = Vec::new();
     for i in 0..64 {
@@ -324,22 +320,13 @@ fn snapshot_while_mounted(image: &Path, snap: &Path) {
     for path in written.iter().step_by(4) {
         std::fs::remove_file(path).unwrap();
     }
-    std::fs::remove_file(mount.dir.join("small")).unwrap();
+    std::fs::remove_file(mnt.join("small")).unwrap();
     let orphan_path = work.join("orphan");
     write_file(&orphan_path, &random_bytes(MIB, 68));
     let orphan = std::fs::File::open(&orphan_path).unwrap();
     orphan.sync_all().unwrap();
     std::fs::remove_file(&orphan_path).unwrap();
-    for path in written.iter().filter(|p| p.exists()) {
-        std::fs::File::open(path).unwrap().sync_all().unwrap();
-    }
-    tool("cp", &["--sparse=always", image.to_str().unwrap(), snap.to_str().unwrap()]);
-    drop(orphan);
-    drop(mount);
-    let header = tool("dumpe2fs", &["-h", snap.to_str().unwrap()]);
-    assert!(header.contains("needs_recovery"), "{header}");
-    let start = header.lines().find_map(|l| l.strip_prefix("Journal start:")).unwrap().trim();
-    assert_ne!(start, "0", "the snapshot's journal is empty");
+    orphan
 }
 
 /// `e2fsck -fy` (journal replayed, orphans released): exit 0 or 1.
@@ -361,7 +348,7 @@ fn an_fs_aware_sync_of_a_snapshot_of_a_mounted_ext3_or_ext4_copies_what_replayin
         let image = dir.path().join("mounted.img");
         let gone = ext_image(&image, 48 * MIB, args, 80 + i as u64);
         let snap = dir.path().join("snap.img");
-        snapshot_while_mounted(&image, &snap);
+        snapshot_while_mounted(&image, &snap, work);
         // Over junk: blocks the map calls free keep it.
         let dst = dir.path().join("dst.img");
         write_file(&dst, &random_bytes(48 * MIB, 90 + i as u64));
