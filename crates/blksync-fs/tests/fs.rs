@@ -374,13 +374,18 @@ fn differing(a: &[u8], b: &[u8], bs: usize) -> (Vec<u64>, String) {
 /// differs. The journal is opened with `open` (`jo`, `jo -c`, `jo -c -v 2`); `more` are
 /// journal commands after it (more transactions). Returns the blocks of the transaction.
 fn journal_change(image: &support::Image, open: &str, change: &str, more: &str) -> Vec<u64> {
-    let dir = image.dir.path();
-    let target = support::copy_of(&image.path, dir, "target.img");
+    let target = support::copy_of(&image.path, image.dir.path(), "target.img");
     support::debugfs(&target, change, true);
+    journal_towards(image, &target, open, more)
+}
+
+/// [`journal_change`] towards `target`, a changed copy of `image`.
+fn journal_towards(image: &support::Image, target: &std::path::Path, open: &str, more: &str) -> Vec<u64> {
+    let dir = image.dir.path();
     let (a, b) = (std::fs::read(&image.path).unwrap(), std::fs::read(&target).unwrap());
     let bs = block_size(&a);
     let (blocks, list) = differing(&a, &b, bs);
-    assert!(!blocks.is_empty(), "{change} changed nothing");
+    assert!(!blocks.is_empty(), "{} is no change", target.display());
     let data: Vec<u8> = blocks.iter().flat_map(|&n| b[n as usize * bs..(n as usize + 1) * bs].to_vec()).collect();
     let dat = dir.join("blocks.dat");
     std::fs::write(&dat, data).unwrap();
@@ -720,4 +725,69 @@ fn a_journal_with_fast_commits_elsewhere_or_damaged_is_copied_whole() {
         eprintln!("{what}: {reason}");
         assert!(reason.contains("journal needs recovery") && reason.contains(expected), "{what}: {reason}");
     }
+}
+
+/// Writes by hand into the empty journal of `image` (a filesystem without 64bit and
+/// metadata_csum: no journal checksums, 8-byte tags) one committed transaction holding
+/// `target`'s content of every block where it differs, and marks the filesystem as needing
+/// recovery: for copies past the filesystem's end, which debugfs does not write. debugfs's
+/// replay is still the oracle.
+fn journal_by_hand(image: &std::path::Path, target: &std::path::Path) -> usize {
+    let mut data = std::fs::read(image).unwrap();
+    let new = std::fs::read(target).unwrap();
+    let bs = block_size(&data);
+    assert_eq!(le32(&data, 1024 + 0x60) & 0x80, 0, "no 64bit");
+    let (blocks, _) = differing(&data, &new, bs);
+    assert!(blocks.len() < (bs - 12 - 16) / 8, "one descriptor block");
+    let j0 = journal_block(image, 0) as usize * bs;
+    assert_eq!(journal_block(image, blocks.len() as u64 + 3) as usize * bs, j0 + (blocks.len() + 3) * bs, "contiguous");
+    let be = |d: &mut Vec<u8>, at: usize, v: u32| d[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let seq = u32::from_be_bytes(data[j0 + 0x18..j0 + 0x1C].try_into().unwrap());
+    let uuid = data[j0 + 0x30..j0 + 0x40].to_vec();
+    be(&mut data, j0 + 0x1C, 1); // s_start
+    let desc = j0 + bs;
+    data[desc..desc + bs].fill(0);
+    be(&mut data, desc, 0xC03B_3998);
+    be(&mut data, desc + 4, 1);
+    be(&mut data, desc + 8, seq);
+    let mut p = desc + 12;
+    for (i, &b) in blocks.iter().enumerate() {
+        be(&mut data, p, b as u32);
+        let flags: u16 = if i == 0 { 0 } else { 0x2 } | if i + 1 == blocks.len() { 0x8 } else { 0 };
+        data[p + 6..p + 8].copy_from_slice(&flags.to_be_bytes());
+        p += 8;
+        if i == 0 {
+            data[p..p + 16].copy_from_slice(&uuid);
+            p += 16;
+        }
+        let copy = j0 + (2 + i) * bs;
+        data[copy..copy + bs].copy_from_slice(&new[b as usize * bs..(b as usize + 1) * bs]);
+    }
+    let commit = j0 + (2 + blocks.len()) * bs;
+    data[commit..commit + 2 * bs].fill(0);
+    be(&mut data, commit, 0xC03B_3998);
+    be(&mut data, commit + 4, 2);
+    be(&mut data, commit + 8, seq);
+    data[1024 + 0x60] |= 0x4; // recover
+    std::fs::write(image, data).unwrap();
+    blocks.len()
+}
+
+#[test]
+fn a_filesystem_grown_in_its_journal_is_read_at_its_new_size() {
+    // A 32 MiB ext4 at the start of 64 MiB, and a transaction that holds what resize2fs
+    // changes to grow it to 64 MiB (superblock, descriptors, the new groups' bitmaps), as an
+    // online resize leaves its journal: read through it, the map has the new groups.
+    let args = &["-t", "ext4", "-b", "4096", "-g", "4096", "-O", "^64bit,^metadata_csum"];
+    let image = make(&Spec { args, tail: 32 << 20, seed: 62, ..Spec::default() });
+    let target = support::copy_of(&image.path, image.dir.path(), "grown.img");
+    support::run(std::process::Command::new("resize2fs").arg("-f").arg(&target).arg("64M"));
+    let blocks = journal_by_hand(&image.path, &target);
+    let grown = support::Image { len: 64 << 20, files: Vec::new(), ..image };
+    let report = support::check_journalled(&grown, true);
+    eprintln!("{blocks} blocks journalled: {report:?}");
+    let (source, map) = probe_known(&grown);
+    let runs = support::runs(&map, &source);
+    assert!(runs.iter().any(|r| r.2 && r.0 >= 32 << 20), "nothing used past the old end: {runs:?}");
+    assert!(report.added_by_replay > 0, "{report:?}");
 }
