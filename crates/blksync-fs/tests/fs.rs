@@ -382,7 +382,7 @@ fn journal_change(image: &support::Image, open: &str, change: &str, more: &str) 
 /// [`journal_change`] towards `target`, a changed copy of `image`.
 fn journal_towards(image: &support::Image, target: &std::path::Path, open: &str, more: &str) -> Vec<u64> {
     let dir = image.dir.path();
-    let (a, b) = (std::fs::read(&image.path).unwrap(), std::fs::read(&target).unwrap());
+    let (a, b) = (std::fs::read(&image.path).unwrap(), std::fs::read(target).unwrap());
     let bs = block_size(&a);
     let (blocks, list) = differing(&a, &b, bs);
     assert!(!blocks.is_empty(), "{} is no change", target.display());
@@ -728,7 +728,7 @@ fn a_journal_with_fast_commits_elsewhere_or_damaged_is_copied_whole() {
 }
 
 /// Writes by hand into the empty journal of `image` (a filesystem without 64bit and
-/// metadata_csum: no journal checksums, 8-byte tags) one committed transaction holding
+/// `metadata_csum`: no journal checksums, 8-byte tags) one committed transaction holding
 /// `target`'s content of every block where it differs, and marks the filesystem as needing
 /// recovery: for copies past the filesystem's end, which debugfs does not write. debugfs's
 /// replay is still the oracle.
