@@ -357,6 +357,7 @@ fn an_fs_aware_sync_of_a_snapshot_of_a_mounted_ext3_or_ext4_copies_what_replayin
         let region = summary_region(&json, 0);
         assert_eq!(region["filesystem"], what, "{json}");
         assert!(region["whole"].is_null(), "{what}: {json}");
+        assert!(region["detail"].as_str().unwrap().contains("blocks its journal replays"), "{what}: {json}");
         let used = region["used"].as_u64().unwrap();
         assert!(used < 24 * MIB as u64, "{what}: {used} bytes used");
         // Replayed, the copy is clean and holds what the replayed snapshot holds.

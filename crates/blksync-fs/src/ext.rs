@@ -441,6 +441,8 @@ pub(crate) struct Ext {
     used_blocks: u64,
     /// The journal's copies of block bitmaps (none unless the journal needs recovery).
     overlay: Overlay,
+    /// Blocks replay would write: the journal's committed copies of all kinds.
+    replayed: u64,
     cache: Mutex<Cache>,
 }
 
@@ -548,12 +550,13 @@ fn load(reader: &Reader<'_>, sb: Super, mut overlay: Overlay) -> Result<Verdict<
         }
     }
     merged.shrink_to_fit();
+    let replayed = overlay.len() as u64;
     // Only the bitmaps are read from here on.
     overlay.keep(groups.iter().filter(|g| g.state == GroupState::Bitmap).map(|g| g.bitmap));
     let kind = sb.kind.clone();
     let used_blocks = sb.blocks.saturating_sub(free_total);
     let cache = Mutex::new(Cache::default());
-    Ok(Ok((kind, Ext { sb, groups, uninit_meta: merged, used_blocks, overlay, cache })))
+    Ok(Ok((kind, Ext { sb, groups, uninit_meta: merged, used_blocks, overlay, replayed, cache })))
 }
 
 /// Parses and checks descriptor `g`: the kept part, its free count, its inode bitmap and its
@@ -664,6 +667,11 @@ impl Ext {
     /// Used bytes, from the descriptors' free counts.
     pub(crate) fn used_bytes(&self) -> u64 {
         self.used_blocks * self.sb.block_size
+    }
+
+    /// Blocks the journal holds that replay would write home.
+    pub(crate) fn replayed_blocks(&self) -> u64 {
+        self.replayed
     }
 
     /// The run at `offset` (< `len`, relative to the filesystem's start): its end and whether

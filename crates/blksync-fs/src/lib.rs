@@ -176,6 +176,16 @@ impl Map {
         }
     }
 
+    /// For an ext3 or ext4 whose journal needs recovery: how many blocks replaying it would
+    /// write home (its committed copies), through which this map was read. 0 otherwise.
+    #[must_use]
+    pub fn replayed_blocks(&self) -> u64 {
+        match &self.inner {
+            Inner::Ext(ext) => ext.replayed_blocks(),
+            Inner::Prefix(_) => 0,
+        }
+    }
+
     /// The run at `offset` (relative to the filesystem's start, below [`len`](Map::len)):
     /// `(end, used)`, `end` relative too and greater than `offset`. Runs of one state are merged
     /// as far as is known without reading more, so the next run may have the same state.

@@ -97,6 +97,11 @@ impl Overlay {
         self.copies.is_empty()
     }
 
+    /// How many blocks replay would write (before [`Overlay::keep`]).
+    pub(super) fn len(&self) -> usize {
+        self.copies.len()
+    }
+
     /// Fills `buf` from byte `offset` of the filesystem as replay would leave it: the home
     /// blocks, with the journal's copies in place of those it holds.
     pub(super) fn read(&self, reader: &Reader<'_>, buf: &mut [u8], offset: u64) -> Result<()> {
