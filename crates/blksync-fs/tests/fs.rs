@@ -190,7 +190,7 @@ fn swap_uses_only_its_first_page() {
 fn swap_holding_a_hibernation_image_is_copied_whole() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("swap.img");
-    std::fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
     support::run(std::process::Command::new("mkswap").arg("-q").arg(&path));
     support::poke(&path, 4096 - 10, b"S1SUSPEND\0");
     assert!(whole_reason(probe_file(&path)).contains("hibernation"));
@@ -790,4 +790,47 @@ fn a_filesystem_grown_in_its_journal_is_read_at_its_new_size() {
     let runs = support::runs(&map, &source);
     assert!(runs.iter().any(|r| r.2 && r.0 >= 32 << 20), "nothing used past the old end: {runs:?}");
     assert!(report.added_by_replay > 0, "{report:?}");
+}
+
+/// A 4 MiB filesystem of 1 KiB blocks with two files and every other block from 600 on marked
+/// used (as if by one-block files), and then a journal added by tune2fs in the holes: a journal
+/// of hundreds of fragments (an extent tree of depth 2 with ext4, as many indirect pointers with
+/// ext3). e2fsck later frees the marked blocks, which no file holds.
+fn fragmented_journal(kind: &str) -> support::Image {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let mut files = Vec::new();
+    for (i, n) in [5000, 70_000].into_iter().enumerate() {
+        let content = support::Rng::new(i as u64).bytes(n);
+        std::fs::write(tree.join(format!("f{i}")), &content).unwrap();
+        files.push((format!("f{i}"), content));
+    }
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
+    support::run(
+        std::process::Command::new("mke2fs")
+            .args(["-F", "-q", "-t", kind, "-b", "1024", "-O", "^has_journal", "-d"])
+            .arg(&tree)
+            .arg(&path),
+    );
+    let setb: String = (600..4096).step_by(2).map(|b| format!("setb {b}\n")).collect();
+    support::debugfs(&path, &setb, true);
+    support::run(std::process::Command::new("tune2fs").args(["-J", "size=1"]).arg(&path));
+    support::Image { path, start: 0, len: 4 << 20, files, dir }
+}
+
+#[test]
+fn a_fragmented_journal_mapped_by_a_deep_extent_tree_or_by_indirect_blocks_is_read() {
+    for (kind, open, map) in [("ext4", "jo -c", "Level"), ("ext3", "jo", "(IND)")] {
+        let image = fragmented_journal(kind);
+        let stat = support::debugfs(&image.path, "stat <8>\nex <8>\n", false);
+        let pieces = stat.matches("):").count();
+        assert!(pieces > 300 && stat.contains(map) && (kind == "ext3" || stat.contains(" 0/ 2 ")), "{kind}: {stat}");
+        let change = some_changes(&image);
+        journal_change(&image, open, &change, "");
+        let report = support::check_journalled(&image, true);
+        eprintln!("{kind}: a journal in {pieces} pieces: {report:?}");
+        assert!(report.added_by_replay > 0, "{kind}: {report:?}");
+    }
 }
