@@ -814,7 +814,10 @@ fn fragmented_journal(kind: &str) -> support::Image {
             .arg(&tree)
             .arg(&path),
     );
-    let setb: String = (600..4096).step_by(2).map(|b| format!("setb {b}\n")).collect();
+    let mut setb = String::new();
+    for b in (600..4096).step_by(2) {
+        let _ = writeln!(setb, "setb {b}");
+    }
     support::debugfs(&path, &setb, true);
     support::run(std::process::Command::new("tune2fs").args(["-J", "size=1"]).arg(&path));
     support::Image { path, start: 0, len: 4 << 20, files, dir }
