@@ -835,5 +835,13 @@ fn a_fragmented_journal_mapped_by_a_deep_extent_tree_or_by_indirect_blocks_is_re
         let report = support::check_journalled(&image, true);
         eprintln!("{kind}: a journal in {pieces} pieces: {report:?}");
         assert!(report.added_by_replay > 0, "{kind}: {report:?}");
+        if kind == "ext4" {
+            // The root's child, an extent block: changed, it fails its checksum.
+            let root = stat.lines().find(|l| l.trim_start().starts_with("0/ 2")).unwrap();
+            let child: u64 = root.split_whitespace().nth(7).unwrap().parse().unwrap();
+            edit(&image.path, false, |d| d[child as usize * 1024 + 20] ^= 1);
+            let reason = whole_reason(probe_file(&image.path));
+            assert!(reason.contains("journal inode 8: an extent block fails its checksum"), "{reason}");
+        }
     }
 }
