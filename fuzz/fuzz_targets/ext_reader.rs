@@ -6,9 +6,16 @@
 //! fixed up (`blksync_fs::fix_checksums`), so mutations reach the geometry, the descriptor
 //! checks and the bitmaps instead of stopping at a checksum.
 //!
-//! Run: `cargo +nightly fuzz run ext_reader -- -max_len=1100000` (from `fuzz/`; a seed is any
+//! A filesystem whose journal needs recovery takes the journal reader's paths too (the journal
+//! inode's extent tree or block pointers, the journal superblock, descriptor, commit and revoke
+//! blocks, the overlay). A journal's own checksums are not fixed up: a seed without them
+//! (ext3, or ext4 without metadata_csum) lets mutations reach the log's parser.
+//!
+//! Run: `cargo +nightly fuzz run ext_reader -- -max_len=2200000` (from `fuzz/`; a seed is any
 //! small image, for example `truncate -s 1M a.img && mke2fs -t ext4 -b 1024 -g 256 -N 64 a.img`
-//! copied into `fuzz/corpus/ext_reader/`).
+//! copied into `fuzz/corpus/ext_reader/`; with a journal to replay:
+//! `mke2fs -t ext3 -b 1024 -N 64 j.img 2M`, then `debugfs -w j.img` with `jo`, `jw -b 3,4 FILE`,
+//! `jw -r 4`, `jc`).
 
 #![no_main]
 

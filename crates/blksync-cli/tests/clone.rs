@@ -1005,3 +1005,35 @@ fn the_debian_dos_layout_onto_a_remote_disk_with_a_grown_root_moves_the_swap_and
     assert_eq!(swap, ("swap".into(), "0b5e55ed-0000-4000-8000-000000000005".into(), "swap5".into()));
     assert!(no_clone_temps(&scratch), "a temporary copy was left");
 }
+
+#[test]
+fn a_snapshot_of_a_mounted_ext4_clones_onto_larger_smaller_and_equal_files_replayed() {
+    if !have_all(&["mke2fs", "debugfs", "e2fsck", "resize2fs", "dumpe2fs", "blkid"]) || !can_use_loop_devices() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = dir.path().join("live.fs");
+    ext4(&fs, 24 * MIB, "live");
+    let added = random_bytes(900_000, 60);
+    let snap = dir.path().join("snap.fs");
+    snapshot_while_mounted(&fs, &snap, |mnt| {
+        write_file(&mnt.join("added"), &added);
+        std::fs::File::open(mnt.join("added")).unwrap().sync_all().unwrap();
+    });
+    for (size, action) in [(32 * MIB, "grown"), (16 * MIB, "shrunk"), (24 * MIB, "copied")] {
+        let dst = dir.path().join(format!("{action}.img"));
+        write_file(&dst, &random_bytes(size, 61));
+        let json = clone_json(&[snap.to_str().unwrap(), dst.to_str().unwrap()]);
+        assert_eq!(json["partitions"][0]["action"], action, "{json}");
+        // Copied as it is, the journal is replayed where the copy is checked or mounted.
+        if action == "copied" {
+            let out = Command::new("e2fsck").arg("-fy").arg(&dst).output().unwrap();
+            assert!(matches!(out.status.code(), Some(0 | 1)), "{}", String::from_utf8_lossy(&out.stdout));
+        }
+        assert_fs(&dst, size as u64);
+        assert_eq!(blkid(&dst).1, blkid(&fs).1);
+        let out = dir.path().join("added.out");
+        tool("debugfs", &["-R", &format!("dump /added {}", out.display()), dst.to_str().unwrap()]);
+        assert_eq!(read(&out), added, "{action}");
+    }
+}

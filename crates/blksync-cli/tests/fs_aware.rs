@@ -295,3 +295,86 @@ fn fs_aware_over_ssh_pushes_and_pulls_only_used_blocks() {
         assert_absent(Path::new(&fresh), &gone);
     }
 }
+
+/// Work on a mounted filesystem: files written and removed (one of [`files`] too), directories
+/// made and removed, a file removed while held open (an orphan, held until the snapshot is
+/// taken: the file handle is returned).
+fn work(mnt: &Path) -> std::fs::File {
+    let work = mnt.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let mut written = Vec::new();
+    for i in 0..64 {
+        let path = work.join(format!("s{i}"));
+        write_file(&path, &random_bytes(200 + i * 97, 70 + i as u64));
+        written.push(path);
+    }
+    let big = work.join("big");
+    write_file(&big, &random_bytes(2 * MIB, 69));
+    written.push(big);
+    for i in 0..10 {
+        std::fs::create_dir(work.join(format!("d{i}"))).unwrap();
+    }
+    for i in (0..10).step_by(2) {
+        std::fs::remove_dir(work.join(format!("d{i}"))).unwrap();
+    }
+    for path in written.iter().step_by(4) {
+        std::fs::remove_file(path).unwrap();
+    }
+    std::fs::remove_file(mnt.join("small")).unwrap();
+    let orphan_path = work.join("orphan");
+    write_file(&orphan_path, &random_bytes(MIB, 68));
+    let orphan = std::fs::File::open(&orphan_path).unwrap();
+    orphan.sync_all().unwrap();
+    std::fs::remove_file(&orphan_path).unwrap();
+    orphan
+}
+
+/// `e2fsck -fy` (journal replayed, orphans released): exit 0 or 1.
+#[track_caller]
+fn fsck_fix(image: &Path) {
+    let out = Command::new("e2fsck").arg("-fy").arg(image).output().unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "e2fsck -fy: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn an_fs_aware_sync_of_a_snapshot_of_a_mounted_ext3_or_ext4_copies_what_replaying_its_journal_needs() {
+    if !have_all(&["mke2fs", "debugfs", "dumpe2fs", "e2fsck", "diff"]) || !can_use_loop_devices() {
+        return;
+    }
+    for (i, (what, args)) in
+        [("ext4", &["-t", "ext4"][..]), ("ext3", &["-t", "ext3", "-b", "4096"])].into_iter().enumerate()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("mounted.img");
+        let gone = ext_image(&image, 48 * MIB, args, 80 + i as u64);
+        let snap = dir.path().join("snap.img");
+        snapshot_while_mounted(&image, &snap, work);
+        // Over junk: blocks the map calls free keep it.
+        let dst = dir.path().join("dst.img");
+        write_file(&dst, &random_bytes(48 * MIB, 90 + i as u64));
+        let (s, d) = (snap.to_str().unwrap(), dst.to_str().unwrap());
+        let json = ok(&["sync", "--fs-aware", "--json", "--progress=none", s, d]).json();
+        let region = summary_region(&json, 0);
+        assert_eq!(region["filesystem"], what, "{json}");
+        assert!(region["whole"].is_null(), "{what}: {json}");
+        assert!(region["detail"].as_str().unwrap().contains("blocks its journal replays"), "{what}: {json}");
+        let used = region["used"].as_u64().unwrap();
+        assert!(used < 24 * MIB as u64, "{what}: {used} bytes used");
+        // Replayed, the copy is clean and holds what the replayed snapshot holds.
+        let replayed = dir.path().join("replayed.img");
+        tool("cp", &["--sparse=always", s, replayed.to_str().unwrap()]);
+        fsck_fix(&replayed);
+        fsck_fix(&dst);
+        let fsck = Command::new("e2fsck").args(["-fn", d]).output().unwrap();
+        assert!(fsck.status.success(), "{what}: e2fsck -fn: {}", String::from_utf8_lossy(&fsck.stdout));
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for (image, tree) in [(&replayed, &a), (&dst, &b)] {
+            std::fs::create_dir(tree).unwrap();
+            tool("debugfs", &["-R", &format!("rdump / {}", tree.display()), image.to_str().unwrap()]);
+        }
+        tool("diff", &["-r", a.to_str().unwrap(), b.to_str().unwrap()]);
+        let has = |name: &str| b.join(name).exists();
+        assert!(has("work/s1") && has("work/d1") && !has("work/s0") && !has("small"), "{what}: the work is missing");
+        assert_absent(&dst, &gone);
+    }
+}

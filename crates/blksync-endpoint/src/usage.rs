@@ -15,6 +15,7 @@
 //! filesystem image is probed whole. Bytes past a filesystem's end inside its region are used:
 //! an md superblock or a filesystem that was shrunk without its partition may live there.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use blksync_core::endpoint::{Caps, FsRegion, Identity, Segment, Source};
@@ -66,7 +67,12 @@ impl FsAware {
             }
             let (map, report) = match blksync_fs::probe(&*inner, start, len)? {
                 Usage::Known(map) => {
-                    let (filesystem, detail) = describe(map.kind());
+                    let (filesystem, mut detail) = describe(map.kind());
+                    let replayed = map.replayed_blocks();
+                    if replayed > 0 {
+                        // A snapshot of a mounted filesystem: the copy replays the journal.
+                        let _ = write!(detail, ", read through the {replayed} blocks its journal replays");
+                    }
                     let used = map.used_bytes().min(len);
                     let report = FsRegion { start, len, filesystem: Some(filesystem), detail, used, whole: None };
                     (Some(map), report)

@@ -3,7 +3,8 @@
 //!
 //! [`probe`] reads and checks the superblock and every group descriptor once; each group's
 //! bitmap is read on demand by [`Ext::state_at`] and kept in a small cache, so memory stays
-//! bounded whatever the filesystem's size.
+//! bounded whatever the filesystem's size. A filesystem whose journal needs recovery is read
+//! through the journal's committed copies of those blocks ([`journal`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -11,6 +12,7 @@ use blksync_core::Result;
 
 use crate::crc::{crc16, crc32c};
 use crate::{Kind, Reader, Verdict};
+use journal::Overlay;
 
 /// `s_magic`.
 const MAGIC: u16 = 0xEF53;
@@ -33,8 +35,9 @@ const INCOMPAT_META_BG: u32 = 0x10;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_FLEX_BG: u32 = 0x200;
 const INCOMPAT_CSUM_SEED: u32 = 0x2000;
-/// Incompatible features that do not change what a block bitmap means.
+/// Incompatible features that do not change what a block bitmap means, or that are handled.
 const INCOMPAT_KNOWN: u32 = 0x2 // filetype
+    | INCOMPAT_RECOVER // the journal is read (ext/journal.rs)
     | INCOMPAT_META_BG
     | 0x40 // extents
     | INCOMPAT_64BIT
@@ -83,6 +86,19 @@ fn le32(b: &[u8], at: usize) -> u32 {
 macro_rules! refuse {
     ($($arg:tt)*) => { return Ok(Err(format!($($arg)*))) };
 }
+
+/// The value of a [`Verdict`], or its reason to copy whole returned as the caller's.
+macro_rules! accept {
+    ($verdict:expr) => {
+        match $verdict {
+            Ok(value) => value,
+            Err(reason) => return Ok(Err(reason)),
+        }
+    };
+}
+
+mod inode;
+mod journal;
 
 /// Whether group `g` holds a superblock backup.
 #[derive(Debug, Clone, Copy)]
@@ -201,6 +217,8 @@ struct Super {
     groups: u64,
     desc_size: u64,
     desc_blocks: u64,
+    inodes_per_group: u64,
+    inode_size: u64,
     inode_blocks: u64,
     reserved_gdt: u64,
     first_meta_bg: u64,
@@ -211,6 +229,8 @@ struct Super {
     group_csum: bool,
     /// `metadata_csum`: the crc32c seed.
     csum_seed: Option<u32>,
+    /// `recover`: the journal holds transactions not yet written home.
+    recover: bool,
     uuid: [u8; 16],
     kind: Kind,
 }
@@ -283,9 +303,6 @@ fn parse_super(sb: &[u8], len: u64) -> Result<Verdict<Super>> {
     let state = le16(sb, 0x3A);
     if state & 0x2 != 0 {
         refuse!("the filesystem is marked as having errors");
-    }
-    if incompat & INCOMPAT_RECOVER != 0 {
-        refuse!("the journal needs recovery (a snapshot of a mounted filesystem?)");
     }
     if state & 0x1 == 0 {
         refuse!("the filesystem was not cleanly unmounted");
@@ -397,6 +414,8 @@ fn parse_super(sb: &[u8], len: u64) -> Result<Verdict<Super>> {
         groups,
         desc_size,
         desc_blocks,
+        inodes_per_group,
+        inode_size,
         inode_blocks: (inodes_per_group * inode_size).div_ceil(block_size),
         reserved_gdt,
         first_meta_bg,
@@ -405,6 +424,7 @@ fn parse_super(sb: &[u8], len: u64) -> Result<Verdict<Super>> {
         backups,
         group_csum: metadata_csum || ro & RO_GDT_CSUM != 0,
         csum_seed,
+        recover: incompat & INCOMPAT_RECOVER != 0,
         uuid: sb[0x68..0x78].try_into().unwrap_or_default(),
         kind,
     }))
@@ -419,6 +439,10 @@ pub(crate) struct Ext {
     /// group) that lie in `BLOCK_UNINIT` groups.
     uninit_meta: Vec<(u64, u64)>,
     used_blocks: u64,
+    /// The journal's copies of block bitmaps (none unless the journal needs recovery).
+    overlay: Overlay,
+    /// Blocks replay would write: the journal's committed copies of all kinds.
+    replayed: u64,
     cache: Mutex<Cache>,
 }
 
@@ -432,15 +456,38 @@ pub(crate) fn probe(reader: &Reader<'_>) -> Result<Option<Verdict<(Kind, Ext)>>>
     if le16(&sb, 0x38) != MAGIC {
         return Ok(None);
     }
-    let sb = match parse_super(&sb, reader.len)? {
-        Ok(sb) => sb,
+    let disk = match parse_super(&sb, reader.len)? {
+        Ok(disk) => disk,
         Err(reason) => return Ok(Some(Err(reason))),
     };
-    Ok(Some(load(reader, sb)?))
+    if !disk.recover {
+        return Ok(Some(load(reader, disk, Overlay::default())?));
+    }
+    // The journal is found from what is on disk, as the kernel and e2fsck find it before
+    // replaying; then everything is read as replay would leave it.
+    let overlay = match journal::read(reader, &disk, &sb)? {
+        Ok(overlay) => overlay,
+        Err(reason) => return Ok(Some(Err(format!("the journal needs recovery: {reason}")))),
+    };
+    if overlay.is_empty() {
+        return Ok(Some(load(reader, disk, overlay)?));
+    }
+    overlay.read(reader, &mut sb, 1024)?;
+    if le16(&sb, 0x38) != MAGIC {
+        return Ok(Some(Err("the journal's copy of the superblock has no ext magic".into())));
+    }
+    let replayed = match parse_super(&sb, reader.len)? {
+        Ok(replayed) => replayed,
+        Err(reason) => return Ok(Some(Err(format!("the journal's copy of the superblock: {reason}")))),
+    };
+    if replayed.block_size != disk.block_size {
+        return Ok(Some(Err("the journal's copy of the superblock has another block size".into())));
+    }
+    Ok(Some(load(reader, replayed, overlay)?))
 }
 
-/// Reads and checks every group descriptor.
-fn load(reader: &Reader<'_>, sb: Super) -> Result<Verdict<(Kind, Ext)>> {
+/// Reads and checks every group descriptor, through `overlay` (the journal's copies).
+fn load(reader: &Reader<'_>, sb: Super, mut overlay: Overlay) -> Result<Verdict<(Kind, Ext)>> {
     let n = sb.groups as usize;
     let mut groups = Vec::with_capacity(n);
     // The inode bitmap and inode table of each group, until the uninit extents are known.
@@ -462,7 +509,7 @@ fn load(reader: &Reader<'_>, sb: Super) -> Result<Verdict<(Kind, Ext)>> {
             refuse!("group descriptor block {at} is past the end");
         }
         buf.resize((count * bs) as usize, 0);
-        reader.read(&mut buf, at * bs)?;
+        overlay.read(reader, &mut buf, at * bs)?;
         for (k, desc) in buf.chunks_exact(sb.desc_size as usize).enumerate() {
             let g = i * dpb + k as u64;
             if g >= sb.groups {
@@ -503,9 +550,13 @@ fn load(reader: &Reader<'_>, sb: Super) -> Result<Verdict<(Kind, Ext)>> {
         }
     }
     merged.shrink_to_fit();
+    let replayed = overlay.len() as u64;
+    // Only the bitmaps are read from here on.
+    overlay.keep(groups.iter().filter(|g| g.state == GroupState::Bitmap).map(|g| g.bitmap));
     let kind = sb.kind.clone();
     let used_blocks = sb.blocks.saturating_sub(free_total);
-    Ok(Ok((kind, Ext { sb, groups, uninit_meta: merged, used_blocks, cache: Mutex::new(Cache::default()) })))
+    let cache = Mutex::new(Cache::default());
+    Ok(Ok((kind, Ext { sb, groups, uninit_meta: merged, used_blocks, overlay, replayed, cache })))
 }
 
 /// Parses and checks descriptor `g`: the kept part, its free count, its inode bitmap and its
@@ -618,6 +669,11 @@ impl Ext {
         self.used_blocks * self.sb.block_size
     }
 
+    /// Blocks the journal holds that replay would write home.
+    pub(crate) fn replayed_blocks(&self) -> u64 {
+        self.replayed
+    }
+
     /// The run at `offset` (< `len`, relative to the filesystem's start): its end and whether
     /// it is used.
     pub(crate) fn state_at(&self, reader: &Reader<'_>, offset: u64) -> Result<(u64, bool)> {
@@ -681,7 +737,7 @@ impl Ext {
             GroupState::Bitmap => {
                 // Read outside the lock: other workers go on meanwhile.
                 let mut map = vec![0u8; bytes];
-                reader.read(&mut map, group.bitmap * sb.block_size)?;
+                self.overlay.read(reader, &mut map, group.bitmap * sb.block_size)?;
                 match sb.csum_seed {
                     Some(seed) if !self.bitmap_csum_ok(seed, &map, group.csum) => Bits::AllUsed,
                     _ => Bits::Map(map),

@@ -4,13 +4,14 @@
 //! anyone will read. [`probe`] looks at a byte range of a [`Source`] (a device, an image, or a
 //! partition at an offset inside a disk) and answers [`Usage::Known`] with a [`Map`] of used
 //! and free runs, or [`Usage::Whole`] with the reason to copy everything: an unknown
-//! filesystem, a damaged one, one whose journal needs recovery, a feature whose allocation rules
-//! this reader does not know. `Whole` is never wrong, so every doubt ends there; only an I/O
-//! error is an `Err`.
+//! filesystem, a damaged one, a feature whose allocation rules this reader does not know.
+//! `Whole` is never wrong, so every doubt ends there; only an I/O error is an `Err`.
 //!
 //! Recognised: ext2, ext3 and ext4 (block bitmaps, with `BLOCK_UNINIT` groups, `flex_bg`, `meta_bg`,
 //! `sparse_super` and `sparse_super2`, 64bit, descriptor and bitmap checksums) and Linux swap
-//! (only its header page is used).
+//! (only its header page is used). An ext3 or ext4 whose journal needs recovery (a snapshot of a
+//! mounted one) is read as replay would leave it: its superblock, descriptors and bitmaps
+//! through the journal's committed copies, without writing anything.
 //!
 //! Memory stays bounded at any size: the group descriptors are read once (16 bytes kept per
 //! group, at most 2^20 groups), and each group's bitmap is read when [`Map::state_at`] first
@@ -172,6 +173,16 @@ impl Map {
         match &self.inner {
             Inner::Ext(ext) => ext.used_bytes(),
             Inner::Prefix(n) => *n,
+        }
+    }
+
+    /// For an ext3 or ext4 whose journal needs recovery: how many blocks replaying it would
+    /// write home (its committed copies), through which this map was read. 0 otherwise.
+    #[must_use]
+    pub fn replayed_blocks(&self) -> u64 {
+        match &self.inner {
+            Inner::Ext(ext) => ext.replayed_blocks(),
+            Inner::Prefix(_) => 0,
         }
     }
 

@@ -637,6 +637,9 @@ fn resized_ext(
     let grown = size_after.saturating_sub(size_before);
     let copy = temp_file(ctx.temp, what, used + grown / 64, ctx.temps)?;
     crate::sync::sync_paths(from, &copy, ctx.sync, ctx.control)?;
+    // Before resize2fs -P, which refuses a journal to replay (a snapshot of a mounted
+    // filesystem): e2fsck replays it.
+    fsck(&copy)?;
     let min = min_size(&copy)? * block_size;
     if min > size_after {
         return Err(Error::new(
@@ -652,7 +655,6 @@ fn resized_ext(
         ));
     }
     set_len(&copy, size_after.max(size_before))?;
-    fsck(&copy)?;
     run(Command::new("resize2fs").arg(&copy).arg(format!("{}s", size_after / 512)), "resize2fs")?;
     set_len(&copy, size_after)?;
     Ok((copy, min))

@@ -170,6 +170,28 @@ impl Drop for Mount {
     }
 }
 
+/// `image` (an ext filesystem) mounted on a loop device, changed by `work` (given the mount
+/// point; what it returns, open files, is kept until the copy is made), its journal committed
+/// by fsync of a file written last (which writes no metadata home), then copied sparsely to
+/// `snap` while still mounted: a snapshot whose journal needs recovery, as of a running
+/// machine's disk or a VM's, taken without freezing.
+pub fn snapshot_while_mounted<T>(image: &Path, snap: &Path, work: impl FnOnce(&Path) -> T) {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    let mount = Mount::new(&mnt, &["-o", "loop,noatime", image.to_str().unwrap()]);
+    let held = work(&mount.dir);
+    let last = mount.dir.join("written-last");
+    write_file(&last, b"committed with everything before it\n");
+    File::open(&last).unwrap().sync_all().unwrap();
+    tool("cp", &["--sparse=always", image.to_str().unwrap(), snap.to_str().unwrap()]);
+    drop(held);
+    drop(mount);
+    let header = tool("dumpe2fs", &["-h", snap.to_str().unwrap()]);
+    assert!(header.contains("needs_recovery"), "{header}");
+    let start = header.lines().find_map(|l| l.strip_prefix("Journal start:")).unwrap().trim();
+    assert_ne!(start, "0", "the snapshot's journal is empty");
+}
+
 /// Makes an ext4 filesystem on `target` quietly.
 pub fn mkfs_ext4(target: &Path) {
     // No lazy init: a background thread would otherwise write to the device after mount.

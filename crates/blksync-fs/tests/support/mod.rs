@@ -347,3 +347,156 @@ pub fn poke(path: &Path, offset: u64, bytes: &[u8]) {
 pub fn dumpe2fs(fs: &Path) -> String {
     run(Command::new("dumpe2fs").arg(fs))
 }
+
+/// `path` copied to `dir/name`, sparsely.
+pub fn copy_of(path: &Path, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    run(Command::new("cp").arg("--sparse=always").arg(path).arg(&out));
+    out
+}
+
+/// A copy of `fs` with its journal replayed by debugfs (`journal_run`: e2fsprogs' recovery,
+/// nothing else).
+pub fn replayed(fs: &Path, dir: &Path) -> PathBuf {
+    let out = copy_of(fs, dir, "replayed.img");
+    debugfs(&out, "jr\n", true);
+    assert!(!dumpe2fs(&out).contains("needs_recovery"), "debugfs jr left {} needing recovery", out.display());
+    out
+}
+
+/// `e2fsck -fy`, which replays the journal and fixes what it finds: exit 0 or 1 (fixed).
+pub fn fsck_fix(fs: &Path) -> String {
+    let out = Command::new("e2fsck").arg("-fy").arg(fs).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(matches!(out.status.code(), Some(0 | 1)), "e2fsck -fy {}: {text}", fs.display());
+    text
+}
+
+/// `Journal start:` of `dumpe2fs -h`: 0 when the journal is empty.
+pub fn journal_start(fs: &Path) -> u64 {
+    let out = run(Command::new("dumpe2fs").arg("-h").arg(fs));
+    out.lines().find_map(|l| l.strip_prefix("Journal start:")).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The blocks of runs `(start, len)`, as a set.
+pub fn block_set(runs: &[(u64, u64)]) -> std::collections::BTreeSet<u64> {
+    runs.iter().flat_map(|&(s, n)| s..s + n).collect()
+}
+
+/// What [`check_journalled`] measured.
+#[derive(Debug)]
+pub struct Journalled {
+    /// Used blocks: by the map, by dumpe2fs on disk (unreplayed), after debugfs's replay, after
+    /// e2fsck -fy.
+    pub ours: u64,
+    pub on_disk: u64,
+    pub replayed: u64,
+    pub fsck: u64,
+    /// Blocks used after e2fsck that the unreplayed bitmaps call free: what reading the journal
+    /// is for.
+    pub missed_on_disk: u64,
+    /// Blocks used after replay that the unreplayed bitmaps call free.
+    pub added_by_replay: u64,
+    pub block_size: u64,
+}
+
+/// Checks the map of `image`, whose journal needs recovery: used blocks exactly as dumpe2fs
+/// finds them after debugfs replays the journal of a copy. When the journal replays into a
+/// `consistent` filesystem (as a kernel's does), also a superset of those after `e2fsck -fy`
+/// on another copy; and then copies only the used blocks over junk, replays and checks that
+/// copy with e2fsck and compares every file with the replayed source's.
+pub fn check_journalled(image: &Image, consistent: bool) -> Journalled {
+    let (source, map) = probe_known(image);
+    let runs = runs(&map, &source);
+    let fs = partition(&image.path, image.start, image.len, image.dir.path());
+    let (on_disk, bs) = oracle(&fs);
+    let fs_blocks = image.len / bs;
+    let ours = used_blocks(&runs, bs, fs_blocks);
+    let replay = replayed(&fs, image.dir.path());
+    let (expected, _) = oracle(&replay);
+    assert!(
+        ours == expected,
+        "used blocks differ from dumpe2fs after debugfs replays the journal: {}",
+        first_difference(&ours, &expected)
+    );
+    let fixed = copy_of(&fs, image.dir.path(), "fixed.img");
+    if !consistent {
+        fsck_fix(&fixed);
+        let (on_disk_set, replayed_set) = (block_set(&on_disk), block_set(&expected));
+        return Journalled {
+            ours: replayed_set.len() as u64,
+            on_disk: on_disk_set.len() as u64,
+            replayed: replayed_set.len() as u64,
+            fsck: block_set(&oracle(&fixed).0).len() as u64,
+            missed_on_disk: 0,
+            added_by_replay: replayed_set.difference(&on_disk_set).count() as u64,
+            block_size: bs,
+        };
+    }
+    fsck_fix(&fixed);
+    let (after_fsck, _) = oracle(&fixed);
+    let (ours_set, fsck_set) = (block_set(&ours), block_set(&after_fsck));
+    let missing: Vec<_> = fsck_set.difference(&ours_set).take(10).collect();
+    assert!(missing.is_empty(), "blocks used after e2fsck -fy that the map calls free: {missing:?}");
+    let on_disk_set = block_set(&on_disk);
+    let report = Journalled {
+        ours: ours_set.len() as u64,
+        on_disk: on_disk_set.len() as u64,
+        replayed: block_set(&expected).len() as u64,
+        fsck: fsck_set.len() as u64,
+        missed_on_disk: fsck_set.difference(&on_disk_set).count() as u64,
+        added_by_replay: block_set(&expected).difference(&on_disk_set).count() as u64,
+        block_size: bs,
+    };
+    copy_used_replayed(image, &source, &runs, &fixed);
+    report
+}
+
+/// Copies the used runs over junk, lets e2fsck replay the journal of the copy, and compares it
+/// with `fixed` (the source, fixed by e2fsck alike): clean, and every file the same.
+fn copy_used_replayed(image: &Image, source: &FileSource, runs: &[(u64, u64, bool)], fixed: &Path) {
+    let copy_path = image.dir.path().join("copy.img");
+    std::fs::write(&copy_path, Rng::new(77).bytes(image.len as usize)).unwrap();
+    let copy = File::options().write(true).open(&copy_path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for &(s, e, _) in runs.iter().filter(|r| r.2) {
+        let mut at = s;
+        while at < e {
+            let n = buf.len().min((e - at) as usize);
+            source.read_at(&mut buf[..n], image.start + at).unwrap();
+            copy.write_all_at(&buf[..n], at).unwrap();
+            at += n as u64;
+        }
+    }
+    drop(copy);
+    fsck_fix(&copy_path);
+    let out = Command::new("e2fsck").arg("-fn").arg(&copy_path).output().unwrap();
+    assert!(out.status.success(), "e2fsck -fn on the replayed copy: {}", String::from_utf8_lossy(&out.stdout));
+    let (a, b) = (image.dir.path().join("tree.copy"), image.dir.path().join("tree.source"));
+    for (fs, dir) in [(&copy_path, &a), (&fixed.to_path_buf(), &b)] {
+        std::fs::create_dir_all(dir).unwrap();
+        debugfs(fs, &format!("rdump / {}\n", dir.display()), false);
+    }
+    assert_same_tree(&a, &b);
+}
+
+/// Two directory trees hold the same names, and the same bytes in their files.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    let (na, nb) = (names(a), names(b));
+    assert_eq!(na, nb, "{} and {} list different names", a.display(), b.display());
+    for name in na {
+        let (pa, pb) = (a.join(&name), b.join(&name));
+        let meta = std::fs::symlink_metadata(&pa).unwrap();
+        if meta.is_dir() {
+            assert_same_tree(&pa, &pb);
+        } else if meta.is_file() {
+            assert!(std::fs::read(&pa).unwrap() == std::fs::read(&pb).unwrap(), "{} differs", pa.display());
+        }
+    }
+}
