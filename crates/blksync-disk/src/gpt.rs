@@ -132,7 +132,7 @@ impl Header {
             ));
         }
         let array_bytes = u64::from(h.entry_count) * u64::from(h.entry_size);
-        if h.entry_size < ENTRY_SIZE || h.entry_size % 8 != 0 || array_bytes > MAX_ARRAY {
+        if h.entry_size < ENTRY_SIZE || !h.entry_size.is_multiple_of(8) || array_bytes > MAX_ARRAY {
             return Err(format!(
                 "entry array of {} entries of {} bytes (an entry is a multiple of 8, at least {ENTRY_SIZE}; at most {MAX_ARRAY} bytes in all) at byte offset {}",
                 h.entry_count,
@@ -244,15 +244,15 @@ pub(crate) fn read(source: &dyn Source, hint: Option<u32>) -> Result<Table> {
         Ok(p) if p.header.alternate_lba > 1 && p.header.alternate_lba < total => p.header.alternate_lba,
         _ => total - 1,
     };
-    if let Ok(p) = &primary {
-        if p.header.alternate_lba != total - 1 {
-            warnings.push(format!(
+    if let Ok(p) = &primary
+        && p.header.alternate_lba != total - 1
+    {
+        warnings.push(format!(
                 "{}: the primary GPT header names its backup at LBA {}, not at the last LBA {} (the disk changed size since the table was written)",
                 name.display(),
                 p.header.alternate_lba,
                 total - 1
             ));
-        }
     }
     let backup = if backup_lba > 1 {
         read_copy(source, backup_lba, ss, total)?

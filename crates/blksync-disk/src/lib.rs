@@ -231,15 +231,15 @@ impl Table {
 /// `sector_hint` is the logical block size of the device, when the caller knows it: it is the
 /// sector size of a DOS table, and the first size tried for GPT (then 512, then 4096).
 pub fn read(source: &dyn Source, sector_hint: Option<u32>) -> Result<Option<Table>> {
-    if let Some(hint) = sector_hint {
-        if !hint.is_power_of_two() || hint < SECTOR_SIZES.0 || hint > SECTOR_SIZES.1 {
-            return Err(Error::usage(format!(
-                "{}: sector size {hint} is not a power of two from {} to {}",
-                source.name().display(),
-                SECTOR_SIZES.0,
-                SECTOR_SIZES.1
-            )));
-        }
+    if let Some(hint) = sector_hint
+        && (!hint.is_power_of_two() || hint < SECTOR_SIZES.0 || hint > SECTOR_SIZES.1)
+    {
+        return Err(Error::usage(format!(
+            "{}: sector size {hint} is not a power of two from {} to {}",
+            source.name().display(),
+            SECTOR_SIZES.0,
+            SECTOR_SIZES.1
+        )));
     }
     if source.size() < 512 {
         return Ok(None);

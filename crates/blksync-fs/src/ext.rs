@@ -114,7 +114,7 @@ enum Backups {
 impl Backups {
     fn has_super(self, g: u64) -> bool {
         fn power_of(mut g: u64, base: u64) -> bool {
-            while g % base == 0 && g > 1 {
+            while g.is_multiple_of(base) && g > 1 {
                 g /= base;
             }
             g == 1
@@ -168,7 +168,7 @@ impl Bits {
         let Bits::Map(map) = self else { return if used { n } else { i } };
         let skip = if used { 0xFF } else { 0x00 };
         while i < n {
-            if i % 8 == 0 && map[(i / 8) as usize] == skip {
+            if i.is_multiple_of(8) && map[(i / 8) as usize] == skip {
                 i += 8;
                 continue;
             }

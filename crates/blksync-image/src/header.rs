@@ -221,7 +221,7 @@ impl Header {
         if self.count == 0 && self.index_offset != 0 {
             return Err("an empty index with an offset".into());
         }
-        if self.count > 0 && (self.index_offset < DATA_START || self.index_offset % UNIT != 0) {
+        if self.count > 0 && (self.index_offset < DATA_START || !self.index_offset.is_multiple_of(UNIT)) {
             return Err(format!("index at file offset {} (not an aligned offset in the data area)", self.index_offset));
         }
         if self.patch_count > self.count {
@@ -233,7 +233,7 @@ impl Header {
         if self.patch_count == 0 && (self.patch_offset != 0 || self.patch_hash != 0) {
             return Err("an empty patch table with an offset".into());
         }
-        if self.patch_count > 0 && (self.patch_offset < DATA_START || self.patch_offset % UNIT != 0) {
+        if self.patch_count > 0 && (self.patch_offset < DATA_START || !self.patch_offset.is_multiple_of(UNIT)) {
             return Err(format!(
                 "patch table at file offset {} (not an aligned offset in the data area)",
                 self.patch_offset

@@ -945,7 +945,7 @@ impl Image {
         let whole = piece.at == 0 && piece.len == self.chunk_size as usize;
         let block = BLOCK as usize;
         let (first, end) = (piece.at / block, (piece.at + piece.len).div_ceil(block));
-        let aligned = piece.at % block == 0 && piece.len % block == 0;
+        let aligned = piece.at.is_multiple_of(block) && piece.len.is_multiple_of(block);
         let write = |held: &mut Held| {
             let dst = &mut held.buf[piece.at..piece.at + piece.len];
             match data {
@@ -1312,7 +1312,7 @@ impl Target for Image {
                 self.file.path().display()
             )));
         }
-        if size < old && size % chunk != 0 {
+        if size < old && !size.is_multiple_of(chunk) {
             let end = old.min(size.div_ceil(chunk) * chunk);
             self.zero(size, end - size)?;
         }

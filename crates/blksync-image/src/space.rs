@@ -49,7 +49,10 @@ impl Space {
 
     /// Gives `[start, end)` back, merged with free neighbours; returns the merged extent.
     pub fn release(&mut self, start: u64, end: u64) -> (u64, u64) {
-        debug_assert!(start % UNIT == 0 && end % UNIT == 0 && start < end && end <= self.end, "{start}..{end}");
+        debug_assert!(
+            start.is_multiple_of(UNIT) && end.is_multiple_of(UNIT) && start < end && end <= self.end,
+            "{start}..{end}"
+        );
         let (mut start, mut end) = (start, end);
         if let Some((&s, &e)) = self.by_start.range(..start).next_back()
             && e == start

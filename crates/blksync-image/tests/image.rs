@@ -549,7 +549,7 @@ impl Plan {
     /// The blocks of chunk `i` that round `round` writes.
     fn blocks(&self, round: u64, i: u64) -> Vec<u64> {
         let all = self.chunk / 4096;
-        if round % 3 == 0 {
+        if round.is_multiple_of(3) {
             return (0..all).collect();
         }
         let mut rng = Rng::new(round * 7777 + i);

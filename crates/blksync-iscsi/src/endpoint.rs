@@ -338,7 +338,7 @@ impl Iscsi {
         }
         self.check_range(verb, offset, len)?;
         let b = self.block();
-        if offset % b != 0 || len % b != 0 {
+        if !offset.is_multiple_of(b) || !len.is_multiple_of(b) {
             return Err(Error::usage(format!(
                 "{verb} {} at byte offset {offset}: {len} bytes are not aligned to the LUN's block size of {b} bytes",
                 self.address
@@ -569,7 +569,7 @@ impl Source for Iscsi {
             return Ok(());
         }
         let b = self.block();
-        if offset % b == 0 && len % b == 0 {
+        if offset.is_multiple_of(b) && len.is_multiple_of(b) {
             return self.read_aligned(buf, offset);
         }
         // Widened to whole blocks through a bounce buffer (the size is whole blocks).

@@ -54,10 +54,10 @@ impl Iscsi {
         for &lun in &luns {
             let r =
                 self.command_on(scsi::lun_field(lun), "asking about", None, &scsi::inquiry(None, 96), &Data::In(96));
-            if let Ok(inq) = r.map(|r| Inquiry::parse(&r.data)) {
-                if inq.is_some_and(|i| i.qualifier == 0 && i.device_type == 0) {
-                    return Ok(lun);
-                }
+            if let Ok(inq) = r.map(|r| Inquiry::parse(&r.data))
+                && inq.is_some_and(|i| i.qualifier == 0 && i.device_type == 0)
+            {
+                return Ok(lun);
             }
         }
         Err(Error::new(
@@ -106,15 +106,16 @@ impl Iscsi {
         let mut provisioning = Provisioning::default();
         if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0), 255), Data::In(255)) {
             let pages = scsi::supported_pages(&r.data);
-            if pages.contains(&0xB0) {
-                if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0xB0), 64), Data::In(64)) {
-                    limits = BlockLimits::parse(&r.data).unwrap_or_default();
-                }
+            if pages.contains(&0xB0)
+                && let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0xB0), 64), Data::In(64))
+            {
+                limits = BlockLimits::parse(&r.data).unwrap_or_default();
             }
-            if pages.contains(&0xB2) && capacity.lbpme {
-                if let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0xB2), 64), Data::In(64)) {
-                    provisioning = Provisioning::parse(&r.data).unwrap_or_default();
-                }
+            if pages.contains(&0xB2)
+                && capacity.lbpme
+                && let Ok(r) = self.command("asking about", None, &scsi::inquiry(Some(0xB2), 64), Data::In(64))
+            {
+                provisioning = Provisioning::parse(&r.data).unwrap_or_default();
             }
         }
         let lba_status = capacity.lbpme

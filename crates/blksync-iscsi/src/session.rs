@@ -491,11 +491,11 @@ impl Session {
         pdu.set_u32(20, expected);
         let imm_len = immediate.as_ref().map_or(0, |(_, r)| r.len());
         self.shared.queue(Out::Pdu { header: pdu::header(&pdu.bhs, imm_len, terms.digests), data: immediate });
-        if let Kind::Write { data, range } = &kind {
-            if !unsolicited.is_empty() {
-                let base = range.start;
-                data_out(&self.shared, &state, data, base, (itt, RESERVED_TAG, lun), unsolicited);
-            }
+        if let Kind::Write { data, range } = &kind
+            && !unsolicited.is_empty()
+        {
+            let base = range.start;
+            data_out(&self.shared, &state, data, base, (itt, RESERVED_TAG, lun), unsolicited);
         }
         let reply = Reply { batch: Arc::clone(batch), slot: batch.add(), sent: false };
         state.tasks.insert(itt, Task { kind, lun, reply });

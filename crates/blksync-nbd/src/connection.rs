@@ -731,11 +731,11 @@ mod tests {
                     1 | 2 => {
                         let kinds = [0, 1, 2, 5, reply::ERROR, reply::ERROR_OFFSET, next() as u16];
                         let kind = kinds[(next() % 7) as usize];
-                        let len = if next() % 8 == 0 { next() as u32 } else { (next() % 40) as u32 };
+                        let len = if next().is_multiple_of(8) { next() as u32 } else { (next() % 40) as u32 };
                         let flags = (next() % 2) as u16;
                         bytes.extend(ReplyHeader::Chunk(ChunkHeader { flags, kind, cookie, len }).encode());
                         let payload = (next() % 48) as usize;
-                        bytes.extend((0..payload).map(|_| if next() % 3 == 0 { 0 } else { next() as u8 }));
+                        bytes.extend((0..payload).map(|_| if next().is_multiple_of(3) { 0 } else { next() as u8 }));
                     }
                     _ => bytes.extend((0..next() % 24).map(|_| next() as u8)),
                 }

@@ -217,10 +217,10 @@ impl Nbd {
     }
 
     fn check_aligned(&self, what: &str, offset: u64, len: u64) -> Result<()> {
-        if offset % self.align == 0 && len % self.align == 0 {
+        if offset.is_multiple_of(self.align) && len.is_multiple_of(self.align) {
             return Ok(());
         }
-        let tail = if self.export.size % self.align != 0 && offset + len == self.export.size {
+        let tail = if !self.export.size.is_multiple_of(self.align) && offset + len == self.export.size {
             format!(
                 "; the export's size ({} bytes) is not a multiple of it, so its last {} bytes cannot be addressed",
                 self.export.size,
@@ -336,7 +336,7 @@ impl Source for Nbd {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range("reading", offset, len)?;
-        if offset % self.align == 0 && len % self.align == 0 {
+        if offset.is_multiple_of(self.align) && len.is_multiple_of(self.align) {
             return self.conn.read(offset, buf, self.piece).map_err(|f| self.error(&f));
         }
         // Widened to whole blocks through a bounce buffer.

@@ -211,7 +211,7 @@ mod tests {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             let at = (x >> 33) as usize % base.len();
             let len = ((x >> 13) as usize % 3000 + 1).min(base.len() - at);
-            if x % 5 == 0 {
+            if x.is_multiple_of(5) {
                 o.zero(at as u64, len as u64).unwrap();
                 model[at..at + len].fill(0);
             } else {

@@ -99,10 +99,10 @@ pub(super) fn read(reader: &Reader<'_>, sb: &Super, ino: u64) -> Result<Verdict<
     let mut raw = vec![0u8; sb.inode_size as usize];
     reader.read(&mut raw, table * sb.block_size + index * sb.inode_size)?;
     let inode = Inode { raw };
-    if let Some(seed) = sb.csum_seed {
-        if !csum_ok(seed, ino, &inode.raw) {
-            refuse!("its checksum is wrong (byte {})", table * sb.block_size + index * sb.inode_size);
-        }
+    if let Some(seed) = sb.csum_seed
+        && !csum_ok(seed, ino, &inode.raw)
+    {
+        refuse!("its checksum is wrong (byte {})", table * sb.block_size + index * sb.inode_size);
     }
     Ok(Ok(inode))
 }

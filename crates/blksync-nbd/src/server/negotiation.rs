@@ -368,7 +368,7 @@ mod tests {
             for _ in 0..(next() % 4) {
                 let len = (next() % 24) as usize;
                 let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-                if len >= 4 && next() % 2 == 0 {
+                if len >= 4 && next().is_multiple_of(2) {
                     data[..4].copy_from_slice(&((next() % 8) as u32).to_be_bytes());
                 }
                 c.extend(request(options[(next() % 6) as usize], &data));

@@ -251,7 +251,7 @@ mod tests {
             // Small kinds and lengths, so that most requests get past the first checks.
             data[6] = 0;
             data[7] %= 10;
-            if next() % 2 == 0 {
+            if next().is_multiple_of(2) {
                 data[16..20].fill(0);
                 data[24..26].fill(0);
             }

@@ -289,7 +289,7 @@ impl BlockStatus {
 
     /// Decodes the payload: `4 + 8 × n` bytes with `1 ≤ n ≤ 2^20`, no extent of length 0.
     pub fn decode(payload: &[u8]) -> Result<BlockStatus> {
-        if payload.len() < 12 || (payload.len() - 4) % 8 != 0 || payload.len() > MAX_STATUS_CHUNK as usize {
+        if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) || payload.len() > MAX_STATUS_CHUNK as usize {
             return Err(Error::protocol(format!("a BLOCK_STATUS chunk of {} bytes", payload.len())));
         }
         let mut f = Fields::new(payload, "BLOCK_STATUS chunk");
