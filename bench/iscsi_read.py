@@ -85,8 +85,13 @@ def cpu_of(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# --pin: the clients' CPU list (`taskset -c`), tgtd being on the other core.
+PIN = []
+
+
 def timed(cmd):
     """Runs cmd; returns (seconds, CPU seconds of it, its standard output)."""
+    cmd = PIN + list(cmd)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = proc.stdout.read().decode(errors="replace")
@@ -108,6 +113,9 @@ def main():
     ap.add_argument("--bin", default=os.path.join(TARGET, "release", "blksync"))
     ap.add_argument("--copy", default=os.path.join(TARGET, "release", "examples", "iscsi_copy"))
     ap.add_argument("--other-bin", default=None, help="another blksync build, measured alongside")
+    ap.add_argument("--pin", action="store_true",
+                    help="tgtd on CPU 0 and every client on CPU 1, as when the target is another "
+                         "machine: a client's CPU is then not taken from the target's")
     args = ap.parse_args()
     for tool in ("tgtd", "iscsi-perf"):
         if shutil.which(tool) is None:
@@ -129,6 +137,9 @@ def main():
                 for _ in range(size >> 20):
                     f.write(os.urandom(1 << 20))
         url, tgtd = start(lab, image)
+        if args.pin:
+            subprocess.run(["taskset", "-apc", "0", str(tgtd)], check=True, capture_output=True)
+            PIN[:] = ["taskset", "-c", "1"]
         new_mem = os.path.join(memory, "new.img")
         changed_mem = os.path.join(memory, "changed.img")
         same_mem = os.path.join(memory, "same.img")
@@ -209,7 +220,8 @@ def main():
                     tgtd_cpu[name].append((cpu_of(tgtd) - before) / (moved / (1 << 30)))
         load = open("/proc/loadavg").read().split()[:3]
         print(f"# blksync iSCSI read benchmark: {size >> 20} MiB LUN (tgtd, file of random data, loopback), "
-              f"{args.runs} interleaved rounds after a warm-up; {machine()}; load average {' '.join(load)}")
+              f"{args.runs} interleaved rounds after a warm-up; {machine()}; load average {' '.join(load)}"
+              + ("; pinned: tgtd on CPU 0, clients on CPU 1" if args.pin else ""))
         base = statistics.median(rates[BASE])
         print(f"{'case':<46} {'median MB/s':>11} {'min':>6} {'max':>6} {'/ perf':>7} "
               f"{'per round (min-max)':>20} {'CPU s/GiB':>9} {'tgtd CPU':>8}")
