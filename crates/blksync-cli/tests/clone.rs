@@ -60,6 +60,26 @@ fn part(disk: &Path, n: u32) -> (u64, u64, String) {
     )
 }
 
+/// Partition `n` of `disk` made an ext4 filesystem ([`ext4`]) labelled `label`, built in `dir`.
+fn put_ext4(disk: &Path, n: u32, label: &str, dir: &Path) {
+    let (_, len, _) = part(disk, n);
+    let fs = dir.join(format!("p{n}.fs"));
+    ext4(&fs, len as usize, label);
+    ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{}#{n}", disk.display())]);
+}
+
+/// Partition `n` of `disk` made a swap area by `mkswap -q ARGS`, built in `dir`.
+fn put_swap(disk: &Path, n: u32, args: &[&str], dir: &Path) {
+    let (_, len, _) = part(disk, n);
+    let swap = dir.join(format!("swap{n}.fs"));
+    write_file(&swap, &vec![0; len as usize]);
+    let mut all = vec!["-q"];
+    all.extend_from_slice(args);
+    all.push(swap.to_str().unwrap());
+    tool("mkswap", &all);
+    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{}#{n}", disk.display())]);
+}
+
 /// `blkid -p` of a file: (TYPE, UUID, LABEL).
 fn blkid(path: &Path) -> (String, String, String) {
     let out = tool("blkid", &["-p", "-o", "export", path.to_str().unwrap()]);
@@ -110,15 +130,8 @@ fn gpt_disk(disk: &Path, dir: &Path) -> Vec<u8> {
     );
     let gap = random_bytes(2048 * 512 - 34 * 512, 2);
     patch(disk, 34 * 512, &gap);
-    let (_, len2, _) = part(disk, 2);
-    let fs = dir.join("root.fs");
-    ext4(&fs, len2 as usize, "rootfs");
-    ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{d}#2")]);
-    let (_, len3, _) = part(disk, 3);
-    let swap = dir.join("swap.fs");
-    write_file(&swap, &vec![0; len3 as usize]);
-    tool("mkswap", &["-q", "-L", "sw", swap.to_str().unwrap()]);
-    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{d}#3")]);
+    put_ext4(disk, 2, "rootfs", dir);
+    put_swap(disk, 3, &["-L", "sw"], dir);
     gap
 }
 
@@ -264,10 +277,7 @@ fn dos_disk(disk: &Path, dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let gap = random_bytes(2047 * 512, 8);
     patch(disk, 512, &gap);
     for (n, label) in [(1, "boot"), (2, "root")] {
-        let (_, len, _) = part(disk, n);
-        let fs = dir.join(format!("p{n}.fs"));
-        ext4(&fs, len as usize, label);
-        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{d}#{n}")]);
+        put_ext4(disk, n, label, dir);
     }
     (boot, gap)
 }
@@ -296,10 +306,7 @@ fn a_dos_destination_with_a_compatible_table_keeps_it_and_gaps_between_partition
     let gap = random_bytes(MIB, 32);
     patch(&src, 17 * MIB as u64, &gap);
     for (n, label) in [(1, "boot"), (2, "root")] {
-        let (_, len, _) = part(&src, n);
-        let fs = dir.path().join(format!("p{n}.fs"));
-        ext4(&fs, len as usize, label);
-        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+        put_ext4(&src, n, label, dir.path());
     }
 
     // A destination partitioned by hand: the same starts, 2 larger (70 MiB) but not to the
@@ -572,15 +579,8 @@ fn debian_disk(disk: &Path, dir: &Path) -> (Vec<u8>, Vec<u8>) {
     patch(disk, 0, &boot);
     let gap = random_bytes(2047 * 512, 32);
     patch(disk, 512, &gap);
-    let (_, len1, _) = part(disk, 1);
-    let fs = dir.join("root.fs");
-    ext4(&fs, len1 as usize, "root");
-    ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{d}#1")]);
-    let (_, len5, _) = part(disk, 5);
-    let swap = dir.join("swap.fs");
-    write_file(&swap, &vec![0; len5 as usize]);
-    tool("mkswap", &["-q", "-U", "0b5e55ed-0000-4000-8000-000000000005", "-L", "swap5", swap.to_str().unwrap()]);
-    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{d}#5")]);
+    put_ext4(disk, 1, "root", dir);
+    put_swap(disk, 5, &["-U", "0b5e55ed-0000-4000-8000-000000000005", "-L", "swap5"], dir);
     (boot, gap)
 }
 
@@ -634,16 +634,9 @@ fn a_grown_primary_moves_two_logical_partitions_to_the_end_with_their_ebrs() {
     // 1 root, 2 extended (5 ext4 of 12 MiB, 6 swap: the rest).
     tool_in("sfdisk", &["-q", s], "label: dos\nlabel-id: 0xabcd0001\n,24M,83\n,,5\n,12M,83\n,,82\n");
     for (n, label) in [(1, "root"), (5, "five")] {
-        let (_, len, _) = part(&src, n);
-        let fs = dir.path().join(format!("p{n}.fs"));
-        ext4(&fs, len as usize, label);
-        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+        put_ext4(&src, n, label, dir.path());
     }
-    let (_, len6, _) = part(&src, 6);
-    let swap = dir.path().join("swap.fs");
-    write_file(&swap, &vec![0; len6 as usize]);
-    tool("mkswap", &["-q", "-L", "six", swap.to_str().unwrap()]);
-    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{s}#6")]);
+    put_swap(&src, 6, &["-L", "six"], dir.path());
     let (s1, _, _) = part(&src, 1);
     let (s2, _, _) = part(&src, 2);
     let (s5, l5, _) = part(&src, 5);
@@ -690,10 +683,7 @@ fn a_middle_logical_ext4_grows_or_shrinks_and_the_last_logical_moves_to_the_end(
     let s = src.to_str().unwrap();
     tool_in("sfdisk", &["-q", s], "label: dos\n,8M,83\n,,5\n,16M,83\n,,83\n");
     for (n, label) in [(1, "one"), (5, "five"), (6, "six")] {
-        let (_, len, _) = part(&src, n);
-        let fs = dir.path().join(format!("p{n}.fs"));
-        ext4(&fs, len as usize, label);
-        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+        put_ext4(&src, n, label, dir.path());
     }
     let (s1, l1, _) = part(&src, 1);
     let (s2, _, _) = part(&src, 2);
@@ -905,16 +895,9 @@ fn a_dos_disk_with_logical_partitions_keeps_them_and_grows_its_last_primary() {
     // 1 primary, 2 extended (5 ext4, 6 swap), 3 primary root after it.
     tool_in("sfdisk", &["-q", s], "label: dos\n,8M,83\n,30M,5\n,,83\n,16M,83\n,,82\n");
     for (n, label) in [(1, "one"), (5, "five"), (3, "root")] {
-        let (_, len, _) = part(&src, n);
-        let fs = dir.path().join(format!("p{n}.fs"));
-        ext4(&fs, len as usize, label);
-        ok(&["sync", "-q", fs.to_str().unwrap(), &format!("{s}#{n}")]);
+        put_ext4(&src, n, label, dir.path());
     }
-    let (_, len6, _) = part(&src, 6);
-    let swap = dir.path().join("swap.fs");
-    write_file(&swap, &vec![0; len6 as usize]);
-    tool("mkswap", &["-q", "-L", "six", swap.to_str().unwrap()]);
-    ok(&["sync", "-q", swap.to_str().unwrap(), &format!("{s}#6")]);
+    put_swap(&src, 6, &["-L", "six"], dir.path());
     write_file(&dst, &random_bytes(100 * MIB, 21));
     let json = clone_json(&[s, dst.to_str().unwrap()]);
     let actions: Vec<&str> =

@@ -1106,8 +1106,9 @@ mod tests {
     #[test]
     fn a_target_that_answers_pings_keeps_a_slow_command_alive() {
         let (link, mut server) = pair();
-        // Generous: each pong must come within half of it, on a loaded machine.
-        let session = Session::start(link, terms(), 4, Duration::from_secs(1)).unwrap();
+        // Each pong must come within half of it (1.5 s), generous on a loaded machine; three pings
+        // make the test take about 4.5 s.
+        let session = Session::start(link, terms(), 4, Duration::from_secs(3)).unwrap();
         let target = std::thread::spawn(move || {
             let mut input = server.try_clone().unwrap();
             let cmd = pdu::read_pdu(&mut input, Digests::default(), 1 << 20).unwrap();

@@ -189,19 +189,7 @@ fn clone_from_remote(
 ) -> Result<CloneSummary> {
     let dir = o.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let mut temps = Vec::new();
-    let empty = temp_file(&dir, "an empty probe", 0, &mut temps)?;
-    set_len(&empty, 0)?;
-    // An fs-aware comparison with an empty file reads nothing: the remote end probes the
-    // source's filesystems and says what they use and how large the source is.
-    let compare = crate::compare::CompareOptions {
-        block_size: o.block_size,
-        keep_cache: false,
-        threads: o.threads,
-        max_ranges: 0,
-        fs_aware: true,
-    };
-    let probe_side = Side { location: &Location::Local(empty.clone()), ssh: dest.ssh };
-    let probed = crate::relay::compare_locations(source, &probe_side, &compare, control)?;
+    let probed = probe_remote(source, true, (&dir, &mut temps), o, control)?;
     let used: u64 = probed.filesystems.iter().map(|r| r.used).sum();
     let outside = probed.source_size.saturating_sub(probed.filesystems.iter().map(|r| r.len).sum());
     let staging = temp_file(&dir, "the staging copy of the source", used + outside, &mut temps)?;
@@ -227,8 +215,31 @@ fn clone_from_remote(
     Ok(summary)
 }
 
-/// A local source onto a whole remote disk: the clone is built here, in a sparse staging image
-/// of the remote disk's size (holding only the used blocks), which an fs-aware sync then sends:
+/// What a remote disk or partition is, without reading its blocks: a comparison of it with an
+/// empty file here, which stops at the sizes. The remote end opens it, and `fs_aware` probes
+/// its filesystems there (`filesystems`: what each uses); `source_size` is its size.
+fn probe_remote(
+    remote: &Side<'_>,
+    fs_aware: bool,
+    (dir, temps): (&Path, &mut Vec<Temp>),
+    o: &CloneOptions,
+    control: Control<'_>,
+) -> Result<crate::compare::Comparison> {
+    let empty = temp_file(dir, "an empty probe", 0, temps)?;
+    set_len(&empty, 0)?;
+    let compare = crate::compare::CompareOptions {
+        block_size: o.block_size,
+        keep_cache: false,
+        threads: o.threads,
+        max_ranges: 0,
+        fs_aware,
+    };
+    let here = Side { location: &Location::Local(empty), ssh: remote.ssh };
+    crate::relay::compare_locations(remote, &here, &compare, control)
+}
+
+/// A local source onto a remote disk or partition: the clone is built here, in a sparse
+/// staging image of the remote destination's size (holding only the used blocks), which an fs-aware sync then sends:
 /// only the used blocks that differ cross the network, so a rerun moves what changed.
 fn clone_to_remote(
     src: &Path,
@@ -239,18 +250,7 @@ fn clone_to_remote(
 ) -> Result<CloneSummary> {
     let dir = o.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let mut temps = Vec::new();
-    let empty = temp_file(&dir, "an empty probe", 0, &mut temps)?;
-    set_len(&empty, 0)?;
-    // A comparison of an empty file reads nothing and says the remote disk's size.
-    let compare = crate::compare::CompareOptions {
-        block_size: o.block_size,
-        keep_cache: false,
-        threads: o.threads,
-        max_ranges: 0,
-        fs_aware: false,
-    };
-    let probe_side = Side { location: &Location::Local(empty.clone()), ssh: dest.ssh };
-    let size = crate::relay::compare_locations(&probe_side, dest, &compare, control)?.destination_size;
+    let size = probe_remote(dest, false, (&dir, &mut temps), o, control)?.source_size;
     let src_disk = crate::endpoint::open_source(src)?;
     let used: u64 = crate::endpoint::usage::FsAware::new(src_disk)?.filesystems().iter().map(|r| r.used).sum();
     let staging = temp_file(&dir, "the staging image", used, &mut temps)?;

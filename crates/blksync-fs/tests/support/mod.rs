@@ -297,12 +297,8 @@ fn first_difference(ours: &[(u64, u64)], expected: &[(u64, u64)]) -> String {
     format!("extra {extra:?}, missing {missing:?} ({} vs {} extents)", ours.len(), expected.len())
 }
 
-/// Copies the used runs into a sparse file of the same size; e2fsck must find it clean and
-/// every file must read back equal.
-fn copy_used(image: &Image, source: &FileSource, runs: &[(u64, u64, bool)]) {
-    let copy_path = image.dir.path().join("copy.img");
-    let copy = File::create(&copy_path).unwrap();
-    copy.set_len(image.len).unwrap();
+/// Writes the used runs of `source` (the image's filesystem) into `copy`, at the same offsets.
+fn write_used(copy: &File, image: &Image, source: &FileSource, runs: &[(u64, u64, bool)]) {
     let mut buf = vec![0u8; 1 << 20];
     for &(s, e, _) in runs.iter().filter(|r| r.2) {
         let mut at = s;
@@ -313,6 +309,15 @@ fn copy_used(image: &Image, source: &FileSource, runs: &[(u64, u64, bool)]) {
             at += n as u64;
         }
     }
+}
+
+/// Copies the used runs into a sparse file of the same size; e2fsck must find it clean and
+/// every file must read back equal.
+fn copy_used(image: &Image, source: &FileSource, runs: &[(u64, u64, bool)]) {
+    let copy_path = image.dir.path().join("copy.img");
+    let copy = File::create(&copy_path).unwrap();
+    copy.set_len(image.len).unwrap();
+    write_used(&copy, image, source, runs);
     copy.sync_all().unwrap();
     drop(copy);
     let out = Command::new("e2fsck").arg("-fn").arg(&copy_path).output().unwrap();
@@ -458,16 +463,7 @@ fn copy_used_replayed(image: &Image, source: &FileSource, runs: &[(u64, u64, boo
     let copy_path = image.dir.path().join("copy.img");
     std::fs::write(&copy_path, Rng::new(77).bytes(image.len as usize)).unwrap();
     let copy = File::options().write(true).open(&copy_path).unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    for &(s, e, _) in runs.iter().filter(|r| r.2) {
-        let mut at = s;
-        while at < e {
-            let n = buf.len().min((e - at) as usize);
-            source.read_at(&mut buf[..n], image.start + at).unwrap();
-            copy.write_all_at(&buf[..n], at).unwrap();
-            at += n as u64;
-        }
-    }
+    write_used(&copy, image, source, runs);
     drop(copy);
     fsck_fix(&copy_path);
     let out = Command::new("e2fsck").arg("-fn").arg(&copy_path).output().unwrap();
