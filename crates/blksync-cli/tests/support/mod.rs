@@ -226,23 +226,32 @@ pub fn sshd_options() -> Option<String> {
             eprintln!("skipping: remote tests need root and openssh-server");
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/lab/sshd");
-        let dir = std::env::temp_dir().join(format!("blksync-test-sshd-{}", std::process::id()));
-        let out = Command::new(script)
-            .args([
-                "start",
-                "--dir",
-                dir.to_str()?,
-                "--port",
-                &port.to_string(),
-                "--owner",
-                &std::process::id().to_string(),
-            ])
-            .output()
-            .ok()?;
-        assert!(out.status.success(), "tests/lab/sshd failed: {}", String::from_utf8_lossy(&out.stderr));
-        Some(String::from_utf8(out.stdout).ok()?.trim().to_string())
+        // A free port is asked of the kernel and released for sshd, so another socket (an ssh
+        // client's of a test running alongside) may take it first: then sshd cannot bind it and
+        // exits, and another port is tried.
+        let mut failures = Vec::new();
+        for attempt in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+            let dir = std::env::temp_dir().join(format!("blksync-test-sshd-{}-{attempt}", std::process::id()));
+            let out = Command::new(&script)
+                .args([
+                    "start",
+                    "--dir",
+                    dir.to_str()?,
+                    "--port",
+                    &port.to_string(),
+                    "--owner",
+                    &std::process::id().to_string(),
+                ])
+                .output()
+                .ok()?;
+            if out.status.success() {
+                return Some(String::from_utf8(out.stdout).ok()?.trim().to_string());
+            }
+            failures.push(format!("port {port}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        panic!("tests/lab/sshd failed five times: {}", failures.join("; "))
     })
     .clone()
 }
